@@ -1,0 +1,43 @@
+"""napari reader contribution: a thin layer over `napari_daeformer.io.read_image`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from .io import METADATA_KEY, ImageRecord, can_read, read_image
+from .preprocessing import CT_WINDOWS
+
+LayerData = tuple[Any, dict[str, Any], str]
+
+
+def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerData]] | None:
+    """npe2 reader hook: our reader for NIfTI, DICOM, TIFF and photos, else None."""
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    return read_layers if paths and all(can_read(p) for p in paths) else None
+
+
+def read_layers(path: str | list[str]) -> list[LayerData]:
+    """Read each path into an image layer with scale/translate from spacing/origin and geometry in metadata.
+
+    Raises ImageFormatError (napari shows its message) for files that cannot be read.
+    """
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    return [record_to_layer(read_image(p)) for p in paths]
+
+
+def record_to_layer(record: ImageRecord, name: str | None = None) -> LayerData:
+    """An ImageRecord as napari layer data."""
+    ndim = len(record.spatial_shape)
+    kwargs: dict[str, Any] = {
+        "name": name or (record.path.name.split(".")[0] if record.path else "image"),
+        "scale": list(record.spacing),
+        "translate": list(record.origin)[:ndim],
+        "metadata": {METADATA_KEY: record.geometry(), "notes": list(record.notes)},
+        "rgb": record.rgb,
+    }
+    if record.modality == "ct":
+        kwargs["contrast_limits"] = list(CT_WINDOWS["soft tissue"])
+        kwargs["colormap"] = "gray"
+    return (record.data, kwargs, "image")

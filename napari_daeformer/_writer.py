@@ -1,0 +1,30 @@
+"""napari writer contribution for Labels layers: restores the source image's geometry from layer metadata."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .io import geometry_from_metadata, write_labels
+
+
+def write_labels_layer(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
+    """npe2 single-layer writer: NIfTI (source affine), TIFF (spacing) or PNG.
+
+    napari's save dialog asks before replacing a file, so an existing file is overwritten here.
+    """
+    geometry = geometry_from_metadata(attributes.get("metadata"))
+    if geometry is None:
+        spacing = [float(s) for s in attributes.get("scale", [1.0] * np.ndim(data))]
+        geometry = None if all(s == 1.0 for s in spacing) else _axis_aligned(spacing, attributes, np.shape(data))
+    return [str(write_labels(path, np.asarray(data), geometry, overwrite=True))]
+
+
+def _axis_aligned(spacing: list[float], attributes: dict[str, Any], shape: tuple[int, ...]) -> dict[str, Any]:
+    """Geometry of a layer without reader metadata: its scale and translate as an axis-aligned affine."""
+    affine = np.eye(4)
+    translate = list(attributes.get("translate", [0.0] * len(spacing)))
+    for i, (s, t) in enumerate(zip(spacing[::-1], translate[::-1])):
+        affine[i, i], affine[i, 3] = s, t
+    return {"affine": affine.tolist(), "spacing": spacing, "spatial_shape": list(shape)}

@@ -1,0 +1,35 @@
+"""Atomic file writes: readers see the old file or the complete new one, never half of one."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from uuid import uuid4
+
+from .errors import DaeformerError
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *, overwrite: bool = True) -> Path:
+    """Call `write(tmp)` on a temporary path beside `path` (same suffix), then rename it over `path`.
+
+    Args:
+        path: the destination.
+        write: writes the whole file to the path it is given.
+        overwrite: if False and `path` exists, raise instead of replacing it.
+    Raises:
+        DaeformerError: `path` exists and overwrite is False.
+    """
+    path = Path(path)
+    if not overwrite and path.exists():
+        raise DaeformerError(f"{path} already exists; choose another name or allow overwriting")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{uuid4().hex[:8]}.tmp-{path.name}")  # same folder and suffix (.nii.gz)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:                               # data on disk before the rename
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,104 @@
+"""The `daeformer` command line. Each subcommand parses its arguments and makes one library call.
+
+Errors meant for the user print one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .errors import DaeformerError
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _import_official(args: argparse.Namespace) -> int:
+    from .checkpoint import SYNAPSE_CLASSES, ModelCard, save_checkpoint
+    from .official import convert_official_state_dict, load_official_state_dict
+    from .preprocessing import ct_preprocessing, rgb_preprocessing
+
+    model, report = convert_official_state_dict(load_official_state_dict(args.model), args.in_channels)
+    names = args.class_names.split(",") if args.class_names else None
+    if names is None:
+        names = list(SYNAPSE_CLASSES) if model.cfg.num_classes == len(SYNAPSE_CLASSES) else \
+            ["background", *(f"class {i}" for i in range(1, model.cfg.num_classes))]
+    card = ModelCard(
+        config=model.cfg, class_names=tuple(names), input_size=(224, 224),
+        preprocessing=ct_preprocessing("abdomen") if args.in_channels == 1 else rgb_preprocessing(),
+        provenance={"source": "official DAE-Former checkpoint", "file": Path(args.model).name,
+                    "dropped_unused_keys": report.dropped_unused})
+    out = save_checkpoint(args.out, model, card, overwrite=args.overwrite)
+    print(f"converted {report.mapped} tensors, dropped {report.dropped_unused} unused by the forward pass"
+          f"{', folded the 1-to-3 channel repeat into the first convolution' if report.folded_rgb_to_gray else ''}"
+          f" -> {out}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .model import DAEFormer, count_parameters, named_config
+
+    if Path(args.model).suffix == ".safetensors":
+        from .checkpoint import load_checkpoint
+        ckpt = load_checkpoint(args.model)
+        model, card = ckpt.model, ckpt.card
+        print(f"classes: {', '.join(card.class_names)}")
+        print(f"input: {card.input_size[0]}x{card.input_size[1]}, {card.config.in_channels} channel(s), "
+              f"preprocessing {card.preprocessing.to_dict()}")
+        for key, value in card.provenance.items():
+            print(f"provenance.{key}: {value}")
+    else:
+        model = DAEFormer(named_config(args.model, num_classes=args.num_classes, in_channels=args.in_channels))
+    print(f"configuration: {model.cfg.to_dict()}")
+    print(f"parameters: {count_parameters(model):,} ({count_parameters(model) / 1e6:.2f} M)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="daeformer", description="DAE-Former segmentation for CT volumes and "
+                                     "skin photos: the command line of napari-daeformer.")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"napari-daeformer {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("import-official", help="convert an official DAE-Former .pth checkpoint to our format",
+                       description="Convert a state dict saved by the official DAE-Former code into a "
+                       "napari-daeformer checkpoint (safetensors + JSON metadata). The .pth is read with "
+                       "torch.load(weights_only=True): tensors only, nothing executed.")
+    p.add_argument("model", type=Path, help="official checkpoint (.pth state dict)")
+    p.add_argument("out", type=Path, help="output checkpoint (.safetensors)")
+    p.add_argument("--in-channels", type=int, choices=(1, 3), default=1,
+                   help="1 for CT (folds the official 1-to-3 channel repeat into the first conv), 3 for RGB "
+                   "(default: %(default)s)")
+    p.add_argument("--class-names", help="comma-separated class names, background first "
+                   "(default: the Synapse organs for 9 classes)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=_import_official)
+
+    p = sub.add_parser("info", help="print a configuration's or a checkpoint's architecture and parameter count")
+    p.add_argument("model", help="a named configuration (paper, small) or a .safetensors checkpoint")
+    p.add_argument("--num-classes", type=int, default=9, help="for a named configuration (default: %(default)s)")
+    p.add_argument("--in-channels", type=int, default=1, help="for a named configuration (default: %(default)s)")
+    p.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Command = args.func
+    try:
+        return func(args)
+    except (DaeformerError, ValueError, OSError) as e:
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"daeformer {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"daeformer {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Reading images and writing label maps with their geometry. Plain Python: no Qt, no napari.
+
+`read_image(path)` returns an `ImageRecord` for NIfTI, DICOM, TIFF and photos;
+`write_labels(path, labels, geometry)` writes NIfTI/TIFF/PNG atomically, restoring the source affine.
+Every failure is an `ImageFormatError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import DaeformerError, ImageFormatError
+from .dicom import is_dicom_file, read_dicom
+from .nifti import read_nifti, write_nifti
+from .photo import PHOTO_SUFFIXES, read_photo, write_png
+from .record import METADATA_KEY, ImageRecord, default_affine, geometry_from_metadata
+from .tiff import read_tiff, write_tiff
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+TIFF_SUFFIXES = (".tif", ".tiff")
+DICOM_SUFFIXES = (".dcm",)
+READ_SUFFIXES = NIFTI_SUFFIXES + TIFF_SUFFIXES + PHOTO_SUFFIXES + DICOM_SUFFIXES
+LABEL_SUFFIXES = NIFTI_SUFFIXES + TIFF_SUFFIXES + (".png",)
+
+__all__ = ["ImageRecord", "METADATA_KEY", "READ_SUFFIXES", "LABEL_SUFFIXES", "read_image", "write_labels",
+           "geometry_from_metadata", "suffix_of", "can_read"]
+
+
+def suffix_of(path: str | os.PathLike[str]) -> str:
+    """Lower-case suffix, with `.nii.gz` as one suffix."""
+    name = Path(path).name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def can_read(path: str | os.PathLike[str]) -> bool:
+    """Whether `read_image` would try this path (by suffix, DICOM preamble or a folder holding DICOM)."""
+    p = Path(path)
+    if p.is_dir():
+        return any(is_dicom_file(f) or f.suffix.lower() == ".dcm" for f in p.iterdir() if f.is_file())
+    return suffix_of(p) in READ_SUFFIXES or (p.is_file() and is_dicom_file(p))
+
+
+def read_image(path: str | os.PathLike[str]) -> ImageRecord:
+    """Read any supported image. Raises ImageFormatError only, whatever the bytes."""
+    p = Path(path)
+    if not p.exists():
+        raise ImageFormatError(f"{p}: no such file or folder")
+    if p.is_file() and p.stat().st_size == 0:
+        raise ImageFormatError(f"{p.name}: file is empty")
+    suffix = suffix_of(p)
+    try:
+        if p.is_dir() or suffix in DICOM_SUFFIXES or (suffix not in READ_SUFFIXES and is_dicom_file(p)):
+            return read_dicom(p)
+        if suffix in NIFTI_SUFFIXES:
+            return read_nifti(p)
+        if suffix in TIFF_SUFFIXES:
+            return read_tiff(p)
+        if suffix in PHOTO_SUFFIXES:
+            return read_photo(p)
+    except DaeformerError as e:
+        raise ImageFormatError(str(e)) from e if not isinstance(e, ImageFormatError) else e
+    except MemoryError as e:
+        raise ImageFormatError(f"{p.name}: image too large for the available memory") from e
+    except Exception as e:  # a decoder's unexpected error on malformed bytes: still one clear line
+        raise ImageFormatError(f"{p.name}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    raise ImageFormatError(f"{p.name}: unsupported file type {suffix or '(none)'}; "
+                           f"supported: {', '.join(READ_SUFFIXES)} and DICOM folders")
+
+
+def write_labels(path: str | os.PathLike[str], labels: np.ndarray, geometry: dict[str, Any] | ImageRecord | None = None,
+                 *, overwrite: bool = False) -> Path:
+    """Write an integer label map beside its source's geometry.
+
+    Args:
+        path: .nii/.nii.gz (affine restored), .tif/.tiff (spacing), or .png (2D only).
+        labels: ([Z,] Y, X) integer array in the source's array order.
+        geometry: an ImageRecord, its `geometry()` dict (e.g. from layer metadata), or None (unit spacing).
+        overwrite: replace an existing file; otherwise refuse.
+    """
+    p = Path(path)
+    labels = np.asarray(labels)
+    if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
+        raise ImageFormatError(f"{p.name}: labels must be integers, got {labels.dtype}")
+    if labels.ndim not in (2, 3):
+        raise ImageFormatError(f"{p.name}: labels must be 2D or 3D, got shape {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() > 65535):
+        raise ImageFormatError(f"{p.name}: label values must lie in 0..65535, got {labels.min()}..{labels.max()}")
+    out = labels.astype(np.uint8 if labels.max(initial=0) <= 255 else np.uint16)
+    if isinstance(geometry, ImageRecord):
+        geometry = geometry.geometry()
+    spacing = tuple(geometry["spacing"]) if geometry else (1.0,) * labels.ndim
+    affine = np.array(geometry["affine"], dtype=np.float64) if geometry else default_affine(spacing)
+    if geometry and tuple(geometry.get("spatial_shape", labels.shape)) != labels.shape:
+        raise ImageFormatError(f"{p.name}: labels of shape {labels.shape} do not match the source image's "
+                               f"{tuple(geometry['spatial_shape'])}")
+    suffix = suffix_of(p)
+    if suffix in NIFTI_SUFFIXES:
+        return write_nifti(p, out, affine, overwrite=overwrite)
+    if suffix in TIFF_SUFFIXES:
+        return write_tiff(p, out, spacing, overwrite=overwrite)
+    if suffix == ".png" or suffix in (".jpg", ".jpeg"):
+        return write_png(p, out, overwrite=overwrite)
+    raise ImageFormatError(f"{p.name}: cannot write labels as {suffix or '(no suffix)'}; use one of {', '.join(LABEL_SUFFIXES)}")

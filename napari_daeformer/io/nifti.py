@@ -1,0 +1,63 @@
+"""NIfTI (.nii, .nii.gz) with nibabel: the affine kept exactly, arrays in (Z, Y, X) order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from ..atomic import atomic_write
+from ..errors import ImageFormatError
+from .record import ImageRecord, check_pixels
+
+# Refuse headers that claim more voxels than any CT needs (random bytes can claim terabytes).
+MAX_VOXELS = 2**31
+
+
+def read_nifti(path: Path) -> ImageRecord:
+    """Read a 2D or 3D NIfTI; a trailing axis of length 1 is dropped, anything else 4D is refused."""
+    try:
+        img = nib.load(str(path))
+    except Exception as e:  # nibabel raises many types for bad headers
+        raise ImageFormatError(f"{path.name}: not a readable NIfTI file ({_first_line(e)})") from e
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise ImageFormatError(f"{path.name}: not a NIfTI image ({type(img).__name__})")
+    shape = tuple(int(s) for s in img.shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) == 3 and shape[-1] == 1:
+        shape = shape[:2]
+    if len(shape) not in (2, 3):
+        raise ImageFormatError(f"{path.name}: NIfTI of shape {tuple(img.shape)} is not a 2D image or 3D volume "
+                               "(4D time series and vector images are not supported; extract one volume first)")
+    if int(np.prod(shape, dtype=np.int64)) > MAX_VOXELS:
+        raise ImageFormatError(f"{path.name}: header claims {shape} voxels, more than this tool handles")
+    dtype = img.get_data_dtype()
+    if str(path).endswith(".nii") and img.dataobj.offset + np.prod(shape) * dtype.itemsize > path.stat().st_size:
+        raise ImageFormatError(f"{path.name}: file is truncated (header says {shape} {dtype}, data is shorter)")
+    try:
+        raw = np.asanyarray(img.dataobj).reshape(shape)
+    except Exception as e:  # truncated gzip streams raise EOFError, zlib.error, OSError, ValueError
+        raise ImageFormatError(f"{path.name}: NIfTI data is truncated or corrupt ({_first_line(e)})") from e
+    data = np.ascontiguousarray(raw.transpose(tuple(range(raw.ndim))[::-1]))  # (X, Y[, Z]) -> ([Z,] Y, X)
+    check_pixels(data, path.name)
+    zooms = tuple(float(z) for z in img.header.get_zooms()[: len(shape)])
+    spacing = tuple(z if z > 0 else 1.0 for z in zooms[::-1])
+    modality = "ct" if data.size and np.issubdtype(data.dtype, np.number) and float(data.min()) < -500 else "gray"
+    return ImageRecord(data=data, spacing=spacing, affine=np.array(img.affine, dtype=np.float64),
+                       dtype=str(dtype), path=path, modality=modality, source_format="nifti")
+
+
+def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, *, overwrite: bool = False) -> Path:
+    """Write a ([Z,] Y, X) array with `affine` (NIfTI convention) atomically; mm units, sform and qform set."""
+    img = nib.Nifti1Image(np.ascontiguousarray(data.transpose(tuple(range(data.ndim))[::-1])), affine)
+    img.header.set_xyzt_units("mm")
+    img.header.set_sform(affine, code=1)
+    img.header.set_qform(affine, code=1)
+    return atomic_write(path, lambda tmp: nib.save(img, str(tmp)), overwrite=overwrite)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

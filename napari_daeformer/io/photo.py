@@ -1,0 +1,45 @@
+"""Photos (PNG, JPEG, BMP) with scikit-image: RGB, RGBA (alpha dropped), greyscale, 16-bit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from skimage import io as skio
+
+from ..atomic import atomic_write
+from ..errors import ImageFormatError
+from .record import ImageRecord, check_pixels, default_affine
+
+PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+def read_photo(path: Path) -> ImageRecord:
+    """Read a photo into (Y, X, 3) uint8/uint16 RGB or (Y, X) greyscale; spacing is 1 pixel."""
+    try:
+        data = np.asarray(skio.imread(str(path)))
+    except Exception as e:
+        raise ImageFormatError(f"{path.name}: not a readable image ({str(e).splitlines()[0] if str(e) else e!r})") from e
+    notes: tuple[str, ...] = ()
+    if data.ndim == 3 and data.shape[-1] == 4:
+        data, notes = data[..., :3], ("alpha channel dropped",)
+    elif data.ndim == 3 and data.shape[-1] == 2:                   # grey + alpha
+        data, notes = data[..., 0], ("alpha channel dropped",)
+    if not (data.ndim == 2 or (data.ndim == 3 and data.shape[-1] == 3)):
+        raise ImageFormatError(f"{path.name}: image of shape {data.shape} is neither greyscale nor RGB")
+    check_pixels(data, path.name)
+    rgb = data.ndim == 3
+    return ImageRecord(data=np.ascontiguousarray(data), spacing=(1.0, 1.0), affine=default_affine((1.0, 1.0)),
+                       dtype=str(data.dtype), path=path, modality="rgb" if rgb else "gray", source_format="photo",
+                       notes=notes)
+
+
+def write_png(path: Path, labels: np.ndarray, *, overwrite: bool = False) -> Path:
+    """Write a (Y, X) label map as PNG (uint8, or uint16 above 255 classes). JPEG is refused: it is lossy."""
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        raise ImageFormatError(f"{path.name}: JPEG is lossy and would corrupt label values; save masks as PNG")
+    if labels.ndim != 2:
+        raise ImageFormatError(f"{path.name}: PNG holds one 2D slice, got labels of shape {labels.shape}; "
+                               "use .nii.gz or .tif for volumes")
+    out = labels.astype(np.uint8 if labels.max(initial=0) <= 255 else np.uint16)
+    return atomic_write(path, lambda tmp: skio.imsave(str(tmp), out, check_contrast=False), overwrite=overwrite)

@@ -1,0 +1,96 @@
+"""The image record every reader returns: pixels plus the geometry needed to write results back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ImageFormatError
+
+# Layer-metadata key under which geometry travels through napari (JSON-ready values only).
+METADATA_KEY = "napari_daeformer"
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """An image and its geometry.
+
+    Args:
+        data: (Z, Y, X) volume, (Y, X) greyscale image or (Y, X, 3) RGB photo.
+        spacing: mm (or pixel units) per spatial array axis, in array order: (Z, Y, X) or (Y, X).
+        affine: 4x4 voxel-to-world matrix in NIfTI convention: it maps (x, y, z) = the array index
+            reversed (column, row, slice) to RAS+ millimetres. NIfTI's own affine is kept bit for bit.
+        dtype: the on-disk dtype (the array may have been converted, e.g. DICOM to HU).
+        path: where it was read from.
+        modality: "ct", "mr", "rgb" or "gray": a hint for choosing preprocessing.
+        source_format: "nifti", "dicom", "tiff" or "photo".
+        notes: things the user should be told (e.g. an alpha channel was dropped).
+    """
+
+    data: np.ndarray
+    spacing: tuple[float, ...]
+    affine: np.ndarray
+    dtype: str
+    path: Path | None = None
+    modality: str = "gray"
+    source_format: str = "nifti"
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def rgb(self) -> bool:
+        return self.modality == "rgb"
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return self.data.shape[:-1] if self.rgb else self.data.shape
+
+    @property
+    def origin(self) -> tuple[float, ...]:
+        """World position (mm) of voxel 0, in array order: the affine's translation reversed."""
+        return tuple(float(v) for v in self.affine[: len(self.spatial_shape), 3][::-1])
+
+    def geometry(self) -> dict[str, Any]:
+        """JSON-ready geometry, stored in napari layer metadata and restored by the writer."""
+        return {
+            "affine": self.affine.tolist(),
+            "spacing": list(self.spacing),
+            "spatial_shape": list(self.spatial_shape),
+            "dtype": self.dtype,
+            "source_path": str(self.path) if self.path else None,
+            "modality": self.modality,
+            "source_format": self.source_format,
+        }
+
+
+def default_affine(spacing: tuple[float, ...]) -> np.ndarray:
+    """Axis-aligned affine for an image without world coordinates: diag(spacing reversed)."""
+    affine = np.eye(4)
+    for i, s in enumerate(spacing[::-1]):
+        affine[i, i] = s
+    return affine
+
+
+def check_pixels(data: np.ndarray, name: str) -> None:
+    """Refuse arrays no segmentation can use: too small, non-numeric, NaN or inf."""
+    spatial = data.shape[:-1] if data.ndim == 3 and data.shape[-1] in (3, 4) and data.dtype == np.uint8 else data.shape
+    if data.size == 0 or min(spatial[-2:], default=0) < 2:
+        raise ImageFormatError(f"{name}: image of shape {data.shape} is too small (need at least 2x2 pixels)")
+    if not (np.issubdtype(data.dtype, np.number) or data.dtype == bool):
+        raise ImageFormatError(f"{name}: pixel type {data.dtype} is not numeric")
+    if np.issubdtype(data.dtype, np.floating) or np.issubdtype(data.dtype, np.complexfloating):
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        if bad:
+            raise ImageFormatError(f"{name}: {bad} pixel(s) are NaN or infinite; fix or mask them before segmenting")
+    if np.issubdtype(data.dtype, np.complexfloating):
+        raise ImageFormatError(f"{name}: complex-valued images are not supported")
+
+
+def geometry_from_metadata(metadata: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The geometry dict a reader stored in layer metadata, if any."""
+    if not metadata:
+        return None
+    geom = metadata.get(METADATA_KEY)
+    return geom if isinstance(geom, dict) and "affine" in geom else None

@@ -1,0 +1,74 @@
+"""DAE-Former hyper-parameters as a frozen dataclass, stored verbatim in every checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+# Token-grid reductions: stride 4 (stage 1), then 2 and 2 (stages 2 and 3).
+SIZE_MULTIPLE = 16
+
+
+@dataclass(frozen=True)
+class DAEFormerConfig:
+    """Architecture of one DAE-Former.
+
+    Args:
+        num_classes: output channels (Synapse: 9 = background + 8 organs).
+        in_channels: 1 for CT, 3 for RGB photos.
+        embed_dims: token widths of encoder stages 1-3 (paper: 128, 320, 512).
+        depths: dual transformer blocks per encoder stage (paper: 2, 2, 2).
+        decoder_depths: dual blocks in the decoder stages at 1/8 and 1/4 resolution (paper: 2, 2).
+        mlp_ratio: hidden width of the Mix-FFN in dual blocks, as a multiple of the token width.
+        channel_heads: heads of the transposed (channel) attention; efficient attention always has 1.
+    """
+
+    num_classes: int = 9
+    in_channels: int = 1
+    embed_dims: tuple[int, int, int] = (128, 320, 512)
+    depths: tuple[int, int, int] = (2, 2, 2)
+    decoder_depths: tuple[int, int] = (2, 2)
+    mlp_ratio: int = 4
+    channel_heads: int = 8
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if self.in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {self.in_channels}")
+        if len(self.embed_dims) != 3 or len(self.depths) != 3 or len(self.decoder_depths) != 2:
+            raise ValueError("embed_dims and depths need 3 entries, decoder_depths 2")
+        for dim in self.embed_dims:
+            if dim % self.channel_heads:
+                raise ValueError(f"embed dim {dim} is not divisible by channel_heads={self.channel_heads}")
+        c1, c2, c3 = self.embed_dims
+        if c3 % 2 or c2 % 2:
+            raise ValueError(f"embed_dims {self.embed_dims}: stages 2 and 3 need even widths for patch expanding")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DAEFormerConfig:
+        """Inverse of `to_dict`; unknown keys are an error, not silently dropped."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown DAE-Former config keys: {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # What the released official model computes (29.69 M parameters at 9 classes).
+    "paper": {"embed_dims": (128, 320, 512), "depths": (2, 2, 2), "decoder_depths": (2, 2)},
+    # CPU demos and tests: same topology, about 1/20 of the parameters.
+    "small": {"embed_dims": (32, 64, 128), "depths": (2, 2, 2), "decoder_depths": (1, 1)},
+}
+
+
+def named_config(name: str, **overrides: Any) -> DAEFormerConfig:
+    """`named_config("paper", num_classes=9, in_channels=1)`; raises ValueError for an unknown name."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown configuration {name!r}; choose one of {sorted(PRESETS)}")
+    return DAEFormerConfig(**{**PRESETS[name], **overrides})

@@ -1,0 +1,92 @@
+"""Intensity preprocessing as data: stored in checkpoints and applied identically in training and inference."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+# CT windows as (lower, upper) HU. "abdomen" is the paper's (TransUNet's) [-125, 275].
+CT_WINDOWS: dict[str, tuple[float, float]] = {
+    "abdomen": (-125.0, 275.0),
+    "soft tissue": (-160.0, 240.0),   # level 40, width 400
+    "liver": (-15.0, 135.0),          # level 60, width 150
+    "lung": (-1350.0, 150.0),         # level -600, width 1500
+    "bone": (-500.0, 1300.0),         # level 400, width 1800
+    "brain": (0.0, 80.0),             # level 40, width 80
+}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How raw intensities become network input.
+
+    `kind="ct"`: clip HU to `window`, scale to [0, 1], then `(x - mean) / std` (paper: 0.5 / 0.5).
+    `kind="rgb"`: scale by `1 / max_value` to [0, 1], then `(x - mean) / std` per channel.
+    """
+
+    kind: Literal["ct", "rgb"] = "ct"
+    window: tuple[float, float] | None = CT_WINDOWS["abdomen"]
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("ct", "rgb"):
+            raise ValueError(f"unknown preprocessing kind {self.kind!r}; expected 'ct' or 'rgb'")
+        if self.kind == "ct" and (self.window is None or not self.window[1] > self.window[0]):
+            raise ValueError(f"CT window needs (lower, upper) HU with upper > lower, got {self.window}")
+        if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
+            raise ValueError(f"mean {self.mean} and std {self.std} need equal lengths and std > 0")
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.kind == "ct" else 3
+
+    def with_window(self, window: tuple[float, float]) -> Preprocessing:
+        """The same preprocessing with another CT window (user override)."""
+        if self.kind != "ct":
+            raise ValueError("a CT window applies to CT preprocessing only")
+        return Preprocessing(self.kind, (float(window[0]), float(window[1])), self.mean, self.std)
+
+    def apply(self, image: np.ndarray, max_value: float = 255.0) -> np.ndarray:
+        """Normalise intensities.
+
+        Args:
+            image: CT (..., Y, X) in HU, or RGB (..., Y, X, 3).
+            max_value: the white level of an RGB image (255 for uint8, 65535 for uint16).
+        Returns:
+            float32 array of the same shape.
+        """
+        x = np.asarray(image, dtype=np.float32)
+        if self.kind == "ct" and self.window is not None:
+            lo, hi = self.window
+            x = (np.clip(x, lo, hi) - lo) / (hi - lo)
+        else:
+            x = x / np.float32(max_value)
+        mean = np.asarray(self.mean, np.float32)
+        std = np.asarray(self.std, np.float32)
+        return (x - mean) / std
+
+    def to_dict(self) -> dict[str, Any]:
+        window = None if self.window is None else list(self.window)
+        return {"kind": self.kind, "window": window, "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
+        window = data.get("window")
+        return cls(data["kind"], None if window is None else tuple(window), tuple(data["mean"]), tuple(data["std"]))
+
+
+def ct_preprocessing(window: str | tuple[float, float] = "abdomen") -> Preprocessing:
+    """CT preprocessing with a named window (see CT_WINDOWS) or explicit (lower, upper) HU."""
+    if isinstance(window, str):
+        if window not in CT_WINDOWS:
+            raise ValueError(f"unknown CT window {window!r}; choose one of {sorted(CT_WINDOWS)}")
+        window = CT_WINDOWS[window]
+    return Preprocessing("ct", (float(window[0]), float(window[1])), (0.5,), (0.5,))
+
+
+def rgb_preprocessing() -> Preprocessing:
+    """RGB preprocessing: [0, 1] then (x - 0.5) / 0.5 per channel, as the paper scales its input."""
+    return Preprocessing("rgb", None, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))

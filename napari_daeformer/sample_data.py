@@ -1,0 +1,141 @@
+"""Synthetic, reproducible sample data: an abdominal CT phantom with organ labels and a dermoscopy-like photo.
+
+Both are generated from a seed in well under a second; the tests, the demo and `training/` use them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+from skimage import draw
+
+CT_CLASSES = ("background", "liver", "spleen", "left kidney", "right kidney", "aorta")
+SKIN_CLASSES = ("background", "lesion")
+
+# Mean HU of each tissue (portal-venous phase).
+_HU = {"air": -1000.0, "fat": -100.0, "muscle": 45.0, "bone": 700.0,
+       "liver": 60.0, "spleen": 110.0, "kidney": 170.0, "aorta": 230.0}
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A synthetic image with its ground truth.
+
+    Args:
+        image: CT (Z, Y, X) int16 HU, or photo (Y, X, 3) uint8.
+        labels: ground truth of the spatial shape, uint8.
+        spacing: mm per array axis.
+        class_names: name per label value.
+    """
+
+    image: np.ndarray
+    labels: np.ndarray
+    spacing: tuple[float, ...]
+    class_names: tuple[str, ...]
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
+    """Zero-mean, unit-std noise with correlation length about `sigma` voxels."""
+    field = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma)
+    return field / (field.std() + 1e-6)
+
+
+def synthetic_ct(seed: int = 0, shape: tuple[int, int, int] = (48, 192, 192),
+                 spacing: tuple[float, float, float] = (3.0, 0.8, 0.8)) -> Sample:
+    """An abdominal CT phantom: body with fat and muscle, spine, liver, spleen, kidneys and aorta.
+
+    Organ sizes, positions and borders vary with the seed; intensities follow typical HU with
+    texture and scanner noise. Args: shape (Z, Y, X) voxels and spacing (Z, Y, X) mm.
+    """
+    rng = np.random.default_rng(seed)
+    Z, Y, X = shape
+    z, y, x = np.meshgrid(*(np.arange(n, dtype=np.float32) * s for n, s in zip(shape, spacing)), indexing="ij")
+    cz, cy, cx = (n * s / 2 for n, s in zip(shape, spacing))
+    wiggle = _smooth_noise(rng, (max(Z // 4, 2), max(Y // 8, 2), max(X // 8, 2)), 1.0)
+    wiggle = ndimage.zoom(wiggle, [a / b for a, b in zip(shape, wiggle.shape)], order=1)[:Z, :Y, :X]
+
+    def ellipsoid(center: tuple[float, float, float], radii: tuple[float, float, float], angle: float = 0.0,
+                  roughness: float = 0.12) -> np.ndarray:
+        dy, dx = y - center[1], x - center[2]
+        c, s = np.cos(angle), np.sin(angle)
+        u, v = c * dx + s * dy, -s * dx + c * dy
+        d = ((z - center[0]) / radii[0]) ** 2 + (v / radii[1]) ** 2 + (u / radii[2]) ** 2
+        return d + roughness * wiggle < 1.0
+
+    j = lambda scale: 1.0 + scale * rng.uniform(-1, 1)  # noqa: E731  (a size jitter)
+    body_ry, body_rx = 0.40 * Y * spacing[1] * j(0.05), 0.46 * X * spacing[2] * j(0.05)
+    body = ((y - cy) / body_ry) ** 2 + ((x - cx) / body_rx) ** 2 < 1.0
+    inner = ((y - cy) / (body_ry - 12)) ** 2 + ((x - cx) / (body_rx - 12)) ** 2 < 1.0
+    hu = np.full(shape, _HU["air"], np.float32)
+    hu[body] = _HU["fat"]
+    hu[inner] = _HU["muscle"]
+    spine = ((y - (cy + 0.6 * body_ry)) / 14) ** 2 + ((x - cx) / 16) ** 2 < 1.0
+    hu[spine] = _HU["bone"]
+
+    labels = np.zeros(shape, np.uint8)
+    ext = Z * spacing[0]
+    organs = [  # (label, tissue, center (z, y, x) mm, radii mm, angle)
+        (1, "liver", (cz + 0.15 * ext * j(0.3), cy - 0.05 * body_ry * j(0.5), cx - 0.45 * body_rx * j(0.1)),
+         (0.35 * ext * j(0.1), 0.55 * body_ry * j(0.1), 0.38 * body_rx * j(0.1)), rng.uniform(-0.4, 0.4)),
+        (2, "spleen", (cz + 0.2 * ext * j(0.3), cy + 0.25 * body_ry * j(0.2), cx + 0.62 * body_rx * j(0.05)),
+         (0.2 * ext * j(0.1), 0.28 * body_ry * j(0.15), 0.16 * body_rx * j(0.15)), rng.uniform(-0.8, 0.0)),
+        (3, "kidney", (cz - 0.1 * ext * j(0.3), cy + 0.45 * body_ry * j(0.1), cx + 0.33 * body_rx * j(0.1)),
+         (0.2 * ext * j(0.1), 0.2 * body_ry * j(0.1), 0.11 * body_rx * j(0.1)), rng.uniform(0.2, 0.7)),
+        (4, "kidney", (cz - 0.15 * ext * j(0.3), cy + 0.45 * body_ry * j(0.1), cx - 0.33 * body_rx * j(0.1)),
+         (0.2 * ext * j(0.1), 0.2 * body_ry * j(0.1), 0.11 * body_rx * j(0.1)), rng.uniform(-0.7, -0.2)),
+    ]
+    for label, tissue, center, radii, angle in organs:
+        mask = ellipsoid(center, radii, angle) & inner & ~spine
+        hu[mask] = _HU[tissue] + rng.uniform(-10, 10)
+        labels[mask] = label
+    aorta_r = 9.0 * j(0.2)
+    aorta = (((y - (cy + 0.3 * body_ry)) / aorta_r) ** 2 + ((x - (cx + 6)) / aorta_r) ** 2 < 1.0) & (labels == 0)
+    hu[aorta] = _HU["aorta"]
+    labels[aorta] = 5
+    hu += 18.0 * _smooth_noise(rng, shape, 2.0) * (labels > 0)          # organ texture
+    hu += rng.normal(0.0, 12.0, shape).astype(np.float32)              # scanner noise
+    return Sample(np.round(hu).astype(np.int16), labels, tuple(float(s) for s in spacing), CT_CLASSES)
+
+
+def synthetic_skin(seed: int = 0, size: tuple[int, int] = (256, 256)) -> Sample:
+    """A dermoscopy-like RGB photo: skin with uneven light, an irregular pigmented lesion, and hairs."""
+    rng = np.random.default_rng(seed)
+    H, W = size
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    skin = np.array([224, 178, 156], np.float32) * rng.uniform(0.85, 1.05, 3)
+    light = 1.0 - 0.35 * (((yy - H / 2) / H) ** 2 + ((xx - W / 2) / W) ** 2) * 4   # vignetting
+    img = skin[None, None, :] * light[..., None]
+    img += 6.0 * _smooth_noise(rng, (H, W), 4.0)[..., None]
+
+    # Lesion: a radius that varies with angle (a few Fourier harmonics) gives an irregular border.
+    cy, cx = H / 2 + rng.uniform(-0.1, 0.1) * H, W / 2 + rng.uniform(-0.1, 0.1) * W
+    r0 = min(H, W) * rng.uniform(0.18, 0.3)
+    theta = np.arctan2(yy - cy, xx - cx)
+    radius = np.full_like(theta, r0)
+    for k in range(2, 7):
+        radius += r0 * rng.uniform(0.02, 0.12) / k * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
+    dist = np.hypot(yy - cy, xx - cx)
+    lesion = dist < radius
+    depth = np.clip(1.0 - dist / radius, 0, 1)                             # darker towards the centre
+    brown = np.array([120, 72, 48], np.float32) * rng.uniform(0.8, 1.1, 3)
+    dark = np.array([60, 35, 30], np.float32)
+    blotch = (_smooth_noise(rng, (H, W), 6.0) > 0.6)[..., None]
+    colour = brown + (dark - brown) * depth[..., None] * 0.8
+    colour = np.where(blotch, colour * 0.75, colour)
+    img = np.where(lesion[..., None], colour * light[..., None], img)
+
+    for _ in range(rng.integers(3, 9)):                                   # hairs: long dark curves
+        y0, x0 = rng.uniform(0, H), rng.uniform(0, W)
+        ang, length = rng.uniform(0, np.pi), rng.uniform(0.5, 1.2) * max(H, W)
+        t = np.linspace(-0.5, 0.5, 200)
+        bend = rng.uniform(-0.15, 0.15) * length
+        py = y0 + t * length * np.sin(ang) + bend * (t**2 - 0.25) * np.cos(ang)
+        px = x0 + t * length * np.cos(ang) - bend * (t**2 - 0.25) * np.sin(ang)
+        for a, b, c, d in zip(py[:-1], px[:-1], py[1:], px[1:]):
+            rr, cc, val = draw.line_aa(int(a), int(b), int(c), int(d))
+            ok = (rr >= 0) & (rr < H) & (cc >= 0) & (cc < W)
+            img[rr[ok], cc[ok]] = img[rr[ok], cc[ok]] * (1 - 0.8 * val[ok, None]) + 30 * 0.8 * val[ok, None]
+    img += rng.normal(0, 3.0, img.shape)
+    return Sample(np.clip(img, 0, 255).astype(np.uint8), lesion.astype(np.uint8), (1.0, 1.0), SKIN_CLASSES)
