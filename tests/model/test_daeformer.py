@@ -1,0 +1,77 @@
+"""The whole network: shapes, sizes, gradients, determinism, parameter count of the paper configuration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from napari_daeformer.model import DAEFormer, DAEFormerConfig, count_parameters, named_config
+
+from ..conftest import TINY
+
+
+@pytest.mark.parametrize("size", [224, 512])
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_output_shape(size: int, in_channels: int) -> None:
+    model = DAEFormer(named_config("small", num_classes=4, in_channels=in_channels)).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, in_channels, size, size))
+    assert out.shape == (2, 4, size, size)
+
+
+def test_paper_configuration_forward_and_parameter_count() -> None:
+    model = DAEFormer(named_config("paper", num_classes=9, in_channels=3)).eval()
+    # 29.69 M: what the released model uses in its forward pass (PAPER.md section 7).
+    assert abs(count_parameters(model) - 29.69e6) / 29.69e6 < 0.005
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 224, 224)).shape == (1, 9, 224, 224)
+
+
+def test_non_square_and_wrong_sizes() -> None:
+    model = DAEFormer(TINY).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 96, 160)).shape == (1, 3, 96, 160)
+        with pytest.raises(ValueError, match="multiples of 16"):
+            model(torch.randn(1, 1, 100, 96))
+        with pytest.raises(ValueError, match="input channel"):
+            model(torch.randn(1, 3, 64, 64))
+
+
+def test_gradients_reach_every_parameter() -> None:
+    torch.manual_seed(0)
+    model = DAEFormer(TINY).train()
+    with torch.no_grad():                       # break the symmetry of the init temperatures/norm weights
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    logits = model(torch.randn(2, 1, 64, 64))
+    torch.nn.functional.cross_entropy(logits, torch.randint(0, 3, (2, 64, 64))).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_eval_is_deterministic() -> None:
+    model = DAEFormer(TINY).eval()
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+
+
+def test_batch_independence() -> None:
+    """No batch statistics: each sample's output is the same alone or in a batch."""
+    model = DAEFormer(TINY).eval()
+    x = torch.randn(3, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[1:2], model(x[1:2]), rtol=1e-4, atol=1e-5)
+
+
+def test_config_round_trip_and_validation() -> None:
+    cfg = named_config("small", num_classes=2, in_channels=3)
+    assert DAEFormerConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown configuration"):
+        named_config("huge")
+    with pytest.raises(ValueError, match="divisible"):
+        DAEFormerConfig(embed_dims=(12, 32, 64))
+    with pytest.raises(ValueError, match="unknown DAE-Former config keys"):
+        DAEFormerConfig.from_dict({**cfg.to_dict(), "dropout": 0.1})
