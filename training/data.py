@@ -1,0 +1,90 @@
+"""Training data as 2D slices: in-memory volumes (napari layers, synthetic samples) preprocessed once."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from napari_daeformer.errors import TrainingError
+from napari_daeformer.preprocessing import Preprocessing
+from napari_daeformer.sample_data import synthetic_ct, synthetic_skin
+
+
+@dataclass(frozen=True)
+class Case:
+    """One training case: a volume or photo with its labels.
+
+    Args:
+        name: identifier (patient / file), the unit of the train/validation split.
+        image: ([Z,] Y, X) intensities or (Y, X, 3) RGB.
+        labels: ([Z,] Y, X) integer classes.
+        spacing: mm per spatial axis.
+    """
+
+    name: str
+    image: np.ndarray
+    labels: np.ndarray
+    spacing: tuple[float, ...] = ()
+
+
+def validate_cases(cases: Sequence[Case], num_classes: int, rgb: bool) -> None:
+    """Raise one TrainingError listing every bad case (shape mismatch, labels beyond the classes)."""
+    problems = []
+    for case in cases:
+        spatial = case.image.shape[:-1] if rgb else case.image.shape
+        if rgb and (case.image.ndim != 3 or case.image.shape[-1] != 3):
+            problems.append(f"{case.name}: expected an RGB photo (Y, X, 3), got {case.image.shape}")
+        elif spatial != case.labels.shape:
+            problems.append(f"{case.name}: image {spatial} and labels {case.labels.shape} differ in shape")
+        elif case.labels.size and (case.labels.min() < 0 or case.labels.max() >= num_classes):
+            problems.append(f"{case.name}: label values {case.labels.min()}..{case.labels.max()} outside "
+                            f"0..{num_classes - 1}")
+    if problems:
+        raise TrainingError(f"{len(problems)} bad training case(s): " + "; ".join(problems))
+
+
+class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Axial slices of `cases`, normalised with `prep` and resized to `size` (image bilinear, labels nearest).
+
+    Items are ((C, H, W) float32, (H, W) int64).
+    """
+
+    def __init__(self, cases: Sequence[Case], prep: Preprocessing, size: tuple[int, int],
+                 slices: dict[str, Sequence[int]] | None = None) -> None:
+        rgb = prep.kind == "rgb"
+        images, labels = [], []
+        for case in cases:
+            img, lab = case.image, case.labels
+            if lab.ndim == 2:
+                img, lab = img[None], lab[None]
+            keep = list(slices[case.name]) if slices and case.name in slices else range(len(lab))
+            if not keep:
+                continue
+            x = torch.from_numpy(prep.apply(img[keep]))            # (S, Y, X[, 3])
+            x = x.permute(0, 3, 1, 2) if rgb else x[:, None]
+            images.append(F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True))
+            y = torch.from_numpy(np.ascontiguousarray(lab[keep]).astype(np.int64))[:, None].float()
+            labels.append(F.interpolate(y, size=size, mode="nearest")[:, 0].long())
+        if not images:
+            raise TrainingError("no slices to train on")
+        self.images = torch.cat(images)
+        self.labels = torch.cat(labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[i], self.labels[i]
+
+
+def synthetic_cases(kind: str, seeds: Sequence[int]) -> list[Case]:
+    """Synthetic CT volumes or skin photos, one case per seed."""
+    if kind not in ("ct", "skin"):
+        raise TrainingError(f"unknown synthetic data {kind!r}; use ct or skin")
+    make = synthetic_ct if kind == "ct" else synthetic_skin
+    return [Case(f"{kind}-{s}", (sample := make(seed=s)).image, sample.labels, sample.spacing) for s in seeds]
