@@ -1,5 +1,7 @@
 """The `daeformer` command line. Each subcommand parses its arguments and makes one library call.
 
+Like `widgets/`, this is the application layer: it may import `training`; the core modules never do.
+
 Errors meant for the user print one line on stderr and exit with status 2.
 """
 
@@ -35,6 +37,16 @@ def _import_official(args: argparse.Namespace) -> int:
           f"{', folded the 1-to-3 channel repeat into the first convolution' if report.folded_rgb_to_gray else ''}"
           f" -> {out}")
     return 0
+
+
+def _segment(args: argparse.Namespace) -> int:
+    from .commands import run_segment
+    return run_segment(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .commands import run_demo
+    return run_demo(args)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -82,6 +94,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=9, help="for a named configuration (default: %(default)s)")
     p.add_argument("--in-channels", type=int, default=1, help="for a named configuration (default: %(default)s)")
     p.set_defaults(func=_info)
+
+    p = sub.add_parser("segment", help="segment an image or volume into a label map with the source geometry",
+                       description="Segment a NIfTI/DICOM/TIFF/PNG/JPEG image slice by slice with a DAE-Former "
+                       "checkpoint and write the label map (NIfTI keeps the source affine), atomically.")
+    p.add_argument("input", type=Path, help="image file or DICOM folder")
+    p.add_argument("output", type=Path, help="label map: .nii.gz, .nii, .tif or .png")
+    p.add_argument("--model", help="checkpoint (.safetensors) or a bundled model name: ct, skin "
+                   "(default: the bundled demonstration model for the image's kind)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda[:N], mps "
+                   "(default: %(default)s)")
+    p.add_argument("--axis", type=int, default=0, help="array axis to slice along; 0 = axial for NIfTI/DICOM "
+                   "(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, help="slices per forward pass (default: what fits the device)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="autocast precision; auto = bf16 on GPUs and on CPUs with native bf16 (default: %(default)s)")
+    p.add_argument("--window", help="CT window overriding the checkpoint's: LOWER,UPPER in HU or a preset name "
+                   "(abdomen, soft tissue, liver, lung, bone, brain)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.set_defaults(func=_segment)
+
+    p = sub.add_parser("demo", help="open napari with the plugin and the sample; headless: segment the sample",
+                       description="With a display: open napari with the synthetic CT sample and the Segment "
+                       "widget. Without one (or with --headless): segment the synthetic CT and skin samples with "
+                       "the bundled models and write inputs and label maps to --out.")
+    p.add_argument("--headless", action="store_true", help="do not open a window even if a display exists")
+    p.add_argument("--out", default="daeformer-demo", help="output folder when headless (default: %(default)s)")
+    p.set_defaults(func=_demo)
 
     p = sub.add_parser("train", help="train DAE-Former (currently on the synthetic samples)",
                        description="Train DAE-Former with the paper's recipe (SGD 0.05, poly decay, 0.4 CE + 0.6 "

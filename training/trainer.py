@@ -24,7 +24,7 @@ from napari_daeformer.model import DAEFormer
 from .augment import AugmentConfig, augment_batch
 from .data import Case, SliceDataset, validate_cases
 from .losses import DiceCELoss
-from .metrics import dice_per_class
+from napari_daeformer.metrics import dice_per_class
 
 
 @dataclass(frozen=True)
