@@ -30,7 +30,7 @@ class Cancelled(DaeformerError):
 
 @dataclass(frozen=True)
 class Progress:
-    """`done` of `total` slices finished; `labels` holds the finished batch's slices for live display."""
+    """`done` of `total` slices finished; `labels` holds slices `start`... (along the slice axis) for live display."""
 
     done: int
     total: int
@@ -46,12 +46,14 @@ class Segmentation:
         labels: ([Z,] Y, X) uint8 class per voxel.
         probabilities: (C, [Z,] Y, X) float16 softmax, if asked for.
         entropy: ([Z,] Y, X) float16 predictive entropy in nats, if asked for.
+        slice_uncertainty: (S,) mean entropy of each slice along the slice axis, if asked for.
         batch_size: the batch size that finally ran (after any out-of-memory halving).
     """
 
     labels: np.ndarray
     probabilities: np.ndarray | None = None
     entropy: np.ndarray | None = None
+    slice_uncertainty: np.ndarray | None = None
     batch_size: int = 0
 
 
@@ -103,6 +105,8 @@ def segment(
     window: tuple[float, float] | None = None,
     probabilities: bool = False,
     entropy: bool = False,
+    slice_uncertainty: bool = False,
+    only: np.ndarray | None = None,
     cancel: threading.Event | None = None,
 ) -> Generator[Progress, None, Segmentation]:
     """Segment a 2D image or a 3D volume slice by slice.
@@ -117,6 +121,8 @@ def segment(
         batch_size: slices per forward pass (default: what fits the device).
         window: a CT window (lower, upper) HU overriding the checkpoint's.
         probabilities, entropy: also return softmax probabilities / per-voxel entropy.
+        slice_uncertainty: also return the mean entropy of each slice (cheap: no per-voxel array kept).
+        only: (S,) bool, segment only these slices (the others stay 0), e.g. those the user has not corrected.
         cancel: set it to stop after the current batch (raises Cancelled).
     Yields:
         Progress after each batch.
@@ -151,9 +157,16 @@ def segment(
     labels = np.zeros((total, *size), np.uint8)
     probs = np.zeros((n_classes, total, *size), np.float16) if probabilities else None
     ent = np.zeros((total, *size), np.float16) if entropy else None
+    per_slice = np.zeros(total, np.float32) if slice_uncertainty else None
+    todo = np.ones(total, bool) if only is None else np.asarray(only, bool)
+    if todo.shape != (total,):
+        raise InferenceError(f"`only` needs one flag per slice ({total}), got shape {todo.shape}")
+    order = np.flatnonzero(todo)                              # slice indices to run, in order
 
     def run(start: int, stop: int) -> None:
-        x = torch.from_numpy(np.ascontiguousarray(prep.apply(stack[start:stop], max_value)))
+        """Segment slices order[start:stop]."""
+        idx = order[start:stop]
+        x = torch.from_numpy(np.ascontiguousarray(prep.apply(stack[idx], max_value)))
         x = x.permute(0, 3, 1, 2) if rgb else x[:, None]     # (b, C, Y, X)
         x = x.to(dev, non_blocking=True)
         if dev.type == "cuda":
@@ -162,15 +175,18 @@ def segment(
         with autocast(dev, amp):
             logits = model(x)
         logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)  # (b, n, Y, X)
-        labels[start:stop] = logits.argmax(1).to(torch.uint8).cpu().numpy()
-        if probs is not None or ent is not None:
+        labels[idx] = logits.argmax(1).to(torch.uint8).cpu().numpy()
+        if probs is not None or ent is not None or per_slice is not None:
             p = logits.softmax(1)
             if probs is not None:
-                probs[:, start:stop] = p.transpose(0, 1).half().cpu().numpy()
+                probs[:, idx] = p.transpose(0, 1).half().cpu().numpy()
+            h = -(p * p.clamp_min(1e-12).log()).sum(1)           # (b, Y, X) entropy in nats
             if ent is not None:
-                ent[start:stop] = (-(p * p.clamp_min(1e-12).log()).sum(1)).half().cpu().numpy()
+                ent[idx] = h.half().cpu().numpy()
+            if per_slice is not None:
+                per_slice[idx] = h.mean((1, 2)).cpu().numpy()
 
-    start = 0
+    start, total = 0, len(order)
     with torch.inference_mode():
         while start < total:
             if cancel is not None and cancel.is_set():
@@ -187,7 +203,7 @@ def segment(
                 continue
             except RuntimeError as e:                        # torch errors are RuntimeErrors: make them ours
                 raise InferenceError(f"segmentation failed: {str(e).splitlines()[0]}") from e
-            yield Progress(stop, total, start, labels[start:stop])
+            yield Progress(stop, total, int(order[start]), labels[order[start]:order[stop - 1] + 1])
             start = stop
 
     def back(a: np.ndarray, lead: int) -> np.ndarray:
@@ -200,6 +216,7 @@ def segment(
         labels=np.ascontiguousarray(back(labels, 0)),
         probabilities=None if probs is None else np.ascontiguousarray(back(probs, 1)),
         entropy=None if ent is None else np.ascontiguousarray(back(ent, 0)),
+        slice_uncertainty=per_slice,
         batch_size=batch,
     )
 

@@ -1,0 +1,27 @@
+"""Which slices of a labels layer the user has corrected: the input of fine-tuning and of partial re-runs."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _per_slice(mask: np.ndarray, axis: int) -> np.ndarray:
+    other = tuple(a for a in range(mask.ndim) if a != axis % mask.ndim)
+    return mask.any(axis=other)
+
+
+def corrected_slices(current: np.ndarray, prediction: np.ndarray | None, axis: int = 0) -> np.ndarray:
+    """(S,) bool: slices along `axis` where `current` differs from the model's `prediction`.
+
+    Without a prediction (a layer painted from scratch), every slice holding any label counts.
+    A 2D map is one slice.
+    """
+    if current.ndim == 2:
+        current = current[None]
+        prediction = None if prediction is None else prediction[None]
+        axis = 0
+    if prediction is None:
+        return _per_slice(current != 0, axis)
+    if prediction.shape != current.shape:
+        raise ValueError(f"prediction {prediction.shape} and labels {current.shape} differ in shape")
+    return _per_slice(current != prediction, axis)

@@ -1,0 +1,50 @@
+"""Conversions between napari layers and the core's records (no widget code)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..io import METADATA_KEY, ImageRecord, geometry_from_metadata
+from ..io.record import default_affine
+
+if TYPE_CHECKING:
+    import napari
+
+PREDICTION_KEY = "daeformer_prediction"      # the model's own output, kept to find the user's corrections
+CLASSES_KEY = "class_names"
+
+
+def record_from_layer(layer: napari.layers.Image) -> ImageRecord:
+    """The layer's data and geometry as an ImageRecord (geometry from the reader's metadata, else the scale)."""
+    data = np.asarray(layer.data)
+    geometry = geometry_from_metadata(layer.metadata)
+    spatial_ndim = data.ndim - 1 if layer.rgb else data.ndim
+    spacing = tuple(float(s) for s in layer.scale[-spatial_ndim:])
+    affine = np.array(geometry["affine"]) if geometry else default_affine(spacing)
+    modality = "rgb" if layer.rgb else (geometry or {}).get("modality", "gray")
+    return ImageRecord(data=data, spacing=spacing, affine=affine, dtype=str(data.dtype), modality=modality,
+                       source_format=(geometry or {}).get("source_format", "layer"))
+
+
+def labels_kwargs(image: napari.layers.Image, class_names: tuple[str, ...], colors: tuple[str, ...],
+                  prediction: np.ndarray, checkpoint_name: str) -> dict[str, Any]:
+    """Keyword arguments of a Labels layer that sits exactly on `image` and carries its geometry."""
+    spatial_ndim = prediction.ndim
+    metadata = {
+        PREDICTION_KEY: prediction,
+        CLASSES_KEY: list(class_names),
+        "checkpoint": checkpoint_name,
+    }
+    if METADATA_KEY in image.metadata:
+        metadata[METADATA_KEY] = image.metadata[METADATA_KEY]
+    return {
+        "name": f"{image.name} DAE-Former",
+        "scale": tuple(image.scale[-spatial_ndim:]),
+        "translate": tuple(image.translate[-spatial_ndim:]),
+        "metadata": metadata,
+        "features": {"index": np.arange(len(class_names)), "class": list(class_names)},
+        "colormap": {None: "transparent", 0: "transparent",
+                     **{i: colors[i] for i in range(1, len(class_names))}},
+    }

@@ -1,0 +1,294 @@
+"""The "Segment with DAE-Former" dock widget: image layer in, a new editable Labels layer out."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Generator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, ProgressBar,
+                              PushButton, SpinBox)
+from napari.layers import Image, Labels
+from napari.qt.threading import GeneratorWorker, create_worker
+from napari.utils.notifications import show_error, show_info, show_warning
+
+from ..bundled import BUNDLED, bundled_model
+from ..checkpoint import Checkpoint, load_checkpoint
+from ..corrections import corrected_slices
+from ..errors import DaeformerError, InferenceError
+from ..inference import Progress, Segmentation, check_compatible, segment
+from ..volumes import class_measures, measure_unit
+from ._layers import CLASSES_KEY, PREDICTION_KEY, labels_kwargs, record_from_layer
+
+if TYPE_CHECKING:
+    import napari
+
+BUNDLED_CHOICES = {"bundled CT demo (synthetic)": "ct", "bundled skin demo (synthetic)": "skin"}
+FILE_CHOICE = "checkpoint file…"
+MODES = ("new labels layer", "only slices not yet corrected")
+
+
+def _segment_job(checkpoint: Checkpoint, record: Any, kwargs: dict[str, Any]) -> Generator[Progress, None, Segmentation]:
+    """The worker's generator: torch's RuntimeErrors become InferenceError (superqt would drop them silently)."""
+    try:
+        return (yield from segment(record, checkpoint, **kwargs))
+    except RuntimeError as e:
+        raise InferenceError(f"segmentation failed: {str(e).splitlines()[0]}") from e
+
+
+class SegmentWidget(Container):
+    """Choose an image and a model, press Run: a new uint8 Labels layer fills slice by slice."""
+
+    def __init__(self, napari_viewer: napari.Viewer) -> None:
+        super().__init__(labels=True)
+        self.viewer = napari_viewer
+        self._image = ComboBox(label="image", choices=self._image_layers,
+                               tooltip="The image layer to segment (CT volume or photo)")
+        self._model = ComboBox(label="model", choices=[*BUNDLED_CHOICES, FILE_CHOICE],
+                               tooltip="The bundled models are demonstrations trained on synthetic data; "
+                               "train or import a real model for real scans")
+        self._file = FileEdit(label="checkpoint", filter="*.safetensors", visible=False,
+                              tooltip="A napari-daeformer checkpoint (.safetensors)")
+        self._device = ComboBox(label="device", choices=["auto", "cpu", "cuda", "mps"], value="auto",
+                                tooltip="auto: CUDA GPU, then Apple MPS, then CPU")
+        self._axis = SpinBox(label="slice axis", min=0, max=2, value=0,
+                             tooltip="Array axis to slice along (0 = axial for NIfTI and DICOM)")
+        self._lower = FloatSpinBox(label="window low (HU)", min=-3000, max=5000, step=5, value=-125,
+                                   tooltip="CT window lower bound; prefilled from the checkpoint")
+        self._upper = FloatSpinBox(label="window high (HU)", min=-3000, max=5000, step=5, value=275,
+                                   tooltip="CT window upper bound; prefilled from the checkpoint")
+        self._batch = SpinBox(label="batch size", min=0, max=256, value=0,
+                              tooltip="Slices per forward pass; 0 = what fits the device")
+        self._mode = ComboBox(label="mode", choices=list(MODES), value=MODES[0],
+                              tooltip="'only slices not yet corrected' re-segments the chosen labels layer "
+                              "around your edits and keeps every slice you changed")
+        self._target = ComboBox(label="labels layer", choices=self._labels_layers, visible=False,
+                                tooltip="The labels layer to update in place (one Ctrl+Z undoes the run)")
+        self._uncertain = CheckBox(label="rank uncertain slices", value=True,
+                                   tooltip="Also compute each slice's mean predictive entropy")
+        self._run = PushButton(text="Run", tooltip="Segment the image (runs in the background)")
+        self._cancel = PushButton(text="Cancel", enabled=False, tooltip="Stop after the current batch")
+        self._progress = ProgressBar(label="progress", value=0, min=0, max=1, visible=True)
+        self._next = PushButton(text="Next uncertain slice", enabled=False,
+                                tooltip="Jump to the slice with the highest mean predictive entropy not yet visited")
+        self._status = Label(value="Demonstration models: trained on synthetic data, not for clinical use.")
+        self.extend([self._image, self._model, self._file, self._device, self._axis, self._lower, self._upper,
+                     self._batch, self._mode, self._target, self._uncertain, self._run, self._cancel,
+                     self._progress, self._next, self._status])
+        self._model.changed.connect(self._model_changed)
+        self._file.changed.connect(self._model_changed)
+        self._mode.changed.connect(lambda v: setattr(self._target, "visible", v == MODES[1]))
+        self._run.clicked.connect(self._start)
+        self._cancel.clicked.connect(self.cancel)
+        self._next.clicked.connect(self._jump_to_uncertain)
+        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
+            event.connect(lambda _: self.reset_choices())
+        self._worker: GeneratorWorker | None = None
+        self._cancel_event = threading.Event()
+        self._checkpoint: Checkpoint | None = None
+        self._uncertain_order: list[int] = []
+        self._model_changed()
+
+    # ---- choices -------------------------------------------------------------------------------------
+    def _image_layers(self, _: Any = None) -> list[Image]:
+        return [layer for layer in self.viewer.layers if isinstance(layer, Image)]
+
+    def _labels_layers(self, _: Any = None) -> list[Labels]:
+        return [layer for layer in self.viewer.layers if isinstance(layer, Labels)]
+
+    def checkpoint_path(self) -> Path:
+        choice = self._model.value
+        if choice == FILE_CHOICE:
+            return Path(self._file.value)
+        return bundled_model(BUNDLED_CHOICES[choice])
+
+    def set_checkpoint(self, path: str | Path) -> None:
+        """Use a checkpoint file (e.g. a fine-tuned one) for the next runs."""
+        self._model.value = FILE_CHOICE
+        self._file.value = Path(path)
+        self._model_changed()
+
+    def _model_changed(self, _: Any = None) -> None:
+        self._file.visible = self._model.value == FILE_CHOICE
+        self._checkpoint = None
+        try:
+            checkpoint = self._load()
+        except DaeformerError as e:
+            self._status.value = str(e)
+            return
+        card = checkpoint.card
+        is_ct = card.preprocessing.kind == "ct"
+        self._lower.visible = self._upper.visible = is_ct
+        if is_ct and card.preprocessing.window:
+            self._lower.value, self._upper.value = card.preprocessing.window
+        demo = "synthetic" in str(card.provenance.get("data", ""))
+        self._status.value = (f"{len(card.class_names) - 1} classes: {', '.join(card.class_names[1:])}"
+                              + (" (demonstration model trained on synthetic data)" if demo else ""))
+
+    def _load(self) -> Checkpoint:
+        if self._checkpoint is None:
+            path = self.checkpoint_path()
+            if not path.is_file():
+                raise DaeformerError("choose a checkpoint file (.safetensors)")
+            self._checkpoint = load_checkpoint(path)
+        return self._checkpoint
+
+    # ---- running -------------------------------------------------------------------------------------
+    def _start(self) -> None:
+        image = self._image.value
+        if image is None:
+            show_warning("Add or open an image layer to segment first.")
+            return
+        try:
+            checkpoint = self._load()
+            record = record_from_layer(image)
+            check_compatible(record.data, record.rgb, checkpoint)
+            kwargs = self._engine_kwargs(checkpoint, record)
+        except (DaeformerError, ValueError) as e:
+            show_error(str(e))
+            return
+        target = self._prepare_target(image, checkpoint, record)
+        if target is None:
+            return
+        self._cancel_event.clear()
+        self._worker = create_worker(_segment_job, checkpoint, record, {**kwargs, "cancel": self._cancel_event},
+                                     _start_thread=False, _ignore_errors=True)
+        self._worker.yielded.connect(lambda p: self._show_progress(target, p))
+        self._worker.returned.connect(lambda result: self._finish(target, result, checkpoint))
+        self._worker.errored.connect(lambda e: self._failed(target, e))
+        self._worker.aborted.connect(lambda: self._failed(target, None))
+        self._worker.finished.connect(self._idle)
+        self._busy()
+        self._worker.start()
+
+    def _engine_kwargs(self, checkpoint: Checkpoint, record: Any) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"rgb": record.rgb, "axis": int(self._axis.value), "device": self._device.value,
+                                  "batch_size": int(self._batch.value) or None,
+                                  "slice_uncertainty": bool(self._uncertain.value)}
+        if checkpoint.card.preprocessing.kind == "ct":
+            kwargs["window"] = (float(self._lower.value), float(self._upper.value))
+        if self._mode.value == MODES[1]:
+            target = self._target.value
+            if target is None:
+                raise DaeformerError("choose the labels layer to update, or use mode 'new labels layer'")
+            if tuple(target.data.shape) != record.spatial_shape:
+                raise DaeformerError(f"labels layer {target.name!r} has shape {target.data.shape}, the image "
+                                     f"{record.spatial_shape}")
+            done = corrected_slices(np.asarray(target.data), target.metadata.get(PREDICTION_KEY), kwargs["axis"])
+            if done.all():
+                raise DaeformerError("every slice of that layer has been corrected; nothing to re-segment")
+            kwargs["only"] = ~done
+        return kwargs
+
+    def _prepare_target(self, image: Image, checkpoint: Checkpoint, record: Any) -> dict[str, Any] | None:
+        """Where the run writes: a new layer (added now, so slices appear live) or the chosen one."""
+        if self._mode.value == MODES[1]:
+            layer = self._target.value
+            before = np.array(layer.data, copy=True)
+            done = corrected_slices(before, layer.metadata.get(PREDICTION_KEY), int(self._axis.value))
+            return {"layer": layer, "new": False, "before": before, "done": done}
+        empty = np.zeros(record.spatial_shape, np.uint8)
+        card = checkpoint.card
+        kwargs = labels_kwargs(image, card.class_names, card.class_colors, empty.copy(),
+                               checkpoint.path.name if checkpoint.path else "model")
+        layer = self.viewer.add_labels(empty, **kwargs)
+        return {"layer": layer, "new": True, "before": None, "done": None}
+
+    def _show_progress(self, target: dict[str, Any], p: Progress) -> None:
+        """Show finished slices at once (no undo history yet: `_finish` records the run as one step)."""
+        self._progress.max = p.total
+        self._progress.value = p.done
+        if p.labels is None or not p.labels.size:
+            return
+        layer: Labels = target["layer"]
+        if layer.data.ndim == 2:
+            layer.data[...] = p.labels[0]
+        else:
+            axis = int(self._axis.value)
+            view = np.moveaxis(np.asarray(layer.data), axis, 0)[p.start:p.start + len(p.labels)]
+            write = np.ones(len(p.labels), bool) if target["done"] is None else \
+                ~target["done"][p.start:p.start + len(p.labels)]
+            view[write] = p.labels[write]
+        layer.refresh()
+
+    def _finish(self, target: dict[str, Any], result: Segmentation, checkpoint: Checkpoint) -> None:
+        layer: Labels = target["layer"]
+        labels = result.labels
+        before = np.zeros_like(labels) if target["new"] else target["before"]
+        if target["done"] is not None:                        # keep every slice the user corrected
+            axis = int(self._axis.value)
+            merged = np.array(before, copy=True)
+            np.moveaxis(merged, axis, 0)[~target["done"]] = np.moveaxis(labels, axis, 0)[~target["done"]]
+            labels = merged
+        layer.data[...] = before                               # then apply the run as one undoable edit
+        changed = np.nonzero(before != labels)
+        with layer.block_history():
+            layer.data_setitem(changed, labels[changed])
+        if target["new"]:
+            layer.metadata[PREDICTION_KEY] = labels.copy()
+        else:                                                  # the model's output where it ran, else as before
+            old = layer.metadata.get(PREDICTION_KEY)
+            axis = int(self._axis.value)
+            prediction = np.array(old if old is not None else before, copy=True)
+            np.moveaxis(prediction, axis, 0)[~target["done"]] = np.moveaxis(labels, axis, 0)[~target["done"]]
+            layer.metadata[PREDICTION_KEY] = prediction
+        layer.metadata[CLASSES_KEY] = list(checkpoint.card.class_names)
+        spacing = tuple(float(s) for s in layer.scale)
+        measures = class_measures(labels, spacing, checkpoint.card.class_names)
+        unit = measure_unit(labels.ndim)
+        lines = [f"<b>{layer.name}</b>"] + [
+            f"<span style='color:{checkpoint.card.class_colors[i + 1]}'>■</span> {name}: {value:.1f} {unit}"
+            for i, (name, value) in enumerate(measures.items())]
+        self._status.value = "<br>".join(lines)
+        if result.slice_uncertainty is not None and labels.ndim == 3:
+            self._uncertain_order = [int(i) for i in np.argsort(-result.slice_uncertainty)]
+            self._next.enabled = True
+        self.last_result = result
+        show_info(f"DAE-Former: segmented {layer.name}")
+
+    def _failed(self, target: dict[str, Any], error: BaseException | None) -> None:
+        layer = target["layer"]
+        if target["new"]:
+            if layer in self.viewer.layers:
+                self.viewer.layers.remove(layer)
+        else:
+            layer.data[...] = target["before"]
+            layer.refresh()
+        if error is None:
+            self._status.value = "Cancelled: nothing was changed."
+        else:
+            message = str(error) if isinstance(error, DaeformerError) else f"{type(error).__name__}: {error}"
+            self._status.value = f"Failed: {message}"
+            show_error(f"DAE-Former: {message}")
+
+    def cancel(self) -> None:
+        """Stop the running job after its current batch; the viewer is left as before the run."""
+        self._cancel_event.set()
+        if self._worker is not None:
+            self._worker.quit()
+
+    def _busy(self) -> None:
+        self._run.enabled = False
+        self._cancel.enabled = True
+        self._progress.value = 0
+
+    def _idle(self) -> None:
+        self._run.enabled = True
+        self._cancel.enabled = False
+        self._worker = None
+
+    @property
+    def running(self) -> bool:
+        return self._worker is not None
+
+    def _jump_to_uncertain(self) -> None:
+        if not self._uncertain_order:
+            return
+        index = self._uncertain_order.pop(0)
+        self._uncertain_order.append(index)
+        axis = int(self._axis.value)
+        step = list(self.viewer.dims.current_step)
+        step[-3 + axis] = index
+        self.viewer.dims.current_step = tuple(step)

@@ -1,0 +1,140 @@
+"""The Segment widget in a real viewer: through the Plugins menu, live slices, cancel, bad input, undo."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from napari_daeformer.metrics import dice_per_class
+from napari_daeformer.sample_data import synthetic_ct, synthetic_skin
+from napari_daeformer.widgets import segment as segment_module
+from napari_daeformer.widgets._layers import PREDICTION_KEY
+from napari_daeformer.widgets.segment import MODES, SegmentWidget
+
+pytestmark = pytest.mark.gui
+
+
+@pytest.fixture
+def ct_viewer(make_napari_viewer) -> tuple[Any, SegmentWidget]:  # type: ignore[no-untyped-def]
+    viewer = make_napari_viewer()
+    sample = synthetic_ct(seed=3, shape=(16, 160, 160))
+    viewer.add_image(sample.image, name="CT", scale=sample.spacing, translate=(10.0, -5.0, 2.5))
+    viewer.add_labels(sample.labels, name="truth")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-daeformer", "Segment with DAE-Former")
+    widget._image.value = viewer.layers["CT"]
+    return viewer, widget
+
+
+def _run(widget: SegmentWidget, qtbot) -> None:  # type: ignore[no-untyped-def]
+    widget._run.clicked()
+    qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
+
+
+def test_segment_from_plugins_menu(ct_viewer, qtbot) -> None:  # type: ignore[no-untyped-def]
+    viewer, widget = ct_viewer
+    assert "synthetic" in widget._status.value                        # says it is a demonstration model
+    _run(widget, qtbot)
+    layer = viewer.layers["CT DAE-Former"]
+    assert layer.data.dtype == np.uint8 and layer.data.shape == (16, 160, 160)
+    assert tuple(layer.scale) == tuple(viewer.layers["CT"].scale)
+    assert tuple(layer.translate) == (10.0, -5.0, 2.5)
+    assert list(layer.features["class"]) == ["background", "liver", "spleen", "left kidney", "right kidney", "aorta"]
+    dice = dice_per_class(np.asarray(layer.data), viewer.layers["truth"].data, 6)
+    assert np.nanmean(dice) > 0.8, dice
+    assert "mL" in widget._status.value
+    assert np.array_equal(layer.metadata[PREDICTION_KEY], layer.data)
+    layer.undo()                                                        # one Ctrl+Z undoes the whole run
+    assert not np.asarray(layer.data).any()
+    widget._next.clicked()                                             # jump to the most uncertain slice
+    assert viewer.dims.current_step[0] == int(np.argmax(widget.last_result.slice_uncertainty))
+
+
+def test_second_run_never_overwrites_an_edited_layer(ct_viewer, qtbot) -> None:  # type: ignore[no-untyped-def]
+    viewer, widget = ct_viewer
+    _run(widget, qtbot)
+    first = viewer.layers["CT DAE-Former"]
+    first.data[5] = 2                                                   # the user's correction
+    _run(widget, qtbot)
+    assert len([layer for layer in viewer.layers if "DAE-Former" in layer.name]) == 2
+    assert (first.data[5] == 2).all()
+
+
+def test_only_uncorrected_slices_mode(ct_viewer, qtbot) -> None:  # type: ignore[no-untyped-def]
+    viewer, widget = ct_viewer
+    _run(widget, qtbot)
+    layer = viewer.layers["CT DAE-Former"]
+    original = np.array(layer.data, copy=True)
+    layer.data[7] = 0                                                   # corrected: erased slice 7
+    layer.data[3] = 4                                                   # corrected: slice 3 all "right kidney"
+    layer.data[10] = 0                                                  # later un-done: this too counts as edited
+    widget._mode.value = MODES[1]
+    widget._target.value = layer
+    widget._lower.value = -400                                          # another window: slices will change
+    _run(widget, qtbot)
+    assert not layer.data[7].any() and (layer.data[3] == 4).all() and not layer.data[10].any()
+    others = [z for z in range(16) if z not in (3, 7, 10)]
+    assert not np.array_equal(layer.data[others], original[others])     # re-segmented with the new window
+    layer.undo()
+    assert not layer.data[7].any() and (layer.data[3] == 4).all()
+    np.testing.assert_array_equal(layer.data[others], original[others])
+
+
+def test_cancel_mid_run_adds_nothing(ct_viewer, qtbot) -> None:  # type: ignore[no-untyped-def]
+    viewer, widget = ct_viewer
+    widget._batch.value = 1
+    n_layers = len(viewer.layers)
+    seen: list[int] = []
+
+    def cancel_on_first(progress: Any) -> None:
+        seen.append(progress.done)
+        widget._cancel.clicked()
+
+    widget._run.clicked()
+    widget._worker.yielded.connect(cancel_on_first)
+    qtbot.waitUntil(lambda: not widget.running, timeout=60_000)
+    assert seen and seen[0] < 16
+    assert len(viewer.layers) == n_layers
+    assert "Cancelled" in widget._status.value
+    viewer.add_points([[0, 0, 0]])                                      # the viewer still responds
+    assert len(viewer.layers) == n_layers + 1
+    assert widget._run.enabled
+
+
+@pytest.fixture
+def errors(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    messages: list[str] = []
+    monkeypatch.setattr(segment_module, "show_error", messages.append)
+    monkeypatch.setattr(segment_module, "show_warning", messages.append)
+    return messages
+
+
+def test_wrong_kind_of_image_is_a_notification(make_napari_viewer, errors: list[str]) -> None:  # type: ignore[no-untyped-def]
+    viewer = make_napari_viewer()
+    widget = SegmentWidget(viewer)
+    widget._start()
+    assert "image layer" in errors[-1]
+    viewer.add_image(synthetic_skin(seed=1, size=(64, 64)).image, name="photo", rgb=True)
+    widget._image.value = viewer.layers["photo"]
+    widget._start()                                                     # RGB into the CT model
+    assert "RGB" in errors[-1]
+    viewer.add_image(np.zeros((2, 3, 32, 32), np.float32), name="4d")
+    widget._image.value = viewer.layers["4d"]
+    widget._start()
+    assert "shape" in errors[-1]
+    assert [layer.name for layer in viewer.layers] == ["photo", "4d"] and not widget.running
+
+
+def test_skin_photo_with_skin_model(make_napari_viewer, qtbot) -> None:  # type: ignore[no-untyped-def]
+    viewer = make_napari_viewer()
+    sample = synthetic_skin(seed=5)
+    viewer.add_image(sample.image, name="lesion", rgb=True)
+    widget = SegmentWidget(viewer)
+    widget._model.value = "bundled skin demo (synthetic)"
+    widget._image.value = viewer.layers["lesion"]
+    assert not widget._lower.visible                                   # no CT window for photos
+    _run(widget, qtbot)
+    labels = viewer.layers["lesion DAE-Former"].data
+    assert labels.shape == (256, 256)
+    assert dice_per_class(np.asarray(labels), sample.labels, 2)[0] > 0.9
