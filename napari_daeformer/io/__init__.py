@@ -89,7 +89,7 @@ def write_labels(path: str | os.PathLike[str], labels: np.ndarray, geometry: dic
         raise ImageFormatError(f"{p.name}: labels must be 2D or 3D, got shape {labels.shape}")
     if labels.size and (labels.min() < 0 or labels.max() > 65535):
         raise ImageFormatError(f"{p.name}: label values must lie in 0..65535, got {labels.min()}..{labels.max()}")
-    out = labels.astype(np.uint8 if labels.max(initial=0) <= 255 else np.uint16)
+    out = labels.astype(np.uint8 if labels.max(initial=0) <= 255 else np.uint16, copy=False)
     if isinstance(geometry, ImageRecord):
         geometry = geometry.geometry()
     spacing = tuple(geometry["spacing"]) if geometry else (1.0,) * labels.ndim

@@ -51,7 +51,7 @@ def read_nifti(path: Path) -> ImageRecord:
 
 def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, *, overwrite: bool = False) -> Path:
     """Write a ([Z,] Y, X) array with `affine` (NIfTI convention) atomically; mm units, sform and qform set."""
-    img = nib.Nifti1Image(np.ascontiguousarray(data.transpose(tuple(range(data.ndim))[::-1])), affine)
+    img = nib.Nifti1Image(data.transpose(tuple(range(data.ndim))[::-1]), affine)   # F-ordered view: no copy
     img.header.set_xyzt_units("mm")
     img.header.set_sform(affine, code=1)
     img.header.set_qform(affine, code=1)

@@ -1,0 +1,128 @@
+"""The inference engine: accuracy of the bundled model, batch invariance, cancellation, bounded memory."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from napari_daeformer.bundled import bundled_model
+from napari_daeformer.checkpoint import Checkpoint, ModelCard, load_checkpoint
+from napari_daeformer.cli import main
+from napari_daeformer.errors import InferenceError
+from napari_daeformer.inference import Cancelled, run_segmentation, segment
+from napari_daeformer.io import read_image
+from napari_daeformer.io.nifti import write_nifti
+from napari_daeformer.io.record import default_affine
+from napari_daeformer.metrics import dice_per_class
+from napari_daeformer.model import DAEFormer
+from napari_daeformer.sample_data import synthetic_ct, synthetic_skin
+
+from .conftest import TINY
+from .model.test_attention import ShapeRecorder
+
+HELD_OUT = 0          # the bundled CT model was trained on seeds 1-12 and validated on 13-14
+
+
+@pytest.fixture(scope="module")
+def ct_model() -> Checkpoint:
+    return load_checkpoint(bundled_model("ct"))
+
+
+@pytest.fixture(scope="module")
+def held_out() -> object:
+    return synthetic_ct(seed=HELD_OUT)
+
+
+def test_bundled_ct_model_reaches_dice_080(ct_model: Checkpoint, held_out) -> None:  # type: ignore[no-untyped-def]
+    result = run_segmentation(segment(held_out.image, ct_model, precision="fp32", device="cpu"))
+    dice = dice_per_class(result.labels, held_out.labels, 6)
+    assert result.labels.dtype == np.uint8 and result.labels.shape == held_out.image.shape
+    assert np.nanmean(dice) >= 0.80, dice
+
+
+def test_bf16_agrees_with_fp32(ct_model: Checkpoint, held_out) -> None:  # type: ignore[no-untyped-def]
+    fp32 = run_segmentation(segment(held_out.image, ct_model, precision="fp32", device="cpu")).labels
+    bf16 = run_segmentation(segment(held_out.image, ct_model, precision="bf16", device="cpu")).labels
+    assert (fp32 == bf16).mean() >= 0.995
+
+
+def test_cli_segment_keeps_geometry(tmp_path: Path, held_out) -> None:  # type: ignore[no-untyped-def]
+    affine = default_affine(held_out.spacing)
+    affine[:3, 3] = [-120.0, 80.0, 15.0]
+    src = write_nifti(tmp_path / "ct.nii.gz", held_out.image, affine)
+    assert main(["segment", str(src), str(tmp_path / "seg.nii.gz"), "--device", "cpu"]) == 0
+    seg = read_image(tmp_path / "seg.nii.gz")
+    assert np.array_equal(seg.affine, read_image(src).affine)
+    assert np.nanmean(dice_per_class(seg.data, held_out.labels, 6)) >= 0.80
+    assert main(["segment", str(src), str(tmp_path / "seg.nii.gz")]) == 2          # exists: refused
+
+
+def test_cli_segment_wrong_kind_one_line(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from skimage import io as skio
+    skio.imsave(str(tmp_path / "photo.png"), synthetic_skin(seed=2, size=(64, 64)).image, check_contrast=False)
+    assert main(["segment", str(tmp_path / "photo.png"), str(tmp_path / "m.png"), "--model", "ct"]) == 2
+    err = capsys.readouterr().err
+    assert "RGB" in err and err.count("\n") == 1
+
+
+def test_batch_size_and_cancel_rerun_give_identical_labels(ct_model: Checkpoint) -> None:
+    image = synthetic_ct(seed=21, shape=(12, 128, 128)).image
+    one = run_segmentation(segment(image, ct_model, batch_size=1, precision="fp32", device="cpu")).labels
+    eight = run_segmentation(segment(image, ct_model, batch_size=8, precision="fp32", device="cpu")).labels
+    assert np.array_equal(one, eight)
+    cancel = threading.Event()
+    gen = segment(image, ct_model, batch_size=2, precision="fp32", device="cpu", cancel=cancel)
+    next(gen)
+    cancel.set()
+    with pytest.raises(Cancelled):
+        next(gen)                                      # nothing partial is returned
+    again = run_segmentation(segment(image, ct_model, batch_size=4, precision="fp32", device="cpu")).labels
+    assert np.array_equal(again, one)
+
+
+def test_axes_2d_and_outputs(ct_model: Checkpoint) -> None:
+    image = synthetic_ct(seed=22, shape=(8, 96, 112)).image
+    res = run_segmentation(segment(image, ct_model, axis=2, batch_size=16, probabilities=True, entropy=True,
+                                   slice_uncertainty=True, device="cpu"))
+    assert res.labels.shape == image.shape and res.entropy.shape == image.shape
+    assert res.probabilities.shape == (6, *image.shape) and res.slice_uncertainty.shape == (112,)
+    np.testing.assert_allclose(res.probabilities.astype(np.float32).sum(0), 1.0, atol=1e-2)
+    assert np.array_equal(res.probabilities.argmax(0)[res.entropy < 0.5], res.labels[res.entropy < 0.5])
+    one = run_segmentation(segment(image[4], ct_model, device="cpu"))
+    assert one.labels.shape == (96, 112)
+
+
+def test_bad_requests(ct_model: Checkpoint) -> None:
+    with pytest.raises(InferenceError, match="RGB"):
+        run_segmentation(segment(np.zeros((32, 32, 3), np.uint8), ct_model))
+    with pytest.raises(InferenceError, match="shape"):
+        run_segmentation(segment(np.zeros((2, 2, 32, 32)), ct_model))
+    with pytest.raises(InferenceError, match="axis"):
+        run_segmentation(segment(np.zeros((4, 32, 32)), ct_model, axis=3))
+    with pytest.raises(InferenceError, match="no CUDA"):
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present")
+        run_segmentation(segment(np.zeros((4, 32, 32)), ct_model, device="cuda"))
+
+
+def test_memory_is_bounded_for_512x512x200(tiny_model: DAEFormer) -> None:
+    """The largest tensor is one batch at source resolution, never the whole volume's logits.
+
+    Bound: batch * max(num_classes, in_channels) * 512 * 512 * 4 bytes (resized logits of one batch), or the
+    widest activation of a batch at network size, whichever is larger; with batch 8 and 3 classes that is
+    25 MB, against 629 MB for the float logits of all 200 slices.
+    """
+    ckpt = Checkpoint(tiny_model, ModelCard(TINY, ("bg", "a", "b"), input_size=(64, 64)))
+    volume = np.zeros((200, 512, 512), np.int16)
+    batch = 8
+    bound = max(batch * max(TINY.num_classes, 1) * 512 * 512,
+                batch * 16 * TINY.embed_dims[0] * (64 // 4) ** 2) * 4
+    with ShapeRecorder() as rec:
+        result = run_segmentation(segment(volume, ckpt, batch_size=batch, precision="fp32", device="cpu"))
+    largest = max(int(np.prod(s)) for s in rec.shapes) * 4
+    assert result.labels.shape == volume.shape
+    assert largest <= bound < 200 * TINY.num_classes * 512 * 512 * 4 / 20
