@@ -69,6 +69,16 @@ def slices_of(image: np.ndarray, rgb: bool, axis: int) -> np.ndarray:
     return np.moveaxis(image, axis, 0)
 
 
+_TORCH_SAFE = {np.dtype(t) for t in (np.uint8, np.int8, np.int16, np.int32, np.int64, np.float32, np.float64)}
+
+
+def _as_tensor(a: np.ndarray) -> torch.Tensor:
+    """A CPU tensor of `a` in its own dtype where torch handles it natively, else float32."""
+    if a.dtype.newbyteorder("=") in _TORCH_SAFE and a.dtype.isnative:
+        return torch.from_numpy(np.ascontiguousarray(a))
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
+
 def check_compatible(image: np.ndarray, rgb: bool, checkpoint: Checkpoint) -> None:
     """Refuse an image the model cannot take (RGB into a CT model, a 4D array, ...)."""
     channels = checkpoint.card.config.in_channels
@@ -162,13 +172,18 @@ def segment(
     if todo.shape != (total,):
         raise InferenceError(f"`only` needs one flag per slice ({total}), got shape {todo.shape}")
     order = np.flatnonzero(todo)                              # slice indices to run, in order
+    staging: dict[str, torch.Tensor] = {}
 
     def run(start: int, stop: int) -> None:
         """Segment slices order[start:stop]."""
         idx = order[start:stop]
-        x = torch.from_numpy(np.ascontiguousarray(prep.apply(stack[idx], max_value)))
+        raw = _as_tensor(stack[idx])                          # source dtype: int16 CT moves half the bytes
+        if dev.type == "cuda":                                # reuse one pinned buffer for the host-to-device copy
+            if staging.get("buf") is None or staging["buf"].numel() < raw.numel() or staging["buf"].dtype != raw.dtype:
+                staging["buf"] = torch.empty(raw.numel(), dtype=raw.dtype).pin_memory()
+            raw = staging["buf"][: raw.numel()].view(raw.shape).copy_(raw)
+        x = prep.apply_tensor(raw.to(dev, non_blocking=True), max_value)   # normalised on the device
         x = x.permute(0, 3, 1, 2) if rgb else x[:, None]     # (b, C, Y, X)
-        x = x.to(dev, non_blocking=True)
         if dev.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         x = F.interpolate(x, size=card.input_size, mode="bilinear", align_corners=False, antialias=True)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+import torch
 
 # CT windows as (lower, upper) HU. "abdomen" is the paper's (TransUNet's) [-125, 275].
 CT_WINDOWS: dict[str, tuple[float, float]] = {
@@ -66,6 +67,18 @@ class Preprocessing:
             x = x / np.float32(max_value)
         mean = np.asarray(self.mean, np.float32)
         std = np.asarray(self.std, np.float32)
+        return (x - mean) / std
+
+    def apply_tensor(self, image: torch.Tensor, max_value: float = 255.0) -> torch.Tensor:
+        """`apply` on a tensor, on its device (the engine normalises on the GPU); same arithmetic in float32."""
+        x = image.float()
+        if self.kind == "ct" and self.window is not None:
+            lo, hi = self.window
+            x = (x.clamp(lo, hi) - lo) / (hi - lo)
+        else:
+            x = x / max_value
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device)
+        std = torch.tensor(self.std, dtype=torch.float32, device=x.device)
         return (x - mean) / std
 
     def to_dict(self) -> dict[str, Any]:

@@ -126,3 +126,45 @@ def test_memory_is_bounded_for_512x512x200(tiny_model: DAEFormer) -> None:
     largest = max(int(np.prod(s)) for s in rec.shapes) * 4
     assert result.labels.shape == volume.shape
     assert largest <= bound < 200 * TINY.num_classes * 512 * 512 * 4 / 20
+
+
+@pytest.mark.parametrize("dtype", ["<i2", ">i2", "<u2", "<f4", ">f8", "<i4"])
+def test_any_source_dtype(ct_model: Checkpoint, dtype: str) -> None:
+    """Big-endian NIfTI, uint16 DICOM-like data, floats: all give the same labels as int16."""
+    image = synthetic_ct(seed=23, shape=(4, 64, 64)).image
+    ref = run_segmentation(segment(image, ct_model, precision="fp32", device="cpu")).labels
+    data = (image.astype(np.int32) + 2000).astype(dtype) if dtype.endswith("u2") else image.astype(dtype)
+    window = (-125 + 2000, 275 + 2000) if dtype.endswith("u2") else None
+    out = run_segmentation(segment(data, ct_model, precision="fp32", device="cpu", window=window)).labels
+    assert (out == ref).mean() > 0.999
+
+
+def test_numpy_and_torch_preprocessing_agree() -> None:
+    """Training normalises with numpy, the engine with torch on the device: the same numbers."""
+    from napari_daeformer.preprocessing import ct_preprocessing, rgb_preprocessing
+    ct = np.random.default_rng(0).integers(-1200, 2000, (3, 16, 16)).astype(np.int16)
+    rgb = np.random.default_rng(1).integers(0, 256, (8, 8, 3)).astype(np.uint8)
+    for prep, x in ((ct_preprocessing("liver"), ct), (rgb_preprocessing(), rgb)):
+        np.testing.assert_allclose(prep.apply_tensor(torch.from_numpy(x)).numpy(), prep.apply(x), rtol=1e-6, atol=1e-6)
+
+
+def test_cuda_out_of_memory_halves_the_batch(tiny_model: DAEFormer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Simulated on the CPU: a forward pass over more than 2 slices raises torch's CUDA OOM error."""
+    ckpt = Checkpoint(tiny_model, ModelCard(TINY, ("bg", "a", "b"), input_size=(64, 64)))
+    forward = tiny_model.forward
+
+    def small_batches_only(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(x)
+
+    volume = np.random.default_rng(0).normal(0, 200, (7, 64, 64))
+    expected = run_segmentation(segment(volume, ckpt, batch_size=1, precision="fp32", device="cpu")).labels
+    monkeypatch.setattr(tiny_model, "forward", small_batches_only)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    result = run_segmentation(segment(volume, ckpt, batch_size=8, precision="fp32", device="cpu"))
+    assert result.batch_size == 2
+    assert np.array_equal(result.labels, expected)
+    monkeypatch.setattr(tiny_model, "forward", lambda x: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("OOM")))
+    with pytest.raises(InferenceError, match="even at batch size 1"):
+        run_segmentation(segment(volume, ckpt, batch_size=4, precision="fp32", device="cpu"))

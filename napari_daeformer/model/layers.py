@@ -36,8 +36,8 @@ class EfficientAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = self.query(x).softmax(dim=-1)                     # (B, N, C): each token sums to 1
-        k = self.key(x).softmax(dim=-2)                       # (B, N, C): each channel sums to 1
-        context = k.transpose(-2, -1) @ self.value(x)         # (B, C, C)
+        k = self.key(x).transpose(-2, -1).softmax(dim=-1)     # (B, C, N): each channel sums to 1 over tokens
+        context = k @ self.value(x)                           # (B, C, C)
         return self.proj(q @ context)                         # (B, N, C)
 
 
@@ -151,7 +151,7 @@ class SkipCrossAttention(nn.Module):
 
     def forward(self, y: torch.Tensor, skip: torch.Tensor, hw: HW) -> torch.Tensor:
         y_n, s_n = self.norm(y), self.norm(skip)              # (B, N, D) each
-        context = s_n.softmax(dim=-2).transpose(-2, -1) @ y_n  # (B, D, D): keys = skip, values = decoder
+        context = s_n.transpose(-2, -1).softmax(dim=-1) @ y_n  # (B, D, D): keys = skip (softmax over tokens)
         z = s_n.softmax(dim=-1) @ context                      # (B, N, D): queries = skip
         t = torch.cat([y, skip], dim=-1) + self.proj_norm(self.proj(z))  # (B, N, 2D)
         return t + self.ffn(self.ffn_norm(t), hw)

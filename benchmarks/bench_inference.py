@@ -1,0 +1,108 @@
+"""Segment a 512x512x200 volume with the `paper` DAE-Former: our engine against a naive loop.
+
+    python benchmarks/bench_inference.py [--device cpu|cuda] [--slices 200] [--threads N]
+
+Naive loop: fp32, one slice at a time, every slice's full-resolution logits kept and stacked, argmax at the
+end. Each variant runs the whole volume once to warm up (kernel selection, allocator) and is timed on a
+second pass. Ours: the engine (batches, inference_mode, autocast where available, labels only). Each variant runs in
+its own process so that its peak RSS (and peak CUDA memory) is its own. Weights are random: speed and memory
+do not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from napari_daeformer.checkpoint import Checkpoint, ModelCard
+from napari_daeformer.devices import resolve_device
+from napari_daeformer.inference import run_segmentation, segment
+from napari_daeformer.model import DAEFormer, named_config
+from napari_daeformer.preprocessing import ct_preprocessing
+
+
+def run_variant(variant: str, device_name: str, slices: int, threads: int | None) -> dict[str, float]:
+    if threads:
+        torch.set_num_threads(threads)
+    device = resolve_device(device_name)
+    torch.manual_seed(0)
+    model = DAEFormer(named_config("paper", num_classes=9, in_channels=1)).eval().to(device)
+    card = ModelCard(model.cfg, tuple(f"c{i}" for i in range(9)), preprocessing=ct_preprocessing())
+    volume = np.random.default_rng(0).normal(0, 300, (slices, 512, 512)).astype(np.int16)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    if variant == "naive":
+        prep = card.preprocessing
+
+        def naive(vol: np.ndarray) -> np.ndarray:
+            logits = []
+            with torch.no_grad():
+                for plane in vol:
+                    x = torch.from_numpy(prep.apply(plane))[None, None].to(device)
+                    x = F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False)
+                    logits.append(F.interpolate(model(x), size=plane.shape, mode="bilinear", align_corners=False))
+            return torch.cat(logits).argmax(1).cpu().numpy().astype(np.uint8)
+
+        naive(volume)                         # warm-up: the same shapes as the timed run
+        start = time.perf_counter()
+        naive(volume)
+    else:
+        ckpt = Checkpoint(model, card)
+        precision = variant.split("-")[1]
+        run_segmentation(segment(volume, ckpt, device=device, precision=precision))   # warm-up, same shapes
+        start = time.perf_counter()
+        result = run_segmentation(segment(volume, ckpt, device=device, precision=precision))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    out = {"seconds": seconds, "slices_per_s": slices / seconds,
+           "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if device.type == "cuda":
+        out["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    if variant != "naive":
+        out["batch_size"] = result.batch_size
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--slices", type=int, default=200)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--variants", default="naive,ours-fp32,ours-auto")
+    p.add_argument("--variant", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.variant:
+        print(json.dumps(run_variant(args.variant, args.device, args.slices, args.threads)))
+        return
+    device = resolve_device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"{args.slices} x 512 x 512 volume, paper configuration, {device} ({name}), torch {torch.__version__}")
+    results = {}
+    for variant in args.variants.split(","):
+        cmd = [sys.executable, __file__, "--variant", variant, "--device", args.device, "--slices", str(args.slices)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(variant, results[variant], flush=True)
+    base = results.get("naive")
+    if base:
+        for variant, r in results.items():
+            if variant != "naive":
+                cuda = (f", peak CUDA {r['peak_cuda_gb'] / base['peak_cuda_gb']:.2f}x"
+                        if "peak_cuda_gb" in r else "")
+                print(f"{variant}: {r['slices_per_s'] / base['slices_per_s']:.2f}x the naive loop's speed, "
+                      f"peak RSS {r['peak_rss_gb'] / base['peak_rss_gb']:.2f}x{cuda}")
+
+
+if __name__ == "__main__":
+    main()
