@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .errors import DaeformerError
+from training.cli import resolve_settings
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -122,12 +123,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="daeformer-demo", help="output folder when headless (default: %(default)s)")
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("train", help="train DAE-Former (currently on the synthetic samples)",
+    from training.cli import add_evaluate_arguments, add_train_arguments, run_evaluate, run_train
+
+    p = sub.add_parser("train", help="train DAE-Former (Synapse, NIfTI folders, ISIC folders or synthetic data)",
                        description="Train DAE-Former with the paper's recipe (SGD 0.05, poly decay, 0.4 CE + 0.6 "
-                       "Dice) on slices; validate on whole held-out cases; write best/last checkpoints atomically.")
-    from training.cli import add_arguments, run as run_training
-    add_arguments(p)
-    p.set_defaults(func=run_training)
+                       "Dice, the official augmentation family) on slices; validate on whole held-out cases "
+                       "(Dice, HD95 in mm); write best/last checkpoints, a resumable state, metrics.jsonl and "
+                       "curves.png atomically. Run it under `torchrun --nproc_per_node N` for several GPUs.")
+    add_train_arguments(p)
+    p.set_defaults(func=run_train, settings_parser=p)
+
+    p = sub.add_parser("evaluate", help="per-case, per-class Dice and HD95 of a checkpoint on whole volumes",
+                       description="Segment every case of a data set with the engine and score whole volumes: "
+                       "Dice and HD95 per case and class, as a table and optionally CSV.")
+    add_evaluate_arguments(p)
+    p.set_defaults(func=run_evaluate)
     return parser
 
 
@@ -136,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     func: Command = args.func
     try:
+        if getattr(args, "config", None) is not None:          # `train --config FILE`: file < command line
+            args = resolve_settings(args.settings_parser, list(argv if argv is not None else sys.argv[1:])[1:], args)
         return func(args)
     except (DaeformerError, ValueError, OSError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__

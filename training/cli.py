@@ -1,69 +1,239 @@
-"""`daeformer train`: train DAE-Former on the synthetic samples (real data formats come with the data sources)."""
+"""`daeformer train` and `daeformer evaluate`.
+
+Settings come from the defaults (the paper's recipe), then a YAML/TOML `--config` file, then the command line;
+the resolved settings are written to `OUT/config.yaml` beside the checkpoints. The same command under
+`torchrun --nproc_per_node N` trains with DistributedDataParallel.
+"""
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import sys
+from pathlib import Path
+from typing import Any
 
-from napari_daeformer.checkpoint import ModelCard
+import numpy as np
+import yaml
+
+from napari_daeformer.atomic import atomic_write
+from napari_daeformer.checkpoint import SYNAPSE_CLASSES, ModelCard, load_checkpoint
+from napari_daeformer.errors import TrainingError
+from napari_daeformer.inference import run_segmentation, segment
+from napari_daeformer.metrics import evaluate_case
 from napari_daeformer.model import DAEFormer, named_config
 from napari_daeformer.preprocessing import ct_preprocessing, rgb_preprocessing
 from napari_daeformer.sample_data import CT_CLASSES, SKIN_CLASSES
 
 from .augment import AugmentConfig
-from .data import synthetic_cases
+from .data import Case
+from .distributed import init_from_env, shutdown
+from .sources import FORMATS, load_cases, split_cases
 from .trainer import StepReport, TrainConfig, Trainer, ValReport
 
 
-def _seeds(text: str) -> list[int]:
+def _seeds(text: str | list[int]) -> list[int]:
     """'1-12' or '1,3,5' -> seeds."""
+    if isinstance(text, list):
+        return text
     if "-" in text:
         lo, hi = text.split("-")
         return list(range(int(lo), int(hi) + 1))
     return [int(s) for s in text.split(",")]
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    defaults = TrainConfig()
-    p.add_argument("--synthetic", choices=("ct", "skin"), required=True,
-                   help="train on generated CT phantoms or skin photos (one case per seed)")
-    p.add_argument("--out", required=True, help="output folder for best.safetensors and last.safetensors")
-    p.add_argument("--config", default="small", help="named architecture: small or paper (default: %(default)s)")
-    p.add_argument("--train-seeds", default="1-12", type=_seeds, help="seeds of the training cases (default: 1-12)")
-    p.add_argument("--val-seeds", default="13,14", type=_seeds, help="seeds of the validation cases (default: 13,14)")
-    p.add_argument("--input-size", type=int, default=224, help="network input side (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=defaults.epochs, help="default: %(default)s")
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="default: %(default)s")
-    p.add_argument("--lr", type=float, default=defaults.lr, help="base learning rate (default: %(default)s)")
-    p.add_argument("--optimizer", choices=("sgd", "adamw"), default=defaults.optimizer, help="default: %(default)s")
-    p.add_argument("--val-every", type=int, default=5, help="epochs between validations (default: %(default)s)")
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    p.add_argument("--config", type=Path, help="YAML or TOML file of settings (keys as the long options)")
+    p.add_argument("--data", type=Path, help="data folder (Synapse, imagesTr/labelsTr or *_image/*_label, ISIC)")
+    p.add_argument("--data-format", choices=FORMATS, default="auto", help="default: detect from the folder")
+    p.add_argument("--synthetic", choices=("ct", "skin"), help="train on generated phantoms instead of --data")
+    p.add_argument("--out", type=Path, help="output folder: best/last checkpoints, resume state, log, plot")
+    p.add_argument("--resume", action="store_true", help="continue exactly from OUT/resume.safetensors")
+    p.add_argument("--init", type=Path, help="start from this checkpoint's weights (fine-tuning)")
+    p.add_argument("--arch", default="small", help="architecture for a new model: small or paper (default: small)")
+    p.add_argument("--classes", help="comma-separated class names, background first (default: from the data)")
+    p.add_argument("--window", default="abdomen", help="CT window preset or LOWER,UPPER HU (default: abdomen)")
+    p.add_argument("--input-size", type=int, default=224, help="network input side (default: 224)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of cases held out (default: 0.2)")
+    p.add_argument("--val-cases", help="comma-separated case names to hold out instead")
+    p.add_argument("--train-seeds", default="1-12", help="synthetic: seeds of the training cases (default: 1-12)")
+    p.add_argument("--val-seeds", default="13,14", help="synthetic: seeds of the validation cases (default: 13,14)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"default: {d.epochs}")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"global batch (default: {d.batch_size})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"base learning rate (default: {d.lr})")
+    p.add_argument("--momentum", type=float, default=d.momentum, help=f"default: {d.momentum}")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"default: {d.weight_decay}")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default=d.optimizer, help=f"default: {d.optimizer}")
+    p.add_argument("--ce-weight", type=float, default=d.ce_weight, help=f"default: {d.ce_weight}")
+    p.add_argument("--dice-weight", type=float, default=d.dice_weight, help=f"default: {d.dice_weight}")
+    p.add_argument("--val-every", type=int, default=d.val_every, help=f"epochs between validations (default: {d.val_every})")
     p.add_argument("--max-steps", type=int, help="stop after this many steps")
+    p.add_argument("--train-parts", choices=("all", "decoder"), default="all", help="default: all")
     p.add_argument("--no-flip", action="store_true", help="no flip augmentation (for left/right classes)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=defaults.seed, help="default: %(default)s")
+    p.add_argument("--no-augment", action="store_true", help="no augmentation at all")
+    p.add_argument("--no-amp", action="store_true", help="fp32 on CUDA too")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps (default: auto)")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"default: {d.seed}")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def run(args: argparse.Namespace) -> int:
-    ct = args.synthetic == "ct"
-    classes = CT_CLASSES if ct else SKIN_CLASSES
-    cfg = named_config(args.config, num_classes=len(classes), in_channels=1 if ct else 3)
-    card = ModelCard(cfg, classes, input_size=(args.input_size, args.input_size),
-                     preprocessing=ct_preprocessing("abdomen") if ct else rgb_preprocessing(),
-                     provenance={"data": f"synthetic {args.synthetic}, train seeds {args.train_seeds}, "
-                                         f"validation seeds {args.val_seeds}",
-                                 "note": "demonstration model trained on synthetic data; not for clinical use"})
-    train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-                            val_every=args.val_every, max_steps=args.max_steps, seed=args.seed,
-                            augment=AugmentConfig(p_flip=0.0 if args.no_flip else 0.5))
-    trainer = Trainer(DAEFormer(cfg), card, synthetic_cases(args.synthetic, args.train_seeds),
-                      synthetic_cases(args.synthetic, args.val_seeds), train_cfg, args.out, args.device)
+def resolve_settings(parser: argparse.ArgumentParser, argv: list[str] | None, args: argparse.Namespace) -> argparse.Namespace:
+    """Defaults < config file < command line."""
+    if args.config is None:
+        return args
+    text = Path(args.config).read_text()
+    if args.config.suffix == ".toml":
+        import tomllib
+        data = tomllib.loads(text)
+    else:
+        data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise TrainingError(f"{args.config}: expected a mapping of settings")
+    known = {a.dest for a in parser._actions}
+    settings = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise TrainingError(f"{args.config}: unknown settings {unknown}")
+    for key in ("data", "out", "init"):
+        if isinstance(settings.get(key), str):
+            settings[key] = Path(settings[key])
+    parser.set_defaults(**settings)
+    return parser.parse_args(argv)
+
+
+def _window(text: str) -> tuple[float, float] | str:
+    if "," in text:
+        lo, hi = (float(v) for v in text.split(","))
+        return lo, hi
+    return text
+
+
+def _model_and_card(args: argparse.Namespace, cases: list[Case], fmt: str) -> tuple[DAEFormer, ModelCard]:
+    if args.init:
+        ckpt = load_checkpoint(args.init)
+        return ckpt.model, ckpt.card.with_provenance(parent=str(args.init))
+    rgb = cases[0].image.ndim == 3 and cases[0].image.shape[-1] == 3 and cases[0].labels.ndim == 2
+    if args.classes:
+        names = tuple(args.classes.split(","))
+    elif fmt == "synapse":
+        names = SYNAPSE_CLASSES
+    elif fmt == "synthetic-ct":
+        names = CT_CLASSES
+    elif fmt in ("isic", "synthetic-skin"):
+        names = SKIN_CLASSES
+    else:
+        top = max(int(c.labels.max()) for c in cases)
+        names = ("background", *(f"class {i}" for i in range(1, top + 1)))
+    cfg = named_config(args.arch, num_classes=len(names), in_channels=3 if rgb else 1)
+    prep = rgb_preprocessing() if rgb else ct_preprocessing(_window(args.window))
+    card = ModelCard(cfg, names, input_size=(args.input_size, args.input_size), preprocessing=prep,
+                     provenance={"data": str(args.data) if args.data else fmt})
+    return DAEFormer(cfg), card
+
+
+def run_train(args: argparse.Namespace) -> int:
+    if args.out is None:
+        raise TrainingError("--out is required")
+    fmt = f"synthetic-{args.synthetic}" if args.synthetic else args.data_format
+    info, device = init_from_env(args.device)
+    try:
+        if fmt.startswith("synthetic-"):
+            train = load_cases(None, fmt, seeds=_seeds(args.train_seeds))
+            val = load_cases(None, fmt, seeds=_seeds(args.val_seeds))
+            note = "demonstration model trained on synthetic data; not for clinical use"
+        else:
+            if fmt == "auto":
+                from .sources import detect_format
+                fmt = detect_format(args.data)
+            cases = load_cases(args.data, fmt)
+            train, val = split_cases(cases, args.val_fraction, args.seed,
+                                     args.val_cases.split(",") if args.val_cases else None)
+            note = None
+        model, card = _model_and_card(args, train, fmt)
+        card = card.with_provenance(train_cases=[c.name for c in train], val_cases=[c.name for c in val],
+                                    **({"note": note} if note else {}))
+        cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+                          weight_decay=args.weight_decay, ce_weight=args.ce_weight, dice_weight=args.dice_weight,
+                          optimizer=args.optimizer, val_every=args.val_every, seed=args.seed, amp=not args.no_amp,
+                          max_steps=args.max_steps, train_parts=args.train_parts,
+                          augment=None if args.no_augment else AugmentConfig(p_flip=0.0 if args.no_flip else 0.5))
+        trainer = Trainer(model, card, train, val, cfg, args.out, device, info, resume=args.resume)
+        if info.is_main:
+            resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                        if k not in ("func", "settings_parser")}
+            text = yaml.safe_dump({**resolved, "world_size": info.world_size}, sort_keys=True)
+            atomic_write(args.out / "config.yaml", lambda tmp: tmp.write_text(text))
+        _drive(trainer, card.class_names, quiet=args.quiet or not info.is_main)
+        if info.is_main:
+            print(f"best mean Dice {trainer.best_dice:.4f}; checkpoints in {args.out}", file=sys.stderr)
+    finally:
+        shutdown(info)
+    return 0
+
+
+def _drive(trainer: Trainer, classes: tuple[str, ...], quiet: bool) -> None:
+    from tqdm import tqdm
+    bar = None if quiet else tqdm(total=trainer.total_steps, initial=trainer.step, unit="step", file=sys.stderr)
     for report in trainer.fit():
-        if isinstance(report, StepReport) and (report.step % 20 == 0 or report.step == 1):
-            print(f"epoch {report.epoch} step {report.step}/{trainer.total_steps} loss {report.loss:.4f} "
-                  f"lr {report.lr:.5f} {report.slices_per_s:.1f} slices/s", flush=True)
-        elif isinstance(report, ValReport):
-            per_class = ", ".join(f"{n} {d:.3f}" for n, d in zip(classes[1:], report.dice))
-            print(f"validation after epoch {report.epoch}: mean Dice {report.mean_dice:.4f}"
-                  f"{' (best)' if report.best else ''} [{per_class}]", flush=True)
-    print(f"best mean Dice {trainer.best_dice:.4f}; checkpoints in {args.out}", file=sys.stderr)
+        if isinstance(report, StepReport) and bar is not None:
+            bar.update(1)
+            bar.set_postfix(epoch=report.epoch, loss=f"{report.loss:.4f}", slices_s=f"{report.slices_per_s:.1f}")
+        elif isinstance(report, ValReport) and not quiet:
+            per_class = ", ".join(f"{n} {d:.3f}/{h:.1f}mm" for n, d, h in zip(classes[1:], report.dice, report.hd95))
+            message = (f"validation after epoch {report.epoch}: mean Dice {report.mean_dice:.4f}"
+                       f"{' (best)' if report.best else ''} [Dice/HD95 {per_class}]")
+            (bar.write if bar else print)(message)
+    if bar is not None:
+        bar.close()
+
+
+def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint (.safetensors) or a bundled model name")
+    p.add_argument("--data", type=Path, help="data folder (Synapse test_vol_h5, imagesTr/labelsTr, ISIC)")
+    p.add_argument("--data-format", choices=FORMATS, default="auto", help="default: detect from the folder")
+    p.add_argument("--split", choices=("test", "train"), default="test", help="Synapse: which part (default: test)")
+    p.add_argument("--seeds", default="0", help="synthetic formats: case seeds (default: 0)")
+    p.add_argument("--protocol", choices=("ours", "paper"), default="ours",
+                   help="ours: HD95 in mm, empty classes excluded; paper: the official conventions (default: ours)")
+    p.add_argument("--csv", type=Path, help="also write the table as CSV")
+    p.add_argument("--device", default="auto", help="default: auto")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from napari_daeformer.bundled import resolve_model
+    fmt = args.data_format
+    if fmt == "auto" and args.data is not None:
+        from .sources import detect_format
+        fmt = detect_format(args.data)
+    cases = load_cases(args.data, fmt, split=args.split, seeds=_seeds(args.seeds))
+    rgb = cases[0].labels.ndim == 2 and cases[0].image.ndim == 3
+    ckpt = load_checkpoint(resolve_model(args.model, "skin" if rgb else "ct"))
+    names = ckpt.card.class_names
+    rows: list[dict[str, Any]] = []
+    for case in cases:
+        labels = run_segmentation(segment(case.image, ckpt, rgb=rgb, device=args.device)).labels
+        dice, dist = evaluate_case(labels, case.labels, len(names), case.spacing or None, args.protocol)
+        for name, d, h in zip(names[1:], dice, dist):
+            rows.append({"case": case.name, "class": name, "dice": d, "hd95": h})
+    unit = "voxels" if args.protocol == "paper" else "mm"
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=["case", "class", "dice", f"hd95_{unit}"], lineterminator="\n")
+    writer.writeheader()
+    print(f"{'case':<14} {'class':<16} {'Dice':>7} {'HD95 ' + unit:>12}")
+    for r in rows:
+        print(f"{r['case']:<14} {r['class']:<16} {r['dice']:>7.4f} {r['hd95']:>12.2f}")
+        writer.writerow({"case": r["case"], "class": r["class"], "dice": r["dice"], f"hd95_{unit}": r["hd95"]})
+    for name in names[1:]:
+        d = np.nanmean([r["dice"] for r in rows if r["class"] == name] or [np.nan])
+        h = np.nanmean([r["hd95"] for r in rows if r["class"] == name] or [np.nan])
+        print(f"{'mean':<14} {name:<16} {d:>7.4f} {h:>12.2f}")
+        writer.writerow({"case": "mean", "class": name, "dice": d, f"hd95_{unit}": h})
+    mean_d = np.nanmean([r["dice"] for r in rows])
+    mean_h = np.nanmean([r["hd95"] for r in rows])
+    print(f"{'mean':<14} {'all organs':<16} {mean_d:>7.4f} {mean_h:>12.2f}")
+    writer.writerow({"case": "mean", "class": "all", "dice": mean_d, f"hd95_{unit}": mean_h})
+    if args.csv:
+        atomic_write(args.csv, lambda tmp: tmp.write_text(out.getvalue()))
     return 0

@@ -2,32 +2,44 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+Reduce = Callable[[torch.Tensor], torch.Tensor]
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5,
+                   reduce: Reduce | None = None) -> torch.Tensor:
     """1 - mean over classes of the soft Dice, computed over the whole batch.
 
     Args:
         logits: (B, C, H, W) raw scores.
         target: (B, H, W) integer classes.
+        reduce: sums the per-class (C,) statistics over processes (a differentiable all-reduce under DDP),
+            so that the Dice is that of the global batch, as in a single process.
     """
     probs = logits.float().softmax(1)
     onehot = F.one_hot(target.long(), probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
-    inter = (probs * onehot).sum((0, 2, 3))
-    denom = (probs * probs).sum((0, 2, 3)) + onehot.sum((0, 2, 3))   # squared denominator, as TransUNet's
+    stats = torch.stack([(probs * onehot).sum((0, 2, 3)),                       # intersection
+                         (probs * probs).sum((0, 2, 3)) + onehot.sum((0, 2, 3))])  # squared denominator (TransUNet)
+    if reduce is not None:
+        stats = reduce(stats)
+    inter, denom = stats
     return 1.0 - ((2 * inter + smooth) / (denom + smooth)).mean()
 
 
 class DiceCELoss(nn.Module):
     """`ce_weight * CE + dice_weight * soft Dice` (paper: 0.4 and 0.6)."""
 
-    def __init__(self, ce_weight: float = 0.4, dice_weight: float = 0.6) -> None:
+    def __init__(self, ce_weight: float = 0.4, dice_weight: float = 0.6, reduce: Reduce | None = None) -> None:
         super().__init__()
-        self.ce_weight, self.dice_weight = ce_weight, dice_weight
+        self.ce_weight, self.dice_weight, self.reduce = ce_weight, dice_weight, reduce
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         ce = F.cross_entropy(logits.float(), target.long())
-        return self.ce_weight * ce + self.dice_weight * soft_dice_loss(logits, target)
+        if self.dice_weight == 0:
+            return self.ce_weight * ce
+        return self.ce_weight * ce + self.dice_weight * soft_dice_loss(logits, target, reduce=self.reduce)

@@ -1,30 +1,35 @@
 """The training loop: the paper's recipe (SGD, poly decay per iteration, 0.4 CE + 0.6 Dice) on slices,
-validation on whole held-out volumes, best and last checkpoints written atomically.
+validation on whole held-out cases (Dice and HD95 in mm), best/last checkpoints and a resumable state,
+all written atomically by rank 0. Under torchrun it trains with DistributedDataParallel.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 
-from napari_daeformer.checkpoint import ModelCard, save_checkpoint
+from napari_daeformer.checkpoint import Checkpoint, ModelCard, save_checkpoint
 from napari_daeformer.devices import autocast, resolve_device
 from napari_daeformer.errors import TrainingError
 from napari_daeformer.inference import run_segmentation, segment
-from napari_daeformer.checkpoint import Checkpoint
+from napari_daeformer.metrics import evaluate_case
 from napari_daeformer.model import DAEFormer
 
 from .augment import AugmentConfig, augment_batch
 from .data import Case, SliceDataset, validate_cases
+from .distributed import DistInfo, all_reduce_sum, barrier
 from .losses import DiceCELoss
-from napari_daeformer.metrics import dice_per_class
+from .state import load_state, save_state
 
 
 @dataclass(frozen=True)
@@ -32,25 +37,30 @@ class TrainConfig:
     """Every default is the paper's (PAPER.md section 3) unless its comment says otherwise."""
 
     epochs: int = 400
-    batch_size: int = 24
-    lr: float = 0.05                 # at batch 24; SGD momentum 0.9
+    batch_size: int = 24             # global: split across processes under torchrun
+    lr: float = 0.05                 # SGD, at batch 24
     momentum: float = 0.9
     weight_decay: float = 1e-4
     poly_power: float = 0.9          # lr = base * (1 - it / it_max) ** 0.9, per iteration
     ce_weight: float = 0.4
     dice_weight: float = 0.6
     optimizer: str = "sgd"           # or "adamw" (not the paper's; converges faster on small data)
-    val_every: int = 1               # epochs between validations
+    val_every: int = 1               # epochs between validations (the paper has no validation split)
     seed: int = 1234
     amp: bool = True                 # bf16 autocast on CUDA
     max_steps: int | None = None     # stop early (tests, smoke runs)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train_parts: str = "all"         # or "decoder": freeze the encoder (fine-tuning)
+    augment: AugmentConfig | None = field(default_factory=AugmentConfig)   # None: no augmentation
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
 
 
 @dataclass(frozen=True)
 class StepReport:
     epoch: int
     step: int
+    total_steps: int
     loss: float
     lr: float
     slices_per_s: float
@@ -60,7 +70,8 @@ class StepReport:
 class ValReport:
     epoch: int
     step: int
-    dice: tuple[float, ...]          # per foreground class, NaN where absent everywhere
+    dice: tuple[float, ...]          # per foreground class, averaged over cases; NaN where absent everywhere
+    hd95: tuple[float, ...]          # mm, same convention (see napari_daeformer.metrics)
     mean_dice: float
     best: bool
 
@@ -69,20 +80,32 @@ class Trainer:
     """Train `model` on slices of `train_cases`, validate on whole `val_cases` (split by case, never by slice)."""
 
     def __init__(self, model: DAEFormer, card: ModelCard, train_cases: Sequence[Case], val_cases: Sequence[Case],
-                 cfg: TrainConfig, out_dir: str | Path, device: str = "auto") -> None:
+                 cfg: TrainConfig, out_dir: str | Path, device: str = "auto", dist: DistInfo | None = None,
+                 resume: bool = False) -> None:
+        self.dist = dist or DistInfo()
         rgb = card.preprocessing.kind == "rgb"
         validate_cases([*train_cases, *val_cases], card.config.num_classes, rgb)
         if {c.name for c in train_cases} & {c.name for c in val_cases}:
             raise TrainingError("a case is in both the training and the validation set")
+        if cfg.batch_size % self.dist.world_size:
+            raise TrainingError(f"batch size {cfg.batch_size} does not split over {self.dist.world_size} processes")
+        if cfg.train_parts not in ("all", "decoder"):
+            raise TrainingError(f"train_parts must be all or decoder, got {cfg.train_parts!r}")
         self.model, self.card, self.cfg = model, card, cfg
         self.val_cases = list(val_cases)
         self.out_dir = Path(out_dir)
         self.device = resolve_device(device)
         torch.manual_seed(cfg.seed)
-        self.generator = torch.Generator().manual_seed(cfg.seed)
         self.data = SliceDataset(train_cases, card.preprocessing, card.input_size)
-        self.loader = DataLoader(self.data, batch_size=cfg.batch_size, shuffle=True, drop_last=len(self.data) > cfg.batch_size,
-                                 generator=self.generator)
+        per_rank = cfg.batch_size // self.dist.world_size
+        if len(self.data) < cfg.batch_size:
+            raise TrainingError(f"{len(self.data)} training slices are fewer than one batch of {cfg.batch_size}")
+        self.sampler = DistributedSampler(self.data, num_replicas=self.dist.world_size, rank=self.dist.rank,
+                                          shuffle=True, seed=cfg.seed, drop_last=True)
+        self.loader = DataLoader(self.data, batch_size=per_rank, sampler=self.sampler, drop_last=True)
+        if cfg.train_parts == "decoder":
+            for p in model.encoder.parameters():
+                p.requires_grad_(False)
         self.model.to(self.device)
         params = [p for p in model.parameters() if p.requires_grad]
         if cfg.optimizer == "sgd":
@@ -92,24 +115,29 @@ class Trainer:
             self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         else:
             raise TrainingError(f"unknown optimizer {cfg.optimizer!r}; use sgd or adamw")
-        self.total_steps = cfg.epochs * len(self.loader)
+        self.net: torch.nn.Module = DistributedDataParallel(model) if self.dist.enabled else model
+        self.steps_per_epoch = len(self.loader)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
-        self.loss_fn = DiceCELoss(cfg.ce_weight, cfg.dice_weight)
-        self.step = 0
-        self.best_dice = -1.0
+        self.loss_fn = DiceCELoss(cfg.ce_weight, cfg.dice_weight, all_reduce_sum if self.dist.enabled else None)
+        self.step, self.epoch, self.best_dice = 0, 0, -1.0
         self.amp_dtype = torch.bfloat16 if cfg.amp and self.device.type == "cuda" else None
+        if resume:
+            meta = load_state(self.out_dir / "resume.safetensors", self.model, self.optimizer)
+            self.step, self.epoch, self.best_dice = meta["step"], meta["epoch"], meta["best_dice"]
 
     def lr_at(self, step: int) -> float:
         return self.cfg.lr * (1 - step / max(self.total_steps, 1)) ** self.cfg.poly_power
 
-    def _train_step(self, image: torch.Tensor, target: torch.Tensor) -> float:
+    def _train_step(self, image: torch.Tensor, target: torch.Tensor, generator: torch.Generator) -> float:
         image, target = image.to(self.device), target.to(self.device)
-        image, target = augment_batch(image, target, self.cfg.augment, self.generator)
+        if self.cfg.augment is not None:
+            image, target = augment_batch(image, target, self.cfg.augment, generator)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         with autocast(self.device, self.amp_dtype):
-            logits = self.model(image)
+            logits = self.net(image)
         loss = self.loss_fn(logits, target)
         if not torch.isfinite(loss):
             raise TrainingError(f"loss became {loss.item()} at step {self.step}; lower the learning rate")
@@ -119,45 +147,105 @@ class Trainer:
         self.step += 1
         return float(loss.detach())
 
-    def evaluate(self) -> np.ndarray:
-        """Per-class Dice on the validation cases, averaged over cases; shape (num_classes - 1,)."""
+    def evaluate(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-class (Dice, HD95 mm) on the validation cases, each averaged over the cases where defined."""
         self.model.eval()
         ckpt = Checkpoint(self.model, self.card)
-        scores = []
+        dice, dist = [], []
         for case in self.val_cases:
             result = run_segmentation(segment(case.image, ckpt, rgb=self.card.preprocessing.kind == "rgb",
                                               device=self.device, precision="fp32"))
-            scores.append(dice_per_class(result.labels, case.labels, self.card.config.num_classes))
+            d, h = evaluate_case(result.labels, case.labels, self.card.config.num_classes, case.spacing or None)
+            dice.append(d)
+            dist.append(h)
         self.model.train()
-        with np.errstate(all="ignore"):
-            return np.nanmean(np.array(scores), axis=0) if scores else np.array([])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)              # all-NaN columns: class never present
+            return np.nanmean(np.array(dice), axis=0), np.nanmean(np.array(dist), axis=0)
 
-    def _save(self, name: str, epoch: int, dice: float) -> Path:
-        card = self.card.with_provenance(trained_steps=self.step, epoch=epoch, val_mean_dice=round(dice, 4),
-                                         train_config=json.loads(json.dumps(asdict(self.cfg))))
+    def _save(self, name: str, dice: float) -> Path:
+        card = self.card.with_provenance(trained_steps=self.step, epoch=self.epoch, val_mean_dice=round(dice, 4),
+                                         train_config=self.cfg.to_dict())
         return save_checkpoint(self.out_dir / name, self.model, card, overwrite=True)
 
-    def fit(self) -> Iterator[StepReport | ValReport]:
-        """Train, yielding after every step and validation. Stopping the iteration is a clean cancel."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+    def _log(self, record: dict[str, Any]) -> None:
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def fit(self, log_every: int = 10) -> Iterator[StepReport | ValReport]:
+        """Train, yielding after every step and validation. Stopping the iteration is a clean cancel:
+        the files on disk are those of the last finished epoch."""
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.out_dir.glob(".*.tmp-*"):              # left by a run killed mid-write
+                stale.unlink()
+            _truncate_log(self.out_dir / "metrics.jsonl", self.step)
         self.model.train()
-        epoch = 0
         while self.step < self.total_steps:
+            self.sampler.set_epoch(self.epoch)
+            generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch * 101 + self.dist.rank)
             t0, seen = time.perf_counter(), 0
             for image, target in self.loader:
-                loss = self._train_step(image, target)
-                seen += len(image)
-                yield StepReport(epoch, self.step, loss, self.lr_at(self.step - 1),
-                                 seen / (time.perf_counter() - t0))
+                loss = self._train_step(image, target, generator)
+                seen += len(image) * self.dist.world_size
+                report = StepReport(self.epoch, self.step, self.total_steps, loss, self.lr_at(self.step - 1),
+                                    seen / (time.perf_counter() - t0))
+                if self.dist.is_main and (self.step % log_every == 0 or self.step == 1):
+                    self._log({"step": self.step, "epoch": self.epoch, "loss": loss, "lr": report.lr})
+                yield report
                 if self.step >= self.total_steps:
                     break
-            epoch += 1
-            if epoch % self.cfg.val_every == 0 or self.step >= self.total_steps:
-                dice = self.evaluate()
-                mean = float(np.nanmean(dice)) if np.isfinite(dice).any() else 0.0
-                best = mean > self.best_dice
-                self._save("last.safetensors", epoch, mean)
-                if best:
-                    self.best_dice = mean
-                    self._save("best.safetensors", epoch, mean)
-                yield ValReport(epoch, self.step, tuple(float(d) for d in dice), mean, best)
+            self.epoch += 1
+            validate = self.epoch % self.cfg.val_every == 0 or self.step >= self.total_steps
+            if self.dist.is_main:
+                if validate:
+                    dice, dist = self.evaluate()
+                    mean = float(np.nanmean(dice)) if np.isfinite(dice).any() else 0.0
+                    best = mean > self.best_dice
+                    self._save("last.safetensors", mean)
+                    if best:
+                        self.best_dice = mean
+                        self._save("best.safetensors", mean)
+                    self._log({"step": self.step, "epoch": self.epoch, "val_dice": _clean(dice),
+                               "val_hd95_mm": _clean(dist), "val_mean_dice": mean})
+                    plot_curves(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")
+                save_state(self.out_dir / "resume.safetensors", self.model, self.optimizer,
+                           {"step": self.step, "epoch": self.epoch, "best_dice": self.best_dice,
+                            "config": self.cfg.to_dict()})
+                if validate:
+                    yield ValReport(self.epoch, self.step, tuple(map(float, dice)), tuple(map(float, dist)),
+                                    mean, best)
+            barrier(self.dist)
+
+
+def _clean(values: np.ndarray) -> list[float | None]:
+    return [None if not np.isfinite(v) else round(float(v), 5) for v in values]
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines beyond `step` (a resumed run logs those steps again)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def plot_curves(log: Path, out: Path) -> None:
+    """PNG of training loss and validation mean Dice from the JSONL log (written atomically)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from napari_daeformer.atomic import atomic_write
+
+    records = [json.loads(line) for line in log.read_text().splitlines() if line]
+    steps = [r for r in records if "loss" in r]
+    vals = [r for r in records if "val_mean_dice" in r]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax1.plot([r["step"] for r in steps], [r["loss"] for r in steps])
+    ax1.set(xlabel="step", ylabel="loss (0.4 CE + 0.6 Dice)", title="training loss")
+    ax2.plot([r["step"] for r in vals], [r["val_mean_dice"] for r in vals], marker="o")
+    ax2.set(xlabel="step", ylabel="mean Dice", title="validation", ylim=(0, 1))
+    fig.tight_layout()
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
+    plt.close(fig)
