@@ -35,3 +35,18 @@ def test_cli_help_and_one_line_errors(capsys) -> None:  # type: ignore[no-untype
 def test_cli_info_prints_paper_parameter_count(capsys) -> None:  # type: ignore[no-untyped-def]
     assert main(["info", "paper", "--in-channels", "3"]) == 0
     assert "29.69 M" in capsys.readouterr().out
+
+
+def test_core_never_imports_training() -> None:
+    """Import direction: widgets/cli -> training -> core. The core modules load without `training`."""
+    code = ("import sys, napari_daeformer.inference, napari_daeformer.io, napari_daeformer.checkpoint, "
+            "napari_daeformer.metrics, napari_daeformer.official, napari_daeformer.corrections, "
+            "napari_daeformer._reader, napari_daeformer._writer, napari_daeformer._samples, training.trainer; "
+            "import napari_daeformer.inference as core; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('qtpy', 'PyQt5', 'napari', 'magicgui')]; "
+            "sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    code = ("import sys, napari_daeformer.inference, napari_daeformer.io, napari_daeformer.metrics, "
+            "napari_daeformer.checkpoint; sys.exit(1 if 'training' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

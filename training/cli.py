@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import yaml
 
 from napari_daeformer.atomic import atomic_write
@@ -138,6 +139,7 @@ def run_train(args: argparse.Namespace) -> int:
         raise TrainingError("--out is required")
     fmt = f"synthetic-{args.synthetic}" if args.synthetic else args.data_format
     info, device = init_from_env(args.device)
+    torch.manual_seed(args.seed)                              # the same initial weights on every run and rank
     try:
         if fmt.startswith("synthetic-"):
             train = load_cases(None, fmt, seeds=_seeds(args.train_seeds))
@@ -201,6 +203,11 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="default: auto")
 
 
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     from napari_daeformer.bundled import resolve_model
     fmt = args.data_format
@@ -226,12 +233,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
         print(f"{r['case']:<14} {r['class']:<16} {r['dice']:>7.4f} {r['hd95']:>12.2f}")
         writer.writerow({"case": r["case"], "class": r["class"], "dice": r["dice"], f"hd95_{unit}": r["hd95"]})
     for name in names[1:]:
-        d = np.nanmean([r["dice"] for r in rows if r["class"] == name] or [np.nan])
-        h = np.nanmean([r["hd95"] for r in rows if r["class"] == name] or [np.nan])
+        d = _mean([r["dice"] for r in rows if r["class"] == name])
+        h = _mean([r["hd95"] for r in rows if r["class"] == name])
         print(f"{'mean':<14} {name:<16} {d:>7.4f} {h:>12.2f}")
         writer.writerow({"case": "mean", "class": name, "dice": d, f"hd95_{unit}": h})
-    mean_d = np.nanmean([r["dice"] for r in rows])
-    mean_h = np.nanmean([r["hd95"] for r in rows])
+    mean_d = _mean([r["dice"] for r in rows])
+    mean_h = _mean([r["hd95"] for r in rows])
     print(f"{'mean':<14} {'all organs':<16} {mean_d:>7.4f} {mean_h:>12.2f}")
     writer.writerow({"case": "mean", "class": "all", "dice": mean_d, f"hd95_{unit}": mean_h})
     if args.csv:

@@ -37,6 +37,8 @@ def synapse_to_hu(image: np.ndarray) -> np.ndarray:
 
 
 def detect_format(root: Path) -> str:
+    if not root.is_dir():
+        raise TrainingError(f"{root}: no such data folder")
     if (root / "train_npz").is_dir() or (root / "test_vol_h5").is_dir():
         return "synapse"
     if (root / "imagesTr").is_dir() or any(root.glob("*_image.*")):

@@ -1,0 +1,45 @@
+"""`daeformer train` settings precedence and saved configuration; `daeformer evaluate` tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from napari_daeformer.checkpoint import load_checkpoint
+from napari_daeformer.cli import main
+
+from .test_sources import write_synapse
+
+
+def test_config_file_then_command_line(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    write_synapse(tmp_path / "synapse", {"case0005": 1, "case0006": 2, "case0007": 3}, {"case0001": 4})
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"data": str(tmp_path / "synapse"), "out": str(tmp_path / "out"),
+                                      "epochs": 1, "batch-size": 4, "lr": 0.02, "input_size": 32,
+                                      "val_cases": "case0007", "device": "cpu", "quiet": True}))
+    assert main(["train", "--config", str(config), "--lr", "0.03", "--max-steps", "2"]) == 0
+    saved = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+    assert saved["lr"] == 0.03 and saved["batch_size"] == 4 and saved["epochs"] == 1    # CLI beats the file
+    ckpt = load_checkpoint(tmp_path / "out" / "last.safetensors")
+    assert ckpt.card.class_names[1] == "aorta" and ckpt.card.provenance["val_cases"] == ["case0007"]
+    assert ckpt.card.provenance["train_config"]["lr"] == 0.03
+
+    assert main(["evaluate", "--model", str(tmp_path / "out" / "last.safetensors"), "--data",
+                 str(tmp_path / "synapse"), "--csv", str(tmp_path / "eval.csv"), "--device", "cpu"]) == 0
+    table = capsys.readouterr().out
+    assert "case0001" in table and "liver" in table and "all organs" in table
+    rows = (tmp_path / "eval.csv").read_text().splitlines()
+    assert rows[0] == "case,class,dice,hd95_mm" and len(rows) == 1 + 8 + 8 + 1
+
+
+def test_training_errors_are_one_line(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
+    assert main(["train", "--synthetic", "ct", "--out", str(tmp_path / "o"), "--resume", "--device", "cpu",
+                 "--train-seeds", "1", "--val-seeds", "2", "--batch-size", "4"]) == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: 3\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and "no such data folder" in err[0] and "nothing to resume" in err[1]
+    assert "unknown settings" in err[2]
