@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="daeformer-demo", help="output folder when headless (default: %(default)s)")
     p.set_defaults(func=_demo)
 
-    from training.cli import add_evaluate_arguments, add_train_arguments, run_evaluate, run_train
+    from training.cli import (add_evaluate_arguments, add_finetune_arguments, add_train_arguments, run_evaluate,
+                              run_finetune, run_train)
 
     p = sub.add_parser("train", help="train DAE-Former (Synapse, NIfTI folders, ISIC folders or synthetic data)",
                        description="Train DAE-Former with the paper's recipe (SGD 0.05, poly decay, 0.4 CE + 0.6 "
@@ -138,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "Dice and HD95 per case and class, as a table and optionally CSV.")
     add_evaluate_arguments(p)
     p.set_defaults(func=run_evaluate)
+
+    p = sub.add_parser("finetune", help="fine-tune a checkpoint on corrected slices into a new checkpoint",
+                       description="Fine-tune a copy of a checkpoint on the corrected slices of one image; hold one "
+                       "out of five (at least one) to report Dice before and after; write a new checkpoint with "
+                       "its parent recorded. The parent file is never modified.")
+    add_finetune_arguments(p)
+    p.set_defaults(func=run_finetune)
     return parser
 
 

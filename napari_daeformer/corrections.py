@@ -25,3 +25,17 @@ def corrected_slices(current: np.ndarray, prediction: np.ndarray | None, axis: i
     if prediction.shape != current.shape:
         raise ValueError(f"prediction {prediction.shape} and labels {current.shape} differ in shape")
     return _per_slice(current != prediction, axis)
+
+
+def touched_slices(atom: object, axis: int = 0) -> set[int]:
+    """Slices along `axis` that one napari Labels history atom changed.
+
+    An atom is either a masked paint edit (with a `slice_key` bounding box) or an
+    `(indices, old_values, new_values)` tuple from `data_setitem`.
+    """
+    key = getattr(atom, "slice_key", None)
+    if key is not None:
+        s = key[axis]
+        return set(range(s.start or 0, s.stop)) if isinstance(s, slice) else {int(s)}
+    indices = atom[0]  # type: ignore[index]
+    return {int(i) for i in np.unique(np.asarray(indices[axis]))}

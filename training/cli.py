@@ -30,6 +30,7 @@ from napari_daeformer.sample_data import CT_CLASSES, SKIN_CLASSES
 from .augment import AugmentConfig
 from .data import Case
 from .distributed import init_from_env, shutdown
+from .finetune import FinetuneSettings, Pair, finetune
 from .sources import FORMATS, load_cases, split_cases
 from .trainer import StepReport, TrainConfig, Trainer, ValReport
 
@@ -243,4 +244,72 @@ def run_evaluate(args: argparse.Namespace) -> int:
     writer.writerow({"case": "mean", "class": "all", "dice": mean_d, f"hd95_{unit}": mean_h})
     if args.csv:
         atomic_write(args.csv, lambda tmp: tmp.write_text(out.getvalue()))
+    return 0
+
+
+def _slice_list(text: str, count: int) -> np.ndarray:
+    """'3,5,10-12' -> (count,) bool."""
+    chosen = np.zeros(count, bool)
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        for i in range(int(lo), int(hi or lo) + 1):
+            if not 0 <= i < count:
+                raise TrainingError(f"--slices: slice {i} outside 0..{count - 1}")
+            chosen[i] = True
+    return chosen
+
+
+def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
+    d = FinetuneSettings()
+    p.add_argument("--model", required=True, help="checkpoint to start from (never modified), or ct / skin")
+    p.add_argument("--image", type=Path, required=True, help="image file or DICOM folder")
+    p.add_argument("--labels", type=Path, required=True, help="corrected label map of the same shape")
+    p.add_argument("--slices", help="corrected slices along axis 0, e.g. 3,5,10-12 (default: every slice with a label)")
+    p.add_argument("--out", type=Path, required=True, help="new checkpoint (.safetensors)")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"default: {d.steps}")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default: {d.lr})")
+    p.add_argument("--train-parts", choices=("all", "decoder"), default=d.train_parts, help="default: all")
+    p.add_argument("--no-augment", action="store_true", help="no augmentation")
+    p.add_argument("--device", default="auto", help="default: auto")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from napari_daeformer.bundled import resolve_model
+    from napari_daeformer.checkpoint import save_checkpoint
+    from napari_daeformer.io import read_image
+
+    source = resolve_model(args.model)
+    if args.out.exists() and not args.overwrite:
+        raise TrainingError(f"{args.out} already exists; choose a new name (the parent is never replaced) "
+                            "or pass --overwrite")
+    parent = load_checkpoint(source)
+    image, labels = read_image(args.image), read_image(args.labels)
+    label_data = labels.data if labels.data.ndim == len(image.spatial_shape) else labels.data[..., 0]
+    if np.issubdtype(label_data.dtype, np.floating):
+        label_data = label_data.astype(np.int64)
+    count = 1 if label_data.ndim == 2 else label_data.shape[0]
+    if args.slices:
+        slices = _slice_list(args.slices, count)
+    else:
+        slices = np.array([label_data.any()]) if label_data.ndim == 2 else label_data.reshape(count, -1).any(1)
+    pair = Pair(args.image.name, image.data, label_data, slices)
+    settings = FinetuneSettings(steps=args.steps, lr=args.lr, train_parts=args.train_parts,
+                                augment=not args.no_augment, device=args.device)
+    gen = finetune(parent, [pair], settings)
+    bar = tqdm(total=args.steps, unit="step", file=sys.stderr)
+    while True:
+        try:
+            progress = next(gen)
+        except StopIteration as stop:
+            result = stop.value
+            break
+        bar.update(1)
+        bar.set_postfix(loss=f"{progress.loss:.4f}")
+    bar.close()
+    out = save_checkpoint(args.out, result.checkpoint.model, result.checkpoint.card, overwrite=args.overwrite)
+    print(f"held-out Dice {result.dice_before:.4f} -> {result.dice_after:.4f} "
+          f"({result.train_slices} training, {result.holdout_slices} held-out slices); wrote {out}")
     return 0

@@ -149,6 +149,9 @@ class Trainer:
 
     def evaluate(self) -> tuple[np.ndarray, np.ndarray]:
         """Per-class (Dice, HD95 mm) on the validation cases, each averaged over the cases where defined."""
+        if not self.val_cases:
+            empty = np.full(self.card.config.num_classes - 1, np.nan)
+            return empty, empty.copy()
         self.model.eval()
         ckpt = Checkpoint(self.model, self.card)
         dice, dist = [], []

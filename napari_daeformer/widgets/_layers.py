@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..corrections import corrected_slices, touched_slices
 from ..io import METADATA_KEY, ImageRecord, geometry_from_metadata
 from ..io.record import default_affine
 
@@ -13,6 +14,7 @@ if TYPE_CHECKING:
     import napari
 
 PREDICTION_KEY = "daeformer_prediction"      # the model's own output, kept to find the user's corrections
+TOUCHED_KEY = "daeformer_touched"            # slices (axis 0) the user painted, from the layer's paint events
 CLASSES_KEY = "class_names"
 
 
@@ -48,3 +50,31 @@ def labels_kwargs(image: napari.layers.Image, class_names: tuple[str, ...], colo
         "colormap": {None: "transparent", 0: "transparent",
                      **{i: colors[i] for i in range(1, len(class_names))}},
     }
+
+
+def track_edits(layer: napari.layers.Labels) -> None:
+    """Follow the layer's paint events: every slice (axis 0) a paint, fill or erase touches is recorded."""
+    if TOUCHED_KEY in layer.metadata:
+        return
+    layer.metadata[TOUCHED_KEY] = set()
+
+    def on_paint(event: Any) -> None:
+        if layer.data.ndim != 3:
+            layer.metadata[TOUCHED_KEY].add(0)
+            return
+        for atom in event.value:
+            layer.metadata[TOUCHED_KEY].update(touched_slices(atom, 0))
+
+    layer.events.paint.connect(on_paint)
+
+
+def edited_slices(layer: napari.layers.Labels) -> np.ndarray:
+    """(S,) bool along axis 0: slices that differ from the model's prediction or that the user painted;
+    for a layer painted from scratch (no prediction), the slices holding any label."""
+    data = np.asarray(layer.data)
+    changed = corrected_slices(data, layer.metadata.get(PREDICTION_KEY), 0)
+    if layer.metadata.get(PREDICTION_KEY) is not None:
+        for z in layer.metadata.get(TOUCHED_KEY, ()):
+            if 0 <= z < len(changed):
+                changed[z] = True
+    return changed

@@ -20,7 +20,7 @@ from ..corrections import corrected_slices
 from ..errors import DaeformerError, InferenceError
 from ..inference import Progress, Segmentation, check_compatible, segment
 from ..volumes import class_measures, measure_unit
-from ._layers import CLASSES_KEY, PREDICTION_KEY, labels_kwargs, record_from_layer
+from ._layers import CLASSES_KEY, PREDICTION_KEY, TOUCHED_KEY, labels_kwargs, record_from_layer, track_edits
 
 if TYPE_CHECKING:
     import napari
@@ -188,13 +188,14 @@ class SegmentWidget(Container):
             layer = self._target.value
             before = np.array(layer.data, copy=True)
             done = corrected_slices(before, layer.metadata.get(PREDICTION_KEY), int(self._axis.value))
-            return {"layer": layer, "new": False, "before": before, "done": done}
+            return {"layer": layer, "new": False, "before": before, "done": done, "axis": int(self._axis.value)}
         empty = np.zeros(record.spatial_shape, np.uint8)
         card = checkpoint.card
         kwargs = labels_kwargs(image, card.class_names, card.class_colors, empty.copy(),
                                checkpoint.path.name if checkpoint.path else "model")
         layer = self.viewer.add_labels(empty, **kwargs)
-        return {"layer": layer, "new": True, "before": None, "done": None}
+        track_edits(layer)
+        return {"layer": layer, "new": True, "before": None, "done": None, "axis": int(self._axis.value)}
 
     def _show_progress(self, target: dict[str, Any], p: Progress) -> None:
         """Show finished slices at once (no undo history yet: `_finish` records the run as one step)."""
@@ -226,6 +227,7 @@ class SegmentWidget(Container):
         changed = np.nonzero(before != labels)
         with layer.block_history():
             layer.data_setitem(changed, labels[changed])
+        self._forget_own_edits(layer, changed, target)
         if target["new"]:
             layer.metadata[PREDICTION_KEY] = labels.copy()
         else:                                                  # the model's output where it ran, else as before
@@ -247,6 +249,17 @@ class SegmentWidget(Container):
             self._next.enabled = True
         self.last_result = result
         show_info(f"DAE-Former: segmented {layer.name}")
+
+    @staticmethod
+    def _forget_own_edits(layer: Labels, changed: tuple[np.ndarray, ...], target: dict[str, Any]) -> None:
+        """The run's own write fired a paint event: those slices were not touched by the user."""
+        touched = layer.metadata.get(TOUCHED_KEY)
+        if touched is None or not changed or not changed[0].size:
+            return
+        written = set(np.unique(changed[0]).tolist()) if layer.data.ndim == 3 else {0}
+        if target["done"] is not None:                        # partial run: only slices it re-segmented
+            written = written - set(np.flatnonzero(target["done"]).tolist()) if target["axis"] == 0 else set()
+        touched.difference_update(written)
 
     def _failed(self, target: dict[str, Any], error: BaseException | None) -> None:
         layer = target["layer"]

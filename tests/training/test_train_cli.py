@@ -43,3 +43,35 @@ def test_training_errors_are_one_line(tmp_path: Path, capsys) -> None:  # type: 
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 3 and "no such data folder" in err[0] and "nothing to resume" in err[1]
     assert "unknown settings" in err[2]
+
+
+def test_finetune_cli(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
+    from napari_daeformer.bundled import bundled_model
+    from napari_daeformer.checkpoint import read_card, save_checkpoint
+    from napari_daeformer.io import write_labels
+    from napari_daeformer.io.nifti import write_nifti
+    from napari_daeformer.io.record import default_affine
+    from napari_daeformer.preprocessing import ct_preprocessing
+    from napari_daeformer.sample_data import synthetic_ct
+
+    parent = load_checkpoint(bundled_model("ct"))
+    weak = save_checkpoint(tmp_path / "weak.safetensors", parent.model,
+                           replace(parent.card, preprocessing=ct_preprocessing("bone")))
+    s = synthetic_ct(seed=0, shape=(16, 128, 128))
+    affine = default_affine(s.spacing)
+    write_nifti(tmp_path / "ct.nii.gz", s.image, affine)
+    write_labels(tmp_path / "gt.nii.gz", s.labels, {"affine": affine.tolist(), "spacing": list(s.spacing),
+                                                     "spatial_shape": list(s.labels.shape)})
+    before = weak.read_bytes()
+    args = ["finetune", "--model", str(weak), "--image", str(tmp_path / "ct.nii.gz"), "--labels",
+            str(tmp_path / "gt.nii.gz"), "--slices", "4-8,11", "--steps", "20", "--device", "cpu",
+            "--out", str(tmp_path / "tuned.safetensors")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "held-out Dice" in out and "5 training, 1 held-out" in out
+    card = read_card(tmp_path / "tuned.safetensors")
+    assert card.provenance["parent"] == str(weak) and weak.read_bytes() == before
+    assert main(args) == 2                                               # never replaces without --overwrite
+    assert "already exists" in capsys.readouterr().err

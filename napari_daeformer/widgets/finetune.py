@@ -1,0 +1,257 @@
+"""The "Fine-tune DAE-Former" dock widget: learn from the user's corrected slices, without leaving napari.
+
+A thin layer over `training.finetune`: it gathers (image, corrected labels) pairs, runs the fine-tuning in a
+worker with a live loss curve, saves a new checkpoint version and hands it to the Segment widget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, ProgressBar,
+                              PushButton, SpinBox)
+from napari.layers import Image, Labels
+from napari.qt.threading import GeneratorWorker, create_worker
+from napari.utils.notifications import show_error, show_info, show_warning
+
+from training.finetune import FinetuneProgress, FinetuneResult, FinetuneSettings, Pair, finetune, next_version_path
+
+from ..bundled import MODELS_DIR
+from ..checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ..errors import DaeformerError, TrainingError
+from ._layers import edited_slices, track_edits
+from .segment import SegmentWidget
+
+if TYPE_CHECKING:
+    import napari
+
+USER_MODELS = Path.home() / ".napari-daeformer" / "models"      # where versions of bundled models go
+
+
+def _finetune_job(parent: Checkpoint, pairs: list[Pair], settings: FinetuneSettings, out: Path,
+                  overwrite: bool) -> Generator[FinetuneProgress, None, tuple[FinetuneResult, Path]]:
+    """Worker generator: torch's RuntimeErrors become TrainingError (superqt would drop them silently).
+    The new checkpoint is written only after the last step, atomically: a cancel writes nothing."""
+    try:
+        result = yield from finetune(parent, pairs, settings)
+        path = save_checkpoint(out, result.checkpoint.model, result.checkpoint.card, overwrite=overwrite)
+    except RuntimeError as e:
+        raise TrainingError(f"fine-tuning failed: {str(e).splitlines()[0]}") from e
+    return result, path
+
+
+class LossPlot:
+    """A small matplotlib canvas in the dock: training loss per step."""
+
+    def __init__(self) -> None:
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+
+        self.figure = Figure(figsize=(3.2, 1.6), dpi=90, tight_layout=True)
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.axes = self.figure.add_subplot(111)
+        self.steps: list[int] = []
+        self.losses: list[float] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps.clear()
+        self.losses.clear()
+        self.axes.clear()
+        self.axes.set_xlabel("step", fontsize=8)
+        self.axes.set_ylabel("loss", fontsize=8)
+        self.axes.tick_params(labelsize=7)
+        (self.line,) = self.axes.plot([], [])
+        self.canvas.draw_idle()
+
+    def add(self, step: int, loss: float) -> None:
+        self.steps.append(step)
+        self.losses.append(loss)
+        self.line.set_data(self.steps, self.losses)
+        self.axes.relim()
+        self.axes.autoscale_view()
+        self.canvas.draw_idle()
+
+
+class FinetuneWidget(Container):
+    """Pairs of (image, corrected labels) in, a new checkpoint version out, loaded into the Segment widget."""
+
+    def __init__(self, napari_viewer: napari.Viewer) -> None:
+        super().__init__(labels=True)
+        self.viewer = napari_viewer
+        self._image = ComboBox(label="image", choices=lambda _: [x for x in self.viewer.layers if isinstance(x, Image)],
+                               tooltip="The image the corrections belong to")
+        self._labels = ComboBox(label="corrected labels", tooltip="The labels layer you corrected",
+                                choices=lambda _: [x for x in self.viewer.layers if isinstance(x, Labels)])
+        self._add = PushButton(text="Add pair", tooltip="Use this image with these labels (several pairs allowed)")
+        self._clear = PushButton(text="Clear pairs")
+        self._pairs_info = Label(value="No pairs yet.")
+        self._steps = SpinBox(label="steps", min=1, max=20000, value=FinetuneSettings.steps,
+                              tooltip="Optimiser steps; 100 take a few minutes on a CPU")
+        self._lr = FloatSpinBox(label="learning rate", min=1e-5, max=1.0, step=1e-5, value=FinetuneSettings.lr,
+                                tooltip="AdamW learning rate")
+        self._parts = ComboBox(label="train", choices=["all", "decoder"], value="all",
+                               tooltip="'decoder' keeps the encoder fixed: safer with very few slices")
+        self._augment = CheckBox(label="augmentation", value=True, tooltip="Random affine, contrast, blur, noise")
+        self._device = ComboBox(label="device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
+        self._save_to = FileEdit(label="save as", mode="w", filter="*.safetensors",
+                                 tooltip="New checkpoint file (default: PARENT-ftN.safetensors)")
+        self._overwrite = CheckBox(label="overwrite parent", value=False,
+                                   tooltip="Replace the starting checkpoint instead of writing a new version")
+        self._run = PushButton(text="Fine-tune", tooltip="Fine-tune the Segment widget's model on the pairs")
+        self._cancel = PushButton(text="Cancel", enabled=False, tooltip="Stop; the loaded model stays as it was")
+        self._progress = ProgressBar(label="progress", value=0, min=0, max=1)
+        self._result = Label(value="")
+        self._resegment = PushButton(text="Re-segment with new model", enabled=False,
+                                     tooltip="Segment the first pair's image again, into a new layer")
+        self._revert = PushButton(text="Revert to parent model", enabled=False)
+        self.extend([self._image, self._labels, self._add, self._pairs_info, self._clear, self._steps, self._lr,
+                     self._parts, self._augment, self._device, self._save_to, self._overwrite, self._run,
+                     self._cancel, self._progress])
+        self.plot = LossPlot()
+        self.native.layout().addWidget(self.plot.canvas)
+        self.extend([self._result, self._resegment, self._revert])
+        self.pairs: list[tuple[Image, Labels]] = []
+        self._worker: GeneratorWorker | None = None
+        self.parent_path: Path | None = None
+        self.new_path: Path | None = None
+        self._add.clicked.connect(self._add_pair)
+        self._clear.clicked.connect(self._clear_pairs)
+        self._run.clicked.connect(self._start)
+        self._cancel.clicked.connect(self.cancel)
+        self._resegment.clicked.connect(self._resegment_image)
+        self._revert.clicked.connect(self._revert_model)
+        self.viewer.layers.events.inserted.connect(self._layer_added)
+        self.viewer.layers.events.removed.connect(lambda _: self.reset_choices())
+        for layer in self.viewer.layers:
+            if isinstance(layer, Labels):
+                track_edits(layer)
+
+    def _layer_added(self, event: Any) -> None:
+        if isinstance(event.value, Labels):
+            track_edits(event.value)
+        self.reset_choices()
+
+    # ---- pairs ---------------------------------------------------------------------------------------
+    def _add_pair(self) -> None:
+        image, labels = self._image.value, self._labels.value
+        if image is None or labels is None:
+            show_warning("Choose an image layer and its corrected labels layer first.")
+            return
+        self.pairs.append((image, labels))
+        self._show_pairs()
+
+    def _clear_pairs(self) -> None:
+        self.pairs.clear()
+        self._show_pairs()
+
+    def _show_pairs(self) -> None:
+        lines = []
+        for image, labels in self.pairs:
+            n = int(edited_slices(labels).sum()) if labels in self.viewer.layers else 0
+            lines.append(f"{image.name} + {labels.name}: {n} corrected slice{'s' if n != 1 else ''}")
+        self._pairs_info.value = "<br>".join(lines) or "No pairs yet."
+
+    def _collect(self) -> list[Pair]:
+        pairs = self.pairs or ([(self._image.value, self._labels.value)]
+                               if self._image.value is not None and self._labels.value is not None else [])
+        collected = []
+        for image, labels in pairs:
+            collected.append(Pair(f"{image.name} + {labels.name}", np.asarray(image.data), np.asarray(labels.data),
+                                  edited_slices(labels)))
+        return collected
+
+    # ---- running -------------------------------------------------------------------------------------
+    def segment_widget(self) -> SegmentWidget:
+        """The Segment widget of this viewer (docked now if it was not)."""
+        _, widget = self.viewer.window.add_plugin_dock_widget("napari-daeformer", "Segment with DAE-Former")
+        return widget
+
+    def _output_path(self, parent: Path) -> tuple[Path, bool]:
+        if self._overwrite.value:
+            return parent, True
+        chosen = Path(self._save_to.value) if str(self._save_to.value) not in ("", ".") else None
+        if chosen is not None and chosen.suffix == ".safetensors":
+            if chosen.exists():
+                raise DaeformerError(f"{chosen} already exists; choose a new name or tick 'overwrite parent'")
+            return chosen, False
+        bundled = parent.parent.resolve() == MODELS_DIR.resolve()
+        return Path(next_version_path(str(parent), str(USER_MODELS) if bundled else None)), False
+
+    def _start(self) -> None:
+        try:
+            pairs = self._collect()
+            segment = self.segment_widget()
+            parent_path = segment.checkpoint_path()
+            parent = load_checkpoint(parent_path)         # a fresh copy: the Segment widget's model is never touched
+            from training.finetune import check_pairs
+            check_pairs(pairs, parent.card)
+            out, overwrite = self._output_path(parent_path)
+        except DaeformerError as e:
+            show_error(str(e))
+            return
+        settings = FinetuneSettings(steps=int(self._steps.value), lr=float(self._lr.value),
+                                    train_parts=self._parts.value, augment=bool(self._augment.value),
+                                    device=self._device.value)
+        self.plot.reset()
+        self._progress.max = settings.steps
+        self._progress.value = 0
+        self._worker = create_worker(_finetune_job, parent, pairs, settings, out, overwrite,
+                                     _start_thread=False, _ignore_errors=True)
+        self._worker.yielded.connect(self._on_step)
+        self._worker.returned.connect(lambda r: self._finish(parent_path, *r))
+        self._worker.errored.connect(self._failed)
+        self._worker.aborted.connect(lambda: setattr(self._result, "value", "Cancelled: no checkpoint written; "
+                                                     "the Segment widget keeps its model."))
+        self._worker.finished.connect(self._idle)
+        self._run.enabled, self._cancel.enabled = False, True
+        self._result.value = f"Fine-tuning on {sum(int(p.slices.sum()) for p in pairs)} corrected slices…"
+        self._worker.start()
+
+    def _on_step(self, p: FinetuneProgress) -> None:
+        self._progress.max = p.total
+        self._progress.value = p.step
+        self.plot.add(p.step, p.loss)
+
+    def _finish(self, parent_path: Path, result: FinetuneResult, path: Path) -> None:
+        self.parent_path, self.new_path = parent_path, path
+        verdict = "better" if result.dice_after > result.dice_before else "not better: consider reverting"
+        self._result.value = (f"Held-out Dice {result.dice_before:.3f} → <b>{result.dice_after:.3f}</b> ({verdict})"
+                              f"<br>{result.train_slices} training / {result.holdout_slices} held-out slices"
+                              f"<br>saved {path.name}")
+        self.segment_widget().set_checkpoint(path)
+        self._resegment.enabled = self._revert.enabled = True
+        show_info(f"DAE-Former: fine-tuned model saved as {path}")
+
+    def _failed(self, error: BaseException) -> None:
+        message = str(error) if isinstance(error, DaeformerError) else f"{type(error).__name__}: {error}"
+        self._result.value = f"Failed: {message}"
+        show_error(f"DAE-Former fine-tuning: {message}")
+
+    def cancel(self) -> None:
+        if self._worker is not None:
+            self._worker.quit()
+
+    def _idle(self) -> None:
+        self._run.enabled, self._cancel.enabled = True, False
+        self._worker = None
+
+    @property
+    def running(self) -> bool:
+        return self._worker is not None
+
+    def _resegment_image(self) -> None:
+        segment = self.segment_widget()
+        image = self.pairs[0][0] if self.pairs else self._image.value
+        if image is not None:
+            segment._mode.value = "new labels layer"
+            segment._image.value = image
+            segment._start()
+
+    def _revert_model(self) -> None:
+        if self.parent_path is not None:
+            self.segment_widget().set_checkpoint(self.parent_path)
+            self._result.value += f"<br>reverted to {self.parent_path.name}"

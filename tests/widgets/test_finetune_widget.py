@@ -1,0 +1,130 @@
+"""The fine-tune loop in a real viewer: segment with a weak model, correct slices, fine-tune, compare."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from napari_daeformer.bundled import bundled_model
+from napari_daeformer.checkpoint import load_checkpoint, read_card, save_checkpoint
+from napari_daeformer.preprocessing import ct_preprocessing
+from napari_daeformer.sample_data import synthetic_ct
+from napari_daeformer.widgets import finetune as finetune_module
+from napari_daeformer.widgets.finetune import FinetuneWidget
+
+pytestmark = pytest.mark.gui
+
+
+@pytest.fixture
+def weak_ckpt(tmp_path: Path) -> Path:
+    """The bundled CT model with the wrong CT window in its card: a realistic domain shift, Dice about 0.4."""
+    ckpt = load_checkpoint(bundled_model("ct"))
+    card = replace(ckpt.card, preprocessing=ct_preprocessing("bone"))
+    return save_checkpoint(tmp_path / "weak.safetensors", ckpt.model, card)
+
+
+@pytest.fixture
+def session(make_napari_viewer, weak_ckpt: Path, qtbot) -> tuple[Any, Any, FinetuneWidget, Any]:  # type: ignore[no-untyped-def]
+    viewer = make_napari_viewer()
+    sample = synthetic_ct(seed=0, shape=(24, 160, 160))
+    viewer.add_image(sample.image, name="CT", scale=sample.spacing)
+    _, tune = viewer.window.add_plugin_dock_widget("napari-daeformer", "Fine-tune DAE-Former")
+    segment = tune.segment_widget()
+    segment.set_checkpoint(weak_ckpt)
+    segment._image.value = viewer.layers["CT"]
+    segment._run.clicked()
+    qtbot.waitUntil(lambda: not segment.running, timeout=120_000)
+    return viewer, segment, tune, sample
+
+
+def _correct(layer: Any, truth: np.ndarray, slices: list[int]) -> None:
+    """Write ground truth into chosen slices through the layer API, as painting would (undo history, paint event)."""
+    for z in slices:
+        index = np.nonzero(np.ones_like(truth[z], bool))
+        layer.data_setitem((np.full(index[0].shape, z), *index), truth[z][index])
+
+
+def test_finetune_improves_held_out_dice(session, weak_ckpt: Path, qtbot) -> None:  # type: ignore[no-untyped-def]
+    viewer, segment, tune, sample = session
+    original = weak_ckpt.read_bytes()
+    layer = viewer.layers["CT DAE-Former"]
+    _correct(layer, sample.labels, [6, 9, 12, 15, 18])
+    tune._image.value, tune._labels.value = viewer.layers["CT"], layer
+    tune._add.clicked()
+    assert "5 corrected slices" in tune._pairs_info.value
+    tune._steps.value = 30
+    tune._device.value = "cpu"
+    tune._run.clicked()
+    qtbot.waitUntil(lambda: not tune.running, timeout=300_000)
+    assert tune.new_path is not None and tune.new_path.exists(), tune._result.value
+    card = read_card(tune.new_path)
+    assert card.provenance["parent"] == str(weak_ckpt)
+    assert card.provenance["holdout_dice_after"] > card.provenance["holdout_dice_before"]
+    assert card.provenance["finetuned_slices"] == 4 and card.provenance["holdout_slices"] == 1
+    assert weak_ckpt.read_bytes() == original                         # the parent file is untouched
+    assert segment.checkpoint_path() == tune.new_path                 # loaded into the Segment widget
+    assert len(tune.plot.losses) == 30
+    tune._resegment.clicked()
+    qtbot.waitUntil(lambda: not segment.running, timeout=120_000)
+    assert len([x for x in viewer.layers if "DAE-Former" in x.name]) == 2
+    tune._revert.clicked()
+    assert segment.checkpoint_path() == weak_ckpt
+
+
+def test_cancel_writes_nothing_and_keeps_the_model(session, weak_ckpt: Path, qtbot) -> None:  # type: ignore[no-untyped-def]
+    viewer, segment, tune, sample = session
+    layer = viewer.layers["CT DAE-Former"]
+    _correct(layer, sample.labels, [8, 16])
+    tune._image.value, tune._labels.value = viewer.layers["CT"], layer
+    tune._steps.value = 500
+    tune._device.value = "cpu"
+    tune._run.clicked()
+    tune._worker.yielded.connect(lambda _: tune._cancel.clicked())
+    qtbot.waitUntil(lambda: not tune.running, timeout=120_000)
+    assert sorted(p.name for p in weak_ckpt.parent.glob("*.safetensors")) == ["weak.safetensors"]
+    assert segment.checkpoint_path() == weak_ckpt and "Cancelled" in tune._result.value
+
+
+@pytest.fixture
+def errors(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    messages: list[str] = []
+    monkeypatch.setattr(finetune_module, "show_error", messages.append)
+    monkeypatch.setattr(finetune_module, "show_warning", messages.append)
+    return messages
+
+
+def test_bad_requests_are_notifications(session, weak_ckpt: Path, errors: list[str]) -> None:  # type: ignore[no-untyped-def]
+    viewer, segment, tune, sample = session
+    tune._image.value, tune._labels.value = viewer.layers["CT"], viewer.layers["CT DAE-Former"]
+    tune._run.clicked()                                                # nothing corrected yet
+    assert "no corrected slices" in errors[-1]
+    viewer.add_labels(np.zeros((24, 80, 80), np.uint8), name="wrong shape")
+    tune._labels.value = viewer.layers["wrong shape"]
+    tune._run.clicked()
+    assert "differ in shape" in errors[-1]
+    beyond = np.zeros((24, 160, 160), np.uint8)
+    beyond[3, 10:20, 10:20] = 9
+    viewer.add_labels(beyond, name="too many classes")
+    tune._labels.value = viewer.layers["too many classes"]
+    tune._run.clicked()
+    assert "beyond the model's classes" in errors[-1]
+    assert sorted(p.name for p in weak_ckpt.parent.glob("*.safetensors")) == ["weak.safetensors"]
+    assert not tune.running
+
+
+def test_paint_events_mark_slices_even_when_labels_match(make_napari_viewer) -> None:  # type: ignore[no-untyped-def]
+    from napari_daeformer.widgets._layers import PREDICTION_KEY, edited_slices, track_edits
+
+    viewer = make_napari_viewer()
+    prediction = np.zeros((6, 32, 32), np.uint8)
+    layer = viewer.add_labels(prediction.copy(), metadata={PREDICTION_KEY: prediction})
+    track_edits(layer)
+    layer.brush_size = 3
+    layer.paint((4, 10, 10), 2)                                       # napari's own brush: a masked paint atom
+    layer.paint((4, 10, 10), 0)                                       # ... and painted back: equal to the model again
+    assert np.array_equal(layer.data, prediction)
+    assert np.flatnonzero(edited_slices(layer)).tolist() == [4]      # still counts: the user reviewed slice 4
