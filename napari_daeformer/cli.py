@@ -45,6 +45,11 @@ def _segment(args: argparse.Namespace) -> int:
     return run_segment(args)
 
 
+def _batch(args: argparse.Namespace) -> int:
+    from .commands import run_batch_command
+    return run_batch_command(args)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .commands import run_demo
     return run_demo(args)
@@ -114,6 +119,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "(abdomen, soft tissue, liver, lung, bone, brain)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=_segment)
+
+    p = sub.add_parser("batch", help="segment every image in a folder (resumable; shards across torchrun ranks)",
+                       description="Segment every file (or DICOM series folder) under IN_DIR and write label maps "
+                       "under OUT_DIR with the same relative names and the source geometry. Existing outputs are "
+                       "skipped, so a killed run started again finishes the rest. Writes OUT_DIR/summary.csv. "
+                       "Under `torchrun --nproc_per_node N` the files are sharded across ranks.")
+    p.add_argument("input_dir", type=Path, help="folder of images (searched recursively)")
+    p.add_argument("output_dir", type=Path, help="folder for the label maps and summary.csv")
+    p.add_argument("--model", help="checkpoint or bundled name (default: the bundled model for each image's kind)")
+    p.add_argument("--pattern", action="append", help="glob relative to IN_DIR, repeatable (default: **/*)")
+    p.add_argument("--format", default="same", choices=("same", ".nii.gz", ".nii", ".tif", ".png"),
+                   help="output format; same: NIfTI->NIfTI, PNG/JPEG->PNG, DICOM->.nii.gz (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="default: %(default)s")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="default: auto")
+    p.add_argument("--batch-size", type=int, help="slices per forward pass (default: what fits)")
+    p.add_argument("--overwrite", action="store_true", help="recompute files whose output exists")
+    p.add_argument("--no-prefetch", action="store_true", help="do not read the next file during segmentation")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_batch)
 
     p = sub.add_parser("demo", help="open napari with the plugin and the sample; headless: segment the sample",
                        description="With a display: open napari with the synthetic CT sample and the Segment "

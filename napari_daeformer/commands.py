@@ -99,3 +99,59 @@ def run_demo(args: argparse.Namespace) -> int:
     dice = dice_per_class(labels, skin.labels, 2)
     print(f"wrote {out}: lesion Dice {dice[0]:.3f}, area {measures['lesion']:.0f} pixels")
     return 0
+
+
+def run_batch_command(args: argparse.Namespace) -> int:
+    """`daeformer batch`: this rank's share of the folder, then rank 0 merges the summaries."""
+    import json
+    from dataclasses import asdict
+
+    from tqdm import tqdm
+
+    from training.distributed import barrier, init_from_env, shutdown
+
+    from .batch import BatchJob, FileResult, run_batch, write_summary
+
+    info, device = init_from_env(args.device)
+    job = BatchJob(args.input_dir, args.output_dir, tuple(args.pattern or ("**/*",)), args.format, args.model,
+                   device, args.precision, args.batch_size, args.overwrite, not args.no_prefetch)
+    try:
+        gen = run_batch(job, rank=info.rank, world_size=info.world_size)
+        bar = tqdm(unit="file", file=sys.stderr, disable=args.quiet, position=info.rank)
+        while True:
+            try:
+                p = next(gen)
+            except StopIteration as stop:
+                summary = stop.value
+                break
+            bar.total = p.files_total
+            bar.n = p.files_done
+            bar.set_postfix_str(f"{p.current} {p.slices_done}/{p.slices_total}" if p.slices_total else p.current)
+        bar.close()
+        job.output_dir.mkdir(parents=True, exist_ok=True)
+        if info.enabled:
+            part = job.output_dir / f".summary.rank{info.rank}.jsonl"
+            part.write_text("".join(json.dumps(asdict(r)) + "\n" for r in summary.results))
+            barrier(info)
+            if not info.is_main:
+                return 1 if summary.failures else 0
+            results = []
+            for rank in range(info.world_size):
+                path = job.output_dir / f".summary.rank{rank}.jsonl"
+                results += [FileResult(**json.loads(line)) for line in path.read_text().splitlines()]
+                path.unlink()
+            results.sort(key=lambda r: r.input)
+        else:
+            results = summary.results
+        out = write_summary(job, results)
+    finally:
+        shutdown(info)
+    failures = [r for r in results if r.status == "failed"]
+    counts = {s: sum(r.status == s for r in results) for s in ("done", "existing", "failed")}
+    print(f"{counts['done']} segmented, {counts['existing']} already done, {counts['failed']} failed; summary: {out}")
+    if failures:
+        print(f"daeformer batch: {len(failures)} file(s) failed:", file=sys.stderr)
+        for r in failures:
+            print(f"  {r.input}: {r.reason}", file=sys.stderr)
+        return 1
+    return 0

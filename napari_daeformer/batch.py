@@ -1,0 +1,268 @@
+"""Batch segmentation of a folder: prefetching reads, atomic writes, resumable, shardable across ranks.
+
+`run_batch(job)` is a generator of `BatchProgress`; it returns a `BatchSummary`. A file whose output already
+exists is not recomputed (its measures are read back from the output), so a killed run started again finishes
+the rest and produces the same outputs. Under torchrun, files are sharded deterministically by rank.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import queue
+import threading
+import time
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import atomic_write
+from .bundled import resolve_model
+from .checkpoint import Checkpoint, load_checkpoint
+from .errors import DaeformerError, ImageFormatError
+from .inference import Progress, run_segmentation, segment
+from .io import ImageRecord, is_dicom_file, read_image, suffix_of, write_labels
+from .volumes import class_measures, measure_unit
+
+SUMMARY = "summary.csv"
+OUTPUT_FORMATS = ("same", ".nii.gz", ".nii", ".tif", ".png")
+_SAME = {".nii": ".nii", ".nii.gz": ".nii.gz", ".tif": ".tif", ".tiff": ".tiff", ".png": ".png",
+         ".jpg": ".png", ".jpeg": ".png", ".bmp": ".png", ".dcm": ".nii.gz", "": ".nii.gz"}
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    """What to segment and how.
+
+    Args:
+        input_dir, output_dir: folders; outputs mirror the inputs' relative paths and names.
+        patterns: glob patterns (relative, e.g. "**/*.nii.gz"); default every file, recursively.
+        output_format: "same" (NIfTI -> NIfTI, PNG -> PNG, JPEG -> PNG, DICOM -> .nii.gz) or a suffix.
+        model: checkpoint path or bundled name; None picks the bundled model by image kind.
+        overwrite: recompute files whose output exists (default: skip them).
+        prefetch: read the next file while the current one is on the device.
+    """
+
+    input_dir: Path
+    output_dir: Path
+    patterns: tuple[str, ...] = ("**/*",)
+    output_format: str = "same"
+    model: str | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int | None = None
+    overwrite: bool = False
+    prefetch: bool = True
+
+
+@dataclass
+class FileResult:
+    input: str                       # relative to input_dir
+    output: str                      # relative to output_dir ("" when failed)
+    status: str                      # done, existing, failed
+    reason: str = ""
+    shape: tuple[int, ...] = ()
+    spacing: tuple[float, ...] = ()
+    seconds: float = 0.0
+    measures: dict[str, float] = field(default_factory=dict)
+    unit: str = ""
+    checkpoint: str = ""
+    checkpoint_sha256: str = ""
+
+
+@dataclass(frozen=True)
+class BatchProgress:
+    files_done: int
+    files_total: int
+    current: str
+    slices_done: int = 0
+    slices_total: int = 0
+    result: FileResult | None = None      # set when a file has finished
+
+
+@dataclass
+class BatchSummary:
+    results: list[FileResult]
+    compute_seconds: float = 0.0          # time spent in the engine (the device busy)
+    wall_seconds: float = 0.0
+
+    @property
+    def failures(self) -> list[FileResult]:
+        return [r for r in self.results if r.status == "failed"]
+
+
+def list_inputs(job: BatchJob) -> list[Path]:
+    """Input files (and DICOM series folders) under `job.input_dir`, sorted; summaries and hidden files excluded."""
+    root = job.input_dir
+    if not root.is_dir():
+        raise DaeformerError(f"{root}: no such input folder")
+    found: set[Path] = set()
+    for pattern in job.patterns:
+        for path in root.glob(pattern):
+            rel = path.relative_to(root)
+            if any(part.startswith(".") for part in rel.parts) or path.name == SUMMARY:
+                continue
+            if job.output_dir.resolve() in path.resolve().parents:
+                continue
+            if path.is_file():
+                if path.suffix.lower() == ".dcm" or is_dicom_file(path):
+                    found.add(path.parent)                # a DICOM series is one input: its folder
+                else:
+                    found.add(path)
+    return sorted(found)
+
+
+def output_path(job: BatchJob, source: Path) -> Path:
+    rel = source.relative_to(job.input_dir)
+    suffix = suffix_of(source) if source.is_file() else ""
+    new = _SAME.get(suffix, ".nii.gz") if job.output_format == "same" else job.output_format
+    name = rel.name[: len(rel.name) - len(suffix)] if suffix else rel.name
+    return job.output_dir / rel.parent / f"{name}{new}"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class _Models:
+    """Checkpoints by path, loaded once; the bundled one for each image kind when no model was chosen."""
+
+    def __init__(self, model: str | None) -> None:
+        self.model = model
+        self.cache: dict[Path, tuple[Checkpoint, str]] = {}
+
+    def for_record(self, record: ImageRecord) -> tuple[Checkpoint, str]:
+        return self.for_kind("skin" if record.rgb else "ct")
+
+    def for_kind(self, kind: str) -> tuple[Checkpoint, str]:
+        path = resolve_model(self.model, kind)
+        if path not in self.cache:
+            self.cache[path] = (load_checkpoint(path), file_sha256(path))
+        return self.cache[path]
+
+
+def _read(path: Path) -> ImageRecord | ImageFormatError:
+    try:
+        return read_image(path)
+    except ImageFormatError as e:
+        return e
+
+
+def run_batch(job: BatchJob, *, rank: int = 0, world_size: int = 1,
+              cancel: threading.Event | None = None) -> Generator[BatchProgress, None, BatchSummary]:
+    """Segment this rank's share of the inputs (files[rank::world_size]). Cancel stops after the current file."""
+    start = time.perf_counter()
+    files = list_inputs(job)[rank::world_size]
+    models = _Models(job.model)
+    results: list[FileResult] = []
+    compute = 0.0
+    todo = []
+    for source in files:
+        out = output_path(job, source)
+        if out.exists() and not job.overwrite:
+            results.append(_existing(job, source, out, models))
+        else:
+            todo.append((source, out))
+    done = len(results)
+    total = len(files)
+    yield BatchProgress(done, total, "")
+    reads: queue.Queue[tuple[Path, ImageRecord | ImageFormatError]] = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def reader() -> None:
+        for source, _ in todo:
+            if stop.is_set():
+                return
+            reads.put((source, _read(source)))
+
+    thread = threading.Thread(target=reader, daemon=True) if job.prefetch else None
+    if thread is not None:
+        thread.start()
+    try:
+        for source, out in todo:
+            if cancel is not None and cancel.is_set():
+                break
+            _, record = reads.get() if thread is not None else (source, _read(source))
+            rel = str(source.relative_to(job.input_dir))
+            t0 = time.perf_counter()
+            try:
+                if isinstance(record, ImageFormatError):
+                    raise record
+                ckpt, sha = models.for_record(record)
+                gen = segment(record, ckpt, device=job.device, precision=job.precision, batch_size=job.batch_size)
+                while True:
+                    try:
+                        p: Progress = next(gen)
+                    except StopIteration as finished:
+                        labels = finished.value.labels
+                        break
+                    yield BatchProgress(done, total, rel, p.done, p.total)
+                compute += time.perf_counter() - t0
+                write_labels(out, labels, record, overwrite=job.overwrite)
+                result = FileResult(rel, str(out.relative_to(job.output_dir)), "done", "", record.spatial_shape,
+                                    record.spacing, time.perf_counter() - t0,
+                                    class_measures(labels, record.spacing, ckpt.card.class_names),
+                                    measure_unit(labels.ndim), _ckpt_name(ckpt), sha)
+            except DaeformerError as e:
+                result = FileResult(rel, "", "failed", str(e), seconds=time.perf_counter() - t0)
+            results.append(result)
+            done += 1
+            yield BatchProgress(done, total, rel, result=result)
+    finally:
+        stop.set()
+        if thread is not None:
+            while thread.is_alive():                          # unblock a reader waiting on a full queue
+                try:
+                    reads.get_nowait()
+                except queue.Empty:
+                    thread.join(0.05)
+    results.sort(key=lambda r: r.input)
+    return BatchSummary(results, compute, time.perf_counter() - start)
+
+
+def _ckpt_name(ckpt: Checkpoint) -> str:
+    return ckpt.path.name if ckpt.path else "model"
+
+
+def _existing(job: BatchJob, source: Path, out: Path, models: _Models) -> FileResult:
+    """A finished output from an earlier run: measured from the file, not recomputed."""
+    rel, rel_out = str(source.relative_to(job.input_dir)), str(out.relative_to(job.output_dir))
+    try:
+        labels = read_image(out)
+        data = labels.data if labels.data.ndim == len(labels.spatial_shape) else labels.data[..., 0]
+        photo = job.model is None and suffix_of(source) in (".png", ".jpg", ".jpeg", ".bmp")
+        ckpt, sha = models.for_kind("skin" if photo and read_image(source).rgb else "ct")
+        return FileResult(rel, rel_out, "existing", "", tuple(data.shape), labels.spacing, 0.0,
+                          class_measures(data.astype(np.int64), labels.spacing, ckpt.card.class_names),
+                          measure_unit(data.ndim), _ckpt_name(ckpt), sha)
+    except DaeformerError as e:
+        return FileResult(rel, rel_out, "failed", f"existing output unreadable: {e}")
+
+
+def summary_csv(results: list[FileResult]) -> str:
+    """CSV text: one row per file with shape, spacing, seconds, per-class measures, checkpoint name and hash."""
+    classes: list[str] = []
+    for r in results:
+        classes += [c for c in r.measures if c not in classes]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["input", "output", "status", "reason", "shape", "spacing_mm", "seconds", "unit",
+                     *classes, "checkpoint", "checkpoint_sha256"])
+    for r in results:
+        writer.writerow([r.input, r.output, r.status, r.reason, "x".join(map(str, r.shape)),
+                         "x".join(f"{s:g}" for s in r.spacing), f"{r.seconds:.3f}", r.unit,
+                         *(f"{r.measures[c]:.3f}" if c in r.measures else "" for c in classes),
+                         r.checkpoint, r.checkpoint_sha256])
+    return out.getvalue()
+
+
+def write_summary(job: BatchJob, results: list[FileResult], name: str = SUMMARY) -> Path:
+    text = summary_csv(results)
+    return atomic_write(job.output_dir / name, lambda tmp: tmp.write_text(text))

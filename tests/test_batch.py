@@ -1,0 +1,144 @@
+"""Batch folder processing: mixed inputs, failures listed, existing outputs skipped, SIGKILL-resume, gloo shards."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from skimage import io as skio
+
+from napari_daeformer.batch import BatchJob, list_inputs, run_batch
+from napari_daeformer.cli import main
+from napari_daeformer.io import read_image, write_labels
+from napari_daeformer.io.nifti import write_nifti
+from napari_daeformer.sample_data import synthetic_ct, synthetic_skin
+
+from .io.test_nifti_tiff_photo import oblique_affine
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def make_folder(root: Path, volumes: int = 2) -> None:
+    (root / "photos").mkdir(parents=True)
+    for s in range(volumes):
+        ct = synthetic_ct(seed=s, shape=(6, 80, 80))
+        write_nifti(root / f"ct{s}.nii.gz", ct.image, oblique_affine())
+    for s in range(2):
+        skio.imsave(str(root / "photos" / f"lesion{s}.png"), synthetic_skin(seed=s, size=(64, 64)).image,
+                    check_contrast=False)
+    (root / "corrupt.nii.gz").write_bytes(b"\x1f\x8b\x08 truncated")
+    (root / "report.docx").write_bytes(b"PK\x03\x04 a report")
+
+
+def _rows(path: Path) -> dict[str, dict[str, str]]:
+    with open(path) as f:
+        return {row["input"]: row for row in csv.DictReader(f)}
+
+
+def test_mixed_folder(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_folder(src)
+    write_labels(out / "ct1.nii.gz", np.zeros((6, 80, 80), np.uint8), overwrite=True)    # an existing output
+    before = (out / "ct1.nii.gz").read_bytes()
+    assert main(["batch", str(src), str(out), "--device", "cpu", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "2 file(s) failed" in err and "corrupt.nii.gz" in err and "report.docx" in err
+    rows = _rows(out / "summary.csv")
+    assert {k: v["status"] for k, v in rows.items()} == {
+        "ct0.nii.gz": "done", "ct1.nii.gz": "existing", "corrupt.nii.gz": "failed", "report.docx": "failed",
+        "photos/lesion0.png": "done", "photos/lesion1.png": "done"}
+    assert (out / "ct1.nii.gz").read_bytes() == before                    # skipped, not recomputed
+    ct = read_image(out / "ct0.nii.gz")
+    assert np.array_equal(ct.affine, read_image(src / "ct0.nii.gz").affine) and ct.data.shape == (6, 80, 80)
+    assert np.issubdtype(nib.load(str(out / "ct0.nii.gz")).get_data_dtype(), np.integer)
+    photo = read_image(out / "photos" / "lesion0.png")
+    assert photo.data.shape == (64, 64) and set(np.unique(photo.data)) <= {0, 1}
+    assert float(rows["ct0.nii.gz"]["liver"]) > 0 and rows["ct0.nii.gz"]["unit"] == "mL"
+    assert float(rows["photos/lesion0.png"]["lesion"]) > 0 and rows["photos/lesion0.png"]["unit"] == "mm²"
+    assert rows["ct0.nii.gz"]["checkpoint"] == "ct_small.safetensors" and len(rows["ct0.nii.gz"]["checkpoint_sha256"]) == 64
+
+
+def test_prefetch_and_plain_give_the_same_outputs(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    make_folder(src, volumes=3)
+    for prefetch in (True, False):
+        job = BatchJob(src, tmp_path / f"out{prefetch}", patterns=("*.nii.gz",), device="cpu", prefetch=prefetch)
+        gen = run_batch(job)
+        while True:
+            try:
+                next(gen)
+            except StopIteration as stop:
+                summary = stop.value
+                break
+        assert [r.status for r in summary.results] == ["failed", "done", "done", "done"]
+    for name in ("ct0.nii.gz", "ct1.nii.gz", "ct2.nii.gz"):
+        assert np.array_equal(read_image(tmp_path / "outTrue" / name).data, read_image(tmp_path / "outFalse" / name).data)
+
+
+KILL_AFTER_FIRST = """
+import os, signal, sys
+import napari_daeformer.atomic as atomic
+real = os.replace
+def replace(src, dst):
+    real(src, dst)
+    if str(dst).endswith(".nii.gz"):
+        os.kill(os.getpid(), signal.SIGKILL)
+atomic.os.replace = replace
+from napari_daeformer.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_killed_run_resumes_without_recomputing(tmp_path: Path) -> None:
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_folder(src, volumes=3)
+    args = ["batch", str(src), str(out), "--pattern", "*.nii.gz", "--device", "cpu", "--quiet"]
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_FIRST, *args], env=ENV, capture_output=True, timeout=300)
+    assert killed.returncode == -9
+    first = sorted(p.name for p in out.glob("*.nii.gz"))
+    assert first == ["ct0.nii.gz"]
+    stamp = (out / "ct0.nii.gz").stat().st_mtime_ns
+    again = subprocess.run([sys.executable, "-m", "napari_daeformer.cli", *args], env=ENV, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 1 and "corrupt.nii.gz" in again.stderr       # the corrupt file still fails
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["ct0.nii.gz", "ct1.nii.gz", "ct2.nii.gz"]
+    assert (out / "ct0.nii.gz").stat().st_mtime_ns == stamp                 # not recomputed
+    for name in ("ct0.nii.gz", "ct1.nii.gz", "ct2.nii.gz"):
+        assert read_image(out / name).data.shape == (6, 80, 80)              # complete files
+    assert _rows(out / "summary.csv")["ct0.nii.gz"]["status"] == "existing"
+    assert not list(out.glob(".*tmp*"))
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_shard_the_folder(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    make_folder(src, volumes=3)
+    base = ["--pattern", "*.nii.gz", "--pattern", "photos/*.png", "--device", "cpu", "--quiet"]
+    one = subprocess.run([sys.executable, "-m", "napari_daeformer.cli", "batch", str(src), str(tmp_path / "one"),
+                          *base], env=ENV, capture_output=True, text=True, timeout=300)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29531", "-m", "napari_daeformer.cli", "batch", str(src), str(tmp_path / "two"), *base],
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 1 and two.returncode == 1, two.stderr[-2000:]    # the corrupt file fails in both
+    rows1, rows2 = _rows(tmp_path / "one" / "summary.csv"), _rows(tmp_path / "two" / "summary.csv")
+    assert rows1.keys() == rows2.keys() and len(rows2) == 6                  # each file exactly once
+    assert [r["status"] for r in rows2.values()].count("done") == 5
+    outputs1 = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    outputs2 = sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
+    assert outputs1 == outputs2
+    for rel in outputs1:
+        if rel.name != "summary.csv":
+            assert np.array_equal(read_image(tmp_path / "one" / rel).data, read_image(tmp_path / "two" / rel).data)
+
+
+def test_listing_treats_dicom_folders_as_one_input(tmp_path: Path) -> None:
+    from .conftest import write_dicom_series
+    write_dicom_series(tmp_path / "in" / "patient1", np.zeros((3, 8, 8), np.uint16), (2.0, 1.0, 1.0))
+    job = BatchJob(tmp_path / "in", tmp_path / "out")
+    assert list_inputs(job) == [tmp_path / "in" / "patient1"]
