@@ -1,0 +1,166 @@
+"""The "Batch segment folder" dock widget: a thin layer over `napari_daeformer.batch.run_batch`."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Generator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, LineEdit, ProgressBar, PushButton, Table
+from napari.qt.threading import GeneratorWorker, create_worker
+from napari.utils.notifications import show_error, show_info, show_warning
+
+from .._reader import record_to_layer
+from ..batch import OUTPUT_FORMATS, BatchJob, BatchProgress, BatchSummary, FileResult, run_batch, write_summary
+from ..bundled import BUNDLED
+from ..errors import DaeformerError, InferenceError
+from ..io import read_image
+
+if TYPE_CHECKING:
+    import napari
+
+AUTO_MODEL = "bundled, by image kind (demo)"
+FILE_MODEL = "checkpoint file…"
+COLUMNS = ["file", "status", "seconds", "reason"]
+
+
+def _batch_job(job: BatchJob, cancel: threading.Event) -> Generator[BatchProgress, None, tuple[BatchSummary, Path]]:
+    """Worker generator; torch's RuntimeErrors become InferenceError (superqt would drop them silently)."""
+    try:
+        summary = yield from run_batch(job, cancel=cancel)
+        return summary, write_summary(job, summary.results)
+    except RuntimeError as e:
+        raise InferenceError(f"batch segmentation failed: {str(e).splitlines()[0]}") from e
+
+
+class BatchWidget(Container):
+    """Segment a whole folder in the background; finished files appear in a table and open in one click."""
+
+    def __init__(self, napari_viewer: napari.Viewer) -> None:
+        super().__init__(labels=True)
+        self.viewer = napari_viewer
+        self._input = FileEdit(label="input folder", mode="d", tooltip="Searched recursively")
+        self._output = FileEdit(label="output folder", mode="d",
+                                tooltip="Label maps with the inputs' relative names, and summary.csv")
+        self._model = ComboBox(label="model", choices=[AUTO_MODEL, *BUNDLED, FILE_MODEL], value=AUTO_MODEL,
+                               tooltip="Bundled models are demonstrations trained on synthetic data")
+        self._file = FileEdit(label="checkpoint", filter="*.safetensors", visible=False)
+        self._pattern = LineEdit(label="pattern", value="**/*", tooltip="Glob relative to the input folder")
+        self._format = ComboBox(label="output format", choices=list(OUTPUT_FORMATS), value="same",
+                                tooltip="same: NIfTI -> NIfTI, PNG/JPEG -> PNG, DICOM -> .nii.gz")
+        self._device = ComboBox(label="device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
+        self._overwrite = CheckBox(label="recompute existing outputs", value=False,
+                                   tooltip="Off: files whose output exists are skipped (a stopped run resumes)")
+        self._run = PushButton(text="Run", tooltip="Segment every file in the background")
+        self._cancel = PushButton(text="Cancel", enabled=False, tooltip="Stop after the current file")
+        self._files_bar = ProgressBar(label="files", value=0, min=0, max=1)
+        self._slices_bar = ProgressBar(label="current file", value=0, min=0, max=1)
+        self._table = Table(value={"data": [], "index": [], "columns": COLUMNS}, label="finished")
+        self._open = PushButton(text="Open selected pair", tooltip="Add the selected image and its labels to the viewer")
+        self._status = Label(value="")
+        self.extend([self._input, self._output, self._model, self._file, self._pattern, self._format, self._device,
+                     self._overwrite, self._run, self._cancel, self._files_bar, self._slices_bar, self._table,
+                     self._open, self._status])
+        self._model.changed.connect(lambda v: setattr(self._file, "visible", v == FILE_MODEL))
+        self._run.clicked.connect(self._start)
+        self._cancel.clicked.connect(self.cancel)
+        self._open.clicked.connect(self.open_selected)
+        self._worker: GeneratorWorker | None = None
+        self._cancel_event = threading.Event()
+        self.results: list[FileResult] = []
+        self.job: BatchJob | None = None
+
+    def _make_job(self) -> BatchJob:
+        src, dst = Path(self._input.value), Path(self._output.value)
+        if not src.is_dir() or str(self._input.value) in ("", "."):
+            raise DaeformerError("choose an input folder")
+        if str(self._output.value) in ("", ".") or dst.resolve() == src.resolve():
+            raise DaeformerError("choose an output folder different from the input folder")
+        model = None if self._model.value == AUTO_MODEL else (
+            str(self._file.value) if self._model.value == FILE_MODEL else self._model.value)
+        return BatchJob(src, dst, (self._pattern.value or "**/*",), self._format.value, model, self._device.value,
+                        overwrite=bool(self._overwrite.value))
+
+    def _start(self) -> None:
+        try:
+            self.job = self._make_job()
+        except DaeformerError as e:
+            show_warning(str(e))
+            return
+        self.results = []
+        self._table.value = {"data": [], "index": [], "columns": COLUMNS}
+        self._cancel_event.clear()
+        self._worker = create_worker(_batch_job, self.job, self._cancel_event, _start_thread=False,
+                                     _ignore_errors=True)
+        self._worker.yielded.connect(self._on_progress)
+        self._worker.returned.connect(lambda r: self._finish(*r))
+        self._worker.errored.connect(self._failed)
+        self._worker.finished.connect(self._idle)
+        self._run.enabled, self._cancel.enabled = False, True
+        self._status.value = "Running…"
+        self._worker.start()
+
+    def _on_progress(self, p: BatchProgress) -> None:
+        self._files_bar.max = max(p.files_total, 1)
+        self._files_bar.value = p.files_done
+        self._slices_bar.max = max(p.slices_total, 1)
+        self._slices_bar.value = p.slices_done if p.result is None else self._slices_bar.max
+        if p.result is not None:
+            self.results.append(p.result)
+            self._table.value = self._table_value()
+
+    def _table_value(self) -> dict[str, Any]:
+        rows = [[r.input, r.status, f"{r.seconds:.1f}", r.reason] for r in self.results]
+        return {"data": rows, "index": list(range(len(rows))), "columns": COLUMNS}
+
+    def _finish(self, summary: BatchSummary, csv_path: Path) -> None:
+        self.results = list(summary.results)
+        self._table.value = self._table_value()
+        failed = len(summary.failures)
+        cancelled = self._cancel_event.is_set()
+        self._status.value = (f"{'Cancelled after the current file. ' if cancelled else ''}"
+                              f"{sum(r.status == 'done' for r in summary.results)} segmented, "
+                              f"{sum(r.status == 'existing' for r in summary.results)} already done, "
+                              f"{failed} failed. Summary: {csv_path}")
+        if failed:
+            show_warning(f"DAE-Former batch: {failed} file(s) failed; see the table")
+        else:
+            show_info("DAE-Former batch finished")
+
+    def _failed(self, error: BaseException) -> None:
+        message = str(error) if isinstance(error, DaeformerError) else f"{type(error).__name__}: {error}"
+        self._status.value = f"Failed: {message}"
+        show_error(f"DAE-Former batch: {message}")
+
+    def cancel(self) -> None:
+        """Stop after the file being segmented; finished outputs stay."""
+        self._cancel_event.set()
+
+    def _idle(self) -> None:
+        self._run.enabled, self._cancel.enabled = True, False
+        self._worker = None
+
+    @property
+    def running(self) -> bool:
+        return self._worker is not None
+
+    def open_selected(self, row: int | None = None) -> None:
+        """Add the image and labels of a finished file (the selected table row) to the viewer."""
+        if row is None:
+            row = self._table.native.currentRow()
+        finished = [r for r in self.results if r.status in ("done", "existing")]
+        chosen = self.results[row] if 0 <= row < len(self.results) else None
+        if chosen is None or chosen not in finished or self.job is None:
+            show_warning("Select a finished file in the table first.")
+            return
+        try:
+            record = read_image(self.job.input_dir / chosen.input)
+            labels = read_image(self.job.output_dir / chosen.output)
+        except DaeformerError as e:
+            show_error(str(e))
+            return
+        data, kwargs, _ = record_to_layer(record)
+        image = self.viewer.add_image(data, **kwargs)
+        self.viewer.add_labels(labels.data.astype("uint8", copy=False), name=f"{image.name} labels",
+                               scale=image.scale, translate=image.translate, metadata=dict(image.metadata))

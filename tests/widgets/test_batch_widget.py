@@ -1,0 +1,56 @@
+"""The batch widget in a real viewer: per-file status, cancel after the current file, open a finished pair."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_daeformer.io import read_image
+
+from ..test_batch import make_folder
+
+pytestmark = pytest.mark.gui
+
+
+def _widget(make_napari_viewer, src: Path, out: Path):  # type: ignore[no-untyped-def]
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-daeformer", "Batch segment folder")
+    widget._input.value, widget._output.value = src, out
+    widget._device.value = "cpu"
+    return viewer, widget
+
+
+def test_folder_with_status_table_and_open(make_napari_viewer, qtbot, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_folder(src)
+    viewer, widget = _widget(make_napari_viewer, src, out)
+    widget._run.clicked()
+    qtbot.waitUntil(lambda: not widget.running, timeout=180_000)
+    table = widget._table.value["data"]
+    statuses = {row[0]: row[1] for row in table}
+    assert statuses["ct0.nii.gz"] == "done" and statuses["corrupt.nii.gz"] == "failed"
+    assert statuses["photos/lesion1.png"] == "done" and len(table) == 6
+    assert (out / "summary.csv").exists() and "2 failed" in widget._status.value
+    row = [r[0] for r in table].index("ct0.nii.gz")
+    widget.open_selected(row)
+    assert [layer.name for layer in viewer.layers] == ["ct0", "ct0 labels"]
+    assert tuple(viewer.layers["ct0 labels"].scale) == tuple(viewer.layers["ct0"].scale)
+
+
+def test_cancel_after_current_file(make_napari_viewer, qtbot, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_folder(src, volumes=4)
+    viewer, widget = _widget(make_napari_viewer, src, out)
+    widget._pattern.value = "*.nii.gz"
+    widget._run.clicked()
+    widget._worker.yielded.connect(lambda p: widget._cancel.clicked() if p.result is not None
+                                   and p.result.status == "done" else None)
+    qtbot.waitUntil(lambda: not widget.running, timeout=180_000)
+    written = sorted(p.name for p in out.glob("*.nii.gz"))
+    assert 1 <= len(written) < 4                                         # stopped early
+    for name in written:
+        assert read_image(out / name).data.shape == (6, 80, 80)          # finished outputs are complete
+    assert "Cancelled" in widget._status.value
+    assert np.all([row[1] in ("done", "failed") for row in widget._table.value["data"]])
