@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from collections.abc import Generator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +44,7 @@ class BatchJob:
         output_format: "same" (NIfTI -> NIfTI, PNG -> PNG, JPEG -> PNG, DICOM -> .nii.gz) or a suffix.
         model: checkpoint path or bundled name; None picks the bundled model by image kind.
         overwrite: recompute files whose output exists (default: skip them).
-        prefetch: read the next file while the current one is on the device.
+        prefetch: read the next file, and write the previous one, while the current one is on the device.
     """
 
     input_dir: Path
@@ -185,6 +186,24 @@ def run_batch(job: BatchJob, *, rank: int = 0, world_size: int = 1,
     thread = threading.Thread(target=reader, daemon=True) if job.prefetch else None
     if thread is not None:
         thread.start()
+    # Writes (compression, fsync) overlap the next file's segmentation; results come out in input order.
+    writer = ThreadPoolExecutor(max_workers=1) if job.prefetch else None
+    pending: list[tuple[Future[Path] | None, FileResult]] = []
+
+    def settle(block: bool) -> Generator[BatchProgress, None, None]:
+        nonlocal done
+        while pending and (block or pending[0][0] is None or pending[0][0].done()):
+            future, result = pending.pop(0)
+            try:
+                if future is not None:
+                    future.result()
+            except (DaeformerError, OSError) as e:
+                result = FileResult(result.input, "", "failed", f"writing the output failed: {e}",
+                                    seconds=result.seconds)
+            results.append(result)
+            done += 1
+            yield BatchProgress(done, total, result.input, result=result)
+
     try:
         for source, out in todo:
             if cancel is not None and cancel.is_set():
@@ -192,6 +211,7 @@ def run_batch(job: BatchJob, *, rank: int = 0, world_size: int = 1,
             _, record = reads.get() if thread is not None else (source, _read(source))
             rel = str(source.relative_to(job.input_dir))
             t0 = time.perf_counter()
+            future: Future[Path] | None = None
             try:
                 if isinstance(record, ImageFormatError):
                     raise record
@@ -205,18 +225,23 @@ def run_batch(job: BatchJob, *, rank: int = 0, world_size: int = 1,
                         break
                     yield BatchProgress(done, total, rel, p.done, p.total)
                 compute += time.perf_counter() - t0
-                write_labels(out, labels, record, overwrite=job.overwrite)
+                if writer is not None:
+                    future = writer.submit(write_labels, out, labels, record, overwrite=job.overwrite)
+                else:
+                    write_labels(out, labels, record, overwrite=job.overwrite)
                 result = FileResult(rel, str(out.relative_to(job.output_dir)), "done", "", record.spatial_shape,
                                     record.spacing, time.perf_counter() - t0,
                                     class_measures(labels, record.spacing, ckpt.card.class_names),
                                     measure_unit(labels.ndim), _ckpt_name(ckpt), sha)
-            except DaeformerError as e:
+            except (DaeformerError, OSError) as e:
                 result = FileResult(rel, "", "failed", str(e), seconds=time.perf_counter() - t0)
-            results.append(result)
-            done += 1
-            yield BatchProgress(done, total, rel, result=result)
+            pending.append((future, result))
+            yield from settle(block=False)
+        yield from settle(block=True)
     finally:
         stop.set()
+        if writer is not None:
+            writer.shutdown(wait=True)                        # never leave a write half done
         if thread is not None:
             while thread.is_alive():                          # unblock a reader waiting on a full queue
                 try:
