@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="default: auto")
     p.add_argument("--batch-size", type=int, help="slices per forward pass (default: what fits)")
     p.add_argument("--overwrite", action="store_true", help="recompute files whose output exists")
-    p.add_argument("--no-prefetch", action="store_true", help="do not read the next file during segmentation")
+    p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=None,
+                   help="read the next file and write the last one during segmentation (default: on GPUs only)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_batch)
 

@@ -114,7 +114,7 @@ def run_batch_command(args: argparse.Namespace) -> int:
 
     info, device = init_from_env(args.device)
     job = BatchJob(args.input_dir, args.output_dir, tuple(args.pattern or ("**/*",)), args.format, args.model,
-                   device, args.precision, args.batch_size, args.overwrite, not args.no_prefetch)
+                   device, args.precision, args.batch_size, args.overwrite, args.prefetch)
     try:
         gen = run_batch(job, rank=info.rank, world_size=info.world_size)
         bar = tqdm(unit="file", file=sys.stderr, disable=args.quiet, position=info.rank)
