@@ -25,7 +25,7 @@ from .bundled import resolve_model
 from .checkpoint import Checkpoint, load_checkpoint
 from .devices import resolve_device
 from .errors import DaeformerError, ImageFormatError
-from .inference import Progress, run_segmentation, segment
+from .inference import Progress, segment
 from .io import ImageRecord, is_dicom_file, read_image, suffix_of, write_labels
 from .volumes import class_measures, measure_unit
 

@@ -12,8 +12,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .errors import DaeformerError
 from training.cli import resolve_settings
+
+from .errors import DaeformerError
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -148,8 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="daeformer-demo", help="output folder when headless (default: %(default)s)")
     p.set_defaults(func=_demo)
 
-    from training.cli import (add_evaluate_arguments, add_finetune_arguments, add_train_arguments, run_evaluate,
-                              run_finetune, run_train)
+    from training.cli import add_evaluate_arguments, add_finetune_arguments, add_train_arguments, run_evaluate, run_finetune, run_train
 
     p = sub.add_parser("train", help="train DAE-Former (Synapse, NIfTI folders, ISIC folders or synthetic data)",
                        description="Train DAE-Former with the paper's recipe (SGD 0.05, poly decay, 0.4 CE + 0.6 "

@@ -7,8 +7,7 @@ from collections.abc import Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, LineEdit, ProgressBar, PushButton, Table
-from napari.qt.threading import GeneratorWorker, create_worker
+from magicgui.widgets import CheckBox, ComboBox, FileEdit, Label, LineEdit, ProgressBar, PushButton, Table
 from napari.utils.notifications import show_error, show_info, show_warning
 
 from .._reader import record_to_layer
@@ -16,6 +15,7 @@ from ..batch import OUTPUT_FORMATS, BatchJob, BatchProgress, BatchSummary, FileR
 from ..bundled import BUNDLED
 from ..errors import DaeformerError, InferenceError
 from ..io import read_image
+from ._workers import WorkerWidget, failure_message, guarded
 
 if TYPE_CHECKING:
     import napari
@@ -25,20 +25,20 @@ FILE_MODEL = "checkpoint file…"
 COLUMNS = ["file", "status", "seconds", "reason"]
 
 
-def _batch_job(job: BatchJob, cancel: threading.Event) -> Generator[BatchProgress, None, tuple[BatchSummary, Path]]:
-    """Worker generator; torch's RuntimeErrors become InferenceError (superqt would drop them silently)."""
-    try:
-        summary = yield from run_batch(job, cancel=cancel)
-        return summary, write_summary(job, summary.results)
-    except RuntimeError as e:
-        raise InferenceError(f"batch segmentation failed: {str(e).splitlines()[0]}") from e
+def _batch_and_summarise(job: BatchJob, cancel: threading.Event
+                         ) -> Generator[BatchProgress, None, tuple[BatchSummary, Path]]:
+    summary = yield from run_batch(job, cancel=cancel)
+    return summary, write_summary(job, summary.results)
 
 
-class BatchWidget(Container):
+_batch_job = guarded(_batch_and_summarise, InferenceError, "batch segmentation")
+
+
+class BatchWidget(WorkerWidget):
     """Segment a whole folder in the background; finished files appear in a table and open in one click."""
 
     def __init__(self, napari_viewer: napari.Viewer) -> None:
-        super().__init__(labels=True)
+        super().__init__()
         self.viewer = napari_viewer
         self._input = FileEdit(label="input folder", mode="d", tooltip="Searched recursively")
         self._output = FileEdit(label="output folder", mode="d",
@@ -66,7 +66,6 @@ class BatchWidget(Container):
         self._run.clicked.connect(self._start)
         self._cancel.clicked.connect(self.cancel)
         self._open.clicked.connect(self.open_selected)
-        self._worker: GeneratorWorker | None = None
         self._cancel_event = threading.Event()
         self.results: list[FileResult] = []
         self.job: BatchJob | None = None
@@ -91,15 +90,9 @@ class BatchWidget(Container):
         self.results = []
         self._table.value = {"data": [], "index": [], "columns": COLUMNS}
         self._cancel_event.clear()
-        self._worker = create_worker(_batch_job, self.job, self._cancel_event, _start_thread=False,
-                                     _ignore_errors=True)
-        self._worker.yielded.connect(self._on_progress)
-        self._worker.returned.connect(lambda r: self._finish(*r))
-        self._worker.errored.connect(self._failed)
-        self._worker.finished.connect(self._idle)
-        self._run.enabled, self._cancel.enabled = False, True
         self._status.value = "Running…"
-        self._worker.start()
+        self._launch(_batch_job, self.job, self._cancel_event, yielded=self._on_progress,
+                     returned=lambda r: self._finish(*r), errored=self._failed)
 
     def _on_progress(self, p: BatchProgress) -> None:
         self._files_bar.max = max(p.files_total, 1)
@@ -129,21 +122,13 @@ class BatchWidget(Container):
             show_info("DAE-Former batch finished")
 
     def _failed(self, error: BaseException) -> None:
-        message = str(error) if isinstance(error, DaeformerError) else f"{type(error).__name__}: {error}"
+        message = failure_message(error)
         self._status.value = f"Failed: {message}"
         show_error(f"DAE-Former batch: {message}")
 
     def cancel(self) -> None:
         """Stop after the file being segmented; finished outputs stay."""
         self._cancel_event.set()
-
-    def _idle(self) -> None:
-        self._run.enabled, self._cancel.enabled = True, False
-        self._worker = None
-
-    @property
-    def running(self) -> bool:
-        return self._worker is not None
 
     def open_selected(self, row: int | None = None) -> None:
         """Add the image and labels of a finished file (the selected table row) to the viewer."""

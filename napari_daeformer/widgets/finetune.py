@@ -11,10 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, ProgressBar,
-                              PushButton, SpinBox)
+from magicgui.widgets import CheckBox, ComboBox, FileEdit, FloatSpinBox, Label, ProgressBar, PushButton, SpinBox
 from napari.layers import Image, Labels
-from napari.qt.threading import GeneratorWorker, create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 
 from training.finetune import FinetuneProgress, FinetuneResult, FinetuneSettings, Pair, finetune, next_version_path
@@ -23,6 +21,7 @@ from ..bundled import MODELS_DIR
 from ..checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ..errors import DaeformerError, TrainingError
 from ._layers import edited_slices, track_edits
+from ._workers import WorkerWidget, failure_message, guarded
 from .segment import SegmentWidget
 
 if TYPE_CHECKING:
@@ -31,16 +30,14 @@ if TYPE_CHECKING:
 USER_MODELS = Path.home() / ".napari-daeformer" / "models"      # where versions of bundled models go
 
 
-def _finetune_job(parent: Checkpoint, pairs: list[Pair], settings: FinetuneSettings, out: Path,
-                  overwrite: bool) -> Generator[FinetuneProgress, None, tuple[FinetuneResult, Path]]:
-    """Worker generator: torch's RuntimeErrors become TrainingError (superqt would drop them silently).
-    The new checkpoint is written only after the last step, atomically: a cancel writes nothing."""
-    try:
-        result = yield from finetune(parent, pairs, settings)
-        path = save_checkpoint(out, result.checkpoint.model, result.checkpoint.card, overwrite=overwrite)
-    except RuntimeError as e:
-        raise TrainingError(f"fine-tuning failed: {str(e).splitlines()[0]}") from e
-    return result, path
+def _finetune_and_save(parent: Checkpoint, pairs: list[Pair], settings: FinetuneSettings, out: Path,
+                       overwrite: bool) -> Generator[FinetuneProgress, None, tuple[FinetuneResult, Path]]:
+    """The new checkpoint is written only after the last step, atomically: a cancel writes nothing."""
+    result = yield from finetune(parent, pairs, settings)
+    return result, save_checkpoint(out, result.checkpoint.model, result.checkpoint.card, overwrite=overwrite)
+
+
+_finetune_job = guarded(_finetune_and_save, TrainingError, "fine-tuning")
 
 
 class LossPlot:
@@ -76,11 +73,11 @@ class LossPlot:
         self.canvas.draw_idle()
 
 
-class FinetuneWidget(Container):
+class FinetuneWidget(WorkerWidget):
     """Pairs of (image, corrected labels) in, a new checkpoint version out, loaded into the Segment widget."""
 
     def __init__(self, napari_viewer: napari.Viewer) -> None:
-        super().__init__(labels=True)
+        super().__init__()
         self.viewer = napari_viewer
         self._image = ComboBox(label="image", choices=lambda _: [x for x in self.viewer.layers if isinstance(x, Image)],
                                tooltip="The image the corrections belong to")
@@ -115,7 +112,6 @@ class FinetuneWidget(Container):
         self.native.layout().addWidget(self.plot.canvas)
         self.extend([self._result, self._resegment, self._revert])
         self.pairs: list[tuple[Image, Labels]] = []
-        self._worker: GeneratorWorker | None = None
         self.parent_path: Path | None = None
         self.new_path: Path | None = None
         self._add.clicked.connect(self._add_pair)
@@ -199,17 +195,11 @@ class FinetuneWidget(Container):
         self.plot.reset()
         self._progress.max = settings.steps
         self._progress.value = 0
-        self._worker = create_worker(_finetune_job, parent, pairs, settings, out, overwrite,
-                                     _start_thread=False, _ignore_errors=True)
-        self._worker.yielded.connect(self._on_step)
-        self._worker.returned.connect(lambda r: self._finish(parent_path, *r))
-        self._worker.errored.connect(self._failed)
-        self._worker.aborted.connect(lambda: setattr(self._result, "value", "Cancelled: no checkpoint written; "
-                                                     "the Segment widget keeps its model."))
-        self._worker.finished.connect(self._idle)
-        self._run.enabled, self._cancel.enabled = False, True
         self._result.value = f"Fine-tuning on {sum(int(p.slices.sum()) for p in pairs)} corrected slices…"
-        self._worker.start()
+        self._launch(_finetune_job, parent, pairs, settings, out, overwrite, yielded=self._on_step,
+                     returned=lambda r: self._finish(parent_path, *r), errored=self._failed,
+                     aborted=lambda: setattr(self._result, "value", "Cancelled: no checkpoint written; "
+                                             "the Segment widget keeps its model."))
 
     def _on_step(self, p: FinetuneProgress) -> None:
         self._progress.max = p.total
@@ -227,21 +217,13 @@ class FinetuneWidget(Container):
         show_info(f"DAE-Former: fine-tuned model saved as {path}")
 
     def _failed(self, error: BaseException) -> None:
-        message = str(error) if isinstance(error, DaeformerError) else f"{type(error).__name__}: {error}"
+        message = failure_message(error)
         self._result.value = f"Failed: {message}"
         show_error(f"DAE-Former fine-tuning: {message}")
 
     def cancel(self) -> None:
         if self._worker is not None:
             self._worker.quit()
-
-    def _idle(self) -> None:
-        self._run.enabled, self._cancel.enabled = True, False
-        self._worker = None
-
-    @property
-    def running(self) -> bool:
-        return self._worker is not None
 
     def _resegment_image(self) -> None:
         segment = self.segment_widget()

@@ -3,24 +3,22 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, ProgressBar,
-                              PushButton, SpinBox)
+from magicgui.widgets import CheckBox, ComboBox, FileEdit, FloatSpinBox, Label, ProgressBar, PushButton, SpinBox
 from napari.layers import Image, Labels
-from napari.qt.threading import GeneratorWorker, create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 
-from ..bundled import BUNDLED, bundled_model
+from ..bundled import bundled_model
 from ..checkpoint import Checkpoint, load_checkpoint
 from ..corrections import corrected_slices
 from ..errors import DaeformerError, InferenceError
 from ..inference import Progress, Segmentation, check_compatible, segment
 from ..volumes import class_measures, measure_unit
 from ._layers import CLASSES_KEY, PREDICTION_KEY, TOUCHED_KEY, labels_kwargs, record_from_layer, track_edits
+from ._workers import WorkerWidget, failure_message, guarded
 
 if TYPE_CHECKING:
     import napari
@@ -28,21 +26,15 @@ if TYPE_CHECKING:
 BUNDLED_CHOICES = {"bundled CT demo (synthetic)": "ct", "bundled skin demo (synthetic)": "skin"}
 FILE_CHOICE = "checkpoint file…"
 MODES = ("new labels layer", "only slices not yet corrected")
+_segment_job = guarded(lambda record, checkpoint, kwargs: segment(record, checkpoint, **kwargs), InferenceError,
+                       "segmentation")
 
 
-def _segment_job(checkpoint: Checkpoint, record: Any, kwargs: dict[str, Any]) -> Generator[Progress, None, Segmentation]:
-    """The worker's generator: torch's RuntimeErrors become InferenceError (superqt would drop them silently)."""
-    try:
-        return (yield from segment(record, checkpoint, **kwargs))
-    except RuntimeError as e:
-        raise InferenceError(f"segmentation failed: {str(e).splitlines()[0]}") from e
-
-
-class SegmentWidget(Container):
+class SegmentWidget(WorkerWidget):
     """Choose an image and a model, press Run: a new uint8 Labels layer fills slice by slice."""
 
     def __init__(self, napari_viewer: napari.Viewer) -> None:
-        super().__init__(labels=True)
+        super().__init__()
         self.viewer = napari_viewer
         self._image = ComboBox(label="image", choices=self._image_layers,
                                tooltip="The image layer to segment (CT volume or photo)")
@@ -85,7 +77,6 @@ class SegmentWidget(Container):
         self._next.clicked.connect(self._jump_to_uncertain)
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             event.connect(lambda _: self.reset_choices())
-        self._worker: GeneratorWorker | None = None
         self._cancel_event = threading.Event()
         self._checkpoint: Checkpoint | None = None
         self._uncertain_order: list[int] = []
@@ -153,15 +144,11 @@ class SegmentWidget(Container):
         if target is None:
             return
         self._cancel_event.clear()
-        self._worker = create_worker(_segment_job, checkpoint, record, {**kwargs, "cancel": self._cancel_event},
-                                     _start_thread=False, _ignore_errors=True)
-        self._worker.yielded.connect(lambda p: self._show_progress(target, p))
-        self._worker.returned.connect(lambda result: self._finish(target, result, checkpoint))
-        self._worker.errored.connect(lambda e: self._failed(target, e))
-        self._worker.aborted.connect(lambda: self._failed(target, None))
-        self._worker.finished.connect(self._idle)
-        self._busy()
-        self._worker.start()
+        self._progress.value = 0
+        self._launch(_segment_job, record, checkpoint, {**kwargs, "cancel": self._cancel_event},
+                     yielded=lambda p: self._show_progress(target, p),
+                     returned=lambda result: self._finish(target, result, checkpoint),
+                     errored=lambda e: self._failed(target, e), aborted=lambda: self._failed(target, None))
 
     def _engine_kwargs(self, checkpoint: Checkpoint, record: Any) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"rgb": record.rgb, "axis": int(self._axis.value), "device": self._device.value,
@@ -272,7 +259,7 @@ class SegmentWidget(Container):
         if error is None:
             self._status.value = "Cancelled: nothing was changed."
         else:
-            message = str(error) if isinstance(error, DaeformerError) else f"{type(error).__name__}: {error}"
+            message = failure_message(error)
             self._status.value = f"Failed: {message}"
             show_error(f"DAE-Former: {message}")
 
@@ -281,20 +268,6 @@ class SegmentWidget(Container):
         self._cancel_event.set()
         if self._worker is not None:
             self._worker.quit()
-
-    def _busy(self) -> None:
-        self._run.enabled = False
-        self._cancel.enabled = True
-        self._progress.value = 0
-
-    def _idle(self) -> None:
-        self._run.enabled = True
-        self._cancel.enabled = False
-        self._worker = None
-
-    @property
-    def running(self) -> bool:
-        return self._worker is not None
 
     def _jump_to_uncertain(self) -> None:
         if not self._uncertain_order:
