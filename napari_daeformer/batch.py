@@ -27,7 +27,7 @@ from .devices import resolve_device
 from .errors import DaeformerError, ImageFormatError
 from .inference import Progress, segment
 from .io import ImageRecord, is_dicom_file, read_image, suffix_of, write_labels
-from .volumes import class_measures, measure_unit
+from .volumes import class_measures, is_physical, measure_unit
 
 SUMMARY = "summary.csv"
 READ_AHEAD = 2                        # files read in parallel ahead of the engine (GPU runs)
@@ -237,10 +237,11 @@ def run_batch(job: BatchJob, *, rank: int = 0, world_size: int = 1,
                     future = writer.submit(write_labels, out, labels, record, overwrite=job.overwrite)
                 else:
                     write_labels(out, labels, record, overwrite=job.overwrite)
+                physical = is_physical(record.source_format, record.spacing)
                 result = FileResult(rel, str(out.relative_to(job.output_dir)), "done", "", record.spatial_shape,
                                     record.spacing, time.perf_counter() - t0,
-                                    class_measures(labels, record.spacing, ckpt.card.class_names),
-                                    measure_unit(labels.ndim), _ckpt_name(ckpt), sha)
+                                    class_measures(labels, record.spacing, ckpt.card.class_names, physical),
+                                    measure_unit(labels.ndim, physical), _ckpt_name(ckpt), sha)
             except (DaeformerError, OSError) as e:
                 result = FileResult(rel, "", "failed", str(e), seconds=time.perf_counter() - t0)
             pending.append((future, result))
@@ -267,9 +268,10 @@ def _existing(job: BatchJob, source: Path, out: Path, models: _Models) -> FileRe
         data = labels.data if labels.data.ndim == len(labels.spatial_shape) else labels.data[..., 0]
         photo = job.model is None and suffix_of(source) in (".png", ".jpg", ".jpeg", ".bmp")
         ckpt, sha = models.for_kind("skin" if photo and read_image(source).rgb else "ct")
+        physical = is_physical(labels.source_format, labels.spacing)
         return FileResult(rel, rel_out, "existing", "", tuple(data.shape), labels.spacing, 0.0,
-                          class_measures(data.astype(np.int64), labels.spacing, ckpt.card.class_names),
-                          measure_unit(data.ndim), _ckpt_name(ckpt), sha)
+                          class_measures(data.astype(np.int64), labels.spacing, ckpt.card.class_names, physical),
+                          measure_unit(data.ndim, physical), _ckpt_name(ckpt), sha)
     except DaeformerError as e:
         return FileResult(rel, rel_out, "failed", f"existing output unreadable: {e}")
 

@@ -13,7 +13,7 @@ from .bundled import resolve_model
 from .checkpoint import load_checkpoint
 from .inference import Progress, run_segmentation, segment
 from .io import ImageRecord, read_image, write_labels
-from .volumes import class_measures, measure_unit
+from .volumes import class_measures, is_physical, measure_unit
 
 
 def _progress_printer(label: str):  # type: ignore[no-untyped-def]
@@ -50,7 +50,8 @@ def segment_file(record: ImageRecord, output: Path, model: str | None, *, device
         segment(record, ckpt, axis=axis, device=device, precision=precision, batch_size=batch_size, window=window),
         None if quiet else _progress_printer(f"segment {record.path.name if record.path else ''}"))
     out = write_labels(output, result.labels, record, overwrite=overwrite)
-    return out, result.labels, class_measures(result.labels, record.spacing, ckpt.card.class_names)
+    physical = is_physical(record.source_format, record.spacing)
+    return out, result.labels, class_measures(result.labels, record.spacing, ckpt.card.class_names, physical)
 
 
 def run_segment(args: argparse.Namespace) -> int:
@@ -60,7 +61,7 @@ def run_segment(args: argparse.Namespace) -> int:
     out, labels, measures = segment_file(record, Path(args.output), args.model, device=args.device, axis=args.axis,
                                          batch_size=args.batch_size, precision=args.precision,
                                          window=_window(args.window), overwrite=args.overwrite)
-    unit = measure_unit(labels.ndim)
+    unit = measure_unit(labels.ndim, is_physical(record.source_format, record.spacing))
     print(f"wrote {out}")
     for name, value in measures.items():
         print(f"  {name}: {value:.1f} {unit}")

@@ -60,7 +60,7 @@ def test_mixed_folder(tmp_path: Path, capsys) -> None:  # type: ignore[no-untype
     photo = read_image(out / "photos" / "lesion0.png")
     assert photo.data.shape == (64, 64) and set(np.unique(photo.data)) <= {0, 1}
     assert float(rows["ct0.nii.gz"]["liver"]) > 0 and rows["ct0.nii.gz"]["unit"] == "mL"
-    assert float(rows["photos/lesion0.png"]["lesion"]) > 0 and rows["photos/lesion0.png"]["unit"] == "mm²"
+    assert float(rows["photos/lesion0.png"]["lesion"]) > 0 and rows["photos/lesion0.png"]["unit"] == "pixels"
     assert rows["ct0.nii.gz"]["checkpoint"] == "ct_small.safetensors" and len(rows["ct0.nii.gz"]["checkpoint_sha256"]) == 64
 
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 from collections.abc import Callable, Generator
 from typing import Any
 
-from magicgui.widgets import Container, PushButton
+from magicgui.widgets import Container, Label, PushButton
 from napari.qt.threading import GeneratorWorker, create_worker
 
 from ..errors import DaeformerError
+
+MAX_WIDTH = 460
 
 
 def failure_message(error: BaseException) -> str:
@@ -38,6 +40,13 @@ class WorkerWidget(Container):
     def __init__(self) -> None:
         super().__init__(labels=True)
         self._worker: GeneratorWorker | None = None
+        self.max_width = MAX_WIDTH                       # a dock column, not half the window
+
+    @staticmethod
+    def _wrap(label: Label) -> Label:
+        """A label whose long messages wrap inside the dock instead of widening it."""
+        label.native.setWordWrap(True)
+        return label
 
     @property
     def running(self) -> bool:

@@ -12,9 +12,11 @@ from napari.utils.notifications import show_error, show_info, show_warning
 
 from .._reader import record_to_layer
 from ..batch import OUTPUT_FORMATS, BatchJob, BatchProgress, BatchSummary, FileResult, run_batch, write_summary
-from ..bundled import BUNDLED
+from ..bundled import BUNDLED, resolve_model
+from ..checkpoint import read_card
 from ..errors import DaeformerError, InferenceError
 from ..io import read_image
+from ._layers import labels_kwargs
 from ._workers import WorkerWidget, failure_message, guarded
 
 if TYPE_CHECKING:
@@ -58,7 +60,7 @@ class BatchWidget(WorkerWidget):
         self._slices_bar = ProgressBar(label="current file", value=0, min=0, max=1)
         self._table = Table(value={"data": [], "index": [], "columns": COLUMNS}, label="finished")
         self._open = PushButton(text="Open selected pair", tooltip="Add the selected image and its labels to the viewer")
-        self._status = Label(value="")
+        self._status = self._wrap(Label(value=""))
         self.extend([self._input, self._output, self._model, self._file, self._pattern, self._format, self._device,
                      self._overwrite, self._run, self._cancel, self._files_bar, self._slices_bar, self._table,
                      self._open, self._status])
@@ -102,6 +104,7 @@ class BatchWidget(WorkerWidget):
         if p.result is not None:
             self.results.append(p.result)
             self._table.value = self._table_value()
+            self._table.native.resizeColumnsToContents()
 
     def _table_value(self) -> dict[str, Any]:
         rows = [[r.input, r.status, f"{r.seconds:.1f}", r.reason] for r in self.results]
@@ -147,5 +150,7 @@ class BatchWidget(WorkerWidget):
             return
         data, kwargs, _ = record_to_layer(record)
         image = self.viewer.add_image(data, **kwargs)
-        self.viewer.add_labels(labels.data.astype("uint8", copy=False), name=f"{image.name} labels",
-                               scale=image.scale, translate=image.translate, metadata=dict(image.metadata))
+        card = read_card(resolve_model(self.job.model, "skin" if record.rgb else "ct"))
+        prediction = labels.data.astype("uint8", copy=False)
+        self.viewer.add_labels(prediction, **{**labels_kwargs(image, card.class_names, card.class_colors, prediction,
+                                                               chosen.checkpoint), "name": f"{image.name} labels"})

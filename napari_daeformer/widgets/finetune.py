@@ -49,6 +49,7 @@ class LossPlot:
 
         self.figure = Figure(figsize=(3.2, 1.6), dpi=90, tight_layout=True)
         self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumHeight(150)
         self.axes = self.figure.add_subplot(111)
         self.steps: list[int] = []
         self.losses: list[float] = []
@@ -85,7 +86,7 @@ class FinetuneWidget(WorkerWidget):
                                 choices=lambda _: [x for x in self.viewer.layers if isinstance(x, Labels)])
         self._add = PushButton(text="Add pair", tooltip="Use this image with these labels (several pairs allowed)")
         self._clear = PushButton(text="Clear pairs")
-        self._pairs_info = Label(value="No pairs yet.")
+        self._pairs_info = self._wrap(Label(value="No pairs yet."))
         self._steps = SpinBox(label="steps", min=1, max=20000, value=FinetuneSettings.steps,
                               tooltip="Optimiser steps; 100 take a few minutes on a CPU")
         self._lr = FloatSpinBox(label="learning rate", min=1e-5, max=1.0, step=1e-5, value=FinetuneSettings.lr,
@@ -101,7 +102,7 @@ class FinetuneWidget(WorkerWidget):
         self._run = PushButton(text="Fine-tune", tooltip="Fine-tune the Segment widget's model on the pairs")
         self._cancel = PushButton(text="Cancel", enabled=False, tooltip="Stop; the loaded model stays as it was")
         self._progress = ProgressBar(label="progress", value=0, min=0, max=1)
-        self._result = Label(value="")
+        self._result = self._wrap(Label(value=""))
         self._resegment = PushButton(text="Re-segment with new model", enabled=False,
                                      tooltip="Segment the first pair's image again, into a new layer")
         self._revert = PushButton(text="Revert to parent model", enabled=False)

@@ -16,7 +16,8 @@ from ..checkpoint import Checkpoint, load_checkpoint
 from ..corrections import corrected_slices
 from ..errors import DaeformerError, InferenceError
 from ..inference import Progress, Segmentation, check_compatible, segment
-from ..volumes import class_measures, measure_unit
+from ..io import geometry_from_metadata
+from ..volumes import class_measures, is_physical, measure_unit
 from ._layers import CLASSES_KEY, PREDICTION_KEY, TOUCHED_KEY, labels_kwargs, record_from_layer, track_edits
 from ._workers import WorkerWidget, failure_message, guarded
 
@@ -65,7 +66,7 @@ class SegmentWidget(WorkerWidget):
         self._progress = ProgressBar(label="progress", value=0, min=0, max=1, visible=True)
         self._next = PushButton(text="Next uncertain slice", enabled=False,
                                 tooltip="Jump to the slice with the highest mean predictive entropy not yet visited")
-        self._status = Label(value="Demonstration models: trained on synthetic data, not for clinical use.")
+        self._status = self._wrap(Label(value="Demonstration models: trained on synthetic data, not for clinical use."))
         self.extend([self._image, self._model, self._file, self._device, self._axis, self._lower, self._upper,
                      self._batch, self._mode, self._target, self._uncertain, self._run, self._cancel,
                      self._progress, self._next, self._status])
@@ -225,8 +226,10 @@ class SegmentWidget(WorkerWidget):
             layer.metadata[PREDICTION_KEY] = prediction
         layer.metadata[CLASSES_KEY] = list(checkpoint.card.class_names)
         spacing = tuple(float(s) for s in layer.scale)
-        measures = class_measures(labels, spacing, checkpoint.card.class_names)
-        unit = measure_unit(labels.ndim)
+        geometry = geometry_from_metadata(layer.metadata) or {}
+        physical = is_physical(geometry.get("source_format", "layer"), spacing)
+        measures = class_measures(labels, spacing, checkpoint.card.class_names, physical)
+        unit = measure_unit(labels.ndim, physical)
         lines = [f"<b>{layer.name}</b>"] + [
             f"<span style='color:{checkpoint.card.class_colors[i + 1]}'>■</span> {name}: {value:.1f} {unit}"
             for i, (name, value) in enumerate(measures.items())]

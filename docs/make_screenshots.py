@@ -1,0 +1,156 @@
+"""Regenerate the documentation's screenshots from a real napari window.
+
+    xvfb-run -a -s "-screen 0 1600x1000x24" env QT_QPA_PLATFORM=xcb python docs/make_screenshots.py
+
+Each scene drives the plugin as a user would (open a file through the reader, press Run, paint corrections,
+fine-tune, run a folder) and saves the whole window, dock widgets included, under docs/images/.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import napari
+import numpy as np
+from qtpy.QtWidgets import QApplication
+from skimage import io as skio
+
+from napari_daeformer.bundled import bundled_model
+from napari_daeformer.checkpoint import load_checkpoint, save_checkpoint
+from napari_daeformer.io.nifti import write_nifti
+from napari_daeformer.io.record import default_affine
+from napari_daeformer.preprocessing import ct_preprocessing
+from napari_daeformer.sample_data import synthetic_ct, synthetic_skin
+
+OUT = Path(__file__).parent / "images"
+SIZE = (1500, 950)
+
+
+def wait(condition, timeout: float = 300.0) -> None:  # type: ignore[no-untyped-def]
+    end = time.time() + timeout
+    while not condition():
+        QApplication.processEvents()
+        time.sleep(0.02)
+        if time.time() > end:
+            raise TimeoutError("scene did not finish")
+    for _ in range(20):
+        QApplication.processEvents()
+
+
+def new_viewer() -> napari.Viewer:
+    from napari.settings import get_settings
+
+    get_settings().application.gui_notification_level = "none"     # no toasts over the canvas
+    viewer = napari.Viewer(title="napari-daeformer", show=True)
+    viewer.window._qt_window.resize(*SIZE)
+    return viewer
+
+
+def save(viewer: napari.Viewer, name: str) -> None:
+    from napari._qt.dialogs.qt_notification import NapariQtNotification
+
+    viewer.reset_view()
+    wait(lambda: True)
+    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
+        toast.close()
+    wait(lambda: True)
+    viewer.window.screenshot(str(OUT / name), canvas_only=False)
+    print("wrote", OUT / name)
+
+
+def ct_scenes(tmp: Path) -> None:
+    sample = synthetic_ct(seed=0)
+    path = write_nifti(tmp / "abdomen.nii.gz", sample.image, default_affine(sample.spacing))
+    viewer = new_viewer()
+    viewer.open(str(path), plugin="napari-daeformer")
+    _, segment = viewer.window.add_plugin_dock_widget("napari-daeformer", "Segment with DAE-Former")
+    segment._image.value = viewer.layers["abdomen"]
+    segment._run.clicked()
+    wait(lambda: not segment.running)
+    viewer.dims.set_current_step(0, 30)
+    save(viewer, "ct_segment.png")
+    viewer.close()
+
+    # Fine-tuning pays off when the model does not fit the data: here a model whose stored CT window differs
+    # from the one it was trained with, as happens with a model trained on another protocol.
+    ckpt = load_checkpoint(bundled_model("ct"))
+    other = save_checkpoint(tmp / "ct_other_protocol.safetensors", ckpt.model,
+                            replace(ckpt.card, preprocessing=ct_preprocessing("bone")))
+    viewer = new_viewer()
+    viewer.open(str(path), plugin="napari-daeformer")
+    _, segment = viewer.window.add_plugin_dock_widget("napari-daeformer", "Segment with DAE-Former")
+    segment.set_checkpoint(other)
+    segment._image.value = viewer.layers["abdomen"]
+    segment._run.clicked()
+    wait(lambda: not segment.running)
+
+    labels = viewer.layers["abdomen DAE-Former"]
+    for z in (14, 20, 26, 32, 38):                      # "corrections": the phantom's ground truth, as painting
+        index = np.nonzero(np.ones_like(sample.labels[z], bool))
+        labels.data_setitem((np.full(index[0].shape, z), *index), sample.labels[z][index])
+    _, tune = viewer.window.add_plugin_dock_widget("napari-daeformer", "Fine-tune DAE-Former", tabify=True)
+    tune._image.value, tune._labels.value = viewer.layers["abdomen"], labels
+    tune._add.clicked()
+    tune._steps.value = 40
+    tune._device.value = "cpu"
+    tune._run.clicked()
+    wait(lambda: not tune.running)
+    viewer.dims.set_current_step(0, 30)
+    save(viewer, "ct_finetune.png")
+    tune._resegment.clicked()
+    wait(lambda: not segment.running)
+    viewer.layers["abdomen DAE-Former"].visible = False
+    save(viewer, "ct_resegmented.png")
+    viewer.close()
+
+
+def skin_scene(tmp: Path) -> None:
+    skio.imsave(str(tmp / "lesion.png"), synthetic_skin(seed=7, size=(384, 384)).image, check_contrast=False)
+    viewer = new_viewer()
+    viewer.open(str(tmp / "lesion.png"), plugin="napari-daeformer")
+    _, segment = viewer.window.add_plugin_dock_widget("napari-daeformer", "Segment with DAE-Former")
+    segment._model.value = "bundled skin demo (synthetic)"
+    segment._image.value = viewer.layers["lesion"]
+    segment._run.clicked()
+    wait(lambda: not segment.running)
+    viewer.layers["lesion DAE-Former"].opacity = 0.45
+    save(viewer, "skin_segment.png")
+    viewer.close()
+
+
+def batch_scene(tmp: Path) -> None:
+    src = tmp / "scans"
+    (src / "photos").mkdir(parents=True)
+    for s in range(3):
+        ct = synthetic_ct(seed=20 + s, shape=(24, 160, 160))
+        write_nifti(src / f"patient{s + 1:02d}.nii.gz", ct.image, default_affine(ct.spacing))
+    for s in range(2):
+        skio.imsave(str(src / "photos" / f"lesion{s + 1}.png"), synthetic_skin(seed=30 + s).image,
+                    check_contrast=False)
+    (src / "notes.txt").write_text("not an image")
+    viewer = new_viewer()
+    _, batch = viewer.window.add_plugin_dock_widget("napari-daeformer", "Batch segment folder")
+    batch._input.value, batch._output.value = src, tmp / "masks"
+    batch._run.clicked()
+    wait(lambda: not batch.running)
+    batch.open_selected([r.input for r in batch.results].index("patient02.nii.gz"))
+    viewer.dims.set_current_step(0, 12)
+    save(viewer, "batch.png")
+    viewer.close()
+
+
+def main() -> int:
+    OUT.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        ct_scenes(Path(tmp))
+        skin_scene(Path(tmp))
+        batch_scene(Path(tmp))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
