@@ -94,7 +94,8 @@ class FinetuneWidget(WorkerWidget):
         self._parts = ComboBox(label="train", choices=["all", "decoder"], value="all",
                                tooltip="'decoder' keeps the encoder fixed: safer with very few slices")
         self._augment = CheckBox(label="augmentation", value=True, tooltip="Random affine, contrast, blur, noise")
-        self._device = ComboBox(label="device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
+        self._device = ComboBox(label="device", choices=["auto", "cpu", "cuda", "mps"], value="auto",
+                                tooltip="auto: CUDA GPU, then Apple MPS, then CPU")
         self._save_to = FileEdit(label="save as", mode="w", filter="*.safetensors",
                                  tooltip="New checkpoint file (default: PARENT-ftN.safetensors)")
         self._overwrite = CheckBox(label="overwrite parent", value=False,
