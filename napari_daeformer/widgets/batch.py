@@ -47,7 +47,8 @@ class BatchWidget(WorkerWidget):
                                 tooltip="Label maps with the inputs' relative names, and summary.csv")
         self._model = ComboBox(label="model", choices=[AUTO_MODEL, *BUNDLED, FILE_MODEL], value=AUTO_MODEL,
                                tooltip="Bundled models are demonstrations trained on synthetic data")
-        self._file = FileEdit(label="checkpoint", filter="*.safetensors", visible=False)
+        self._file = FileEdit(label="checkpoint", filter="*.safetensors", visible=False,
+                              tooltip="A napari-daeformer checkpoint (.safetensors)")
         self._pattern = LineEdit(label="pattern", value="**/*", tooltip="Glob relative to the input folder")
         self._format = ComboBox(label="output format", choices=list(OUTPUT_FORMATS), value="same",
                                 tooltip="same: NIfTI -> NIfTI, PNG/JPEG -> PNG, DICOM -> .nii.gz")
