@@ -115,6 +115,7 @@ class BatchWidget(WorkerWidget):
     def _finish(self, summary: BatchSummary, csv_path: Path) -> None:
         self.results = list(summary.results)
         self._table.value = self._table_value()
+        self._table.native.resizeColumnsToContents()
         failed = len(summary.failures)
         cancelled = self._cancel_event.is_set()
         self._status.value = (f"{'Cancelled after the current file. ' if cancelled else ''}"
