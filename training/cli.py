@@ -11,6 +11,7 @@ import argparse
 import csv
 import io
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-parts", choices=("all", "decoder"), default="all", help="default: all")
     p.add_argument("--no-flip", action="store_true", help="no flip augmentation (for left/right classes)")
     p.add_argument("--no-augment", action="store_true", help="no augmentation at all")
+    p.add_argument("--aug", action="append", metavar="KEY=VALUE",
+                   help="set one augmentation setting, repeatable: " + ", ".join(AugmentConfig.__dataclass_fields__)
+                   + " (e.g. --aug rotation_deg=20 --aug scale=0.8,1.25); in a config file: aug: {rotation_deg: 20}")
     p.add_argument("--no-amp", action="store_true", help="fp32 on CUDA too")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps (default: auto)")
     p.add_argument("--seed", type=int, default=d.seed, help=f"default: {d.seed}")
@@ -103,6 +107,31 @@ def resolve_settings(parser: argparse.ArgumentParser, argv: list[str] | None, ar
             settings[key] = Path(settings[key])
     parser.set_defaults(**settings)
     return parser.parse_args(argv)
+
+
+def augment_settings(args: argparse.Namespace) -> AugmentConfig | None:
+    """AugmentConfig from --no-augment, --no-flip and --aug KEY=VALUE (or an `aug` mapping in the config file)."""
+    if args.no_augment:
+        return None
+    items: dict[str, Any] = {}
+    aug = args.aug or []
+    for entry in aug.items() if isinstance(aug, dict) else (e.split("=", 1) for e in aug):
+        key, value = entry if isinstance(entry, tuple) else tuple(entry)
+        if key not in AugmentConfig.__dataclass_fields__:
+            raise TrainingError(f"unknown augmentation setting {key!r}; use one of "
+                                f"{', '.join(AugmentConfig.__dataclass_fields__)}")
+        default = getattr(AugmentConfig(), key)
+        try:
+            if isinstance(default, tuple):
+                parts = value if isinstance(value, (list, tuple)) else str(value).split(",")
+                items[key] = tuple(float(v) for v in parts)
+            else:
+                items[key] = float(value)
+        except ValueError as e:
+            raise TrainingError(f"augmentation setting {key}={value!r} is not a number") from e
+    if args.no_flip:
+        items["p_flip"] = 0.0
+    return replace(AugmentConfig(), **items)
 
 
 def _window(text: str) -> tuple[float, float] | str:
@@ -161,7 +190,7 @@ def run_train(args: argparse.Namespace) -> int:
                           weight_decay=args.weight_decay, ce_weight=args.ce_weight, dice_weight=args.dice_weight,
                           optimizer=args.optimizer, val_every=args.val_every, seed=args.seed, amp=not args.no_amp,
                           max_steps=args.max_steps, train_parts=args.train_parts,
-                          augment=None if args.no_augment else AugmentConfig(p_flip=0.0 if args.no_flip else 0.5))
+                          augment=augment_settings(args))
         trainer = Trainer(model, card, train, val, cfg, args.out, device, info, resume=args.resume)
         if info.is_main:
             resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()

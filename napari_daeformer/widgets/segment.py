@@ -70,6 +70,7 @@ class SegmentWidget(WorkerWidget):
         self.extend([self._image, self._model, self._file, self._device, self._axis, self._lower, self._upper,
                      self._batch, self._mode, self._target, self._uncertain, self._run, self._cancel,
                      self._progress, self._next, self._status])
+        self._image.changed.connect(self._image_changed)
         self._model.changed.connect(self._model_changed)
         self._file.changed.connect(self._model_changed)
         self._mode.changed.connect(lambda v: setattr(self._target, "visible", v == MODES[1]))
@@ -89,6 +90,11 @@ class SegmentWidget(WorkerWidget):
 
     def _labels_layers(self, _: Any = None) -> list[Labels]:
         return [layer for layer in self.viewer.layers if isinstance(layer, Labels)]
+
+    def _image_changed(self, layer: Image | None = None) -> None:
+        """A photo is one slice: no slice axis to choose."""
+        if layer is not None:
+            self._axis.visible = (np.ndim(layer.data) - (1 if layer.rgb else 0)) == 3
 
     def checkpoint_path(self) -> Path:
         choice = self._model.value

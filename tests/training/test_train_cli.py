@@ -75,3 +75,22 @@ def test_finetune_cli(tmp_path: Path, capsys) -> None:  # type: ignore[no-untype
     assert card.provenance["parent"] == str(weak) and weak.read_bytes() == before
     assert main(args) == 2                                               # never replaces without --overwrite
     assert "already exists" in capsys.readouterr().err
+
+
+def test_augmentation_settings_from_cli_and_file(tmp_path: Path) -> None:
+    import argparse
+
+    import pytest
+
+    from napari_daeformer.errors import TrainingError
+    from training.cli import add_train_arguments, augment_settings
+
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    aug = augment_settings(parser.parse_args(["--aug", "rotation_deg=20", "--aug", "scale=0.8,1.25", "--no-flip"]))
+    assert aug.rotation_deg == 20 and aug.scale == (0.8, 1.25) and aug.p_flip == 0.0 and aug.shear_deg == 16.0
+    from_file = argparse.Namespace(aug={"noise_std": 0.1}, no_augment=False, no_flip=False)
+    assert augment_settings(from_file).noise_std == 0.1
+    assert augment_settings(parser.parse_args(["--no-augment"])) is None
+    with pytest.raises(TrainingError, match="unknown augmentation setting"):
+        augment_settings(parser.parse_args(["--aug", "elastic=1"]))

@@ -138,3 +138,19 @@ def test_skin_photo_with_skin_model(make_napari_viewer, qtbot) -> None:  # type:
     labels = viewer.layers["lesion DAE-Former"].data
     assert labels.shape == (256, 256)
     assert dice_per_class(np.asarray(labels), sample.labels, 2)[0] > 0.9
+
+
+def test_demo_opens_the_sample_with_the_widget(monkeypatch: pytest.MonkeyPatch, qtbot) -> None:  # type: ignore[no-untyped-def]
+    """`daeformer demo` with a display: the viewer, the synthetic CT and the Segment dock (napari.run stubbed)."""
+    import napari
+
+    from napari_daeformer.widgets.launch import open_viewer_with_sample
+
+    monkeypatch.setattr(napari, "run", lambda: None)
+    open_viewer_with_sample()
+    viewer = napari.current_viewer()
+    try:
+        assert [layer.name for layer in viewer.layers] == ["synthetic CT", "synthetic CT ground truth"]
+        assert "Segment with DAE-Former (napari-daeformer)" in viewer.window._dock_widgets
+    finally:
+        viewer.close()
