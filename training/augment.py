@@ -1,5 +1,5 @@
 """Batch augmentation on the training device: the official family (flips, rotation, scale, shear,
-translation, contrast, blur, noise), with noise on the right scale for [-1, 1] inputs.
+translation, local warps, contrast, blur, noise), with noise on the right scale for [-1, 1] inputs.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ class AugmentConfig:
     scale: tuple[float, float] = (0.7, 1.4)
     shear_deg: float = 16.0
     translate: float = 0.2
+    p_warp: float = 0.2              # local warp: the official piecewise-affine augmenter, piecewise bilinear here
+    warp_magnitude: float = 0.03     # control-point displacement as a fraction of the image side
+    warp_grid: int = 4               # control points per side
     p_contrast: float = 0.3
     contrast: tuple[float, float] = (0.5, 1.5)
     p_blur: float = 0.2
@@ -54,6 +57,16 @@ def augment_batch(image: torch.Tensor, labels: torch.Tensor, cfg: AugmentConfig,
                              torch.stack([sin, cos, shift[:, 1]], 1)], 1) / scale[:, None, None]
         theta[:, :, 2] *= scale[:, None]                                   # translation is not scaled
         grid = F.affine_grid(theta, list(image.shape), align_corners=False)
+        image = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        labels = F.grid_sample(labels[:, None].float(), grid, mode="nearest", padding_mode="zeros",
+                               align_corners=False)[:, 0].long()
+    if cfg.p_warp > 0:
+        use = (rand(B) < cfg.p_warp)[:, None, None, None]
+        g = cfg.warp_grid
+        control = (rand(B * 2 * g * g).view(B, 2, g, g) * 2 - 1) * 2 * cfg.warp_magnitude * use
+        flow = F.interpolate(control, size=image.shape[2:], mode="bilinear", align_corners=True)  # (B, 2, H, W)
+        identity = torch.eye(2, 3, device=dev).expand(B, 2, 3)
+        grid = F.affine_grid(identity, list(image.shape), align_corners=False) + flow.permute(0, 2, 3, 1)
         image = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
         labels = F.grid_sample(labels[:, None].float(), grid, mode="nearest", padding_mode="zeros",
                                align_corners=False)[:, 0].long()
