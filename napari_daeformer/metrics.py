@@ -28,12 +28,6 @@ def dice_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.
     return scores
 
 
-def mean_dice(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> float:
-    """Mean Dice over the foreground classes present in either map."""
-    scores = dice_per_class(pred, truth, num_classes)
-    return float(np.nanmean(scores)) if np.isfinite(scores).any() else 1.0
-
-
 def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(mask.ndim, 1))
 
