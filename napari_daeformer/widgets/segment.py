@@ -147,9 +147,7 @@ class SegmentWidget(WorkerWidget):
         except (DaeformerError, ValueError) as e:
             show_error(str(e))
             return
-        target = self._prepare_target(image, checkpoint, record)
-        if target is None:
-            return
+        target = self._prepare_target(image, checkpoint, record, kwargs.get("only"))
         self._cancel_event.clear()
         self._progress.value = 0
         self._launch(_segment_job, record, checkpoint, {**kwargs, "cancel": self._cancel_event},
@@ -176,12 +174,13 @@ class SegmentWidget(WorkerWidget):
             kwargs["only"] = ~done
         return kwargs
 
-    def _prepare_target(self, image: Image, checkpoint: Checkpoint, record: Any) -> dict[str, Any] | None:
+    def _prepare_target(self, image: Image, checkpoint: Checkpoint, record: Any,
+                        only: np.ndarray | None) -> dict[str, Any]:
         """Where the run writes: a new layer (added now, so slices appear live) or the chosen one."""
         if self._mode.value == MODES[1]:
             layer = self._target.value
             before = np.array(layer.data, copy=True)
-            done = corrected_slices(before, layer.metadata.get(PREDICTION_KEY), int(self._axis.value))
+            done = ~only                                       # the slices the user corrected
             return {"layer": layer, "new": False, "before": before, "done": done, "axis": int(self._axis.value)}
         empty = np.zeros(record.spatial_shape, np.uint8)
         card = checkpoint.card
