@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._reader import record_to_layer
 from .checkpoint import DEFAULT_COLORS
 from .io import METADATA_KEY, ImageRecord
 from .io.record import default_affine
-from .preprocessing import CT_WINDOWS
 from .sample_data import Sample, synthetic_ct, synthetic_skin
 
 LayerData = tuple[Any, dict[str, Any], str]
@@ -16,15 +16,12 @@ LayerData = tuple[Any, dict[str, Any], str]
 def _layers(sample: Sample, name: str, modality: str) -> list[LayerData]:
     record = ImageRecord(sample.image, sample.spacing, default_affine(sample.spacing), str(sample.image.dtype),
                          modality=modality, source_format="synthetic")
-    image_kwargs: dict[str, Any] = {"name": name, "scale": list(sample.spacing),
-                                    "metadata": {METADATA_KEY: record.geometry()}, "rgb": modality == "rgb"}
-    if modality == "ct":
-        image_kwargs.update(contrast_limits=list(CT_WINDOWS["soft tissue"]), colormap="gray")
+    image = record_to_layer(record, name)
     colors = {i: DEFAULT_COLORS[i] for i in range(1, len(sample.class_names))}
     labels_kwargs = {"name": f"{name} ground truth", "scale": list(sample.spacing), "visible": False,
                      "metadata": {METADATA_KEY: record.geometry(), "class_names": list(sample.class_names)},
                      "colormap": {None: "transparent", **colors}}
-    return [(sample.image, image_kwargs, "image"), (sample.labels, labels_kwargs, "labels")]
+    return [image, (sample.labels, labels_kwargs, "labels")]
 
 
 def ct_sample() -> list[LayerData]:

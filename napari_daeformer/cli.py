@@ -75,6 +75,15 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """Where and how the inference engine runs: shared by segment and batch."""
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda[:N], mps "
+                   "(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, help="slices per forward pass (default: what fits the device)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="autocast precision; auto = bf16 on GPUs and on CPUs with native bf16 (default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="daeformer", description="DAE-Former segmentation for CT volumes and "
                                      "skin photos: the command line of napari-daeformer.")
@@ -109,13 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", type=Path, help="label map: .nii.gz, .nii, .tif or .png")
     p.add_argument("--model", help="checkpoint (.safetensors) or a bundled model name: ct, skin "
                    "(default: the bundled demonstration model for the image's kind)")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda[:N], mps "
-                   "(default: %(default)s)")
+    _add_engine_arguments(p)
     p.add_argument("--axis", type=int, default=0, help="array axis to slice along; 0 = axial for NIfTI/DICOM "
                    "(default: %(default)s)")
-    p.add_argument("--batch-size", type=int, help="slices per forward pass (default: what fits the device)")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="autocast precision; auto = bf16 on GPUs and on CPUs with native bf16 (default: %(default)s)")
     p.add_argument("--window", help="CT window overriding the checkpoint's: LOWER,UPPER in HU or a preset name "
                    "(abdomen, soft tissue, liver, lung, bone, brain)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
@@ -132,9 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", action="append", help="glob relative to IN_DIR, repeatable (default: **/*)")
     p.add_argument("--format", default="same", choices=("same", ".nii.gz", ".nii", ".tif", ".png"),
                    help="output format; same: NIfTI->NIfTI, PNG/JPEG->PNG, DICOM->.nii.gz (default: %(default)s)")
-    p.add_argument("--device", default="auto", help="default: %(default)s")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="default: auto")
-    p.add_argument("--batch-size", type=int, help="slices per forward pass (default: what fits)")
+    _add_engine_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="recompute files whose output exists")
     p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=None,
                    help="read the next file and write the last one during segmentation (default: on GPUs only)")

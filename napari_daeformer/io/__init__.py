@@ -61,8 +61,10 @@ def read_image(path: str | os.PathLike[str]) -> ImageRecord:
             return read_tiff(p)
         if suffix in PHOTO_SUFFIXES:
             return read_photo(p)
+    except ImageFormatError:
+        raise
     except DaeformerError as e:
-        raise ImageFormatError(str(e)) from e if not isinstance(e, ImageFormatError) else e
+        raise ImageFormatError(str(e)) from e
     except MemoryError as e:
         raise ImageFormatError(f"{p.name}: image too large for the available memory") from e
     except Exception as e:  # a decoder's unexpected error on malformed bytes: still one clear line

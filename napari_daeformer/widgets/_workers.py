@@ -6,12 +6,18 @@ from __future__ import annotations
 from collections.abc import Callable, Generator
 from typing import Any
 
-from magicgui.widgets import Container, Label, PushButton
+from magicgui.widgets import ComboBox, Container, Label, PushButton
 from napari.qt.threading import GeneratorWorker, create_worker
 
 from ..errors import DaeformerError
 
 MAX_WIDTH = 460
+
+
+def device_picker() -> ComboBox:
+    """The device choice every widget offers."""
+    return ComboBox(label="device", choices=["auto", "cpu", "cuda", "mps"], value="auto",
+                    tooltip="auto: CUDA GPU, then Apple MPS, then CPU")
 
 
 def failure_message(error: BaseException) -> str:

@@ -17,7 +17,7 @@ from ..checkpoint import read_card
 from ..errors import DaeformerError, InferenceError
 from ..io import read_image
 from ._layers import labels_kwargs
-from ._workers import WorkerWidget, failure_message, guarded
+from ._workers import WorkerWidget, device_picker, failure_message, guarded
 
 if TYPE_CHECKING:
     import napari
@@ -52,8 +52,7 @@ class BatchWidget(WorkerWidget):
         self._pattern = LineEdit(label="pattern", value="**/*", tooltip="Glob relative to the input folder")
         self._format = ComboBox(label="output format", choices=list(OUTPUT_FORMATS), value="same",
                                 tooltip="same: NIfTI -> NIfTI, PNG/JPEG -> PNG, DICOM -> .nii.gz")
-        self._device = ComboBox(label="device", choices=["auto", "cpu", "cuda", "mps"], value="auto",
-                                tooltip="auto: CUDA GPU, then Apple MPS, then CPU")
+        self._device = device_picker()
         self._overwrite = CheckBox(label="recompute existing outputs", value=False,
                                    tooltip="Off: files whose output exists are skipped (a stopped run resumes)")
         self._run = PushButton(text="Run", tooltip="Segment every file in the background")

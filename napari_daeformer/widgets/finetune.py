@@ -15,13 +15,13 @@ from magicgui.widgets import CheckBox, ComboBox, FileEdit, FloatSpinBox, Label, 
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info, show_warning
 
-from training.finetune import FinetuneProgress, FinetuneResult, FinetuneSettings, Pair, finetune, next_version_path
+from training.finetune import FinetuneProgress, FinetuneResult, FinetuneSettings, Pair, check_pairs, finetune, next_version_path
 
 from ..bundled import MODELS_DIR
 from ..checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ..errors import DaeformerError, TrainingError
 from ._layers import edited_slices, track_edits
-from ._workers import WorkerWidget, failure_message, guarded
+from ._workers import WorkerWidget, device_picker, failure_message, guarded
 from .segment import SegmentWidget
 
 if TYPE_CHECKING:
@@ -94,8 +94,7 @@ class FinetuneWidget(WorkerWidget):
         self._parts = ComboBox(label="train", choices=["all", "decoder"], value="all",
                                tooltip="'decoder' keeps the encoder fixed: safer with very few slices")
         self._augment = CheckBox(label="augmentation", value=True, tooltip="Random affine, contrast, blur, noise")
-        self._device = ComboBox(label="device", choices=["auto", "cpu", "cuda", "mps"], value="auto",
-                                tooltip="auto: CUDA GPU, then Apple MPS, then CPU")
+        self._device = device_picker()
         self._save_to = FileEdit(label="save as", mode="w", filter="*.safetensors",
                                  tooltip="New checkpoint file (default: PARENT-ftN.safetensors)")
         self._overwrite = CheckBox(label="overwrite parent", value=False,
@@ -185,7 +184,6 @@ class FinetuneWidget(WorkerWidget):
             segment = self.segment_widget()
             parent_path = segment.checkpoint_path()
             parent = load_checkpoint(parent_path)         # a fresh copy: the Segment widget's model is never touched
-            from training.finetune import check_pairs
             check_pairs(pairs, parent.card)
             out, overwrite = self._output_path(parent_path)
         except DaeformerError as e:

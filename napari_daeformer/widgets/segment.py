@@ -19,7 +19,7 @@ from ..inference import Progress, Segmentation, check_compatible, segment
 from ..io import geometry_from_metadata
 from ..volumes import class_measures, is_physical, measure_unit
 from ._layers import CLASSES_KEY, PREDICTION_KEY, TOUCHED_KEY, labels_kwargs, record_from_layer, track_edits
-from ._workers import WorkerWidget, failure_message, guarded
+from ._workers import WorkerWidget, device_picker, failure_message, guarded
 
 if TYPE_CHECKING:
     import napari
@@ -44,8 +44,7 @@ class SegmentWidget(WorkerWidget):
                                "train or import a real model for real scans")
         self._file = FileEdit(label="checkpoint", filter="*.safetensors", visible=False,
                               tooltip="A napari-daeformer checkpoint (.safetensors)")
-        self._device = ComboBox(label="device", choices=["auto", "cpu", "cuda", "mps"], value="auto",
-                                tooltip="auto: CUDA GPU, then Apple MPS, then CPU")
+        self._device = device_picker()
         self._axis = SpinBox(label="slice axis", min=0, max=2, value=0,
                              tooltip="Array axis to slice along (0 = axial for NIfTI and DICOM)")
         self._lower = FloatSpinBox(label="window low (HU)", min=-3000, max=5000, step=5, value=-125,
