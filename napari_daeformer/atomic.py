@@ -33,3 +33,20 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *,
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def check_output_path(path: str | os.PathLike[str], overwrite: bool = False) -> None:
+    """Refuse, before any work, an output that exists (unless `overwrite`), whose folder is a file, or whose
+    nearest existing folder is not writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise DaeformerError(f"{path} is a folder; give a file name")
+    if path.exists() and not overwrite:
+        raise DaeformerError(f"{path} already exists; choose another name or allow overwriting")
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise DaeformerError(f"cannot write {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DaeformerError(f"cannot write {path}: {folder} is not writable")

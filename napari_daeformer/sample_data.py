@@ -139,3 +139,42 @@ def synthetic_skin(seed: int = 0, size: tuple[int, int] = (256, 256)) -> Sample:
             img[rr[ok], cc[ok]] = img[rr[ok], cc[ok]] * (1 - 0.8 * val[ok, None]) + 30 * 0.8 * val[ok, None]
     img += rng.normal(0, 3.0, img.shape)
     return Sample(np.clip(img, 0, 255).astype(np.uint8), lesion.astype(np.uint8), (1.0, 1.0), SKIN_CLASSES)
+
+
+# Scanner and camera shifts that a model trained on the samples above has not seen (fine-tuning scenarios).
+SHIFTS = ("none", "offset", "contrast", "noise", "spacing", "colour cast")
+
+
+def shifted(sample: Sample, shift: str, seed: int = 0) -> Sample:
+    """`sample` as another scanner or camera would give it.
+
+    CT: "offset" +150 HU (a miscalibrated scanner), "contrast" HU scaled by 0.6 (a flatter reconstruction
+    kernel and contrast phase), "noise" Gaussian noise of 100 HU (a low-dose scan), "spacing" the in-plane
+    pixel size doubled (a field of view twice as wide, the body padded with air). Photo: "colour cast"
+    (R, G, B) x (1.2, 1.0, 0.6), a warm light.
+    """
+    if shift not in SHIFTS:
+        raise ValueError(f"unknown shift {shift!r}; choose one of {SHIFTS}")
+    rgb = sample.image.ndim == 3 and sample.image.shape[-1] == 3 and sample.labels.ndim == 2
+    if shift == "none":
+        return sample
+    if rgb != (shift == "colour cast"):
+        raise ValueError(f"shift {shift!r} does not apply to {'a photo' if rgb else 'a CT volume'}")
+    image, labels, spacing = sample.image.astype(np.float32), sample.labels, sample.spacing
+    if shift == "colour cast":
+        cast = np.clip(image * np.array([1.2, 1.0, 0.6], np.float32), 0, 255)
+        return Sample(cast.astype(np.uint8), labels, spacing, sample.class_names)
+    if shift == "offset":
+        image = image + 150.0
+    elif shift == "contrast":
+        image = image * 0.6
+    elif shift == "noise":
+        image = image + np.random.default_rng(seed).normal(0.0, 100.0, image.shape).astype(np.float32)
+    elif shift == "spacing":
+        small = ndimage.zoom(image, (1, 0.5, 0.5), order=1)
+        small_labels = ndimage.zoom(labels, (1, 0.5, 0.5), order=0)
+        pad = [(0, 0)] + [((n - m) // 2, n - m - (n - m) // 2) for n, m in zip(image.shape[1:], small.shape[1:])]
+        image = np.pad(small, pad, constant_values=_HU["air"])
+        labels = np.pad(small_labels, pad)
+        spacing = (spacing[0], spacing[1] * 2, spacing[2] * 2)
+    return Sample(np.round(image).astype(np.int16), labels, spacing, sample.class_names)

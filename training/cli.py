@@ -31,7 +31,7 @@ from napari_daeformer.sample_data import CT_CLASSES, SKIN_CLASSES
 from .augment import AugmentConfig
 from .data import Case
 from .distributed import init_from_env, shutdown
-from .finetune import FinetuneSettings, Pair, finetune
+from .finetune import PROTECTIONS, FinetuneSettings, Pair, finetune
 from .sources import FORMATS, load_cases, split_cases
 from .trainer import StepReport, TrainConfig, Trainer, ValReport
 
@@ -296,24 +296,34 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slices", help="corrected slices along axis 0, e.g. 3,5,10-12 (default: every slice with a label)")
     p.add_argument("--out", type=Path, required=True, help="new checkpoint (.safetensors)")
     p.add_argument("--steps", type=int, default=d.steps, help=f"default: {d.steps}")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default: {d.lr})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW peak learning rate (default: {d.lr})")
+    p.add_argument("--warmup", type=int, default=d.warmup_steps, help=f"linear warm-up steps (default: {d.warmup_steps})")
+    p.add_argument("--protect", choices=PROTECTIONS, default=d.protect,
+                   help="keep the uncorrected slices as the parent had them: pseudo (its confident labels as "
+                        f"targets), l2sp (pull the weights towards it) or none (default: {d.protect})")
+    p.add_argument("--protect-weight", type=float, default=d.protect_weight, help=f"default: {d.protect_weight}")
     p.add_argument("--train-parts", choices=("all", "decoder"), default=d.train_parts, help="default: all")
     p.add_argument("--no-augment", action="store_true", help="no augmentation")
     p.add_argument("--device", default="auto", help="default: auto")
+    p.add_argument("--keep-anyway", action="store_true",
+                   help="write OUT even when no step beat the parent on the held-out slices (or none could be held out)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
 
 def run_finetune(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from napari_daeformer.atomic import check_output_path
     from napari_daeformer.bundled import resolve_model
     from napari_daeformer.checkpoint import save_checkpoint
     from napari_daeformer.io import read_image
 
     source = resolve_model(args.model)
-    if args.out.exists() and not args.overwrite:
-        raise TrainingError(f"{args.out} already exists; choose a new name (the parent is never replaced) "
-                            "or pass --overwrite")
+    if args.out.suffix != ".safetensors":
+        raise TrainingError(f"{args.out}: a checkpoint is written as .safetensors")
+    check_output_path(args.out, args.overwrite)
+    if args.out.resolve() == source.resolve():
+        raise TrainingError(f"{args.out} is the parent checkpoint, which is never replaced; choose a new name")
     parent = load_checkpoint(source)
     image, labels = read_image(args.image), read_image(args.labels)
     label_data = labels.data if labels.data.ndim == len(image.spatial_shape) else labels.data[..., 0]
@@ -325,7 +335,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     else:
         slices = np.array([label_data.any()]) if label_data.ndim == 2 else label_data.reshape(count, -1).any(1)
     pair = Pair(args.image.name, image.data, label_data, slices)
-    settings = FinetuneSettings(steps=args.steps, lr=args.lr, train_parts=args.train_parts,
+    settings = FinetuneSettings(steps=args.steps, lr=args.lr, warmup_steps=args.warmup, protect=args.protect,
+                                protect_weight=args.protect_weight, train_parts=args.train_parts,
                                 augment=not args.no_augment, device=args.device)
     gen = finetune(parent, [pair], settings)
     bar = tqdm(total=args.steps, unit="step", file=sys.stderr)
@@ -335,10 +346,13 @@ def run_finetune(args: argparse.Namespace) -> int:
         except StopIteration as stop:
             result = stop.value
             break
-        bar.update(1)
-        bar.set_postfix(loss=f"{progress.loss:.4f}")
+        bar.n = progress.step
+        bar.set_postfix(loss="-" if progress.loss is None else f"{progress.loss:.4f}", refresh=True)
     bar.close()
-    out = save_checkpoint(args.out, result.checkpoint.model, result.checkpoint.card, overwrite=args.overwrite)
-    print(f"held-out Dice {result.dice_before:.4f} -> {result.dice_after:.4f} "
-          f"({result.train_slices} training, {result.holdout_slices} held-out slices); wrote {out}")
+    print(f"{result.summary} ({result.train_slices} training, {result.holdout_slices} held-out slices)")
+    if result.improved or args.keep_anyway:
+        out = save_checkpoint(args.out, result.candidate.model, result.candidate.card, overwrite=args.overwrite)
+        print(f"wrote {out}")
+    else:
+        print(f"nothing written to {args.out} (pass --keep-anyway to write the fine-tuned model)")
     return 0

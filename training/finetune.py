@@ -1,40 +1,67 @@
-"""Fine-tuning on the user's corrected slices: held-out Dice before and after, a new model, the parent untouched.
+"""Fine-tuning on the user's corrected slices, never handing back a worse model.
 
+Recipe (chosen by `benchmarks/bench_finetune.py`, see docs/training.md): AdamW with a linear warm-up (the first
+AdamW step moves every weight by about the learning rate, whatever its gradient), no weight decay towards zero,
+and a pull towards what the parent knew on the slices the user did not touch: either its confident predictions
+there as extra targets ("pseudo") or an L2 pull of the weights towards the parent's ("l2sp").
+
+The held-out corrected slices are scored every `score_every` steps, the parent counting as step 0, and the
+best state is returned: if no state beats the parent, the result says so and the parent's weights come back.
 Used by the "Fine-tune DAE-Former" dock widget and by `daeformer finetune`.
 """
 
 from __future__ import annotations
 
 import copy
-import tempfile
 from collections.abc import Generator, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from napari_daeformer.checkpoint import Checkpoint, ModelCard
+from napari_daeformer.devices import resolve_device
 from napari_daeformer.errors import TrainingError
-from napari_daeformer.inference import run_segmentation, segment
 from napari_daeformer.metrics import dice_per_class
+from napari_daeformer.model import DAEFormer
+from napari_daeformer.preprocessing import Preprocessing
+from napari_daeformer.threads import ThreadGovernor
 
 from .augment import AugmentConfig
 from .data import Case
 from .trainer import StepReport, TrainConfig, Trainer
 
+PROTECTIONS = ("pseudo", "l2sp", "none")
+
 
 @dataclass(frozen=True)
 class FinetuneSettings:
-    """Defaults sized for a few minutes of CPU work on a handful of slices."""
+    """Defaults chosen by benchmarks/bench_finetune.py (a few corrected slices, 2 CPU cores)."""
 
     steps: int = 100
-    lr: float = 1e-3                 # AdamW: gentle on a trained model
+    lr: float = 3e-4                 # AdamW peak, reached after the warm-up
+    warmup_steps: int = 10
     train_parts: str = "all"         # or "decoder"
     augment: bool = True
-    batch_size: int = 8
-    holdout_fraction: float = 0.2    # of the corrected slices, at least one
+    batch_size: int = 2              # corrected slices per step
+    protect: str = "l2sp"            # what keeps the uncorrected slices as they were: pseudo, l2sp or none
+    protect_weight: float = 1.0      # pseudo: weight of the CE on the parent's labels; l2sp: pull strength
+    confidence: float = 0.9          # pseudo: parent probability above which its label is a target
+    protect_slices: int = 32         # uncorrected slices sampled per pair (for protection and the change measure)
+    holdout_fraction: float = 0.25   # of the corrected slices, at least one when two or more are corrected
+    score_every: int = 10            # steps between scorings of the held-out slices
+    min_gain: float = 0.001          # held-out Dice gain needed to count as better (bf16/fp32 rounding is below it)
     device: str = "auto"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.protect not in PROTECTIONS:
+            raise TrainingError(f"protect must be one of {', '.join(PROTECTIONS)}, got {self.protect!r}")
+        if self.steps < 1 or self.batch_size < 1 or self.score_every < 1:
+            raise TrainingError("steps, batch size and scoring interval must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -56,18 +83,60 @@ class Pair:
 
 @dataclass(frozen=True)
 class FinetuneProgress:
-    step: int
+    step: int                            # 0: the parent, scored before training
     total: int
-    loss: float
+    loss: float | None                   # None at step 0
+    holdout_dice: float | None = None    # set on the steps where the held-out slices were scored
 
 
 @dataclass
 class FinetuneResult:
-    checkpoint: Checkpoint           # the new model, with provenance; not yet saved
-    dice_before: float
-    dice_after: float
+    """What fine-tuning produced.
+
+    `improved` is True when a trained state beat the parent on the held-out corrected slices, False when none
+    did, None when nothing could be held out (one corrected slice). `checkpoint` is the model to use from now on:
+    the best state when improved, otherwise `parent` itself. `candidate` is the trained model offered by
+    "keep anyway": the best-scoring trained state (the last one when nothing was held out); it is `checkpoint` when
+    improved. `dice_after` and `best_step` describe the candidate; `changed_uncorrected` is the share of voxels of
+    the (sampled) uncorrected slices whose label the candidate changes against the parent's prediction, None
+    without uncorrected slices.
+    """
+
+    checkpoint: Checkpoint
+    candidate: Checkpoint
+    dice_before: float | None
+    dice_after: float | None
+    improved: bool | None
+    best_step: int
+    changed_uncorrected: float | None
+    uncorrected_slices: int
     train_slices: int
     holdout_slices: int
+
+    @property
+    def headline(self) -> str:
+        """The verdict in a few words (a notification)."""
+        if self.improved is None:
+            return "Nothing could be held out: the gain is unmeasured"
+        if self.improved:
+            return f"Held-out Dice {self.dice_before:.3f} → {self.dice_after:.3f}"
+        return "No improvement: your model is unchanged"
+
+    @property
+    def summary(self) -> str:
+        """The verdict in plain sentences, with what the candidate does to the uncorrected slices."""
+        change = ("" if self.changed_uncorrected is None else
+                  f"{100 * self.changed_uncorrected:.2f}% of the voxels of {self.uncorrected_slices} uncorrected slices")
+        if self.improved:
+            text = f"{self.headline} (best at step {self.best_step})."
+            return f"{text} It changes {change}." if change else text
+        if self.improved is None:
+            text = f"{self.headline} (one corrected slice, trained on)."
+            tail = f" The fine-tuned model changes {change}." if change else ""
+            return f"{text}{tail} Keep it only if its re-segmentation looks right."
+        text = (f"{self.headline} (held-out Dice {self.dice_before:.3f}; the best fine-tuned state scored "
+                f"{self.dice_after:.3f} at step {self.best_step}")
+        return f"{text} and would change {change})." if change else f"{text})."
 
 
 def check_pairs(pairs: Sequence[Pair], card: ModelCard) -> None:
@@ -91,20 +160,101 @@ def check_pairs(pairs: Sequence[Pair], card: ModelCard) -> None:
         raise TrainingError("; ".join(problems))
 
 
-def _slices(pair: Pair, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    image, labels = (pair.image[None], pair.labels[None]) if pair.labels.ndim == 2 else (pair.image, pair.labels)
-    return image[index], labels[index]
+def _as_slices(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
+    """(S, Y, X[, 3]) images and (S, Y, X) labels; a 2D pair is one slice."""
+    return (pair.image[None], pair.labels[None]) if pair.labels.ndim == 2 else (pair.image, pair.labels)
 
 
-def held_out_dice(checkpoint: Checkpoint, cases: Sequence[Case], rgb: bool, device: str) -> float:
-    """Mean foreground Dice over the held-out slices (pooled per case)."""
-    scores = []
-    for case in cases:
-        for image, labels in zip(case.image, case.labels):
-            pred = run_segmentation(segment(image, checkpoint, rgb=rgb, device=device, precision="fp32")).labels
-            scores.append(dice_per_class(pred, labels, checkpoint.card.config.num_classes))
-    values = np.array(scores)
-    return float(np.nanmean(values)) if np.isfinite(values).any() else 0.0
+def network_input(images: np.ndarray, prep: Preprocessing, size: tuple[int, int]) -> torch.Tensor:
+    """(S, Y, X[, 3]) raw slices -> (S, C, H, W) float32 network input, exactly as the engine prepares it."""
+    x = torch.from_numpy(prep.apply(images))
+    x = x.permute(0, 3, 1, 2) if prep.kind == "rgb" else x[:, None]
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+@torch.inference_mode()
+def _predict(model: DAEFormer, x: torch.Tensor, out_size: tuple[int, int], device: torch.device,
+             batch: int = 8) -> tuple[np.ndarray, torch.Tensor]:
+    """Labels (S, Y, X) uint8 at `out_size` as the engine computes them (bilinear logits, argmax), and the
+    (S, C, H, W) softmax at network size."""
+    was_training = model.training
+    model.eval()
+    labels, probs = [], []
+    for i in range(0, len(x), batch):
+        logits = model(x[i:i + batch].to(device)).float()
+        probs.append(logits.softmax(1).cpu())
+        up = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+        labels.append(up.argmax(1).to(torch.uint8).cpu())
+    model.train(was_training)
+    return torch.cat(labels).numpy(), torch.cat(probs)
+
+
+@dataclass
+class _Slices:
+    """Slices of one pair at network size, with what scoring needs at the source size."""
+
+    x: torch.Tensor                  # (S, C, H, W) network input
+    labels: np.ndarray               # (S, Y, X) target: the user's labels, or the parent's prediction
+    size: tuple[int, int]            # (Y, X) source size
+
+
+def _split(pairs: Sequence[Pair], settings: FinetuneSettings, rng: np.random.Generator
+           ) -> tuple[list[Case], list[tuple[np.ndarray, np.ndarray]], list[np.ndarray]]:
+    """Training cases, held-out (images, labels) per pair, and up to `protect_slices` evenly spaced uncorrected
+    images per pair. The held-out share is drawn from the corrected slices of all pairs together (photos are
+    one slice each); nothing is held out when only one slice is corrected."""
+    chosen = [(i, j) for i, p in enumerate(pairs) for j in np.flatnonzero(p.slices)]
+    n_hold = max(1, round(settings.holdout_fraction * len(chosen))) if len(chosen) > 1 else 0
+    held = {chosen[k] for k in rng.choice(len(chosen), n_hold, replace=False)} if n_hold else set()
+    train, holdout, uncorrected = [], [], []
+    for i, p in enumerate(pairs):
+        images, labels = _as_slices(p)
+        keep = [j for j in np.flatnonzero(p.slices) if (i, j) not in held]
+        hold = sorted(j for j in np.flatnonzero(p.slices) if (i, j) in held)
+        if keep:
+            flat = p.labels.ndim == 2                                    # a photo or a 2D image: one slice
+            train.append(Case(f"{p.name}-train", p.image if flat else images[keep], p.labels if flat else labels[keep]))
+        if hold:
+            holdout.append((images[hold], labels[hold]))
+        rest = np.flatnonzero(~p.slices)
+        if len(rest):
+            pick = np.linspace(0, len(rest) - 1, min(len(rest), settings.protect_slices)).round().astype(int)
+            uncorrected.append(images[rest[np.unique(pick)]])
+    return train, holdout, uncorrected
+
+
+class PseudoLabels:
+    """CE on the parent's confident labels of uncorrected slices: a batch of them at every step."""
+
+    def __init__(self, x: torch.Tensor, probs: torch.Tensor, settings: FinetuneSettings, device: torch.device) -> None:
+        conf, target = probs.max(1)
+        target[conf < settings.confidence] = -100                  # not confident: no target there
+        self.x, self.target = x, target
+        self.batch, self.weight, self.device = settings.batch_size, settings.protect_weight, device
+        self.generator = torch.Generator().manual_seed(settings.seed + 1)
+
+    def __call__(self, net: torch.nn.Module) -> torch.Tensor:
+        pick = torch.randint(len(self.x), (min(self.batch, len(self.x)),), generator=self.generator)
+        logits = net(self.x[pick].to(self.device))
+        return self.weight * F.cross_entropy(logits.float(), self.target[pick].to(self.device), ignore_index=-100)
+
+
+class PullToParent:
+    """L2-SP: `weight / 2 * sum((w - w_parent)^2)` over the trained parameters."""
+
+    def __init__(self, model: DAEFormer, weight: float) -> None:
+        self.pairs = [(p, p.detach().clone()) for p in model.parameters()]
+        self.weight = weight
+
+    def __call__(self, net: torch.nn.Module) -> torch.Tensor:
+        return 0.5 * self.weight * sum(((p - p0) ** 2).sum() for p, p0 in self.pairs if p.requires_grad)
+
+
+def _pooled_dice(pred: Sequence[np.ndarray], truth: Sequence[np.ndarray], num_classes: int) -> float:
+    """Mean foreground Dice over classes present in either map, each pooled over all slices."""
+    scores = dice_per_class(np.concatenate([p.ravel() for p in pred]), np.concatenate([t.ravel() for t in truth]),
+                            num_classes)
+    return float(np.nanmean(scores)) if np.isfinite(scores).any() else 1.0
 
 
 def finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSettings = FinetuneSettings(),
@@ -113,44 +263,84 @@ def finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSettin
 
     Closing the generator (a cancel) leaves `parent` exactly as it was: only the copy is trained.
     """
+    check_pairs(pairs, parent.card)
+    device = resolve_device(settings.device)
+    threads = ThreadGovernor() if device.type == "cpu" else None
+    with threads or nullcontext():
+        return (yield from _finetune(parent, pairs, settings, device, threads))
+
+
+def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSettings, device: torch.device,
+              threads: ThreadGovernor | None) -> Generator[FinetuneProgress, None, FinetuneResult]:
     card = parent.card
-    check_pairs(pairs, card)
-    rgb = card.preprocessing.kind == "rgb"
+    if threads is not None:
+        threads.tick()
     rng = np.random.default_rng(settings.seed)
-    train, holdout = [], []
-    for p in pairs:
-        chosen = np.flatnonzero(p.slices)
-        n_hold = max(1, round(settings.holdout_fraction * len(chosen))) if len(chosen) > 1 else 0
-        hold = rng.choice(chosen, n_hold, replace=False) if n_hold else np.array([], int)
-        keep = np.setdiff1d(chosen, hold)
-        train.append(Case(f"{p.name}-train", *_slices(p, keep)))
-        if len(hold):
-            holdout.append(Case(f"{p.name}-holdout", *_slices(p, np.sort(hold))))
+    train, holdout_raw, uncorrected_raw = _split(pairs, settings, rng)
+    prep, size, n_classes = card.preprocessing, card.input_size, card.config.num_classes
+    model = copy.deepcopy(parent.model).to(device).float()
+
+    holdout = [_Slices(network_input(i, prep, size), lab, lab.shape[1:]) for i, lab in holdout_raw]
+    uncorrected, pseudo_x, pseudo_p = [], [], []
+    for images in uncorrected_raw:
+        x = network_input(images, prep, size)
+        labels, probs = _predict(model, x, images.shape[1:3], device)
+        uncorrected.append(_Slices(x, labels, images.shape[1:3]))
+        pseudo_x.append(x)
+        pseudo_p.append(probs)
+
+    def score() -> float | None:
+        if not holdout:
+            return None
+        preds = [_predict(model, h.x, h.size, device)[0] for h in holdout]
+        return _pooled_dice(preds, [h.labels for h in holdout], n_classes)
+
+    regulariser = None
+    if settings.protect == "pseudo" and pseudo_x:
+        regulariser = PseudoLabels(torch.cat(pseudo_x), torch.cat(pseudo_p), settings, device)
+    elif settings.protect == "l2sp":
+        regulariser = PullToParent(model, settings.protect_weight)
     n_train = sum(len(c.labels) for c in train)
-    n_hold = sum(len(c.labels) for c in holdout)
-    if n_hold == 0:
-        raise TrainingError("correct at least two slices: one is held out to measure whether fine-tuning helped")
-    model = copy.deepcopy(parent.model).cpu()
-    child = Checkpoint(model, card)
-    before = held_out_dice(parent, holdout, rgb, settings.device)
-    cfg = TrainConfig(epochs=10**6, batch_size=min(settings.batch_size, n_train), lr=settings.lr,
-                      optimizer="adamw", weight_decay=1e-4, max_steps=settings.steps, val_every=10**6,
-                      train_parts=settings.train_parts, seed=settings.seed,
+    cfg = TrainConfig(epochs=None, max_steps=settings.steps, batch_size=min(settings.batch_size, n_train),
+                      lr=settings.lr, warmup_steps=min(settings.warmup_steps, settings.steps - 1),
+                      optimizer="adamw", weight_decay=0.0, dice_present_only=True, train_parts=settings.train_parts, seed=settings.seed,
                       augment=AugmentConfig(p_flip=0.0) if settings.augment else None)
-    with tempfile.TemporaryDirectory(prefix="daeformer-finetune-") as tmp:
-        trainer = Trainer(model, card, train, [], cfg, tmp, device=settings.device)
-        for report in trainer.fit(log_every=10**9):
-            if isinstance(report, StepReport):
-                yield FinetuneProgress(report.step, report.total_steps, report.loss)
-    for p in model.parameters():
-        p.requires_grad_(True)
+    trainer = Trainer(model, card, train, [], cfg, None, device=str(device), regulariser=regulariser, threads=threads)
+
+    before = score()
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None         # the best trained state: Dice, step, weights
+    yield FinetuneProgress(0, trainer.total_steps, None, before)
+    for report in trainer.fit():
+        if not isinstance(report, StepReport):
+            continue
+        dice = None
+        if holdout and (report.step % settings.score_every == 0 or report.step == report.total_steps):
+            dice = score()
+            if best is None or dice > best[0]:
+                best = (dice, report.step, copy.deepcopy(model.state_dict()))
+        yield FinetuneProgress(report.step, report.total_steps, report.loss, dice)
+
+    if best is not None:
+        after, best_step = best[0], best[1]
+        model.load_state_dict(best[2])
+    else:                                                                     # nothing held out: the last state
+        after, best_step = None, trainer.step
+    improved = None if before is None or after is None else after > before + settings.min_gain
     model.eval()
-    after = held_out_dice(child, holdout, rgb, settings.device)
+    changed = None
+    if uncorrected:
+        changed_voxels = sum(int((_predict(model, u.x, u.size, device)[0] != u.labels).sum()) for u in uncorrected)
+        changed = changed_voxels / sum(u.labels.size for u in uncorrected)
+    n_hold = sum(len(h.labels) for h in holdout)
     new_card = card.with_provenance(
-        parent=str(parent.path) if parent.path else None,
-        finetuned_slices=n_train, holdout_slices=n_hold, finetune_settings=asdict(settings),
-        holdout_dice_before=round(before, 4), holdout_dice_after=round(after, 4))
-    return FinetuneResult(Checkpoint(model, new_card), before, after, n_train, n_hold)
+        parent=str(parent.path) if parent.path else None, finetuned_slices=n_train, holdout_slices=n_hold,
+        finetune_settings=asdict(settings), finetune_best_step=best_step,
+        holdout_dice_before=None if before is None else round(before, 4),
+        holdout_dice_after=None if after is None else round(after, 4),
+        changed_uncorrected=None if changed is None else round(changed, 5))
+    candidate = Checkpoint(model.cpu(), new_card)
+    return FinetuneResult(candidate if improved else parent, candidate, before, after, improved, best_step, changed,
+                          sum(len(u.labels) for u in uncorrected), n_train, n_hold)
 
 
 def next_version_path(parent: str | None, folder: str | None = None) -> str:
@@ -164,4 +354,3 @@ def next_version_path(parent: str | None, folder: str | None = None) -> str:
     while (where / f"{stem}-ft{n}.safetensors").exists():
         n += 1
     return str(where / f"{stem}-ft{n}.safetensors")
-

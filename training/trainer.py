@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from napari_daeformer.errors import TrainingError
 from napari_daeformer.inference import run_segmentation, segment
 from napari_daeformer.metrics import evaluate_case
 from napari_daeformer.model import DAEFormer
+from napari_daeformer.threads import ThreadGovernor
 
 from .augment import AugmentConfig, augment_batch
 from .data import Case, SliceDataset, validate_cases
@@ -36,19 +38,21 @@ from .state import load_state, save_state
 class TrainConfig:
     """Every default is the paper's (PAPER.md section 3) unless its comment says otherwise."""
 
-    epochs: int = 400
+    epochs: int | None = 400         # None: train for `max_steps` whatever the data size (fine-tuning)
     batch_size: int = 24             # global: split across processes under torchrun
     lr: float = 0.05                 # SGD, at batch 24
     momentum: float = 0.9
     weight_decay: float = 1e-4
     poly_power: float = 0.9          # lr = base * (1 - it / it_max) ** 0.9, per iteration
+    warmup_steps: int = 0            # linear warm-up from 0 before the poly decay (not the paper's; fine-tuning)
     ce_weight: float = 0.4
     dice_weight: float = 0.6
+    dice_present_only: bool = False  # Dice over the classes present in the batch (not the paper's; fine-tuning)
     optimizer: str = "sgd"           # or "adamw" (not the paper's; converges faster on small data)
     val_every: int = 1               # epochs between validations (the paper has no validation split)
     seed: int = 1234
     amp: bool = True                 # bf16 autocast on CUDA
-    max_steps: int | None = None     # stop early (tests, smoke runs)
+    max_steps: int | None = None     # stop early (tests, smoke runs); the length of the run when epochs is None
     train_parts: str = "all"         # or "decoder": freeze the encoder (fine-tuning)
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)   # None: no augmentation
 
@@ -76,12 +80,26 @@ class ValReport:
     best: bool
 
 
+Regulariser = Callable[[torch.nn.Module], torch.Tensor]
+
+
 class Trainer:
-    """Train `model` on slices of `train_cases`, validate on whole `val_cases` (split by case, never by slice)."""
+    """Train `model` on slices of `train_cases`, validate on whole `val_cases` (split by case, never by slice).
+
+    Args:
+        out_dir: where checkpoints, the log and the resume state go; None writes no file at all (fine-tuning).
+        regulariser: an extra loss term computed from the network at every step (added to Dice + CE).
+        threads: chooses the CPU thread count before each step (fine-tuning beside other processes); the count in
+            force before `fit` comes back when it ends.
+
+    The global random state is never touched: data order and augmentation draw from generators seeded by
+    `cfg.seed`. Parameters frozen by `train_parts` get their `requires_grad` back when `fit` ends.
+    """
 
     def __init__(self, model: DAEFormer, card: ModelCard, train_cases: Sequence[Case], val_cases: Sequence[Case],
-                 cfg: TrainConfig, out_dir: str | Path, device: str = "auto", dist: DistInfo | None = None,
-                 resume: bool = False) -> None:
+                 cfg: TrainConfig, out_dir: str | Path | None, device: str = "auto", dist: DistInfo | None = None,
+                 resume: bool = False, regulariser: Regulariser | None = None,
+                 threads: ThreadGovernor | None = None) -> None:
         self.dist = dist or DistInfo()
         rgb = card.preprocessing.kind == "rgb"
         validate_cases([*train_cases, *val_cases], card.config.num_classes, rgb)
@@ -91,18 +109,24 @@ class Trainer:
             raise TrainingError(f"batch size {cfg.batch_size} does not split over {self.dist.world_size} processes")
         if cfg.train_parts not in ("all", "decoder"):
             raise TrainingError(f"train_parts must be all or decoder, got {cfg.train_parts!r}")
+        if cfg.epochs is None and cfg.max_steps is None:
+            raise TrainingError("give a number of epochs or max_steps")
+        if resume and out_dir is None:
+            raise TrainingError("resuming needs the output folder of the interrupted run")
         self.model, self.card, self.cfg = model, card, cfg
         self.val_cases = list(val_cases)
-        self.out_dir = Path(out_dir)
+        self.out_dir = None if out_dir is None else Path(out_dir)
         self.device = resolve_device(device)
-        torch.manual_seed(cfg.seed)
+        self.regulariser, self.threads = regulariser, threads
         self.data = SliceDataset(train_cases, card.preprocessing, card.input_size)
         per_rank = cfg.batch_size // self.dist.world_size
         if len(self.data) < cfg.batch_size:
             raise TrainingError(f"{len(self.data)} training slices are fewer than one batch of {cfg.batch_size}")
         self.sampler = DistributedSampler(self.data, num_replicas=self.dist.world_size, rank=self.dist.rank,
                                           shuffle=True, seed=cfg.seed, drop_last=True)
-        self.loader = DataLoader(self.data, batch_size=per_rank, sampler=self.sampler, drop_last=True)
+        self.loader = DataLoader(self.data, batch_size=per_rank, sampler=self.sampler, drop_last=True,
+                                 generator=torch.Generator().manual_seed(cfg.seed))   # the global RNG stays as it was
+        self._grad_flags = [p.requires_grad for p in model.parameters()]
         if cfg.train_parts == "decoder":
             for p in model.encoder.parameters():
                 p.requires_grad_(False)
@@ -117,20 +141,26 @@ class Trainer:
             raise TrainingError(f"unknown optimizer {cfg.optimizer!r}; use sgd or adamw")
         self.net: torch.nn.Module = DistributedDataParallel(model) if self.dist.enabled else model
         self.steps_per_epoch = len(self.loader)
-        self.total_steps = cfg.epochs * self.steps_per_epoch
-        if cfg.max_steps is not None:
-            self.total_steps = min(self.total_steps, cfg.max_steps)
-        self.loss_fn = DiceCELoss(cfg.ce_weight, cfg.dice_weight, all_reduce_sum if self.dist.enabled else None)
+        by_epochs = None if cfg.epochs is None else cfg.epochs * self.steps_per_epoch
+        self.total_steps = min(s for s in (by_epochs, cfg.max_steps) if s is not None)
+        self.loss_fn = DiceCELoss(cfg.ce_weight, cfg.dice_weight, all_reduce_sum if self.dist.enabled else None,
+                                  cfg.dice_present_only)
         self.step, self.epoch, self.best_dice = 0, 0, -1.0
         self.amp_dtype = torch.bfloat16 if cfg.amp and self.device.type == "cuda" else None
-        if resume:
+        if resume and self.out_dir is not None:
             meta = load_state(self.out_dir / "resume.safetensors", self.model, self.optimizer)
             self.step, self.epoch, self.best_dice = meta["step"], meta["epoch"], meta["best_dice"]
 
     def lr_at(self, step: int) -> float:
-        return self.cfg.lr * (1 - step / max(self.total_steps, 1)) ** self.cfg.poly_power
+        """Linear warm-up over `warmup_steps`, then poly decay to 0 at the last step."""
+        warm = self.cfg.warmup_steps
+        if step < warm:
+            return self.cfg.lr * (step + 1) / (warm + 1)
+        return self.cfg.lr * (1 - (step - warm) / max(self.total_steps - warm, 1)) ** self.cfg.poly_power
 
     def _train_step(self, image: torch.Tensor, target: torch.Tensor, generator: torch.Generator) -> float:
+        if self.threads is not None:
+            self.threads.tick()
         image, target = image.to(self.device), target.to(self.device)
         if self.cfg.augment is not None:
             image, target = augment_batch(image, target, self.cfg.augment, generator)
@@ -139,6 +169,8 @@ class Trainer:
         with autocast(self.device, self.amp_dtype):
             logits = self.net(image)
         loss = self.loss_fn(logits, target)
+        if self.regulariser is not None:
+            loss = loss + self.regulariser(self.net)
         if not torch.isfinite(loss):
             raise TrainingError(f"loss became {loss.item()} at step {self.step}; lower the learning rate")
         self.optimizer.zero_grad(set_to_none=True)
@@ -178,7 +210,16 @@ class Trainer:
     def fit(self, log_every: int = 10) -> Iterator[StepReport | ValReport]:
         """Train, yielding after every step and validation. Stopping the iteration is a clean cancel:
         the files on disk are those of the last finished epoch."""
-        if self.dist.is_main:
+        try:
+            with self.threads or nullcontext():
+                yield from self._fit(log_every)
+        finally:
+            for p, flag in zip(self.model.parameters(), self._grad_flags):
+                p.requires_grad_(flag)
+
+    def _fit(self, log_every: int) -> Iterator[StepReport | ValReport]:
+        writes = self.dist.is_main and self.out_dir is not None
+        if writes:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             for stale in self.out_dir.glob(".*.tmp-*"):              # left by a run killed mid-write
                 stale.unlink()
@@ -193,14 +234,14 @@ class Trainer:
                 seen += len(image) * self.dist.world_size
                 report = StepReport(self.epoch, self.step, self.total_steps, loss, self.lr_at(self.step - 1),
                                     seen / (time.perf_counter() - t0))
-                if self.dist.is_main and (self.step % log_every == 0 or self.step == 1):
+                if writes and (self.step % log_every == 0 or self.step == 1):
                     self._log({"step": self.step, "epoch": self.epoch, "loss": loss, "lr": report.lr})
                 yield report
                 if self.step >= self.total_steps:
                     break
             self.epoch += 1
             validate = self.epoch % self.cfg.val_every == 0 or self.step >= self.total_steps
-            if self.dist.is_main:
+            if writes:
                 if validate:
                     dice, dist = self.evaluate()
                     mean = float(np.nanmean(dice)) if np.isfinite(dice).any() else 0.0

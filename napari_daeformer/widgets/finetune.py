@@ -28,12 +28,20 @@ if TYPE_CHECKING:
     import napari
 
 USER_MODELS = Path.home() / ".napari-daeformer" / "models"      # where versions of bundled models go
+PROTECT_CHOICES = {"parent's confident labels": "pseudo", "pull towards parent": "l2sp", "off": "none"}
+
+
+def _default_protect() -> str:
+    return next(k for k, v in PROTECT_CHOICES.items() if v == FinetuneSettings.protect)
 
 
 def _finetune_and_save(parent: Checkpoint, pairs: list[Pair], settings: FinetuneSettings, out: Path,
-                       overwrite: bool) -> Generator[FinetuneProgress, None, tuple[FinetuneResult, Path]]:
-    """The new checkpoint is written only after the last step, atomically: a cancel writes nothing."""
+                       overwrite: bool) -> Generator[FinetuneProgress, None, tuple[FinetuneResult, Path | None]]:
+    """The new checkpoint is written only after the last step, atomically, and only when it beat the parent on
+    the held-out slices: a cancel, a crash or no improvement writes nothing."""
     result = yield from finetune(parent, pairs, settings)
+    if not result.improved:
+        return result, None
     return result, save_checkpoint(out, result.checkpoint.model, result.checkpoint.card, overwrite=overwrite)
 
 
@@ -41,36 +49,66 @@ _finetune_job = guarded(_finetune_and_save, TrainingError, "fine-tuning")
 
 
 class LossPlot:
-    """A small matplotlib canvas in the dock: training loss per step."""
+    """A small matplotlib canvas in the dock, in napari's theme: training loss per step and the held-out Dice
+    at each scoring (right axis)."""
 
-    def __init__(self) -> None:
+    def __init__(self, theme: str = "dark") -> None:
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
         from matplotlib.figure import Figure
+        from napari.utils.theme import get_theme
 
-        self.figure = Figure(figsize=(3.2, 1.6), dpi=90, tight_layout=True)
+        colours = get_theme(theme)
+        self.background, self.text = colours.background.as_hex(), colours.text.as_hex()
+        self.highlight = colours.highlight.as_hex()
+        self.figure = Figure(figsize=(3.4, 1.9), dpi=90, tight_layout=True, facecolor=self.background)
         self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(150)
+        self.canvas.setMinimumHeight(170)
         self.axes = self.figure.add_subplot(111)
+        self.dice_axes = self.axes.twinx()
         self.steps: list[int] = []
         self.losses: list[float] = []
+        self.scored: list[tuple[int, float]] = []
         self.reset()
+
+    def _style(self, axes: object, ylabel: str, colour: str) -> None:
+        from matplotlib.ticker import MaxNLocator
+
+        axes.set_facecolor(self.background)                                   # type: ignore[attr-defined]
+        axes.set_ylabel(ylabel, fontsize=9, color=colour)                     # type: ignore[attr-defined]
+        axes.tick_params(labelsize=8, colors=self.text)                       # type: ignore[attr-defined]
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))               # type: ignore[attr-defined]
+        for spine in axes.spines.values():                                    # type: ignore[attr-defined]
+            spine.set_color(self.text)
 
     def reset(self) -> None:
         self.steps.clear()
         self.losses.clear()
-        self.axes.clear()
-        self.axes.set_xlabel("step", fontsize=8)
-        self.axes.set_ylabel("loss", fontsize=8)
-        self.axes.tick_params(labelsize=7)
-        (self.line,) = self.axes.plot([], [])
+        self.scored.clear()
+        for axes in (self.axes, self.dice_axes):
+            axes.clear()
+        self._style(self.axes, "loss", self.text)
+        self._style(self.dice_axes, "held-out Dice", self.highlight)
+        self.axes.set_xlabel("step", fontsize=9, color=self.text)
+        self.dice_axes.set_ylim(0, 1.02)
+        (self.line,) = self.axes.plot([], [], color=self.text, linewidth=1)
+        (self.dice_line,) = self.dice_axes.plot([], [], "o-", color=self.highlight, markersize=3, linewidth=1)
+        self.note = self.axes.text(0.5, 0.5, "the loss appears here while fine-tuning", ha="center", va="center",
+                                   transform=self.axes.transAxes, fontsize=8, color=self.text)
         self.canvas.draw_idle()
 
-    def add(self, step: int, loss: float) -> None:
-        self.steps.append(step)
-        self.losses.append(loss)
-        self.line.set_data(self.steps, self.losses)
+    def add(self, step: int, loss: float | None, dice: float | None = None) -> None:
+        """Step 0 (the parent, before training) brings a Dice and no loss."""
+        self.note.set_visible(False)
+        if loss is not None:
+            self.steps.append(step)
+            self.losses.append(loss)
+            self.line.set_data(self.steps, self.losses)
+        if dice is not None:
+            self.scored.append((step, dice))
+            self.dice_line.set_data(*zip(*self.scored))
         self.axes.relim()
         self.axes.autoscale_view()
+        self.dice_axes.set_xlim(self.axes.get_xlim())
         self.canvas.draw_idle()
 
 
@@ -88,9 +126,14 @@ class FinetuneWidget(WorkerWidget):
         self._clear = PushButton(text="Clear pairs")
         self._pairs_info = self._wrap(Label(value="No pairs yet."))
         self._steps = SpinBox(label="steps", min=1, max=20000, value=FinetuneSettings.steps,
-                              tooltip="Optimiser steps; 100 take a few minutes on a CPU")
+                              tooltip="Optimiser steps; 100 take about 30 s for the small model on 2 CPU cores")
         self._lr = FloatSpinBox(label="learning rate", min=1e-5, max=1.0, step=1e-5, value=FinetuneSettings.lr,
-                                tooltip="AdamW learning rate")
+                                tooltip="AdamW peak learning rate, reached after a warm-up of "
+                                        f"{FinetuneSettings.warmup_steps} steps")
+        self._protect = ComboBox(label="protect the rest", choices=list(PROTECT_CHOICES), value=_default_protect(),
+                                 tooltip="Keep what the model knew on the slices you did not correct: its confident "
+                                         "labels there as extra targets, or a pull of the weights towards the "
+                                         "starting model")
         self._parts = ComboBox(label="train", choices=["all", "decoder"], value="all",
                                tooltip="'decoder' keeps the encoder fixed: safer with very few slices")
         self._augment = CheckBox(label="augmentation", value=True, tooltip="Random affine, contrast, blur, noise")
@@ -105,22 +148,28 @@ class FinetuneWidget(WorkerWidget):
         self._result = self._wrap(Label(value=""))
         self._resegment = PushButton(text="Re-segment with new model", enabled=False,
                                      tooltip="Segment the first pair's image again, into a new layer")
-        self._revert = PushButton(text="Revert to parent model", enabled=False)
+        self._keep_anyway = PushButton(text="Keep anyway", visible=False,
+                                       tooltip="Save the fine-tuned model and use it although it was not shown better")
+        self._revert = PushButton(text="Revert to parent model", enabled=False,
+                                  tooltip="Segment with the starting model again")
         self.extend([self._image, self._labels, self._add, self._pairs_info, self._clear, self._steps, self._lr,
-                     self._parts, self._augment, self._device, self._save_to, self._overwrite, self._run,
+                     self._protect, self._parts, self._augment, self._device, self._save_to, self._overwrite, self._run,
                      self._cancel, self._progress])
-        self.plot = LossPlot()
+        self.plot = LossPlot(str(self.viewer.theme))
         self.native.layout().addWidget(self.plot.canvas)
-        self.extend([self._result, self._resegment, self._revert])
+        self.extend([self._result, self._keep_anyway, self._resegment, self._revert])
         self.pairs: list[tuple[Image, Labels]] = []
         self.parent_path: Path | None = None
         self.new_path: Path | None = None
+        self.result: FinetuneResult | None = None
+        self._pending_out: tuple[Path, bool] | None = None
         self._add.clicked.connect(self._add_pair)
         self._clear.clicked.connect(self._clear_pairs)
         self._run.clicked.connect(self._start)
         self._cancel.clicked.connect(self.cancel)
         self._resegment.clicked.connect(self._resegment_image)
         self._revert.clicked.connect(self._revert_model)
+        self._keep_anyway.clicked.connect(self._keep)
         self.viewer.layers.events.inserted.connect(self._layer_added)
         self.viewer.layers.events.removed.connect(lambda _: self.reset_choices())
         for layer in self.viewer.layers:
@@ -190,9 +239,12 @@ class FinetuneWidget(WorkerWidget):
             show_error(str(e))
             return
         settings = FinetuneSettings(steps=int(self._steps.value), lr=float(self._lr.value),
-                                    train_parts=self._parts.value, augment=bool(self._augment.value),
-                                    device=self._device.value)
+                                    protect=PROTECT_CHOICES[self._protect.value], train_parts=self._parts.value,
+                                    augment=bool(self._augment.value), device=self._device.value)
         self.plot.reset()
+        self.result, self._pending_out = None, (out, overwrite)
+        self._keep_anyway.visible = False
+        self._resegment.enabled = self._revert.enabled = False
         self._progress.max = settings.steps
         self._progress.value = 0
         self._result.value = f"Fine-tuning on {sum(int(p.slices.sum()) for p in pairs)} corrected slices…"
@@ -204,17 +256,39 @@ class FinetuneWidget(WorkerWidget):
     def _on_step(self, p: FinetuneProgress) -> None:
         self._progress.max = p.total
         self._progress.value = p.step
-        self.plot.add(p.step, p.loss)
+        self.plot.add(p.step, p.loss, p.holdout_dice)
 
-    def _finish(self, parent_path: Path, result: FinetuneResult, path: Path) -> None:
-        self.parent_path, self.new_path = parent_path, path
-        verdict = "better" if result.dice_after > result.dice_before else "not better: consider reverting"
-        self._result.value = (f"Held-out Dice {result.dice_before:.3f} → <b>{result.dice_after:.3f}</b> ({verdict})"
-                              f"<br>{result.train_slices} training / {result.holdout_slices} held-out slices"
-                              f"<br>saved {path.name}")
+    def _finish(self, parent_path: Path, result: FinetuneResult, path: Path | None) -> None:
+        self.parent_path, self.result = parent_path, result
+        lines = [result.summary, f"{result.train_slices} training / {result.holdout_slices} held-out slices."]
+        if path is None:
+            lines.append("Nothing saved; the Segment widget keeps its model. Press 'Keep anyway' to use the "
+                         "fine-tuned one.")
+            self._keep_anyway.visible = True
+            show_info(f"DAE-Former: {result.headline}.")
+        else:
+            lines.append(f"Saved {path.name} and loaded it into the Segment widget.")
+            self._use(path)
+            show_info(f"DAE-Former: fine-tuned model saved as {path}")
+        self._result.value = "<br>".join(lines)
+
+    def _use(self, path: Path) -> None:
+        self.new_path = path
         self.segment_widget().set_checkpoint(path)
         self._resegment.enabled = self._revert.enabled = True
-        show_info(f"DAE-Former: fine-tuned model saved as {path}")
+
+    def _keep(self) -> None:
+        if self.result is None or self._pending_out is None:
+            return
+        out, overwrite = self._pending_out
+        try:
+            path = save_checkpoint(out, self.result.candidate.model, self.result.candidate.card, overwrite=overwrite)
+        except DaeformerError as e:
+            show_error(str(e))
+            return
+        self._use(path)
+        self._keep_anyway.visible = False
+        self._result.value += f"<br>Kept anyway: saved {path.name} and loaded it into the Segment widget."
 
     def _failed(self, error: BaseException) -> None:
         message = failure_message(error)
@@ -236,4 +310,5 @@ class FinetuneWidget(WorkerWidget):
     def _revert_model(self) -> None:
         if self.parent_path is not None:
             self.segment_widget().set_checkpoint(self.parent_path)
-            self._result.value += f"<br>reverted to {self.parent_path.name}"
+            self._resegment.enabled = self._revert.enabled = False
+            self._result.value += f"<br>Reverted to {self.parent_path.name}."

@@ -101,3 +101,30 @@ def test_decoder_only_fine_tuning_freezes_the_encoder(tmp_path: Path) -> None:
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("encoder."))
     assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+
+
+def test_no_output_folder_writes_nothing_and_leaves_global_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hooks fine-tuning relies on: no files without an output folder, steps without epochs, the global RNG
+    untouched, frozen parameters given back, a regulariser added to the loss, warm-up from a small lr."""
+    monkeypatch.chdir(tmp_path)
+    model = DAEFormer(SMALL_CT)
+    calls: list[int] = []
+
+    def regulariser(net: torch.nn.Module) -> torch.Tensor:
+        calls.append(1)
+        return sum(p.sum() for p in net.parameters() if p.requires_grad) * 0.0
+
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    trainer = Trainer(model, ct_card(32), [ct_case(1, slices=4, side=32)], [],
+                      TrainConfig(epochs=None, max_steps=7, batch_size=2, warmup_steps=4, train_parts="decoder",
+                                  augment=AugmentConfig(p_flip=0.0)), None, "cpu", regulariser=regulariser)
+    reports = [r for r in trainer.fit() if isinstance(r, StepReport)]
+    assert len(reports) == 7 and len(calls) == 7                     # 2 slices an epoch: steps do not stop at epochs
+    assert [round(trainer.lr_at(s) / trainer.cfg.lr, 3) for s in range(5)] == [0.2, 0.4, 0.6, 0.8, 1.0]
+    assert trainer.lr_at(6) < trainer.cfg.lr
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(p.requires_grad for p in model.parameters())
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(TrainingError, match="epochs or max_steps"):
+        Trainer(model, ct_card(32), [ct_case(1, slices=4, side=32)], [], TrainConfig(epochs=None, batch_size=2), None)

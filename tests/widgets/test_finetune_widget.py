@@ -75,6 +75,42 @@ def test_finetune_improves_held_out_dice(session, weak_ckpt: Path, qtbot) -> Non
     assert segment.checkpoint_path() == weak_ckpt
 
 
+def test_good_model_is_kept_when_nothing_beats_it(make_napari_viewer, tmp_path: Path, qtbot) -> None:  # type: ignore[no-untyped-def]
+    """A good model, "corrections" equal to its own prediction: no improvement, nothing saved, the Segment widget
+    keeps its model; "Keep anyway" then saves the fine-tuned model and loads it."""
+    viewer = make_napari_viewer()
+    sample = synthetic_ct(seed=0, shape=(24, 128, 128))
+    viewer.add_image(sample.image, name="CT", scale=sample.spacing)
+    _, tune = viewer.window.add_plugin_dock_widget("napari-daeformer", "Fine-tune DAE-Former")
+    segment = tune.segment_widget()
+    good = segment.checkpoint_path()
+    segment._image.value = viewer.layers["CT"]
+    segment._run.clicked()
+    qtbot.waitUntil(lambda: not segment.running, timeout=120_000)
+    layer = viewer.layers["CT DAE-Former"]
+    for z in (6, 12, 18):                                             # reviewed, found right: painted and painted back
+        was = int(layer.data[z, 64, 64])
+        layer.data_setitem((np.array([z]), np.array([64]), np.array([64])), (was + 1) % 6)
+        layer.data_setitem((np.array([z]), np.array([64]), np.array([64])), was)
+    assert np.array_equal(layer.data, layer.metadata["daeformer_prediction"])
+    tune._image.value, tune._labels.value = viewer.layers["CT"], layer
+    tune._steps.value = 10
+    tune._device.value = "cpu"
+    kept = tmp_path / "kept.safetensors"
+    tune._save_to.value = kept
+    tune._run.clicked()
+    qtbot.waitUntil(lambda: not tune.running, timeout=300_000)
+    assert "No improvement: your model is unchanged" in tune._result.value
+    assert tune.new_path is None and not kept.exists() and list(tmp_path.glob("*.safetensors")) == []
+    assert segment.checkpoint_path() == good
+    assert not tune._keep_anyway.native.isHidden() and not tune._resegment.enabled
+    assert tune.plot.scored[0][0] == 0 and tune.plot.scored[0][1] > 0.99   # the parent, scored as step 0
+    # (the layer may come from bf16 inference, the scoring is fp32: equal up to rounding)
+    tune._keep_anyway.clicked()
+    assert kept.exists() and segment.checkpoint_path() == kept and tune._resegment.enabled
+    assert read_card(kept).provenance["holdout_dice_before"] > 0.99
+
+
 def test_cancel_writes_nothing_and_keeps_the_model(session, weak_ckpt: Path, qtbot) -> None:  # type: ignore[no-untyped-def]
     viewer, segment, tune, sample = session
     layer = viewer.layers["CT DAE-Former"]
