@@ -3,6 +3,11 @@
     python benchmarks/bench_finetune.py [--threads 2] [--slices 3,8] [--scenario NAME ...] [--lr 3e-4]
         [--protect pseudo|l2sp|none] [--protect-weight W] [--steps 100] [--seed 31]
     python benchmarks/bench_finetune.py --ablation [--threads 2]
+    python benchmarks/bench_finetune.py --speed [--device cpu|cuda] [--arch small|paper]
+
+`--speed` times 100 fine-tuning steps (the defaults, 8 corrected slices of the +150 HU scan, 2 trained per step,
+scoring and protection included) on an idle machine and again while another process runs PyTorch matrix products
+on every core, with the thread governor (the default) and without it (torch's thread count fixed), all in one run.
 
 `--ablation` answers "why did the first steps destroy a good model": the recipe before issue 12 (AdamW at 1e-3 from
 the first step, weight decay 1e-4, soft Dice over all classes, the full augmentation family), one change at a time,
@@ -34,7 +39,7 @@ from napari_daeformer.metrics import dice_per_class
 from napari_daeformer.sample_data import Sample, shifted, synthetic_ct, synthetic_skin
 from training.augment import AugmentConfig
 from training.data import Case
-from training.finetune import FinetuneSettings, Pair, PullToParent, finetune
+from training.finetune import DEFAULT_WEIGHTS, FinetuneSettings, Pair, PullToParent, finetune
 from training.trainer import StepReport, TrainConfig, Trainer
 
 CT_SCENARIOS = ("none", "offset", "contrast", "noise", "spacing")
@@ -120,11 +125,80 @@ def ablation() -> None:
         for steps in (20, 100):
             model = copy.deepcopy(parent.model).float()
             trainer = Trainer(model, parent.card, [train], [], replace(cfg, max_steps=steps), None, "cpu",
-                              regulariser=PullToParent(model, 1.0) if l2sp else None)
+                              regulariser=PullToParent(model, DEFAULT_WEIGHTS["l2sp"]) if l2sp else None)
             losses = [r.loss for r in trainer.fit() if isinstance(r, StepReport)]
             after = _labels(Checkpoint(model.eval(), parent.card), sample.image[others], False)
             cells.append(_dice(after, sample.labels[others], n))
         print(f"| {name} | {' '.join(f'{x:.3f}' for x in losses[:3])} | {cells[0]:.3f} | {cells[1]:.3f} |", flush=True)
+
+
+_COMPETITOR = """
+import time, torch
+a = torch.randn(1024, 1024)
+end = time.time() + 600
+while time.time() < end:
+    a @ a
+"""
+
+
+def _timed_finetune(parent: Checkpoint, pairs: list[Pair], settings: FinetuneSettings, governed: bool) -> float:
+    import training.finetune as ft
+
+    governor = ft.ThreadGovernor
+    if not governed:
+        ft.ThreadGovernor = lambda: None                     # type: ignore[assignment,misc]  # torch's count, fixed
+    try:
+        t0 = time.perf_counter()
+        gen = finetune(parent, pairs, settings)
+        for _ in gen:
+            pass
+        return time.perf_counter() - t0
+    finally:
+        ft.ThreadGovernor = governor                         # type: ignore[misc]
+
+
+def speed(device: str, arch: str) -> None:
+    import subprocess
+    import sys
+
+    from napari_daeformer.model import DAEFormer, named_config
+
+    parent = load_checkpoint(bundled_model("ct"))
+    if arch != "small":                                      # same card, a network of that size (random weights)
+        config = named_config(arch, num_classes=parent.card.config.num_classes, in_channels=1)
+        parent = Checkpoint(DAEFormer(config), replace(parent.card, config=config))
+    sample = shifted(synthetic_ct(seed=31), "offset")
+    chosen = np.linspace(8, 40, 8).round().astype(int)
+    mask = np.zeros(len(sample.labels), bool)
+    mask[chosen] = True
+    pairs = [Pair("offset", sample.image, np.where(mask[:, None, None], sample.labels, 0), mask)]
+    settings = replace(FinetuneSettings(), device=device)
+    print(f"# {arch}, 100 steps, {device}, torch threads {torch.get_num_threads()}, {_cpu_name()}")
+    print("| condition | thread governor | seconds | vs idle |")
+    print("|---|---|---:|---:|")
+    idle = _timed_finetune(parent, pairs, settings, True)
+    print(f"| idle | on | {idle:.1f} | 1.00x |", flush=True)
+    if device != "cpu":
+        return
+    print(f"| idle | off | {(t := _timed_finetune(parent, pairs, settings, False)):.1f} | {t / idle:.2f}x |", flush=True)
+    competitor = subprocess.Popen([sys.executable, "-c", _COMPETITOR])
+    try:
+        time.sleep(2)
+        for governed in (True, False):
+            t = _timed_finetune(parent, pairs, settings, governed)
+            print(f"| another process on every core | {'on' if governed else 'off'} | {t:.1f} | {t / idle:.2f}x |",
+                  flush=True)
+    finally:
+        competitor.kill()
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+        return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
@@ -132,11 +206,14 @@ def main() -> None:
     d = FinetuneSettings()
     p.add_argument("--threads", type=int)
     p.add_argument("--ablation", action="store_true", help="the old recipe, one change at a time (no-shift case)")
+    p.add_argument("--speed", action="store_true", help="100 steps idle and beside another process")
+    p.add_argument("--device", default="cpu", help="--speed: cpu or cuda")
+    p.add_argument("--arch", default="small", help="--speed: small or paper")
     p.add_argument("--slices", default="3,8", help="numbers of corrected slices, comma-separated")
     p.add_argument("--scenario", action="append", choices=(*CT_SCENARIOS, "colour cast"))
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--protect", default=d.protect)
-    p.add_argument("--protect-weight", type=float, default=d.protect_weight)
+    p.add_argument("--protect-weight", type=float, help="default: the protection's measured weight")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--warmup", type=int, default=d.warmup_steps)
     p.add_argument("--seed", type=int, default=31, help="CT phantom seed (not one the bundled model saw)")
@@ -146,10 +223,13 @@ def main() -> None:
     if args.ablation:
         ablation()
         return
+    if args.speed:
+        speed(args.device, args.arch)
+        return
     settings = replace(d, lr=args.lr, protect=args.protect, protect_weight=args.protect_weight, steps=args.steps,
                        warmup_steps=args.warmup, device="cpu")
     print(f"# lr {settings.lr}, warm-up {settings.warmup_steps}, protect {settings.protect} "
-          f"(weight {settings.protect_weight}), {settings.steps} steps, {torch.get_num_threads()} threads")
+          f"(weight {settings.weight:g}), {settings.steps} steps, {torch.get_num_threads()} threads")
     print("| scenario | corrected | Dice before | Dice after | change | other voxels changed | verdict | seconds |")
     print("|---|---:|---:|---:|---:|---:|---|---:|")
     gains: dict[bool, list[float]] = {True: [], False: []}

@@ -88,6 +88,7 @@ def run_demo(args: argparse.Namespace) -> int:
     ct = synthetic_ct(seed=0)
     ct_path = write_nifti(out_dir / "synthetic_ct.nii.gz", ct.image, default_affine(ct.spacing), overwrite=True)
     record = read_image(ct_path)
+    write_labels(out_dir / "synthetic_ct_truth.nii.gz", ct.labels, record, overwrite=True)
     out, labels, measures = segment_file(record, out_dir / "synthetic_ct_labels.nii.gz", None, overwrite=True)
     dice = dice_per_class(labels, ct.labels, len(ct.class_names))
     print(f"wrote {out}: mean Dice against the phantom's ground truth {np.nanmean(dice):.3f}")

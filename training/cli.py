@@ -31,7 +31,7 @@ from napari_daeformer.sample_data import CT_CLASSES, SKIN_CLASSES
 from .augment import AugmentConfig
 from .data import Case
 from .distributed import init_from_env, shutdown
-from .finetune import PROTECTIONS, FinetuneSettings, Pair, finetune
+from .finetune import DEFAULT_WEIGHTS, PROTECTIONS, FinetuneSettings, Pair, finetune
 from .sources import FORMATS, load_cases, split_cases
 from .trainer import StepReport, TrainConfig, Trainer, ValReport
 
@@ -301,7 +301,9 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protect", choices=PROTECTIONS, default=d.protect,
                    help="keep the uncorrected slices as the parent had them: pseudo (its confident labels as "
                         f"targets), l2sp (pull the weights towards it) or none (default: {d.protect})")
-    p.add_argument("--protect-weight", type=float, default=d.protect_weight, help=f"default: {d.protect_weight}")
+    p.add_argument("--protect-weight", type=float,
+                   help="strength of the protection (default: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_WEIGHTS.items() if v)
+                   + ")")
     p.add_argument("--train-parts", choices=("all", "decoder"), default=d.train_parts, help="default: all")
     p.add_argument("--no-augment", action="store_true", help="no augmentation")
     p.add_argument("--device", default="auto", help="default: auto")
@@ -349,7 +351,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         bar.n = progress.step
         bar.set_postfix(loss="-" if progress.loss is None else f"{progress.loss:.4f}", refresh=True)
     bar.close()
-    print(f"{result.summary} ({result.train_slices} training, {result.holdout_slices} held-out slices)")
+    print(f"{result.train_slices} corrected slices trained on, {result.holdout_slices} held out. {result.summary}")
     if result.improved or args.keep_anyway:
         out = save_checkpoint(args.out, result.candidate.model, result.candidate.card, overwrite=args.overwrite)
         print(f"wrote {out}")

@@ -35,6 +35,7 @@ from .data import Case
 from .trainer import StepReport, TrainConfig, Trainer
 
 PROTECTIONS = ("pseudo", "l2sp", "none")
+DEFAULT_WEIGHTS = {"l2sp": 10.0, "pseudo": 1.0, "none": 0.0}     # measured by benchmarks/bench_finetune.py
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,8 @@ class FinetuneSettings:
     augment: bool = True
     batch_size: int = 2              # corrected slices per step
     protect: str = "l2sp"            # what keeps the uncorrected slices as they were: pseudo, l2sp or none
-    protect_weight: float = 1.0      # pseudo: weight of the CE on the parent's labels; l2sp: pull strength
+    protect_weight: float | None = None  # l2sp: pull strength; pseudo: weight of the CE on the parent's labels
+    #                                  (None: DEFAULT_WEIGHTS for the protection)
     confidence: float = 0.9          # pseudo: parent probability above which its label is a target
     protect_slices: int = 32         # uncorrected slices sampled per pair (for protection and the change measure)
     holdout_fraction: float = 0.25   # of the corrected slices, at least one when two or more are corrected
@@ -56,6 +58,11 @@ class FinetuneSettings:
     min_gain: float = 0.001          # held-out Dice gain needed to count as better (bf16/fp32 rounding is below it)
     device: str = "auto"
     seed: int = 0
+
+    @property
+    def weight(self) -> float:
+        """The protection's weight in the loss."""
+        return DEFAULT_WEIGHTS[self.protect] if self.protect_weight is None else self.protect_weight
 
     def __post_init__(self) -> None:
         if self.protect not in PROTECTIONS:
@@ -230,7 +237,7 @@ class PseudoLabels:
         conf, target = probs.max(1)
         target[conf < settings.confidence] = -100                  # not confident: no target there
         self.x, self.target = x, target
-        self.batch, self.weight, self.device = settings.batch_size, settings.protect_weight, device
+        self.batch, self.weight, self.device = settings.batch_size, settings.weight, device
         self.generator = torch.Generator().manual_seed(settings.seed + 1)
 
     def __call__(self, net: torch.nn.Module) -> torch.Tensor:
@@ -299,7 +306,7 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
     if settings.protect == "pseudo" and pseudo_x:
         regulariser = PseudoLabels(torch.cat(pseudo_x), torch.cat(pseudo_p), settings, device)
     elif settings.protect == "l2sp":
-        regulariser = PullToParent(model, settings.protect_weight)
+        regulariser = PullToParent(model, settings.weight)
     n_train = sum(len(c.labels) for c in train)
     cfg = TrainConfig(epochs=None, max_steps=settings.steps, batch_size=min(settings.batch_size, n_train),
                       lr=settings.lr, warmup_steps=min(settings.warmup_steps, settings.steps - 1),

@@ -70,7 +70,7 @@ def test_finetune_cli(tmp_path: Path, capsys) -> None:  # type: ignore[no-untype
             "--out", str(tmp_path / "tuned.safetensors")]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "Held-out Dice" in out and "4 training, 2 held-out" in out and "wrote" in out
+    assert "Held-out Dice" in out and "4 corrected slices trained on, 2 held out" in out and "wrote" in out
     card = read_card(tmp_path / "tuned.safetensors")
     assert card.provenance["parent"] == str(weak) and weak.read_bytes() == before
     assert main(args) == 2                                               # never replaces without --overwrite
