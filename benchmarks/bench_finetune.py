@@ -37,6 +37,7 @@ from napari_daeformer.checkpoint import Checkpoint, load_checkpoint
 from napari_daeformer.inference import run_segmentation, segment
 from napari_daeformer.metrics import dice_per_class
 from napari_daeformer.sample_data import Sample, shifted, synthetic_ct, synthetic_skin
+from napari_daeformer.threads import ThreadGovernor
 from training.augment import AugmentConfig
 from training.data import Case
 from training.finetune import DEFAULT_WEIGHTS, FinetuneSettings, Pair, PullToParent, finetune
@@ -125,7 +126,8 @@ def ablation() -> None:
         for steps in (20, 100):
             model = copy.deepcopy(parent.model).float()
             trainer = Trainer(model, parent.card, [train], [], replace(cfg, max_steps=steps), None, "cpu",
-                              regulariser=PullToParent(model, DEFAULT_WEIGHTS["l2sp"]) if l2sp else None)
+                              regulariser=PullToParent(model, DEFAULT_WEIGHTS["l2sp"]) if l2sp else None,
+                              threads=ThreadGovernor())
             losses = [r.loss for r in trainer.fit() if isinstance(r, StepReport)]
             after = _labels(Checkpoint(model.eval(), parent.card), sample.image[others], False)
             cells.append(_dice(after, sample.labels[others], n))

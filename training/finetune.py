@@ -1,13 +1,16 @@
 """Fine-tuning on the user's corrected slices, never handing back a worse model.
 
-Recipe (chosen by `benchmarks/bench_finetune.py`, see docs/training.md): AdamW with a linear warm-up (the first
-AdamW step moves every weight by about the learning rate, whatever its gradient), no weight decay towards zero,
-and a pull towards what the parent knew on the slices the user did not touch: either its confident predictions
-there as extra targets ("pseudo") or an L2 pull of the weights towards the parent's ("l2sp").
+Why the earlier recipe wrecked a good model (`python benchmarks/bench_finetune.py --ablation`): AdamW's first steps at
+1e-3 move every weight by about the learning rate whatever its gradient, and on a handful of slices the organs absent
+from them are unlearned (the soft Dice of a class absent from the batch stays near 0 however right the model is, and
+cross-entropy alone pushes such a class down everywhere). The recipe, chosen by `benchmarks/bench_finetune.py`: a
+10-step linear warm-up to 3e-4, Dice over the classes present in the batch, no weight decay towards zero, and L2-SP,
+a pull of the weights towards the parent's (`PullToParent`). `PseudoLabels`, the parent's confident labels on
+uncorrected slices as extra targets, is the measured alternative: twice as slow, and weaker under a scanner shift.
 
-The held-out corrected slices are scored every `score_every` steps, the parent counting as step 0, and the
-best state is returned: if no state beats the parent, the result says so and the parent's weights come back.
-Used by the "Fine-tune DAE-Former" dock widget and by `daeformer finetune`.
+The held-out corrected slices are scored every `score_every` steps, the parent counting as step 0: the parent itself
+comes back unless a trained state beats it by `min_gain`. Used by the "Fine-tune DAE-Former" dock widget and by
+`daeformer finetune`.
 """
 
 from __future__ import annotations
