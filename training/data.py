@@ -48,6 +48,14 @@ def validate_cases(cases: Sequence[Case], num_classes: int, rgb: bool) -> None:
         raise TrainingError(f"{len(problems)} bad training case(s): " + "; ".join(problems))
 
 
+def network_input(images: np.ndarray, prep: Preprocessing, size: tuple[int, int]) -> torch.Tensor:
+    """(S, Y, X[, 3]) raw slices -> (S, C, H, W) float32 network input: normalised with `prep`, resized (bilinear,
+    antialiased) to `size`."""
+    x = torch.from_numpy(prep.apply(images))
+    x = x.permute(0, 3, 1, 2) if prep.kind == "rgb" else x[:, None]
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
 class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """Axial slices of `cases`, normalised with `prep` and resized to `size` (image bilinear, labels nearest).
 
@@ -56,7 +64,6 @@ class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
     def __init__(self, cases: Sequence[Case], prep: Preprocessing, size: tuple[int, int],
                  slices: dict[str, Sequence[int]] | None = None) -> None:
-        rgb = prep.kind == "rgb"
         images, labels = [], []
         for case in cases:
             img, lab = case.image, case.labels
@@ -65,9 +72,7 @@ class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             keep = list(slices[case.name]) if slices and case.name in slices else range(len(lab))
             if not keep:
                 continue
-            x = torch.from_numpy(prep.apply(img[keep]))            # (S, Y, X[, 3])
-            x = x.permute(0, 3, 1, 2) if rgb else x[:, None]
-            images.append(F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True))
+            images.append(network_input(img[keep], prep, size))
             y = torch.from_numpy(np.ascontiguousarray(lab[keep]).astype(np.int64))[:, None].float()
             labels.append(F.interpolate(y, size=size, mode="nearest")[:, 0].long())
         if not images:

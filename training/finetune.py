@@ -30,11 +30,10 @@ from napari_daeformer.devices import resolve_device
 from napari_daeformer.errors import TrainingError
 from napari_daeformer.metrics import dice_per_class
 from napari_daeformer.model import DAEFormer
-from napari_daeformer.preprocessing import Preprocessing
 from napari_daeformer.threads import ThreadGovernor
 
 from .augment import AugmentConfig
-from .data import Case
+from .data import Case, network_input
 from .trainer import StepReport, TrainConfig, Trainer
 
 PROTECTIONS = ("pseudo", "l2sp", "none")
@@ -175,13 +174,6 @@ def _as_slices(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
     return (pair.image[None], pair.labels[None]) if pair.labels.ndim == 2 else (pair.image, pair.labels)
 
 
-def network_input(images: np.ndarray, prep: Preprocessing, size: tuple[int, int]) -> torch.Tensor:
-    """(S, Y, X[, 3]) raw slices -> (S, C, H, W) float32 network input, exactly as the engine prepares it."""
-    x = torch.from_numpy(prep.apply(images))
-    x = x.permute(0, 3, 1, 2) if prep.kind == "rgb" else x[:, None]
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-
-
 @torch.inference_mode()
 def _predict(model: DAEFormer, x: torch.Tensor, out_size: tuple[int, int], device: torch.device,
              batch: int = 8) -> tuple[np.ndarray, torch.Tensor]:
@@ -291,13 +283,12 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
     model = copy.deepcopy(parent.model).to(device).float()
 
     holdout = [_Slices(network_input(i, prep, size), lab, lab.shape[1:]) for i, lab in holdout_raw]
-    uncorrected, pseudo_x, pseudo_p = [], [], []
+    uncorrected, parent_probs = [], []
     for images in uncorrected_raw:
         x = network_input(images, prep, size)
         labels, probs = _predict(model, x, images.shape[1:3], device)
         uncorrected.append(_Slices(x, labels, images.shape[1:3]))
-        pseudo_x.append(x)
-        pseudo_p.append(probs)
+        parent_probs.append(probs)
 
     def score() -> float | None:
         if not holdout:
@@ -306,8 +297,8 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
         return _pooled_dice(preds, [h.labels for h in holdout], n_classes)
 
     regulariser = None
-    if settings.protect == "pseudo" and pseudo_x:
-        regulariser = PseudoLabels(torch.cat(pseudo_x), torch.cat(pseudo_p), settings, device)
+    if settings.protect == "pseudo" and uncorrected:
+        regulariser = PseudoLabels(torch.cat([u.x for u in uncorrected]), torch.cat(parent_probs), settings, device)
     elif settings.protect == "l2sp":
         regulariser = PullToParent(model, settings.weight)
     n_train = sum(len(c.labels) for c in train)
