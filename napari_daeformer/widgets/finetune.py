@@ -107,8 +107,8 @@ class LossPlot:
             self.scored.append((step, dice))
             self.dice_line.set_data(*zip(*self.scored))
         self.axes.relim()
-        self.axes.autoscale_view()
-        self.dice_axes.set_xlim(self.axes.get_xlim())
+        self.axes.autoscale_view(scalex=False)
+        self.axes.set_xlim(0, max(step, 1))                  # shared with the Dice axes
         self.canvas.draw_idle()
 
 

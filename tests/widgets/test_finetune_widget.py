@@ -68,6 +68,7 @@ def test_finetune_improves_held_out_dice(session, weak_ckpt: Path, qtbot) -> Non
     assert weak_ckpt.read_bytes() == original                         # the parent file is untouched
     assert segment.checkpoint_path() == tune.new_path                 # loaded into the Segment widget
     assert len(tune.plot.losses) == 30
+    assert tune.plot.axes.get_xlim() == (0, 30) == tune.plot.dice_axes.get_xlim()   # the whole run is in view
     tune._resegment.clicked()
     qtbot.waitUntil(lambda: not segment.running, timeout=120_000)
     assert len([x for x in viewer.layers if "DAE-Former" in x.name]) == 2
