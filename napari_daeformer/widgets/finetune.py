@@ -59,7 +59,7 @@ class LossPlot:
 
         colours = get_theme(theme)
         self.background, self.text = colours.background.as_hex(), colours.text.as_hex()
-        self.highlight = colours.highlight.as_hex()
+        self.highlight = colours.current.as_hex()
         self.figure = Figure(figsize=(3.4, 1.9), dpi=90, tight_layout=True, facecolor=self.background)
         self.canvas = FigureCanvasQTAgg(self.figure)
         self.canvas.setMinimumHeight(170)
@@ -90,6 +90,7 @@ class LossPlot:
         self._style(self.dice_axes, "held-out Dice", self.highlight)
         self.axes.set_xlabel("step", fontsize=9, color=self.text)
         self.dice_axes.set_ylim(0, 1.02)
+        self.dice_axes.yaxis.set_label_position("right")          # clear() put it on the left, over the loss label
         (self.line,) = self.axes.plot([], [], color=self.text, linewidth=1)
         (self.dice_line,) = self.dice_axes.plot([], [], "o-", color=self.highlight, markersize=3, linewidth=1)
         self.note = self.axes.text(0.5, 0.5, "the loss appears here while fine-tuning", ha="center", va="center",
