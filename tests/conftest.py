@@ -12,8 +12,7 @@ from napari_daeformer.checkpoint import ModelCard, save_checkpoint
 from napari_daeformer.model import DAEFormer, DAEFormerConfig
 from napari_daeformer.preprocessing import ct_preprocessing
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-OFFICIAL_TSV = SHARED / "official_daeformer_state_dict.tsv"
+OFFICIAL_TSV = Path(__file__).resolve().parent / "data" / "official_daeformer_state_dict.tsv"   # the released checkpoint's keys
 
 TINY = DAEFormerConfig(num_classes=3, in_channels=1, embed_dims=(16, 32, 64), depths=(1, 1, 1), decoder_depths=(1, 1))
 
@@ -31,9 +30,9 @@ def tiny_ckpt(tmp_path: Path, tiny_model: DAEFormer) -> Path:
 
 
 def official_rows() -> list[tuple[str, tuple[int, ...], bool]]:
-    """(key, shape, used_in_forward) of the released official checkpoint, from shared/."""
+    """(key, shape, used_in_forward) of the released official checkpoint, kept in tests/data/."""
     if not OFFICIAL_TSV.is_file():
-        pytest.fail(f"{OFFICIAL_TSV} is missing: the official key list must sit in ../shared beside the checkout")
+        pytest.fail(f"{OFFICIAL_TSV} is missing: the official key list is part of the repository")
     rows = []
     for line in OFFICIAL_TSV.read_text().splitlines()[1:]:
         key, shape, used = line.split("\t")
