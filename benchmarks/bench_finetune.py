@@ -7,7 +7,8 @@
 
 `--speed` times 100 fine-tuning steps (the defaults, 8 corrected slices of the +150 HU scan, 2 trained per step,
 scoring and protection included) on an idle machine and again while another process runs PyTorch matrix products
-on every core, with the thread governor (the default) and without it (torch's thread count fixed), all in one run.
+on every core, with the thread governor (the default) and without it (torch's thread count fixed; 20 steps only
+beside the other process), all in one run, with the median time of a plain training step beside the totals.
 
 `--ablation` answers "why did the first steps destroy a good model": the recipe before issue 12 (AdamW at 1e-3 from
 the first step, weight decay 1e-4, soft Dice over all classes, the full augmentation family), one change at a time,
@@ -143,18 +144,23 @@ while time.time() < end:
 """
 
 
-def _timed_finetune(parent: Checkpoint, pairs: list[Pair], settings: FinetuneSettings, governed: bool) -> float:
+def _timed_finetune(parent: Checkpoint, pairs: list[Pair], settings: FinetuneSettings, governed: bool
+                    ) -> tuple[float, float]:
+    """Wall seconds of the whole call and the median seconds of a training step."""
     import training.finetune as ft
 
     governor = ft.ThreadGovernor
     if not governed:
         ft.ThreadGovernor = lambda: None                     # type: ignore[assignment,misc]  # torch's count, fixed
     try:
-        t0 = time.perf_counter()
-        gen = finetune(parent, pairs, settings)
-        for _ in gen:
-            pass
-        return time.perf_counter() - t0
+        steps = []
+        t0 = last = time.perf_counter()
+        for progress in finetune(parent, pairs, settings):
+            now = time.perf_counter()
+            if progress.step > 0 and progress.holdout_dice is None:        # a plain step, no scoring
+                steps.append(now - last)
+            last = now
+        return time.perf_counter() - t0, float(np.median(steps))
     finally:
         ft.ThreadGovernor = governor                         # type: ignore[misc]
 
@@ -175,21 +181,30 @@ def speed(device: str, arch: str) -> None:
     mask[chosen] = True
     pairs = [Pair("offset", sample.image, np.where(mask[:, None, None], sample.labels, 0), mask)]
     settings = replace(FinetuneSettings(), device=device)
-    print(f"# {arch}, 100 steps, {device}, torch threads {torch.get_num_threads()}, {_cpu_name()}")
-    print("| condition | thread governor | seconds | vs idle |")
-    print("|---|---|---:|---:|")
-    idle = _timed_finetune(parent, pairs, settings, True)
-    print(f"| idle | on | {idle:.1f} | 1.00x |", flush=True)
+    print(f"# {arch}, {device}, torch threads {torch.get_num_threads()}, {_cpu_name()}")
+    print("| condition | thread governor | steps | seconds | median step (s) | step vs idle |")
+    print("|---|---|---:|---:|---:|---:|")
+
+    def row(condition: str, governed: bool, steps: int, idle_step: float | None) -> float:
+        total, step = _timed_finetune(parent, pairs, replace(settings, steps=steps), governed)
+        ratio = step / idle_step if idle_step else 1.0
+        print(f"| {condition} | {'on' if governed else 'off'} | {steps} | {total:.1f} | {step:.3f} | {ratio:.2f}x |",
+              flush=True)
+        return step
+
+    idle = row("idle", True, 100, None)
     if device != "cpu":
         return
-    print(f"| idle | off | {(t := _timed_finetune(parent, pairs, settings, False)):.1f} | {t / idle:.2f}x |", flush=True)
+    row("idle", False, 100, idle)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    row("idle, 1 thread", True, 100, idle)
+    torch.set_num_threads(threads)
     competitor = subprocess.Popen([sys.executable, "-c", _COMPETITOR])
     try:
         time.sleep(2)
-        for governed in (True, False):
-            t = _timed_finetune(parent, pairs, settings, governed)
-            print(f"| another process on every core | {'on' if governed else 'off'} | {t:.1f} | {t / idle:.2f}x |",
-                  flush=True)
+        row("another process on every core", True, 100, idle)
+        row("another process on every core", False, 20, idle)     # 20 steps: at 10-20x it would take minutes
     finally:
         competitor.kill()
 

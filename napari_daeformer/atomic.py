@@ -10,6 +10,17 @@ from uuid import uuid4
 from .errors import DaeformerError
 
 
+def _umask() -> int:
+    """The process's umask (read from /proc where possible: setting it to query it races other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *, overwrite: bool = True) -> Path:
     """Call `write(tmp)` on a temporary path beside `path` (same suffix), then rename it over `path`.
 
@@ -29,6 +40,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *,
         write(tmp)
         with open(tmp, "rb+") as f:                               # data on disk before the rename
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())                          # as a plain open() would (some writers use 0600)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -150,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "the bundled models and write inputs and label maps to --out.")
     p.add_argument("--headless", action="store_true", help="do not open a window even if a display exists")
     p.add_argument("--out", default="daeformer-demo", help="output folder when headless (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="headless: replace an earlier demo's files in --out")
     p.set_defaults(func=_demo)
 
     from training.cli import add_evaluate_arguments, add_finetune_arguments, add_train_arguments, run_evaluate, run_finetune, run_train

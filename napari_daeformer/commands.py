@@ -12,7 +12,7 @@ import numpy as np
 from .bundled import resolve_model
 from .checkpoint import load_checkpoint
 from .inference import Progress, run_segmentation, segment
-from .io import ImageRecord, read_image, write_labels
+from .io import ImageRecord, check_label_path, read_image, write_labels
 from .volumes import class_measures, is_physical, measure_unit
 
 
@@ -43,8 +43,7 @@ def segment_file(record: ImageRecord, output: Path, model: str | None, *, device
                  batch_size: int | None = None, precision: str = "auto", window: tuple[float, float] | None = None,
                  overwrite: bool = False, quiet: bool = False) -> tuple[Path, np.ndarray, dict[str, float]]:
     """Segment `record` and write the label map to `output` with the source geometry."""
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"{output} already exists; pass --overwrite to replace it")
+    check_label_path(output, len(record.spatial_shape), overwrite=overwrite)
     ckpt = load_checkpoint(resolve_model(model, "skin" if record.rgb else "ct"))
     result = run_segmentation(
         segment(record, ckpt, axis=axis, device=device, precision=precision, batch_size=batch_size, window=window),
@@ -55,6 +54,7 @@ def segment_file(record: ImageRecord, output: Path, model: str | None, *, device
 
 
 def run_segment(args: argparse.Namespace) -> int:
+    check_label_path(args.output, overwrite=args.overwrite)        # before reading a large scan
     record = read_image(args.input)
     for note in record.notes:
         print(f"note: {args.input}: {note}", file=sys.stderr)
@@ -82,6 +82,12 @@ def run_demo(args: argparse.Namespace) -> int:
     from .sample_data import synthetic_ct, synthetic_skin
 
     out_dir = Path(args.out)
+    names = ("synthetic_ct.nii.gz", "synthetic_ct_truth.nii.gz", "synthetic_ct_labels.nii.gz", "synthetic_skin.png",
+             "synthetic_skin_labels.png")
+    existing = [n for n in names if (out_dir / n).exists()]
+    if existing and not args.overwrite:
+        raise FileExistsError(f"{out_dir} already holds a demo's output ({existing[0]}, ...); "
+                              "pass --overwrite to replace it or --out to choose another folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     print("no display: segmenting the bundled samples with the bundled demonstration models "
           "(trained on synthetic data; not for clinical use)")

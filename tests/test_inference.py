@@ -168,3 +168,29 @@ def test_cuda_out_of_memory_halves_the_batch(tiny_model: DAEFormer, monkeypatch:
     monkeypatch.setattr(tiny_model, "forward", lambda x: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("OOM")))
     with pytest.raises(InferenceError, match="even at batch size 1"):
         run_segmentation(segment(volume, ckpt, batch_size=4, precision="fp32", device="cpu"))
+
+
+def test_cli_segment_checks_the_output_before_any_work(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import napari_daeformer.commands as commands
+    monkeypatch.setattr(commands, "read_image", lambda path: pytest.fail("the scan was read before the output was checked"))
+    (tmp_path / "taken.nii.gz").write_bytes(b"x")
+    for output, words in (("out.jpg", "JPEG is lossy"), ("out.bmp", "cannot write labels as .bmp"),
+                          ("taken.nii.gz", "already exists")):
+        assert main(["segment", str(tmp_path / "scan.nii.gz"), str(tmp_path / output)]) == 2
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1
+
+
+def test_cli_demo_never_replaces_an_earlier_demo_silently(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import os
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "synthetic_ct_labels.nii.gz").write_bytes(b"my edits")
+    assert main(["demo", "--headless", "--out", str(tmp_path / "demo")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "demo" / "synthetic_ct_labels.nii.gz").read_bytes() == b"my edits"
+    previous = os.umask(0o027)
+    try:
+        assert main(["demo", "--headless", "--out", str(tmp_path / "demo"), "--overwrite"]) == 0
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "demo" / "synthetic_ct_labels.nii.gz").stat().st_mode & 0o777 == 0o640    # the umask rules

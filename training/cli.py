@@ -89,6 +89,9 @@ def resolve_settings(parser: argparse.ArgumentParser, argv: list[str] | None, ar
     """Defaults < config file < command line."""
     if args.config is None:
         return args
+    if not args.config.is_file():
+        hint = f" (for the network size use --arch {args.config})" if str(args.config) in ("small", "paper") else ""
+        raise TrainingError(f"--config {args.config}: no such settings file{hint}")
     text = Path(args.config).read_text()
     if args.config.suffix == ".toml":
         import tomllib

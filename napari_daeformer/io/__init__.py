@@ -27,7 +27,7 @@ READ_SUFFIXES = NIFTI_SUFFIXES + TIFF_SUFFIXES + PHOTO_SUFFIXES + DICOM_SUFFIXES
 LABEL_SUFFIXES = NIFTI_SUFFIXES + TIFF_SUFFIXES + (".png",)
 
 __all__ = ["ImageRecord", "METADATA_KEY", "READ_SUFFIXES", "LABEL_SUFFIXES", "read_image", "write_labels",
-           "geometry_from_metadata", "suffix_of", "can_read"]
+           "check_label_path", "geometry_from_metadata", "suffix_of", "can_read"]
 
 
 def suffix_of(path: str | os.PathLike[str]) -> str:
@@ -71,6 +71,26 @@ def read_image(path: str | os.PathLike[str]) -> ImageRecord:
         raise ImageFormatError(f"{p.name}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
     raise ImageFormatError(f"{p.name}: unsupported file type {suffix or '(none)'}; "
                            f"supported: {', '.join(READ_SUFFIXES)} and DICOM folders")
+
+
+def check_label_path(path: str | os.PathLike[str], ndim: int | None = None, *, overwrite: bool = False) -> None:
+    """Refuse, before any work, a label path `write_labels` would refuse: its format (JPEG is lossy; PNG holds one
+    2D slice), an existing file without `overwrite`, a folder that cannot be written.
+
+    Args:
+        ndim: 2 or 3 when known (a volume cannot go to PNG).
+    """
+    from ..atomic import check_output_path
+    p = Path(path)
+    suffix = suffix_of(p)
+    if suffix in (".jpg", ".jpeg"):
+        raise ImageFormatError(f"{p.name}: JPEG is lossy and would corrupt label values; save masks as PNG")
+    if suffix not in LABEL_SUFFIXES:
+        raise ImageFormatError(f"{p.name}: cannot write labels as {suffix or '(no suffix)'}; "
+                               f"use one of {', '.join(LABEL_SUFFIXES)}")
+    if suffix == ".png" and ndim == 3:
+        raise ImageFormatError(f"{p.name}: PNG holds one 2D slice; use .nii.gz or .tif for volumes")
+    check_output_path(p, overwrite)
 
 
 def write_labels(path: str | os.PathLike[str], labels: np.ndarray, geometry: dict[str, Any] | ImageRecord | None = None,

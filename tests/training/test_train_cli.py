@@ -94,3 +94,9 @@ def test_augmentation_settings_from_cli_and_file(tmp_path: Path) -> None:
     assert augment_settings(parser.parse_args(["--no-augment"])) is None
     with pytest.raises(TrainingError, match="unknown augmentation setting"):
         augment_settings(parser.parse_args(["--aug", "elastic=1"]))
+
+
+def test_a_missing_config_file_says_so(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["train", "--synthetic", "ct", "--out", str(tmp_path / "out"), "--config", "small"]) == 2
+    err = capsys.readouterr().err
+    assert "no such settings file" in err and "--arch small" in err and err.count("\n") == 1

@@ -1,0 +1,42 @@
+"""The thread governor: its decision rule, its stall trigger, and that it leaves torch as it found it."""
+
+import time
+
+import torch
+
+from napari_daeformer.threads import ThreadGovernor, choose_threads
+
+
+def _probe_from(times: dict[int, list[float]]):
+    """A probe that replays the given seconds per thread count, cut at the limit as the real one is."""
+    def probe(threads: int, limit: float) -> float:
+        return min(times[threads].pop(0), limit + 1e-9)
+    return probe
+
+
+def test_more_threads_must_win_clearly_and_mostly():
+    assert choose_threads([2, 1], _probe_from({1: [1.0] * 3, 2: [0.5] * 3})) == 2
+    assert choose_threads([2, 1], _probe_from({1: [1.0] * 3, 2: [0.9] * 3})) == 1       # within the margin
+    assert choose_threads([2, 1], _probe_from({1: [1.0] * 3, 2: [0.5, 9.0, 9.0]})) == 1  # one lucky probe
+    assert choose_threads([4, 2, 1], _probe_from({1: [1.0] * 3, 2: [0.6] * 3, 4: [0.5] * 3})) == 2
+
+
+def test_a_stalled_step_triggers_a_new_decision(monkeypatch):
+    governor = ThreadGovernor(max_threads=2, every=1000)
+    decisions = []
+    monkeypatch.setattr("napari_daeformer.threads.choose_threads", lambda c, p: decisions.append(2) or 2)
+    saved = torch.get_num_threads()
+    with governor:
+        for pause in (0.01, 0.01, 0.01, 0.01, 0.2):     # the last step is 20x the others: another process started
+            governor.tick()
+            time.sleep(pause)
+        governor.tick()
+    assert len(decisions) == 2                         # the first tick, then the stall
+    assert torch.get_num_threads() == saved
+
+
+def test_the_probe_stops_once_it_has_lost():
+    governor = ThreadGovernor(max_threads=1, reps=10_000)
+    start = time.perf_counter()
+    governor._probe(1, 0.01)
+    assert time.perf_counter() - start < 0.5
