@@ -11,7 +11,7 @@ import numpy as np
 
 from .bundled import resolve_model
 from .checkpoint import load_checkpoint
-from .inference import Progress, run_segmentation, segment
+from .inference import Progress, image_warnings, run_segmentation, segment
 from .io import ImageRecord, check_label_path, read_image, write_labels
 from .volumes import class_measures, is_physical, measure_unit
 
@@ -56,7 +56,7 @@ def segment_file(record: ImageRecord, output: Path, model: str | None, *, device
 def run_segment(args: argparse.Namespace) -> int:
     check_label_path(args.output, overwrite=args.overwrite)        # before reading a large scan
     record = read_image(args.input)
-    for note in record.notes:
+    for note in (*record.notes, *image_warnings(record.data)):
         print(f"note: {args.input}: {note}", file=sys.stderr)
     out, labels, measures = segment_file(record, Path(args.output), args.model, device=args.device, axis=args.axis,
                                          batch_size=args.batch_size, precision=args.precision,

@@ -39,3 +39,10 @@ def touched_slices(atom: object, axis: int = 0) -> set[int]:
         return set(range(s.start or 0, s.stop)) if isinstance(s, slice) else {int(s)}
     indices = atom[0]  # type: ignore[index]
     return {int(i) for i in np.unique(np.asarray(indices[axis]))}
+
+
+def merge_slices(base: np.ndarray, new: np.ndarray, replace: np.ndarray, axis: int = 0) -> np.ndarray:
+    """A copy of `base` whose slices along `axis` flagged in `replace` (S,) bool come from `new`."""
+    merged = np.array(base, copy=True)
+    np.moveaxis(merged, axis, 0)[replace] = np.moveaxis(new, axis, 0)[replace]
+    return merged

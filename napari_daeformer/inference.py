@@ -79,8 +79,11 @@ def _as_tensor(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
 
 
-def check_compatible(image: np.ndarray, rgb: bool, checkpoint: Checkpoint) -> None:
-    """Refuse an image the model cannot take (RGB into a CT model, a 4D array, ...)."""
+MIN_SIDE = 16          # pixels: a slice smaller than this along either side is refused
+
+
+def check_compatible(image: np.ndarray, rgb: bool, checkpoint: Checkpoint, axis: int = 0) -> None:
+    """Refuse an image the model cannot take (RGB into a CT model, a 4D array, slices under MIN_SIDE pixels)."""
     channels = checkpoint.card.config.in_channels
     if rgb and channels == 1:
         raise InferenceError("this is an RGB image but the model expects single-channel (CT/greyscale) input; "
@@ -88,8 +91,20 @@ def check_compatible(image: np.ndarray, rgb: bool, checkpoint: Checkpoint) -> No
     if not rgb and channels == 3:
         raise InferenceError("this is a single-channel image but the model expects RGB photos; "
                              "choose a model trained on CT")
-    if image.ndim - (1 if rgb else 0) not in (2, 3):
+    spatial = image.shape[:-1] if rgb else image.shape
+    if len(spatial) not in (2, 3):
         raise InferenceError(f"cannot segment an array of shape {image.shape}: expected a 2D image or a 3D volume")
+    plane = spatial if len(spatial) == 2 else tuple(n for i, n in enumerate(spatial) if i != axis % 3)
+    if min(plane) < MIN_SIDE:
+        raise InferenceError(f"slices of {plane[0]}x{plane[1]} pixels are too small to segment; the minimum is "
+                             f"{MIN_SIDE}x{MIN_SIDE}")
+
+
+def image_warnings(image: np.ndarray) -> list[str]:
+    """What the user should hear before segmenting `image` (it is still segmented): a constant image."""
+    if image.size and np.ptp(image) == 0:
+        return [f"every voxel has the same value ({image.flat[0]}): the image holds nothing to segment"]
+    return []
 
 
 def default_batch_size(checkpoint: Checkpoint, device: torch.device) -> int:
@@ -148,7 +163,7 @@ def segment(
     image = np.asarray(image)
     if rgb is None:
         rgb = image.ndim == 3 and image.shape[-1] == 3
-    check_compatible(image, rgb, checkpoint)
+    check_compatible(image, rgb, checkpoint, axis)
     card = checkpoint.card
     prep = card.preprocessing if window is None else card.preprocessing.with_window(window)
     max_value = float(np.iinfo(image.dtype).max) if rgb and np.issubdtype(image.dtype, np.integer) else 255.0

@@ -6,12 +6,17 @@ from __future__ import annotations
 from collections.abc import Callable, Generator
 from typing import Any
 
-from magicgui.widgets import ComboBox, Container, Label, PushButton
+from magicgui.widgets import ComboBox, Container, EmptyWidget, Label, PushButton, Widget
 from napari.qt.threading import GeneratorWorker, create_worker
+from napari.utils.notifications import show_error
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QWidget
 
 from ..errors import DaeformerError
 
 MAX_WIDTH = 460
+DOCK_WIDTH = 420                  # wide enough for every row of the three docks, scroll bar included
+MIN_VISIBLE_HEIGHT = 470          # two docks stacked fit a 1080-pixel screen; a taller dock scrolls
 
 
 def device_picker() -> ComboBox:
@@ -21,8 +26,9 @@ def device_picker() -> ComboBox:
 
 
 def failure_message(error: BaseException) -> str:
-    """Our errors speak for themselves; anything else is named by its type."""
-    return str(error) if isinstance(error, DaeformerError) else f"{type(error).__name__}: {error}"
+    """The error in words: its message (the type's name only when there is none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else f"unexpected {type(error).__name__}"
 
 
 def guarded(job: Callable[..., Generator[Any, None, Any]], error: type[DaeformerError], what: str
@@ -37,21 +43,79 @@ def guarded(job: Callable[..., Generator[Any, None, Any]], error: type[Daeformer
     return run
 
 
+def row(*widgets: Widget) -> Container:
+    """Widgets side by side in one row of a dock (e.g. Run and Cancel)."""
+    container = Container(layout="horizontal", widgets=widgets, labels=False)
+    container.margins = (0, 0, 0, 0)
+    return container
+
+
+def holder(child: QWidget) -> EmptyWidget:
+    """A plain Qt widget (a plot, a collapsible section) as one full-width row of a magicgui container."""
+    widget = EmptyWidget()
+    layout = widget.native.layout()
+    layout.setContentsMargins(0, 0, 0, 0)
+    layout.addWidget(child)
+    return widget
+
+
+def collapsible(title: str, widgets: list[Widget]) -> EmptyWidget:
+    """A section of settings folded away under `title` until the user opens it."""
+    from superqt import QCollapsible
+
+    section = QCollapsible(title)
+    section.setContentsMargins(0, 0, 0, 0)
+    inner = Container(widgets=widgets, labels=True)
+    inner.margins = (0, 0, 0, 0)
+    section.addWidget(inner.native)
+    section.collapse(animate=False)
+    holder_widget = holder(section)
+    holder_widget._section = inner                 # keep the magicgui container (and its signals) alive
+    return holder_widget
+
+
 class WorkerWidget(Container):
     """A dock widget that runs one background job at a time between its Run and Cancel buttons."""
 
     _run: PushButton
     _cancel: PushButton
 
+    _status: Label
+
     def __init__(self) -> None:
-        super().__init__(labels=True)
+        super().__init__(labels=True, scrollable=True)   # docks stacked on a small screen scroll, never clip
         self._worker: GeneratorWorker | None = None
         self.max_width = MAX_WIDTH                       # a dock column, not half the window
+
+    @property
+    def native(self) -> QWidget:
+        """The scroll area around the widgets: napari docks `native`, and magicgui's own `native` is the widget
+        inside it, which would drop the scrolling."""
+        return self.root_native_widget
+
+    def _tidy(self) -> None:
+        """Call at the end of `__init__`: unlabelled rows span the dock, rows sit at the top, and the dock is as wide
+        as its content."""
+        for widget in self:
+            ref = getattr(widget, "_labeled_widget_ref", None)
+            if ref is not None and not widget.label:
+                ref()._label_widget.visible = False
+        self._widget._layout.addStretch()
+        inner = self._widget._mgui_get_native_widget()
+        root = self.root_native_widget
+        root.setMinimumWidth(DOCK_WIDTH)
+        root.setMinimumHeight(min(inner.sizeHint().height() + 30, MIN_VISIBLE_HEIGHT))
+
+    def report(self, message: str, title: str = "DAE-Former") -> None:
+        """An error before or during a run: in the status text, which stays, and in a notification."""
+        self._status.value = message
+        show_error(f"{title}: {message}")
 
     @staticmethod
     def _wrap(label: Label) -> Label:
         """A label whose long messages wrap inside the dock instead of widening it."""
         label.native.setWordWrap(True)
+        label.native.setAlignment(Qt.AlignLeft | Qt.AlignVCenter)
         return label
 
     @property

@@ -5,10 +5,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Generator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from magicgui.widgets import CheckBox, ComboBox, FileEdit, Label, LineEdit, ProgressBar, PushButton, Table
-from napari.utils.notifications import show_error, show_info, show_warning
+from napari.utils.notifications import show_info, show_warning
 
 from .._reader import record_to_layer
 from ..batch import OUTPUT_FORMATS, BatchJob, BatchProgress, BatchSummary, FileResult, run_batch, write_summary
@@ -17,14 +17,15 @@ from ..checkpoint import read_card
 from ..errors import DaeformerError, InferenceError
 from ..io import read_image
 from ._layers import labels_kwargs
-from ._workers import WorkerWidget, device_picker, failure_message, guarded
+from ._workers import WorkerWidget, device_picker, failure_message, guarded, row
 
 if TYPE_CHECKING:
     import napari
 
 AUTO_MODEL = "bundled, by image kind (demo)"
 FILE_MODEL = "checkpoint file…"
-COLUMNS = ["file", "status", "seconds", "reason"]
+COLUMNS = ["file", "status", "seconds", "volumes / areas", "reason"]
+FAILED_COLOUR = "#e0605a"
 
 
 def _batch_and_summarise(job: BatchJob, cancel: threading.Event
@@ -34,6 +35,12 @@ def _batch_and_summarise(job: BatchJob, cancel: threading.Event
 
 
 _batch_job = guarded(_batch_and_summarise, InferenceError, "batch segmentation")
+
+
+def _measures_text(result: FileResult) -> str:
+    """"liver 166.5, spleen 18.8 mL" (classes with a non-zero measure)."""
+    parts = [f"{name} {value:.1f}" for name, value in result.measures.items() if value]
+    return f"{', '.join(parts)} {result.unit}" if parts else ""
 
 
 class BatchWidget(WorkerWidget):
@@ -63,12 +70,13 @@ class BatchWidget(WorkerWidget):
         self._open = PushButton(text="Open selected pair", tooltip="Add the selected image and its labels to the viewer")
         self._status = self._wrap(Label(value=""))
         self.extend([self._input, self._output, self._model, self._file, self._pattern, self._format, self._device,
-                     self._overwrite, self._run, self._cancel, self._files_bar, self._slices_bar, self._table,
+                     self._overwrite, row(self._run, self._cancel), self._files_bar, self._slices_bar, self._table,
                      self._open, self._status])
+        self._tidy()
         self._model.changed.connect(lambda v: setattr(self._file, "visible", v == FILE_MODEL))
         self._run.clicked.connect(self._start)
         self._cancel.clicked.connect(self.cancel)
-        self._open.clicked.connect(self.open_selected)
+        self._open.clicked.connect(lambda: self.open_selected())        # clicked's `False` is no row
         self._cancel_event = threading.Event()
         self.results: list[FileResult] = []
         self.job: BatchJob | None = None
@@ -88,7 +96,7 @@ class BatchWidget(WorkerWidget):
         try:
             self.job = self._make_job()
         except DaeformerError as e:
-            show_warning(str(e))
+            self.report(str(e))
             return
         self.results = []
         self._table.value = {"data": [], "index": [], "columns": COLUMNS}
@@ -104,17 +112,30 @@ class BatchWidget(WorkerWidget):
         self._slices_bar.value = p.slices_done if p.result is None else self._slices_bar.max
         if p.result is not None:
             self.results.append(p.result)
-            self._table.value = self._table_value()
-            self._table.native.resizeColumnsToContents()
+            self._show_table()
 
-    def _table_value(self) -> dict[str, Any]:
-        rows = [[r.input, r.status, f"{r.seconds:.1f}", r.reason] for r in self.results]
-        return {"data": rows, "index": list(range(len(rows))), "columns": COLUMNS}
+    def _show_table(self) -> None:
+        """One row per file: seconds to one decimal, per-class volumes (or areas), the reason in full as a
+        tooltip, failed rows in red."""
+        from qtpy.QtGui import QColor
+
+        rows = [[r.input, r.status, f"{r.seconds:.1f}", _measures_text(r), r.reason] for r in self.results]
+        self._table.value = {"data": rows, "index": list(range(len(rows))), "columns": COLUMNS}
+        table = self._table.native
+        for i, r in enumerate(self.results):
+            for j in range(len(COLUMNS)):
+                item = table.item(i, j)
+                if item is None:
+                    continue
+                item.setToolTip(r.reason or _measures_text(r) or r.input)
+                if r.status == "failed":
+                    item.setForeground(QColor(FAILED_COLOUR))
+        table.resizeColumnsToContents()
+        table.horizontalHeader().setStretchLastSection(True)
 
     def _finish(self, summary: BatchSummary, csv_path: Path) -> None:
         self.results = list(summary.results)
-        self._table.value = self._table_value()
-        self._table.native.resizeColumnsToContents()
+        self._show_table()
         failed = len(summary.failures)
         cancelled = self._cancel_event.is_set()
         self._status.value = (f"{'Cancelled after the current file. ' if cancelled else ''}"
@@ -127,9 +148,8 @@ class BatchWidget(WorkerWidget):
             show_info("DAE-Former batch finished")
 
     def _failed(self, error: BaseException) -> None:
-        message = failure_message(error)
-        self._status.value = f"Failed: {message}"
-        show_error(f"DAE-Former batch: {message}")
+        self._files_bar.value = self._slices_bar.value = 0
+        self.report(f"batch segmentation failed: {failure_message(error)}")
 
     def cancel(self) -> None:
         """Stop after the file being segmented; finished outputs stay."""
@@ -142,13 +162,13 @@ class BatchWidget(WorkerWidget):
         finished = [r for r in self.results if r.status in ("done", "existing")]
         chosen = self.results[row] if 0 <= row < len(self.results) else None
         if chosen is None or chosen not in finished or self.job is None:
-            show_warning("Select a finished file in the table first.")
+            self.report("select a finished file in the table first")
             return
         try:
             record = read_image(self.job.input_dir / chosen.input)
             labels = read_image(self.job.output_dir / chosen.output)
         except DaeformerError as e:
-            show_error(str(e))
+            self.report(str(e))
             return
         data, kwargs, _ = record_to_layer(record)
         image = self.viewer.add_image(data, **kwargs)

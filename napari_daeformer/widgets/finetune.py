@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, FileEdit, FloatSpinBox, Label, ProgressBar, PushButton, SpinBox
 from napari.layers import Image, Labels
-from napari.utils.notifications import show_error, show_info, show_warning
+from napari.utils.notifications import show_info
 
 from training.finetune import FinetuneProgress, FinetuneResult, FinetuneSettings, Pair, check_pairs, finetune, next_version_path
 
@@ -21,7 +21,7 @@ from ..bundled import MODELS_DIR
 from ..checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ..errors import DaeformerError, TrainingError
 from ._layers import edited_slices, track_edits
-from ._workers import WorkerWidget, device_picker, failure_message, guarded
+from ._workers import WorkerWidget, collapsible, device_picker, failure_message, guarded, holder, row
 from .segment import SegmentWidget
 
 if TYPE_CHECKING:
@@ -60,9 +60,9 @@ class LossPlot:
         colours = get_theme(theme)
         self.background, self.text = colours.background.as_hex(), colours.text.as_hex()
         self.highlight = colours.current.as_hex()
-        self.figure = Figure(figsize=(3.4, 1.9), dpi=90, tight_layout=True, facecolor=self.background)
+        self.figure = Figure(figsize=(3.4, 1.5), dpi=90, tight_layout=True, facecolor=self.background)
         self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(170)
+        self.canvas.setMinimumHeight(130)
         self.axes = self.figure.add_subplot(111)
         self.dice_axes = self.axes.twinx()
         self.steps: list[int] = []
@@ -80,7 +80,8 @@ class LossPlot:
         for spine in axes.spines.values():                                    # type: ignore[attr-defined]
             spine.set_color(self.text)
 
-    def reset(self) -> None:
+    def reset(self, steps: int = 100) -> None:
+        """Empty axes over the run's `steps`, with a line saying what will appear."""
         self.steps.clear()
         self.losses.clear()
         self.scored.clear()
@@ -89,12 +90,14 @@ class LossPlot:
         self._style(self.axes, "loss", self.text)
         self._style(self.dice_axes, "held-out Dice", self.highlight)
         self.axes.set_xlabel("step", fontsize=9, color=self.text)
+        self.axes.set_xlim(0, max(steps, 1))                  # shared with the Dice axes
+        self.axes.set_ylim(0, 1)
         self.dice_axes.set_ylim(0, 1.02)
         self.dice_axes.yaxis.set_label_position("right")          # clear() put it on the left, over the loss label
         (self.line,) = self.axes.plot([], [], color=self.text, linewidth=1)
         (self.dice_line,) = self.dice_axes.plot([], [], "o-", color=self.highlight, markersize=3, linewidth=1)
-        self.note = self.axes.text(0.5, 0.5, "the loss appears here while fine-tuning", ha="center", va="center",
-                                   transform=self.axes.transAxes, fontsize=8, color=self.text)
+        self.note = self.axes.text(0.5, 0.5, "loss and held-out Dice appear here\nwhile fine-tuning", ha="center",
+                                   va="center", transform=self.axes.transAxes, fontsize=8, color=self.text)
         self.canvas.draw_idle()
 
     def add(self, step: int, loss: float | None, dice: float | None = None) -> None:
@@ -104,12 +107,10 @@ class LossPlot:
             self.steps.append(step)
             self.losses.append(loss)
             self.line.set_data(self.steps, self.losses)
+            self.axes.set_ylim(0, max(self.losses) * 1.1 or 1)
         if dice is not None:
             self.scored.append((step, dice))
             self.dice_line.set_data(*zip(*self.scored))
-        self.axes.relim()
-        self.axes.autoscale_view(scalex=False)
-        self.axes.set_xlim(0, max(step, 1))                  # shared with the Dice axes
         self.canvas.draw_idle()
 
 
@@ -121,7 +122,7 @@ class FinetuneWidget(WorkerWidget):
         self.viewer = napari_viewer
         self._image = ComboBox(label="image", choices=lambda _: [x for x in self.viewer.layers if isinstance(x, Image)],
                                tooltip="The image the corrections belong to")
-        self._labels = ComboBox(label="corrected labels", tooltip="The labels layer you corrected",
+        self._corrected = ComboBox(label="corrected labels", tooltip="The labels layer you corrected",
                                 choices=lambda _: [x for x in self.viewer.layers if isinstance(x, Labels)])
         self._add = PushButton(text="Add pair", tooltip="Use this image with these labels (several pairs allowed)")
         self._clear = PushButton(text="Clear pairs")
@@ -146,19 +147,20 @@ class FinetuneWidget(WorkerWidget):
         self._run = PushButton(text="Fine-tune", tooltip="Fine-tune the Segment widget's model on the pairs")
         self._cancel = PushButton(text="Cancel", enabled=False, tooltip="Stop; the loaded model stays as it was")
         self._progress = ProgressBar(label="progress", value=0, min=0, max=1)
-        self._result = self._wrap(Label(value=""))
-        self._resegment = PushButton(text="Re-segment with new model", enabled=False,
-                                     tooltip="Segment the first pair's image again, into a new layer")
+        self._status = self._wrap(Label(value=""))
+        self._resegment = PushButton(text="Re-segment", enabled=False,
+                                     tooltip="Segment the first pair's image again with the new model, into a new layer")
         self._keep_anyway = PushButton(text="Keep anyway", visible=False,
                                        tooltip="Save the fine-tuned model and use it although it was not shown better")
-        self._revert = PushButton(text="Revert to parent model", enabled=False,
-                                  tooltip="Segment with the starting model again")
-        self.extend([self._image, self._labels, self._add, self._pairs_info, self._clear, self._steps, self._lr,
-                     self._protect, self._parts, self._augment, self._device, self._save_to, self._overwrite, self._run,
-                     self._cancel, self._progress])
+        self._revert = PushButton(text="Revert model", enabled=False,
+                                  tooltip="Give the Segment widget its starting (parent) model again")
         self.plot = LossPlot(str(self.viewer.theme))
-        self.native.layout().addWidget(self.plot.canvas)
-        self.extend([self._result, self._keep_anyway, self._resegment, self._revert])
+        self.extend([self._image, self._corrected, row(self._add, self._clear), self._pairs_info,
+                     collapsible("Settings", [self._steps, self._lr, self._protect, self._parts, self._augment,
+                                              self._device, self._save_to, self._overwrite]),
+                     row(self._run, self._cancel), self._progress, holder(self.plot.canvas), self._status,
+                     self._keep_anyway, row(self._resegment, self._revert)])
+        self._tidy()
         self.pairs: list[tuple[Image, Labels]] = []
         self.parent_path: Path | None = None
         self.new_path: Path | None = None
@@ -184,9 +186,9 @@ class FinetuneWidget(WorkerWidget):
 
     # ---- pairs ---------------------------------------------------------------------------------------
     def _add_pair(self) -> None:
-        image, labels = self._image.value, self._labels.value
+        image, labels = self._image.value, self._corrected.value
         if image is None or labels is None:
-            show_warning("Choose an image layer and its corrected labels layer first.")
+            self.report("choose an image layer and its corrected labels layer first")
             return
         self.pairs.append((image, labels))
         self._show_pairs()
@@ -203,8 +205,8 @@ class FinetuneWidget(WorkerWidget):
         self._pairs_info.value = "<br>".join(lines) or "No pairs yet."
 
     def _collect(self) -> list[Pair]:
-        pairs = self.pairs or ([(self._image.value, self._labels.value)]
-                               if self._image.value is not None and self._labels.value is not None else [])
+        pairs = self.pairs or ([(self._image.value, self._corrected.value)]
+                               if self._image.value is not None and self._corrected.value is not None else [])
         collected = []
         for image, labels in pairs:
             collected.append(Pair(f"{image.name} + {labels.name}", np.asarray(image.data), np.asarray(labels.data),
@@ -237,22 +239,25 @@ class FinetuneWidget(WorkerWidget):
             check_pairs(pairs, parent.card)
             out, overwrite = self._output_path(parent_path)
         except DaeformerError as e:
-            show_error(str(e))
+            self.report(str(e))
             return
         settings = FinetuneSettings(steps=int(self._steps.value), lr=float(self._lr.value),
                                     protect=PROTECT_CHOICES[self._protect.value], train_parts=self._parts.value,
                                     augment=bool(self._augment.value), device=self._device.value)
-        self.plot.reset()
+        self.plot.reset(settings.steps)
         self.result, self._pending_out = None, (out, overwrite)
         self._keep_anyway.visible = False
         self._resegment.enabled = self._revert.enabled = False
         self._progress.max = settings.steps
         self._progress.value = 0
-        self._result.value = f"Fine-tuning on {sum(int(p.slices.sum()) for p in pairs)} corrected slices…"
+        self._status.value = f"Fine-tuning on {sum(int(p.slices.sum()) for p in pairs)} corrected slices…"
         self._launch(_finetune_job, parent, pairs, settings, out, overwrite, yielded=self._on_step,
                      returned=lambda r: self._finish(parent_path, *r), errored=self._failed,
-                     aborted=lambda: setattr(self._result, "value", "Cancelled: no checkpoint written; "
-                                             "the Segment widget keeps its model."))
+                     aborted=self._aborted)
+
+    def _aborted(self) -> None:
+        self._progress.value = 0
+        self._status.value = "Cancelled: no checkpoint written; the Segment widget keeps its model."
 
     def _on_step(self, p: FinetuneProgress) -> None:
         self._progress.max = p.total
@@ -271,7 +276,7 @@ class FinetuneWidget(WorkerWidget):
             lines.append(f"Saved {path.name} and loaded it into the Segment widget.")
             self._use(path)
             show_info(f"DAE-Former: fine-tuned model saved as {path}")
-        self._result.value = "<br>".join(lines)
+        self._status.value = "<br>".join(lines)
 
     def _use(self, path: Path) -> None:
         self.new_path = path
@@ -285,31 +290,27 @@ class FinetuneWidget(WorkerWidget):
         try:
             path = save_checkpoint(out, self.result.candidate.model, self.result.candidate.card, overwrite=overwrite)
         except DaeformerError as e:
-            show_error(str(e))
+            self.report(f"could not save the fine-tuned model: {e}")
             return
         self._use(path)
         self._keep_anyway.visible = False
-        self._result.value += f"<br>Kept anyway: saved {path.name} and loaded it into the Segment widget."
+        self._status.value += f"<br>Kept anyway: saved {path.name} and loaded it into the Segment widget."
 
     def _failed(self, error: BaseException) -> None:
-        message = failure_message(error)
-        self._result.value = f"Failed: {message}"
-        show_error(f"DAE-Former fine-tuning: {message}")
+        self._progress.value = 0
+        self.report(f"fine-tuning failed: {failure_message(error)}")
 
     def cancel(self) -> None:
         if self._worker is not None:
             self._worker.quit()
 
     def _resegment_image(self) -> None:
-        segment = self.segment_widget()
         image = self.pairs[0][0] if self.pairs else self._image.value
         if image is not None:
-            segment._mode.value = "new labels layer"
-            segment._image.value = image
-            segment._start()
+            self.segment_widget().segment_into_new_layer(image)
 
     def _revert_model(self) -> None:
         if self.parent_path is not None:
             self.segment_widget().set_checkpoint(self.parent_path)
             self._resegment.enabled = self._revert.enabled = False
-            self._result.value += f"<br>Reverted to {self.parent_path.name}."
+            self._status.value += f"<br>Reverted to {self.parent_path.name}; the Segment widget uses it again."

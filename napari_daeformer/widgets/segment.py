@@ -3,32 +3,53 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, FileEdit, FloatSpinBox, Label, ProgressBar, PushButton, SpinBox
 from napari.layers import Image, Labels
-from napari.utils.notifications import show_error, show_info, show_warning
+from napari.utils.notifications import show_info, show_warning
 
 from ..bundled import bundled_model
 from ..checkpoint import Checkpoint, load_checkpoint
-from ..corrections import corrected_slices
+from ..corrections import corrected_slices, merge_slices
 from ..errors import DaeformerError, InferenceError
-from ..inference import Progress, Segmentation, check_compatible, segment
-from ..io import geometry_from_metadata
+from ..inference import Progress, Segmentation, check_compatible, image_warnings, segment
+from ..io import ImageRecord, geometry_from_metadata
 from ..volumes import class_measures, is_physical, measure_unit
 from ._layers import CLASSES_KEY, PREDICTION_KEY, TOUCHED_KEY, labels_kwargs, record_from_layer, track_edits
-from ._workers import WorkerWidget, device_picker, failure_message, guarded
+from ._workers import WorkerWidget, device_picker, failure_message, guarded, row
 
 if TYPE_CHECKING:
     import napari
+    from napari.qt.threading import GeneratorWorker
 
 BUNDLED_CHOICES = {"bundled CT demo (synthetic)": "ct", "bundled skin demo (synthetic)": "skin"}
 FILE_CHOICE = "checkpoint file…"
 MODES = ("new labels layer", "only slices not yet corrected")
+PHOTO_OPACITY = 0.45                      # a photo's mask must not hide the lesion it outlines
 _segment_job = guarded(lambda record, checkpoint, kwargs: segment(record, checkpoint, **kwargs), InferenceError,
                        "segmentation")
+
+
+@dataclass
+class RunTarget:
+    """Where a run writes: a new layer, or an existing one whose corrected slices (`keep`) are left alone."""
+
+    layer: Labels
+    axis: int
+    before: np.ndarray | None = None      # the layer's data before the run (an existing layer only)
+    keep: np.ndarray | None = None        # (S,) bool along `axis`: the user's corrected slices
+
+    @property
+    def new(self) -> bool:
+        return self.before is None
+
+    def writes(self, start: int, count: int) -> np.ndarray:
+        """(count,) bool: which of the slices start..start+count the run may write."""
+        return np.ones(count, bool) if self.keep is None else ~self.keep[start:start + count]
 
 
 class SegmentWidget(WorkerWidget):
@@ -67,10 +88,12 @@ class SegmentWidget(WorkerWidget):
                                 tooltip="Jump to the slice with the highest mean predictive entropy not yet visited")
         self._status = self._wrap(Label(value="Demonstration models: trained on synthetic data, not for clinical use."))
         self.extend([self._image, self._model, self._file, self._device, self._axis, self._lower, self._upper,
-                     self._batch, self._mode, self._target, self._uncertain, self._run, self._cancel,
+                     self._batch, self._mode, self._target, self._uncertain, row(self._run, self._cancel),
                      self._progress, self._next, self._status])
+        self._tidy()
         self._image.changed.connect(self._image_changed)
         self._model.changed.connect(self._model_changed)
+        self._model.native.activated.connect(self._model_picked)     # a user's choice, not a programmatic one
         self._file.changed.connect(self._model_changed)
         self._mode.changed.connect(lambda v: setattr(self._target, "visible", v == MODES[1]))
         self._run.clicked.connect(self._start)
@@ -81,7 +104,9 @@ class SegmentWidget(WorkerWidget):
         self._cancel_event = threading.Event()
         self._checkpoint: Checkpoint | None = None
         self._uncertain_order: list[int] = []
+        self._model_chosen = False            # set once the user picks a model: then never switched for them
         self._model_changed()
+        self._image_changed(self._image.value)
 
     # ---- choices -------------------------------------------------------------------------------------
     def _image_layers(self, _: Any = None) -> list[Image]:
@@ -91,10 +116,19 @@ class SegmentWidget(WorkerWidget):
         return [layer for layer in self.viewer.layers if isinstance(layer, Labels)]
 
     def _image_changed(self, layer: Image | None = None) -> None:
-        """A photo is one slice: no slice axis to choose."""
-        if layer is not None:
-            self._axis.visible = (np.ndim(layer.data) - (1 if layer.rgb else 0)) == 3
+        """A photo is one slice: no slice axis and no slice ranking. Until the user picks a model, the bundled one
+        that fits the image kind is chosen."""
+        volume = layer is not None and (np.ndim(layer.data) - (1 if layer.rgb else 0)) == 3
+        self._axis.visible = self._uncertain.visible = self._next.visible = volume
+        if layer is not None and not self._model_chosen and self._model.value != FILE_CHOICE:
+            fitting = "bundled skin demo (synthetic)" if layer.rgb else "bundled CT demo (synthetic)"
+            if self._model.value != fitting:
+                self._model.value = fitting
 
+    def _model_picked(self, _: int) -> None:
+        self._model_chosen = True
+
+    # ---- public API (used by the fine-tune widget) ---------------------------------------------------
     def checkpoint_path(self) -> Path:
         choice = self._model.value
         if choice == FILE_CHOICE:
@@ -102,10 +136,22 @@ class SegmentWidget(WorkerWidget):
         return bundled_model(BUNDLED_CHOICES[choice])
 
     def set_checkpoint(self, path: str | Path) -> None:
-        """Use a checkpoint file (e.g. a fine-tuned one) for the next runs."""
-        self._model.value = FILE_CHOICE
-        self._file.value = Path(path)
+        """Use this checkpoint for the next runs (a bundled model's file selects its entry)."""
+        path = Path(path)
+        bundled = {bundled_model(kind).resolve(): name for name, kind in BUNDLED_CHOICES.items()}
+        self._model_chosen = True
+        if path.resolve() in bundled:
+            self._model.value = bundled[path.resolve()]
+        else:
+            self._model.value = FILE_CHOICE
+            self._file.value = path
         self._model_changed()
+
+    def segment_into_new_layer(self, image: Image) -> GeneratorWorker | None:
+        """Segment `image` with the current model into a new labels layer; the worker, or None if refused."""
+        self._mode.value = MODES[0]
+        self._image.value = image
+        return self._start()
 
     def _model_changed(self, _: Any = None) -> None:
         self._file.visible = self._model.value == FILE_CHOICE
@@ -133,28 +179,33 @@ class SegmentWidget(WorkerWidget):
         return self._checkpoint
 
     # ---- running -------------------------------------------------------------------------------------
-    def _start(self) -> None:
+    def _start(self) -> GeneratorWorker | None:
         image = self._image.value
         if image is None:
-            show_warning("Add or open an image layer to segment first.")
-            return
+            self.report("add or open an image layer to segment first")
+            return None
         try:
             checkpoint = self._load()
             record = record_from_layer(image)
-            check_compatible(record.data, record.rgb, checkpoint)
+            check_compatible(record.data, record.rgb, checkpoint, axis=int(self._axis.value))
             kwargs = self._engine_kwargs(checkpoint, record)
         except (DaeformerError, ValueError) as e:
-            show_error(str(e))
-            return
+            self.report(failure_message(e))
+            return None
+        for warning in image_warnings(record.data):
+            show_warning(f"DAE-Former: {image.name}: {warning}")
         target = self._prepare_target(image, checkpoint, record, kwargs.get("only"))
         self._cancel_event.clear()
         self._progress.value = 0
-        self._launch(_segment_job, record, checkpoint, {**kwargs, "cancel": self._cancel_event},
-                     yielded=lambda p: self._show_progress(target, p),
-                     returned=lambda result: self._finish(target, result, checkpoint),
-                     errored=lambda e: self._failed(target, e), aborted=lambda: self._failed(target, None))
+        self._uncertain_order = []
+        self._next.enabled = False
+        self._status.value = f"Segmenting {image.name}…"
+        return self._launch(_segment_job, record, checkpoint, {**kwargs, "cancel": self._cancel_event},
+                            yielded=lambda p: self._show_progress(target, p),
+                            returned=lambda result: self._finish(target, result, checkpoint),
+                            errored=lambda e: self._failed(target, e), aborted=lambda: self._failed(target, None))
 
-    def _engine_kwargs(self, checkpoint: Checkpoint, record: Any) -> dict[str, Any]:
+    def _engine_kwargs(self, checkpoint: Checkpoint, record: ImageRecord) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"rgb": record.rgb, "axis": int(self._axis.value), "device": self._device.value,
                                   "batch_size": int(self._batch.value) or None,
                                   "slice_uncertainty": bool(self._uncertain.value)}
@@ -173,61 +224,55 @@ class SegmentWidget(WorkerWidget):
             kwargs["only"] = ~done
         return kwargs
 
-    def _prepare_target(self, image: Image, checkpoint: Checkpoint, record: Any,
-                        only: np.ndarray | None) -> dict[str, Any]:
+    def _prepare_target(self, image: Image, checkpoint: Checkpoint, record: ImageRecord,
+                        only: np.ndarray | None) -> RunTarget:
         """Where the run writes: a new layer (added now, so slices appear live) or the chosen one."""
-        if self._mode.value == MODES[1]:
+        axis = int(self._axis.value)
+        if self._mode.value == MODES[1] and only is not None:
             layer = self._target.value
-            before = np.array(layer.data, copy=True)
-            done = ~only                                       # the slices the user corrected
-            return {"layer": layer, "new": False, "before": before, "done": done, "axis": int(self._axis.value)}
+            return RunTarget(layer, axis, before=np.array(layer.data, copy=True), keep=~only)
         empty = np.zeros(record.spatial_shape, np.uint8)
         card = checkpoint.card
         kwargs = labels_kwargs(image, card.class_names, card.class_colors, empty.copy(),
                                checkpoint.path.name if checkpoint.path else "model")
+        if record.rgb:
+            kwargs["opacity"] = PHOTO_OPACITY
         layer = self.viewer.add_labels(empty, **kwargs)
         track_edits(layer)
-        return {"layer": layer, "new": True, "before": None, "done": None, "axis": int(self._axis.value)}
+        return RunTarget(layer, axis)
 
-    def _show_progress(self, target: dict[str, Any], p: Progress) -> None:
+    def _show_progress(self, target: RunTarget, p: Progress) -> None:
         """Show finished slices at once (no undo history yet: `_finish` records the run as one step)."""
         self._progress.max = p.total
         self._progress.value = p.done
         if p.labels is None or not p.labels.size:
             return
-        layer: Labels = target["layer"]
+        layer = target.layer
         if layer.data.ndim == 2:
             layer.data[...] = p.labels[0]
         else:
-            axis = int(self._axis.value)
-            view = np.moveaxis(np.asarray(layer.data), axis, 0)[p.start:p.start + len(p.labels)]
-            write = np.ones(len(p.labels), bool) if target["done"] is None else \
-                ~target["done"][p.start:p.start + len(p.labels)]
+            view = np.moveaxis(np.asarray(layer.data), target.axis, 0)[p.start:p.start + len(p.labels)]
+            write = target.writes(p.start, len(p.labels))
             view[write] = p.labels[write]
         layer.refresh()
 
-    def _finish(self, target: dict[str, Any], result: Segmentation, checkpoint: Checkpoint) -> None:
-        layer: Labels = target["layer"]
+    def _finish(self, target: RunTarget, result: Segmentation, checkpoint: Checkpoint) -> None:
+        layer = target.layer
         labels = result.labels
-        before = np.zeros_like(labels) if target["new"] else target["before"]
-        if target["done"] is not None:                        # keep every slice the user corrected
-            axis = int(self._axis.value)
-            merged = np.array(before, copy=True)
-            np.moveaxis(merged, axis, 0)[~target["done"]] = np.moveaxis(labels, axis, 0)[~target["done"]]
-            labels = merged
+        before = np.zeros_like(labels) if target.before is None else target.before
+        if target.keep is not None:                            # keep every slice the user corrected
+            labels = merge_slices(before, labels, ~target.keep, target.axis)
         layer.data[...] = before                               # then apply the run as one undoable edit
         changed = np.nonzero(before != labels)
         with layer.block_history():
             layer.data_setitem(changed, labels[changed])
         self._forget_own_edits(layer, changed, target)
-        if target["new"]:
+        if target.keep is None:
             layer.metadata[PREDICTION_KEY] = labels.copy()
         else:                                                  # the model's output where it ran, else as before
             old = layer.metadata.get(PREDICTION_KEY)
-            axis = int(self._axis.value)
-            prediction = np.array(old if old is not None else before, copy=True)
-            np.moveaxis(prediction, axis, 0)[~target["done"]] = np.moveaxis(labels, axis, 0)[~target["done"]]
-            layer.metadata[PREDICTION_KEY] = prediction
+            layer.metadata[PREDICTION_KEY] = merge_slices(old if old is not None else before, labels, ~target.keep,
+                                                          target.axis)
         layer.metadata[CLASSES_KEY] = list(checkpoint.card.class_names)
         spacing = tuple(float(s) for s in layer.scale)
         geometry = geometry_from_metadata(layer.metadata) or {}
@@ -245,30 +290,29 @@ class SegmentWidget(WorkerWidget):
         show_info(f"DAE-Former: segmented {layer.name}")
 
     @staticmethod
-    def _forget_own_edits(layer: Labels, changed: tuple[np.ndarray, ...], target: dict[str, Any]) -> None:
+    def _forget_own_edits(layer: Labels, changed: tuple[np.ndarray, ...], target: RunTarget) -> None:
         """The run's own write fired a paint event: those slices were not touched by the user."""
         touched = layer.metadata.get(TOUCHED_KEY)
         if touched is None or not changed or not changed[0].size:
             return
         written = set(np.unique(changed[0]).tolist()) if layer.data.ndim == 3 else {0}
-        if target["done"] is not None:                        # partial run: only slices it re-segmented
-            written = written - set(np.flatnonzero(target["done"]).tolist()) if target["axis"] == 0 else set()
+        if target.keep is not None:                            # partial run: only slices it re-segmented
+            written = written - set(np.flatnonzero(target.keep).tolist()) if target.axis == 0 else set()
         touched.difference_update(written)
 
-    def _failed(self, target: dict[str, Any], error: BaseException | None) -> None:
-        layer = target["layer"]
-        if target["new"]:
+    def _failed(self, target: RunTarget, error: BaseException | None) -> None:
+        layer = target.layer
+        if target.before is None:
             if layer in self.viewer.layers:
                 self.viewer.layers.remove(layer)
         else:
-            layer.data[...] = target["before"]
+            layer.data[...] = target.before
             layer.refresh()
+        self._progress.value = 0
         if error is None:
             self._status.value = "Cancelled: nothing was changed."
         else:
-            message = failure_message(error)
-            self._status.value = f"Failed: {message}"
-            show_error(f"DAE-Former: {message}")
+            self.report(f"segmentation failed: {failure_message(error)}")
 
     def cancel(self) -> None:
         """Stop the running job after its current batch; the viewer is left as before the run."""

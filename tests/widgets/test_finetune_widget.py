@@ -53,14 +53,14 @@ def test_finetune_improves_held_out_dice(session, weak_ckpt: Path, qtbot) -> Non
     original = weak_ckpt.read_bytes()
     layer = viewer.layers["CT DAE-Former"]
     _correct(layer, sample.labels, [6, 9, 12, 15, 18])
-    tune._image.value, tune._labels.value = viewer.layers["CT"], layer
+    tune._image.value, tune._corrected.value = viewer.layers["CT"], layer
     tune._add.clicked()
     assert "5 corrected slices" in tune._pairs_info.value
     tune._steps.value = 30
     tune._device.value = "cpu"
     tune._run.clicked()
     qtbot.waitUntil(lambda: not tune.running, timeout=300_000)
-    assert tune.new_path is not None and tune.new_path.exists(), tune._result.value
+    assert tune.new_path is not None and tune.new_path.exists(), tune._status.value
     card = read_card(tune.new_path)
     assert card.provenance["parent"] == str(weak_ckpt)
     assert card.provenance["holdout_dice_after"] > card.provenance["holdout_dice_before"]
@@ -94,14 +94,14 @@ def test_good_model_is_kept_when_nothing_beats_it(make_napari_viewer, tmp_path: 
         layer.data_setitem((np.array([z]), np.array([64]), np.array([64])), (was + 1) % 6)
         layer.data_setitem((np.array([z]), np.array([64]), np.array([64])), was)
     assert np.array_equal(layer.data, layer.metadata["daeformer_prediction"])
-    tune._image.value, tune._labels.value = viewer.layers["CT"], layer
+    tune._image.value, tune._corrected.value = viewer.layers["CT"], layer
     tune._steps.value = 10
     tune._device.value = "cpu"
     kept = tmp_path / "kept.safetensors"
     tune._save_to.value = kept
     tune._run.clicked()
     qtbot.waitUntil(lambda: not tune.running, timeout=300_000)
-    assert "No improvement: your model is unchanged" in tune._result.value
+    assert "No improvement: your model is unchanged" in tune._status.value
     assert tune.new_path is None and not kept.exists() and list(tmp_path.glob("*.safetensors")) == []
     assert segment.checkpoint_path() == good
     assert not tune._keep_anyway.native.isHidden() and not tune._resegment.enabled
@@ -116,14 +116,14 @@ def test_cancel_writes_nothing_and_keeps_the_model(session, weak_ckpt: Path, qtb
     viewer, segment, tune, sample = session
     layer = viewer.layers["CT DAE-Former"]
     _correct(layer, sample.labels, [8, 16])
-    tune._image.value, tune._labels.value = viewer.layers["CT"], layer
+    tune._image.value, tune._corrected.value = viewer.layers["CT"], layer
     tune._steps.value = 500
     tune._device.value = "cpu"
     tune._run.clicked()
     tune._worker.yielded.connect(lambda _: tune._cancel.clicked())
     qtbot.waitUntil(lambda: not tune.running, timeout=120_000)
     assert sorted(p.name for p in weak_ckpt.parent.glob("*.safetensors")) == ["weak.safetensors"]
-    assert segment.checkpoint_path() == weak_ckpt and "Cancelled" in tune._result.value
+    assert segment.checkpoint_path() == weak_ckpt and "Cancelled" in tune._status.value
 
 
 @pytest.fixture
@@ -136,17 +136,17 @@ def errors(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 def test_bad_requests_are_notifications(session, weak_ckpt: Path, errors: list[str]) -> None:  # type: ignore[no-untyped-def]
     viewer, segment, tune, sample = session
-    tune._image.value, tune._labels.value = viewer.layers["CT"], viewer.layers["CT DAE-Former"]
+    tune._image.value, tune._corrected.value = viewer.layers["CT"], viewer.layers["CT DAE-Former"]
     tune._run.clicked()                                                # nothing corrected yet
     assert "no corrected slices" in errors[-1]
     viewer.add_labels(np.zeros((24, 80, 80), np.uint8), name="wrong shape")
-    tune._labels.value = viewer.layers["wrong shape"]
+    tune._corrected.value = viewer.layers["wrong shape"]
     tune._run.clicked()
     assert "differ in shape" in errors[-1]
     beyond = np.zeros((24, 160, 160), np.uint8)
     beyond[3, 10:20, 10:20] = 9
     viewer.add_labels(beyond, name="too many classes")
-    tune._labels.value = viewer.layers["too many classes"]
+    tune._corrected.value = viewer.layers["too many classes"]
     tune._run.clicked()
     assert "beyond the model's classes" in errors[-1]
     assert sorted(p.name for p in weak_ckpt.parent.glob("*.safetensors")) == ["weak.safetensors"]
