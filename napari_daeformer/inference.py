@@ -79,7 +79,7 @@ def _as_tensor(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
 
 
-MIN_SIDE = 16          # pixels: a slice smaller than this along either side is refused
+MIN_SIDE = 8           # pixels: a slice smaller than this along either side is refused
 
 
 def check_compatible(image: np.ndarray, rgb: bool, checkpoint: Checkpoint, axis: int = 0) -> None:

@@ -45,14 +45,15 @@ def guarded(job: Callable[..., Generator[Any, None, Any]], error: type[Daeformer
 
 def row(*widgets: Widget) -> Container:
     """Widgets side by side in one row of a dock (e.g. Run and Cancel)."""
-    container = Container(layout="horizontal", widgets=widgets, labels=False)
+    container = Container(layout="horizontal", widgets=widgets, labels=False,
+                          tooltip=" / ".join(w.tooltip or "" for w in widgets))
     container.margins = (0, 0, 0, 0)
     return container
 
 
-def holder(child: QWidget) -> EmptyWidget:
+def holder(child: QWidget, tooltip: str) -> EmptyWidget:
     """A plain Qt widget (a plot, a collapsible section) as one full-width row of a magicgui container."""
-    widget = EmptyWidget()
+    widget = EmptyWidget(tooltip=tooltip)
     layout = widget.native.layout()
     layout.setContentsMargins(0, 0, 0, 0)
     layout.addWidget(child)
@@ -69,7 +70,7 @@ def collapsible(title: str, widgets: list[Widget]) -> EmptyWidget:
     inner.margins = (0, 0, 0, 0)
     section.addWidget(inner.native)
     section.collapse(animate=False)
-    holder_widget = holder(section)
+    holder_widget = holder(section, f"{title}: click to show or hide")
     holder_widget._section = inner                 # keep the magicgui container (and its signals) alive
     return holder_widget
 

@@ -155,10 +155,11 @@ class FinetuneWidget(WorkerWidget):
         self._revert = PushButton(text="Revert model", enabled=False,
                                   tooltip="Give the Segment widget its starting (parent) model again")
         self.plot = LossPlot(str(self.viewer.theme))
+        plot = holder(self.plot.canvas, "Training loss per step; held-out Dice at each scoring (right axis)")
         self.extend([self._image, self._corrected, row(self._add, self._clear), self._pairs_info,
                      collapsible("Settings", [self._steps, self._lr, self._protect, self._parts, self._augment,
                                               self._device, self._save_to, self._overwrite]),
-                     row(self._run, self._cancel), self._progress, holder(self.plot.canvas), self._status,
+                     row(self._run, self._cancel), self._progress, plot, self._status,
                      self._keep_anyway, row(self._resegment, self._revert)])
         self._tidy()
         self.pairs: list[tuple[Image, Labels]] = []

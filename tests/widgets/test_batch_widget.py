@@ -33,8 +33,12 @@ def test_folder_with_status_table_and_open(make_napari_viewer, qtbot, tmp_path: 
     assert statuses["ct0.nii.gz"] == "done" and statuses["corrupt.nii.gz"] == "failed"
     assert statuses["photos/lesion1.png"] == "done" and len(table) == 6
     assert (out / "summary.csv").exists() and "2 failed" in widget._status.value
-    row = [r[0] for r in table].index("ct0.nii.gz")
-    widget.open_selected(row)
+    failed = [r[1] for r in table].index("failed")
+    reason = widget._table.native.item(failed, 4)
+    assert reason.toolTip() and reason.foreground().color().name() == "#e0605a"      # full reason, red row
+    assert any(str(r[3]).endswith("mL") for r in table) and all(str(r[2]).count(".") == 1 for r in table)
+    widget._table.native.selectRow([r[0] for r in table].index("ct0.nii.gz"))
+    widget._open.clicked()                                              # the button, with the table's selection
     assert [layer.name for layer in viewer.layers] == ["ct0", "ct0 labels"]
     assert tuple(viewer.layers["ct0 labels"].scale) == tuple(viewer.layers["ct0"].scale)
 

@@ -110,6 +110,9 @@ def test_good_model_is_kept_when_nothing_beats_it(make_napari_viewer, tmp_path: 
     tune._keep_anyway.clicked()
     assert kept.exists() and segment.checkpoint_path() == kept and tune._resegment.enabled
     assert read_card(kept).provenance["holdout_dice_before"] > 0.99
+    tune._revert.clicked()                                            # back to the bundled model, shown as such
+    assert segment._model.value == "bundled CT demo (synthetic)" and segment.checkpoint_path() == good
+    assert not tune._resegment.enabled and not tune._revert.enabled and "Reverted" in tune._status.value
 
 
 def test_cancel_writes_nothing_and_keeps_the_model(session, weak_ckpt: Path, qtbot) -> None:  # type: ignore[no-untyped-def]
@@ -129,8 +132,8 @@ def test_cancel_writes_nothing_and_keeps_the_model(session, weak_ckpt: Path, qtb
 @pytest.fixture
 def errors(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     messages: list[str] = []
-    monkeypatch.setattr(finetune_module, "show_error", messages.append)
-    monkeypatch.setattr(finetune_module, "show_warning", messages.append)
+    monkeypatch.setattr("napari_daeformer.widgets._workers.show_error", messages.append)
+    monkeypatch.setattr(finetune_module, "show_warning", messages.append, raising=False)
     return messages
 
 

@@ -96,7 +96,7 @@ def test_cancel_mid_run_adds_nothing(ct_viewer, qtbot) -> None:  # type: ignore[
     qtbot.waitUntil(lambda: not widget.running, timeout=60_000)
     assert seen and seen[0] < 16
     assert len(viewer.layers) == n_layers
-    assert "Cancelled" in widget._status.value
+    assert "Cancelled" in widget._status.value and widget._progress.value == 0       # no stale progress
     viewer.add_points([[0, 0, 0]])                                      # the viewer still responds
     assert len(viewer.layers) == n_layers + 1
     assert widget._run.enabled
@@ -105,8 +105,8 @@ def test_cancel_mid_run_adds_nothing(ct_viewer, qtbot) -> None:  # type: ignore[
 @pytest.fixture
 def errors(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     messages: list[str] = []
-    monkeypatch.setattr(segment_module, "show_error", messages.append)
-    monkeypatch.setattr(segment_module, "show_warning", messages.append)
+    monkeypatch.setattr("napari_daeformer.widgets._workers.show_error", messages.append)
+    monkeypatch.setattr(segment_module, "show_warning", messages.append, raising=False)
     return messages
 
 
@@ -114,11 +114,12 @@ def test_wrong_kind_of_image_is_a_notification(make_napari_viewer, errors: list[
     viewer = make_napari_viewer()
     widget = SegmentWidget(viewer)
     widget._start()
-    assert "image layer" in errors[-1]
+    assert "image layer" in errors[-1] and "image layer" in widget._status.value        # stays in the dock too
     viewer.add_image(synthetic_skin(seed=1, size=(64, 64)).image, name="photo", rgb=True)
     widget._image.value = viewer.layers["photo"]
+    widget._model.value = "bundled CT demo (synthetic)"
     widget._start()                                                     # RGB into the CT model
-    assert "RGB" in errors[-1]
+    assert "RGB" in errors[-1] and "RGB" in widget._status.value and "Error" not in widget._status.value
     viewer.add_image(np.zeros((2, 3, 32, 32), np.float32), name="4d")
     widget._image.value = viewer.layers["4d"]
     widget._start()
@@ -154,3 +155,62 @@ def test_demo_opens_the_sample_with_the_widget(monkeypatch: pytest.MonkeyPatch, 
         assert "Segment with DAE-Former (napari-daeformer)" in viewer.window._dock_widgets
     finally:
         viewer.close()
+
+
+def test_tiny_images_are_refused_and_constant_ones_warned(make_napari_viewer, errors: list[str], qtbot) -> None:  # type: ignore[no-untyped-def]
+    viewer = make_napari_viewer()
+    widget = SegmentWidget(viewer)
+    for name, data in (("3x3", np.ones((3, 3), np.float32)), ("3x3x3", np.ones((3, 3, 3), np.float32))):
+        viewer.add_image(data, name=name)
+        widget._image.value = viewer.layers[name]
+        widget._start()
+        assert "too small" in errors[-1] and "8x8" in widget._status.value
+    assert not widget.running and [layer.name for layer in viewer.layers] == ["3x3", "3x3x3"]
+    viewer.add_image(np.zeros((4, 64, 64), np.float32), name="blank")
+    widget._image.value = viewer.layers["blank"]
+    _run(widget, qtbot)
+    assert any("same value" in m for m in errors)                      # warned, and still segmented
+
+
+def test_photo_controls_and_model_follow_the_image_kind(make_napari_viewer, qtbot) -> None:  # type: ignore[no-untyped-def]
+    viewer = make_napari_viewer()
+    viewer.add_image(synthetic_ct(seed=3, shape=(8, 96, 96)).image, name="CT")
+    viewer.add_image(synthetic_skin(seed=5, size=(96, 96)).image, name="lesion", rgb=True)
+    widget = SegmentWidget(viewer)
+    widget._image.value = viewer.layers["CT"]
+    assert widget._model.value == "bundled CT demo (synthetic)"
+    assert not widget._axis.native.isHidden() and not widget._next.native.isHidden()
+    _run(widget, qtbot)
+    assert widget._next.enabled
+    widget._image.value = viewer.layers["lesion"]                       # the fitting model, no slice controls
+    assert widget._model.value == "bundled skin demo (synthetic)"
+    assert widget._axis.native.isHidden() and widget._uncertain.native.isHidden() and widget._next.native.isHidden()
+    _run(widget, qtbot)
+    assert not widget._next.enabled and widget._uncertain_order == []  # no stale order from the volume
+    assert viewer.layers["lesion DAE-Former"].opacity < 0.5             # the lesion stays visible under its mask
+    assert "pixels" in widget._status.value                            # a layer without a resolution
+    widget._model.native.activated.emit(0)                             # the user picks a model: never switched again
+    widget._model.value = "bundled CT demo (synthetic)"
+    widget._image.value = viewer.layers["CT"]
+    widget._image.value = viewer.layers["lesion"]
+    assert widget._model.value == "bundled CT demo (synthetic)"
+
+
+def test_both_docks_fit_a_1920x1080_screen(make_napari_viewer, qtbot) -> None:  # type: ignore[no-untyped-def]
+    from qtpy.QtWidgets import QPushButton
+
+    viewer = make_napari_viewer(show=True)
+    window = viewer.window._qt_window
+    window.resize(1920, 1080)
+    viewer.add_image(synthetic_ct(seed=3, shape=(8, 96, 96)).image, name="CT")
+    _, segment = viewer.window.add_plugin_dock_widget("napari-daeformer", "Segment with DAE-Former")
+    _, tune = viewer.window.add_plugin_dock_widget("napari-daeformer", "Fine-tune DAE-Former")
+    qtbot.wait(200)
+    assert window.height() <= 1080                                     # the docks did not push the window taller
+    for dock in (segment, tune):
+        for button in dock.native.findChildren(QPushButton):
+            if not button.isVisibleTo(window) or not button.text():   # hidden, or folded in a section
+                continue
+            bottom = button.mapTo(window, button.rect().bottomLeft()).y()
+            seen = button.visibleRegion().boundingRect().height()
+            assert bottom <= window.height() and seen == button.height(), (button.text(), bottom, seen)
