@@ -88,7 +88,7 @@ def ct_scenes(tmp: Path) -> None:
         index = np.nonzero(np.ones_like(sample.labels[z], bool))
         labels.data_setitem((np.full(index[0].shape, z), *index), sample.labels[z][index])
     _, tune = viewer.window.add_plugin_dock_widget("napari-daeformer", "Fine-tune DAE-Former", tabify=True)
-    tune._image.value, tune._labels.value = viewer.layers["abdomen"], labels
+    tune._image.value, tune._corrected.value = viewer.layers["abdomen"], labels
     tune._add.clicked()
     tune._device.value = "cpu"
     tune._run.clicked()
