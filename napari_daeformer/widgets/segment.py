@@ -279,8 +279,9 @@ class SegmentWidget(WorkerWidget):
         physical = is_physical(geometry.get("source_format", "layer"), spacing)
         measures = class_measures(labels, spacing, checkpoint.card.class_names, physical)
         unit = measure_unit(labels.ndim, physical)
+        digits = 1 if physical else 0                            # counts of pixels are whole numbers
         lines = [f"<b>{layer.name}</b>"] + [
-            f"<span style='color:{checkpoint.card.class_colors[i + 1]}'>■</span> {name}: {value:.1f} {unit}"
+            f"<span style='color:{checkpoint.card.class_colors[i + 1]}'>■</span> {name}: {value:.{digits}f} {unit}"
             for i, (name, value) in enumerate(measures.items())]
         self._status.value = "<br>".join(lines)
         if result.slice_uncertainty is not None and labels.ndim == 3:
