@@ -13,7 +13,6 @@ from napari_daeformer.bundled import bundled_model
 from napari_daeformer.checkpoint import load_checkpoint, read_card, save_checkpoint
 from napari_daeformer.preprocessing import ct_preprocessing
 from napari_daeformer.sample_data import synthetic_ct
-from napari_daeformer.widgets import finetune as finetune_module
 from napari_daeformer.widgets.finetune import FinetuneWidget
 
 pytestmark = pytest.mark.gui
@@ -127,14 +126,6 @@ def test_cancel_writes_nothing_and_keeps_the_model(session, weak_ckpt: Path, qtb
     qtbot.waitUntil(lambda: not tune.running, timeout=120_000)
     assert sorted(p.name for p in weak_ckpt.parent.glob("*.safetensors")) == ["weak.safetensors"]
     assert segment.checkpoint_path() == weak_ckpt and "Cancelled" in tune._status.value
-
-
-@pytest.fixture
-def errors(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    messages: list[str] = []
-    monkeypatch.setattr("napari_daeformer.widgets._workers.show_error", messages.append)
-    monkeypatch.setattr(finetune_module, "show_warning", messages.append, raising=False)
-    return messages
 
 
 def test_bad_requests_are_notifications(session, weak_ckpt: Path, errors: list[str]) -> None:  # type: ignore[no-untyped-def]

@@ -9,7 +9,6 @@ import pytest
 
 from napari_daeformer.metrics import dice_per_class
 from napari_daeformer.sample_data import synthetic_ct, synthetic_skin
-from napari_daeformer.widgets import segment as segment_module
 from napari_daeformer.widgets._layers import PREDICTION_KEY
 from napari_daeformer.widgets.segment import MODES, SegmentWidget
 
@@ -100,14 +99,6 @@ def test_cancel_mid_run_adds_nothing(ct_viewer, qtbot) -> None:  # type: ignore[
     viewer.add_points([[0, 0, 0]])                                      # the viewer still responds
     assert len(viewer.layers) == n_layers + 1
     assert widget._run.enabled
-
-
-@pytest.fixture
-def errors(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    messages: list[str] = []
-    monkeypatch.setattr("napari_daeformer.widgets._workers.show_error", messages.append)
-    monkeypatch.setattr(segment_module, "show_warning", messages.append, raising=False)
-    return messages
 
 
 def test_wrong_kind_of_image_is_a_notification(make_napari_viewer, errors: list[str]) -> None:  # type: ignore[no-untyped-def]
