@@ -73,6 +73,18 @@ def read_image(path: str | os.PathLike[str]) -> ImageRecord:
                            f"supported: {', '.join(READ_SUFFIXES)} and DICOM folders")
 
 
+def _check_label_format(p: Path, ndim: int | None) -> None:
+    """Refuse a label file format that would lose labels: JPEG (lossy), PNG for a volume, an unknown suffix."""
+    suffix = suffix_of(p)
+    if suffix in (".jpg", ".jpeg"):
+        raise ImageFormatError(f"{p.name}: JPEG is lossy and would corrupt label values; save masks as PNG")
+    if suffix not in LABEL_SUFFIXES:
+        raise ImageFormatError(f"{p.name}: cannot write labels as {suffix or '(no suffix)'}; "
+                               f"use one of {', '.join(LABEL_SUFFIXES)}")
+    if suffix == ".png" and ndim == 3:
+        raise ImageFormatError(f"{p.name}: PNG holds one 2D slice, got a volume; use .nii.gz or .tif for volumes")
+
+
 def check_label_path(path: str | os.PathLike[str], ndim: int | None = None, *, overwrite: bool = False) -> None:
     """Refuse, before any work, a label path `write_labels` would refuse: its format (JPEG is lossy; PNG holds one
     2D slice), an existing file without `overwrite`, a folder that cannot be written.
@@ -81,16 +93,8 @@ def check_label_path(path: str | os.PathLike[str], ndim: int | None = None, *, o
         ndim: 2 or 3 when known (a volume cannot go to PNG).
     """
     from ..atomic import check_output_path
-    p = Path(path)
-    suffix = suffix_of(p)
-    if suffix in (".jpg", ".jpeg"):
-        raise ImageFormatError(f"{p.name}: JPEG is lossy and would corrupt label values; save masks as PNG")
-    if suffix not in LABEL_SUFFIXES:
-        raise ImageFormatError(f"{p.name}: cannot write labels as {suffix or '(no suffix)'}; "
-                               f"use one of {', '.join(LABEL_SUFFIXES)}")
-    if suffix == ".png" and ndim == 3:
-        raise ImageFormatError(f"{p.name}: PNG holds one 2D slice; use .nii.gz or .tif for volumes")
-    check_output_path(p, overwrite)
+    _check_label_format(Path(path), ndim)
+    check_output_path(path, overwrite)
 
 
 def write_labels(path: str | os.PathLike[str], labels: np.ndarray, geometry: dict[str, Any] | ImageRecord | None = None,
@@ -119,11 +123,10 @@ def write_labels(path: str | os.PathLike[str], labels: np.ndarray, geometry: dic
     if geometry and tuple(geometry.get("spatial_shape", labels.shape)) != labels.shape:
         raise ImageFormatError(f"{p.name}: labels of shape {labels.shape} do not match the source image's "
                                f"{tuple(geometry['spatial_shape'])}")
+    _check_label_format(p, labels.ndim)
     suffix = suffix_of(p)
     if suffix in NIFTI_SUFFIXES:
         return write_nifti(p, out, affine, overwrite=overwrite)
     if suffix in TIFF_SUFFIXES:
         return write_tiff(p, out, spacing, overwrite=overwrite)
-    if suffix == ".png" or suffix in (".jpg", ".jpeg"):
-        return write_png(p, out, overwrite=overwrite)
-    raise ImageFormatError(f"{p.name}: cannot write labels as {suffix or '(no suffix)'}; use one of {', '.join(LABEL_SUFFIXES)}")
+    return write_png(p, out, overwrite=overwrite)

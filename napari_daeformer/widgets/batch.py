@@ -122,12 +122,13 @@ class BatchWidget(WorkerWidget):
         rows = [[r.input, r.status, f"{r.seconds:.1f}", _measures_text(r), r.reason] for r in self.results]
         self._table.value = {"data": rows, "index": list(range(len(rows))), "columns": COLUMNS}
         table = self._table.native
-        for i, r in enumerate(self.results):
+        for i, (r, cells) in enumerate(zip(self.results, rows)):
+            tip = r.reason or cells[3] or r.input
             for j in range(len(COLUMNS)):
                 item = table.item(i, j)
                 if item is None:
                     continue
-                item.setToolTip(r.reason or _measures_text(r) or r.input)
+                item.setToolTip(tip)
                 if r.status == "failed":
                     item.setForeground(QColor(FAILED_COLOUR))
         table.resizeColumnsToContents()

@@ -121,7 +121,8 @@ class SegmentWidget(WorkerWidget):
         volume = layer is not None and (np.ndim(layer.data) - (1 if layer.rgb else 0)) == 3
         self._axis.visible = self._uncertain.visible = self._next.visible = volume
         if layer is not None and not self._model_chosen and self._model.value != FILE_CHOICE:
-            fitting = "bundled skin demo (synthetic)" if layer.rgb else "bundled CT demo (synthetic)"
+            kind = "skin" if layer.rgb else "ct"
+            fitting = next(name for name, k in BUNDLED_CHOICES.items() if k == kind)
             if self._model.value != fitting:
                 self._model.value = fitting
 
@@ -259,7 +260,7 @@ class SegmentWidget(WorkerWidget):
     def _finish(self, target: RunTarget, result: Segmentation, checkpoint: Checkpoint) -> None:
         layer = target.layer
         labels = result.labels
-        before = np.zeros_like(labels) if target.before is None else target.before
+        before = np.zeros_like(labels) if target.new else target.before
         if target.keep is not None:                            # keep every slice the user corrected
             labels = merge_slices(before, labels, ~target.keep, target.axis)
         layer.data[...] = before                               # then apply the run as one undoable edit
@@ -303,7 +304,7 @@ class SegmentWidget(WorkerWidget):
 
     def _failed(self, target: RunTarget, error: BaseException | None) -> None:
         layer = target.layer
-        if target.before is None:
+        if target.new:
             if layer in self.viewer.layers:
                 self.viewer.layers.remove(layer)
         else:
