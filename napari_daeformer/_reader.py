@@ -6,6 +6,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from .errors import ImageFormatError, printable
 from .io import METADATA_KEY, ImageRecord, can_read, read_image
 from .preprocessing import CT_WINDOWS
 
@@ -21,10 +22,19 @@ def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerD
 def read_layers(path: str | list[str]) -> list[LayerData]:
     """Read each path into an image layer with scale/translate from spacing/origin and geometry in metadata.
 
-    Raises ImageFormatError (napari shows its message) for files that cannot be read.
+    A file that cannot be read becomes an error notification (its one-line reason) and no layer; the others
+    still open. Nothing read at all: napari's "no layers" sentinel, so napari adds nothing and asks nothing.
     """
+    from napari.utils.notifications import show_error
+
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
-    return [record_to_layer(read_image(p)) for p in paths]
+    layers = []
+    for p in paths:
+        try:
+            layers.append(record_to_layer(read_image(p)))
+        except ImageFormatError as e:
+            show_error(f"napari-daeformer: {printable(str(e))}")
+    return layers or [(None,)]  # type: ignore[list-item]
 
 
 def record_to_layer(record: ImageRecord, name: str | None = None) -> LayerData:

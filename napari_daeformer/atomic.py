@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from uuid import uuid4
@@ -35,7 +37,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *,
     if not overwrite and path.exists():
         raise DaeformerError(f"{path} already exists; choose another name or allow overwriting")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{uuid4().hex[:8]}.tmp-{path.name}")  # same folder and suffix (.nii.gz)
+    remove_stale_temporaries(path.parent, path.name)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{uuid4().hex[:8]}-{path.name}")  # same folder and suffix (.nii.gz)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:                               # data on disk before the rename
@@ -45,6 +48,42 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *,
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+_TEMPORARY = re.compile(r"\.tmp-(\d+)-[0-9a-f]{8}-(.+)")
+STALE_SECONDS = 3600.0                     # a temporary file untouched this long belongs to no live write
+
+
+def remove_stale_temporaries(folder: Path, name: str | None = None, *, recursive: bool = False) -> list[Path]:
+    """Delete the hidden temporary files that killed writes left in `folder` (for `name` only, if given): those of
+    a process that no longer runs on this machine, or untouched for an hour. Returns what was removed."""
+    removed = []
+    candidates = folder.rglob(".tmp-*") if recursive else folder.glob(".tmp-*")
+    now = time.time()
+    for tmp in candidates:
+        m = _TEMPORARY.fullmatch(tmp.name)
+        if not m or (name is not None and m.group(2) != name):
+            continue
+        try:
+            if _alive(int(m.group(1))) and now - tmp.stat().st_mtime < STALE_SECONDS:
+                continue
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError:                                   # gone already, or not ours to delete: leave it
+            continue
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True                                       # exists (another user's) or unknowable: keep
+    return True
 
 
 def check_output_path(path: str | os.PathLike[str], overwrite: bool = False) -> None:

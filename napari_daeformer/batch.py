@@ -12,7 +12,7 @@ import hashlib
 import io
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Generator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_write
+from .atomic import atomic_write, remove_stale_temporaries
 from .bundled import resolve_model
 from .checkpoint import Checkpoint, load_checkpoint
 from .devices import resolve_device
-from .errors import DaeformerError, ImageFormatError
+from .errors import DaeformerError, ImageFormatError, printable
 from .inference import Progress, segment
 from .io import ImageRecord, is_dicom_file, read_image, suffix_of, write_labels
 from .volumes import class_measures, is_physical, measure_unit
@@ -100,11 +100,18 @@ class BatchSummary:
 
 
 def list_inputs(job: BatchJob) -> list[Path]:
-    """Input files (and DICOM series folders) under `job.input_dir`, sorted; summaries and hidden files excluded."""
+    """Input files (and DICOM series folders) under `job.input_dir`, sorted; summaries, hidden files and the other
+    files of a DICOM series folder (a README, thumbs.db) excluded."""
     root = job.input_dir
     if not root.is_dir():
         raise DaeformerError(f"{root}: no such input folder")
-    found: set[Path] = set()
+    if root.resolve() == job.output_dir.resolve():
+        raise DaeformerError(f"{job.output_dir}: the output folder is the input folder; label maps would replace or "
+                             "mix with the images, so choose another output folder")
+    if job.output_dir.exists() and not job.output_dir.is_dir():
+        raise DaeformerError(f"{job.output_dir}: is a file, not a folder; choose an output folder")
+    files: set[Path] = set()
+    series: set[Path] = set()
     for pattern in job.patterns:
         for path in root.glob(pattern):
             rel = path.relative_to(root)
@@ -114,17 +121,41 @@ def list_inputs(job: BatchJob) -> list[Path]:
                 continue
             if path.is_file():
                 if path.suffix.lower() == ".dcm" or is_dicom_file(path):
-                    found.add(path.parent)                # a DICOM series is one input: its folder
+                    series.add(path.parent)                # a DICOM series is one input: its folder
                 else:
-                    found.add(path)
-    return sorted(found)
+                    files.add(path)
+    return sorted(series | {f for f in files if f.parent not in series})
 
 
-def output_path(job: BatchJob, source: Path) -> Path:
+def output_paths(job: BatchJob, sources: list[Path]) -> dict[Path, Path | str]:
+    """Each source's output path, or the reason it has none. Sources that would share an output (`dup.jpg` and
+    `dup.png`, a folder `series2/` beside `series2.nii.gz`) keep their suffix in the name (`dup_jpg.png`,
+    `dup_png.png`); if names still clash, each of those sources gets a reason instead of a path."""
+    plain = {source: _output_path(job, source, False) for source in sources}
+    counts = Counter(plain.values())
+    outputs = {source: _output_path(job, source, counts[out] > 1) for source, out in plain.items()}
+    counts = Counter(outputs.values())
+    inputs = {source.resolve() for source in sources}
+    result: dict[Path, Path | str] = {}
+    for source, out in outputs.items():
+        if counts[out] > 1:
+            others = sorted(str(s.relative_to(job.input_dir)) for s, o in outputs.items() if o == out and s != source)
+            result[source] = (f"output name collision: {out.relative_to(job.output_dir)} would also be written for "
+                              f"{', '.join(others)}; rename one of them")
+        elif out.resolve() in inputs:
+            result[source] = f"its output {out} would replace an input file; choose another output folder"
+        else:
+            result[source] = out
+    return result
+
+
+def _output_path(job: BatchJob, source: Path, keep_suffix: bool) -> Path:
     rel = source.relative_to(job.input_dir)
     suffix = suffix_of(source) if source.is_file() else ""
     new = _SAME.get(suffix, ".nii.gz") if job.output_format == "same" else job.output_format
     name = rel.name[: len(rel.name) - len(suffix)] if suffix else rel.name
+    if keep_suffix:
+        name += "_" + (suffix.lstrip(".").replace(".", "_") or "dicom")
     return job.output_dir / rel.parent / f"{name}{new}"
 
 
@@ -165,14 +196,20 @@ def run_batch(job: BatchJob, *, rank: int = 0, world_size: int = 1,
     """Segment this rank's share of the inputs (files[rank::world_size]). Cancel stops after the current file."""
     start = time.perf_counter()
     overlap = job.prefetch if job.prefetch is not None else resolve_device(job.device).type != "cpu"
-    files = list_inputs(job)[rank::world_size]
+    inputs = list_inputs(job)
+    outputs = output_paths(job, inputs)                 # over all inputs: every rank names files alike
+    files = inputs[rank::world_size]
+    if job.output_dir.is_dir():
+        remove_stale_temporaries(job.output_dir, recursive=True)
     models = _Models(job.model)
     results: list[FileResult] = []
     compute = 0.0
     todo = []
     for source in files:
-        out = output_path(job, source)
-        if out.exists() and not job.overwrite:
+        out = outputs[source]
+        if isinstance(out, str):
+            results.append(FileResult(str(source.relative_to(job.input_dir)), "", "failed", out))
+        elif out.exists() and not job.overwrite:
             results.append(_existing(job, source, out, models))
         else:
             todo.append((source, out))
@@ -199,8 +236,8 @@ def run_batch(job: BatchJob, *, rank: int = 0, world_size: int = 1,
             try:
                 if future is not None:
                     future.result()
-            except (DaeformerError, OSError) as e:
-                result = FileResult(result.input, "", "failed", f"writing the output failed: {e}",
+            except Exception as e:                            # whatever the writer raised: this file failed
+                result = FileResult(result.input, "", "failed", f"writing the output failed: {_reason(e)}",
                                     seconds=result.seconds)
             results.append(result)
             done += 1
@@ -242,8 +279,8 @@ def run_batch(job: BatchJob, *, rank: int = 0, world_size: int = 1,
                                     record.spacing, time.perf_counter() - t0,
                                     class_measures(labels, record.spacing, ckpt.card.class_names, physical),
                                     measure_unit(labels.ndim, physical), _ckpt_name(ckpt), sha)
-            except (DaeformerError, OSError) as e:
-                result = FileResult(rel, "", "failed", str(e), seconds=time.perf_counter() - t0)
+            except Exception as e:                            # one file's failure, whatever it is, never ends the run
+                result = FileResult(rel, "", "failed", _reason(e), seconds=time.perf_counter() - t0)
             pending.append((future, result))
             yield from settle(block=False)
         yield from settle(block=True)
@@ -254,6 +291,12 @@ def run_batch(job: BatchJob, *, rank: int = 0, world_size: int = 1,
             readers.shutdown(wait=True, cancel_futures=True)
     results.sort(key=lambda r: r.input)
     return BatchSummary(results, compute, time.perf_counter() - start)
+
+
+def _reason(e: Exception) -> str:
+    """One line for the summary: our messages as they are, anything else with its type."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return text if isinstance(e, (DaeformerError, OSError)) else f"unexpected {type(e).__name__}: {text}"
 
 
 def _ckpt_name(ckpt: Checkpoint) -> str:
@@ -272,8 +315,8 @@ def _existing(job: BatchJob, source: Path, out: Path, models: _Models) -> FileRe
         return FileResult(rel, rel_out, "existing", "", tuple(data.shape), labels.spacing, 0.0,
                           class_measures(data.astype(np.int64), labels.spacing, ckpt.card.class_names, physical),
                           measure_unit(data.ndim, physical), _ckpt_name(ckpt), sha)
-    except DaeformerError as e:
-        return FileResult(rel, rel_out, "failed", f"existing output unreadable: {e}")
+    except Exception as e:
+        return FileResult(rel, rel_out, "failed", f"existing output unreadable: {_reason(e)}")
 
 
 def summary_csv(results: list[FileResult]) -> str:
@@ -285,8 +328,8 @@ def summary_csv(results: list[FileResult]) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["input", "output", "status", "reason", "shape", "spacing_mm", "seconds", "unit",
                      *classes, "checkpoint", "checkpoint_sha256"])
-    for r in results:
-        writer.writerow([r.input, r.output, r.status, r.reason, "x".join(map(str, r.shape)),
+    for r in results:                                      # names as valid UTF-8 (\xNN for undecodable bytes)
+        writer.writerow([printable(r.input), printable(r.output), r.status, printable(r.reason), "x".join(map(str, r.shape)),
                          "x".join(f"{s:g}" for s in r.spacing), f"{r.seconds:.3f}", r.unit,
                          *(f"{r.measures[c]:.3f}" if c in r.measures else "" for c in classes),
                          r.checkpoint, r.checkpoint_sha256])
@@ -295,4 +338,4 @@ def summary_csv(results: list[FileResult]) -> str:
 
 def write_summary(job: BatchJob, results: list[FileResult], name: str = SUMMARY) -> Path:
     text = summary_csv(results)
-    return atomic_write(job.output_dir / name, lambda tmp: tmp.write_text(text))
+    return atomic_write(job.output_dir / name, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
+import re
+import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -14,12 +18,18 @@ from safetensors.torch import save_file
 
 from .atomic import atomic_write
 from .errors import CheckpointError
-from .model import DAEFormer, DAEFormerConfig
+from .memory import check_allocation
+from .model import SIZE_MULTIPLE, DAEFormer, DAEFormerConfig
+from .model.config import check_int, short_repr
 from .preprocessing import Preprocessing, ct_preprocessing
 
 FORMAT_NAME = "napari-daeformer"
 FORMAT_VERSION = 1
 _META_KEY = "napari_daeformer"
+MAX_METADATA_CHARS = 4_000_000            # a card with long provenance is a few kB
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+_COLOR = re.compile(r"#[0-9a-fA-F]{6}")
+MAX_INPUT_SIDE = 4096
 
 # The Synapse label mapping (PAPER.md section 4); other projects have got it wrong.
 SYNAPSE_CLASSES = ("background", "aorta", "gallbladder", "left kidney", "right kidney", "liver",
@@ -80,13 +90,28 @@ class ModelCard:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelCard:
+        """Inverse of `to_dict`; every field's type and bounds checked (ValueError), nothing built before."""
+        names, colors, size = data.get("class_names"), data.get("class_colors", []), data.get("input_size")
+        if not isinstance(names, list) or not all(isinstance(n, str) and 0 < len(n) <= 80 and n.isprintable()
+                                                  for n in names):
+            raise ValueError(f"class_names must be a list of short printable names, got {short_repr(names)}")
+        if not isinstance(colors, list) or not all(isinstance(c, str) and _COLOR.fullmatch(c) for c in colors):
+            raise ValueError(f"class_colors must be a list of '#rrggbb', got {short_repr(colors)}")
+        if not isinstance(size, list) or len(size) != 2:
+            raise ValueError(f"input_size must be [height, width], got {short_repr(size)}")
+        for side in size:
+            if check_int("input_size", side, SIZE_MULTIPLE, MAX_INPUT_SIDE) % SIZE_MULTIPLE:
+                raise ValueError(f"input_size {size} must be multiples of {SIZE_MULTIPLE}")
+        provenance = data.get("provenance", {})
+        if not isinstance(provenance, dict):
+            raise ValueError(f"provenance must be a mapping, got {short_repr(provenance)}")
         return cls(
-            config=DAEFormerConfig.from_dict(data["config"]),
-            class_names=tuple(data["class_names"]),
-            class_colors=tuple(data["class_colors"]),
-            input_size=(int(data["input_size"][0]), int(data["input_size"][1])),
-            preprocessing=Preprocessing.from_dict(data["preprocessing"]),
-            provenance=dict(data.get("provenance", {})),
+            config=DAEFormerConfig.from_dict(data.get("config")),  # type: ignore[arg-type]
+            class_names=tuple(names),
+            class_colors=tuple(colors),
+            input_size=(size[0], size[1]),
+            preprocessing=Preprocessing.from_dict(data.get("preprocessing")),  # type: ignore[arg-type]
+            provenance=provenance,
         )
 
     def with_provenance(self, **items: Any) -> ModelCard:
@@ -119,62 +144,133 @@ def save_checkpoint(path: str | os.PathLike[str], model: DAEFormer, card: ModelC
 
 
 def read_card(path: str | os.PathLike[str]) -> ModelCard:
-    """Read only the metadata of a checkpoint (fast: the weights are not loaded)."""
-    return _open(Path(path))[0]
+    """Read only the metadata of a checkpoint (fast: the weights are not loaded). Raises CheckpointError only."""
+    path = Path(path)
+    try:
+        card, f = _open(path)
+    except CheckpointError:
+        raise
+    except (SafetensorError, OSError, ValueError, MemoryError, RecursionError) as e:
+        raise CheckpointError(f"{path.name}: cannot be read ({short_repr(str(e), 120)})") from e
+    with f:
+        return card
 
 
 def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Checkpoint:
     """Load a checkpoint written by `save_checkpoint`, without unpickling anything.
 
+    Every metadata field is checked (types, bounds) and the tensors' names, shapes and dtypes are compared with the
+    configuration before any weight is read; the model is built on the meta device and takes the file's tensors,
+    so memory is the file's size, whatever its configuration claims.
+
     Raises:
-        CheckpointError: the file is missing, empty, truncated, a pickle, a foreign safetensors file,
-            from a newer format, or its tensors do not match its configuration.
+        CheckpointError: the file is missing, not a regular file, empty, truncated, a pickle, a foreign safetensors
+            file, from a newer format, its metadata is invalid, or its tensors do not match its configuration,
+            are not floating point, or are not finite. Nothing else escapes, whatever the bytes.
     """
     path = Path(path)
-    card, tensors = _open(path, with_tensors=True)
-    model = DAEFormer(card.config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = [k for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        detail = "; ".join(
-            f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-            for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys)
-        raise CheckpointError(f"{path.name}: weights do not match the configuration stored in the file ({detail})")
-    model.load_state_dict(tensors)
+    try:
+        return _load(path, device)
+    except CheckpointError:
+        raise
+    except (SafetensorError, OSError, ValueError, MemoryError, RecursionError) as e:
+        raise CheckpointError(f"{path.name}: cannot be loaded ({short_repr(str(e), 120)})") from e
+
+
+def _load(path: Path, device: str | torch.device) -> Checkpoint:
+    card, f = _open(path)
+    with torch.device("meta"):
+        model = DAEFormer(card.config)                       # shapes only: nothing allocated yet
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    with f:
+        declared = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+        missing = sorted(set(expected) - set(declared))
+        unexpected = sorted(set(declared) - set(expected))
+        wrong = [k for k in expected if k in declared and declared[k][0] != expected[k]]
+        if missing or unexpected or wrong:
+            detail = "; ".join(
+                f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys)
+            raise CheckpointError(f"{path.name}: weights do not match the configuration stored in the file ({detail})")
+        odd = sorted({dtype for _, dtype in declared.values()} - _FLOAT_DTYPES)
+        if odd:
+            raise CheckpointError(f"{path.name}: weights must be floating point, found {', '.join(odd)} tensors")
+        numel = sum(math.prod(shape) for shape, _ in declared.values())
+        check_allocation(path.name, numel * 4 * 2, "loading the weights", CheckpointError)
+        tensors = {}
+        for k in expected:
+            t = f.get_tensor(k).to(torch.float32)
+            if not torch.isfinite(t).all():
+                raise CheckpointError(f"{path.name}: weight {k} holds NaN or infinite values; the file is damaged "
+                                      "(or training diverged): use an earlier checkpoint")
+            tensors[k] = t
+    model.load_state_dict(tensors, assign=True)
     return Checkpoint(model.to(device).eval(), card, path)
 
 
-def _open(path: Path, with_tensors: bool = False) -> tuple[ModelCard, dict[str, torch.Tensor]]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+def _sniff(path: Path) -> None:
+    """Refuse anything that is not a safetensors file by what its first bytes are (never by one byte alone:
+    a safetensors file starts with its header length, whose low byte can be anything, 0x80 included)."""
+    try:
+        info = path.stat()
+    except OSError as e:
+        raise CheckpointError(f"{path}: no such checkpoint file") from e
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file (a device, pipe or socket)"
+        raise CheckpointError(f"{path}: {kind}; give a .safetensors checkpoint file")
     with open(path, "rb") as f:
-        head = f.read(8)
-    if len(head) < 8:
-        raise CheckpointError(f"{path.name}: file is empty or truncated ({path.stat().st_size} bytes)")
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        head = f.read(9)
+    if len(head) < 9:
+        raise CheckpointError(f"{path.name}: file is empty or truncated ({info.st_size} bytes)")
+    header_len = int.from_bytes(head[:8], "little")
+    if head[8:9] == b"{" and 8 + header_len <= info.st_size:
+        return
+    if head.startswith(b"PK\x03\x04") or (head[0] == 0x80 and 2 <= head[1] <= 5):   # zip (torch.save) or pickle
         raise CheckpointError(f"{path.name}: this is a pickled PyTorch file, which is never loaded here; "
                               "if it holds official DAE-Former weights, convert it with `daeformer import-official`")
+    if head[8:9] == b"{":
+        raise CheckpointError(f"{path.name}: file is truncated (the header alone claims {header_len:,} bytes, the file "
+                              f"has {info.st_size:,})")
+    raise CheckpointError(f"{path.name}: not a readable safetensors checkpoint, truncated or corrupt")
+
+
+def _open(path: Path) -> tuple[ModelCard, Any]:
+    """The checked card and the open safetensors file (tensors not read; `with` it to close it)."""
+    _sniff(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            if _META_KEY not in metadata:
-                raise CheckpointError(f"{path.name}: a safetensors file without napari-daeformer metadata "
-                                      "(not a napari-daeformer checkpoint)")
-            tensors = {k: f.get_tensor(k) for k in f.keys()} if with_tensors else {}
+        f = safe_open(str(path), framework="pt")
     except SafetensorError as e:
-        raise CheckpointError(f"{path.name}: not a readable safetensors checkpoint, truncated or corrupt ({e})") from e
+        raise CheckpointError(f"{path.name}: not a readable safetensors checkpoint, truncated or corrupt "
+                              f"({short_repr(str(e), 120)})") from e
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(f)                                 # closed if the card is refused
+        card = _card_from_metadata(path, f.metadata() or {})
+        stack.pop_all()
+    return card, f
+
+
+def _card_from_metadata(path: Path, metadata: dict[str, str]) -> ModelCard:
+    if _META_KEY not in metadata:
+        raise CheckpointError(f"{path.name}: a safetensors file without napari-daeformer metadata "
+                              "(not a napari-daeformer checkpoint)")
+    text = metadata[_META_KEY]
+    if len(text) > MAX_METADATA_CHARS:
+        raise CheckpointError(f"{path.name}: checkpoint metadata is {len(text):,} characters, more than a "
+                              f"checkpoint ever needs ({MAX_METADATA_CHARS:,}); refusing to parse it")
     try:
-        data = json.loads(metadata[_META_KEY])
-        version = int(data["format_version"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path.name}: checkpoint metadata is unreadable ({e})") from e
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path.name}: checkpoint metadata is not valid JSON ({short_repr(str(e), 80)})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path.name}: checkpoint metadata must be a JSON object, got {type(data).__name__}")
+    version = data.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{path.name}: checkpoint metadata is invalid (format_version "
+                              f"{short_repr(version)} is not a positive integer)")
     if version > FORMAT_VERSION:
-        raise CheckpointError(f"{path.name}: format version {version} is newer than this napari-daeformer "
+        raise CheckpointError(f"{path.name}: format version {short_repr(version)} is newer than this napari-daeformer "
                               f"understands ({FORMAT_VERSION}); update the plugin")
     try:
-        card = ModelCard.from_dict(data)
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path.name}: checkpoint metadata is invalid ({e})") from e
-    return card, tensors
+        return ModelCard.from_dict(data)
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        raise CheckpointError(f"{path.name}: checkpoint metadata is invalid ({short_repr(str(e), 120)})") from e

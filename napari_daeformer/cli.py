@@ -8,13 +8,14 @@ Errors meant for the user print one line on stderr and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from training.cli import resolve_settings
 
-from .errors import DaeformerError
+from .errors import DaeformerError, printable
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -66,8 +67,8 @@ def _info(args: argparse.Namespace) -> int:
         print(f"classes: {', '.join(card.class_names)}")
         print(f"input: {card.input_size[0]}x{card.input_size[1]}, {card.config.in_channels} channel(s), "
               f"preprocessing {card.preprocessing.to_dict()}")
-        for key, value in card.provenance.items():
-            print(f"provenance.{key}: {value}")
+        for key, value in card.provenance.items():               # free text from the file: no escape codes
+            print(printable(f"provenance.{key}: {value}"))
     else:
         model = DAEFormer(named_config(args.model, num_classes=args.num_classes, in_channels=args.in_channels))
     print(f"configuration: {model.cfg.to_dict()}")
@@ -89,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "skin photos: the command line of napari-daeformer.")
     from . import __version__
     parser.add_argument("--version", action="version", version=f"napari-daeformer {__version__}")
+    parser.add_argument("--memory-limit", metavar="SIZE", help="most memory one file may take, e.g. 64G (default: "
+                        "80%% of the free memory; a file whose header asks for more is refused before reading)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("import-official", help="convert an official DAE-Former .pth checkpoint to our format",
@@ -183,12 +186,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     func: Command = args.func
     try:
+        if args.memory_limit is not None:
+            from .memory import ENV, parse_size
+            os.environ[ENV] = str(parse_size(args.memory_limit))
         if getattr(args, "config", None) is not None:          # `train --config FILE`: file < command line
-            args = resolve_settings(args.settings_parser, list(argv if argv is not None else sys.argv[1:])[1:], args)
+            words = list(argv if argv is not None else sys.argv[1:])
+            args = resolve_settings(args.settings_parser, words[words.index(args.command) + 1:], args)
         return func(args)
     except (DaeformerError, ValueError, OSError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"daeformer {args.command}: error: {message}", file=sys.stderr)
+        print(f"daeformer {args.command}: error: {printable(message)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"daeformer {args.command}: interrupted", file=sys.stderr)

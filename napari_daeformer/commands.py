@@ -11,6 +11,7 @@ import numpy as np
 
 from .bundled import resolve_model
 from .checkpoint import load_checkpoint
+from .errors import printable
 from .inference import Progress, image_warnings, run_segmentation, segment
 from .io import ImageRecord, check_label_path, read_image, write_labels
 from .volumes import class_measures, is_physical, measure_unit
@@ -160,6 +161,6 @@ def run_batch_command(args: argparse.Namespace) -> int:
     if failures:
         print(f"daeformer batch: {len(failures)} file(s) failed:", file=sys.stderr)
         for r in failures:
-            print(f"  {r.input}: {r.reason}", file=sys.stderr)
+            print(f"  {printable(r.input)}: {printable(r.reason)}", file=sys.stderr)
         return 1
     return 0

@@ -22,3 +22,13 @@ class InferenceError(DaeformerError):
 
 class TrainingError(DaeformerError):
     """Training data or settings are unusable, or training failed."""
+
+
+def printable(text: str) -> str:
+    """`text` safe to print or store as UTF-8: undecodable bytes of file names as \\xNN, control characters
+    (terminal escape codes, newlines) as escapes."""
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:                            # a lone surrogate that was never a byte
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
+
+from .model.config import short_repr
 
 # CT windows as (lower, upper) HU. "abdomen" is the paper's (TransUNet's) [-125, 275].
 CT_WINDOWS: dict[str, tuple[float, float]] = {
@@ -34,11 +37,14 @@ class Preprocessing:
 
     def __post_init__(self) -> None:
         if self.kind not in ("ct", "rgb"):
-            raise ValueError(f"unknown preprocessing kind {self.kind!r}; expected 'ct' or 'rgb'")
-        if self.kind == "ct" and (self.window is None or not self.window[1] > self.window[0]):
-            raise ValueError(f"CT window needs (lower, upper) HU with upper > lower, got {self.window}")
-        if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
-            raise ValueError(f"mean {self.mean} and std {self.std} need equal lengths and std > 0")
+            raise ValueError(f"unknown preprocessing kind {short_repr(self.kind)}; expected 'ct' or 'rgb'")
+        if self.kind == "ct" and (self.window is None or len(self.window) != 2 or not _finite(self.window)
+                                  or not self.window[1] > self.window[0]):
+            raise ValueError(f"CT window needs finite (lower, upper) HU with upper > lower, got {short_repr(self.window)}")
+        if (len(self.mean) != self.channels or len(self.std) != self.channels or not _finite(self.mean + self.std)
+                or not all(s > 1e-6 for s in self.std)):
+            raise ValueError(f"mean {short_repr(self.mean)} and std {short_repr(self.std)} need {self.channels} finite "
+                             "value(s) each and std > 0")
 
     @property
     def channels(self) -> int:
@@ -87,8 +93,19 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
+        """Inverse of `to_dict`; ValueError for a malformed mapping."""
+        if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("mean", "std")):
+            raise ValueError(f"preprocessing must be a mapping with mean and std lists, got {short_repr(data)}")
         window = data.get("window")
-        return cls(data["kind"], None if window is None else tuple(window), tuple(data["mean"]), tuple(data["std"]))
+        if window is not None and not isinstance(window, list):
+            raise ValueError(f"preprocessing window must be a list, got {short_repr(window)}")
+        return cls(data.get("kind"), None if window is None else tuple(window), tuple(data["mean"]),  # type: ignore[arg-type]
+                   tuple(data["std"]))
+
+
+def _finite(values: tuple[object, ...]) -> bool:
+    """Every value a real finite number (bools and strings are not)."""
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
 
 
 def ct_preprocessing(window: str | tuple[float, float] = "abdomen") -> Preprocessing:

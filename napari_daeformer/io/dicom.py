@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ImageFormatError
+from ..memory import check_allocation
 from .record import ImageRecord, check_pixels
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -90,6 +91,9 @@ def _stack(datasets: list[Any], path: Path) -> ImageRecord:
                                    f"but {steps[gaps[0]]:.2f} mm after slice {gaps[0]}); refusing to stack")
     else:
         step = float(getattr(first, "SliceThickness", 1.0) or 1.0)
+    rows, cols, frames = (int(getattr(first, k, 1) or 1) for k in ("Rows", "Columns", "NumberOfFrames"))
+    check_allocation(path.name, len(datasets) * rows * cols * frames * (4 + 4 + 2),   # decoded, float32, stacked
+                     f"decoding {len(datasets)} slice(s) of {rows}x{cols}", ImageFormatError)
     shapes = {ds.pixel_array.shape for ds in datasets}
     if len(shapes) != 1:
         raise ImageFormatError(f"{path.name}: slices have different sizes {sorted(shapes)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import nibabel as nib
@@ -9,10 +10,8 @@ import numpy as np
 
 from ..atomic import atomic_write
 from ..errors import ImageFormatError
-from .record import ImageRecord, check_pixels
-
-# Refuse headers that claim more voxels than any CT needs (random bytes can claim terabytes).
-MAX_VOXELS = 2**31
+from ..memory import check_allocation
+from .record import ImageRecord, check_affine, check_pixels
 
 
 def read_nifti(path: Path) -> ImageRecord:
@@ -31,10 +30,13 @@ def read_nifti(path: Path) -> ImageRecord:
     if len(shape) not in (2, 3):
         raise ImageFormatError(f"{path.name}: NIfTI of shape {tuple(img.shape)} is not a 2D image or 3D volume "
                                "(4D time series and vector images are not supported; extract one volume first)")
-    if int(np.prod(shape, dtype=np.int64)) > MAX_VOXELS:
-        raise ImageFormatError(f"{path.name}: header claims {shape} voxels, more than this tool handles")
+    affine = check_affine(img.affine, path.name)
     dtype = img.get_data_dtype()
-    if str(path).endswith(".nii") and img.dataobj.offset + np.prod(shape) * dtype.itemsize > path.stat().st_size:
+    voxels = math.prod(shape)
+    scaled = img.dataobj.slope != 1 or img.dataobj.inter != 0       # nibabel scales to floats: another copy
+    check_allocation(path.name, voxels * (dtype.itemsize + (8 if scaled else dtype.itemsize) + 1),
+                     f"reading {'x'.join(map(str, shape))} {dtype} voxels", ImageFormatError)
+    if str(path).endswith(".nii") and img.dataobj.offset + voxels * dtype.itemsize > path.stat().st_size:
         raise ImageFormatError(f"{path.name}: file is truncated (header says {shape} {dtype}, data is shorter)")
     try:
         raw = np.asanyarray(img.dataobj).reshape(shape)
@@ -45,12 +47,13 @@ def read_nifti(path: Path) -> ImageRecord:
     zooms = tuple(float(z) for z in img.header.get_zooms()[: len(shape)])
     spacing = tuple(z if z > 0 else 1.0 for z in zooms[::-1])
     modality = "ct" if data.size and np.issubdtype(data.dtype, np.number) and float(data.min()) < -500 else "gray"
-    return ImageRecord(data=data, spacing=spacing, affine=np.array(img.affine, dtype=np.float64),
+    return ImageRecord(data=data, spacing=spacing, affine=affine,
                        dtype=str(dtype), path=path, modality=modality, source_format="nifti")
 
 
 def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, *, overwrite: bool = False) -> Path:
     """Write a ([Z,] Y, X) array with `affine` (NIfTI convention) atomically; mm units, sform and qform set."""
+    affine = check_affine(affine, path.name)
     img = nib.Nifti1Image(data.transpose(tuple(range(data.ndim))[::-1]), affine)   # F-ordered view: no copy
     img.header.set_xyzt_units("mm")
     img.header.set_sform(affine, code=1)

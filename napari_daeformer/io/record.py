@@ -88,6 +88,19 @@ def check_pixels(data: np.ndarray, name: str) -> None:
         raise ImageFormatError(f"{name}: complex-valued images are not supported")
 
 
+def check_affine(affine: np.ndarray, name: str) -> np.ndarray:
+    """`affine` as float64 if it can place voxels in space: finite, with three non-zero, independent axes."""
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        raise ImageFormatError(f"{name}: the voxel-to-world affine holds NaN or infinite values (damaged header); "
+                               "fix the file's sform/qform, e.g. with nibabel or fslorient")
+    axes = np.linalg.norm(affine[:3, :3], axis=0)
+    if not (axes > 0).all() or abs(np.linalg.det(affine[:3, :3])) <= 1e-9 * float(np.prod(axes)):
+        raise ImageFormatError(f"{name}: the voxel-to-world affine is singular (a zero-length or repeated axis), so "
+                               "voxels have no place in space; fix the file's sform/qform")
+    return affine
+
+
 def geometry_from_metadata(metadata: dict[str, Any] | None) -> dict[str, Any] | None:
     """The geometry dict a reader stored in layer metadata, if any."""
     if not metadata:

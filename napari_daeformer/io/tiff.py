@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import tifffile
 
 from ..atomic import atomic_write
 from ..errors import ImageFormatError
+from ..memory import check_allocation
 from .record import ImageRecord, check_pixels, default_affine
 
 _MM_PER_UNIT = {1: 1.0, 2: 25.4, 3: 10.0}          # TIFF ResolutionUnit: none (pixels), inch, centimetre
@@ -19,14 +21,21 @@ def read_tiff(path: Path) -> ImageRecord:
     """Read a TIFF into (Y, X), (Y, X, 3) or (Z, Y, X); spacing from X/YResolution and ImageJ metadata."""
     try:
         with tifffile.TiffFile(str(path)) as tif:
+            series = tif.series[0]
+            check_allocation(path.name, 2 * math.prod(series.shape) * series.dtype.itemsize,
+                             f"reading {'x'.join(map(str, series.shape))} {series.dtype} pixels", ImageFormatError)
             data = tif.asarray()
             page = tif.pages.first
+            colour = page.photometric == tifffile.PHOTOMETRIC.RGB and page.samplesperpixel in (3, 4)
             spacing_yx, unitless = _resolution_mm(page)
             ij = tif.imagej_metadata or {}
+    except ImageFormatError:
+        raise
     except Exception as e:
         raise ImageFormatError(f"{path.name}: not a readable TIFF ({str(e).splitlines()[0] if str(e) else e!r})") from e
     data = np.squeeze(data)
-    rgb = data.ndim == 3 and data.shape[-1] in (3, 4) and data.dtype == np.uint8
+    # RGB by the photometric tag (8- or 16-bit); untagged 8-bit (Y, X, 3|4) arrays are photos too.
+    rgb = data.ndim == 3 and data.shape[-1] in (3, 4) and (colour or data.dtype == np.uint8)
     notes: tuple[str, ...] = ()
     if rgb and data.shape[-1] == 4:
         data, notes = data[..., :3], ("alpha channel dropped",)

@@ -8,6 +8,29 @@ from typing import Any
 # Token-grid reductions: stride 4 (stage 1), then 2 and 2 (stages 2 and 3).
 SIZE_MULTIPLE = 16
 
+# Bounds on every field (the paper uses 9 classes, widths up to 512, 2 blocks a stage): a configuration read from
+# a file is checked against them before any module is built, so no file can ask for gigabytes or hours.
+BOUNDS: dict[str, tuple[int, int]] = {
+    "num_classes": (1, 1024), "in_channels": (1, 16), "embed_dims": (1, 2048), "depths": (1, 32),
+    "decoder_depths": (1, 32), "mlp_ratio": (1, 16), "channel_heads": (1, 64),
+}
+_LENGTHS = {"embed_dims": 3, "depths": 3, "decoder_depths": 2}
+
+
+def check_int(name: str, value: object, lo: int, hi: int) -> int:
+    """`value` if it is an integer (not a bool) in lo..hi, else ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {short_repr(value)}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name}={short_repr(value)} is outside {lo}..{hi}")
+    return value
+
+
+def short_repr(value: object, limit: int = 40) -> str:
+    """repr cut to `limit` characters (values from files can be huge)."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**limit else f"<{value.bit_length()}-bit int>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
 
 @dataclass(frozen=True)
 class DAEFormerConfig:
@@ -32,12 +55,15 @@ class DAEFormerConfig:
     channel_heads: int = 8
 
     def __post_init__(self) -> None:
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
-        if self.in_channels < 1:
-            raise ValueError(f"in_channels must be >= 1, got {self.in_channels}")
-        if len(self.embed_dims) != 3 or len(self.depths) != 3 or len(self.decoder_depths) != 2:
-            raise ValueError("embed_dims and depths need 3 entries, decoder_depths 2")
+        for name, (lo, hi) in BOUNDS.items():
+            value = getattr(self, name)
+            if name in _LENGTHS:
+                if not isinstance(value, tuple) or len(value) != _LENGTHS[name]:
+                    raise ValueError(f"{name} needs {_LENGTHS[name]} integers, got {short_repr(value)}")
+                for v in value:
+                    check_int(name, v, lo, hi)
+            else:
+                check_int(name, value, lo, hi)
         for dim in self.embed_dims:
             if dim % self.channel_heads:
                 raise ValueError(f"embed dim {dim} is not divisible by channel_heads={self.channel_heads}")
@@ -52,6 +78,8 @@ class DAEFormerConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DAEFormerConfig:
         """Inverse of `to_dict`; unknown keys are an error, not silently dropped."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a DAE-Former config must be a mapping, got {short_repr(data)}")
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
