@@ -21,9 +21,14 @@ Command = Callable[[argparse.Namespace], int]
 
 
 def _import_official(args: argparse.Namespace) -> int:
+    from .atomic import check_output_path
     from .checkpoint import SYNAPSE_CLASSES, ModelCard, save_checkpoint
     from .official import convert_official_state_dict, load_official_state_dict
     from .preprocessing import ct_preprocessing, rgb_preprocessing
+
+    if args.out.suffix != ".safetensors":
+        raise DaeformerError(f"{args.out}: a checkpoint is written as .safetensors")
+    check_output_path(args.out, args.overwrite)
 
     model, report = convert_official_state_dict(load_official_state_dict(args.model), args.in_channels)
     names = args.class_names.split(",") if args.class_names else None
@@ -60,7 +65,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     from .model import DAEFormer, count_parameters, named_config
 
-    if Path(args.model).suffix == ".safetensors":
+    if Path(args.model).suffix == ".safetensors" or Path(args.model).exists():
         from .checkpoint import load_checkpoint
         ckpt = load_checkpoint(args.model)
         model, card = ckpt.model, ckpt.card

@@ -204,6 +204,10 @@ def segment(
         x = F.interpolate(x, size=card.input_size, mode="bilinear", align_corners=False, antialias=True)
         with autocast(dev, amp):
             logits = model(x)
+        if not bool(torch.isfinite(logits).all()):           # never an all-background map passed off as a result
+            raise InferenceError("the model produced NaN or infinite scores"
+                                 + (f" in {str(amp).removeprefix('torch.')}; try --precision fp32" if amp is not None else
+                                    "; its weights or preprocessing are damaged"))
         logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)  # (b, n, Y, X)
         labels[idx] = logits.argmax(1).to(torch.uint8).cpu().numpy()
         if probs is not None or ent is not None or per_slice is not None:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import yaml
 
-from napari_daeformer.atomic import atomic_write
+from napari_daeformer.atomic import atomic_write, check_output_path
 from napari_daeformer.checkpoint import SYNAPSE_CLASSES, ModelCard, load_checkpoint
 from napari_daeformer.errors import TrainingError
 from napari_daeformer.inference import run_segmentation, segment
@@ -29,7 +29,7 @@ from napari_daeformer.preprocessing import ct_preprocessing, rgb_preprocessing
 from napari_daeformer.sample_data import CT_CLASSES, SKIN_CLASSES
 
 from .augment import AugmentConfig
-from .data import Case
+from .data import Case, detect_num_classes
 from .distributed import init_from_env, shutdown
 from .finetune import DEFAULT_WEIGHTS, PROTECTIONS, FinetuneSettings, Pair, finetune
 from .sources import FORMATS, load_cases, split_cases
@@ -158,8 +158,7 @@ def _model_and_card(args: argparse.Namespace, cases: list[Case], fmt: str) -> tu
     elif fmt in ("isic", "synthetic-skin"):
         names = SKIN_CLASSES
     else:
-        top = max(int(c.labels.max()) for c in cases)
-        names = ("background", *(f"class {i}" for i in range(1, top + 1)))
+        names = ("background", *(f"class {i}" for i in range(1, detect_num_classes(cases))))
     cfg = named_config(args.arch, num_classes=len(names), in_channels=3 if rgb else 1)
     prep = rgb_preprocessing() if rgb else ct_preprocessing(_window(args.window))
     card = ModelCard(cfg, names, input_size=(args.input_size, args.input_size), preprocessing=prep,
@@ -170,6 +169,9 @@ def _model_and_card(args: argparse.Namespace, cases: list[Case], fmt: str) -> tu
 def run_train(args: argparse.Namespace) -> int:
     if args.out is None:
         raise TrainingError("--out is required")
+    if args.out.exists() and not args.out.is_dir():
+        raise TrainingError(f"--out {args.out} is a file; give a folder for checkpoints and logs")
+    check_output_path(args.out / "config.yaml", overwrite=True)   # writable, before any data is read
     fmt = f"synthetic-{args.synthetic}" if args.synthetic else args.data_format
     info, device = init_from_env(args.device)
     torch.manual_seed(args.seed)                              # the same initial weights on every run and rank
@@ -186,7 +188,7 @@ def run_train(args: argparse.Namespace) -> int:
             train, val = split_cases(cases, args.val_fraction, args.seed,
                                      args.val_cases.split(",") if args.val_cases else None)
             note = None
-        model, card = _model_and_card(args, train, fmt)
+        model, card = _model_and_card(args, [*train, *val], fmt)
         card = card.with_provenance(train_cases=[c.name for c in train], val_cases=[c.name for c in val],
                                     **({"note": note} if note else {}))
         cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
@@ -243,6 +245,8 @@ def _mean(values: list[float]) -> float:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from napari_daeformer.bundled import resolve_model
+    if args.csv:
+        check_output_path(args.csv, overwrite=True)           # before minutes of segmentation
     fmt = args.data_format
     if fmt == "auto" and args.data is not None:
         from .sources import detect_format
@@ -318,7 +322,6 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
 def run_finetune(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from napari_daeformer.atomic import check_output_path
     from napari_daeformer.bundled import resolve_model
     from napari_daeformer.checkpoint import save_checkpoint
     from napari_daeformer.io import read_image

@@ -32,8 +32,30 @@ class Case:
     spacing: tuple[float, ...] = ()
 
 
+def label_counts(labels: np.ndarray) -> dict[int, int]:
+    """{label value: voxel count} of an integer label map."""
+    if labels.size and labels.min() >= 0 and labels.max() < 2**16:
+        counts = np.bincount(labels.ravel().astype(np.int64, copy=False))
+        return {int(v): int(counts[v]) for v in np.flatnonzero(counts)}
+    values, counts = np.unique(labels, return_counts=True)
+    return {int(v): int(n) for v, n in zip(values, counts)}
+
+
+def detect_num_classes(cases: Sequence[Case]) -> int:
+    """Classes found in the data: 0, 1, 2, ... up to the first value no case holds. Values beyond that gap (a stray
+    255 in one mask) are not classes: `validate_cases` lists them as bad data."""
+    present: set[int] = set()
+    for case in cases:
+        present |= set(label_counts(case.labels))
+    k = 1
+    while k in present:
+        k += 1
+    return k
+
+
 def validate_cases(cases: Sequence[Case], num_classes: int, rgb: bool) -> None:
-    """Raise one TrainingError listing every bad case (shape mismatch, labels beyond the classes)."""
+    """Raise one TrainingError listing every bad case (shape mismatch, label values beyond the classes with their
+    voxel counts)."""
     problems = []
     for case in cases:
         spatial = case.image.shape[:-1] if rgb else case.image.shape
@@ -41,11 +63,17 @@ def validate_cases(cases: Sequence[Case], num_classes: int, rgb: bool) -> None:
             problems.append(f"{case.name}: expected an RGB photo (Y, X, 3), got {case.image.shape}")
         elif spatial != case.labels.shape:
             problems.append(f"{case.name}: image {spatial} and labels {case.labels.shape} differ in shape")
-        elif case.labels.size and (case.labels.min() < 0 or case.labels.max() >= num_classes):
-            problems.append(f"{case.name}: label values {case.labels.min()}..{case.labels.max()} outside "
-                            f"0..{num_classes - 1}")
+        elif not np.issubdtype(case.labels.dtype, np.integer) and case.labels.dtype != bool:
+            problems.append(f"{case.name}: labels must be integers, got {case.labels.dtype}")
+        else:
+            beyond = {v: n for v, n in label_counts(case.labels).items() if not 0 <= v < num_classes}
+            if beyond:
+                listed = ", ".join(f"{v} ({n} voxel{'s' if n > 1 else ''})" for v, n in sorted(beyond.items())[:5])
+                problems.append(f"{case.name}: label value(s) {listed}{' ...' if len(beyond) > 5 else ''} beyond the "
+                                f"classes 0..{num_classes - 1}")
     if problems:
-        raise TrainingError(f"{len(problems)} bad training case(s): " + "; ".join(problems))
+        raise TrainingError(f"{len(problems)} bad training case(s): " + "; ".join(problems) +
+                            " (fix the masks, or declare every class with --classes)")
 
 
 def network_input(images: np.ndarray, prep: Preprocessing, size: tuple[int, int]) -> torch.Tensor:

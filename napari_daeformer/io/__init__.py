@@ -39,9 +39,12 @@ def suffix_of(path: str | os.PathLike[str]) -> str:
 def can_read(path: str | os.PathLike[str]) -> bool:
     """Whether `read_image` would try this path (by suffix, DICOM preamble or a folder holding DICOM)."""
     p = Path(path)
-    if p.is_dir():
-        return any(is_dicom_file(f) or f.suffix.lower() == ".dcm" for f in p.iterdir() if f.is_file())
-    return suffix_of(p) in READ_SUFFIXES or (p.is_file() and is_dicom_file(p))
+    try:
+        if p.is_dir():
+            return any(is_dicom_file(f) or f.suffix.lower() == ".dcm" for f in p.iterdir() if f.is_file())
+        return suffix_of(p) in READ_SUFFIXES or (p.is_file() and is_dicom_file(p))
+    except OSError:                                     # unreadable folder: not ours to claim
+        return False
 
 
 def read_image(path: str | os.PathLike[str]) -> ImageRecord:
@@ -49,6 +52,8 @@ def read_image(path: str | os.PathLike[str]) -> ImageRecord:
     p = Path(path)
     if not p.exists():
         raise ImageFormatError(f"{p}: no such file or folder")
+    if not (p.is_file() or p.is_dir()):
+        raise ImageFormatError(f"{p}: not a regular file (a device, pipe or socket); give an image file or folder")
     if p.is_file() and p.stat().st_size == 0:
         raise ImageFormatError(f"{p.name}: file is empty")
     suffix = suffix_of(p)
