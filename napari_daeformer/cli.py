@@ -193,7 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.memory_limit is not None:
             from .memory import ENV, parse_size
-            os.environ[ENV] = str(parse_size(args.memory_limit))
+            parse_size(args.memory_limit)                      # a bad size fails here, in one line
+            os.environ[ENV] = args.memory_limit
         if getattr(args, "config", None) is not None:          # `train --config FILE`: file < command line
             words = list(argv if argv is not None else sys.argv[1:])
             args = resolve_settings(args.settings_parser, words[words.index(args.command) + 1:], args)

@@ -60,5 +60,6 @@ def check_allocation(name: str, needed: int, what: str, error: type[DaeformerErr
     """Raise `error` naming `name` when `needed` bytes exceed the limit, with the numbers and how to raise it."""
     limit = memory_limit()
     if needed > limit:
-        raise error(f"{name}: {what} needs {format_bytes(needed)} of memory, more than the {format_bytes(limit)} this "
-                    f"machine has free; set {ENV} (e.g. {ENV}=64G) to allow it")
+        where = f"the limit {ENV}={os.environ[ENV]}" if os.environ.get(ENV) else "what this machine has free"
+        raise error(f"{name}: {what} needs {format_bytes(needed)} of memory, more than {where} "
+                    f"({format_bytes(limit)}); to allow it, set {ENV} (e.g. {ENV}=64G) or --memory-limit")

@@ -142,3 +142,81 @@ def test_listing_treats_dicom_folders_as_one_input(tmp_path: Path) -> None:
     write_dicom_series(tmp_path / "in" / "patient1", np.zeros((3, 8, 8), np.uint16), (2.0, 1.0, 1.0))
     job = BatchJob(tmp_path / "in", tmp_path / "out")
     assert list_inputs(job) == [tmp_path / "in" / "patient1"]
+
+
+def _dead_pid() -> int:
+    pid = 4_000_000
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            pass
+        pid -= 1
+
+
+def hostile_folder(root: Path) -> dict[str, str]:
+    """Good files among a bad-affine NIfTI, name collisions, a non-UTF-8 name and a DICOM folder with other files.
+    Returns input -> expected output (or "failed")."""
+    from .conftest import write_dicom_series
+    from .io.hostile import nifti_with_srow_x
+
+    root.mkdir(parents=True)
+    write_nifti(root / "ct0.nii.gz", synthetic_ct(seed=0, shape=(3, 64, 64)).image, oblique_affine())
+    nifti_with_srow_x(root / "bad_affine.nii.gz", (float("nan"), 0, 0, 0))
+    skio.imsave(str(root / "dup.png"), synthetic_skin(seed=1, size=(48, 48)).image, check_contrast=False)
+    skio.imsave(str(root / "dup.jpg"), synthetic_skin(seed=2, size=(48, 48)).image, check_contrast=False)
+    write_nifti(root / "series2.nii.gz", synthetic_ct(seed=3, shape=(3, 48, 48)).image, oblique_affine())
+    hu = synthetic_ct(seed=4, shape=(3, 48, 48)).image
+    write_dicom_series(root / "series2", (hu + 1024).clip(0).astype(np.uint16), (2.5, 0.9, 0.9))
+    (root / "series2" / "README.txt").write_text("exported by the PACS")
+    (root / "series2" / "thumbs.db").write_bytes(b"\0" * 64)
+    skio.imsave(str(root / "cafe.png"), synthetic_skin(seed=5, size=(48, 48)).image, check_contrast=False)
+    os.rename(root / "cafe.png", os.fsdecode(os.fsencode(root) + b"/caf\xe9.png"))   # a Latin-1 name: not UTF-8
+    return {"ct0.nii.gz": "ct0.nii.gz", "bad_affine.nii.gz": "failed", "dup.png": "dup_png.png",
+            "dup.jpg": "dup_jpg.png", "series2.nii.gz": "series2_nii_gz.nii.gz", "series2": "series2_dicom.nii.gz",
+            "caf\\xe9.png": "caf\\xe9.png"}
+
+
+def test_hostile_folder_every_good_file_written_every_bad_one_a_row(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    src, out = tmp_path / "in", tmp_path / "out"
+    expected = hostile_folder(src)
+    out.mkdir()
+    stale = out / f".tmp-{_dead_pid()}-0123abcd-ct0.nii.gz"                       # a killed write's leftover
+    stale.write_bytes(b"half a file")
+    assert main(["batch", str(src), str(out), "--device", "cpu", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "1 file(s) failed" in err and "bad_affine.nii.gz: the voxel-to-world affine holds NaN" in err
+    with open(out / "summary.csv", encoding="utf-8") as f:                       # valid UTF-8
+        rows = {row["input"]: row for row in csv.DictReader(f)}
+    assert {k: r["output"] or "failed" for k, r in rows.items()} == expected
+    assert not stale.exists()
+    for name, output in expected.items():
+        if output != "failed":
+            assert rows[name]["status"] == "done"
+            assert (out / output.replace("\\xe9", os.fsdecode(b"\xe9"))).is_file(), output
+    assert rows["dup.png"]["lesion"] != rows["dup.jpg"]["lesion"]                 # two images, two results
+    stamps = {p: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "summary.csv"}
+    assert main(["batch", str(src), str(out), "--device", "cpu", "--quiet"]) == 1   # resume
+    with open(out / "summary.csv", encoding="utf-8") as f:
+        again = {row["input"]: row for row in csv.DictReader(f)}
+    assert {p: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "summary.csv"} == stamps   # nothing recomputed
+    for name, row in again.items():                                              # nor mixed
+        assert row["status"] == ("failed" if expected[name] == "failed" else "existing")
+        assert row["output"] == rows[name]["output"]
+        for key in ("lesion", "liver", "spleen"):
+            if row.get(key):
+                assert float(row[key]) == pytest.approx(float(rows[name][key]), abs=1e-3), (name, key)
+
+
+def test_output_folder_is_the_input_folder_or_a_file(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    src = tmp_path / "in"
+    make_folder(src, volumes=1)
+    before = sorted(p.name for p in src.rglob("*"))
+    assert main(["batch", str(src), str(src), "--device", "cpu", "--overwrite", "--quiet"]) == 2
+    assert "the output folder is the input folder" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main(["batch", str(src), str(tmp_path / "file"), "--device", "cpu", "--quiet"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in src.rglob("*")) == before

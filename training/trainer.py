@@ -19,6 +19,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
+from napari_daeformer.atomic import remove_stale_temporaries
 from napari_daeformer.checkpoint import Checkpoint, ModelCard, save_checkpoint
 from napari_daeformer.devices import autocast, resolve_device
 from napari_daeformer.errors import TrainingError
@@ -221,8 +222,7 @@ class Trainer:
         writes = self.dist.is_main and self.out_dir is not None
         if writes:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            for stale in self.out_dir.glob(".*.tmp-*"):              # left by a run killed mid-write
-                stale.unlink()
+            remove_stale_temporaries(self.out_dir)                   # left by a run killed mid-write
             _truncate_log(self.out_dir / "metrics.jsonl", self.step)
         self.model.train()
         while self.step < self.total_steps:

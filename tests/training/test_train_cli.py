@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from napari_daeformer.checkpoint import load_checkpoint
@@ -100,3 +101,29 @@ def test_a_missing_config_file_says_so(tmp_path: Path, capsys) -> None:  # type:
     assert main(["train", "--synthetic", "ct", "--out", str(tmp_path / "out"), "--config", "small"]) == 2
     err = capsys.readouterr().err
     assert "no such settings file" in err and "--arch small" in err and err.count("\n") == 1
+
+
+def test_a_stray_label_value_is_bad_data_not_a_class(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from napari_daeformer.io import write_labels
+    from napari_daeformer.io.nifti import write_nifti
+    from napari_daeformer.io.record import default_affine
+    from napari_daeformer.sample_data import synthetic_ct
+
+    for i in range(3):
+        s = synthetic_ct(seed=i, shape=(3, 64, 64))
+        labels = (s.labels > 0).astype(np.uint8) + (s.labels == 5)              # classes 0, 1, 2
+        if i == 1:
+            labels[1, 5, 5] = 255                                                   # one stray voxel
+        geometry = {"affine": default_affine(s.spacing).tolist(), "spacing": list(s.spacing),
+                    "spatial_shape": [3, 64, 64]}
+        write_nifti(tmp_path / "data" / f"p{i}_image.nii.gz", s.image, default_affine(s.spacing))
+        write_labels(tmp_path / "data" / f"p{i}_label.nii.gz", labels, geometry)
+    args = ["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--device", "cpu",
+            "--max-steps", "1", "--batch-size", "2", "--input-size", "32", "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "p1: label value(s) 255 (1 voxel) beyond the classes 0..2" in err
+    assert not (tmp_path / "out" / "last.safetensors").exists()
+    (tmp_path / "file").write_text("not a folder")
+    assert main([*args[:3], "--out", str(tmp_path / "file"), *args[5:]]) == 2
+    assert "is a file; give a folder" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from skimage import io as skio
 from napari_daeformer.io import METADATA_KEY, read_image
 
 from ..conftest import write_dicom_series
+from ..io.hostile import nifti_bomb, nifti_with_srow_x
 from ..io.test_nifti_tiff_photo import oblique_affine
 
 pytestmark = pytest.mark.gui
@@ -63,9 +64,26 @@ def test_sample_data_menu_entries(make_napari_viewer) -> None:  # type: ignore[n
     assert viewer.layers["synthetic skin"].rgb
 
 
-def test_unreadable_file_is_reported_not_crashing(make_napari_viewer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    (tmp_path / "broken.nii.gz").write_bytes(b"\x1f\x8b garbage")
+def _hostile(tmp: Path) -> dict[str, str]:
+    """file -> what its error notification says."""
+    (tmp / "broken.nii.gz").write_bytes(b"\x1f\x8b garbage")
+    nifti_with_srow_x(tmp / "nan_affine.nii.gz", (float("nan"), 0, 0, 0))
+    nifti_with_srow_x(tmp / "singular.nii", (0, 0, 0, 0))
+    nifti_bomb(tmp / "bomb.nii.gz", (2048, 2048, 1024))
+    return {"broken.nii.gz": "not a readable NIfTI", "nan_affine.nii.gz": "NaN or infinite",
+            "singular.nii": "singular", "bomb.nii.gz": "needs 36.0 GB of memory"}
+
+
+def test_unreadable_files_are_notifications_not_layers(make_napari_viewer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from napari.utils.notifications import NotificationSeverity, notification_manager
+
     viewer = make_napari_viewer()
-    with pytest.raises(Exception, match="broken.nii.gz"):   # napari wraps our ImageFormatError in ReaderPluginError
-        viewer.open(str(tmp_path / "broken.nii.gz"), plugin="napari-daeformer")
+    for name, message in _hostile(tmp_path).items():
+        before = len(notification_manager.records)
+        assert viewer.open(str(tmp_path / name), plugin="napari-daeformer") == []
+        (note,) = notification_manager.records[before:]
+        assert note.severity == NotificationSeverity.ERROR and name in note.message and message in note.message
     assert len(viewer.layers) == 0
+    _files(tmp_path)                                         # one bad file among good ones: the good ones open
+    layers = viewer.open([str(tmp_path / "photo.png"), str(tmp_path / "bomb.nii.gz")], plugin="napari-daeformer")
+    assert [layer.name for layer in layers] == ["photo"]

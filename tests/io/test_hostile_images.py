@@ -1,0 +1,103 @@
+"""Hostile images: damaged geometry and memory bombs are refused when read, in one line naming the file and the
+problem, through the library and the CLI (exit 2, no output file)."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_daeformer.cli import main
+from napari_daeformer.errors import ImageFormatError
+from napari_daeformer.io import read_image, write_labels
+from napari_daeformer.memory import ENV
+
+from .hostile import nifti_bomb, nifti_with_srow_x
+
+BAD_ROWS = {"nan": ((math.nan, 0, 0, 0), "NaN or infinite"), "inf": ((math.inf, 0, 0, 0), "NaN or infinite"),
+            "singular": ((0, 0, 0, 0), "singular")}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_ROWS))
+def test_damaged_affine_refused_when_read(tmp_path: Path, kind: str) -> None:
+    row, message = BAD_ROWS[kind]
+    path = nifti_with_srow_x(tmp_path / f"{kind}.nii.gz", row)
+    with pytest.raises(ImageFormatError, match=f"{kind}.nii.gz: .*{message}"):
+        read_image(path)
+
+
+def test_damaged_affine_refused_by_the_writer() -> None:
+    geometry = {"affine": np.diag([1.0, 0.0, 1.0, 1.0]).tolist(), "spacing": [1.0, 1.0, 1.0],
+                "spatial_shape": [2, 8, 8]}
+    with pytest.raises(ImageFormatError, match="singular"):
+        write_labels(Path("never.nii.gz"), np.zeros((2, 8, 8), np.uint8), geometry)
+    assert not Path("never.nii.gz").exists()
+
+
+def test_header_announcing_gigabytes_refused_before_reading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny = nifti_bomb(tmp_path / "tiny.nii.gz", (2048, 2048, 1024))        # 17 GB announced in a 63-byte file
+    assert tiny.stat().st_size < 100
+    start = time.perf_counter()
+    with pytest.raises(ImageFormatError, match=r"tiny.nii.gz: reading 2048x2048x1024 int32 voxels needs 36.0 GB"):
+        read_image(tiny)
+    assert time.perf_counter() - start < 1.0
+    # 2 MB on disk, 0.4 GB of int16 voxels scaled by nibabel to float64: the copies count, not just the voxels
+    scaled = nifti_bomb(tmp_path / "scaled.nii.gz", (512, 512, 800), np.int16, slope=2.0, data_bytes=512 * 512 * 800 * 2)
+    assert scaled.stat().st_size < 3e6
+    monkeypatch.setenv(ENV, "1G")
+    with pytest.raises(ImageFormatError, match=rf"needs 2.1 GB of memory, more than the limit {ENV}=1G"):
+        read_image(scaled)
+
+
+def test_the_user_can_raise_the_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = nifti_bomb(tmp_path / "small.nii.gz", (64, 64, 16), np.int16, data_bytes=64 * 64 * 16 * 2)
+    monkeypatch.setenv(ENV, "100K")
+    with pytest.raises(ImageFormatError, match="more than the limit"):
+        read_image(path)
+    monkeypatch.setenv(ENV, "1M")
+    assert read_image(path).data.shape == (16, 64, 64)
+
+
+def test_sixteen_bit_rgb_tiff_is_a_photo(tmp_path: Path) -> None:
+    rgb = np.random.default_rng(0).integers(0, 65535, (40, 30, 3)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "rgb16.tif", rgb, photometric="rgb")
+    record = read_image(tmp_path / "rgb16.tif")
+    assert record.rgb and record.spatial_shape == (40, 30) and record.data.dtype == np.uint16
+    tifffile.imwrite(tmp_path / "grey.tif", rgb[..., 0][None].repeat(3, 0), photometric="minisblack")
+    assert not read_image(tmp_path / "grey.tif").rgb                       # a 3-slice grey stack stays a volume
+
+
+def test_pipe_refused_without_blocking(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe.nii.gz")
+    with pytest.raises(ImageFormatError, match="not a regular file"):
+        read_image(tmp_path / "pipe.nii.gz")
+
+
+def _cli_refuses(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_cli_refuses_each_in_one_line_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "labels.nii.gz"
+    bad = nifti_with_srow_x(tmp_path / "bad.nii.gz", (math.nan, 0, 0, 0))
+    _cli_refuses(["segment", str(bad), str(out), "--device", "cpu"], "bad.nii.gz: the voxel-to-world affine", capsys)
+    bomb = nifti_bomb(tmp_path / "bomb.nii.gz", (2048, 2048, 1024))
+    _cli_refuses(["segment", str(bomb), str(out), "--device", "cpu"], "needs 36.0 GB", capsys)
+    small = nifti_bomb(tmp_path / "small.nii.gz", (64, 64, 4), np.int16, data_bytes=64 * 64 * 4 * 2)
+    monkeypatch.setenv(ENV, "")                                            # restored after the test
+    _cli_refuses(["--memory-limit", "10K", "segment", str(small), str(out), "--device", "cpu"],
+                 f"more than the limit {ENV}=10K", capsys)
+    _cli_refuses(["--memory-limit", "lots", "segment", str(small), str(out)], "give a size such as 64G", capsys)
+    os.mkfifo(tmp_path / "pipe.nii.gz")
+    _cli_refuses(["segment", str(tmp_path / "pipe.nii.gz"), str(out)], "not a regular file", capsys)
+    _cli_refuses(["segment", str(small), str(small), "--overwrite"], "is the input image", capsys)
+    assert not out.exists() and small.stat().st_size > 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no temporary left either
