@@ -210,15 +210,16 @@ def test_fuzzed_headers_fail_only_with_checkpoint_error(tmp_path_factory: pytest
         assert str(e) and "\n" not in str(e)
 
 
-def test_cli_segment_with_a_damaged_checkpoint_writes_nothing(tmp_path: Path, tensors: dict[str, torch.Tensor],
-                                                              card_dict: dict[str, Any], capsys) -> None:  # type: ignore[no-untyped-def]
+def test_cli_segment_with_a_damaged_checkpoint_writes_nothing(  # type: ignore[no-untyped-def]
+        tmp_path: Path, tensors: dict[str, torch.Tensor], card_dict: dict[str, Any], capsys) -> None:
     """NaN weights or a NaN std once gave an all-background map and exit 0."""
     import numpy as np
 
     from napari_daeformer.io.nifti import write_nifti
     from napari_daeformer.io.record import default_affine
 
-    scan = write_nifti(tmp_path / "scan.nii.gz", np.random.default_rng(0).integers(-200, 200, (2, 32, 32)).astype(np.int16), default_affine((1.0, 1.0, 1.0)))
+    pixels = np.random.default_rng(0).integers(-200, 200, (2, 32, 32)).astype(np.int16)
+    scan = write_nifti(tmp_path / "scan.nii.gz", pixels, default_affine((1.0, 1.0, 1.0)))
     key = next(iter(tensors))
     damaged = {
         "nan_weights": _write(tmp_path / "w.safetensors", {**tensors, key: torch.full_like(tensors[key], math.nan)},

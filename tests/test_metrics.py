@@ -47,3 +47,36 @@ def test_identical_masks() -> None:
     labels = (rng.random((4, 16, 16)) > 0.7).astype(np.uint8)
     dice, dist = evaluate_case(labels, labels, 2, spacing=(3.0, 1.0, 1.0))
     assert dice[0] == 1.0 and dist[0] == 0.0
+
+
+def _random_masks(seed: int, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    from scipy import ndimage
+    rng = np.random.default_rng(seed)
+    a, b = (ndimage.binary_dilation(rng.random(shape) > 0.97, iterations=2) for _ in range(2))
+    return a, b
+
+
+CASES = [(0, (20, 30, 25), (1.0, 1.0, 1.0)), (1, (12, 40, 40), (3.0, 0.8, 0.7)), (2, (50, 60), (1.5, 0.5)),
+         (3, (8, 33, 17), (5.0, 0.6, 0.9)), (4, (64, 48), (1.0, 1.0))]
+
+
+@pytest.mark.parametrize("seed, shape, spacing", CASES)
+def test_paper_protocol_hd95_is_medpys(seed: int, shape: tuple[int, ...], spacing: tuple[float, ...]) -> None:
+    from medpy.metric.binary import hd95 as medpy_hd95
+    a, b = _random_masks(seed, shape)
+    assert hd95(a, b, spacing, pooled=True) == pytest.approx(medpy_hd95(a, b, voxelspacing=spacing), abs=1e-6)
+    assert hd95(a, b, None, pooled=True) == pytest.approx(medpy_hd95(a, b), abs=1e-6)
+    _, dist = evaluate_case(a.astype(np.uint8), b.astype(np.uint8), 2, spacing, protocol="paper")   # in voxels
+    assert dist[0] == pytest.approx(medpy_hd95(a, b), abs=1e-6)
+
+
+@pytest.mark.parametrize("seed, shape, spacing", CASES)
+def test_our_protocol_hd95_is_monais(seed: int, shape: tuple[int, ...], spacing: tuple[float, ...]) -> None:
+    import torch
+    from monai.metrics import compute_hausdorff_distance
+    a, b = _random_masks(seed, shape)
+    ref = compute_hausdorff_distance(torch.from_numpy(a[None, None]).float(), torch.from_numpy(b[None, None]).float(),
+                                     percentile=95, spacing=list(spacing)).item()
+    assert hd95(a, b, spacing) == pytest.approx(ref, rel=1e-6)
+    _, dist = evaluate_case(a.astype(np.uint8), b.astype(np.uint8), 2, spacing)
+    assert dist[0] == pytest.approx(ref, rel=1e-6)

@@ -85,6 +85,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+RECORDED_ONLY = ("world_size", "validation")     # written to OUT/config.yaml for the record, not settings
+
+
 def resolve_settings(parser: argparse.ArgumentParser, argv: list[str] | None, args: argparse.Namespace) -> argparse.Namespace:
     """Defaults < config file < command line."""
     if args.config is None:
@@ -101,7 +104,7 @@ def resolve_settings(parser: argparse.ArgumentParser, argv: list[str] | None, ar
     if not isinstance(data, dict):
         raise TrainingError(f"{args.config}: expected a mapping of settings")
     known = {a.dest for a in parser._actions}
-    settings = {k.replace("-", "_"): v for k, v in data.items()}
+    settings = {k.replace("-", "_"): v for k, v in data.items() if k not in RECORDED_ONLY}
     unknown = sorted(set(settings) - known)
     if unknown:
         raise TrainingError(f"{args.config}: unknown settings {unknown}")
@@ -180,17 +183,18 @@ def run_train(args: argparse.Namespace) -> int:
             train = load_cases(None, fmt, seeds=_seeds(args.train_seeds))
             val = load_cases(None, fmt, seeds=_seeds(args.val_seeds))
             note = "demonstration model trained on synthetic data; not for clinical use"
+            split = f"validation on the synthetic seeds {args.val_seeds}"
         else:
             if fmt == "auto":
                 from .sources import detect_format
                 fmt = detect_format(args.data)
             cases = load_cases(args.data, fmt)
-            train, val = split_cases(cases, args.val_fraction, args.seed,
-                                     args.val_cases.split(",") if args.val_cases else None)
+            train, val, split = split_cases(cases, args.val_fraction, args.seed,
+                                            args.val_cases.split(",") if args.val_cases else None)
             note = None
         model, card = _model_and_card(args, [*train, *val], fmt)
         card = card.with_provenance(train_cases=[c.name for c in train], val_cases=[c.name for c in val],
-                                    **({"note": note} if note else {}))
+                                    validation=split, **({"note": note} if note else {}))
         cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                           weight_decay=args.weight_decay, ce_weight=args.ce_weight, dice_weight=args.dice_weight,
                           optimizer=args.optimizer, val_every=args.val_every, seed=args.seed, amp=not args.no_amp,
@@ -198,9 +202,10 @@ def run_train(args: argparse.Namespace) -> int:
                           augment=augment_settings(args))
         trainer = Trainer(model, card, train, val, cfg, args.out, device, info, resume=args.resume)
         if info.is_main:
+            print(f"daeformer train: {split}", file=sys.stderr)
             resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                         if k not in ("func", "settings_parser")}
-            text = yaml.safe_dump({**resolved, "world_size": info.world_size}, sort_keys=True)
+            text = yaml.safe_dump({**resolved, "world_size": info.world_size, "validation": split}, sort_keys=True)
             atomic_write(args.out / "config.yaml", lambda tmp: tmp.write_text(text))
         _drive(trainer, card.class_names, quiet=args.quiet or not info.is_main)
         if info.is_main:

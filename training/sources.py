@@ -185,17 +185,68 @@ def _stem(path: Path) -> str:
     return name[: -len(suffix)] if suffix and name.lower().endswith(suffix) else path.stem
 
 
+SLAB_MARGIN = 2          # slices left out on each side of a held-out slab: neighbours would leak into validation
+
+
 def split_cases(cases: list[Case], val_fraction: float, seed: int,
-                val_names: list[str] | None = None) -> tuple[list[Case], list[Case]]:
-    """Split by case (patient), never by slice: named cases, or a seeded random fraction (at least one)."""
+                val_names: list[str] | None = None) -> tuple[list[Case], list[Case], str]:
+    """Split by case (patient), never by slice: named cases, or a seeded random fraction (at least one).
+
+    With fewer volumes than the fraction needs (val_fraction * cases < 1), volumes give up a contiguous slab of
+    slices each instead (the middle `val_fraction` of the slices, with `SLAB_MARGIN` slices on both sides used by
+    neither side), so one annotated volume is enough; a single photo cannot be split and trains without
+    validation (2D images are held out whole, at least one when there are two). `val_fraction` 0: no validation.
+
+    Returns:
+        (train, val, note): the note says in words how validation was held out.
+    """
     if val_names:
         missing = set(val_names) - {c.name for c in cases}
         if missing:
             raise TrainingError(f"validation cases not in the data: {sorted(missing)}")
-        return [c for c in cases if c.name not in val_names], [c for c in cases if c.name in val_names]
-    if len(cases) < 2:
-        raise TrainingError(f"need at least 2 cases to split off validation, found {len(cases)}")
-    n_val = max(1, round(val_fraction * len(cases)))
-    order = np.random.default_rng(seed).permutation(len(cases))
-    val = set(order[:n_val].tolist())
-    return [c for i, c in enumerate(cases) if i not in val], [c for i, c in enumerate(cases) if i in val]
+        val = [c for c in cases if c.name in val_names]
+        return [c for c in cases if c.name not in val_names], val, f"validation on the named case(s) {', '.join(val_names)}"
+    if not 0 <= val_fraction < 1:
+        raise TrainingError(f"--val-fraction {val_fraction} must be in [0, 1)")
+    if val_fraction == 0 or not cases:
+        return list(cases), [], "no validation (--val-fraction 0): the best checkpoint is the last"
+    flat = all(c.labels.ndim == 2 for c in cases)           # photos / 2D images: held out whole, by image
+    if val_fraction * len(cases) >= 1 or (flat and len(cases) >= 2):
+        n_val = max(1, round(val_fraction * len(cases)))
+        order = np.random.default_rng(seed).permutation(len(cases))
+        val = set(order[:n_val].tolist())
+        return ([c for i, c in enumerate(cases) if i not in val], [c for i, c in enumerate(cases) if i in val],
+                f"{n_val} of {len(cases)} cases held out for validation")
+    train, held = [], []
+    for case in cases:
+        parts = _slab_split(case, val_fraction)
+        if parts is None:
+            train.append(case)
+        else:
+            train += parts[0]
+            held.append(parts[1])
+    if not held:
+        return train, [], (f"no validation: {len(cases)} image(s) cannot be split (2D images are held out whole, "
+                           "so at least two are needed); the best checkpoint is the last")
+    slab = held[0].labels.shape[0]
+    return train, held, (f"{len(cases)} case(s): a slab of about {slab} contiguous slices held out from the middle of "
+                         f"each volume for validation ({SLAB_MARGIN} slices on each side used by neither)")
+
+
+def _slab_split(case: Case, fraction: float) -> tuple[list[Case], Case] | None:
+    """(training parts above and below, the held-out middle slab) of a volume, or None for a 2D image or a volume
+    too thin to give a slab and keep training slices."""
+    rgb = case.image.ndim == case.labels.ndim + 1
+    if case.labels.ndim != 3 or rgb:
+        return None
+    z = case.labels.shape[0]
+    n = max(1, round(fraction * z))
+    start = (z - n) // 2
+    below, above = (0, max(0, start - SLAB_MARGIN)), (min(z, start + n + SLAB_MARGIN), z)
+    if below[1] - below[0] + above[1] - above[0] < 1:
+        return None
+
+    def part(lo: int, hi: int) -> Case:
+        return Case(f"{case.name}[{lo}:{hi}]", case.image[lo:hi], case.labels[lo:hi], case.spacing)
+
+    return [part(lo, hi) for lo, hi in (below, above) if hi > lo], part(start, start + n)

@@ -245,7 +245,7 @@ class Trainer:
                 if validate:
                     dice, dist = self.evaluate()
                     mean = float(np.nanmean(dice)) if np.isfinite(dice).any() else 0.0
-                    best = mean > self.best_dice
+                    best = mean > self.best_dice or not self.val_cases      # no validation: best = last
                     self._save("last.safetensors", mean)
                     if best:
                         self.best_dice = mean

@@ -70,10 +70,10 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path: Path) -> Non
 
 def test_split_is_by_case_and_refuses_overlap() -> None:
     cases = [ct_case(s, slices=4, side=32) for s in range(10)]
-    train, val = split_cases(cases, 0.2, seed=1)
+    train, val, _ = split_cases(cases, 0.2, seed=1)
     assert len(val) == 2 and not {c.name for c in train} & {c.name for c in val}
     assert split_cases(cases, 0.2, seed=1)[1] == val                  # seeded
-    train, val = split_cases(cases, 0.2, seed=1, val_names=["ct-3"])
+    train, val, _ = split_cases(cases, 0.2, seed=1, val_names=["ct-3"])
     assert [c.name for c in val] == ["ct-3"]
     with pytest.raises(TrainingError, match="both"):
         Trainer(DAEFormer(SMALL_CT), ct_card(32), cases[:2], cases[1:3], TrainConfig(batch_size=2), "/tmp/x", "cpu")
