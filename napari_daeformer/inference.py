@@ -165,7 +165,7 @@ def segment(
         rgb = image.ndim == 3 and image.shape[-1] == 3
     check_compatible(image, rgb, checkpoint, axis)
     card = checkpoint.card
-    prep = card.preprocessing if window is None else card.preprocessing.with_window(window)
+    prep = (card.preprocessing if window is None else card.preprocessing.with_window(window)).for_image(image)
     max_value = float(np.iinfo(image.dtype).max) if rgb and np.issubdtype(image.dtype, np.integer) else 255.0
     stack = slices_of(image, rgb, axis)                       # (S, Y, X[, 3]) view
     total, size = len(stack), stack.shape[1:3]

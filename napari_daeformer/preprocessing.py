@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -22,22 +22,37 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
 }
 
 
+KINDS = ("ct", "rgb", "zscore")
+ZSCORE_PERCENTILES = (0.5, 99.5)          # nnU-Net's clip for intensities without units
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How raw intensities become network input.
 
     `kind="ct"`: clip HU to `window`, scale to [0, 1], then `(x - mean) / std` (paper: 0.5 / 0.5).
     `kind="rgb"`: scale by `1 / max_value` to [0, 1], then `(x - mean) / std` per channel.
+    `kind="zscore"` (MR and other images without calibrated units, nnU-Net's scheme): per image, clip to the
+    `percentiles` of its foreground, then subtract the clipped foreground's mean and divide by its std. The card
+    stores only the percentiles; `for_image` measures an image and returns the concrete normalisation (window =
+    the clip range, mean, std) that `apply` uses.
     """
 
-    kind: Literal["ct", "rgb"] = "ct"
+    kind: Literal["ct", "rgb", "zscore"] = "ct"
     window: tuple[float, float] | None = CT_WINDOWS["abdomen"]
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
+    percentiles: tuple[float, float] = ZSCORE_PERCENTILES
 
     def __post_init__(self) -> None:
-        if self.kind not in ("ct", "rgb"):
-            raise ValueError(f"unknown preprocessing kind {short_repr(self.kind)}; expected 'ct' or 'rgb'")
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown preprocessing kind {short_repr(self.kind)}; expected one of {', '.join(KINDS)}")
+        lo, hi = self.percentiles if len(self.percentiles) == 2 else (math.nan, math.nan)
+        if not (_finite(self.percentiles) and 0 <= lo < hi <= 100):
+            raise ValueError(f"z-score percentiles need 0 <= lower < upper <= 100, got {short_repr(self.percentiles)}")
+        if self.kind == "zscore" and self.window is not None and (len(self.window) != 2 or not _finite(self.window)
+                                                                  or not self.window[1] > self.window[0]):
+            raise ValueError(f"a fitted z-score clip range needs finite (lower, upper), got {short_repr(self.window)}")
         if self.kind == "ct" and (self.window is None or len(self.window) != 2 or not _finite(self.window)
                                   or not self.window[1] > self.window[0]):
             raise ValueError(f"CT window needs finite (lower, upper) HU with upper > lower, got {short_repr(self.window)}")
@@ -48,7 +63,32 @@ class Preprocessing:
 
     @property
     def channels(self) -> int:
-        return 1 if self.kind == "ct" else 3
+        return 3 if self.kind == "rgb" else 1
+
+    def describe(self) -> str:
+        """One line for the user: which normalisation this is."""
+        if self.kind == "ct":
+            return f"CT window {self.window[0]:g}..{self.window[1]:g} HU"  # type: ignore[index]
+        if self.kind == "rgb":
+            return "RGB, scaled to [-1, 1]"
+        return f"per-image z-score after clipping to the {self.percentiles[0]:g}-{self.percentiles[1]:g}th percentiles"
+
+    def for_image(self, image: np.ndarray) -> Preprocessing:
+        """The normalisation to apply to `image` (the whole volume or photo): itself for CT and RGB; for z-score,
+        the clip range and statistics of this image's foreground (voxels above its minimum; all voxels if under
+        1 % are), measured on at most about 2 million voxels."""
+        if self.kind != "zscore":
+            return self
+        flat = np.asarray(image).ravel()
+        flat = flat[:: max(1, flat.size // 2_000_000)].astype(np.float64)
+        foreground = flat[flat > flat.min()] if flat.size else flat
+        if foreground.size < 0.01 * flat.size or foreground.size == 0:
+            foreground = flat
+        lo, hi = (float(v) for v in np.percentile(foreground, self.percentiles))
+        hi = hi if hi > lo else lo + 1.0
+        clipped = np.clip(foreground, lo, hi)
+        std = float(clipped.std())
+        return replace(self, window=(lo, hi), mean=(float(clipped.mean()),), std=(std if std > 1e-6 else 1.0,))
 
     def with_window(self, window: tuple[float, float]) -> Preprocessing:
         """The same preprocessing with another CT window (user override)."""
@@ -66,7 +106,10 @@ class Preprocessing:
             float32 array of the same shape.
         """
         x = np.asarray(image, dtype=np.float32)
-        if self.kind == "ct" and self.window is not None:
+        if self.kind == "zscore":
+            lo, hi = self._clip_range()
+            x = np.clip(x, lo, hi)
+        elif self.kind == "ct" and self.window is not None:
             lo, hi = self.window
             x = (np.clip(x, lo, hi) - lo) / (hi - lo)
         else:
@@ -78,7 +121,10 @@ class Preprocessing:
     def apply_tensor(self, image: torch.Tensor, max_value: float = 255.0) -> torch.Tensor:
         """`apply` on a tensor, on its device (the engine normalises on the GPU); same arithmetic in float32."""
         x = image.float()
-        if self.kind == "ct" and self.window is not None:
+        if self.kind == "zscore":
+            lo, hi = self._clip_range()
+            x = x.clamp(lo, hi)
+        elif self.kind == "ct" and self.window is not None:
             lo, hi = self.window
             x = (x.clamp(lo, hi) - lo) / (hi - lo)
         else:
@@ -87,9 +133,15 @@ class Preprocessing:
         std = torch.tensor(self.std, dtype=torch.float32, device=x.device)
         return (x - mean) / std
 
+    def _clip_range(self) -> tuple[float, float]:
+        if self.window is None:
+            raise ValueError("z-score normalisation is measured per image: call for_image(image) first")
+        return self.window
+
     def to_dict(self) -> dict[str, Any]:
         window = None if self.window is None else list(self.window)
-        return {"kind": self.kind, "window": window, "mean": list(self.mean), "std": list(self.std)}
+        data = {"kind": self.kind, "window": window, "mean": list(self.mean), "std": list(self.std)}
+        return {**data, "percentiles": list(self.percentiles)} if self.kind == "zscore" else data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
@@ -99,8 +151,11 @@ class Preprocessing:
         window = data.get("window")
         if window is not None and not isinstance(window, list):
             raise ValueError(f"preprocessing window must be a list, got {short_repr(window)}")
+        percentiles = data.get("percentiles", list(ZSCORE_PERCENTILES))
+        if not isinstance(percentiles, list):
+            raise ValueError(f"preprocessing percentiles must be a list, got {short_repr(percentiles)}")
         return cls(data.get("kind"), None if window is None else tuple(window), tuple(data["mean"]),  # type: ignore[arg-type]
-                   tuple(data["std"]))
+                   tuple(data["std"]), tuple(percentiles))  # type: ignore[arg-type]
 
 
 def _finite(values: tuple[object, ...]) -> bool:
@@ -115,6 +170,11 @@ def ct_preprocessing(window: str | tuple[float, float] = "abdomen") -> Preproces
             raise ValueError(f"unknown CT window {window!r}; choose one of {sorted(CT_WINDOWS)}")
         window = CT_WINDOWS[window]
     return Preprocessing("ct", (float(window[0]), float(window[1])), (0.5,), (0.5,))
+
+
+def zscore_preprocessing(percentiles: tuple[float, float] = ZSCORE_PERCENTILES) -> Preprocessing:
+    """Per-image z-score (MR, microscopy, any uncalibrated intensities): see `Preprocessing`."""
+    return Preprocessing("zscore", None, (0.0,), (1.0,), percentiles)
 
 
 def rgb_preprocessing() -> Preprocessing:

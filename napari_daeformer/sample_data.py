@@ -141,6 +141,28 @@ def synthetic_skin(seed: int = 0, size: tuple[int, int] = (256, 256)) -> Sample:
     return Sample(np.clip(img, 0, 255).astype(np.uint8), lesion.astype(np.uint8), (1.0, 1.0), SKIN_CLASSES)
 
 
+def synthetic_mr(seed: int = 0, shape: tuple[int, int, int] = (48, 192, 192),
+                 spacing: tuple[float, float, float] = (3.0, 0.8, 0.8)) -> Sample:
+    """An MR-like volume of the CT phantom's anatomy: no Hounsfield units but arbitrary scanner units (tissue
+    intensities and overall gain drawn from the seed), a smooth multiplicative bias field and Rician-like noise;
+    background (air) near 0. Same labels and class names as `synthetic_ct`."""
+    ct = synthetic_ct(seed, shape, spacing)
+    rng = np.random.default_rng(seed + 10_000)
+    hu = ct.image.astype(np.float32)
+    # a monotone-free tissue mapping: T1-like (fat bright, fluid-rich organs darker), not a rescaled CT
+    anchors_hu = np.array([-1000.0, -100.0, 45.0, 60.0, 110.0, 170.0, 230.0, 700.0])
+    anchors_mr = np.array([0.0, 1.0, 0.45, 0.62, 0.38, 0.52, 0.8, 0.2]) * rng.uniform(0.8, 1.2, 8)
+    anchors_mr[0] = 0.0
+    tissue = np.interp(hu, anchors_hu, anchors_mr)
+    bias = np.exp(0.25 * _smooth_noise(rng, (max(shape[0] // 8, 2), 8, 8), 1.0))
+    bias = ndimage.zoom(bias, [a / b for a, b in zip(shape, bias.shape)], order=1)[: shape[0], : shape[1], : shape[2]]
+    gain = rng.uniform(600, 3000)
+    signal = tissue * bias * gain
+    noise = gain * 0.03
+    image = np.hypot(signal + rng.normal(0, noise, shape), rng.normal(0, noise, shape))
+    return Sample(np.round(image).astype(np.int16), ct.labels, ct.spacing, CT_CLASSES)
+
+
 # Scanner and camera shifts that a model trained on the samples above has not seen (fine-tuning scenarios).
 SHIFTS = ("none", "offset", "contrast", "noise", "spacing", "colour cast")
 

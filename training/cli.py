@@ -25,7 +25,7 @@ from napari_daeformer.errors import TrainingError
 from napari_daeformer.inference import run_segmentation, segment
 from napari_daeformer.metrics import evaluate_case
 from napari_daeformer.model import DAEFormer, named_config
-from napari_daeformer.preprocessing import ct_preprocessing, rgb_preprocessing
+from napari_daeformer.preprocessing import ct_preprocessing, rgb_preprocessing, zscore_preprocessing
 from napari_daeformer.sample_data import CT_CLASSES, SKIN_CLASSES
 
 from .augment import AugmentConfig
@@ -58,6 +58,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="small", help="architecture for a new model: small or paper (default: small)")
     p.add_argument("--classes", help="comma-separated class names, background first (default: from the data)")
     p.add_argument("--window", default="abdomen", help="CT window preset or LOWER,UPPER HU (default: abdomen)")
+    p.add_argument("--normalise", choices=("auto", "ct", "zscore", "rgb"), default="auto",
+                   help="intensity normalisation for a new model: ct (the --window), zscore (per image, clipped to "
+                   "the 0.5-99.5th foreground percentiles: MR and other uncalibrated images), rgb (photos); auto: rgb "
+                   "for photos, ct for Hounsfield units (air below -500), zscore otherwise (default: %(default)s)")
     p.add_argument("--input-size", type=int, default=224, help="network input side (default: 224)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of cases held out (default: 0.2)")
     p.add_argument("--val-cases", help="comma-separated case names to hold out instead")
@@ -163,7 +167,13 @@ def _model_and_card(args: argparse.Namespace, cases: list[Case], fmt: str) -> tu
     else:
         names = ("background", *(f"class {i}" for i in range(1, detect_num_classes(cases))))
     cfg = named_config(args.arch, num_classes=len(names), in_channels=3 if rgb else 1)
-    prep = rgb_preprocessing() if rgb else ct_preprocessing(_window(args.window))
+    kind = args.normalise
+    if kind == "auto":
+        hounsfield = fmt == "synapse" or all(float(np.min(c.image)) < -500 for c in cases)
+        kind = "rgb" if rgb else "ct" if hounsfield else "zscore"
+    if (kind == "rgb") != rgb:
+        raise TrainingError(f"--normalise {kind} does not suit {'RGB photos' if rgb else 'single-channel images'}")
+    prep = {"rgb": rgb_preprocessing, "zscore": zscore_preprocessing}.get(kind, lambda: ct_preprocessing(_window(args.window)))()
     card = ModelCard(cfg, names, input_size=(args.input_size, args.input_size), preprocessing=prep,
                      provenance={"data": str(args.data) if args.data else fmt})
     return DAEFormer(cfg), card

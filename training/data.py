@@ -24,12 +24,15 @@ class Case:
         image: ([Z,] Y, X) intensities or (Y, X, 3) RGB.
         labels: ([Z,] Y, X) integer classes.
         spacing: mm per spatial axis.
+        preprocessing: the normalisation measured on the whole image these slices come from (z-score), when the
+            case holds only some of its slices; None: measured on `image`.
     """
 
     name: str
     image: np.ndarray
     labels: np.ndarray
     spacing: tuple[float, ...] = ()
+    preprocessing: Preprocessing | None = None
 
 
 def label_counts(labels: np.ndarray) -> dict[int, int]:
@@ -100,7 +103,7 @@ class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             keep = list(slices[case.name]) if slices and case.name in slices else range(len(lab))
             if not keep:
                 continue
-            images.append(network_input(img[keep], prep, size))
+            images.append(network_input(img[keep], case.preprocessing or prep.for_image(case.image), size))
             y = torch.from_numpy(np.ascontiguousarray(lab[keep]).astype(np.int64))[:, None].float()
             labels.append(F.interpolate(y, size=size, mode="nearest")[:, 0].long())
         if not images:

@@ -30,6 +30,7 @@ from napari_daeformer.devices import resolve_device
 from napari_daeformer.errors import TrainingError
 from napari_daeformer.metrics import dice_per_class
 from napari_daeformer.model import DAEFormer
+from napari_daeformer.preprocessing import Preprocessing
 from napari_daeformer.threads import ThreadGovernor
 
 from .augment import AugmentConfig
@@ -200,28 +201,31 @@ class _Slices:
     size: tuple[int, int]            # (Y, X) source size
 
 
-def _split(pairs: Sequence[Pair], settings: FinetuneSettings, rng: np.random.Generator
-           ) -> tuple[list[Case], list[tuple[np.ndarray, np.ndarray]], list[np.ndarray]]:
+def _split(pairs: Sequence[Pair], settings: FinetuneSettings, rng: np.random.Generator, prep: Preprocessing
+           ) -> tuple[list[Case], list[tuple[np.ndarray, np.ndarray, Preprocessing]], list[tuple[np.ndarray, Preprocessing]]]:
     """Training cases, held-out (images, labels) per pair, and up to `protect_slices` evenly spaced uncorrected
-    images per pair. The held-out share is drawn from the corrected slices of all pairs together (photos are
-    one slice each); nothing is held out when only one slice is corrected."""
+    images per pair, each with `prep` measured on its whole image (z-score). The held-out share is drawn from the
+    corrected slices of all pairs together (photos are one slice each); nothing is held out when only one slice
+    is corrected."""
     chosen = [(i, j) for i, p in enumerate(pairs) for j in np.flatnonzero(p.slices)]
     n_hold = max(1, round(settings.holdout_fraction * len(chosen))) if len(chosen) > 1 else 0
     held = {chosen[k] for k in rng.choice(len(chosen), n_hold, replace=False)} if n_hold else set()
     train, holdout, uncorrected = [], [], []
     for i, p in enumerate(pairs):
         images, labels = _as_slices(p)
+        fitted = prep.for_image(p.image)
         keep = [j for j in np.flatnonzero(p.slices) if (i, j) not in held]
         hold = sorted(j for j in np.flatnonzero(p.slices) if (i, j) in held)
         if keep:
             flat = p.labels.ndim == 2                                    # a photo or a 2D image: one slice
-            train.append(Case(f"{p.name}-train", p.image if flat else images[keep], p.labels if flat else labels[keep]))
+            train.append(Case(f"{p.name}-train", p.image if flat else images[keep], p.labels if flat else labels[keep],
+                              preprocessing=fitted))
         if hold:
-            holdout.append((images[hold], labels[hold]))
+            holdout.append((images[hold], labels[hold], fitted))
         rest = np.flatnonzero(~p.slices)
         if len(rest):
             pick = np.linspace(0, len(rest) - 1, min(len(rest), settings.protect_slices)).round().astype(int)
-            uncorrected.append(images[rest[np.unique(pick)]])
+            uncorrected.append((images[rest[np.unique(pick)]], fitted))
     return train, holdout, uncorrected
 
 
@@ -278,13 +282,13 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
     if threads is not None:
         threads.tick()
     rng = np.random.default_rng(settings.seed)
-    train, holdout_raw, uncorrected_raw = _split(pairs, settings, rng)
-    prep, size, n_classes = card.preprocessing, card.input_size, card.config.num_classes
+    train, holdout_raw, uncorrected_raw = _split(pairs, settings, rng, card.preprocessing)
+    size, n_classes = card.input_size, card.config.num_classes
     model = copy.deepcopy(parent.model).to(device).float()
 
-    holdout = [_Slices(network_input(i, prep, size), lab, lab.shape[1:]) for i, lab in holdout_raw]
+    holdout = [_Slices(network_input(i, prep, size), lab, lab.shape[1:]) for i, lab, prep in holdout_raw]
     uncorrected, parent_probs = [], []
-    for images in uncorrected_raw:
+    for images, prep in uncorrected_raw:
         x = network_input(images, prep, size)
         labels, probs = _predict(model, x, images.shape[1:3], device)
         uncorrected.append(_Slices(x, labels, images.shape[1:3]))

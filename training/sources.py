@@ -247,6 +247,6 @@ def _slab_split(case: Case, fraction: float) -> tuple[list[Case], Case] | None:
         return None
 
     def part(lo: int, hi: int) -> Case:
-        return Case(f"{case.name}[{lo}:{hi}]", case.image[lo:hi], case.labels[lo:hi], case.spacing)
+        return Case(f"{case.name}[{lo}:{hi}]", case.image[lo:hi], case.labels[lo:hi], case.spacing, case.preprocessing)
 
     return [part(lo, hi) for lo, hi in (below, above) if hi > lo], part(start, start + n)

@@ -169,7 +169,8 @@ class SegmentWidget(WorkerWidget):
             self._lower.value, self._upper.value = card.preprocessing.window
         demo = "synthetic" in str(card.provenance.get("data", ""))
         self._status.value = (f"{len(card.class_names) - 1} classes: {', '.join(card.class_names[1:])}"
-                              + (" (demonstration model trained on synthetic data)" if demo else ""))
+                              + (" (demonstration model trained on synthetic data)" if demo else "")
+                              + ("" if is_ct else f"; intensities: {card.preprocessing.describe()}"))
 
     def _load(self) -> Checkpoint:
         if self._checkpoint is None:
