@@ -8,6 +8,7 @@ import math
 import os
 import re
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -146,13 +147,7 @@ def save_checkpoint(path: str | os.PathLike[str], model: DAEFormer, card: ModelC
 def read_card(path: str | os.PathLike[str]) -> ModelCard:
     """Read only the metadata of a checkpoint (fast: the weights are not loaded). Raises CheckpointError only."""
     path = Path(path)
-    try:
-        card, f = _open(path)
-    except CheckpointError:
-        raise
-    except (SafetensorError, OSError, ValueError, MemoryError, RecursionError) as e:
-        raise CheckpointError(f"{path.name}: cannot be read ({short_repr(str(e), 120)})") from e
-    with f:
+    with _as_checkpoint_error(path, "read"), _open(path) as (card, _):
         return card
 
 
@@ -169,21 +164,12 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
             are not floating point, or are not finite. Nothing else escapes, whatever the bytes.
     """
     path = Path(path)
-    try:
-        return _load(path, device)
-    except CheckpointError:
-        raise
-    except (SafetensorError, OSError, ValueError, MemoryError, RecursionError) as e:
-        raise CheckpointError(f"{path.name}: cannot be loaded ({short_repr(str(e), 120)})") from e
-
-
-def _load(path: Path, device: str | torch.device) -> Checkpoint:
-    card, f = _open(path)
-    with torch.device("meta"):
-        model = DAEFormer(card.config)                       # shapes only: nothing allocated yet
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    with f:
-        declared = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    with _as_checkpoint_error(path, "loaded"), _open(path) as (card, f):
+        with torch.device("meta"):
+            model = DAEFormer(card.config)                   # shapes only: nothing allocated yet
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        slices = {k: f.get_slice(k) for k in f.keys()}
+        declared = {k: (tuple(t.get_shape()), t.get_dtype()) for k, t in slices.items()}
         missing = sorted(set(expected) - set(declared))
         unexpected = sorted(set(declared) - set(expected))
         wrong = [k for k in expected if k in declared and declared[k][0] != expected[k]]
@@ -204,8 +190,8 @@ def _load(path: Path, device: str | torch.device) -> Checkpoint:
                 raise CheckpointError(f"{path.name}: weight {k} holds NaN or infinite values; the file is damaged "
                                       "(or training diverged): use an earlier checkpoint")
             tensors[k] = t
-    model.load_state_dict(tensors, assign=True)
-    return Checkpoint(model.to(device).eval(), card, path)
+        model.load_state_dict(tensors, assign=True)
+        return Checkpoint(model.to(device).eval(), card, path)
 
 
 def _sniff(path: Path) -> None:
@@ -234,19 +220,28 @@ def _sniff(path: Path) -> None:
     raise CheckpointError(f"{path.name}: not a readable safetensors checkpoint, truncated or corrupt")
 
 
-def _open(path: Path) -> tuple[ModelCard, Any]:
-    """The checked card and the open safetensors file (tensors not read; `with` it to close it)."""
+@contextlib.contextmanager
+def _as_checkpoint_error(path: Path, verb: str) -> Iterator[None]:
+    """Whatever the bytes made a library raise, the caller sees one CheckpointError line."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (SafetensorError, OSError, ValueError, MemoryError, RecursionError) as e:
+        raise CheckpointError(f"{path.name}: cannot be {verb} ({short_repr(str(e), 120)})") from e
+
+
+@contextlib.contextmanager
+def _open(path: Path) -> Iterator[tuple[ModelCard, Any]]:
+    """The checked card and the open safetensors file (tensors not read), closed on leaving."""
     _sniff(path)
     try:
         f = safe_open(str(path), framework="pt")
     except SafetensorError as e:
         raise CheckpointError(f"{path.name}: not a readable safetensors checkpoint, truncated or corrupt "
                               f"({short_repr(str(e), 120)})") from e
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(f)                                 # closed if the card is refused
-        card = _card_from_metadata(path, f.metadata() or {})
-        stack.pop_all()
-    return card, f
+    with f:
+        yield _card_from_metadata(path, f.metadata() or {}), f
 
 
 def _card_from_metadata(path: Path, metadata: dict[str, str]) -> ModelCard:

@@ -11,7 +11,7 @@ import numpy as np
 
 from .bundled import resolve_model
 from .checkpoint import load_checkpoint
-from .errors import DaeformerError, printable
+from .errors import printable
 from .inference import Progress, image_warnings, run_segmentation, segment
 from .io import ImageRecord, check_label_path, read_image, write_labels
 from .volumes import class_measures, is_physical, measure_unit
@@ -44,9 +44,7 @@ def segment_file(record: ImageRecord, output: Path, model: str | None, *, device
                  batch_size: int | None = None, precision: str = "auto", window: tuple[float, float] | None = None,
                  overwrite: bool = False, quiet: bool = False) -> tuple[Path, np.ndarray, dict[str, float]]:
     """Segment `record` and write the label map to `output` with the source geometry."""
-    check_label_path(output, len(record.spatial_shape), overwrite=overwrite)
-    if record.path is not None and output.exists() and output.resolve() == record.path.resolve():
-        raise DaeformerError(f"{output} is the input image; write the labels to another file")
+    check_label_path(output, len(record.spatial_shape), overwrite=overwrite, source=record.path)
     ckpt = load_checkpoint(resolve_model(model, "skin" if record.rgb else "ct"))
     result = run_segmentation(
         segment(record, ckpt, axis=axis, device=device, precision=precision, batch_size=batch_size, window=window),
@@ -57,9 +55,7 @@ def segment_file(record: ImageRecord, output: Path, model: str | None, *, device
 
 
 def run_segment(args: argparse.Namespace) -> int:
-    if Path(args.output).exists() and Path(args.output).resolve() == Path(args.input).resolve():
-        raise DaeformerError(f"{args.output} is the input image; write the labels to another file")
-    check_label_path(args.output, overwrite=args.overwrite)        # before reading a large scan
+    check_label_path(args.output, overwrite=args.overwrite, source=args.input)   # before reading a large scan
     record = read_image(args.input)
     for note in (*record.notes, *image_warnings(record.data)):
         print(f"note: {args.input}: {note}", file=sys.stderr)

@@ -50,11 +50,9 @@ class Preprocessing:
         lo, hi = self.percentiles if len(self.percentiles) == 2 else (math.nan, math.nan)
         if not (_finite(self.percentiles) and 0 <= lo < hi <= 100):
             raise ValueError(f"z-score percentiles need 0 <= lower < upper <= 100, got {short_repr(self.percentiles)}")
-        if self.kind == "zscore" and self.window is not None and (len(self.window) != 2 or not _finite(self.window)
-                                                                  or not self.window[1] > self.window[0]):
+        if self.kind == "zscore" and self.window is not None and not _is_range(self.window):
             raise ValueError(f"a fitted z-score clip range needs finite (lower, upper), got {short_repr(self.window)}")
-        if self.kind == "ct" and (self.window is None or len(self.window) != 2 or not _finite(self.window)
-                                  or not self.window[1] > self.window[0]):
+        if self.kind == "ct" and (self.window is None or not _is_range(self.window)):
             raise ValueError(f"CT window needs finite (lower, upper) HU with upper > lower, got {short_repr(self.window)}")
         if (len(self.mean) != self.channels or len(self.std) != self.channels or not _finite(self.mean + self.std)
                 or not all(s > 1e-6 for s in self.std)):
@@ -156,6 +154,11 @@ class Preprocessing:
             raise ValueError(f"preprocessing percentiles must be a list, got {short_repr(percentiles)}")
         return cls(data.get("kind"), None if window is None else tuple(window), tuple(data["mean"]),  # type: ignore[arg-type]
                    tuple(data["std"]), tuple(percentiles))  # type: ignore[arg-type]
+
+
+def _is_range(window: tuple[float, ...]) -> bool:
+    """Two finite numbers, the second larger."""
+    return len(window) == 2 and _finite(window) and window[1] > window[0]
 
 
 def _finite(values: tuple[object, ...]) -> bool:

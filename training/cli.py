@@ -173,7 +173,12 @@ def _model_and_card(args: argparse.Namespace, cases: list[Case], fmt: str) -> tu
         kind = "rgb" if rgb else "ct" if hounsfield else "zscore"
     if (kind == "rgb") != rgb:
         raise TrainingError(f"--normalise {kind} does not suit {'RGB photos' if rgb else 'single-channel images'}")
-    prep = {"rgb": rgb_preprocessing, "zscore": zscore_preprocessing}.get(kind, lambda: ct_preprocessing(_window(args.window)))()
+    if kind == "rgb":
+        prep = rgb_preprocessing()
+    elif kind == "zscore":
+        prep = zscore_preprocessing()
+    else:
+        prep = ct_preprocessing(_window(args.window))
     card = ModelCard(cfg, names, input_size=(args.input_size, args.input_size), preprocessing=prep,
                      provenance={"data": str(args.data) if args.data else fmt})
     return DAEFormer(cfg), card

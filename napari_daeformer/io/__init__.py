@@ -90,14 +90,19 @@ def _check_label_format(p: Path, ndim: int | None) -> None:
         raise ImageFormatError(f"{p.name}: PNG holds one 2D slice, got a volume; use .nii.gz or .tif for volumes")
 
 
-def check_label_path(path: str | os.PathLike[str], ndim: int | None = None, *, overwrite: bool = False) -> None:
+def check_label_path(path: str | os.PathLike[str], ndim: int | None = None, *, overwrite: bool = False,
+                     source: str | os.PathLike[str] | None = None) -> None:
     """Refuse, before any work, a label path `write_labels` would refuse: its format (JPEG is lossy; PNG holds one
-    2D slice), an existing file without `overwrite`, a folder that cannot be written.
+    2D slice), an existing file without `overwrite`, a folder that cannot be written, and (even with `overwrite`)
+    the image the labels are made from.
 
     Args:
         ndim: 2 or 3 when known (a volume cannot go to PNG).
+        source: the input image's path, when known.
     """
     from ..atomic import check_output_path
+    if source is not None and Path(path).exists() and Path(path).resolve() == Path(source).resolve():
+        raise ImageFormatError(f"{path} is the input image; write the labels to another file")
     _check_label_format(Path(path), ndim)
     check_output_path(path, overwrite)
 
