@@ -192,9 +192,13 @@ def speed(device: str, arch: str) -> None:
               flush=True)
         return step
 
-    idle = row("idle", True, 100, None)
-    if device != "cpu":
+    if device != "cpu":                  # the GPU's first call (context, kernels, allocator) is not a fine-tuning
+        t0 = time.perf_counter()
+        _timed_finetune(parent, pairs, replace(settings, steps=5), True)
+        print(f"# first 5-step call in this process (CUDA start-up): {time.perf_counter() - t0:.1f} s")
+        row("idle", True, 100, None)
         return
+    idle = row("idle", True, 100, None)
     row("idle", False, 100, idle)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -245,6 +245,24 @@ class PseudoLabels:
         return self.weight * F.cross_entropy(logits.float(), self.target[pick].to(self.device), ignore_index=-100)
 
 
+class _SquaredDistance(torch.autograd.Function):
+    """`sum_i ||p_i - p0_i||^2` over a list of tensors, forward and backward as a few multi-tensor kernels.
+
+    The plain sum of per-tensor terms launched about ten small kernels per parameter tensor and step (forward,
+    backward, accumulation): 0.07 s of CPU time per step of `paper` on CUDA, a third of the step.
+    """
+
+    @staticmethod
+    def forward(ctx, parents: list[torch.Tensor], *params: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        diffs = torch._foreach_sub(params, parents)
+        ctx.save_for_backward(*diffs)
+        return torch.stack(torch._foreach_norm(diffs)).float().square().sum()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        return (None, *torch._foreach_mul(ctx.saved_tensors, 2 * grad))
+
+
 class PullToParent:
     """L2-SP: `weight / 2 * sum((w - w_parent)^2)` over the trained parameters."""
 
@@ -253,7 +271,9 @@ class PullToParent:
         self.weight = weight
 
     def __call__(self, net: torch.nn.Module) -> torch.Tensor:
-        return 0.5 * self.weight * sum(((p - p0) ** 2).sum() for p, p0 in self.pairs if p.requires_grad)
+        trained = [(p, p0) for p, p0 in self.pairs if p.requires_grad]
+        params, parents = [p for p, _ in trained], [p0 for _, p0 in trained]
+        return 0.5 * self.weight * _SquaredDistance.apply(parents, *params)
 
 
 def _pooled_dice(pred: Sequence[np.ndarray], truth: Sequence[np.ndarray], num_classes: int) -> float:

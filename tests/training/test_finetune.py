@@ -98,3 +98,32 @@ def test_parent_untouched_when_cancelled(parent: Checkpoint) -> None:
         next(gen)
     gen.close()
     assert all(np.array_equal(before[k].numpy(), v.numpy()) for k, v in parent.model.state_dict().items())
+
+
+def test_pull_to_parent_is_l2sp_with_its_gradient() -> None:
+    """The multi-tensor L2-SP equals `w/2 sum (p - p0)^2` and its autograd gradient; frozen parameters get none."""
+    import torch
+
+    from napari_daeformer.model import DAEFormer
+    from training.finetune import PullToParent
+
+    from .helpers import SMALL_CT
+
+    torch.manual_seed(0)
+    model = DAEFormer(SMALL_CT)
+    pull = PullToParent(model, 10.0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 1e-2)
+    for p in model.encoder.parameters():
+        p.requires_grad_(False)
+    fast = pull(model)
+    fast.backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=True)
+    plain = 0.5 * 10.0 * sum(((p - p0) ** 2).sum() for p, p0 in pull.pairs if p.requires_grad)
+    plain.backward()
+    assert float(fast.detach()) == pytest.approx(float(plain.detach()), rel=1e-5) and float(fast.detach()) > 0
+    for got, want in zip(grads, (p.grad for p in model.parameters() if p.requires_grad)):
+        torch.testing.assert_close(got, want)
+    assert all(p.grad is None for p in model.encoder.parameters())
