@@ -14,7 +14,7 @@ OUT = Path(__file__).parent / "cli.md"
 
 def reference() -> str:
     os.environ["COLUMNS"] = "110"                          # argparse wraps to the terminal width
-    from napari_daeformer.cli import build_parser
+    from napari_daeformer.app.cli import build_parser
 
     parser = build_parser()
     parts = ["# Command-line reference", "",

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from skimage import io as skio
 
+from napari_daeformer.app.cli import main
 from napari_daeformer.batch import BatchJob, list_inputs, run_batch
-from napari_daeformer.cli import main
 from napari_daeformer.io import read_image, write_labels
 from napari_daeformer.io.nifti import write_nifti
 from napari_daeformer.sample_data import synthetic_ct, synthetic_skin
@@ -90,7 +90,7 @@ def replace(src, dst):
     if str(dst).endswith(".nii.gz"):
         os.kill(os.getpid(), signal.SIGKILL)
 atomic.os.replace = replace
-from napari_daeformer.cli import main
+from napari_daeformer.app.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -104,7 +104,7 @@ def test_killed_run_resumes_without_recomputing(tmp_path: Path) -> None:
     first = sorted(p.name for p in out.glob("*.nii.gz"))
     assert first == ["ct0.nii.gz"]
     stamp = (out / "ct0.nii.gz").stat().st_mtime_ns
-    again = subprocess.run([sys.executable, "-m", "napari_daeformer.cli", *args], env=ENV, capture_output=True,
+    again = subprocess.run([sys.executable, "-m", "napari_daeformer.app", *args], env=ENV, capture_output=True,
                            text=True, timeout=300)
     assert again.returncode == 1 and "corrupt.nii.gz" in again.stderr       # the corrupt file still fails
     assert sorted(p.name for p in out.glob("*.nii.gz")) == ["ct0.nii.gz", "ct1.nii.gz", "ct2.nii.gz"]
@@ -120,10 +120,10 @@ def test_two_gloo_ranks_shard_the_folder(tmp_path: Path) -> None:
     src = tmp_path / "in"
     make_folder(src, volumes=3)
     base = ["--pattern", "*.nii.gz", "--pattern", "photos/*.png", "--device", "cpu", "--quiet"]
-    one = subprocess.run([sys.executable, "-m", "napari_daeformer.cli", "batch", str(src), str(tmp_path / "one"),
+    one = subprocess.run([sys.executable, "-m", "napari_daeformer.app", "batch", str(src), str(tmp_path / "one"),
                           *base], env=ENV, capture_output=True, text=True, timeout=300)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29531", "-m", "napari_daeformer.cli", "batch", str(src), str(tmp_path / "two"), *base],
+                          "29531", "-m", "napari_daeformer.app", "batch", str(src), str(tmp_path / "two"), *base],
                          env=ENV, capture_output=True, text=True, timeout=300)
     assert one.returncode == 1 and two.returncode == 1, two.stderr[-2000:]    # the corrupt file fails in both
     rows1, rows2 = _rows(tmp_path / "one" / "summary.csv"), _rows(tmp_path / "two" / "summary.csv")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from napari_daeformer.app.cli import main
 from napari_daeformer.bundled import bundled_model
 from napari_daeformer.checkpoint import Checkpoint, ModelCard, load_checkpoint
-from napari_daeformer.cli import main
 from napari_daeformer.errors import InferenceError
 from napari_daeformer.inference import Cancelled, run_segmentation, segment
 from napari_daeformer.io import read_image
@@ -171,7 +171,7 @@ def test_cuda_out_of_memory_halves_the_batch(tiny_model: DAEFormer, monkeypatch:
 
 
 def test_cli_segment_checks_the_output_before_any_work(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    import napari_daeformer.commands as commands
+    import napari_daeformer.app.commands as commands
     monkeypatch.setattr(commands, "read_image", lambda path: pytest.fail("the scan was read before the output was checked"))
     (tmp_path / "taken.nii.gz").write_bytes(b"x")
     for output, words in (("out.jpg", "JPEG is lossy"), ("out.bmp", "cannot write labels as .bmp"),

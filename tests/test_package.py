@@ -1,27 +1,23 @@
-"""Packaging: the manifest validates, the core imports without Qt, the CLI answers."""
+"""Packaging: the manifest validates, each layer imports only the layers below it, the CLI answers."""
 
 from __future__ import annotations
 
+import pkgutil
 import subprocess
 import sys
 
-from napari_daeformer.cli import main
+import pytest
+
+import napari_daeformer
+import training
+
+from napari_daeformer.app.cli import main
 
 
 def test_npe2_manifest_validates() -> None:
     result = subprocess.run(["npe2", "validate", "napari-daeformer"], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "valid" in result.stdout
-
-
-def test_core_imports_without_qt_or_napari() -> None:
-    code = ("import sys, napari_daeformer, napari_daeformer.model, napari_daeformer.checkpoint, "
-            "napari_daeformer.io, napari_daeformer.official, napari_daeformer.cli, napari_daeformer.sample_data, "
-            "napari_daeformer._reader, napari_daeformer._writer, napari_daeformer._samples; "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('qtpy', 'PyQt5', 'PySide2', 'PySide6', 'napari', "
-            "'magicgui', 'superqt')]; print(bad); sys.exit(1 if bad else 0)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_cli_help_and_one_line_errors(capsys) -> None:  # type: ignore[no-untyped-def]
@@ -37,16 +33,38 @@ def test_cli_info_prints_paper_parameter_count(capsys) -> None:  # type: ignore[
     assert "29.69 M" in capsys.readouterr().out
 
 
-def test_core_never_imports_training() -> None:
-    """Import direction: widgets/cli -> training -> core. The core modules load without `training`."""
-    code = ("import sys, napari_daeformer.inference, napari_daeformer.io, napari_daeformer.checkpoint, "
-            "napari_daeformer.metrics, napari_daeformer.official, napari_daeformer.corrections, "
-            "napari_daeformer._reader, napari_daeformer._writer, napari_daeformer._samples, training.trainer; "
-            "import napari_daeformer.inference as core; "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('qtpy', 'PyQt5', 'napari', 'magicgui')]; "
-            "sys.exit(1 if bad else 0)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
-    code = ("import sys, napari_daeformer.inference, napari_daeformer.io, napari_daeformer.metrics, "
-            "napari_daeformer.checkpoint; sys.exit(1 if 'training' in sys.modules else 0)")
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+QT = ("qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "napari", "magicgui", "superqt")
+APP, WIDGETS = "napari_daeformer.app", "napari_daeformer.widgets"
+
+
+def _modules(package: object) -> list[str]:
+    return [m.name for m in pkgutil.walk_packages(package.__path__, package.__name__ + ".")]  # type: ignore[attr-defined]
+
+
+def _layer(name: str) -> str:
+    if name.startswith(APP):
+        return "app"
+    if name.startswith(WIDGETS):
+        return "widgets"
+    return "training" if name.startswith("training") else "core"
+
+
+FORBIDDEN = {"core": (*QT, "training", APP, WIDGETS), "training": (*QT, APP, WIDGETS), "widgets": (APP,)}
+
+
+@pytest.mark.parametrize("layer", list(FORBIDDEN))
+def test_each_layer_imports_only_the_layers_below(layer: str) -> None:
+    """core < training < widgets < app: importing the layer's modules one by one (in a fresh interpreter) loads
+    nothing above it; the first module that does is named."""
+    modules = [m for m in _modules(napari_daeformer) + _modules(training) if _layer(m) == layer]
+    assert len(modules) >= {"core": 25, "training": 7, "widgets": 6}[layer], modules
+    code = ("import importlib, sys\n"
+            "forbidden = tuple(sys.argv[1].split(','))\n"
+            "for name in sys.argv[2:]:\n"
+            "    importlib.import_module(name)\n"
+            "    bad = sorted(m for m in sys.modules if m in forbidden or m.startswith(tuple(f + '.' for f in forbidden)))\n"
+            "    if bad:\n"
+            "        sys.exit(f'{name} loads {bad}')\n")
+    result = subprocess.run([sys.executable, "-c", code, ",".join(FORBIDDEN[layer]), *modules], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr

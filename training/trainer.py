@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from napari_daeformer.atomic import remove_stale_temporaries
 from napari_daeformer.checkpoint import Checkpoint, ModelCard, save_checkpoint
 from napari_daeformer.devices import autocast, resolve_device
+from napari_daeformer.distributed import DistInfo, all_reduce_sum, barrier
 from napari_daeformer.errors import TrainingError
 from napari_daeformer.inference import run_segmentation, segment
 from napari_daeformer.metrics import evaluate_case
@@ -30,7 +31,6 @@ from napari_daeformer.threads import ThreadGovernor
 
 from .augment import AugmentConfig, augment_batch
 from .data import Case, SliceDataset, validate_cases
-from .distributed import DistInfo, all_reduce_sum, barrier
 from .losses import DiceCELoss
 from .state import load_state, save_state
 

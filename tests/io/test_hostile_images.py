@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_daeformer.cli import main
+from napari_daeformer.app.cli import main
 from napari_daeformer.errors import ImageFormatError
 from napari_daeformer.io import read_image, write_labels
 from napari_daeformer.memory import ENV

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from napari_daeformer.app.cli import main
 from napari_daeformer.checkpoint import load_checkpoint
-from napari_daeformer.cli import main
 from napari_daeformer.errors import CheckpointError
 from napari_daeformer.official import convert_official_state_dict, load_official_state_dict
 

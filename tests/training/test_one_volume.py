@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from napari_daeformer.app.cli import main
 from napari_daeformer.checkpoint import load_checkpoint
-from napari_daeformer.cli import main
 from napari_daeformer.io import write_labels
 from napari_daeformer.io.nifti import write_nifti
 from napari_daeformer.io.record import default_affine

@@ -31,13 +31,13 @@ def replace(src, dst):
             os.kill(os.getpid(), signal.SIGKILL)
     real(src, dst)
 atomic.os.replace = replace
-from napari_daeformer.cli import main
+from napari_daeformer.app.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
 def _train(args: list[str], launcher: list[str] | None = None, **kwargs: object) -> subprocess.CompletedProcess:
-    cmd = (launcher or [sys.executable, "-m", "napari_daeformer.cli"]) + ["train", *args]
+    cmd = (launcher or [sys.executable, "-m", "napari_daeformer.app"]) + ["train", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600, **kwargs)  # type: ignore[call-overload]
 
 
@@ -66,7 +66,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
     single = _train([*args, "--out", str(tmp_path / "one")])
     assert single.returncode == 0, single.stderr[-2000:]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-                "-m", "napari_daeformer.cli"]
+                "-m", "napari_daeformer.app"]
     double = _train([*args, "--out", str(tmp_path / "two")], launcher)
     assert double.returncode == 0, double.stderr[-3000:]
     a = load_file(str(tmp_path / "one" / "last.safetensors"))

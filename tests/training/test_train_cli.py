@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from napari_daeformer.app.cli import main
 from napari_daeformer.checkpoint import load_checkpoint
-from napari_daeformer.cli import main
 
 from .test_sources import write_synapse
 
@@ -83,8 +83,8 @@ def test_augmentation_settings_from_cli_and_file(tmp_path: Path) -> None:
 
     import pytest
 
+    from napari_daeformer.app.train import add_train_arguments, augment_settings
     from napari_daeformer.errors import TrainingError
-    from training.cli import add_train_arguments, augment_settings
 
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)

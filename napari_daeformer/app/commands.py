@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundled import resolve_model
-from .checkpoint import load_checkpoint
-from .errors import printable
-from .inference import Progress, image_warnings, run_segmentation, segment
-from .io import ImageRecord, check_label_path, read_image, write_labels
-from .volumes import class_measures, is_physical, measure_unit
+from ..bundled import resolve_model
+from ..checkpoint import load_checkpoint
+from ..errors import printable
+from ..inference import Progress, image_warnings, run_segmentation, segment
+from ..io import ImageRecord, check_label_path, read_image, write_labels
+from ..volumes import class_measures, is_physical, measure_unit
 
 
 def _progress_printer(label: str):  # type: ignore[no-untyped-def]
@@ -30,7 +30,7 @@ def _progress_printer(label: str):  # type: ignore[no-untyped-def]
 def _window(text: str | None) -> tuple[float, float] | None:
     if text is None:
         return None
-    from .preprocessing import CT_WINDOWS
+    from ..preprocessing import CT_WINDOWS
     if text in CT_WINDOWS:
         return CT_WINDOWS[text]
     try:
@@ -72,15 +72,15 @@ def run_segment(args: argparse.Namespace) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     headless = args.headless or not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
     if not headless:
-        from .widgets.launch import open_viewer_with_sample
+        from ..widgets.launch import open_viewer_with_sample
         open_viewer_with_sample()
         return 0
     from skimage import io as skio
 
-    from .io.nifti import write_nifti
-    from .io.record import default_affine
-    from .metrics import dice_per_class
-    from .sample_data import synthetic_ct, synthetic_skin
+    from ..io.nifti import write_nifti
+    from ..io.record import default_affine
+    from ..metrics import dice_per_class
+    from ..sample_data import synthetic_ct, synthetic_skin
 
     out_dir = Path(args.out)
     names = ("synthetic_ct.nii.gz", "synthetic_ct_truth.nii.gz", "synthetic_ct_labels.nii.gz", "synthetic_skin.png",
@@ -117,9 +117,9 @@ def run_batch_command(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from training.distributed import barrier, init_from_env, shutdown
+    from napari_daeformer.distributed import barrier, init_from_env, shutdown
 
-    from .batch import BatchJob, FileResult, run_batch, write_summary
+    from ..batch import BatchJob, FileResult, run_batch, write_summary
 
     info, device = init_from_env(args.device)
     job = BatchJob(args.input_dir, args.output_dir, tuple(args.pattern or ("**/*",)), args.format, args.model,

@@ -1,6 +1,6 @@
 """The `daeformer` command line. Each subcommand parses its arguments and makes one library call.
 
-Like `widgets/`, this is the application layer: it may import `training`; the core modules never do.
+The `train`, `evaluate` and `finetune` subcommands live in `app/train.py`, the main job's in `app/commands.py`.
 
 Errors meant for the user print one line on stderr and exit with status 2.
 """
@@ -13,18 +13,17 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from training.cli import resolve_settings
-
-from .errors import DaeformerError, printable
+from ..errors import DaeformerError, printable
+from .train import resolve_settings
 
 Command = Callable[[argparse.Namespace], int]
 
 
 def _import_official(args: argparse.Namespace) -> int:
-    from .atomic import check_output_path
-    from .checkpoint import SYNAPSE_CLASSES, ModelCard, save_checkpoint
-    from .official import convert_official_state_dict, load_official_state_dict
-    from .preprocessing import ct_preprocessing, rgb_preprocessing
+    from ..atomic import check_output_path
+    from ..checkpoint import SYNAPSE_CLASSES, ModelCard, save_checkpoint
+    from ..official import convert_official_state_dict, load_official_state_dict
+    from ..preprocessing import ct_preprocessing, rgb_preprocessing
 
     if args.out.suffix != ".safetensors":
         raise DaeformerError(f"{args.out}: a checkpoint is written as .safetensors")
@@ -63,10 +62,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .model import DAEFormer, count_parameters, named_config
+    from ..model import DAEFormer, count_parameters, named_config
 
     if Path(args.model).suffix == ".safetensors" or Path(args.model).exists():
-        from .checkpoint import load_checkpoint
+        from ..checkpoint import load_checkpoint
         ckpt = load_checkpoint(args.model)
         model, card = ckpt.model, ckpt.card
         print(f"classes: {', '.join(card.class_names)}")
@@ -93,7 +92,7 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="daeformer", description="DAE-Former segmentation for CT volumes and "
                                      "skin photos: the command line of napari-daeformer.")
-    from . import __version__
+    from .. import __version__
     parser.add_argument("--version", action="version", version=f"napari-daeformer {__version__}")
     parser.add_argument("--memory-limit", metavar="SIZE", help="most memory one file may take, e.g. 64G (default: "
                         "80%% of the free memory; a file whose header asks for more is refused before reading)")
@@ -161,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="headless: replace an earlier demo's files in --out")
     p.set_defaults(func=_demo)
 
-    from training.cli import add_evaluate_arguments, add_finetune_arguments, add_train_arguments, run_evaluate, run_finetune, run_train
+    from .train import add_evaluate_arguments, add_finetune_arguments, add_train_arguments, run_evaluate, run_finetune, run_train
 
     p = sub.add_parser("train", help="train DAE-Former (Synapse, NIfTI folders, ISIC folders or synthetic data)",
                        description="Train DAE-Former with the paper's recipe (SGD 0.05, poly decay, 0.4 CE + 0.6 "
@@ -192,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Command = args.func
     try:
         if args.memory_limit is not None:
-            from .memory import ENV, parse_size
+            from ..memory import ENV, parse_size
             parse_size(args.memory_limit)                      # a bad size fails here, in one line
             os.environ[ENV] = args.memory_limit
         if getattr(args, "config", None) is not None:          # `train --config FILE`: file < command line
@@ -206,7 +205,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"daeformer {args.command}: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

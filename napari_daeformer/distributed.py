@@ -1,4 +1,4 @@
-"""PyTorch's own distributed engine: `torchrun` sets RANK/WORLD_SIZE/LOCAL_RANK, we join the process group."""
+"""PyTorch's own distributed engine for training (DDP) and batch (sharding): `torchrun` sets RANK/WORLD_SIZE/LOCAL_RANK."""
 
 from __future__ import annotations
 

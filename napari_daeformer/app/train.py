@@ -1,4 +1,4 @@
-"""`daeformer train` and `daeformer evaluate`.
+"""`daeformer train`, `daeformer evaluate` and `daeformer finetune`: arguments, settings files, progress.
 
 Settings come from the defaults (the paper's recipe), then a YAML/TOML `--config` file, then the command line;
 the resolved settings are written to `OUT/config.yaml` beside the checkpoints. The same command under
@@ -21,19 +21,18 @@ import yaml
 
 from napari_daeformer.atomic import atomic_write, check_output_path
 from napari_daeformer.checkpoint import SYNAPSE_CLASSES, ModelCard, load_checkpoint
+from napari_daeformer.distributed import init_from_env, shutdown
 from napari_daeformer.errors import TrainingError
 from napari_daeformer.inference import run_segmentation, segment
 from napari_daeformer.metrics import evaluate_case
 from napari_daeformer.model import DAEFormer, named_config
 from napari_daeformer.preprocessing import ct_preprocessing, rgb_preprocessing, zscore_preprocessing
 from napari_daeformer.sample_data import CT_CLASSES, SKIN_CLASSES
-
-from .augment import AugmentConfig
-from .data import Case, detect_num_classes
-from .distributed import init_from_env, shutdown
-from .finetune import DEFAULT_WEIGHTS, PROTECTIONS, FinetuneSettings, Pair, finetune
-from .sources import FORMATS, load_cases, split_cases
-from .trainer import StepReport, TrainConfig, Trainer, ValReport
+from training.augment import AugmentConfig
+from training.data import Case, detect_num_classes
+from training.finetune import DEFAULT_WEIGHTS, PROTECTIONS, FinetuneSettings, Pair, finetune
+from training.sources import FORMATS, load_cases, split_cases
+from training.trainer import StepReport, TrainConfig, Trainer, ValReport
 
 
 def _seeds(text: str | list[int]) -> list[int]:
@@ -201,7 +200,7 @@ def run_train(args: argparse.Namespace) -> int:
             split = f"validation on the synthetic seeds {args.val_seeds}"
         else:
             if fmt == "auto":
-                from .sources import detect_format
+                from training.sources import detect_format
                 fmt = detect_format(args.data)
             cases = load_cases(args.data, fmt)
             train, val, split = split_cases(cases, args.val_fraction, args.seed,
@@ -269,7 +268,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         check_output_path(args.csv, overwrite=True)           # before minutes of segmentation
     fmt = args.data_format
     if fmt == "auto" and args.data is not None:
-        from .sources import detect_format
+        from training.sources import detect_format
         fmt = detect_format(args.data)
     cases = load_cases(args.data, fmt, split=args.split, seeds=_seeds(args.seeds))
     rgb = cases[0].labels.ndim == 2 and cases[0].image.ndim == 3
