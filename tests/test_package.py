@@ -10,7 +10,6 @@ import pytest
 
 import napari_daeformer
 import training
-
 from napari_daeformer.app.cli import main
 
 
