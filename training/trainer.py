@@ -225,6 +225,7 @@ class Trainer:
             remove_stale_temporaries(self.out_dir)                   # left by a run killed mid-write
             _truncate_log(self.out_dir / "metrics.jsonl", self.step)
         self.model.train()
+        started = time.perf_counter()
         while self.step < self.total_steps:
             self.sampler.set_epoch(self.epoch)
             generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch * 101 + self.dist.rank)
@@ -251,7 +252,8 @@ class Trainer:
                         self.best_dice = mean
                         self._save("best.safetensors", mean)
                     self._log({"step": self.step, "epoch": self.epoch, "val_dice": _clean(dice),
-                               "val_hd95_mm": _clean(dist), "val_mean_dice": mean})
+                               "val_hd95_mm": _clean(dist), "val_mean_dice": mean,
+                               "seconds": round(time.perf_counter() - started, 1)})   # since this run (or resume) began
                     plot_curves(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")
                 save_state(self.out_dir / "resume.safetensors", self.model, self.optimizer,
                            {"step": self.step, "epoch": self.epoch, "best_dice": self.best_dice,
