@@ -1,4 +1,4 @@
-"""Timing helpers shared by the benchmarks: warm-ups, CUDA synchronisation, medians."""
+"""Timing helpers shared by the benchmarks: warm-ups, CUDA synchronisation, medians, the CPU's name."""
 
 from __future__ import annotations
 
@@ -23,3 +23,13 @@ def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int 
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def cpu_name() -> str:
+    """The CPU's model name, to print beside every CPU figure."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+        return platform.processor() or "unknown CPU"

@@ -27,13 +27,18 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from napari_daeformer.bundled import bundled_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import cpu_name  # noqa: E402
+
+from napari_daeformer.bundled import bundled_model  # noqa: E402
 from napari_daeformer.checkpoint import Checkpoint, load_checkpoint
 from napari_daeformer.inference import run_segmentation, segment
 from napari_daeformer.metrics import dice_per_class
@@ -167,7 +172,6 @@ def _timed_finetune(parent: Checkpoint, pairs: list[Pair], settings: FinetuneSet
 
 def speed(device: str, arch: str) -> None:
     import subprocess
-    import sys
 
     from napari_daeformer.model import DAEFormer, named_config
 
@@ -181,7 +185,7 @@ def speed(device: str, arch: str) -> None:
     mask[chosen] = True
     pairs = [Pair("offset", sample.image, np.where(mask[:, None, None], sample.labels, 0), mask)]
     settings = replace(FinetuneSettings(), device=device)
-    print(f"# {arch}, {device}, torch threads {torch.get_num_threads()}, {_cpu_name()}")
+    print(f"# {arch}, {device}, torch threads {torch.get_num_threads()}, {cpu_name()}")
     print("| condition | thread governor | steps | seconds | median step (s) | step vs idle |")
     print("|---|---|---:|---:|---:|---:|")
 
@@ -213,13 +217,6 @@ def speed(device: str, arch: str) -> None:
         competitor.kill()
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        import platform
-        return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import median_seconds  # noqa: E402
+from _timing import cpu_name, median_seconds  # noqa: E402
 
 from napari_daeformer.checkpoint import ModelCard  # noqa: E402
 from napari_daeformer.devices import resolve_device  # noqa: E402
@@ -59,7 +59,7 @@ def one_volume(kind: str, minutes: float, target: float, threads: int | None) ->
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     cmd = [sys.executable, "-m", "napari_daeformer.app", "train", "--data", str(root / "data"), "--out", str(root / "out"),
            *ONE_VOLUME_SETTINGS]
-    print(f"# one {kind.upper()} volume {s.image.shape}, {_cpu_name()}, {threads or 'default'} threads, "
+    print(f"# one {kind.upper()} volume {s.image.shape}, {cpu_name()}, {threads or 'default'} threads, "
           f"stopped after {minutes:g} min: daeformer train ... {' '.join(ONE_VOLUME_SETTINGS)}", flush=True)
     t0 = time.perf_counter()
     try:
@@ -79,13 +79,6 @@ def one_volume(kind: str, minutes: float, target: float, threads: int | None) ->
     print(f"\nmean Dice {target} on the held-out slab: {when}; best {best:.3f} in {wall / 60:.1f} min of wall time")
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        import platform
-        return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
