@@ -24,7 +24,7 @@ from .atomic import atomic_write, remove_stale_temporaries
 from .bundled import resolve_model
 from .checkpoint import Checkpoint, load_checkpoint
 from .devices import resolve_device
-from .errors import DaeformerError, ImageFormatError, printable
+from .errors import DaeformerError, ImageFormatError, first_line, printable
 from .inference import Progress, segment
 from .io import ImageRecord, is_dicom_file, read_image, suffix_of, write_labels
 from .volumes import class_measures, is_physical, measure_unit
@@ -295,8 +295,9 @@ def run_batch(job: BatchJob, *, rank: int = 0, world_size: int = 1,
 
 def _reason(e: Exception) -> str:
     """One line for the summary: our messages as they are, anything else with its type."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return text if isinstance(e, (DaeformerError, OSError)) else f"unexpected {type(e).__name__}: {text}"
+    if isinstance(e, (DaeformerError, OSError)):
+        return first_line(e)
+    return f"unexpected {type(e).__name__}" + (f": {first_line(e)}" if str(e).strip() else "")
 
 
 def _ckpt_name(ckpt: Checkpoint) -> str:

@@ -18,10 +18,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .atomic import atomic_write
-from .errors import CheckpointError
+from .errors import CheckpointError, short_repr
 from .memory import check_allocation
 from .model import SIZE_MULTIPLE, DAEFormer, DAEFormerConfig
-from .model.config import check_int, short_repr
+from .model.config import check_int
 from .preprocessing import Preprocessing, ct_preprocessing
 
 FORMAT_NAME = "napari-daeformer"

@@ -3,6 +3,8 @@
 None of these is a RuntimeError subclass: superqt's generator workers swallow RuntimeErrors silently.
 """
 
+from __future__ import annotations
+
 
 class DaeformerError(Exception):
     """Base class of every error meant for the user."""
@@ -32,3 +34,15 @@ def printable(text: str) -> str:
     except UnicodeEncodeError:                            # a lone surrogate that was never a byte
         text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of `error`'s message, or its type's name when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def short_repr(value: object, limit: int = 40) -> str:
+    """repr cut to `limit` characters (values from files can be huge)."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**limit else f"<{value.bit_length()}-bit int>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

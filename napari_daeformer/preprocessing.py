@@ -9,7 +9,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .model.config import short_repr
+from .errors import short_repr
 
 # CT windows as (lower, upper) HU. "abdomen" is the paper's (TransUNet's) [-125, 275].
 CT_WINDOWS: dict[str, tuple[float, float]] = {

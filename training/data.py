@@ -44,6 +44,15 @@ def label_counts(labels: np.ndarray) -> dict[int, int]:
     return {int(v): int(n) for v, n in zip(values, counts)}
 
 
+def stray_labels(labels: np.ndarray, num_classes: int) -> str | None:
+    """'label value(s) 255 (1 voxel), ...' for the values of `labels` outside 0..num_classes-1, or None."""
+    beyond = {v: n for v, n in label_counts(labels).items() if not 0 <= v < num_classes}
+    if not beyond:
+        return None
+    listed = ", ".join(f"{v} ({n} voxel{'s' if n > 1 else ''})" for v, n in sorted(beyond.items())[:5])
+    return f"label value(s) {listed}{' ...' if len(beyond) > 5 else ''}"
+
+
 def detect_num_classes(cases: Sequence[Case]) -> int:
     """Classes found in the data: 0, 1, 2, ... up to the first value no case holds. Values beyond that gap (a stray
     255 in one mask) are not classes: `validate_cases` lists them as bad data."""
@@ -68,12 +77,8 @@ def validate_cases(cases: Sequence[Case], num_classes: int, rgb: bool) -> None:
             problems.append(f"{case.name}: image {spatial} and labels {case.labels.shape} differ in shape")
         elif not np.issubdtype(case.labels.dtype, np.integer) and case.labels.dtype != bool:
             problems.append(f"{case.name}: labels must be integers, got {case.labels.dtype}")
-        else:
-            beyond = {v: n for v, n in label_counts(case.labels).items() if not 0 <= v < num_classes}
-            if beyond:
-                listed = ", ".join(f"{v} ({n} voxel{'s' if n > 1 else ''})" for v, n in sorted(beyond.items())[:5])
-                problems.append(f"{case.name}: label value(s) {listed}{' ...' if len(beyond) > 5 else ''} beyond the "
-                                f"classes 0..{num_classes - 1}")
+        elif stray := stray_labels(case.labels, num_classes):
+            problems.append(f"{case.name}: {stray} beyond the classes 0..{num_classes - 1}")
     if problems:
         raise TrainingError(f"{len(problems)} bad training case(s): " + "; ".join(problems) +
                             " (fix the masks, or declare every class with --classes)")

@@ -34,7 +34,7 @@ from napari_daeformer.preprocessing import Preprocessing
 from napari_daeformer.threads import ThreadGovernor
 
 from .augment import AugmentConfig
-from .data import Case, network_input
+from .data import Case, network_input, stray_labels
 from .trainer import StepReport, TrainConfig, Trainer
 
 PROTECTIONS = ("pseudo", "l2sp", "none")
@@ -161,9 +161,9 @@ def check_pairs(pairs: Sequence[Pair], card: ModelCard) -> None:
             problems.append(f"{p.name}: the model expects {'RGB photos' if rgb else 'single-channel images'}")
         elif spatial != p.labels.shape:
             problems.append(f"{p.name}: image {spatial} and labels {p.labels.shape} differ in shape")
-        elif p.labels.size and p.labels.max() >= card.config.num_classes:
-            problems.append(f"{p.name}: label {int(p.labels.max())} is beyond the model's classes "
-                            f"0..{card.config.num_classes - 1} ({', '.join(card.class_names)})")
+        elif stray := stray_labels(p.labels, card.config.num_classes):
+            problems.append(f"{p.name}: {stray} beyond the model's classes 0..{card.config.num_classes - 1} "
+                            f"({', '.join(card.class_names)})")
         elif not p.slices.any():
             problems.append(f"{p.name}: no corrected slices")
     if problems:

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..errors import DaeformerError, printable
+from ..errors import DaeformerError, first_line, printable
 from .train import resolve_settings
 
 Command = Callable[[argparse.Namespace], int]
@@ -199,8 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = resolve_settings(args.settings_parser, words[words.index(args.command) + 1:], args)
         return func(args)
     except (DaeformerError, ValueError, OSError) as e:
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"daeformer {args.command}: error: {printable(message)}", file=sys.stderr)
+        print(f"daeformer {args.command}: error: {printable(first_line(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"daeformer {args.command}: interrupted", file=sys.stderr)

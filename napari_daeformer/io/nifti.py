@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 
 from ..atomic import atomic_write
-from ..errors import ImageFormatError
+from ..errors import ImageFormatError, first_line
 from ..memory import check_allocation
 from .record import ImageRecord, check_affine, check_pixels
 
@@ -19,7 +19,7 @@ def read_nifti(path: Path) -> ImageRecord:
     try:
         img = nib.load(str(path))
     except Exception as e:  # nibabel raises many types for bad headers
-        raise ImageFormatError(f"{path.name}: not a readable NIfTI file ({_first_line(e)})") from e
+        raise ImageFormatError(f"{path.name}: not a readable NIfTI file ({first_line(e)})") from e
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise ImageFormatError(f"{path.name}: not a NIfTI image ({type(img).__name__})")
     shape = tuple(int(s) for s in img.shape)
@@ -41,7 +41,7 @@ def read_nifti(path: Path) -> ImageRecord:
     try:
         raw = np.asanyarray(img.dataobj).reshape(shape)
     except Exception as e:  # truncated gzip streams raise EOFError, zlib.error, OSError, ValueError
-        raise ImageFormatError(f"{path.name}: NIfTI data is truncated or corrupt ({_first_line(e)})") from e
+        raise ImageFormatError(f"{path.name}: NIfTI data is truncated or corrupt ({first_line(e)})") from e
     data = np.ascontiguousarray(raw.transpose(tuple(range(raw.ndim))[::-1]))  # (X, Y[, Z]) -> ([Z,] Y, X)
     check_pixels(data, path.name)
     zooms = tuple(float(z) for z in img.header.get_zooms()[: len(shape)])
@@ -59,8 +59,3 @@ def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, *, overwrite: 
     img.header.set_sform(affine, code=1)
     img.header.set_qform(affine, code=1)
     return atomic_write(path, lambda tmp: nib.save(img, str(tmp)), overwrite=overwrite)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

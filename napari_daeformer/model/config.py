@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from ..errors import short_repr
+
 # Token-grid reductions: stride 4 (stage 1), then 2 and 2 (stages 2 and 3).
 SIZE_MULTIPLE = 16
 
@@ -24,12 +26,6 @@ def check_int(name: str, value: object, lo: int, hi: int) -> int:
     if not lo <= value <= hi:
         raise ValueError(f"{name}={short_repr(value)} is outside {lo}..{hi}")
     return value
-
-
-def short_repr(value: object, limit: int = 40) -> str:
-    """repr cut to `limit` characters (values from files can be huge)."""
-    text = repr(value) if not isinstance(value, int) or abs(value) < 10**limit else f"<{value.bit_length()}-bit int>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
