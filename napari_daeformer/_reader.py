@@ -8,6 +8,8 @@ from typing import Any
 
 from .errors import ImageFormatError, printable
 from .io import METADATA_KEY, ImageRecord, can_read, read_image
+from .io.dicom_seg import find_series, is_dicom_seg, read_dicom_seg
+from .io.record import CHECKPOINT_KEY, CLASSES_KEY, COLORS_KEY
 from .preprocessing import CT_WINDOWS
 
 LayerData = tuple[Any, dict[str, Any], str]
@@ -31,7 +33,7 @@ def read_layers(path: str | list[str]) -> list[LayerData]:
     layers = []
     for p in paths:
         try:
-            layers.append(record_to_layer(read_image(p)))
+            layers.append(seg_to_layer(p) if is_dicom_seg(p) else record_to_layer(read_image(p)))
         except ImageFormatError as e:
             show_error(f"napari-daeformer: {printable(str(e))}")
     return layers or [(None,)]  # type: ignore[list-item]
@@ -51,3 +53,26 @@ def record_to_layer(record: ImageRecord, name: str | None = None) -> LayerData:
         kwargs["contrast_limits"] = list(CT_WINDOWS["soft tissue"])
         kwargs["colormap"] = "gray"
     return (record.data, kwargs, "image")
+
+
+def seg_to_layer(path: str | os.PathLike[str]) -> LayerData:
+    """A DICOM-SEG file as a labels layer on its series: the series' slices when it lies beside the file (its
+    folder, a subfolder, or a sibling folder), else the extent of the segmented frames, placed by their positions."""
+    from napari.utils.notifications import show_info
+
+    series = find_series(path)
+    seg = read_dicom_seg(path, series)
+    if series is None:
+        show_info(f"napari-daeformer: {os.path.basename(path)}: its source series is not beside it; the labels cover "
+                  "the segmented slices only, placed by their positions")
+    record = seg.record
+    geometry = {**record.geometry(), "source_path": str(series) if series else None}
+    kwargs: dict[str, Any] = {
+        "name": os.path.basename(path).split(".")[0],
+        "scale": list(record.spacing),
+        "translate": list(record.origin),
+        "metadata": {METADATA_KEY: geometry, CLASSES_KEY: list(seg.class_names), COLORS_KEY: list(seg.class_colors),
+                     CHECKPOINT_KEY: seg.algorithm},
+        "colormap": {None: "transparent", **dict(enumerate(seg.class_colors)), 0: "transparent"},
+    }
+    return (seg.labels, kwargs, "labels")

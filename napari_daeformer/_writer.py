@@ -6,7 +6,11 @@ from typing import Any
 
 import numpy as np
 
+from . import __version__
+from .errors import ImageFormatError
 from .io import geometry_from_metadata, write_labels
+from .io.dicom_seg import Algorithm, write_dicom_seg
+from .io.record import CHECKPOINT_KEY, CHECKPOINT_SHA_KEY, CLASSES_KEY, COLORS_KEY
 
 
 def write_labels_layer(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
@@ -28,3 +32,25 @@ def _axis_aligned(spacing: list[float], attributes: dict[str, Any], shape: tuple
     for i, (s, t) in enumerate(zip(spacing[::-1], translate[::-1])):
         affine[i, i], affine[i, 3] = s, t
     return {"affine": affine.tolist(), "spacing": spacing, "spatial_shape": list(shape)}
+
+
+def write_dicom_seg_layer(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
+    """npe2 single-layer writer: a labels layer made on a DICOM series as a DICOM-SEG referencing that series.
+
+    napari's save dialog asks before replacing a file, so an existing file is overwritten here.
+    """
+    metadata = attributes.get("metadata") or {}
+    geometry = geometry_from_metadata(metadata) or {}
+    if geometry.get("source_format") != "dicom" or not geometry.get("source_path"):
+        raise ImageFormatError(f"{attributes.get('name', 'this layer')}: a DICOM-SEG references a DICOM series; these "
+                               "labels were not made on one (save them as .nii.gz or .tif)")
+    labels = np.asarray(data)
+    n = int(labels.max(initial=0)) + 1
+    names = list(metadata.get(CLASSES_KEY) or [])
+    names += [f"label {k}" for k in range(len(names), n)]
+    colours = list(metadata.get(COLORS_KEY) or [])
+    colours += ["#808080"] * (len(names) - len(colours))
+    algorithm = Algorithm(str(metadata.get(CHECKPOINT_KEY) or "unknown"), str(metadata.get(CHECKPOINT_SHA_KEY) or ""),
+                          __version__)
+    return [str(write_dicom_seg(path, labels, geometry["source_path"], tuple(names), tuple(colours), algorithm,
+                                overwrite=True))]

@@ -8,7 +8,6 @@ the rest and produces the same outputs. Under torchrun, files are sharded determ
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import threading
 import time
@@ -22,7 +21,7 @@ import numpy as np
 
 from .atomic import atomic_write, remove_stale_temporaries
 from .bundled import resolve_model
-from .checkpoint import Checkpoint, load_checkpoint
+from .checkpoint import Checkpoint, file_sha256, load_checkpoint
 from .devices import resolve_device
 from .errors import DaeformerError, ImageFormatError, first_line, printable
 from .inference import Progress, segment
@@ -157,14 +156,6 @@ def _output_path(job: BatchJob, source: Path, keep_suffix: bool) -> Path:
     if keep_suffix:
         name += "_" + (suffix.lstrip(".").replace(".", "_") or "dicom")
     return job.output_dir / rel.parent / f"{name}{new}"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class _Models:

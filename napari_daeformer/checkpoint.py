@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -142,6 +143,15 @@ def save_checkpoint(path: str | os.PathLike[str], model: DAEFormer, card: ModelC
                for k, v in model.state_dict().items()}
     metadata = {"format": FORMAT_NAME, _META_KEY: json.dumps(card.to_dict())}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), overwrite=overwrite)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's bytes: names a checkpoint version in outputs and provenance."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_card(path: str | os.PathLike[str]) -> ModelCard:

@@ -59,6 +59,9 @@ def write_dicom_series(folder: Path, volume: np.ndarray, spacing: tuple[float, f
         ds = FileDataset(str(folder / f"{prefix}{k:03d}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
         ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID = "CT", series_uid, "1.2.3"
+        ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = "PHANTOM", "Phantom^Synthetic", "", "O"
+        ds.StudyID, ds.AccessionNumber, ds.StudyDate, ds.StudyTime, ds.ReferringPhysicianName = "1", "", "", "", ""
+        ds.FrameOfReferenceUID, ds.SeriesNumber = series_uid + ".1", 1
         ds.Rows, ds.Columns = plane.shape
         ds.PixelSpacing = [spacing[1], spacing[2]]
         ds.SliceThickness = spacing[0]

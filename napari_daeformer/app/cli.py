@@ -120,9 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("segment", help="segment an image or volume into a label map with the source geometry",
                        description="Segment a NIfTI/DICOM/TIFF/PNG/JPEG image slice by slice with a DAE-Former "
-                       "checkpoint and write the label map (NIfTI keeps the source affine), atomically.")
+                       "checkpoint and write the label map (NIfTI keeps the source affine), atomically. From a DICOM "
+                       "series, a .dcm output is a DICOM Segmentation (highdicom) referencing the series' instances.")
     p.add_argument("input", type=Path, help="image file or DICOM folder")
-    p.add_argument("output", type=Path, help="label map: .nii.gz, .nii, .tif or .png")
+    p.add_argument("output", type=Path, help="label map: .nii.gz, .nii, .tif, .png, or .dcm (DICOM-SEG, from a DICOM "
+                   "series)")
     p.add_argument("--model", help="checkpoint (.safetensors) or a bundled model name: ct, skin "
                    "(default: the bundled demonstration model for the image's kind)")
     _add_engine_arguments(p)

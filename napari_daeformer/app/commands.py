@@ -9,11 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import __version__
 from ..bundled import resolve_model
-from ..checkpoint import load_checkpoint
+from ..checkpoint import file_sha256, load_checkpoint
 from ..errors import printable
 from ..inference import Progress, image_warnings, run_segmentation, segment
-from ..io import ImageRecord, check_label_path, read_image, write_labels
+from ..io import ImageRecord, check_label_path, read_image, suffix_of, write_labels
+from ..io.dicom_seg import SEG_SUFFIX, Algorithm, write_dicom_seg
 from ..volumes import class_measures, is_physical, measure_unit
 
 
@@ -43,19 +45,28 @@ def _window(text: str | None) -> tuple[float, float] | None:
 def segment_file(record: ImageRecord, output: Path, model: str | None, *, device: str = "auto", axis: int = 0,
                  batch_size: int | None = None, precision: str = "auto", window: tuple[float, float] | None = None,
                  overwrite: bool = False, quiet: bool = False) -> tuple[Path, np.ndarray, dict[str, float]]:
-    """Segment `record` and write the label map to `output` with the source geometry."""
-    check_label_path(output, len(record.spatial_shape), overwrite=overwrite, source=record.path)
-    ckpt = load_checkpoint(resolve_model(model, "skin" if record.rgb else "ct"))
+    """Segment `record` and write the label map to `output` with the source geometry (a `.dcm` output: a DICOM-SEG
+    referencing the source series)."""
+    check_label_path(output, len(record.spatial_shape), overwrite=overwrite, source=record.path,
+                     dicom_source=record.source_format == "dicom")
+    ckpt_path = resolve_model(model, "skin" if record.rgb else "ct")
+    ckpt = load_checkpoint(ckpt_path)
     result = run_segmentation(
         segment(record, ckpt, axis=axis, device=device, precision=precision, batch_size=batch_size, window=window),
         None if quiet else _progress_printer(f"segment {record.path.name if record.path else ''}"))
-    out = write_labels(output, result.labels, record, overwrite=overwrite)
+    if suffix_of(output) == SEG_SUFFIX:
+        algorithm = Algorithm(ckpt_path.name, file_sha256(ckpt_path), __version__)
+        out = write_dicom_seg(output, result.labels, record.path, ckpt.card.class_names, ckpt.card.class_colors,
+                              algorithm, overwrite=overwrite)
+    else:
+        out = write_labels(output, result.labels, record, overwrite=overwrite)
     physical = is_physical(record.source_format, record.spacing)
     return out, result.labels, class_measures(result.labels, record.spacing, ckpt.card.class_names, physical)
 
 
 def run_segment(args: argparse.Namespace) -> int:
-    check_label_path(args.output, overwrite=args.overwrite, source=args.input)   # before reading a large scan
+    check_label_path(args.output, overwrite=args.overwrite, source=args.input,    # before reading a large scan
+                     dicom_source=Path(args.input).is_dir() or suffix_of(args.input) == ".dcm")
     record = read_image(args.input)
     for note in (*record.notes, *image_warnings(record.data)):
         print(f"note: {args.input}: {note}", file=sys.stderr)

@@ -78,9 +78,15 @@ def read_image(path: str | os.PathLike[str]) -> ImageRecord:
                            f"supported: {', '.join(READ_SUFFIXES)} and DICOM folders")
 
 
-def _check_label_format(p: Path, ndim: int | None) -> None:
-    """Refuse a label file format that would lose labels: JPEG (lossy), PNG for a volume, an unknown suffix."""
+def _check_label_format(p: Path, ndim: int | None, dicom_source: bool = False) -> None:
+    """Refuse a label file format that would lose labels: JPEG (lossy), PNG for a volume, an unknown suffix, and
+    DICOM-SEG (.dcm) for an image that is not a DICOM series."""
     suffix = suffix_of(p)
+    if suffix in DICOM_SUFFIXES:
+        if not dicom_source:
+            raise ImageFormatError(f"{p.name}: a DICOM-SEG (.dcm) output references a DICOM series; this image is "
+                                   "not one, so use .nii.gz or .tif")
+        return
     if suffix in (".jpg", ".jpeg"):
         raise ImageFormatError(f"{p.name}: JPEG is lossy and would corrupt label values; save masks as PNG")
     if suffix not in LABEL_SUFFIXES:
@@ -91,7 +97,7 @@ def _check_label_format(p: Path, ndim: int | None) -> None:
 
 
 def check_label_path(path: str | os.PathLike[str], ndim: int | None = None, *, overwrite: bool = False,
-                     source: str | os.PathLike[str] | None = None) -> None:
+                     source: str | os.PathLike[str] | None = None, dicom_source: bool = False) -> None:
     """Refuse, before any work, a label path `write_labels` would refuse: its format (JPEG is lossy; PNG holds one
     2D slice), an existing file without `overwrite`, a folder that cannot be written, and (even with `overwrite`)
     the image the labels are made from.
@@ -99,11 +105,12 @@ def check_label_path(path: str | os.PathLike[str], ndim: int | None = None, *, o
     Args:
         ndim: 2 or 3 when known (a volume cannot go to PNG).
         source: the input image's path, when known.
+        dicom_source: the image is a DICOM series, so a `.dcm` path (a DICOM-SEG) is allowed.
     """
     from ..atomic import check_output_path
     if source is not None and Path(path).exists() and Path(path).resolve() == Path(source).resolve():
         raise ImageFormatError(f"{path} is the input image; write the labels to another file")
-    _check_label_format(Path(path), ndim)
+    _check_label_format(Path(path), ndim, dicom_source)
     check_output_path(path, overwrite)
 
 

@@ -36,10 +36,27 @@ def is_dicom_file(path: Path) -> bool:
 def read_dicom(path: Path) -> ImageRecord:
     """Read one DICOM series from a folder (or a single file) into a (Z, Y, X) float32 HU volume.
 
+    DICOM Segmentation objects in the folder (our own exports, say) are not part of the series and are skipped.
+
     Raises:
         ImageFormatError: no DICOM files, several series mixed, missing or irregular slices,
             slices of different size or orientation.
     """
+    try:
+        return _stack(*series_in_order(path, pixels=True), path)
+    except ImageFormatError:
+        raise
+    except Exception as e:
+        raise ImageFormatError(f"{path.name}: DICOM pixel data cannot be decoded ({str(e).splitlines()[0] if str(e) else e!r})") from e
+
+
+def is_segmentation(ds: Any) -> bool:
+    """Whether a dataset is a DICOM Segmentation (Modality SEG), not an image."""
+    return str(getattr(ds, "Modality", "")).upper() == "SEG"
+
+
+def _datasets(path: Path, pixels: bool) -> list[Any]:
+    """The image datasets of one series: a folder's DICOM files (Segmentation objects left out) or one file."""
     pydicom = _pydicom()
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
     datasets = []
@@ -47,9 +64,15 @@ def read_dicom(path: Path) -> ImageRecord:
         if path.is_dir() and not is_dicom_file(f) and f.suffix.lower() != ".dcm":
             continue
         try:
-            datasets.append(pydicom.dcmread(str(f)))
+            ds = pydicom.dcmread(str(f), stop_before_pixels=not pixels)
         except Exception as e:
             raise ImageFormatError(f"{f.name}: not a readable DICOM file ({str(e).splitlines()[0] if str(e) else e!r})") from e
+        if is_segmentation(ds):
+            if not path.is_dir():
+                raise ImageFormatError(f"{path.name}: is a DICOM Segmentation, not an image; open it as labels "
+                                       "(napari) or read it with read_dicom_seg")
+            continue
+        datasets.append(ds)
     if not datasets:
         raise ImageFormatError(f"{path.name}: no DICOM files found")
     series = Counter(str(getattr(ds, "SeriesInstanceUID", "?")) for ds in datasets)
@@ -57,19 +80,20 @@ def read_dicom(path: Path) -> ImageRecord:
         listing = ", ".join(f"{uid[-12:]} ({n} files)" for uid, n in series.most_common())
         raise ImageFormatError(f"{path.name}: {len(series)} DICOM series are mixed in one folder ({listing}); "
                                "put each series in its own folder")
-    try:
-        return _stack(datasets, path)
-    except ImageFormatError:
-        raise
-    except Exception as e:
-        raise ImageFormatError(f"{path.name}: DICOM pixel data cannot be decoded ({str(e).splitlines()[0] if str(e) else e!r})") from e
+    return datasets
 
 
-def _stack(datasets: list[Any], path: Path) -> ImageRecord:
+def series_in_order(path: Path, pixels: bool = False) -> tuple[list[Any], np.ndarray, float]:
+    """The datasets of the series at `path` in the order of the volume's slices (ascending along the slice
+    normal), their (Z, 3) ImagePositionPatient, and the slice spacing in mm. Without `pixels`, headers only.
+
+    Raises:
+        ImageFormatError: as `read_dicom`.
+    """
+    datasets = _datasets(path, pixels)
     first = datasets[0]
     iop = np.array(getattr(first, "ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), dtype=np.float64)
-    row_dir, col_dir = iop[:3], iop[3:]
-    normal = np.cross(row_dir, col_dir)
+    normal = np.cross(iop[:3], iop[3:])
     for ds in datasets:
         other = np.array(getattr(ds, "ImageOrientationPatient", iop), dtype=np.float64)
         if not np.allclose(other, iop, atol=1e-4):
@@ -91,6 +115,26 @@ def _stack(datasets: list[Any], path: Path) -> ImageRecord:
                                    f"but {steps[gaps[0]]:.2f} mm after slice {gaps[0]}); refusing to stack")
     else:
         step = float(getattr(first, "SliceThickness", 1.0) or 1.0)
+    return datasets, positions, step
+
+
+def series_geometry(first: Any, positions: np.ndarray, step: float) -> tuple[tuple[float, float, float], np.ndarray]:
+    """(Z, Y, X) spacing in mm and the RAS voxel-to-world affine of a series whose slices lie at `positions`
+    (Z, 3), ascending, `first` being any of its datasets (orientation and pixel spacing)."""
+    iop = np.array(getattr(first, "ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), dtype=np.float64)
+    row_dir, col_dir = iop[:3], iop[3:]
+    row_spacing, col_spacing = (float(v) for v in getattr(first, "PixelSpacing", [1.0, 1.0]))
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * col_spacing                               # x index walks along a row
+    lps[:3, 1] = col_dir * row_spacing                               # y index walks down the columns
+    lps[:3, 2] = ((positions[-1] - positions[0]) / (len(positions) - 1) if len(positions) > 1
+                  else np.cross(row_dir, col_dir) * step)
+    lps[:3, 3] = positions[0]
+    return (step, row_spacing, col_spacing), LPS_TO_RAS @ lps
+
+
+def _stack(datasets: list[Any], positions: np.ndarray, step: float, path: Path) -> ImageRecord:
+    first = datasets[0]
     rows, cols, frames = (int(getattr(first, k, 1) or 1) for k in ("Rows", "Columns", "NumberOfFrames"))
     check_allocation(path.name, len(datasets) * rows * cols * frames * (4 + 4 + 2),   # decoded, float32, stacked
                      f"decoding {len(datasets)} slice(s) of {rows}x{cols}", ImageFormatError)
@@ -103,13 +147,8 @@ def _stack(datasets: list[Any], path: Path) -> ImageRecord:
         intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
         slices.append(ds.pixel_array.astype(np.float32) * slope + intercept)
     volume = np.stack(slices)                                        # (Z, rows=Y, cols=X)
-    row_spacing, col_spacing = (float(v) for v in getattr(first, "PixelSpacing", [1.0, 1.0]))
-    lps = np.eye(4)
-    lps[:3, 0] = row_dir * col_spacing                               # x index walks along a row
-    lps[:3, 1] = col_dir * row_spacing                               # y index walks down the columns
-    lps[:3, 2] = (positions[-1] - positions[0]) / max(len(datasets) - 1, 1) if len(datasets) > 1 else normal * step
-    lps[:3, 3] = positions[0]
     check_pixels(volume, path.name)
+    spacing, affine = series_geometry(first, positions, step)
     modality = "ct" if str(getattr(first, "Modality", "")).upper() == "CT" else "gray"
-    return ImageRecord(data=volume, spacing=(step, row_spacing, col_spacing), affine=LPS_TO_RAS @ lps,
-                       dtype=str(first.pixel_array.dtype), path=path, modality=modality, source_format="dicom")
+    return ImageRecord(data=volume, spacing=spacing, affine=affine, dtype=str(first.pixel_array.dtype), path=path,
+                       modality=modality, source_format="dicom")

@@ -12,6 +12,11 @@ from ..errors import ImageFormatError
 
 # Layer-metadata key under which geometry travels through napari (JSON-ready values only).
 METADATA_KEY = "napari_daeformer"
+# Labels-layer metadata that readers, writers and widgets share (JSON-ready values).
+CLASSES_KEY = "class_names"
+COLORS_KEY = "class_colors"                   # "#rrggbb" per class, background first
+CHECKPOINT_KEY = "checkpoint"                 # file name of the checkpoint that made the labels
+CHECKPOINT_SHA_KEY = "checkpoint_sha256"
 
 
 @dataclass(frozen=True)

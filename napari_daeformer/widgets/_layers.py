@@ -8,14 +8,13 @@ import numpy as np
 
 from ..corrections import corrected_slices, touched_slices
 from ..io import METADATA_KEY, ImageRecord, geometry_from_metadata
-from ..io.record import default_affine
+from ..io.record import CHECKPOINT_KEY, CHECKPOINT_SHA_KEY, CLASSES_KEY, COLORS_KEY, default_affine
 
 if TYPE_CHECKING:
     import napari
 
 PREDICTION_KEY = "daeformer_prediction"      # the model's own output, kept to find the user's corrections
 TOUCHED_KEY = "daeformer_touched"            # slices (axis 0) the user painted, from the layer's paint events
-CLASSES_KEY = "class_names"
 
 
 def record_from_layer(layer: napari.layers.Image) -> ImageRecord:
@@ -31,13 +30,16 @@ def record_from_layer(layer: napari.layers.Image) -> ImageRecord:
 
 
 def labels_kwargs(image: napari.layers.Image, class_names: tuple[str, ...], colors: tuple[str, ...],
-                  prediction: np.ndarray, checkpoint_name: str) -> dict[str, Any]:
-    """Keyword arguments of a Labels layer that sits exactly on `image` and carries its geometry."""
+                  prediction: np.ndarray, checkpoint_name: str, checkpoint_sha256: str = "") -> dict[str, Any]:
+    """Keyword arguments of a Labels layer that sits exactly on `image` and carries its geometry, classes and the
+    checkpoint that made it (what a DICOM-SEG export records)."""
     spatial_ndim = prediction.ndim
     metadata = {
         PREDICTION_KEY: prediction,
         CLASSES_KEY: list(class_names),
-        "checkpoint": checkpoint_name,
+        COLORS_KEY: list(colors),
+        CHECKPOINT_KEY: checkpoint_name,
+        CHECKPOINT_SHA_KEY: checkpoint_sha256,
     }
     if METADATA_KEY in image.metadata:
         metadata[METADATA_KEY] = image.metadata[METADATA_KEY]

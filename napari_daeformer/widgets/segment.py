@@ -13,13 +13,14 @@ from napari.layers import Image, Labels
 from napari.utils.notifications import show_info, show_warning
 
 from ..bundled import bundled_model
-from ..checkpoint import Checkpoint, load_checkpoint
+from ..checkpoint import Checkpoint, file_sha256, load_checkpoint
 from ..corrections import corrected_slices, merge_slices
 from ..errors import DaeformerError, InferenceError
 from ..inference import Progress, Segmentation, check_compatible, image_warnings, segment
 from ..io import ImageRecord, geometry_from_metadata
+from ..io.record import CLASSES_KEY
 from ..volumes import class_measures, is_physical, measure_unit
-from ._layers import CLASSES_KEY, PREDICTION_KEY, TOUCHED_KEY, labels_kwargs, record_from_layer, track_edits
+from ._layers import PREDICTION_KEY, TOUCHED_KEY, labels_kwargs, record_from_layer, track_edits
 from ._workers import WorkerWidget, device_picker, failure_message, guarded, row
 
 if TYPE_CHECKING:
@@ -236,7 +237,8 @@ class SegmentWidget(WorkerWidget):
         empty = np.zeros(record.spatial_shape, np.uint8)
         card = checkpoint.card
         kwargs = labels_kwargs(image, card.class_names, card.class_colors, empty.copy(),
-                               checkpoint.path.name if checkpoint.path else "model")
+                               checkpoint.path.name if checkpoint.path else "model",
+                               file_sha256(checkpoint.path) if checkpoint.path else "")
         if record.rgb:
             kwargs["opacity"] = PHOTO_OPACITY
         layer = self.viewer.add_labels(empty, **kwargs)
