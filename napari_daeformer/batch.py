@@ -75,6 +75,8 @@ class FileResult:
     unit: str = ""
     checkpoint: str = ""
     checkpoint_sha256: str = ""
+    mean_entropy: float | None = None          # mean predictive entropy (nats) over the image: the model's doubt
+    uncertain_slice: int | None = None         # the slice (axis 0) with the highest mean entropy
 
 
 @dataclass(frozen=True)
@@ -193,6 +195,7 @@ def run_batch(job: BatchJob, *, rank: int = 0, world_size: int = 1,
     if job.output_dir.is_dir():
         remove_stale_temporaries(job.output_dir, recursive=True)
     models = _Models(job.model)
+    earlier = read_uncertainty(job.output_dir / SUMMARY)
     results: list[FileResult] = []
     compute = 0.0
     todo = []
@@ -201,7 +204,7 @@ def run_batch(job: BatchJob, *, rank: int = 0, world_size: int = 1,
         if isinstance(out, str):
             results.append(FileResult(str(source.relative_to(job.input_dir)), "", "failed", out))
         elif out.exists() and not job.overwrite:
-            results.append(_existing(job, source, out, models))
+            results.append(_existing(job, source, out, models, earlier))
         else:
             todo.append((source, out))
     done = len(results)
@@ -252,12 +255,13 @@ def run_batch(job: BatchJob, *, rank: int = 0, world_size: int = 1,
                 if isinstance(record, ImageFormatError):
                     raise record
                 ckpt, sha = models.for_record(record)
-                gen = segment(record, ckpt, device=job.device, precision=job.precision, batch_size=job.batch_size)
+                gen = segment(record, ckpt, device=job.device, precision=job.precision, batch_size=job.batch_size,
+                              slice_uncertainty=True)
                 while True:
                     try:
                         p: Progress = next(gen)
                     except StopIteration as finished:
-                        labels = finished.value.labels
+                        labels, per_slice = finished.value.labels, finished.value.slice_uncertainty
                         break
                     yield BatchProgress(done, total, rel, p.done, p.total)
                 compute += time.perf_counter() - t0
@@ -269,7 +273,8 @@ def run_batch(job: BatchJob, *, rank: int = 0, world_size: int = 1,
                 result = FileResult(rel, str(out.relative_to(job.output_dir)), "done", "", record.spatial_shape,
                                     record.spacing, time.perf_counter() - t0,
                                     class_measures(labels, record.spacing, ckpt.card.class_names, physical),
-                                    measure_unit(labels.ndim, physical), _ckpt_name(ckpt), sha)
+                                    measure_unit(labels.ndim, physical), _ckpt_name(ckpt), sha,
+                                    float(per_slice.mean()), int(per_slice.argmax()))
             except Exception as e:                            # one file's failure, whatever it is, never ends the run
                 result = FileResult(rel, "", "failed", _reason(e), seconds=time.perf_counter() - t0)
             pending.append((future, result))
@@ -295,8 +300,10 @@ def _ckpt_name(ckpt: Checkpoint) -> str:
     return ckpt.path.name if ckpt.path else "model"
 
 
-def _existing(job: BatchJob, source: Path, out: Path, models: _Models) -> FileResult:
-    """A finished output from an earlier run: measured from the file, not recomputed."""
+def _existing(job: BatchJob, source: Path, out: Path, models: _Models,
+              earlier: dict[str, tuple[float, int]]) -> FileResult:
+    """A finished output from an earlier run: measured from the file, not recomputed; its uncertainty is the earlier
+    run's (from its summary), or unknown."""
     rel, rel_out = str(source.relative_to(job.input_dir)), str(out.relative_to(job.output_dir))
     try:
         labels = read_image(out)
@@ -306,23 +313,47 @@ def _existing(job: BatchJob, source: Path, out: Path, models: _Models) -> FileRe
         physical = is_physical(labels.source_format, labels.spacing)
         return FileResult(rel, rel_out, "existing", "", tuple(data.shape), labels.spacing, 0.0,
                           class_measures(data.astype(np.int64), labels.spacing, ckpt.card.class_names, physical),
-                          measure_unit(data.ndim, physical), _ckpt_name(ckpt), sha)
+                          measure_unit(data.ndim, physical), _ckpt_name(ckpt), sha, *earlier.get(rel, (None, None)))
     except Exception as e:
         return FileResult(rel, rel_out, "failed", f"existing output unreadable: {_reason(e)}")
 
 
+def read_uncertainty(summary: Path) -> dict[str, tuple[float, int]]:
+    """input -> (mean entropy, most uncertain slice) from an earlier run's summary.csv; empty when there is none."""
+    try:
+        with open(summary, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return {}
+    found = {}
+    for row in rows:
+        try:
+            found[row["input"]] = (float(row["mean_entropy"]), int(row["most_uncertain_slice"]))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return found
+
+
+def ranked(results: list[FileResult]) -> list[FileResult]:
+    """Most uncertain first (highest mean entropy); files without a measure (failed) last, by name."""
+    return sorted(results, key=lambda r: (r.mean_entropy is None, -(r.mean_entropy or 0.0), r.input))
+
+
 def summary_csv(results: list[FileResult]) -> str:
-    """CSV text: one row per file with shape, spacing, seconds, per-class measures, checkpoint name and hash."""
+    """CSV text: one row per file with shape, spacing, seconds, uncertainty (mean predictive entropy in nats and the
+    most uncertain slice), per-class measures, checkpoint name and hash."""
     classes: list[str] = []
     for r in results:
         classes += [c for c in r.measures if c not in classes]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["input", "output", "status", "reason", "shape", "spacing_mm", "seconds", "unit",
-                     *classes, "checkpoint", "checkpoint_sha256"])
+    writer.writerow(["input", "output", "status", "reason", "shape", "spacing_mm", "seconds", "mean_entropy",
+                     "most_uncertain_slice", "unit", *classes, "checkpoint", "checkpoint_sha256"])
     for r in results:                                      # names as valid UTF-8 (\xNN for undecodable bytes)
         writer.writerow([printable(r.input), printable(r.output), r.status, printable(r.reason), "x".join(map(str, r.shape)),
-                         "x".join(f"{s:g}" for s in r.spacing), f"{r.seconds:.3f}", r.unit,
+                         "x".join(f"{s:g}" for s in r.spacing), f"{r.seconds:.3f}",
+                         "" if r.mean_entropy is None else f"{r.mean_entropy:.5f}",
+                         "" if r.uncertain_slice is None else r.uncertain_slice, r.unit,
                          *(f"{r.measures[c]:.3f}" if c in r.measures else "" for c in classes),
                          r.checkpoint, r.checkpoint_sha256])
     return out.getvalue()

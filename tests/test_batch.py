@@ -17,7 +17,7 @@ from napari_daeformer.app.cli import main
 from napari_daeformer.batch import BatchJob, list_inputs, run_batch
 from napari_daeformer.io import read_image, write_labels
 from napari_daeformer.io.nifti import write_nifti
-from napari_daeformer.sample_data import synthetic_ct, synthetic_skin
+from napari_daeformer.sample_data import shifted, synthetic_ct, synthetic_skin
 
 from .io.test_nifti_tiff_photo import oblique_affine
 
@@ -39,6 +39,40 @@ def make_folder(root: Path, volumes: int = 2) -> None:
 def _rows(path: Path) -> dict[str, dict[str, str]]:
     with open(path) as f:
         return {row["input"]: row for row in csv.DictReader(f)}
+
+
+def make_review_folder(root: Path) -> list[str]:
+    """Three phantoms as the bundled model knows them and three as other scanners give them; the shifted names."""
+    root.mkdir(parents=True)
+    for seed in (40, 41, 42):
+        write_nifti(root / f"phantom{seed}.nii.gz", synthetic_ct(seed=seed, shape=(10, 160, 160)).image, np.eye(4))
+    names = []
+    for seed, shift in zip((43, 44, 45), ("offset", "noise", "contrast")):
+        sample = shifted(synthetic_ct(seed=seed, shape=(10, 160, 160)), shift, seed=seed)
+        write_nifti(root / f"{shift}{seed}.nii.gz", sample.image, np.eye(4))
+        names.append(f"{shift}{seed}.nii.gz")
+    return names
+
+
+def test_rank_puts_shifted_scans_first(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    shifted_names = make_review_folder(tmp_path / "in")
+    out = tmp_path / "out"
+    assert main(["batch", str(tmp_path / "in"), str(out), "--device", "cpu", "--quiet", "--rank"]) == 0
+    with open(out / "summary.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    order = [r["input"] for r in rows]
+    assert set(order[:3]) == set(shifted_names), order                     # the other scanners' scans first
+    entropy = [float(r["mean_entropy"]) for r in rows]
+    assert entropy == sorted(entropy, reverse=True)
+    for r in rows:
+        assert 0 <= int(r["most_uncertain_slice"]) < 10
+    listing = capsys.readouterr().out
+    assert "most uncertain first" in listing and listing.index(order[0]) < listing.index(order[-1])
+    assert main(["batch", str(tmp_path / "in"), str(out), "--device", "cpu", "--quiet", "--rank"]) == 0   # resume
+    with open(out / "summary.csv", encoding="utf-8") as f:
+        again = list(csv.DictReader(f))
+    assert [r["status"] for r in again] == ["existing"] * 6
+    assert [(r["input"], r["mean_entropy"]) for r in again] == [(r["input"], r["mean_entropy"]) for r in rows]
 
 
 def test_mixed_folder(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]

@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="recompute files whose output exists")
     p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=None,
                    help="read the next file and write the last one during segmentation (default: on GPUs only)")
+    p.add_argument("--rank", action="store_true", help="order summary.csv by uncertainty (mean predictive entropy, "
+                   "highest first) and list the cases to review first")
+    p.add_argument("--rank-show", type=int, default=10, help="--rank: how many cases to list (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_batch)
 

@@ -130,7 +130,7 @@ def run_batch_command(args: argparse.Namespace) -> int:
 
     from napari_daeformer.distributed import barrier, init_from_env, shutdown
 
-    from ..batch import BatchJob, FileResult, run_batch, write_summary
+    from ..batch import BatchJob, FileResult, ranked, run_batch, write_summary
 
     info, device = init_from_env(args.device)
     job = BatchJob(args.input_dir, args.output_dir, tuple(args.pattern or ("**/*",)), args.format, args.model,
@@ -163,12 +163,19 @@ def run_batch_command(args: argparse.Namespace) -> int:
             results.sort(key=lambda r: r.input)
         else:
             results = summary.results
+        if args.rank:
+            results = ranked(results)
         out = write_summary(job, results)
     finally:
         shutdown(info)
     failures = [r for r in results if r.status == "failed"]
     counts = {s: sum(r.status == s for r in results) for s in ("done", "existing", "failed")}
     print(f"{counts['done']} segmented, {counts['existing']} already done, {counts['failed']} failed; summary: {out}")
+    if args.rank:
+        print("most uncertain first (mean predictive entropy, nats; slice to review):")
+        for r in results[:args.rank_show]:
+            if r.mean_entropy is not None:
+                print(f"  {r.mean_entropy:.4f}  {printable(r.input)}  slice {r.uncertain_slice}")
     if failures:
         print(f"daeformer batch: {len(failures)} file(s) failed:", file=sys.stderr)
         for r in failures:

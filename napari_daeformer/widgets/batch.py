@@ -11,7 +11,7 @@ from magicgui.widgets import CheckBox, ComboBox, FileEdit, Label, LineEdit, Prog
 from napari.utils.notifications import show_info, show_warning
 
 from .._reader import record_to_layer
-from ..batch import OUTPUT_FORMATS, BatchJob, BatchProgress, BatchSummary, FileResult, run_batch, write_summary
+from ..batch import OUTPUT_FORMATS, BatchJob, BatchProgress, BatchSummary, FileResult, ranked, run_batch, write_summary
 from ..bundled import BUNDLED, resolve_model
 from ..checkpoint import read_card
 from ..errors import DaeformerError, InferenceError
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 AUTO_MODEL = "bundled, by image kind (demo)"
 FILE_MODEL = "checkpoint file…"
-COLUMNS = ["file", "status", "seconds", "volumes / areas", "reason"]
+COLUMNS = ["file", "status", "uncertainty", "seconds", "volumes / areas", "reason"]
 FAILED_COLOUR = "#e0605a"
 
 
@@ -67,18 +67,26 @@ class BatchWidget(WorkerWidget):
         self._files_bar = ProgressBar(label="files", value=0, min=0, max=1)
         self._slices_bar = ProgressBar(label="current file", value=0, min=0, max=1)
         self._table = Table(value={"data": [], "index": [], "columns": COLUMNS}, label="finished")
+        self._rank = CheckBox(label="most uncertain first", value=True,
+                              tooltip="Order the table by uncertainty (mean predictive entropy): the cases the model "
+                                      "is least sure of, to review first")
         self._open = PushButton(text="Open selected pair", tooltip="Add the selected image and its labels to the viewer")
+        self._next_case = PushButton(text="Open next uncertain case", enabled=False,
+                                     tooltip="Open the most uncertain case not opened yet, at its most uncertain slice")
         self._status = self._wrap(Label(value=""))
         self.extend([self._input, self._output, self._model, self._file, self._pattern, self._format, self._device,
-                     self._overwrite, row(self._run, self._cancel), self._files_bar, self._slices_bar, self._table,
-                     self._open, self._status])
+                     self._overwrite, row(self._run, self._cancel), self._files_bar, self._slices_bar, self._rank,
+                     self._table, row(self._open, self._next_case), self._status])
         self._tidy()
         self._model.changed.connect(lambda v: setattr(self._file, "visible", v == FILE_MODEL))
         self._run.clicked.connect(self._start)
         self._cancel.clicked.connect(self.cancel)
         self._open.clicked.connect(lambda: self.open_selected())        # clicked's `False` is no row
+        self._next_case.clicked.connect(self.open_next_uncertain)
+        self._rank.changed.connect(lambda _: self._show_table())
         self._cancel_event = threading.Event()
         self.results: list[FileResult] = []
+        self.opened: set[str] = set()                                    # inputs opened by "next uncertain case"
         self.job: BatchJob | None = None
 
     def _make_job(self) -> BatchJob:
@@ -98,7 +106,8 @@ class BatchWidget(WorkerWidget):
         except DaeformerError as e:
             self.report(str(e))
             return
-        self.results = []
+        self.results, self.opened = [], set()
+        self._next_case.enabled = False
         self._table.value = {"data": [], "index": [], "columns": COLUMNS}
         self._cancel_event.clear()
         self._status.value = "Running…"
@@ -115,15 +124,18 @@ class BatchWidget(WorkerWidget):
             self._show_table()
 
     def _show_table(self) -> None:
-        """One row per file: seconds to one decimal, per-class volumes (or areas), the reason in full as a
-        tooltip, failed rows in red."""
+        """One row per file (most uncertain first when ranking): mean predictive entropy, seconds to one decimal,
+        per-class volumes (or areas), the reason in full as a tooltip, failed rows in red."""
         from qtpy.QtGui import QColor
 
-        rows = [[r.input, r.status, f"{r.seconds:.1f}", _measures_text(r), r.reason] for r in self.results]
+        if self._rank.value:
+            self.results = ranked(self.results)
+        rows = [[r.input, r.status, "" if r.mean_entropy is None else f"{r.mean_entropy:.4f}", f"{r.seconds:.1f}",
+                 _measures_text(r), r.reason] for r in self.results]
         self._table.value = {"data": rows, "index": list(range(len(rows))), "columns": COLUMNS}
         table = self._table.native
         for i, (r, cells) in enumerate(zip(self.results, rows)):
-            tip = r.reason or cells[3] or r.input
+            tip = r.reason or cells[4] or r.input
             for j in range(len(COLUMNS)):
                 item = table.item(i, j)
                 if item is None:
@@ -137,6 +149,7 @@ class BatchWidget(WorkerWidget):
     def _finish(self, summary: BatchSummary, csv_path: Path) -> None:
         self.results = list(summary.results)
         self._show_table()
+        self._next_case.enabled = any(r.mean_entropy is not None for r in self.results)
         failed = len(summary.failures)
         cancelled = self._cancel_event.is_set()
         self._status.value = (f"{'Cancelled after the current file. ' if cancelled else ''}"
@@ -165,6 +178,22 @@ class BatchWidget(WorkerWidget):
         if chosen is None or chosen not in finished or self.job is None:
             self.report("select a finished file in the table first")
             return
+        self.open_case(chosen)
+
+    def open_next_uncertain(self) -> None:
+        """Open the most uncertain finished case not opened this way yet, at its most uncertain slice."""
+        waiting = [r for r in ranked(self.results) if r.mean_entropy is not None and r.input not in self.opened]
+        if not waiting:
+            self.report("every ranked case has been opened; run the batch again to rank new ones")
+            return
+        self.opened.add(waiting[0].input)
+        self.open_case(waiting[0])
+        self._status.value = (f"Opened {waiting[0].input} (mean entropy {waiting[0].mean_entropy:.4f}), slice "
+                              f"{waiting[0].uncertain_slice}; {len(waiting) - 1} more to review.")
+
+    def open_case(self, chosen: FileResult) -> None:
+        """Add a finished file's image and labels to the viewer, showing its most uncertain slice when known."""
+        assert self.job is not None
         try:
             record = read_image(self.job.input_dir / chosen.input)
             labels = read_image(self.job.output_dir / chosen.output)
@@ -176,4 +205,9 @@ class BatchWidget(WorkerWidget):
         card = read_card(resolve_model(self.job.model, "skin" if record.rgb else "ct"))
         prediction = labels.data.astype("uint8", copy=False)
         self.viewer.add_labels(prediction, **{**labels_kwargs(image, card.class_names, card.class_colors, prediction,
-                                                               chosen.checkpoint), "name": f"{image.name} labels"})
+                                                               chosen.checkpoint, chosen.checkpoint_sha256),
+                                              "name": f"{image.name} labels"})
+        if chosen.uncertain_slice is not None and prediction.ndim == 3:
+            step = list(self.viewer.dims.current_step)
+            step[-3] = chosen.uncertain_slice
+            self.viewer.dims.current_step = tuple(step)

@@ -9,7 +9,7 @@ import pytest
 
 from napari_daeformer.io import read_image
 
-from ..test_batch import make_folder
+from ..test_batch import make_folder, make_review_folder
 
 pytestmark = pytest.mark.gui
 
@@ -34,9 +34,10 @@ def test_folder_with_status_table_and_open(make_napari_viewer, qtbot, tmp_path: 
     assert statuses["photos/lesion1.png"] == "done" and len(table) == 6
     assert (out / "summary.csv").exists() and "2 failed" in widget._status.value
     failed = [r[1] for r in table].index("failed")
-    reason = widget._table.native.item(failed, 4)
+    reason = widget._table.native.item(failed, 5)
     assert reason.toolTip() and reason.foreground().color().name() == "#e0605a"      # full reason, red row
-    assert any(str(r[3]).endswith("mL") for r in table) and all(str(r[2]).count(".") == 1 for r in table)
+    assert any(str(r[4]).endswith("mL") for r in table) and all(str(r[3]).count(".") == 1 for r in table)
+    assert [r[1] for r in table][-2:] == ["failed", "failed"]            # ranked: failed files (no measure) last
     widget._table.native.selectRow([r[0] for r in table].index("ct0.nii.gz"))
     widget._open.clicked()                                              # the button, with the table's selection
     assert [layer.name for layer in viewer.layers] == ["ct0", "ct0 labels"]
@@ -58,3 +59,20 @@ def test_cancel_after_current_file(make_napari_viewer, qtbot, tmp_path: Path) ->
         assert read_image(out / name).data.shape == (6, 80, 80)          # finished outputs are complete
     assert "Cancelled" in widget._status.value
     assert np.all([row[1] in ("done", "failed") for row in widget._table.value["data"]])
+
+
+def test_open_next_uncertain_case(make_napari_viewer, qtbot, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    shifted = make_review_folder(tmp_path / "in")
+    viewer, widget = _widget(make_napari_viewer, tmp_path / "in", tmp_path / "out")
+    widget._run.clicked()
+    qtbot.waitUntil(lambda: not widget.running, timeout=180_000)
+    table = widget._table.value["data"]
+    assert {row[0] for row in table[:3]} == set(shifted)                  # the other scanners' scans on top
+    assert [float(row[2]) for row in table] == sorted((float(row[2]) for row in table), reverse=True)
+    widget._next_case.clicked()
+    first = widget.results[0]
+    assert [layer.name for layer in viewer.layers] == [first.input.split(".")[0], f"{first.input.split('.')[0]} labels"]
+    assert viewer.dims.current_step[0] == first.uncertain_slice
+    widget._next_case.clicked()                                           # then the next one down the list
+    assert viewer.layers[-1].name == f"{widget.results[1].input.split('.')[0]} labels"
+    assert "4 more to review" in widget._status.value
