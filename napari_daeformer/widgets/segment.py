@@ -12,6 +12,7 @@ from magicgui.widgets import CheckBox, ComboBox, FileEdit, FloatSpinBox, Label, 
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_info, show_warning
 
+from ..autosave import ENV_FOLDER, USER_FOLDER, default_folder, find_session, image_key, load_session
 from ..bundled import bundled_model
 from ..checkpoint import Checkpoint, file_sha256, load_checkpoint
 from ..corrections import corrected_slices, merge_slices
@@ -21,7 +22,8 @@ from ..io import ImageRecord, geometry_from_metadata
 from ..io.record import CLASSES_KEY
 from ..volumes import class_measures, is_physical, measure_unit
 from ._layers import PREDICTION_KEY, TOUCHED_KEY, labels_kwargs, record_from_layer, track_edits
-from ._workers import WorkerWidget, device_picker, failure_message, guarded, row
+from ._workers import WorkerWidget, collapsible, device_picker, failure_message, guarded, row
+from .autosave import Autosaver
 
 if TYPE_CHECKING:
     import napari
@@ -88,9 +90,18 @@ class SegmentWidget(WorkerWidget):
         self._next = PushButton(text="Next uncertain slice", enabled=False,
                                 tooltip="Jump to the slice with the highest mean predictive entropy not yet visited")
         self._status = self._wrap(Label(value="Demonstration models: trained on synthetic data, not for clinical use."))
-        self.extend([self._image, self._model, self._file, self._device, self._axis, self._lower, self._upper,
-                     self._batch, self._mode, self._target, self._uncertain, row(self._run, self._cancel),
-                     self._progress, self._next, self._status])
+        self._autosave_dir = FileEdit(label="autosave folder", mode="d",
+                                      tooltip="Where corrections are saved while you paint (empty: beside the image "
+                                      f"file, else {USER_FOLDER}; ${ENV_FOLDER} overrides)")
+        self._restore_info = self._wrap(Label(value="", visible=False))
+        self._restore = PushButton(text="Restore corrections", visible=False,
+                                   tooltip="Bring back the labels, the corrected slices and the model of the session "
+                                           "autosaved for this image")
+        self._discard = PushButton(text="Discard", visible=False, tooltip="Delete the autosaved session of this image")
+        self.extend([self._image, self._model, self._file, self._device, self._lower, self._upper, self._mode,
+                     self._target, collapsible("More settings", [self._axis, self._batch, self._autosave_dir]),
+                     row(self._run, self._cancel), self._progress, row(self._uncertain, self._next), self._restore_info,
+                     row(self._restore, self._discard), self._status])
         self._tidy()
         self._image.changed.connect(self._image_changed)
         self._model.changed.connect(self._model_changed)
@@ -100,12 +111,18 @@ class SegmentWidget(WorkerWidget):
         self._run.clicked.connect(self._start)
         self._cancel.clicked.connect(self.cancel)
         self._next.clicked.connect(self._jump_to_uncertain)
+        self._restore.clicked.connect(self.restore_session)
+        self._discard.clicked.connect(self._discard_session)
+        self.viewer.layers.events.removed.connect(self._layer_removed)
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             event.connect(lambda _: self.reset_choices())
         self._cancel_event = threading.Event()
         self._checkpoint: Checkpoint | None = None
         self._uncertain_order: list[int] = []
         self._model_chosen = False            # set once the user picks a model: then never switched for them
+        self.autosavers: dict[str, Autosaver] = {}      # labels layer's unique_id -> its autosaver
+        self._session: tuple[Image, Path] | None = None  # the image and its autosaved session on offer
+        self._keys: dict[str, tuple[Any, str]] = {}       # image layer unique_id -> (its data, image_key)
         self._model_changed()
         self._image_changed(self._image.value)
 
@@ -126,6 +143,93 @@ class SegmentWidget(WorkerWidget):
             fitting = next(name for name, k in BUNDLED_CHOICES.items() if k == kind)
             if self._model.value != fitting:
                 self._model.value = fitting
+
+        self._offer_restore(layer)
+
+    # ---- autosave and restore ------------------------------------------------------------------------
+    def autosave_folders(self, image: Image) -> list[Path]:
+        """Where this image's sessions are written (first) and looked for."""
+        chosen = str(self._autosave_dir.value)
+        source = (geometry_from_metadata(image.metadata) or {}).get("source_path") or (
+            str(image.source.path) if image.source.path else None)
+        first = Path(chosen) if chosen not in ("", ".") else default_folder(source)
+        return list(dict.fromkeys([first, default_folder(source), USER_FOLDER]))
+
+    def _offer_restore(self, image: Image | None) -> None:
+        """Offer the autosaved session of `image`, if there is one (and its labels are not in the viewer already)."""
+        self._session = None
+        found = None
+        if image is not None:
+            key = self._image_key(image)
+            if not any(a.image_key == key and a.layer in self.viewer.layers for a in self.autosavers.values()):
+                found = find_session(self.autosave_folders(image), key)
+        text = ""
+        if found is not None:
+            try:
+                text = f"Autosaved corrections for {image.name}: {load_session(found).describe()}."
+                self._session = (image, found)
+            except DaeformerError as e:
+                text = f"An autosaved session for {image.name} cannot be read: {e}"
+        self._restore_info.value = text
+        self._restore_info.visible = bool(text)
+        self._restore.visible = self._session is not None
+        self._discard.visible = found is not None
+
+    def _image_key(self, image: Image) -> str:
+        """`image_key` of the layer's pixels, computed once per data array."""
+        cached = self._keys.get(image.unique_id)
+        if cached is None or cached[0] is not image.data:
+            cached = (image.data, image_key(np.asarray(image.data)))
+            self._keys[image.unique_id] = cached
+        return cached[1]
+
+    def restore_session(self) -> Labels | None:
+        """Add the offered session's labels as a new layer on its image: corrected slices, prediction and model kept;
+        autosaving goes on from there."""
+        if self._session is None:
+            return None
+        image, path = self._session
+        try:
+            session = load_session(path)
+            if session.labels.shape != tuple(np.shape(image.data)[:session.labels.ndim]):
+                raise DaeformerError(f"its labels {session.labels.shape} do not fit {image.name}")
+        except DaeformerError as e:
+            self.report(f"cannot restore: {e}")
+            return None
+        prediction = session.prediction if session.prediction is not None else np.zeros_like(session.labels)
+        kwargs = labels_kwargs(image, tuple(session.class_names), tuple(session.class_colors), prediction,
+                               session.checkpoint, session.checkpoint_sha256)
+        kwargs["name"] = session.layer_name
+        if session.prediction is None:
+            kwargs["metadata"].pop(PREDICTION_KEY)
+        layer = self.viewer.add_labels(session.labels, **kwargs)
+        track_edits(layer)
+        layer.metadata[TOUCHED_KEY].update(session.touched)
+        self._autosave(layer, image, path.parent)
+        self._restore_info.value = f"Restored {session.describe()}."
+        self._restore.visible = self._discard.visible = False
+        self._session = None
+        show_info(f"DAE-Former: restored the autosaved corrections of {image.name}")
+        return layer
+
+    def _discard_session(self) -> None:
+        if self._session is not None:
+            self._session[1].unlink(missing_ok=True)
+        self._offer_restore(None)
+
+    def _autosave(self, layer: Labels, image: Image, folder: Path | None = None) -> None:
+        """Save `layer` now and whenever the user pauses painting."""
+        if layer.unique_id in self.autosavers:
+            self.autosavers[layer.unique_id].save_now()
+            return
+        saver = Autosaver(layer, image.name, self._image_key(image), folder or self.autosave_folders(image)[0])
+        self.autosavers[layer.unique_id] = saver
+        saver.save_now()
+
+    def _layer_removed(self, event: Any) -> None:
+        saver = self.autosavers.pop(event.value.unique_id, None)
+        if saver is not None:
+            saver.close()
 
     def _model_picked(self, _: int) -> None:
         self._model_chosen = True
@@ -292,6 +396,9 @@ class SegmentWidget(WorkerWidget):
             self._uncertain_order = [int(i) for i in np.argsort(-result.slice_uncertainty)]
             self._next.enabled = True
         self.last_result = result
+        image = self._image.value
+        if isinstance(image, Image):
+            self._autosave(layer, image)
         show_info(f"DAE-Former: segmented {layer.name}")
 
     @staticmethod

@@ -1,0 +1,113 @@
+"""Corrections survive a killed napari: a viewer process painted in is SIGKILLed, a new viewer restores its work."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_daeformer.autosave import ENV_FOLDER, Session, find_session, image_key, load_session, save_session
+from napari_daeformer.sample_data import synthetic_ct
+from napari_daeformer.widgets._layers import PREDICTION_KEY, edited_slices
+
+pytestmark = pytest.mark.gui
+
+PAINTED = (2, 5, 8)
+SHAPE = (12, 96, 96)
+
+PAINTER = """
+import sys, time
+import numpy as np
+import napari
+from qtpy.QtWidgets import QApplication
+from napari_daeformer.autosave import load_session
+from napari_daeformer.sample_data import synthetic_ct
+
+viewer = napari.Viewer(show=False)
+sample = synthetic_ct(seed=3, shape=%(shape)r)
+viewer.add_image(sample.image, name="CT", scale=sample.spacing)
+_, widget = viewer.window.add_plugin_dock_widget("napari-daeformer", "Segment with DAE-Former")
+app = QApplication.instance()
+
+def wait(condition, seconds=120):
+    end = time.time() + seconds
+    while not condition():
+        app.processEvents()
+        time.sleep(0.02)
+        if time.time() > end:
+            sys.exit("timed out")
+
+widget._run.clicked()
+wait(lambda: not widget.running and "CT DAE-Former" in viewer.layers)
+layer = viewer.layers["CT DAE-Former"]
+layer.n_edit_dimensions = 2
+layer.brush_size = 9
+for z in %(painted)r:                                  # three strokes, one per slice, as a user paints
+    viewer.dims.set_current_step(0, z)
+    layer.paint((z, 48, 20 + 3 * z), 4)
+saver = next(iter(widget.autosavers.values()))
+wait(lambda: saver.path.exists() and load_session(saver.path).touched == list(%(painted)r)
+     and not saver.timer.isActive() and saver.pending.done())
+np.save(sys.argv[1], np.asarray(layer.data))
+print("SAVED", flush=True)
+time.sleep(600)
+"""
+
+
+def test_killed_viewer_loses_no_correction(make_napari_viewer, qtbot, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv(ENV_FOLDER, str(tmp_path / "autosave"))
+    expected = tmp_path / "painted.npy"
+    child = subprocess.Popen([sys.executable, "-c", PAINTER % {"shape": SHAPE, "painted": PAINTED}, str(expected)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    saved = False
+    try:
+        for line in child.stdout:                          # type: ignore[union-attr]  # napari's notices come first
+            if line.strip() == "SAVED":
+                saved = True
+                break
+    finally:
+        child.send_signal(signal.SIGKILL)                  # napari killed: no chance to save anything more
+        child.wait(timeout=30)
+    assert saved, child.stderr.read()[-3000:]              # type: ignore[union-attr]
+    assert child.returncode == -signal.SIGKILL
+    painted = np.load(expected)
+
+    viewer = make_napari_viewer()
+    sample = synthetic_ct(seed=3, shape=SHAPE)
+    viewer.add_image(sample.image, name="CT", scale=sample.spacing)       # the same image, opened again
+    _, widget = viewer.window.add_plugin_dock_widget("napari-daeformer", "Segment with DAE-Former")
+    assert "3 corrected slices" in widget._restore_info.value, widget._restore_info.value
+    assert not widget._restore.native.isHidden()                         # the offer: Restore (and Discard)
+    widget._restore.clicked()
+    layer = viewer.layers["CT DAE-Former"]
+    assert np.array_equal(layer.data, painted)                            # every stroke is back
+    assert np.flatnonzero(edited_slices(layer)).tolist() == list(PAINTED)  # and which slices were corrected
+    assert layer.metadata["checkpoint"] == "ct_small.safetensors"
+    assert not np.array_equal(layer.metadata[PREDICTION_KEY], painted)
+    assert widget._restore.native.isHidden()
+
+    layer.data_setitem((np.array([10]), np.array([5]), np.array([5])), 3)   # painting goes on being saved
+    saver = widget.autosavers[layer.unique_id]
+    qtbot.waitUntil(lambda: not saver.timer.isActive() and saver.pending is not None and saver.pending.done()
+                    and 10 in load_session(saver.path).touched, timeout=20_000)
+
+
+def test_session_file_round_trip_and_damage(tmp_path: Path) -> None:
+    labels = np.zeros((4, 8, 8), np.uint8)
+    labels[1, 2:4, 2:4] = 3
+    key = image_key(np.arange(24).reshape(2, 3, 4))
+    assert key == image_key(np.arange(24).reshape(2, 3, 4)) != image_key(np.arange(24).reshape(3, 2, 4))
+    path = save_session(tmp_path / f".ct-{key[:16]}.daeformer-session.npz",
+                        Session(key, "ct", "ct DAE-Former", labels, np.zeros_like(labels), [1], "m.safetensors"))
+    assert find_session([tmp_path / "missing", tmp_path], key) == path
+    back = load_session(path)
+    assert np.array_equal(back.labels, labels) and back.touched == [1] and back.corrected().tolist() == [0, 1, 0, 0]
+    path.write_bytes(path.read_bytes()[:100])                             # a torn file: one clear error
+    with pytest.raises(Exception, match="not a readable autosaved session"):
+        load_session(path)
