@@ -18,13 +18,14 @@ from __future__ import annotations
 import copy
 from collections.abc import Generator, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from napari_daeformer.agreement import PROVENANCE_KEY, Agreement, as_provenance, history, measure, merged
 from napari_daeformer.checkpoint import Checkpoint, ModelCard
 from napari_daeformer.devices import resolve_device
 from napari_daeformer.errors import TrainingError
@@ -83,12 +84,18 @@ class Pair:
         image: ([Z,] Y, X) or (Y, X, 3).
         labels: ([Z,] Y, X) integer.
         slices: (S,) bool, the corrected slices (a 2D image is one slice).
+        proposal: the model's own labels before the user corrected them, when known: its agreement with `labels`
+            is recorded per model version (`napari_daeformer.agreement`).
+        proposed_by, proposed_by_sha256: the checkpoint (file name, hash) that made `proposal`.
     """
 
     name: str
     image: np.ndarray
     labels: np.ndarray
     slices: np.ndarray
+    proposal: np.ndarray | None = None
+    proposed_by: str = ""
+    proposed_by_sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -122,6 +129,7 @@ class FinetuneResult:
     uncorrected_slices: int
     train_slices: int
     holdout_slices: int
+    agreement: list[Agreement] = field(default_factory=list)   # this run's cases: proposal vs the user's labels
 
     @property
     def headline(self) -> str:
@@ -357,7 +365,10 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
         changed_voxels = sum(int((_predict(model, u.x, u.size, device)[0] != u.labels).sum()) for u in uncorrected)
         changed = changed_voxels / sum(u.labels.size for u in uncorrected)
     n_hold = sum(len(h.labels) for h in holdout)
+    agreement = [measure(p.name, p.proposed_by or "unknown model", p.proposed_by_sha256, p.proposal, p.labels, n_classes)
+                 for p in pairs if p.proposal is not None and p.proposal.shape == p.labels.shape]
     new_card = card.with_provenance(
+        **{PROVENANCE_KEY: as_provenance(merged(history(card.provenance), agreement))},
         parent=str(parent.path) if parent.path else None, finetuned_slices=n_train, holdout_slices=n_hold,
         finetune_settings=asdict(settings), finetune_best_step=best_step,
         holdout_dice_before=None if before is None else round(before, 4),
@@ -365,7 +376,7 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
         changed_uncorrected=None if changed is None else round(changed, 5))
     candidate = Checkpoint(model.cpu(), new_card)
     return FinetuneResult(candidate if improved else parent, candidate, before, after, improved, best_step, changed,
-                          sum(len(u.labels) for u in uncorrected), n_train, n_hold)
+                          sum(len(u.labels) for u in uncorrected), n_train, n_hold, agreement)
 
 
 def next_version_path(parent: str | None, folder: str | None = None) -> str:

@@ -14,13 +14,16 @@ import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, FileEdit, FloatSpinBox, Label, ProgressBar, PushButton, SpinBox
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_info
+from qtpy.QtWidgets import QTabWidget
 
 from training.finetune import FinetuneProgress, FinetuneResult, FinetuneSettings, Pair, check_pairs, finetune, next_version_path
 
+from ..agreement import VersionAgreement, by_version, history, measure, merged
 from ..bundled import MODELS_DIR
-from ..checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ..checkpoint import Checkpoint, ModelCard, load_checkpoint, read_card, save_checkpoint
 from ..errors import DaeformerError, TrainingError
-from ._layers import edited_slices, track_edits
+from ..io.record import CHECKPOINT_KEY, CHECKPOINT_SHA_KEY
+from ._layers import PREDICTION_KEY, edited_slices, track_edits
 from ._workers import WorkerWidget, collapsible, device_picker, failure_message, guarded, holder, row
 from .segment import SegmentWidget
 
@@ -114,6 +117,51 @@ class LossPlot:
         self.canvas.draw_idle()
 
 
+class AgreementPlot:
+    """Agreement between the model's proposals and the user's final labels, per model version of the lineage:
+    mean Dice (dots) and the share of slices the user changed (squares), versions on x."""
+
+    def __init__(self, theme: str = "dark") -> None:
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+        from napari.utils.theme import get_theme
+
+        colours = get_theme(theme)
+        self.background, self.text = colours.background.as_hex(), colours.text.as_hex()
+        self.highlight = colours.current.as_hex()
+        self.figure = Figure(figsize=(3.4, 1.5), dpi=90, tight_layout=True, facecolor=self.background)
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumHeight(130)
+        self.axes = self.figure.add_subplot(111)
+        self.versions: list[VersionAgreement] = []
+        self.show([])
+
+    def show(self, versions: list[VersionAgreement]) -> None:
+        self.versions = versions
+        ax = self.axes
+        ax.clear()
+        ax.set_facecolor(self.background)
+        ax.tick_params(labelsize=7, colors=self.text)
+        for spine in ax.spines.values():
+            spine.set_color(self.text)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("agreement", fontsize=9, color=self.text)
+        if not versions:
+            ax.text(0.5, 0.5, "Dice of each proposal with your final labels,\nper model version, appears here",
+                    ha="center", va="center", transform=ax.transAxes, fontsize=8, color=self.text)
+            ax.set_xticks([])
+        else:
+            x = range(len(versions))
+            ax.plot(x, [v.dice for v in versions], "o-", color=self.highlight, markersize=4, linewidth=1, label="Dice")
+            ax.plot(x, [v.slices_changed for v in versions], "s--", color=self.text, markersize=3, linewidth=1,
+                    label="slices changed")
+            ax.set_xticks(list(x), [v.version.removesuffix(".safetensors").split(" (")[0][-18:] for v in versions],
+                          fontsize=7)
+            ax.set_xlim(-0.5, len(versions) - 0.5)
+            ax.legend(fontsize=7, loc="lower left", frameon=False, labelcolor=self.text)
+        self.canvas.draw_idle()
+
+
 class FinetuneWidget(WorkerWidget):
     """Pairs of (image, corrected labels) in, a new checkpoint version out, loaded into the Segment widget."""
 
@@ -155,7 +203,14 @@ class FinetuneWidget(WorkerWidget):
         self._revert = PushButton(text="Revert model", enabled=False,
                                   tooltip="Give the Segment widget its starting (parent) model again")
         self.plot = LossPlot(str(self.viewer.theme))
-        plot = holder(self.plot.canvas, "Training loss per step; held-out Dice at each scoring (right axis)")
+        self.agreement_plot = AgreementPlot(str(self.viewer.theme))
+        self.tabs = QTabWidget()
+        self.tabs.addTab(self.plot.canvas, "Training")
+        self.tabs.addTab(self.agreement_plot.canvas, "Agreement per version")
+        self.tabs.setTabToolTip(1, "Is the model good enough yet: Dice between each model version's proposals and "
+                                   "your final labels, and the share of slices you changed")
+        plot = holder(self.tabs, "Training: loss per step and held-out Dice at each scoring (right axis). Agreement: "
+                                 "how much of each model version's proposals you kept")
         self.extend([self._image, self._corrected, row(self._add, self._clear), self._pairs_info,
                      collapsible("Settings", [self._steps, self._lr, self._protect, self._parts, self._augment,
                                               self._device, self._save_to, self._overwrite]),
@@ -204,14 +259,28 @@ class FinetuneWidget(WorkerWidget):
             n = int(edited_slices(labels).sum()) if labels in self.viewer.layers else 0
             lines.append(f"{image.name} + {labels.name}: {n} corrected slice{'s' if n != 1 else ''}")
         self._pairs_info.value = "<br>".join(lines) or "No pairs yet."
+        self.show_agreement()
+
+    def show_agreement(self, card: ModelCard | None = None) -> None:
+        """Plot the lineage's agreement (from `card`, default the Segment widget's model) with the current pairs'."""
+        try:
+            card = card or read_card(self.segment_widget().checkpoint_path())
+        except DaeformerError:
+            return
+        current = [measure(p.name, p.proposed_by or "unknown model", p.proposed_by_sha256, p.proposal, p.labels,
+                           card.config.num_classes)
+                   for p in self._collect() if p.proposal is not None and p.proposal.shape == p.labels.shape]
+        self.agreement_plot.show(by_version(merged(history(card.provenance), current)))
 
     def _collect(self) -> list[Pair]:
         pairs = self.pairs or ([(self._image.value, self._corrected.value)]
                                if self._image.value is not None and self._corrected.value is not None else [])
         collected = []
         for image, labels in pairs:
-            collected.append(Pair(f"{image.name} + {labels.name}", np.asarray(image.data), np.asarray(labels.data),
-                                  edited_slices(labels)))
+            meta = labels.metadata
+            collected.append(Pair(image.name, np.asarray(image.data), np.asarray(labels.data), edited_slices(labels),
+                                  meta.get(PREDICTION_KEY), str(meta.get(CHECKPOINT_KEY, "")),
+                                  str(meta.get(CHECKPOINT_SHA_KEY, ""))))
         return collected
 
     # ---- running -------------------------------------------------------------------------------------
@@ -278,6 +347,7 @@ class FinetuneWidget(WorkerWidget):
             self._use(path)
             show_info(f"DAE-Former: fine-tuned model saved as {path}")
         self._status.value = "<br>".join(lines)
+        self.show_agreement(result.candidate.card)
 
     def _use(self, path: Path) -> None:
         self.new_path = path

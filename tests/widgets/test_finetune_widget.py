@@ -68,9 +68,20 @@ def test_finetune_improves_held_out_dice(session, weak_ckpt: Path, qtbot) -> Non
     assert segment.checkpoint_path() == tune.new_path                 # loaded into the Segment widget
     assert len(tune.plot.losses) == 30
     assert tune.plot.axes.get_xlim() == (0, 30) == tune.plot.dice_axes.get_xlim()   # the whole run is in view
+    (first,) = card.provenance["agreement"]                           # the weak model's proposal vs the corrections
+    assert first["case"] == "CT" and first["model"] == "weak.safetensors" and first["slices_changed"] == pytest.approx(5 / 24, abs=1e-4)
+    assert 0 < first["dice"] < 1 and len(first["model_sha256"]) == 64
     tune._resegment.clicked()
     qtbot.waitUntil(lambda: not segment.running, timeout=120_000)
     assert len([x for x in viewer.layers if "DAE-Former" in x.name]) == 2
+    again = viewer.layers[-1]                                         # the fine-tuned model's proposal, corrected
+    _correct(again, sample.labels, [6, 9, 12, 15, 18])
+    tune._clear.clicked()
+    tune._image.value, tune._corrected.value = viewer.layers["CT"], again
+    tune._add.clicked()
+    versions = tune.agreement_plot.versions                           # is the model good enough yet: one point each
+    assert [v.version.split(" (")[0] for v in versions] == ["weak.safetensors", tune.new_path.name]
+    assert versions[1].dice > versions[0].dice                        # the user kept more of the new proposal
     tune._revert.clicked()
     assert segment.checkpoint_path() == weak_ckpt
 
