@@ -69,6 +69,20 @@ def ct_scenes(tmp: Path) -> None:
     wait(lambda: not segment.running)
     viewer.dims.set_current_step(0, 30)
     save(viewer, "ct_segment.png")
+    labels = viewer.layers["abdomen DAE-Former"]
+    yy, xx = np.mgrid[80:100, 60:80]
+    for z in (24, 30):                                  # two slices painted, then napari "crashes" (closed)
+        labels.data_setitem((np.full(yy.size, z), yy.ravel(), xx.ravel()), 4)
+    saver = next(iter(segment.autosavers.values()))
+    wait(lambda: not saver.timer.isActive() and saver.pending is not None and saver.pending.done())
+    viewer.close()
+
+    viewer = new_viewer()                               # the same file opened again: the dock offers to restore
+    viewer.open(str(path), plugin="napari-daeformer")
+    _, segment = viewer.window.add_plugin_dock_widget("napari-daeformer", "Segment with DAE-Former")
+    segment._image.value = viewer.layers["abdomen"]
+    viewer.dims.set_current_step(0, 30)
+    save(viewer, "ct_restore.png")
     viewer.close()
 
     # Fine-tuning pays off when the scan does not look like the training data: here the same phantom from a
@@ -99,6 +113,15 @@ def ct_scenes(tmp: Path) -> None:
     wait(lambda: not segment.running)
     viewer.layers["abdomen DAE-Former"].visible = False
     save(viewer, "ct_resegmented.png")
+    again = viewer.layers[-1]                           # the new model's proposal, corrected on the same slices
+    for z in (12, 20, 28, 36):
+        index = np.nonzero(np.ones_like(sample.labels[z], bool))
+        again.data_setitem((np.full(index[0].shape, z), *index), sample.labels[z][index])
+    tune._clear.clicked()
+    tune._image.value, tune._corrected.value = viewer.layers["abdomen"], again
+    tune._add.clicked()
+    tune.tabs.setCurrentIndex(1)
+    save(viewer, "ct_agreement.png")
     viewer.close()
 
 
@@ -121,6 +144,7 @@ def batch_scene(tmp: Path) -> None:
     (src / "photos").mkdir(parents=True)
     for s in range(3):
         ct = synthetic_ct(seed=20 + s, shape=(24, 160, 160))
+        ct = shifted(ct, "offset") if s == 1 else ct    # patient02 from a miscalibrated scanner: ranked first
         write_nifti(src / f"patient{s + 1:02d}.nii.gz", ct.image, default_affine(ct.spacing))
     for s in range(2):
         skio.imsave(str(src / "photos" / f"lesion{s + 1}.png"), synthetic_skin(seed=30 + s).image,
@@ -131,8 +155,7 @@ def batch_scene(tmp: Path) -> None:
     batch._input.value, batch._output.value = src, tmp / "masks"
     batch._run.clicked()
     wait(lambda: not batch.running)
-    batch.open_selected([r.input for r in batch.results].index("patient02.nii.gz"))
-    viewer.dims.set_current_step(0, 12)
+    batch._next_case.clicked()                          # the case the model doubts most, at its most uncertain slice
     save(viewer, "batch.png")
     viewer.close()
 

@@ -166,7 +166,7 @@ class Trainer:
         if self.cfg.augment is not None:
             image, target = augment_batch(image, target, self.cfg.augment, generator)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(self.step) * group.get("lr_scale", 1.0)
+            group["lr"] = self.lr_at(self.step)
         with autocast(self.device, self.amp_dtype):
             logits = self.net(image)
         loss = self.loss_fn(logits, target)
