@@ -121,6 +121,7 @@ def ct_scenes(tmp: Path) -> None:
     tune._image.value, tune._corrected.value = viewer.layers["abdomen"], again
     tune._add.clicked()
     tune.tabs.setCurrentIndex(1)
+    print("agreement per version:", [(v.version, round(v.dice, 3)) for v in tune.agreement_plot.versions])
     save(viewer, "ct_agreement.png")
     viewer.close()
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from magicgui.widgets import CheckBox, ComboBox, FileEdit, Label, LineEdit, ProgressBar, PushButton, Table
 from napari.utils.notifications import show_info, show_warning
+from qtpy.QtWidgets import QStyledItemDelegate
 
 from .._reader import record_to_layer
 from ..batch import OUTPUT_FORMATS, BatchJob, BatchProgress, BatchSummary, FileResult, ranked, run_batch, write_summary
@@ -84,6 +85,8 @@ class BatchWidget(WorkerWidget):
         self._open.clicked.connect(lambda: self.open_selected())        # clicked's `False` is no row
         self._next_case.clicked.connect(self.open_next_uncertain)
         self._rank.changed.connect(lambda _: self._show_table())
+        self._plain = QStyledItemDelegate(self._table.native)           # magicgui's would print 0.0230 as 2.300e-02
+        self._table.native.setItemDelegateForColumn(COLUMNS.index("uncertainty"), self._plain)
         self._cancel_event = threading.Event()
         self.results: list[FileResult] = []
         self.opened: set[str] = set()                                    # inputs opened by "next uncertain case"

@@ -155,7 +155,7 @@ class AgreementPlot:
             ax.plot(x, [v.dice for v in versions], "o-", color=self.highlight, markersize=4, linewidth=1, label="Dice")
             ax.plot(x, [v.slices_changed for v in versions], "s--", color=self.text, markersize=3, linewidth=1,
                     label="slices changed")
-            ax.set_xticks(list(x), [v.version.removesuffix(".safetensors").split(" (")[0][-18:] for v in versions],
+            ax.set_xticks(list(x), [v.version.split(" (")[0].removesuffix(".safetensors")[-18:] for v in versions],
                           fontsize=7)
             ax.set_xlim(-0.5, len(versions) - 0.5)
             ax.legend(fontsize=7, loc="lower left", frameon=False, labelcolor=self.text)
