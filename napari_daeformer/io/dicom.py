@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,16 @@ from .record import ImageRecord, check_pixels
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-def _pydicom() -> Any:
+def require(module: str, purpose: str) -> Any:
+    """Import an optional dependency of the `dicom` extra, or say in one line how to install it."""
     try:
-        import pydicom
+        return importlib.import_module(module)
     except ImportError as e:
-        raise ImageFormatError("reading DICOM needs pydicom: pip install 'napari-daeformer[dicom]'") from e
-    return pydicom
+        raise ImageFormatError(f"{purpose} needs {module}: pip install 'napari-daeformer[dicom]'") from e
+
+
+def _pydicom() -> Any:
+    return require("pydicom", "reading DICOM")
 
 
 def is_dicom_file(path: Path) -> bool:

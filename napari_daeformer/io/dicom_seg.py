@@ -16,7 +16,7 @@ import numpy as np
 
 from ..atomic import atomic_write
 from ..errors import ImageFormatError, first_line
-from .dicom import LPS_TO_RAS, _pydicom, is_dicom_file, is_segmentation, series_geometry, series_in_order
+from .dicom import LPS_TO_RAS, _pydicom, is_dicom_file, is_segmentation, require, series_geometry, series_in_order
 from .record import ImageRecord
 
 SEG_SUFFIX = ".dcm"
@@ -33,11 +33,7 @@ class Algorithm:
 
 
 def _highdicom() -> Any:
-    try:
-        import highdicom
-    except ImportError as e:
-        raise ImageFormatError("DICOM-SEG needs highdicom: pip install 'napari-daeformer[dicom]'") from e
-    return highdicom
+    return require("highdicom", "DICOM-SEG")
 
 
 def _property_type(name: str) -> Any:

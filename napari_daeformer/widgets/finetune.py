@@ -51,9 +51,8 @@ def _finetune_and_save(parent: Checkpoint, pairs: list[Pair], settings: Finetune
 _finetune_job = guarded(_finetune_and_save, TrainingError, "fine-tuning")
 
 
-class LossPlot:
-    """A small matplotlib canvas in the dock, in napari's theme: training loss per step and the held-out Dice
-    at each scoring (right axis)."""
+class ThemedPlot:
+    """A small matplotlib canvas in the dock, in napari's theme."""
 
     def __init__(self, theme: str = "dark") -> None:
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
@@ -67,11 +66,6 @@ class LossPlot:
         self.canvas = FigureCanvasQTAgg(self.figure)
         self.canvas.setMinimumHeight(130)
         self.axes = self.figure.add_subplot(111)
-        self.dice_axes = self.axes.twinx()
-        self.steps: list[int] = []
-        self.losses: list[float] = []
-        self.scored: list[tuple[int, float]] = []
-        self.reset()
 
     def _style(self, axes: object, ylabel: str, colour: str) -> None:
         from matplotlib.ticker import MaxNLocator
@@ -82,6 +76,18 @@ class LossPlot:
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))               # type: ignore[attr-defined]
         for spine in axes.spines.values():                                    # type: ignore[attr-defined]
             spine.set_color(self.text)
+
+
+class LossPlot(ThemedPlot):
+    """Training loss per step and the held-out Dice at each scoring (right axis)."""
+
+    def __init__(self, theme: str = "dark") -> None:
+        super().__init__(theme)
+        self.dice_axes = self.axes.twinx()
+        self.steps: list[int] = []
+        self.losses: list[float] = []
+        self.scored: list[tuple[int, float]] = []
+        self.reset()
 
     def reset(self, steps: int = 100) -> None:
         """Empty axes over the run's `steps`, with a line saying what will appear."""
@@ -117,22 +123,12 @@ class LossPlot:
         self.canvas.draw_idle()
 
 
-class AgreementPlot:
+class AgreementPlot(ThemedPlot):
     """Agreement between the model's proposals and the user's final labels, per model version of the lineage:
     mean Dice (dots) and the share of slices the user changed (squares), versions on x."""
 
     def __init__(self, theme: str = "dark") -> None:
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-        from matplotlib.figure import Figure
-        from napari.utils.theme import get_theme
-
-        colours = get_theme(theme)
-        self.background, self.text = colours.background.as_hex(), colours.text.as_hex()
-        self.highlight = colours.current.as_hex()
-        self.figure = Figure(figsize=(3.4, 1.5), dpi=90, tight_layout=True, facecolor=self.background)
-        self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(130)
-        self.axes = self.figure.add_subplot(111)
+        super().__init__(theme)
         self.versions: list[VersionAgreement] = []
         self.show([])
 
@@ -140,12 +136,8 @@ class AgreementPlot:
         self.versions = versions
         ax = self.axes
         ax.clear()
-        ax.set_facecolor(self.background)
-        ax.tick_params(labelsize=7, colors=self.text)
-        for spine in ax.spines.values():
-            spine.set_color(self.text)
+        self._style(ax, "agreement", self.text)
         ax.set_ylim(0, 1.05)
-        ax.set_ylabel("agreement", fontsize=9, color=self.text)
         if not versions:
             ax.text(0.5, 0.5, "Dice of each proposal with your final labels,\nper model version, appears here",
                     ha="center", va="center", transform=ax.transAxes, fontsize=8, color=self.text)
