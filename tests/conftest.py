@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from napari_daeformer.autosave import ENV_FOLDER
 from napari_daeformer.checkpoint import ModelCard, save_checkpoint
 from napari_daeformer.model import DAEFormer, DAEFormerConfig
 from napari_daeformer.preprocessing import ct_preprocessing
@@ -15,6 +16,12 @@ from napari_daeformer.preprocessing import ct_preprocessing
 OFFICIAL_TSV = Path(__file__).resolve().parent / "data" / "official_daeformer_state_dict.tsv"   # the released checkpoint's keys
 
 TINY = DAEFormerConfig(num_classes=3, in_channels=1, embed_dims=(16, 32, 64), depths=(1, 1, 1), decoder_depths=(1, 1))
+
+
+@pytest.fixture(autouse=True)
+def autosave_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Autosaved sessions go to a fresh folder per test, never to the user's home (nor from one test to the next)."""
+    monkeypatch.setenv(ENV_FOLDER, str(tmp_path_factory.mktemp("autosave")))
 
 
 @pytest.fixture
