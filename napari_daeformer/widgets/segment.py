@@ -114,6 +114,7 @@ class SegmentWidget(WorkerWidget):
         self._restore.clicked.connect(self.restore_session)
         self._discard.clicked.connect(self._discard_session)
         self.viewer.layers.events.removed.connect(self._layer_removed)
+        self.viewer.layers.events.inserted.connect(self._layer_inserted)
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             event.connect(lambda _: self.reset_choices())
         self._cancel_event = threading.Event()
@@ -225,6 +226,14 @@ class SegmentWidget(WorkerWidget):
         saver = Autosaver(layer, image.name, self._image_key(image), folder or self.autosave_folders(image)[0])
         self.autosavers[layer.unique_id] = saver
         saver.save_now()
+
+    def _layer_inserted(self, event: Any) -> None:
+        """An image opened while the dock is open: if it has an autosaved session, select it so the offer shows."""
+        layer = event.value
+        if isinstance(layer, Image) and layer is not self._image.value and find_session(
+                self.autosave_folders(layer), self._image_key(layer)) is not None:
+            self.reset_choices()
+            self._image.value = layer
 
     def _layer_removed(self, event: Any) -> None:
         saver = self.autosavers.pop(event.value.unique_id, None)

@@ -92,6 +92,12 @@ def test_killed_viewer_loses_no_correction(make_napari_viewer, qtbot, tmp_path: 
     assert not np.array_equal(layer.metadata[PREDICTION_KEY], painted)
     assert widget._restore.native.isHidden()
 
+    other = make_napari_viewer()                                          # dock first, then the image opened
+    _, docked = other.window.add_plugin_dock_widget("napari-daeformer", "Segment with DAE-Former")
+    other.add_image(np.zeros((4, 32, 32), np.int16), name="another scan")
+    other.add_image(sample.image, name="CT again", scale=sample.spacing)
+    assert docked._image.value.name == "CT again" and "corrected slices" in docked._restore_info.value
+
     layer.data_setitem((np.array([10]), np.array([5]), np.array([5])), 3)   # painting goes on being saved
     saver = widget.autosavers[layer.unique_id]
     qtbot.waitUntil(lambda: not saver.timer.isActive() and saver.pending is not None and saver.pending.done()
