@@ -2,13 +2,17 @@
 
     python benchmarks/bench_cpu_paths.py [--threads 2] [--batches 1,8] [--repeats 5] [--paths fp32,bf16-autocast,...]
 
-Speed: the `paper` configuration (random weights) at 224x224, median seconds per forward pass after warm-ups; a path
+Speed: the `paper` configuration (random weights) at 224x224, median seconds per slice (a forward pass over the batch,
+divided by its size) after warm-ups; a path
 that compiles or exports states that one-time cost. Agreement: the same path applied to the bundled CT model
 (`small`, trained) on the held-out phantom (seed 0): the share of voxels whose label equals fp32's and the change of
 mean Dice against the truth. A path is fit for `--precision auto` when it agrees on at least 99.5% of the voxels and
 moves the Dice by less than 0.002. Paths:
 
-- fp32: `torch.no_grad()`, contiguous input (the baseline).
+- fp32-copies: `torch.no_grad()`, the Mix-FFN's depthwise convolution fed through transposed copies of its hidden
+  tokens, as the official code (and this project before) did: the baseline.
+- fp32: `torch.no_grad()` with the Mix-FFN as it is now (a channels-last view, no copies).
+- bf16-copies: bf16 autocast with the old Mix-FFN layout (the engine's CPU path before).
 - fp32-cl: `inference_mode`, channels-last input.
 - bf16-autocast: bf16 autocast (the engine's CPU path where the CPU has native bf16).
 - bf16-weights: the model stored in bf16.
@@ -39,15 +43,38 @@ from napari_daeformer.checkpoint import load_checkpoint  # noqa: E402
 from napari_daeformer.devices import cpu_has_native_bf16  # noqa: E402
 from napari_daeformer.metrics import dice_per_class  # noqa: E402
 from napari_daeformer.model import DAEFormer, named_config  # noqa: E402
+from napari_daeformer.model.layers import MixFFN, image_to_tokens, tokens_to_image  # noqa: E402
 from napari_daeformer.sample_data import synthetic_ct  # noqa: E402
 from napari_daeformer.stages import Accumulator, SliceSource  # noqa: E402
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
-PATHS = ("fp32", "fp32-cl", "bf16-autocast", "bf16-weights", "int8-dynamic", "compile", "compile-bf16", "onnxruntime")
+PATHS = ("fp32-copies", "fp32", "bf16-copies", "fp32-cl", "bf16-autocast", "bf16-weights", "int8-dynamic", "compile",
+         "compile-bf16", "onnxruntime")
+
+
+def _mixffn_through_copies(self: MixFFN, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """The Mix-FFN as the official code lays it out: (B, N, C) tokens transposed and copied to (B, C, H, W) and back."""
+    h = self.fc1(x)
+    mixed = image_to_tokens(self.dwconv(tokens_to_image(h, hw))) + h
+    return self.fc2(self.act(self.norm(mixed)))
+
+
+def _with_copies(fwd: Forward) -> Forward:
+    def run(x: torch.Tensor) -> torch.Tensor:
+        current = MixFFN.forward
+        MixFFN.forward = _mixffn_through_copies                 # type: ignore[method-assign]
+        try:
+            return fwd(x)
+        finally:
+            MixFFN.forward = current                            # type: ignore[method-assign]
+    return run
 
 
 def build(path: str, model: torch.nn.Module, example: torch.Tensor) -> tuple[Forward, float]:
     """A forward function of `model` by `path` and the seconds it took to prepare (compile, export, quantise)."""
+    if path.endswith("-copies"):
+        fwd, seconds = build(path.removesuffix("-copies").replace("bf16", "bf16-autocast"), model, example)
+        return _with_copies(fwd), seconds
     t0 = time.perf_counter()
     model = copy.deepcopy(model).eval()
     if path == "fp32":
@@ -118,7 +145,7 @@ def agreement(path: str) -> tuple[float, float]:
                 out.add(idx, fwd(x)[:len(idx)].float())
         return out.labels
 
-    base = labels(build("fp32", ckpt.model, example)[0])
+    base = labels(build("fp32-copies", ckpt.model, example)[0])
     other = labels(build(path, ckpt.model, example)[0])
     n = ckpt.card.config.num_classes
     change = np.nanmean(dice_per_class(other, sample.labels, n)) - np.nanmean(dice_per_class(base, sample.labels, n))
@@ -128,7 +155,7 @@ def agreement(path: str) -> tuple[float, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int)
-    p.add_argument("--batches", default="1,8")
+    p.add_argument("--batches", default="1,2,8")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--paths", default=",".join(PATHS))
     args = p.parse_args()
@@ -139,9 +166,9 @@ def main() -> None:
     model = DAEFormer(named_config("paper", num_classes=9, in_channels=1)).eval()
     batches = [int(b) for b in args.batches.split(",")]
     print(f"# {cpu_name()}, native bf16: {cpu_has_native_bf16()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; `paper` at 224x224, seconds per forward pass (median of {args.repeats})")
-    print("| path | " + " | ".join(f"batch {b} s" for b in batches) + " | " +
-          " | ".join(f"x fp32 (b{b})" for b in batches) + " | prepare s | labels = fp32 | Dice change |")
+          f"torch {torch.__version__}; `paper` at 224x224, seconds per slice (median of {args.repeats})")
+    print("| path | " + " | ".join(f"batch {b} s/slice" for b in batches) + " | " +
+          " | ".join(f"x baseline (b{b})" for b in batches) + " | prepare s | labels = fp32 | Dice change |")
     print("|---|" + "---:|" * (2 * len(batches) + 3))
     baseline: dict[int, float] = {}
     for path in paths:
@@ -152,12 +179,12 @@ def main() -> None:
                 x = torch.randn(b, 1, 224, 224)
                 fwd, seconds = build(path, model, x)
                 prepare = max(prepare, seconds)
-                times.append(median_seconds(lambda: fwd(x), cpu, args.repeats, warmup=1))
+                times.append(median_seconds(lambda: fwd(x), cpu, args.repeats, warmup=1) / b)
             same, change = agreement(path)
         except Exception as e:                                  # a path this machine cannot run: say why, go on
             print(f"| {path} | failed: {type(e).__name__}: {str(e).splitlines()[0][:120]} |", flush=True)
             continue
-        if path == "fp32":
+        if path == "fp32-copies":
             baseline = dict(zip(batches, times))
         ratios = [baseline[b] / t if baseline else float("nan") for b, t in zip(batches, times)]
         print(f"| {path} | " + " | ".join(f"{t:.3f}" for t in times) + " | " + " | ".join(f"{r:.2f}x" for r in ratios)

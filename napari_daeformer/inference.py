@@ -22,6 +22,7 @@ from .stages import Accumulator, Predictor, SliceSource
 # Peak activation bytes per 224x224 slice of the `paper` model under inference_mode, fp32 (measured,
 # rounded up); scaled by area and width for other sizes and configurations.
 _BYTES_PER_SLICE_PAPER_224 = 160e6
+CPU_BATCH = 2
 
 
 class Cancelled(DaeformerError):
@@ -98,9 +99,10 @@ def image_warnings(image: np.ndarray) -> list[str]:
 
 
 def default_batch_size(checkpoint: Checkpoint, device: torch.device) -> int:
-    """On CUDA, what fits half the free memory (at most 64); elsewhere 8."""
+    """On CUDA, what fits half the free memory (at most 64); elsewhere 2 (the fastest per slice on a 2-core CPU:
+    larger batches spill the caches; `benchmarks/bench_cpu_paths.py`)."""
     if device.type != "cuda":
-        return 8
+        return CPU_BATCH
     h, w = checkpoint.card.input_size
     width = checkpoint.card.config.embed_dims[0] / 128
     per_slice = _BYTES_PER_SLICE_PAPER_224 * (h * w) / 224**2 * width

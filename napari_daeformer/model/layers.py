@@ -77,7 +77,9 @@ class MixFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, hw: HW) -> torch.Tensor:
         h = self.fc1(x)                                        # (B, N, hidden)
-        mixed = image_to_tokens(self.dwconv(tokens_to_image(h, hw))) + h
+        B, N, C = h.shape
+        image = h.reshape(B, *hw, C).permute(0, 3, 1, 2)       # (B, hidden, H, W), a channels-last view: no copy
+        mixed = self.dwconv(image).permute(0, 2, 3, 1).reshape(B, N, C) + h   # the conv keeps channels-last
         return self.fc2(self.act(self.norm(mixed)))
 
 
