@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_write
+from .corrections import edited_slices
 from .errors import DaeformerError
 
 SUFFIX = ".daeformer-session.npz"
@@ -54,12 +55,7 @@ class Session:
 
     def corrected(self) -> np.ndarray:
         """(S,) bool along axis 0: the slices the user changed or painted."""
-        from .corrections import corrected_slices
-
-        flags = corrected_slices(self.labels, self.prediction, 0)
-        if self.prediction is not None:
-            flags[[z for z in self.touched if 0 <= z < len(flags)]] = True
-        return flags
+        return edited_slices(self.labels, self.prediction, self.touched)
 
     def describe(self) -> str:
         """'3 corrected slices, saved 14:02:11, made by ct_small.safetensors'."""

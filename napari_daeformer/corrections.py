@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 
 
@@ -25,6 +27,17 @@ def corrected_slices(current: np.ndarray, prediction: np.ndarray | None, axis: i
     if prediction.shape != current.shape:
         raise ValueError(f"prediction {prediction.shape} and labels {current.shape} differ in shape")
     return _per_slice(current != prediction, axis)
+
+
+def edited_slices(labels: np.ndarray, prediction: np.ndarray | None, touched: Iterable[int] = ()) -> np.ndarray:
+    """(S,) bool along axis 0: slices that differ from the model's `prediction` or that the user painted
+    (`touched`, slice indices; ignored without a prediction, where every slice holding a label counts)."""
+    changed = corrected_slices(labels, prediction, 0)
+    if prediction is not None:
+        for z in touched:
+            if 0 <= z < len(changed):
+                changed[z] = True
+    return changed
 
 
 def touched_slices(atom: object, axis: int = 0) -> set[int]:

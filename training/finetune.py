@@ -178,6 +178,12 @@ def check_pairs(pairs: Sequence[Pair], card: ModelCard) -> None:
         raise TrainingError("; ".join(problems))
 
 
+def pair_agreement(pairs: Sequence[Pair], num_classes: int) -> list[Agreement]:
+    """How much of the model's proposal the user kept, for each pair that carries its proposal."""
+    return [measure(p.name, p.proposed_by or "unknown model", p.proposed_by_sha256, p.proposal, p.labels, num_classes)
+            for p in pairs if p.proposal is not None and p.proposal.shape == p.labels.shape]
+
+
 def _as_slices(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
     """(S, Y, X[, 3]) images and (S, Y, X) labels; a 2D pair is one slice."""
     return (pair.image[None], pair.labels[None]) if pair.labels.ndim == 2 else (pair.image, pair.labels)
@@ -365,8 +371,7 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
         changed_voxels = sum(int((_predict(model, u.x, u.size, device)[0] != u.labels).sum()) for u in uncorrected)
         changed = changed_voxels / sum(u.labels.size for u in uncorrected)
     n_hold = sum(len(h.labels) for h in holdout)
-    agreement = [measure(p.name, p.proposed_by or "unknown model", p.proposed_by_sha256, p.proposal, p.labels, n_classes)
-                 for p in pairs if p.proposal is not None and p.proposal.shape == p.labels.shape]
+    agreement = pair_agreement(pairs, n_classes)
     new_card = card.with_provenance(
         **{PROVENANCE_KEY: as_provenance(merged(history(card.provenance), agreement))},
         parent=str(parent.path) if parent.path else None, finetuned_slices=n_train, holdout_slices=n_hold,

@@ -14,7 +14,7 @@ from ..bundled import resolve_model
 from ..checkpoint import file_sha256, load_checkpoint
 from ..errors import printable
 from ..inference import Progress, image_warnings, run_segmentation, segment
-from ..io import ImageRecord, check_label_path, read_image, suffix_of, write_labels
+from ..io import ImageRecord, check_label_path, is_dicom_input, read_image, suffix_of, write_labels
 from ..io.dicom_seg import SEG_SUFFIX, Algorithm, write_dicom_seg
 from ..volumes import class_measures, is_physical, measure_unit
 
@@ -66,7 +66,7 @@ def segment_file(record: ImageRecord, output: Path, model: str | None, *, device
 
 def run_segment(args: argparse.Namespace) -> int:
     check_label_path(args.output, overwrite=args.overwrite, source=args.input,    # before reading a large scan
-                     dicom_source=Path(args.input).is_dir() or suffix_of(args.input) == ".dcm")
+                     dicom_source=is_dicom_input(args.input))
     record = read_image(args.input)
     for note in (*record.notes, *image_warnings(record.data)):
         print(f"note: {args.input}: {note}", file=sys.stderr)

@@ -26,7 +26,7 @@ DICOM_SUFFIXES = (".dcm",)
 READ_SUFFIXES = NIFTI_SUFFIXES + TIFF_SUFFIXES + PHOTO_SUFFIXES + DICOM_SUFFIXES
 LABEL_SUFFIXES = NIFTI_SUFFIXES + TIFF_SUFFIXES + (".png",)
 
-__all__ = ["ImageRecord", "METADATA_KEY", "READ_SUFFIXES", "LABEL_SUFFIXES", "read_image", "write_labels",
+__all__ = ["ImageRecord", "METADATA_KEY", "READ_SUFFIXES", "LABEL_SUFFIXES", "read_image", "write_labels", "is_dicom_input",
            "check_label_path", "geometry_from_metadata", "suffix_of", "can_read"]
 
 
@@ -47,6 +47,14 @@ def can_read(path: str | os.PathLike[str]) -> bool:
         return False
 
 
+def is_dicom_input(path: str | os.PathLike[str]) -> bool:
+    """Whether `read_image` reads `path` as DICOM: a folder, a `.dcm` file, or a file of no known suffix that
+    starts as DICOM does."""
+    p = Path(path)
+    suffix = suffix_of(p)
+    return p.is_dir() or suffix in DICOM_SUFFIXES or (suffix not in READ_SUFFIXES and is_dicom_file(p))
+
+
 def read_image(path: str | os.PathLike[str]) -> ImageRecord:
     """Read any supported image. Raises ImageFormatError only, whatever the bytes."""
     p = Path(path)
@@ -58,7 +66,7 @@ def read_image(path: str | os.PathLike[str]) -> ImageRecord:
         raise ImageFormatError(f"{p.name}: file is empty")
     suffix = suffix_of(p)
     try:
-        if p.is_dir() or suffix in DICOM_SUFFIXES or (suffix not in READ_SUFFIXES and is_dicom_file(p)):
+        if is_dicom_input(p):
             return read_dicom(p)
         if suffix in NIFTI_SUFFIXES:
             return read_nifti(p)

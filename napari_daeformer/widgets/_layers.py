@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..corrections import corrected_slices, touched_slices
+from .. import corrections
 from ..io import METADATA_KEY, ImageRecord, geometry_from_metadata
 from ..io.record import CHECKPOINT_KEY, CHECKPOINT_SHA_KEY, CLASSES_KEY, COLORS_KEY, default_affine
 
@@ -65,7 +65,7 @@ def track_edits(layer: napari.layers.Labels) -> None:
             layer.metadata[TOUCHED_KEY].add(0)
             return
         for atom in event.value:
-            layer.metadata[TOUCHED_KEY].update(touched_slices(atom, 0))
+            layer.metadata[TOUCHED_KEY].update(corrections.touched_slices(atom, 0))
 
     layer.events.paint.connect(on_paint)
 
@@ -73,10 +73,5 @@ def track_edits(layer: napari.layers.Labels) -> None:
 def edited_slices(layer: napari.layers.Labels) -> np.ndarray:
     """(S,) bool along axis 0: slices that differ from the model's prediction or that the user painted;
     for a layer painted from scratch (no prediction), the slices holding any label."""
-    data = np.asarray(layer.data)
-    changed = corrected_slices(data, layer.metadata.get(PREDICTION_KEY), 0)
-    if layer.metadata.get(PREDICTION_KEY) is not None:
-        for z in layer.metadata.get(TOUCHED_KEY, ()):
-            if 0 <= z < len(changed):
-                changed[z] = True
-    return changed
+    return corrections.edited_slices(np.asarray(layer.data), layer.metadata.get(PREDICTION_KEY),
+                                     layer.metadata.get(TOUCHED_KEY, ()))

@@ -211,6 +211,4 @@ class BatchWidget(WorkerWidget):
                                                                chosen.checkpoint, chosen.checkpoint_sha256),
                                               "name": f"{image.name} labels"})
         if chosen.uncertain_slice is not None and prediction.ndim == 3:
-            step = list(self.viewer.dims.current_step)
-            step[-3] = chosen.uncertain_slice
-            self.viewer.dims.current_step = tuple(step)
+            self.viewer.dims.set_current_step(self.viewer.dims.ndim - 3, chosen.uncertain_slice)

@@ -16,9 +16,18 @@ from napari.layers import Image, Labels
 from napari.utils.notifications import show_info
 from qtpy.QtWidgets import QTabWidget
 
-from training.finetune import FinetuneProgress, FinetuneResult, FinetuneSettings, Pair, check_pairs, finetune, next_version_path
+from training.finetune import (
+    FinetuneProgress,
+    FinetuneResult,
+    FinetuneSettings,
+    Pair,
+    check_pairs,
+    finetune,
+    next_version_path,
+    pair_agreement,
+)
 
-from ..agreement import VersionAgreement, by_version, history, measure, merged
+from ..agreement import VersionAgreement, by_version, history, merged
 from ..bundled import MODELS_DIR
 from ..checkpoint import Checkpoint, ModelCard, load_checkpoint, read_card, save_checkpoint
 from ..errors import DaeformerError, TrainingError
@@ -259,9 +268,7 @@ class FinetuneWidget(WorkerWidget):
             card = card or read_card(self.segment_widget().checkpoint_path())
         except DaeformerError:
             return
-        current = [measure(p.name, p.proposed_by or "unknown model", p.proposed_by_sha256, p.proposal, p.labels,
-                           card.config.num_classes)
-                   for p in self._collect() if p.proposal is not None and p.proposal.shape == p.labels.shape]
+        current = pair_agreement(self._collect(), card.config.num_classes)
         self.agreement_plot.show(by_version(merged(history(card.provenance), current)))
 
     def _collect(self) -> list[Pair]:

@@ -446,7 +446,4 @@ class SegmentWidget(WorkerWidget):
             return
         index = self._uncertain_order.pop(0)
         self._uncertain_order.append(index)
-        axis = int(self._axis.value)
-        step = list(self.viewer.dims.current_step)
-        step[-3 + axis] = index
-        self.viewer.dims.current_step = tuple(step)
+        self.viewer.dims.set_current_step(self.viewer.dims.ndim - 3 + int(self._axis.value), index)
