@@ -153,28 +153,28 @@ class SegmentWidget(WorkerWidget):
         chosen = str(self._autosave_dir.value)
         source = (geometry_from_metadata(image.metadata) or {}).get("source_path") or (
             str(image.source.path) if image.source.path else None)
-        first = Path(chosen) if chosen not in ("", ".") else default_folder(source)
-        return list(dict.fromkeys([first, default_folder(source), USER_FOLDER]))
+        default = default_folder(source)
+        return list(dict.fromkeys([Path(chosen) if chosen not in ("", ".") else default, default, USER_FOLDER]))
 
     def _offer_restore(self, image: Image | None) -> None:
         """Offer the autosaved session of `image`, if there is one (and its labels are not in the viewer already)."""
         self._session = None
-        found = None
         if image is not None:
             key = self._image_key(image)
-            if not any(a.image_key == key and a.layer in self.viewer.layers for a in self.autosavers.values()):
+            if not any(a.image_key == key for a in self.autosavers.values()):    # its labels are not open already
                 found = find_session(self.autosave_folders(image), key)
-        text = ""
-        if found is not None:
+                self._session = None if found is None else (image, found)
+        text, readable = "", False
+        if self._session is not None:
             try:
-                text = f"Autosaved corrections for {image.name}: {load_session(found).describe()}."
-                self._session = (image, found)
+                text = f"Autosaved corrections for {image.name}: {load_session(self._session[1]).describe()}."
+                readable = True
             except DaeformerError as e:
                 text = f"An autosaved session for {image.name} cannot be read: {e}"
         self._restore_info.value = text
         self._restore_info.visible = bool(text)
-        self._restore.visible = self._session is not None
-        self._discard.visible = found is not None
+        self._restore.visible = readable
+        self._discard.visible = self._session is not None                    # a damaged one can be discarded too
 
     def _image_key(self, image: Image) -> str:
         """`image_key` of the layer's pixels, computed once per data array."""

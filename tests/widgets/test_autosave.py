@@ -117,3 +117,20 @@ def test_session_file_round_trip_and_damage(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[:100])                             # a torn file: one clear error
     with pytest.raises(Exception, match="not a readable autosaved session"):
         load_session(path)
+
+
+def test_damaged_session_is_named_and_can_be_discarded(make_napari_viewer, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    from napari_daeformer.autosave import session_path
+
+    monkeypatch.setenv(ENV_FOLDER, str(tmp_path))
+    image = np.arange(4 * 32 * 32, dtype=np.int16).reshape(4, 32, 32)
+    torn = session_path(tmp_path, "scan", image_key(image))
+    torn.write_bytes(b"PK\x03\x04 half a file")                          # a save cut short by something worse
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="scan")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-daeformer", "Segment with DAE-Former")
+    assert "cannot be read" in widget._restore_info.value
+    assert widget._restore.native.isHidden() and not widget._discard.native.isHidden()
+    widget._discard.clicked()
+    assert not torn.exists() and widget._discard.native.isHidden()
