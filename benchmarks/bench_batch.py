@@ -18,15 +18,7 @@ import torch
 from napari_daeformer.batch import BatchJob, run_batch
 from napari_daeformer.io.nifti import write_nifti
 from napari_daeformer.io.record import default_affine
-
-
-def drain(job: BatchJob):  # type: ignore[no-untyped-def]
-    gen = run_batch(job)
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+from napari_daeformer.jobs import drain
 
 
 def main() -> None:
@@ -47,10 +39,11 @@ def main() -> None:
             write_nifti(src / f"case{i:03d}.nii.gz", volume, default_affine((2.5, 0.7, 0.7)))
         print(f"{args.files} files of {args.slices}x{args.side}x{args.side} int16 (.nii.gz), bundled ct model, "
               f"device {args.device}, torch {torch.__version__}")
-        drain(BatchJob(src, Path(tmp) / "warm", patterns=("case000.nii.gz",), device=args.device))
+        drain(run_batch(BatchJob(src, Path(tmp) / "warm", patterns=("case000.nii.gz",), device=args.device)))
         rates = {}
         for prefetch in (False, True):
-            summary = drain(BatchJob(src, Path(tmp) / f"out{prefetch}", device=args.device, prefetch=prefetch))
+            summary = drain(run_batch(BatchJob(src, Path(tmp) / f"out{prefetch}", device=args.device,
+                                               prefetch=prefetch)))
             rate = args.files / summary.wall_seconds
             idle = 1 - summary.compute_seconds / summary.wall_seconds
             rates[prefetch] = rate

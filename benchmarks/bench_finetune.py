@@ -41,6 +41,7 @@ from _timing import cpu_name  # noqa: E402
 from napari_daeformer.bundled import bundled_model  # noqa: E402
 from napari_daeformer.checkpoint import Checkpoint, load_checkpoint
 from napari_daeformer.inference import run_segmentation, segment
+from napari_daeformer.jobs import drain
 from napari_daeformer.metrics import dice_per_class
 from napari_daeformer.sample_data import Sample, shifted, synthetic_ct, synthetic_skin
 from napari_daeformer.threads import ThreadGovernor
@@ -90,12 +91,7 @@ def scenario(name: str, n_slices: int, settings: FinetuneSettings, seed: int) ->
         corrected[mask] = truth[mask]
         pairs = [Pair(name, images, corrected, mask)]
     t0 = time.perf_counter()
-    gen = finetune(parent, pairs, settings)
-    try:
-        while True:
-            next(gen)
-    except StopIteration as stop:
-        result = stop.value
+    result = drain(finetune(parent, pairs, settings))
     seconds = time.perf_counter() - t0
     after = _labels(result.checkpoint, images[~mask], rgb)
     verdict = {True: "better", False: "unchanged", None: "unverified"}[result.improved]

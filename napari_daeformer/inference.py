@@ -17,6 +17,7 @@ from .checkpoint import Checkpoint
 from .devices import low_precision_weights, resolve_device, resolve_precision
 from .errors import DaeformerError, InferenceError
 from .io import ImageRecord
+from .jobs import drain
 from .stages import Accumulator, Predictor, SliceSource
 
 # Peak activation bytes per 224x224 slice of the `paper` model under inference_mode, fp32 (measured,
@@ -220,10 +221,4 @@ def segment(
 def run_segmentation(gen: Generator[Progress, None, Segmentation],
                      on_progress: Callable[[Progress], None] | None = None) -> Segmentation:
     """Drain a `segment` generator, calling `on_progress` after each batch; return its result."""
-    while True:
-        try:
-            progress = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        if on_progress is not None:
-            on_progress(progress)
+    return drain(gen, on_progress)

@@ -17,6 +17,7 @@ from napari_daeformer.app.cli import main
 from napari_daeformer.batch import BatchJob, list_inputs, run_batch
 from napari_daeformer.io import read_image, write_labels
 from napari_daeformer.io.nifti import write_nifti
+from napari_daeformer.jobs import drain
 from napari_daeformer.sample_data import shifted, synthetic_ct, synthetic_skin
 
 from .io.test_nifti_tiff_photo import oblique_affine
@@ -103,13 +104,7 @@ def test_prefetch_and_plain_give_the_same_outputs(tmp_path: Path) -> None:
     make_folder(src, volumes=3)
     for prefetch in (True, False):
         job = BatchJob(src, tmp_path / f"out{prefetch}", patterns=("*.nii.gz",), device="cpu", prefetch=prefetch)
-        gen = run_batch(job)
-        while True:
-            try:
-                next(gen)
-            except StopIteration as stop:
-                summary = stop.value
-                break
+        summary = drain(run_batch(job))
         assert [r.status for r in summary.results] == ["failed", "done", "done", "done"]
     for name in ("ct0.nii.gz", "ct1.nii.gz", "ct2.nii.gz"):
         assert np.array_equal(read_image(tmp_path / "outTrue" / name).data, read_image(tmp_path / "outFalse" / name).data)

@@ -16,6 +16,7 @@ from ..errors import printable
 from ..inference import Progress, image_warnings, run_segmentation, segment
 from ..io import ImageRecord, check_label_path, is_dicom_input, read_image, suffix_of, write_labels
 from ..io.dicom_seg import SEG_SUFFIX, Algorithm, write_dicom_seg
+from ..jobs import drain
 from ..volumes import class_measures, is_physical, measure_unit
 
 
@@ -130,23 +131,18 @@ def run_batch_command(args: argparse.Namespace) -> int:
 
     from napari_daeformer.distributed import barrier, init_from_env, shutdown
 
-    from ..batch import BatchJob, FileResult, ranked, run_batch, write_summary
+    from ..batch import BatchJob, BatchProgress, FileResult, ranked, run_batch, write_summary
 
     info, device = init_from_env(args.device)
     job = BatchJob(args.input_dir, args.output_dir, tuple(args.pattern or ("**/*",)), args.format, args.model,
                    device, args.precision, args.batch_size, args.overwrite, args.prefetch)
     try:
-        gen = run_batch(job, rank=info.rank, world_size=info.world_size)
         bar = tqdm(unit="file", file=sys.stderr, disable=args.quiet, position=info.rank)
-        while True:
-            try:
-                p = next(gen)
-            except StopIteration as stop:
-                summary = stop.value
-                break
-            bar.total = p.files_total
-            bar.n = p.files_done
+
+        def show(p: BatchProgress) -> None:
+            bar.total, bar.n = p.files_total, p.files_done
             bar.set_postfix_str(f"{p.current} {p.slices_done}/{p.slices_total}" if p.slices_total else p.current)
+        summary = drain(run_batch(job, rank=info.rank, world_size=info.world_size), show)
         bar.close()
         job.output_dir.mkdir(parents=True, exist_ok=True)
         if info.enabled:

@@ -24,13 +24,14 @@ from napari_daeformer.checkpoint import SYNAPSE_CLASSES, ModelCard, load_checkpo
 from napari_daeformer.distributed import init_from_env, shutdown
 from napari_daeformer.errors import TrainingError
 from napari_daeformer.inference import run_segmentation, segment
+from napari_daeformer.jobs import drain
 from napari_daeformer.metrics import evaluate_case
 from napari_daeformer.model import DAEFormer, named_config
 from napari_daeformer.preprocessing import ct_preprocessing, rgb_preprocessing, zscore_preprocessing
 from napari_daeformer.sample_data import CT_CLASSES, SKIN_CLASSES
 from training.augment import AugmentConfig
 from training.data import Case, detect_num_classes
-from training.finetune import DEFAULT_WEIGHTS, PROTECTIONS, FinetuneSettings, Pair, finetune
+from training.finetune import DEFAULT_WEIGHTS, PROTECTIONS, FinetuneProgress, FinetuneSettings, Pair, finetune
 from training.sources import FORMATS, load_cases, split_cases
 from training.trainer import StepReport, TrainConfig, Trainer, ValReport
 
@@ -365,16 +366,12 @@ def run_finetune(args: argparse.Namespace) -> int:
     settings = FinetuneSettings(steps=args.steps, lr=args.lr, warmup_steps=args.warmup, protect=args.protect,
                                 protect_weight=args.protect_weight, train_parts=args.train_parts,
                                 augment=not args.no_augment, device=args.device)
-    gen = finetune(parent, [pair], settings)
     bar = tqdm(total=args.steps, unit="step", file=sys.stderr)
-    while True:
-        try:
-            progress = next(gen)
-        except StopIteration as stop:
-            result = stop.value
-            break
+
+    def show(progress: FinetuneProgress) -> None:
         bar.n = progress.step
         bar.set_postfix(loss="-" if progress.loss is None else f"{progress.loss:.4f}", refresh=True)
+    result = drain(finetune(parent, [pair], settings), show)
     bar.close()
     print(f"{result.train_slices} corrected slices trained on, {result.holdout_slices} held out. {result.summary}")
     if result.improved or args.keep_anyway:

@@ -11,6 +11,7 @@ import pytest
 from napari_daeformer.bundled import bundled_model
 from napari_daeformer.checkpoint import Checkpoint, load_checkpoint
 from napari_daeformer.inference import run_segmentation, segment
+from napari_daeformer.jobs import drain
 from napari_daeformer.metrics import dice_per_class
 from napari_daeformer.sample_data import shifted, synthetic_ct
 from training.finetune import FinetuneProgress, FinetuneResult, FinetuneSettings, Pair, finetune
@@ -19,12 +20,8 @@ FAST = FinetuneSettings(steps=40, device="cpu", score_every=5)
 
 
 def _run(gen: Generator[FinetuneProgress, None, FinetuneResult]) -> tuple[list[FinetuneProgress], FinetuneResult]:
-    steps = []
-    while True:
-        try:
-            steps.append(next(gen))
-        except StopIteration as stop:
-            return steps, stop.value
+    steps: list[FinetuneProgress] = []
+    return steps, drain(gen, steps.append)
 
 
 def _labels(ckpt: Checkpoint, image: np.ndarray) -> np.ndarray:
