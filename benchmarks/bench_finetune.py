@@ -230,6 +230,8 @@ def main() -> None:
     p.add_argument("--protect-weight", type=float, help="default: the protection's measured weight")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--warmup", type=int, default=d.warmup_steps)
+    p.add_argument("--no-calibration", action="store_true", help="do not learn the input's scale and shift")
+    p.add_argument("--calibration-lr-scale", type=float, default=d.calibration_lr_scale)
     p.add_argument("--seed", type=int, default=31, help="CT phantom seed (not one the bundled model saw)")
     args = p.parse_args()
     if args.threads:
@@ -241,9 +243,11 @@ def main() -> None:
         speed(args.device, args.arch)
         return
     settings = replace(d, lr=args.lr, protect=args.protect, protect_weight=args.protect_weight, steps=args.steps,
-                       warmup_steps=args.warmup, device="cpu")
+                       warmup_steps=args.warmup, calibrate=not args.no_calibration,
+                       calibration_lr_scale=args.calibration_lr_scale, device="cpu")
     print(f"# lr {settings.lr}, warm-up {settings.warmup_steps}, protect {settings.protect} "
-          f"(weight {settings.weight:g}), {settings.steps} steps, {torch.get_num_threads()} threads")
+          f"(weight {settings.weight:g}), {settings.steps} steps, input calibration "
+          f"{f'at {settings.calibration_lr_scale:g}x lr' if settings.calibrate else 'off'}, {torch.get_num_threads()} threads")
     print("| scenario | corrected | Dice before | Dice after | change | other voxels changed | verdict | seconds |")
     print("|---|---:|---:|---:|---:|---:|---|---:|")
     gains: dict[bool, list[float]] = {True: [], False: []}

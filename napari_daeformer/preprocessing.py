@@ -66,9 +66,12 @@ class Preprocessing:
     def describe(self) -> str:
         """One line for the user: which normalisation this is."""
         if self.kind == "ct":
-            return f"CT window {self.window[0]:g}..{self.window[1]:g} HU"  # type: ignore[index]
+            return f"CT window {self.window[0]:.0f}..{self.window[1]:.0f} HU"  # type: ignore[index]
         if self.kind == "rgb":
-            return "RGB, scaled to [-1, 1]"
+            if self.mean == (0.5,) * 3 and self.std == (0.5,) * 3:
+                return "RGB, scaled to [-1, 1]"
+            return ("RGB, per channel (x - mean) / std, mean " + "/".join(f"{v:.3f}" for v in self.mean)
+                    + ", std " + "/".join(f"{v:.3f}" for v in self.std))
         return f"per-image z-score after clipping to the {self.percentiles[0]:g}-{self.percentiles[1]:g}th percentiles"
 
     def for_image(self, image: np.ndarray) -> Preprocessing:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Generator, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +60,8 @@ class FinetuneSettings:
     holdout_fraction: float = 0.25   # of the corrected slices, at least one when two or more are corrected
     score_every: int = 10            # steps between scorings of the held-out slices
     min_gain: float = 0.001          # held-out Dice gain needed to count as better (bf16/fp32 rounding is below it)
+    calibrate: bool = True           # learn a per-channel intensity scale and shift (CT and RGB; see InputCalibration)
+    calibration_lr_scale: float = 100.0  # its learning rate, times `lr`
     device: str = "auto"
     seed: int = 0
 
@@ -130,6 +132,7 @@ class FinetuneResult:
     train_slices: int
     holdout_slices: int
     agreement: list[Agreement] = field(default_factory=list)   # this run's cases: proposal vs the user's labels
+    calibration: str | None = None       # "CT window -125..275 HU -> 10..360 HU" when the candidate's moved
 
     @property
     def headline(self) -> str:
@@ -145,16 +148,17 @@ class FinetuneResult:
         """The verdict in plain sentences, with what the candidate does to the uncorrected slices."""
         change = ("" if self.changed_uncorrected is None else
                   f"{100 * self.changed_uncorrected:.2f}% of the voxels of {self.uncorrected_slices} uncorrected slices")
+        calibration = f" Input calibration: {self.calibration}." if self.calibration else ""
         if self.improved:
             text = f"{self.headline} (best at step {self.best_step})."
-            return f"{text} It changes {change}." if change else text
+            return (f"{text} It changes {change}." if change else text) + calibration
         if self.improved is None:
             text = f"{self.headline} (one corrected slice, trained on)."
             tail = f" The fine-tuned model changes {change}." if change else ""
-            return f"{text}{tail} Keep it only if its re-segmentation looks right."
+            return f"{text}{tail}{calibration} Keep it only if its re-segmentation looks right."
         text = (f"{self.headline} (held-out Dice {self.dice_before:.3f}; the best fine-tuned state scored "
                 f"{self.dice_after:.3f} at step {self.best_step}")
-        return f"{text} and would change {change})." if change else f"{text})."
+        return (f"{text} and would change {change})." if change else f"{text}).") + calibration
 
 
 def check_pairs(pairs: Sequence[Pair], card: ModelCard) -> None:
@@ -259,6 +263,60 @@ class PseudoLabels:
         return self.weight * F.cross_entropy(logits.float(), self.target[pick].to(self.device), ignore_index=-100)
 
 
+class InputCalibration(torch.nn.Module):
+    """The network behind a learnt intensity scale and shift per input channel, starting as the identity.
+
+    A scanner's HU offset or contrast, or a camera's colour cast, is an affine change of the input: these few
+    parameters undo it directly, at a higher learning rate than the network's and outside the pull to the parent,
+    while the weights fix what no affine map can. CT is calibrated before the window's clip (an offset moves what the
+    window cuts off): the wrapper takes HU in window units, unclipped (`input_preprocessing`), and clips after the
+    calibration. `folded` writes the calibration into the preprocessing (CT: a moved and scaled window; RGB: the
+    mean and std), so the saved network has the parent's keys and the engine needs nothing new.
+    """
+
+    SPAN = 3.0          # CT input: window widths beyond the window on either side (abdomen: -1325..1475 HU)
+
+    def __init__(self, net: DAEFormer, prep: Preprocessing) -> None:
+        super().__init__()
+        if prep.kind == "zscore":
+            raise TrainingError("per-image z-score normalisation has no fixed scale to calibrate")
+        self.net, self.window = net, prep.kind == "ct"
+        self.log_scale = torch.nn.Parameter(torch.zeros(prep.channels))
+        self.shift = torch.nn.Parameter(torch.zeros(prep.channels))
+        self.clip = (-prep.mean[0] / prep.std[0], (1 - prep.mean[0]) / prep.std[0])    # the window's ends, normalised
+
+    @property
+    def encoder(self) -> torch.nn.ModuleList:
+        return self.net.encoder
+
+    def input_preprocessing(self, prep: Preprocessing) -> Preprocessing:
+        """What the wrapper's input is normalised with: CT as the network's own inside the window and, unclipped,
+        SPAN widths beyond it; RGB as the network's own."""
+        if not self.window:
+            return prep
+        (lo, hi), k, m, s = prep.window, self.SPAN, prep.mean[0], prep.std[0]  # type: ignore[misc]
+        return replace(prep, window=(lo - k * (hi - lo), hi + k * (hi - lo)), mean=((k + m) / (2 * k + 1),),
+                       std=(s / (2 * k + 1),))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) input as `input_preprocessing` gives it -> (B, classes, H, W) logits."""
+        y = x * self.log_scale.exp()[:, None, None] + self.shift[:, None, None]
+        return self.net(y.clamp(*self.clip) if self.window else y)
+
+    def folded(self, prep: Preprocessing) -> Preprocessing:
+        """`prep` followed by this calibration. RGB: `a (x - m) / s + b == (x - (m - b s / a)) / (s / a)`. CT, in
+        window units `u = (x - lo) / w`: the calibration is `u' = a u + c` with `c = m (1 - a) + b s`, clipped to
+        [0, 1]: the window `lo' = lo - c w / a`, `w' = w / a`."""
+        a, b = self.log_scale.detach().exp().double().tolist(), self.shift.detach().double().tolist()
+        if self.window:
+            (lo, hi), m, s = prep.window, prep.mean[0], prep.std[0]  # type: ignore[misc]
+            c = m * (1 - a[0]) + b[0] * s
+            start = lo - c * (hi - lo) / a[0]
+            return replace(prep, window=(start, start + (hi - lo) / a[0]))
+        std = tuple(s / ai for s, ai in zip(prep.std, a))
+        return replace(prep, mean=tuple(m - bi * si for m, bi, si in zip(prep.mean, b, std)), std=std)
+
+
 class _SquaredDistance(torch.autograd.Function):
     """`sum_i ||p_i - p0_i||^2` over a list of tensors, forward and backward as a few multi-tensor kernels.
 
@@ -316,9 +374,12 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
     if threads is not None:
         threads.tick()
     rng = np.random.default_rng(settings.seed)
-    train, holdout_raw, uncorrected_raw = _split(pairs, settings, rng, card.preprocessing)
     size, n_classes = card.input_size, card.config.num_classes
-    model = copy.deepcopy(parent.model).to(device).float()
+    network = copy.deepcopy(parent.model).to(device).float()
+    calibrate = settings.calibrate and card.preprocessing.kind != "zscore"      # z-score: mean/std set per image
+    model = InputCalibration(network, card.preprocessing).to(device) if calibrate else network
+    prep = model.input_preprocessing(card.preprocessing) if isinstance(model, InputCalibration) else card.preprocessing
+    train, holdout_raw, uncorrected_raw = _split(pairs, settings, rng, prep)
 
     holdout = [_Slices(network_input(i, prep, size), lab, lab.shape[1:]) for i, lab, prep in holdout_raw]
     uncorrected, parent_probs = [], []
@@ -338,13 +399,14 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
     if settings.protect == "pseudo" and uncorrected:
         regulariser = PseudoLabels(torch.cat([u.x for u in uncorrected]), torch.cat(parent_probs), settings, device)
     elif settings.protect == "l2sp":
-        regulariser = PullToParent(model, settings.weight)
+        regulariser = PullToParent(network, settings.weight)
     n_train = sum(len(c.labels) for c in train)
     cfg = TrainConfig(epochs=None, max_steps=settings.steps, batch_size=min(settings.batch_size, n_train),
                       lr=settings.lr, warmup_steps=min(settings.warmup_steps, settings.steps - 1),
                       optimizer="adamw", weight_decay=0.0, dice_present_only=True, train_parts=settings.train_parts, seed=settings.seed,
                       augment=AugmentConfig(p_flip=0.0) if settings.augment else None)
-    trainer = Trainer(model, card, train, [], cfg, None, device=str(device), regulariser=regulariser, threads=threads)
+    trainer = Trainer(model, card, train, [], cfg, None, device=str(device), regulariser=regulariser, threads=threads,
+                      lr_scales={"log_scale": settings.calibration_lr_scale, "shift": settings.calibration_lr_scale})
 
     before = score()
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None         # the best trained state: Dice, step, weights
@@ -372,16 +434,19 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
         changed = changed_voxels / sum(u.labels.size for u in uncorrected)
     n_hold = sum(len(h.labels) for h in holdout)
     agreement = pair_agreement(pairs, n_classes)
-    new_card = card.with_provenance(
+    folded = model.folded(card.preprocessing) if isinstance(model, InputCalibration) else card.preprocessing
+    new_card = replace(card, preprocessing=folded).with_provenance(
         **{PROVENANCE_KEY: as_provenance(merged(history(card.provenance), agreement))},
         parent=str(parent.path) if parent.path else None, finetuned_slices=n_train, holdout_slices=n_hold,
         finetune_settings=asdict(settings), finetune_best_step=best_step,
         holdout_dice_before=None if before is None else round(before, 4),
         holdout_dice_after=None if after is None else round(after, 4),
         changed_uncorrected=None if changed is None else round(changed, 5))
-    candidate = Checkpoint(model.cpu(), new_card)
+    candidate = Checkpoint(network.cpu(), new_card)
+    old, new = card.preprocessing.describe(), folded.describe()
     return FinetuneResult(candidate if improved else parent, candidate, before, after, improved, best_step, changed,
-                          sum(len(u.labels) for u in uncorrected), n_train, n_hold, agreement)
+                          sum(len(u.labels) for u in uncorrected), n_train, n_hold, agreement,
+                          None if old == new else f"{old} → {new.removeprefix('CT window ').removeprefix('RGB, ')}")
 
 
 def next_version_path(parent: str | None, folder: str | None = None) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -92,6 +92,8 @@ class Trainer:
         regulariser: an extra loss term computed from the network at every step (added to Dice + CE).
         threads: chooses the CPU thread count before each step (fine-tuning beside other processes); the count in
             force before `fit` comes back when it ends.
+        lr_scales: parameters whose name starts with a key learn at the schedule's rate times its value
+            (fine-tuning's input calibration).
 
     The global random state is never touched: data order and augmentation draw from generators seeded by
     `cfg.seed`. Parameters frozen by `train_parts` get their `requires_grad` back when `fit` ends.
@@ -100,7 +102,7 @@ class Trainer:
     def __init__(self, model: DAEFormer, card: ModelCard, train_cases: Sequence[Case], val_cases: Sequence[Case],
                  cfg: TrainConfig, out_dir: str | Path | None, device: str = "auto", dist: DistInfo | None = None,
                  resume: bool = False, regulariser: Regulariser | None = None,
-                 threads: ThreadGovernor | None = None) -> None:
+                 threads: ThreadGovernor | None = None, lr_scales: Mapping[str, float] | None = None) -> None:
         self.dist = dist or DistInfo()
         rgb = card.preprocessing.kind == "rgb"
         validate_cases([*train_cases, *val_cases], card.config.num_classes, rgb)
@@ -132,7 +134,7 @@ class Trainer:
             for p in model.encoder.parameters():
                 p.requires_grad_(False)
         self.model.to(self.device)
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = _param_groups(model, lr_scales or {})
         if cfg.optimizer == "sgd":
             self.optimizer: torch.optim.Optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                                                                     weight_decay=cfg.weight_decay)
@@ -166,7 +168,7 @@ class Trainer:
         if self.cfg.augment is not None:
             image, target = augment_batch(image, target, self.cfg.augment, generator)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(self.step)
+            group["lr"] = self.lr_at(self.step) * group.get("lr_scale", 1.0)      # a resume file may predate it
         with autocast(self.device, self.amp_dtype):
             logits = self.net(image)
         loss = self.loss_fn(logits, target)
@@ -262,6 +264,16 @@ class Trainer:
                     yield ValReport(self.epoch, self.step, tuple(map(float, dice)), tuple(map(float, dist)),
                                     mean, best)
             barrier(self.dist)
+
+
+def _param_groups(model: torch.nn.Module, lr_scales: Mapping[str, float]) -> list[dict[str, Any]]:
+    """The trainable parameters, one optimizer group per learning-rate multiplier (1 for the rest)."""
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            scale = next((v for k, v in lr_scales.items() if name.startswith(k)), 1.0)
+            groups.setdefault(float(scale), []).append(p)
+    return [{"params": params, "lr_scale": scale} for scale, params in groups.items()]
 
 
 def _clean(values: np.ndarray) -> list[float | None]:

@@ -124,3 +124,38 @@ def test_pull_to_parent_is_l2sp_with_its_gradient() -> None:
     for got, want in zip(grads, (p.grad for p in model.parameters() if p.requires_grad)):
         torch.testing.assert_close(got, want)
     assert all(p.grad is None for p in model.encoder.parameters())
+
+
+@pytest.mark.parametrize("kind", ["ct", "rgb"])
+def test_input_calibration_folds_into_the_preprocessing(kind: str) -> None:
+    """The wrapper on its (unclipped) input computes what the bare network computes on the input normalised with the
+    folded preprocessing: a moved CT window (HU well outside both windows included), or RGB mean and std."""
+    import torch
+
+    from napari_daeformer.model import DAEFormer, named_config
+    from napari_daeformer.preprocessing import ct_preprocessing, rgb_preprocessing
+    from training.finetune import InputCalibration
+
+    prep = ct_preprocessing() if kind == "ct" else rgb_preprocessing()
+    torch.manual_seed(0)
+    net = DAEFormer(named_config("small", num_classes=3, in_channels=prep.channels)).eval()
+    calibration = InputCalibration(net, prep)
+    with torch.no_grad():
+        calibration.log_scale.fill_(0.4)
+        calibration.shift.fill_(-0.3)
+    rng = np.random.default_rng(0)
+    image = (rng.uniform(-1200, 1200, (1, 32, 32)) if kind == "ct" else rng.uniform(0, 255, (1, 32, 32, 3))).astype(np.float32)
+
+    def as_input(p: object) -> torch.Tensor:
+        x = torch.from_numpy(p.apply(image))  # type: ignore[attr-defined]
+        return x.permute(0, 3, 1, 2) if kind == "rgb" else x[:, None]
+
+    folded = calibration.folded(prep)
+    assert folded != prep and (folded.window != prep.window) == (kind == "ct")
+    with torch.no_grad():
+        torch.testing.assert_close(calibration(as_input(calibration.input_preprocessing(prep))), net(as_input(folded)),
+                                   atol=1e-4, rtol=1e-4)
+        calibration.log_scale.zero_()
+        calibration.shift.zero_()
+        assert calibration.folded(prep) == prep                          # the identity changes nothing
+        torch.testing.assert_close(calibration(as_input(calibration.input_preprocessing(prep))), net(as_input(prep)))
