@@ -4,9 +4,11 @@ Why the earlier recipe wrecked a good model (`python benchmarks/bench_finetune.p
 1e-3 move every weight by about the learning rate whatever its gradient, and on a handful of slices the organs absent
 from them are unlearned (the soft Dice of a class absent from the batch stays near 0 however right the model is, and
 cross-entropy alone pushes such a class down everywhere). The recipe, chosen by `benchmarks/bench_finetune.py`: a
-10-step linear warm-up to 3e-4, Dice over the classes present in the batch, no weight decay towards zero, and L2-SP,
-a pull of the weights towards the parent's (`PullToParent`). `PseudoLabels`, the parent's confident labels on
-uncorrected slices as extra targets, is the measured alternative: twice as slow, and weaker under a scanner shift.
+10-step linear warm-up to 3e-4, Dice over the classes present in the batch, no weight decay towards zero, L2-SP (a
+pull of the weights towards the parent's, `PullToParent`), and an input calibration for scanner and camera shifts
+(`InputCalibration`: a learnt intensity scale and shift, saved as a moved CT window or RGB normalisation).
+`PseudoLabels`, the parent's confident labels on uncorrected slices as extra targets, is the measured alternative
+to L2-SP: twice as slow, and weaker under a scanner shift.
 
 The held-out corrected slices are scored every `score_every` steps, the parent counting as step 0: the parent itself
 comes back unless a trained state beats it by `min_gain`. Used by the "Fine-tune DAE-Former" dock widget and by
@@ -212,11 +214,15 @@ def _predict(model: DAEFormer, x: torch.Tensor, out_size: tuple[int, int], devic
 
 @dataclass
 class _Slices:
-    """Slices of one pair at network size, with what scoring needs at the source size."""
+    """Slices of one pair as the engine sees them: raw, with their normalisation, and the target at source size."""
 
-    x: torch.Tensor                  # (S, C, H, W) network input
+    images: np.ndarray               # (S, Y, X[, 3]) raw slices
+    prep: Preprocessing              # the parent's normalisation of their image
     labels: np.ndarray               # (S, Y, X) target: the user's labels, or the parent's prediction
-    size: tuple[int, int]            # (Y, X) source size
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.labels.shape[1:3]
 
 
 def _split(pairs: Sequence[Pair], settings: FinetuneSettings, rng: np.random.Generator, prep: Preprocessing
@@ -378,26 +384,32 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
     network = copy.deepcopy(parent.model).to(device).float()
     calibrate = settings.calibrate and card.preprocessing.kind != "zscore"      # z-score: mean/std set per image
     model = InputCalibration(network, card.preprocessing).to(device) if calibrate else network
-    prep = model.input_preprocessing(card.preprocessing) if isinstance(model, InputCalibration) else card.preprocessing
-    train, holdout_raw, uncorrected_raw = _split(pairs, settings, rng, prep)
+    train, holdout_raw, uncorrected_raw = _split(pairs, settings, rng, card.preprocessing)
+    if isinstance(model, InputCalibration):
+        train = [replace(c, preprocessing=model.input_preprocessing(c.preprocessing)) for c in train]
 
-    holdout = [_Slices(network_input(i, prep, size), lab, lab.shape[1:]) for i, lab, prep in holdout_raw]
-    uncorrected, parent_probs = [], []
-    for images, prep in uncorrected_raw:
-        x = network_input(images, prep, size)
-        labels, probs = _predict(model, x, images.shape[1:3], device)
-        uncorrected.append(_Slices(x, labels, images.shape[1:3]))
-        parent_probs.append(probs)
+    def engine_labels(part: _Slices) -> np.ndarray:
+        """The labels the engine would give with the current state: the network on the input normalised with the
+        calibration folded in (exact, where the wrapper clips CT after the resize)."""
+        prep = model.folded(part.prep) if isinstance(model, InputCalibration) else part.prep
+        return _predict(network, network_input(part.images, prep, size), part.size, device)[0]
+
+    holdout = [_Slices(images, prep, labels) for images, labels, prep in holdout_raw]
+    uncorrected = [_Slices(images, prep, _predict(network, network_input(images, prep, size), images.shape[1:3],
+                                                  device)[0]) for images, prep in uncorrected_raw]
 
     def score() -> float | None:
         if not holdout:
             return None
-        preds = [_predict(model, h.x, h.size, device)[0] for h in holdout]
-        return _pooled_dice(preds, [h.labels for h in holdout], n_classes)
+        return _pooled_dice([engine_labels(h) for h in holdout], [h.labels for h in holdout], n_classes)
 
     regulariser = None
     if settings.protect == "pseudo" and uncorrected:
-        regulariser = PseudoLabels(torch.cat([u.x for u in uncorrected]), torch.cat(parent_probs), settings, device)
+        as_input = model.input_preprocessing if isinstance(model, InputCalibration) else (lambda p: p)
+        x = torch.cat([network_input(u.images, as_input(u.prep), size) for u in uncorrected])
+        probs = torch.cat([_predict(network, network_input(u.images, u.prep, size), u.size, device)[1]
+                           for u in uncorrected])
+        regulariser = PseudoLabels(x, probs, settings, device)
     elif settings.protect == "l2sp":
         regulariser = PullToParent(network, settings.weight)
     n_train = sum(len(c.labels) for c in train)
@@ -430,7 +442,7 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
     model.eval()
     changed = None
     if uncorrected:
-        changed_voxels = sum(int((_predict(model, u.x, u.size, device)[0] != u.labels).sum()) for u in uncorrected)
+        changed_voxels = sum(int((engine_labels(u) != u.labels).sum()) for u in uncorrected)
         changed = changed_voxels / sum(u.labels.size for u in uncorrected)
     n_hold = sum(len(h.labels) for h in holdout)
     agreement = pair_agreement(pairs, n_classes)

@@ -333,6 +333,8 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
                    + ")")
     p.add_argument("--train-parts", choices=("all", "decoder"), default=d.train_parts, help="default: all")
     p.add_argument("--no-augment", action="store_true", help="no augmentation")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="do not learn an intensity scale and shift (saved as the new CT window or RGB normalisation)")
     p.add_argument("--device", default="auto", help="default: auto")
     p.add_argument("--keep-anyway", action="store_true",
                    help="write OUT even when no step beat the parent on the held-out slices (or none could be held out)")
@@ -365,7 +367,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     pair = Pair(args.image.name, image.data, label_data, slices)
     settings = FinetuneSettings(steps=args.steps, lr=args.lr, warmup_steps=args.warmup, protect=args.protect,
                                 protect_weight=args.protect_weight, train_parts=args.train_parts,
-                                augment=not args.no_augment, device=args.device)
+                                augment=not args.no_augment, calibrate=not args.no_calibration, device=args.device)
     bar = tqdm(total=args.steps, unit="step", file=sys.stderr)
 
     def show(progress: FinetuneProgress) -> None:

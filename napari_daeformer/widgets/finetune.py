@@ -188,6 +188,9 @@ class FinetuneWidget(WorkerWidget):
         self._parts = ComboBox(label="train", choices=["all", "decoder"], value="all",
                                tooltip="'decoder' keeps the encoder fixed: safer with very few slices")
         self._augment = CheckBox(label="augmentation", value=True, tooltip="Random affine, contrast, blur, noise")
+        self._calibrate = CheckBox(label="calibrate intensities", value=FinetuneSettings.calibrate,
+                                   tooltip="Also learn an intensity scale and shift (a scanner's HU offset, a camera's "
+                                           "colour cast), saved as the new model's CT window or colour normalisation")
         self._device = device_picker()
         self._save_to = FileEdit(label="save as", mode="w", filter="*.safetensors",
                                  tooltip="New checkpoint file (default: PARENT-ftN.safetensors)")
@@ -214,7 +217,7 @@ class FinetuneWidget(WorkerWidget):
                                  "how much of each model version's proposals you kept")
         self.extend([self._image, self._corrected, row(self._add, self._clear), self._pairs_info,
                      collapsible("Settings", [self._steps, self._lr, self._protect, self._parts, self._augment,
-                                              self._device, self._save_to, self._overwrite]),
+                                              self._calibrate, self._device, self._save_to, self._overwrite]),
                      row(self._run, self._cancel), self._progress, plot, self._status,
                      self._keep_anyway, row(self._resegment, self._revert)])
         self._tidy()
@@ -312,7 +315,8 @@ class FinetuneWidget(WorkerWidget):
             return
         settings = FinetuneSettings(steps=int(self._steps.value), lr=float(self._lr.value),
                                     protect=PROTECT_CHOICES[self._protect.value], train_parts=self._parts.value,
-                                    augment=bool(self._augment.value), device=self._device.value)
+                                    augment=bool(self._augment.value), calibrate=bool(self._calibrate.value),
+                                    device=self._device.value)
         self.plot.reset(settings.steps)
         self.result, self._pending_out = None, (out, overwrite)
         self._keep_anyway.visible = False
