@@ -177,7 +177,7 @@ class FinetuneWidget(WorkerWidget):
         self._clear = PushButton(text="Clear pairs")
         self._pairs_info = self._wrap(Label(value="No pairs yet."))
         self._steps = SpinBox(label="steps", min=1, max=20000, value=FinetuneSettings.steps,
-                              tooltip="Optimiser steps; 100 take about 30 s for the small model on 2 CPU cores")
+                              tooltip="Optimiser steps; 100 take 25-35 s for the small model on 2 CPU cores")
         self._lr = FloatSpinBox(label="learning rate", min=1e-5, max=1.0, step=1e-5, value=FinetuneSettings.lr,
                                 tooltip="AdamW peak learning rate, reached after a warm-up of "
                                         f"{FinetuneSettings.warmup_steps} steps")

@@ -66,6 +66,11 @@ def test_finetune_improves_held_out_dice(session, weak_ckpt: Path, qtbot) -> Non
     assert card.provenance["finetuned_slices"] == 4 and card.provenance["holdout_slices"] == 1
     assert weak_ckpt.read_bytes() == original                         # the parent file is untouched
     assert segment.checkpoint_path() == tune.new_path                 # loaded into the Segment widget
+    window = card.preprocessing.window                                # the input calibration, folded into it
+    assert (segment._lower.value, segment._upper.value) == pytest.approx(window, abs=0.01)
+    before = read_card(weak_ckpt).preprocessing
+    assert (f"Input calibration: {before.describe()} → {card.preprocessing.describe().removeprefix('CT window ')}"
+            in tune._status.value) == (window != before.window)
     assert len(tune.plot.losses) == 30
     assert tune.plot.axes.get_xlim() == (0, 30) == tune.plot.dice_axes.get_xlim()   # the whole run is in view
     (first,) = card.provenance["agreement"]                           # the weak model's proposal vs the corrections
