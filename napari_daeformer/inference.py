@@ -15,7 +15,7 @@ import torch
 
 from .checkpoint import Checkpoint
 from .devices import low_precision_weights, resolve_device, resolve_precision
-from .errors import DaeformerError, InferenceError
+from .errors import DaeformerError, InferenceError, first_line
 from .io import ImageRecord
 from .jobs import drain
 from .stages import Accumulator, Predictor, SliceSource
@@ -198,7 +198,7 @@ def segment(
                 torch.cuda.empty_cache()
                 continue
             except RuntimeError as e:                        # torch errors are RuntimeErrors: make them ours
-                raise InferenceError(f"segmentation failed: {str(e).splitlines()[0]}") from e
+                raise InferenceError(f"segmentation failed: {first_line(e)}") from e
             first, last = int(source.order[start]), int(source.order[stop - 1])
             yield Progress(stop, total, first, out.labels[first:last + 1])
             start = stop

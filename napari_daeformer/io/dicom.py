@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ImageFormatError
+from ..errors import ImageFormatError, first_line
 from ..memory import check_allocation
 from .record import ImageRecord, check_pixels
 
@@ -52,7 +52,7 @@ def read_dicom(path: Path) -> ImageRecord:
     except ImageFormatError:
         raise
     except Exception as e:
-        raise ImageFormatError(f"{path.name}: DICOM pixel data cannot be decoded ({str(e).splitlines()[0] if str(e) else e!r})") from e
+        raise ImageFormatError(f"{path.name}: DICOM pixel data cannot be decoded ({first_line(e)})") from e
 
 
 def is_segmentation(ds: Any) -> bool:
@@ -71,7 +71,7 @@ def _datasets(path: Path, pixels: bool) -> list[Any]:
         try:
             ds = pydicom.dcmread(str(f), stop_before_pixels=not pixels)
         except Exception as e:
-            raise ImageFormatError(f"{f.name}: not a readable DICOM file ({str(e).splitlines()[0] if str(e) else e!r})") from e
+            raise ImageFormatError(f"{f.name}: not a readable DICOM file ({first_line(e)})") from e
         if is_segmentation(ds):
             if not path.is_dir():
                 raise ImageFormatError(f"{path.name}: is a DICOM Segmentation, not an image; open it as labels "

@@ -8,7 +8,7 @@ import numpy as np
 from skimage import io as skio
 
 from ..atomic import atomic_write
-from ..errors import ImageFormatError
+from ..errors import ImageFormatError, first_line
 from .record import ImageRecord, check_pixels, default_affine
 
 PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -19,7 +19,7 @@ def read_photo(path: Path) -> ImageRecord:
     try:
         data = np.asarray(skio.imread(str(path)))
     except Exception as e:
-        raise ImageFormatError(f"{path.name}: not a readable image ({str(e).splitlines()[0] if str(e) else e!r})") from e
+        raise ImageFormatError(f"{path.name}: not a readable image ({first_line(e)})") from e
     notes: tuple[str, ...] = ()
     if data.ndim == 3 and data.shape[-1] == 4:
         data, notes = data[..., :3], ("alpha channel dropped",)

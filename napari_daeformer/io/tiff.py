@@ -9,7 +9,7 @@ import numpy as np
 import tifffile
 
 from ..atomic import atomic_write
-from ..errors import ImageFormatError
+from ..errors import ImageFormatError, first_line
 from ..memory import check_allocation
 from .record import ImageRecord, check_pixels, default_affine
 
@@ -32,7 +32,7 @@ def read_tiff(path: Path) -> ImageRecord:
     except ImageFormatError:
         raise
     except Exception as e:
-        raise ImageFormatError(f"{path.name}: not a readable TIFF ({str(e).splitlines()[0] if str(e) else e!r})") from e
+        raise ImageFormatError(f"{path.name}: not a readable TIFF ({first_line(e)})") from e
     data = np.squeeze(data)
     # RGB by the photometric tag (8- or 16-bit); untagged 8-bit (Y, X, 3|4) arrays are photos too.
     rgb = data.ndim == 3 and data.shape[-1] in (3, 4) and (colour or data.dtype == np.uint8)

@@ -12,7 +12,7 @@ from napari.utils.notifications import show_error
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QWidget
 
-from ..errors import DaeformerError
+from ..errors import DaeformerError, first_line
 
 MAX_WIDTH = 460
 DOCK_WIDTH = 420                  # wide enough for every row of the three docks, scroll bar included
@@ -39,7 +39,7 @@ def guarded(job: Callable[..., Generator[Any, None, Any]], error: type[Daeformer
         try:
             return (yield from job(*args))
         except RuntimeError as e:
-            raise error(f"{what} failed: {str(e).splitlines()[0]}") from e
+            raise error(f"{what} failed: {first_line(e)}") from e
     return run
 
 
