@@ -395,8 +395,9 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
         return _predict(network, network_input(part.images, prep, size), part.size, device)[0]
 
     holdout = [_Slices(images, prep, labels) for images, labels, prep in holdout_raw]
-    uncorrected = [_Slices(images, prep, _predict(network, network_input(images, prep, size), images.shape[1:3],
-                                                  device)[0]) for images, prep in uncorrected_raw]
+    parent_out = [_predict(network, network_input(images, prep, size), images.shape[1:3], device)
+                  for images, prep in uncorrected_raw]                    # (labels, softmax) per pair
+    uncorrected = [_Slices(images, prep, labels) for (images, prep), (labels, _) in zip(uncorrected_raw, parent_out)]
 
     def score() -> float | None:
         if not holdout:
@@ -407,9 +408,7 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
     if settings.protect == "pseudo" and uncorrected:
         as_input = model.input_preprocessing if isinstance(model, InputCalibration) else (lambda p: p)
         x = torch.cat([network_input(u.images, as_input(u.prep), size) for u in uncorrected])
-        probs = torch.cat([_predict(network, network_input(u.images, u.prep, size), u.size, device)[1]
-                           for u in uncorrected])
-        regulariser = PseudoLabels(x, probs, settings, device)
+        regulariser = PseudoLabels(x, torch.cat([probs for _, probs in parent_out]), settings, device)
     elif settings.protect == "l2sp":
         regulariser = PullToParent(network, settings.weight)
     n_train = sum(len(c.labels) for c in train)
