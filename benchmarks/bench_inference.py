@@ -1,12 +1,15 @@
-"""Segment a 512x512x200 volume with the `paper` DAE-Former: our engine against a naive loop.
+"""Segment a 512x512x200 volume with the `paper` DAE-Former: the official model and a naive loop against our engine.
 
     python benchmarks/bench_inference.py [--device cpu|cuda] [--slices 200] [--threads N]
+                                         [--variants official,naive,ours-fp32,ours-bf16,ours-int8,ours-auto]
 
 Naive loop: fp32, one slice at a time, every slice's full-resolution logits kept and stacked, argmax at the
-end. Each variant runs the whole volume once to warm up (kernel selection, allocator) and is timed on a
-second pass. Ours: the engine (batches, inference_mode, autocast where available, labels only). Each variant runs in
-its own process so that its peak RSS (and peak CUDA memory) is its own. Weights are random: speed and memory
-do not depend on them.
+end; `official` is that loop around the official code's arithmetic and layout (`_official_layout.py`), `naive`
+around our model. Ours: the engine (`segment`: batches, inference_mode, the numeric path of `--precision`, labels
+only). Each variant runs the whole volume once to warm up (kernel selection, allocator) and is timed on a second
+pass (read and write excluded), in its own process so that its peak RSS (and peak CUDA memory) is its own. Weights
+are random: speed and memory do not depend on them, and the label agreement with the naive loop is a lower bound
+(a random network's classes are near ties; `bench_model.py` measures agreement on the trained CT model).
 """
 
 from __future__ import annotations
@@ -16,11 +19,16 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _official_layout import official_forward  # noqa: E402
 
 from napari_daeformer.checkpoint import Checkpoint, ModelCard
 from napari_daeformer.devices import resolve_device
@@ -29,7 +37,7 @@ from napari_daeformer.model import DAEFormer, named_config
 from napari_daeformer.preprocessing import ct_preprocessing
 
 
-def run_variant(variant: str, device_name: str, slices: int, threads: int | None) -> dict[str, float]:
+def run_variant(variant: str, device_name: str, slices: int, threads: int | None, labels_to: str) -> dict[str, float]:
     if threads:
         torch.set_num_threads(threads)
     device = resolve_device(device_name)
@@ -39,8 +47,9 @@ def run_variant(variant: str, device_name: str, slices: int, threads: int | None
     volume = np.random.default_rng(0).normal(0, 300, (slices, 512, 512)).astype(np.int16)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    if variant == "naive":
+    if variant in ("naive", "official"):
         prep = card.preprocessing
+        forward = official_forward(model) if variant == "official" else model
 
         def naive(vol: np.ndarray) -> np.ndarray:
             logits = []
@@ -48,18 +57,19 @@ def run_variant(variant: str, device_name: str, slices: int, threads: int | None
                 for plane in vol:
                     x = torch.from_numpy(prep.apply(plane))[None, None].to(device)
                     x = F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False)
-                    logits.append(F.interpolate(model(x), size=plane.shape, mode="bilinear", align_corners=False))
+                    logits.append(F.interpolate(forward(x), size=plane.shape, mode="bilinear", align_corners=False))
             return torch.cat(logits).argmax(1).cpu().numpy().astype(np.uint8)
 
         naive(volume)                         # warm-up: the same shapes as the timed run
         start = time.perf_counter()
-        naive(volume)
+        labels = naive(volume)
     else:
         ckpt = Checkpoint(model, card)
         precision = variant.split("-")[1]
         run_segmentation(segment(volume, ckpt, device=device, precision=precision))   # warm-up, same shapes
         start = time.perf_counter()
         result = run_segmentation(segment(volume, ckpt, device=device, precision=precision))
+        labels = result.labels
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -67,8 +77,9 @@ def run_variant(variant: str, device_name: str, slices: int, threads: int | None
            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     if device.type == "cuda":
         out["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    if variant != "naive":
+    if variant not in ("naive", "official"):
         out["batch_size"] = result.batch_size
+    np.save(labels_to, labels)
     return out
 
 
@@ -77,31 +88,37 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--slices", type=int, default=200)
     p.add_argument("--threads", type=int)
-    p.add_argument("--variants", default="naive,ours-fp32,ours-auto")
+    p.add_argument("--variants", default="official,naive,ours-fp32,ours-auto")
     p.add_argument("--variant", help=argparse.SUPPRESS)
+    p.add_argument("--labels-to", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.variant:
-        print(json.dumps(run_variant(args.variant, args.device, args.slices, args.threads)))
+        print(json.dumps(run_variant(args.variant, args.device, args.slices, args.threads, args.labels_to)))
         return
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{args.slices} x 512 x 512 volume, paper configuration, {device} ({name}), torch {torch.__version__}")
-    results = {}
+    results, labels = {}, {}
+    folder = Path(tempfile.mkdtemp())
     for variant in args.variants.split(","):
-        cmd = [sys.executable, __file__, "--variant", variant, "--device", args.device, "--slices", str(args.slices)]
+        cmd = [sys.executable, __file__, "--variant", variant, "--device", args.device, "--slices", str(args.slices),
+               "--labels-to", str(folder / f"{variant}.npy")]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+        labels[variant] = np.load(folder / f"{variant}.npy")
         print(variant, results[variant], flush=True)
-    base = results.get("naive")
+    base = results.get("official") or results.get("naive")
+    ref = labels.get("naive", labels.get("official"))
     if base:
+        name = "official" if "official" in results else "naive"
+        print(f"| variant | slices/s | x {name} | peak RSS GB | peak CUDA GB | labels = naive loop |")
+        print("|---|---:|---:|---:|---:|---:|")
         for variant, r in results.items():
-            if variant != "naive":
-                cuda = (f", peak CUDA {r['peak_cuda_gb'] / base['peak_cuda_gb']:.2f}x"
-                        if "peak_cuda_gb" in r else "")
-                print(f"{variant}: {r['slices_per_s'] / base['slices_per_s']:.2f}x the naive loop's speed, "
-                      f"peak RSS {r['peak_rss_gb'] / base['peak_rss_gb']:.2f}x{cuda}")
+            same = float((labels[variant] == ref).mean()) if ref is not None else float("nan")
+            print(f"| {variant} | {r['slices_per_s']:.2f} | {r['slices_per_s'] / base['slices_per_s']:.2f}x | "
+                  f"{r['peak_rss_gb']:.2f} | {r.get('peak_cuda_gb', float('nan')):.2f} | {100 * same:.2f}% |")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Device and precision choice: `auto` means cuda, then mps, then cpu."""
+"""Device and numeric-path choice: `auto` means cuda, then mps, then cpu."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import torch
 
 from .errors import InferenceError
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+# The engine's numeric paths (`Predictor`): what `resolve_path` returns.
+PATHS = ("fp32", "bf16 autocast", "fp16 autocast", "bf16 weights", "int8 dynamic")
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
@@ -38,30 +40,41 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `precision` on `device`, or None for plain fp32.
+def cpu_has_int8_kernels() -> bool:
+    """Whether torch's x86 int8 kernels (FBGEMM) and its dynamic quantisation are available here."""
+    engines = torch.backends.quantized.supported_engines
+    return ("x86" in engines or "fbgemm" in engines) and hasattr(torch.ao.quantization, "quantize_dynamic")
 
-    `auto`: bf16 on CUDA GPUs that support it (else fp16), bf16 on CPUs with native bf16, fp32 otherwise.
+
+def resolve_path(precision: str, device: torch.device) -> str:
+    """The engine's numeric path (one of PATHS) for `precision` on `device`.
+
+    `auto`: bf16 weights on CUDA GPUs with bf16 (else fp16 autocast); on CPUs bf16 autocast where the CPU has native
+    bf16, else int8 dynamic quantisation of the Linear layers where the x86 int8 kernels exist, else fp32
+    (`benchmarks/bench_model.py` measures each against the official model). `bf16` on CUDA means bf16 weights.
     """
     if precision not in PRECISIONS:
         raise InferenceError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision == "fp32":
-        return None
     if precision == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if device.type == "cpu" and cpu_has_native_bf16():
-            return torch.bfloat16
-        return None
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        elif device.type == "cpu" and cpu_has_native_bf16():
+            precision = "bf16"
+        elif device.type == "cpu" and cpu_has_int8_kernels():
+            precision = "int8"
+        else:
+            precision = "fp32"
     if precision == "fp16" and device.type == "cpu":
-        raise InferenceError("fp16 autocast is not supported on the CPU; use bf16 or fp32")
-    return torch.bfloat16 if precision == "bf16" else torch.float16
-
-
-def low_precision_weights(device: torch.device, dtype: torch.dtype | None) -> bool:
-    """Whether the engine stores the weights themselves in `dtype` rather than autocasting: bf16 on CUDA (every
-    kernel in bf16; 1.5x the slices per second of autocast on an H100, labels as autocast's)."""
-    return device.type == "cuda" and dtype == torch.bfloat16
+        raise InferenceError("fp16 autocast is not supported on the CPU; use bf16, int8 or fp32")
+    if precision == "int8":
+        if device.type != "cpu":
+            raise InferenceError("int8 runs on the CPU only; use bf16 or fp16 on a GPU")
+        if not cpu_has_int8_kernels():
+            raise InferenceError("this CPU or torch build has no int8 kernels; use fp32 (or bf16)")
+        return "int8 dynamic"
+    if precision == "bf16" and device.type == "cuda":
+        return "bf16 weights"                     # every kernel in bf16: 1.5x autocast's slices per second on an H100
+    return "fp32" if precision == "fp32" else f"{precision} autocast"
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager[object]:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .checkpoint import Checkpoint
-from .devices import low_precision_weights, resolve_device, resolve_precision
+from .devices import resolve_device, resolve_path
 from .errors import DaeformerError, InferenceError, first_line
 from .io import ImageRecord
 from .jobs import drain
@@ -23,7 +23,7 @@ from .stages import Accumulator, Predictor, SliceSource
 # Peak activation bytes per 224x224 slice of the `paper` model under inference_mode, fp32 (measured,
 # rounded up); scaled by area and width for other sizes and configurations.
 _BYTES_PER_SLICE_PAPER_224 = 160e6
-CPU_BATCH = 2
+CPU_BATCH_BYTES = 100e6
 
 
 class Cancelled(DaeformerError):
@@ -99,16 +99,19 @@ def image_warnings(image: np.ndarray) -> list[str]:
     return []
 
 
-def default_batch_size(checkpoint: Checkpoint, device: torch.device) -> int:
-    """On CUDA, what fits half the free memory (at most 64); elsewhere 2 (the fastest per slice on a 2-core CPU:
-    larger batches spill the caches; `benchmarks/bench_cpu_paths.py`)."""
-    if device.type != "cuda":
-        return CPU_BATCH
+def _bytes_per_slice(checkpoint: Checkpoint) -> float:
     h, w = checkpoint.card.input_size
-    width = checkpoint.card.config.embed_dims[0] / 128
-    per_slice = _BYTES_PER_SLICE_PAPER_224 * (h * w) / 224**2 * width
+    return _BYTES_PER_SLICE_PAPER_224 * (h * w) / 224**2 * checkpoint.card.config.embed_dims[0] / 128
+
+
+def default_batch_size(checkpoint: Checkpoint, device: torch.device) -> int:
+    """On CUDA, what fits half the free memory (at most 64). On a CPU, what keeps a batch's activations near the
+    caches (CPU_BATCH_BYTES): 1 for `paper` at 224, 2 for the bundled `small` models, the fastest per slice on 2 cores
+    (larger batches spill the caches; `benchmarks/bench_model.py`)."""
+    if device.type != "cuda":
+        return int(max(1, min(8, CPU_BATCH_BYTES // _bytes_per_slice(checkpoint))))
     free, _ = torch.cuda.mem_get_info(device)
-    return int(max(1, min(64, 0.5 * free // per_slice)))
+    return int(max(1, min(64, 0.5 * free // _bytes_per_slice(checkpoint))))
 
 
 def segment(
@@ -135,7 +138,8 @@ def segment(
         rgb: whether the last axis is colour (default: from the record, else a trailing axis of 3).
         axis: the spatial axis to slice along (0 = Z of a (Z, Y, X) volume).
         device: auto, cpu, cuda[:N] or mps.
-        precision: auto, fp32, bf16 or fp16 (autocast).
+        precision: auto, fp32, bf16, fp16 or int8 (`devices.resolve_path`: auto picks the fastest path measured
+            to keep the labels).
         batch_size: slices per forward pass (default: what fits the device).
         window: a CT window (lower, upper) HU overriding the checkpoint's.
         probabilities, entropy: also return softmax probabilities / per-voxel entropy.
@@ -162,7 +166,7 @@ def segment(
     if n_classes > 256:
         raise InferenceError(f"{n_classes} classes do not fit a uint8 label map")
     dev = resolve_device(device)
-    amp = resolve_precision(precision, dev)
+    path = resolve_path(precision, dev)
     batch = batch_size or default_batch_size(checkpoint, dev)
     if batch < 1:
         raise InferenceError(f"batch size must be at least 1, got {batch}")
@@ -173,7 +177,7 @@ def segment(
     prep = (card.preprocessing if window is None else card.preprocessing.with_window(window)).for_image(image)
     max_value = float(np.iinfo(image.dtype).max) if rgb and np.issubdtype(image.dtype, np.integer) else 255.0
     source = SliceSource(stack, np.flatnonzero(todo), rgb, prep, max_value, card.input_size, dev)
-    predict = Predictor(checkpoint.model, dev, amp, low_precision_weights=low_precision_weights(dev, amp))
+    predict = Predictor(checkpoint.model, dev, path)
     out = Accumulator(len(stack), source.size, n_classes, probabilities, entropy, slice_uncertainty)
 
     start, total = 0, len(source.order)
@@ -187,7 +191,7 @@ def segment(
                 logits = predict(x)
                 if not bool(torch.isfinite(logits).all()):   # never an all-background map passed off as a result
                     raise InferenceError("the model produced NaN or infinite scores"
-                                         + (f" in {predict.path}; try --precision fp32" if amp is not None else
+                                         + (f" in {predict.path}; try --precision fp32" if path != "fp32" else
                                             "; its weights or preprocessing are damaged"))
                 out.add(idx, logits)
             except torch.cuda.OutOfMemoryError as e:

@@ -2,21 +2,25 @@
 and resampling apart, so that a faster path replaces one stage without touching the others:
 
 - `SliceSource` (prepare): the image's slices as normalised, resized network-input batches on the device.
-- `Predictor` (predict): network-size logits of a batch, by one numeric path (fp32, autocast, bf16 weights).
+- `Predictor` (predict): network-size logits of a batch, by one numeric path (fp32, autocast, bf16 weights,
+  int8 dynamic).
 - `Accumulator` (accumulate): logits resized back to the source, argmax to uint8 labels (and, if asked for,
   probabilities, entropy, per-slice uncertainty) written into the output arrays.
 """
 
 from __future__ import annotations
 
+import copy
+import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .devices import autocast
+from .devices import PATHS, autocast
 from .preprocessing import Preprocessing
 
 _TORCH_SAFE = {np.dtype(t) for t in (np.uint8, np.int8, np.int16, np.int32, np.int64, np.float32, np.float64)}
@@ -70,46 +74,63 @@ class SliceSource:
         return idx, F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False, antialias=True)
 
 
-_LOW_PRECISION: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple[int, ...], torch.nn.Module]] = \
+_COPIES: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, tuple[tuple[int, ...], torch.nn.Module]]] = \
     weakref.WeakKeyDictionary()
 
 
-def low_precision_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """A copy of `model` with its weights in `dtype`, made once per model (and again if its weights change); the
-    model itself is left in fp32."""
-    import copy
-
+def _cached_copy(model: torch.nn.Module, kind: str, make: Callable[[torch.nn.Module], torch.nn.Module]) -> torch.nn.Module:
+    """`make(deepcopy(model))`, made once per model and kind (and again when the model's weights change)."""
     versions = tuple(p._version for p in model.parameters())
-    cached = _LOW_PRECISION.get(model)
-    if cached is None or cached[0] != versions or next(cached[1].parameters()).dtype != dtype:
-        low = copy.deepcopy(model).to(dtype).eval()
-        _LOW_PRECISION[model] = (versions, low)
-        return low
-    return cached[1]
+    copies = _COPIES.setdefault(model, {})
+    if kind not in copies or copies[kind][0] != versions:
+        copies[kind] = (versions, make(copy.deepcopy(model)).eval())
+    return copies[kind][1]
+
+
+def low_precision_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of `model` with its weights in `dtype`; the model itself is left in fp32."""
+    return _cached_copy(model, str(dtype), lambda m: m.to(dtype))
+
+
+def int8_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` whose Linear layers run in int8 (weights quantised per tensor once, activations on the fly:
+    torch's dynamic quantisation, FBGEMM kernels). Linears whose weights a layer reads itself (`folded_linears`, the
+    attention folds) stay fp32."""
+    def quantise(m: torch.nn.Module) -> torch.nn.Module:
+        keep = {f"{name}.{child}" if name else child for name, module in m.named_modules()
+                for child in getattr(module, "folded_linears", ())}
+        linears = {name for name, module in m.named_modules() if isinstance(module, torch.nn.Linear) and name not in keep}
+        with warnings.catch_warnings():                     # torch.ao.quantization warns that it is moving to torchao
+            warnings.simplefilter("ignore")
+            return torch.ao.quantization.quantize_dynamic(m, linears, dtype=torch.qint8)
+    return _cached_copy(model, "int8", quantise)
 
 
 class Predictor:
-    """Predict: (b, C, H, W) network input -> (b, n, H, W) float32 logits, by one numeric path.
+    """Predict: (b, C, H, W) network input -> (b, n, H, W) float32 logits, by one numeric path (`devices.PATHS`).
 
-    Paths: "fp32"; "autocast" (`dtype` matrix products, fp32 weights and normalisations); "weights" (a copy of the
-    model stored in `dtype`, bf16 on CUDA: every kernel in bf16, 1.5x autocast's slices per second on an H100).
+    "fp32"; "bf16/fp16 autocast" (low-precision matrix products, fp32 weights and normalisations); "bf16 weights" (a
+    copy of the model stored in bf16: every kernel in bf16); "int8 dynamic" (a copy with int8 Linear layers). The
+    model itself stays fp32; the copies are cached and follow its weights.
     """
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None,
-                 low_precision_weights: bool = False) -> None:
-        self.device, self.dtype = device, dtype
+    def __init__(self, model: torch.nn.Module, device: torch.device, path: str = "fp32") -> None:
+        if path not in PATHS:
+            raise ValueError(f"unknown numeric path {path!r}; one of {', '.join(PATHS)}")
+        self.device, self.path = device, path
         model = model.to(device).eval()
-        if dtype is None:
-            self.path, self.model = "fp32", model
-        elif low_precision_weights:
-            self.path, self.model = f"{str(dtype).removeprefix('torch.')} weights", low_precision_copy(model, dtype)
+        self.dtype = torch.bfloat16 if path.startswith("bf16") else torch.float16 if path.startswith("fp16") else None
+        if path == "bf16 weights":
+            self.model = low_precision_copy(model, torch.bfloat16)
+        elif path == "int8 dynamic":
+            self.model = int8_copy(model)
         else:
-            self.path, self.model = f"{str(dtype).removeprefix('torch.')} autocast", model
+            self.model = model
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.path.endswith("weights"):
-            return self.model(x.to(self.dtype)).float()
-        with autocast(self.device, self.dtype):
+        if self.path == "bf16 weights":
+            return self.model(x.to(torch.bfloat16)).float()
+        with autocast(self.device, self.dtype if self.path.endswith("autocast") else None):
             return self.model(x).float()
 
 

@@ -12,6 +12,7 @@ import torch
 from napari_daeformer.app.cli import main
 from napari_daeformer.bundled import bundled_model
 from napari_daeformer.checkpoint import Checkpoint, ModelCard, load_checkpoint
+from napari_daeformer.devices import cpu_has_int8_kernels
 from napari_daeformer.errors import InferenceError
 from napari_daeformer.inference import Cancelled, run_segmentation, segment
 from napari_daeformer.io import read_image
@@ -20,7 +21,7 @@ from napari_daeformer.io.record import default_affine
 from napari_daeformer.metrics import dice_per_class
 from napari_daeformer.model import DAEFormer
 from napari_daeformer.sample_data import synthetic_ct, synthetic_skin
-from napari_daeformer.stages import Accumulator, Predictor, SliceSource, low_precision_copy
+from napari_daeformer.stages import Accumulator, Predictor, SliceSource, int8_copy, low_precision_copy
 
 from .conftest import TINY
 from .model.test_attention import ShapeRecorder
@@ -51,10 +52,12 @@ def test_bf16_agrees_with_fp32(ct_model: Checkpoint, held_out) -> None:  # type:
     assert (fp32 == bf16).mean() >= 0.995
 
 
-@pytest.mark.parametrize("weights", [False, True], ids=["bf16 autocast", "bf16 weights"])
-def test_each_fast_path_agrees_with_fp32(ct_model: Checkpoint, held_out, weights: bool) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("path", ["bf16 autocast", "bf16 weights", "int8 dynamic"])
+def test_each_fast_path_agrees_with_fp32(ct_model: Checkpoint, held_out, path: str) -> None:  # type: ignore[no-untyped-def]
     """The engine's stages with one numeric path swapped: labels agree with fp32 on 99.5% of the voxels and the
     Dice against the truth moves by less than 0.002 (the GPU uses bf16 weights; checked here on the CPU)."""
+    if path == "int8 dynamic" and not cpu_has_int8_kernels():
+        pytest.skip("no x86 int8 kernels in this torch build (ARM CPU): the engine never picks int8 here")
     image, truth = held_out.image[8:40], held_out.labels[8:40]
     prep = ct_model.card.preprocessing.for_image(image)
 
@@ -68,13 +71,26 @@ def test_each_fast_path_agrees_with_fp32(ct_model: Checkpoint, held_out, weights
                 out.add(idx, predict(x))
         return out.labels
 
-    fp32 = labels(Predictor(ct_model.model, torch.device("cpu"), None))
-    fast = Predictor(ct_model.model, torch.device("cpu"), torch.bfloat16, low_precision_weights=weights)
-    assert fast.path == ("bfloat16 weights" if weights else "bfloat16 autocast")
+    fp32 = labels(Predictor(ct_model.model, torch.device("cpu"), "fp32"))
+    fast = Predictor(ct_model.model, torch.device("cpu"), path)
+    assert fast.model is not ct_model.model or path.endswith("autocast")
     other = labels(fast)
     assert (other == fp32).mean() >= 0.995
     assert abs(np.nanmean(dice_per_class(other, truth, 6)) - np.nanmean(dice_per_class(fp32, truth, 6))) < 0.002
     assert next(ct_model.model.parameters()).dtype == torch.float32          # the checkpoint's model is untouched
+
+
+def test_int8_copy_quantises_the_linears_the_attention_does_not_read(tiny_model: DAEFormer) -> None:
+    if not cpu_has_int8_kernels():
+        pytest.skip("no x86 int8 kernels in this torch build")
+    q = int8_copy(tiny_model)
+    kinds = {name: type(m).__module__ for name, m in q.named_modules()}
+    block = "encoder.0.blocks.0."
+    assert "quantized" in kinds[block + "ffn1.fc1"] and "quantized" in kinds[block + "channel_attn.qkv"]
+    assert "quantized" not in kinds[block + "spatial_attn.value"]          # the folds read these weights
+    assert "quantized" not in kinds["decoder.0.fuse.proj"]
+    assert int8_copy(tiny_model) is q                                      # made once per model
+    assert isinstance(tiny_model.encoder[0].blocks[0].ffn1.fc1, torch.nn.Linear)   # the model itself untouched
 
 
 def test_low_precision_copy_is_made_once_and_follows_the_weights(tiny_model: DAEFormer) -> None:

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ..devices import PRECISIONS
 from ..errors import DaeformerError, first_line, printable
 from .train import resolve_settings
 
@@ -85,8 +86,9 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda[:N], mps "
                    "(default: %(default)s)")
     p.add_argument("--batch-size", type=int, help="slices per forward pass (default: what fits the device)")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="autocast precision; auto = bf16 on GPUs and on CPUs with native bf16 (default: %(default)s)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="numeric path; auto = bf16 on GPUs and on CPUs with native bf16, int8 Linear layers on other "
+                   "x86 CPUs (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,8 +24,12 @@ class EfficientAttention(nn.Module):
     """Spatial attention of linear cost (Shen et al.), one head, no 1/sqrt(d) scaling.
 
     Queries are softmaxed over channels and keys over tokens, so the global context
-    `softmax_N(K)^T V` is only (C, C): the cost is O(N C^2), never O(N^2).
+    `softmax_N(K)^T V` is only (C, C): the cost is O(N C^2), never O(N^2). Where there are more tokens than
+    channels, the value and output projections are folded into that context (exact: each row of softmax_N(K)
+    sums to 1), which saves two of the six (N, C) x (C, C) products.
     """
+
+    folded_linears = ("value", "proj")                         # Linears whose weights forward() reads itself
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -37,8 +41,11 @@ class EfficientAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = self.query(x).softmax(dim=-1)                     # (B, N, C): each token sums to 1
         k = self.key(x).transpose(-2, -1).softmax(dim=-1)     # (B, C, N): each channel sums to 1 over tokens
-        context = k @ self.value(x)                           # (B, C, C)
-        return self.proj(q @ context)                         # (B, N, C)
+        N, C = x.shape[-2:]
+        if N <= C:
+            return self.proj(q @ (k @ self.value(x)))         # (B, C, C) context, (B, N, C) out
+        context = F.linear(k @ x, self.value.weight, self.value.bias)   # (B, C, C) = k @ value(x)
+        return torch.baddbmm(self.proj.bias, q, context @ self.proj.weight.t())      # (B, N, C) = proj(q @ context)
 
 
 class ChannelAttention(nn.Module):
@@ -140,8 +147,10 @@ class SkipCrossAttention(nn.Module):
 
     Queries and keys are the (normalised) encoder skip S, values the decoder feature Y:
     `Z = softmax_C(S) (softmax_N(S)^T Y)`, then `T = [Y, S] + LN(W Z)` and `T + MixFFN(LN(T))`.
-    Input width D each; output width 2D.
+    Input width D each; output width 2D. Where N > 2D the projection W is folded into the (D, D) context.
     """
+
+    folded_linears = ("proj",)
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -154,6 +163,11 @@ class SkipCrossAttention(nn.Module):
     def forward(self, y: torch.Tensor, skip: torch.Tensor, hw: HW) -> torch.Tensor:
         y_n, s_n = self.norm(y), self.norm(skip)              # (B, N, D) each
         context = s_n.transpose(-2, -1).softmax(dim=-1) @ y_n  # (B, D, D): keys = skip (softmax over tokens)
-        z = s_n.softmax(dim=-1) @ context                      # (B, N, D): queries = skip
-        t = torch.cat([y, skip], dim=-1) + self.proj_norm(self.proj(z))  # (B, N, 2D)
+        queries = s_n.softmax(dim=-1)                          # (B, N, D)
+        N, D = y.shape[-2:]
+        if N > 2 * D:                                          # the projection folded into the context: cheaper
+            z = torch.baddbmm(self.proj.bias, queries, context @ self.proj.weight.t())    # (B, N, 2D)
+        else:
+            z = self.proj(queries @ context)
+        t = torch.cat([y, skip], dim=-1) + self.proj_norm(z)   # (B, N, 2D)
         return t + self.ffn(self.ffn_norm(t), hw)

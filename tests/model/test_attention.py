@@ -60,9 +60,10 @@ def ref_scca(y: torch.Tensor, s: torch.Tensor, hw: tuple[int, int], m: SkipCross
     return t + m.ffn.fc2(torch.nn.functional.gelu(m.ffn.norm(mixed)))
 
 
-def test_efficient_attention_matches_reference() -> None:
+@pytest.mark.parametrize("tokens", [20, 12], ids=["projections folded (N > C)", "unfolded (N <= C)"])
+def test_efficient_attention_matches_reference(tokens: int) -> None:
     m = EfficientAttention(16)
-    x = torch.randn(2, 20, 16)
+    x = torch.randn(2, tokens, 16)
     torch.testing.assert_close(m(x).double(), ref_efficient(x, m), rtol=1e-4, atol=1e-5)
 
 
@@ -74,12 +75,14 @@ def test_channel_attention_matches_reference() -> None:
     torch.testing.assert_close(m(x).double(), ref_channel(x, m), rtol=1e-4, atol=1e-5)
 
 
-def test_scca_matches_reference_and_doubles_width() -> None:
+@pytest.mark.parametrize("hw", [(4, 6), (3, 4)], ids=["projection folded (N > 2D)", "unfolded (N <= 2D)"])
+def test_scca_matches_reference_and_doubles_width(hw: tuple[int, int]) -> None:
     m = SkipCrossAttention(8)
-    y, s = torch.randn(2, 24, 8), torch.randn(2, 24, 8)
-    out = m(y, s, (4, 6))
-    assert out.shape == (2, 24, 16)
-    torch.testing.assert_close(out.double(), ref_scca(y, s, (4, 6), m), rtol=1e-4, atol=1e-5)
+    n = hw[0] * hw[1]
+    y, s = torch.randn(2, n, 8), torch.randn(2, n, 8)
+    out = m(y, s, hw)
+    assert out.shape == (2, n, 16)
+    torch.testing.assert_close(out.double(), ref_scca(y, s, hw, m), rtol=1e-4, atol=1e-5)
 
 
 class ShapeRecorder(TorchDispatchMode):

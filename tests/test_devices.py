@@ -1,0 +1,45 @@
+"""`precision` to the engine's numeric path, and the CPU batch size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from napari_daeformer import devices
+from napari_daeformer.checkpoint import Checkpoint, ModelCard
+from napari_daeformer.devices import resolve_path
+from napari_daeformer.errors import InferenceError
+from napari_daeformer.inference import default_batch_size
+from napari_daeformer.model import DAEFormer, named_config
+from napari_daeformer.preprocessing import ct_preprocessing
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize(("bf16", "int8", "path"), [(True, True, "bf16 autocast"), (False, True, "int8 dynamic"),
+                                                     (False, False, "fp32")])
+def test_auto_picks_the_measured_cpu_path(monkeypatch: pytest.MonkeyPatch, bf16: bool, int8: bool, path: str) -> None:
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: bf16)
+    monkeypatch.setattr(devices, "cpu_has_int8_kernels", lambda: int8)
+    assert resolve_path("auto", CPU) == path
+    assert resolve_path("fp32", CPU) == "fp32"
+
+
+def test_explicit_paths_and_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert resolve_path("bf16", CPU) == "bf16 autocast"
+    with pytest.raises(InferenceError, match="fp16 autocast is not supported on the CPU"):
+        resolve_path("fp16", CPU)
+    with pytest.raises(InferenceError, match="unknown precision 'int4'"):
+        resolve_path("int4", CPU)
+    with pytest.raises(InferenceError, match="int8 runs on the CPU only"):
+        resolve_path("int8", torch.device("cuda"))
+    monkeypatch.setattr(devices, "cpu_has_int8_kernels", lambda: False)
+    with pytest.raises(InferenceError, match="no int8 kernels"):
+        resolve_path("int8", CPU)
+
+
+@pytest.mark.parametrize(("name", "batch"), [("paper", 1), ("small", 2)])
+def test_cpu_batch_keeps_activations_near_the_caches(name: str, batch: int) -> None:
+    model = DAEFormer(named_config(name, num_classes=9, in_channels=1))
+    card = ModelCard(model.cfg, tuple(f"c{i}" for i in range(9)), preprocessing=ct_preprocessing())
+    assert default_batch_size(Checkpoint(model, card), CPU) == batch
