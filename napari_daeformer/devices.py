@@ -43,7 +43,8 @@ def cpu_has_native_bf16() -> bool:
 def cpu_has_int8_kernels() -> bool:
     """Whether torch's x86 int8 kernels (FBGEMM) and its dynamic quantisation are available here."""
     engines = torch.backends.quantized.supported_engines
-    return ("x86" in engines or "fbgemm" in engines) and hasattr(torch.ao.quantization, "quantize_dynamic")
+    quantization = getattr(getattr(torch, "ao", None), "quantization", None)    # moving to torchao: may go away
+    return ("x86" in engines or "fbgemm" in engines) and hasattr(quantization, "quantize_dynamic")
 
 
 def resolve_path(precision: str, device: torch.device) -> str:
