@@ -100,16 +100,17 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{args.slices} x 512 x 512 volume, paper configuration, {device} ({name}), torch {torch.__version__}")
     results, labels = {}, {}
-    folder = Path(tempfile.mkdtemp())
-    for variant in args.variants.split(","):
-        cmd = [sys.executable, __file__, "--variant", variant, "--device", args.device, "--slices", str(args.slices),
-               "--labels-to", str(folder / f"{variant}.npy")]
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
-        labels[variant] = np.load(folder / f"{variant}.npy")
-        print(variant, results[variant], flush=True)
+    with tempfile.TemporaryDirectory() as folder:          # each variant's labels, read back and then removed
+        for variant in args.variants.split(","):
+            labels_path = Path(folder) / f"{variant}.npy"
+            cmd = [sys.executable, __file__, "--variant", variant, "--device", args.device, "--slices",
+                   str(args.slices), "--labels-to", str(labels_path)]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+            labels[variant] = np.load(labels_path)
+            print(variant, results[variant], flush=True)
     base = results.get("official") or results.get("naive")
     if base:
         name = "official" if "official" in results else "naive"
@@ -121,6 +122,7 @@ def main() -> None:
             same = f"{100 * float((labels[variant] == labels[ref]).mean()):.2f}% of {ref}" if ref in labels else ""
             print(f"| {variant} | {r['slices_per_s']:.2f} | {r['slices_per_s'] / base['slices_per_s']:.2f}x | "
                   f"{r['peak_rss_gb']:.2f} | {r.get('peak_cuda_gb', float('nan')):.2f} | {same} |")
+
 
 if __name__ == "__main__":
     main()

@@ -119,7 +119,7 @@ class Predictor:
             raise ValueError(f"unknown numeric path {path!r}; one of {', '.join(PATHS)}")
         self.device, self.path = device, path
         model = model.to(device).eval()
-        self.dtype = torch.bfloat16 if path.startswith("bf16") else torch.float16 if path.startswith("fp16") else None
+        self.autocast_dtype = {"bf16 autocast": torch.bfloat16, "fp16 autocast": torch.float16}.get(path)
         if path == "bf16 weights":
             self.model = low_precision_copy(model, torch.bfloat16)
         elif path == "int8 dynamic":
@@ -130,7 +130,7 @@ class Predictor:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.path == "bf16 weights":
             return self.model(x.to(torch.bfloat16)).float()
-        with autocast(self.device, self.dtype if self.path.endswith("autocast") else None):
+        with autocast(self.device, self.autocast_dtype):
             return self.model(x).float()
 
 
