@@ -19,11 +19,13 @@ from .errors import DaeformerError, InferenceError, first_line
 from .io import ImageRecord
 from .jobs import drain
 from .stages import Accumulator, Predictor, SliceSource
+from .transfers import Pending
 
 # Peak activation bytes per 224x224 slice of the `paper` model under inference_mode, fp32 (measured,
 # rounded up); scaled by area and width for other sizes and configurations.
 _BYTES_PER_SLICE_PAPER_224 = 160e6
 CPU_BATCH_BYTES = 100e6
+CUDA_MAX_BATCH = 256
 
 
 class Cancelled(DaeformerError):
@@ -99,19 +101,23 @@ def image_warnings(image: np.ndarray) -> list[str]:
     return []
 
 
-def _bytes_per_slice(checkpoint: Checkpoint) -> float:
+def _network_bytes(checkpoint: Checkpoint) -> float:
+    """Peak activation bytes of one slice in the network (fp32)."""
     h, w = checkpoint.card.input_size
     return _BYTES_PER_SLICE_PAPER_224 * (h * w) / 224**2 * checkpoint.card.config.embed_dims[0] / 128
 
 
-def default_batch_size(checkpoint: Checkpoint, device: torch.device) -> int:
-    """On CUDA, what fits half the free memory (at most 64). On a CPU, what keeps a batch's activations near the
-    caches (CPU_BATCH_BYTES): 1 for `paper` at 224, 2 for the bundled `small` models, the fastest per slice on 2 cores
-    (larger batches spill the caches; `benchmarks/bench_model.py`)."""
+def default_batch_size(checkpoint: Checkpoint, device: torch.device, size: tuple[int, int] | None = None) -> int:
+    """On CUDA, what fits half the free memory (at most CUDA_MAX_BATCH), counting the network's activations and, for
+    source slices of `size` (Y, X), the input and the logits resized to it. On a CPU, what keeps a batch's
+    activations near the caches (CPU_BATCH_BYTES): 1 for `paper` at 224, 2 for the bundled `small` models, the
+    fastest per slice on 2 cores (larger batches spill the caches; `benchmarks/bench_model.py`)."""
     if device.type != "cuda":
-        return int(max(1, min(8, CPU_BATCH_BYTES // _bytes_per_slice(checkpoint))))
+        return int(max(1, min(8, CPU_BATCH_BYTES // _network_bytes(checkpoint))))
+    y, x = size or checkpoint.card.input_size
+    source = y * x * 4 * (2 + 2 * checkpoint.card.config.num_classes)     # input, resized logits and their argmax
     free, _ = torch.cuda.mem_get_info(device)
-    return int(max(1, min(64, 0.5 * free // _bytes_per_slice(checkpoint))))
+    return int(max(1, min(CUDA_MAX_BATCH, 0.5 * free // (_network_bytes(checkpoint) + source))))
 
 
 def segment(
@@ -167,10 +173,10 @@ def segment(
         raise InferenceError(f"{n_classes} classes do not fit a uint8 label map")
     dev = resolve_device(device)
     path = resolve_path(precision, dev)
-    batch = batch_size or default_batch_size(checkpoint, dev)
+    stack = slices_of(image, rgb, axis)                       # (S, Y, X[, 3]) view
+    batch = batch_size or default_batch_size(checkpoint, dev, stack.shape[1:3])
     if batch < 1:
         raise InferenceError(f"batch size must be at least 1, got {batch}")
-    stack = slices_of(image, rgb, axis)                       # (S, Y, X[, 3]) view
     todo = np.ones(len(stack), bool) if only is None else np.asarray(only, bool)
     if todo.shape != (len(stack),):
         raise InferenceError(f"`only` needs one flag per slice ({len(stack)}), got shape {todo.shape}")
@@ -179,33 +185,51 @@ def segment(
     source = SliceSource(stack, np.flatnonzero(todo), rgb, prep, max_value, card.input_size, dev)
     predict = Predictor(checkpoint.model, dev, path)
     out = Accumulator(len(stack), source.size, n_classes, probabilities, entropy, slice_uncertainty)
+    transfers = source.transfers
 
+    def collect(start: int, stop: int, idx: np.ndarray, pending: Pending) -> Progress:
+        """Wait for a queued batch's results and store them."""
+        finite, *arrays = pending.wait()
+        if not finite[0]:                                    # never an all-background map passed off as a result
+            raise InferenceError("the model produced NaN or infinite scores"
+                                 + (f" in {predict.path}; try --precision fp32" if path != "fp32" else
+                                    "; its weights or preprocessing are damaged"))
+        out.store(idx, arrays)
+        first, last = int(source.order[start]), int(source.order[stop - 1])
+        return Progress(stop, total, first, out.labels[first:last + 1])
+
+    # Batch k+1 is queued before batch k is collected, so that on a GPU its copies and compute overlap k's return.
     start, total = 0, len(source.order)
+    in_flight: tuple[int, int, np.ndarray, Pending] | None = None
     with torch.inference_mode():
-        while start < total:
+        while start < total or in_flight is not None:
             if cancel is not None and cancel.is_set():
                 raise Cancelled("segmentation cancelled")
-            stop = min(start + batch, total)
+            queued = None
+            if start < total:
+                stop = min(start + batch, total)
+                try:
+                    idx, x = source.batch(start, stop)
+                    logits = predict(x)
+                    finite = torch.isfinite(logits).all().reshape(1)
+                    queued = (start, stop, idx, transfers.download(finite, *out.outputs(logits)))
+                except torch.cuda.OutOfMemoryError as e:
+                    if batch == 1:
+                        raise InferenceError("out of GPU memory even at batch size 1; use --device cpu or a smaller "
+                                             "model input") from e
+                    batch = max(1, batch // 2)               # halve and retry the same slices
+                    torch.cuda.empty_cache()
+                    continue
+                except RuntimeError as e:                    # torch errors are RuntimeErrors: make them ours
+                    raise InferenceError(f"segmentation failed: {first_line(e)}") from e
+                start = stop
             try:
-                idx, x = source.batch(start, stop)
-                logits = predict(x)
-                if not bool(torch.isfinite(logits).all()):   # never an all-background map passed off as a result
-                    raise InferenceError("the model produced NaN or infinite scores"
-                                         + (f" in {predict.path}; try --precision fp32" if path != "fp32" else
-                                            "; its weights or preprocessing are damaged"))
-                out.add(idx, logits)
-            except torch.cuda.OutOfMemoryError as e:
-                if batch == 1:
-                    raise InferenceError("out of GPU memory even at batch size 1; use --device cpu or a smaller "
-                                         "model input") from e
-                batch = max(1, batch // 2)                   # halve and retry the same slices
-                torch.cuda.empty_cache()
-                continue
-            except RuntimeError as e:                        # torch errors are RuntimeErrors: make them ours
+                progress = None if in_flight is None else collect(*in_flight)
+            except RuntimeError as e:                        # a CUDA error surfaces where the host waits
                 raise InferenceError(f"segmentation failed: {first_line(e)}") from e
-            first, last = int(source.order[start]), int(source.order[stop - 1])
-            yield Progress(stop, total, first, out.labels[first:last + 1])
-            start = stop
+            in_flight = queued
+            if progress is not None:
+                yield progress
 
     def back(a: np.ndarray, lead: int) -> np.ndarray:
         """Undo the slice-axis move (and the extra axis of a 2D image)."""

@@ -1,11 +1,12 @@
 """The inference engine's three stages, kept apart as MONAI's SliceInferer and nnU-Net's predictor keep prediction
 and resampling apart, so that a faster path replaces one stage without touching the others:
 
-- `SliceSource` (prepare): the image's slices as normalised, resized network-input batches on the device.
+- `SliceSource` (prepare): the image's slices as normalised, resized network-input batches on the device (the copy
+  overlapping earlier work: `transfers.Transfers`).
 - `Predictor` (predict): network-size logits of a batch, by one numeric path (fp32, autocast, bf16 weights,
   int8 dynamic).
-- `Accumulator` (accumulate): logits resized back to the source, argmax to uint8 labels (and, if asked for,
-  probabilities, entropy, per-slice uncertainty) written into the output arrays.
+- `Accumulator` (accumulate): logits resized back to the source and reduced on the device to uint8 labels (and, if
+  asked for, probabilities, entropy, per-slice uncertainty), then, once copied back, written into the output arrays.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from .devices import PATHS, autocast
 from .preprocessing import Preprocessing
+from .transfers import Transfers
 
 _TORCH_SAFE = {np.dtype(t) for t in (np.uint8, np.int8, np.int16, np.int32, np.int64, np.float32, np.float64)}
 
@@ -43,6 +45,7 @@ class SliceSource:
         prep: the image's intensity normalisation (measured on the whole image where it must be).
         max_value: the RGB full scale (255 for uint8 photos).
         input_size: the network's (H, W).
+        transfers: the run's host-to-device copies (made for `device` if not given).
     """
 
     stack: np.ndarray
@@ -52,7 +55,10 @@ class SliceSource:
     max_value: float
     input_size: tuple[int, int]
     device: torch.device
-    _pinned: torch.Tensor | None = field(default=None, repr=False)
+    transfers: Transfers | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.transfers = self.transfers or Transfers(self.device)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -62,12 +68,8 @@ class SliceSource:
     def batch(self, start: int, stop: int) -> tuple[np.ndarray, torch.Tensor]:
         """Slice indices `order[start:stop]` and their (b, C, H, W) float32 network input on the device."""
         idx = self.order[start:stop]
-        raw = as_tensor(self.stack[idx])                     # source dtype: int16 CT moves half the bytes
-        if self.device.type == "cuda":                       # one pinned buffer, reused, for the host-to-device copy
-            if self._pinned is None or self._pinned.numel() < raw.numel() or self._pinned.dtype != raw.dtype:
-                self._pinned = torch.empty(raw.numel(), dtype=raw.dtype).pin_memory()
-            raw = self._pinned[: raw.numel()].view(raw.shape).copy_(raw)
-        x = self.prep.apply_tensor(raw.to(self.device, non_blocking=True), self.max_value)   # on the device
+        raw = self.transfers.upload(as_tensor(self.stack[idx]))    # source dtype: int16 CT moves half the bytes
+        x = self.prep.apply_tensor(raw, self.max_value)          # on the device
         x = x.permute(0, 3, 1, 2) if self.rgb else x[:, None]    # (b, C, Y, X)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -150,17 +152,37 @@ class Accumulator:
         self.entropy = np.zeros((total, *size), np.float16) if entropy else None
         self.slice_uncertainty = np.zeros(total, np.float32) if slice_uncertainty else None
 
-    def add(self, idx: np.ndarray, logits: torch.Tensor) -> None:
-        """Slices `idx` from (b, n, H, W) logits: bilinear to the source size, argmax on the device, uint8 back."""
+    def outputs(self, logits: torch.Tensor) -> list[torch.Tensor]:
+        """On the device, from (b, n, H, W) logits at network size: [labels (b, Y, X) uint8] at the source size
+        (bilinear, then argmax), then as asked for: probabilities (n, b, Y, X) fp16, entropy (b, Y, X) fp16 in
+        nats, slice uncertainty (b,) fp32 (mean entropy)."""
         logits = F.interpolate(logits, size=self.size, mode="bilinear", align_corners=False)    # (b, n, Y, X)
-        self.labels[idx] = logits.argmax(1).to(torch.uint8).cpu().numpy()
+        out = [logits.argmax(1).to(torch.uint8)]
         if self.probabilities is None and self.entropy is None and self.slice_uncertainty is None:
-            return
+            return out
         p = logits.softmax(1)
         if self.probabilities is not None:
-            self.probabilities[:, idx] = p.transpose(0, 1).half().cpu().numpy()
-        h = -(p * p.clamp_min(1e-12).log()).sum(1)           # (b, Y, X) entropy in nats
+            out.append(p.transpose(0, 1).half())
+        h = -(p * p.clamp_min(1e-12).log()).sum(1)           # (b, Y, X)
         if self.entropy is not None:
-            self.entropy[idx] = h.half().cpu().numpy()
+            out.append(h.half())
         if self.slice_uncertainty is not None:
-            self.slice_uncertainty[idx] = h.mean((1, 2)).cpu().numpy()
+            out.append(h.mean((1, 2)))
+        return out
+
+    def store(self, idx: np.ndarray, arrays: list[np.ndarray]) -> None:
+        """Write slices `idx` of `outputs(...)`, copied to the host, into the run's arrays."""
+        labels, *extra = arrays
+        self.labels[idx] = labels
+        for target in (self.probabilities, self.entropy, self.slice_uncertainty):
+            if target is None:
+                continue
+            values = extra.pop(0)
+            if target is self.probabilities:
+                target[:, idx] = values
+            else:
+                target[idx] = values
+
+    def add(self, idx: np.ndarray, logits: torch.Tensor) -> None:
+        """`outputs` and `store` in one step, waiting for the copy (for loops that do not overlap)."""
+        self.store(idx, [t.cpu().numpy() for t in self.outputs(logits)])

@@ -43,3 +43,19 @@ def test_cpu_batch_keeps_activations_near_the_caches(name: str, batch: int) -> N
     model = DAEFormer(named_config(name, num_classes=9, in_channels=1))
     card = ModelCard(model.cfg, tuple(f"c{i}" for i in range(9)), preprocessing=ct_preprocessing())
     assert default_batch_size(Checkpoint(model, card), CPU) == batch
+
+
+def test_cuda_batch_fills_half_the_free_memory_up_to_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checked without a GPU: the free memory is the only thing read from the device."""
+    from napari_daeformer.inference import CUDA_MAX_BATCH
+    model = DAEFormer(named_config("paper", num_classes=9, in_channels=1))
+    ckpt = Checkpoint(model, ModelCard(model.cfg, tuple(f"c{i}" for i in range(9)), preprocessing=ct_preprocessing()))
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (75e9, 80e9))     # an idle H100
+    at_224 = default_batch_size(ckpt, cuda)
+    at_512 = default_batch_size(ckpt, cuda, (512, 512))
+    assert 200 <= at_224 <= CUDA_MAX_BATCH and at_512 < at_224       # the source-size logits count too
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1e9, 80e9))      # a busy card
+    assert default_batch_size(ckpt, cuda, (512, 512)) == 2         # 0.5 GB / (160 MB + 21 MB) per slice
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1e6, 80e9))
+    assert default_batch_size(ckpt, cuda, (512, 512)) == 1

@@ -223,6 +223,28 @@ def test_cuda_out_of_memory_halves_the_batch(tiny_model: DAEFormer, monkeypatch:
         run_segmentation(segment(volume, ckpt, batch_size=4, precision="fp32", device="cpu"))
 
 
+def test_the_next_batch_is_queued_before_a_batch_is_collected(tiny_model: DAEFormer,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The overlap a GPU needs: when batch k's progress arrives, batch k+1 has already gone through the model (on a
+    GPU its copies and compute overlap k's return); every slice is still counted once, in order, with the same
+    labels as batch 1."""
+    ckpt = Checkpoint(tiny_model, ModelCard(TINY, ("bg", "a", "b"), input_size=(64, 64)))
+    volume = np.random.default_rng(1).normal(0, 200, (7, 64, 64))
+    expected = run_segmentation(segment(volume, ckpt, batch_size=1, precision="fp32", device="cpu")).labels
+    calls: list[int] = []
+    forward = tiny_model.forward
+    monkeypatch.setattr(tiny_model, "forward", lambda x: calls.append(len(x)) or forward(x))
+    gen = segment(volume, ckpt, batch_size=3, precision="fp32", device="cpu")
+    seen = []
+    with pytest.raises(StopIteration) as stop:
+        while True:
+            p = next(gen)
+            seen.append((p.done, len(calls), p.start, len(p.labels)))
+            assert np.array_equal(p.labels, expected[p.start:p.start + len(p.labels)])    # live display: final
+    assert seen == [(3, 2, 0, 3), (6, 3, 3, 3), (7, 3, 6, 1)]
+    assert np.array_equal(stop.value.value.labels, expected)
+
+
 def test_cli_segment_checks_the_output_before_any_work(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import napari_daeformer.app.commands as commands
     monkeypatch.setattr(commands, "read_image", lambda path: pytest.fail("the scan was read before the output was checked"))
