@@ -1,6 +1,6 @@
 """The `paper` DAE-Former's forward pass at 224x224: the official model against each of our numeric paths, in one run.
 
-    python benchmarks/bench_model.py [--device cpu|cuda] [--threads 2] [--batches 1,8] [--rounds 7]
+    python benchmarks/bench_model.py [--device cpu|cuda] [--threads 2] [--batches 1,8] [--rounds 7] [--isa avx2]
                                      [--paths fp32,bf16-autocast,bf16-weights,int8-dynamic,compile-bf16-weights,...]
 
 Official: the official code's arithmetic and data layout over the same weights (`_official_layout.py`: its first
@@ -10,7 +10,10 @@ candidates that were measured and not adopted: `compile-*` (torch.compile, induc
 `onnxruntime` (if installed).
 
 Speed: seconds per slice (a forward pass over the batch divided by its size), the median of `--rounds` rounds in
-which every path runs once in turn, so that a slow spell of a shared machine hits every path alike; random weights.
+which every path runs in turn, so that a slow spell of a shared machine hits every path alike; in its turn a path
+runs twice and the second pass is timed, as the engine runs one path batch after batch (the first pass after
+another path pays for that path's memory). Random weights. `--isa avx2` caps the instruction set at AVX2
+(`_isa.py`): a CPU without bf16 or VNNI, where the baseline is the official model in fp32 only.
 Agreement: each path applied to the bundled CT model (`small`, trained) on the held-out phantom (seed 0): the share
 of voxels whose label equals our fp32's and the change of mean Dice against the truth. A path is fit for
 `--precision auto` when it keeps 99.5% of the voxels and moves the Dice by less than 0.002.
@@ -32,6 +35,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _isa import ISAS, isa_in_use, limit_isa  # noqa: E402
 from _official_layout import official_forward  # noqa: E402
 from _timing import cpu_name  # noqa: E402
 
@@ -126,7 +130,9 @@ def main() -> None:
     p.add_argument("--batches", default="1,8")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--paths", help=f"default: the engine's paths for the device; candidates: {', '.join(CANDIDATES)}")
+    p.add_argument("--isa", choices=ISAS, default="native", help="avx2: as on a CPU without AVX-512 (bf16, VNNI)")
     args = p.parse_args()
+    limit_isa(args.isa)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -135,8 +141,10 @@ def main() -> None:
     elif device.type == "cuda":
         paths = ["fp32", "bf16-autocast", "bf16-weights", "fp16-autocast"]
     else:
-        paths = ["fp32", "bf16-autocast", "bf16-weights"] + (["int8-dynamic"] if cpu_has_int8_kernels() else [])
-    baselines = ["official-fp32", "official-bf16"]
+        bf16 = ["bf16-autocast", "bf16-weights"] if cpu_has_native_bf16() else []
+        paths = ["fp32", *bf16] + (["int8-dynamic"] if cpu_has_int8_kernels() else [])
+    bf16_baseline = device.type == "cuda" or cpu_has_native_bf16()
+    baselines = ["official-fp32"] + (["official-bf16"] if bf16_baseline else [])
     torch.manual_seed(0)
     model = DAEFormer(named_config("paper", num_classes=9, in_channels=1)).to(device).eval()
     x1 = torch.randn(1, 1, 224, 224, device=device)
@@ -146,7 +154,7 @@ def main() -> None:
             fwd(x1)
         flops[name] = counter.get_total_flops() / 1e9
     where = cpu_name() + f", native bf16: {cpu_has_native_bf16()}, int8 kernels: {cpu_has_int8_kernels()}, " \
-        f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
+        f"{torch.get_num_threads()} threads, {isa_in_use()}" if device.type == "cpu" else torch.cuda.get_device_name(device)
     auto = resolve_path("auto", device)
     print(f"# {where}; torch {torch.__version__}; `precision auto` here: {auto}")
     print(f"# paper, 224x224: {count_parameters(model) / 1e6:.2f} M parameters, {flops['ours']:.1f} GFLOPs per slice "
@@ -170,6 +178,7 @@ def main() -> None:
                 fwd(x)
             for _ in range(args.rounds):
                 for path, fwd in fwds.items():
+                    fwd(x)
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     t0 = time.perf_counter()
@@ -182,13 +191,13 @@ def main() -> None:
     agree = agreement([p for p in paths if p in times and p != "fp32"] + ["official-fp32"], device)
     agree["fp32"] = (1.0, 0.0)
     head = " | ".join(f"b{b} s/slice" for b in batches)
-    ratios = " | ".join(f"x official fp32 (b{b}) | x official bf16 (b{b})" for b in batches)
+    ratios = " | ".join(" | ".join(f"x {base.replace('-', ' ')} (b{b})" for base in baselines) for b in batches)
     print(f"| path | {head} | {ratios} | prepare s | labels = fp32 | Dice change |")
-    print("|---|" + "---:|" * (3 * len(batches) + 3))
+    print("|---|" + "---:|" * ((1 + len(baselines)) * len(batches) + 3))
     for path, ts in times.items():
         cells = [f"{t:.4f}" for t in ts]
         for i, t in enumerate(ts):
-            cells += [f"{times['official-fp32'][i] / t:.2f}x", f"{times['official-bf16'][i] / t:.2f}x"]
+            cells += [f"{times[base][i] / t:.2f}x" for base in baselines]
         same, change = agree.get(path, (float("nan"), float("nan")))
         print(f"| {path} | " + " | ".join(cells) + f" | {prepare[path]:.1f} | {100 * same:.3f}% | {change:+.4f} |")
 

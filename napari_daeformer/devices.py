@@ -35,9 +35,11 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX), where bf16 autocast is fast."""
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX), where bf16 autocast is fast, and torch may use
+    it (ATEN_CPU_CAPABILITY=avx2 limits torch to AVX2, where bf16 is emulated and slow)."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    allowed = torch.backends.cpu.get_cpu_capability() == "AVX512"
+    return allowed and any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def cpu_has_int8_kernels() -> bool:

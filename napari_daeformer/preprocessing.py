@@ -130,8 +130,10 @@ class Preprocessing:
             x = (x.clamp(lo, hi) - lo) / (hi - lo)
         else:
             x = x / max_value
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device)
-        std = torch.tensor(self.std, dtype=torch.float32, device=x.device)
+        # Built on the host and sent without waiting: a tensor made on a GPU from a list would make the host wait for
+        # the whole stream, which stops the next batch from overlapping the current one.
+        mean = torch.tensor(self.mean, dtype=torch.float32).to(x.device, non_blocking=True)
+        std = torch.tensor(self.std, dtype=torch.float32).to(x.device, non_blocking=True)
         return (x - mean) / std
 
     def _clip_range(self) -> tuple[float, float]:

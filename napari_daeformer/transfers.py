@@ -39,7 +39,8 @@ class _Buffers:
             if i == len(flat):
                 flat.append(torch.empty(0, dtype=dtype))
             if flat[i].numel() < n or flat[i].dtype != dtype:
-                flat[i] = torch.empty(n, dtype=dtype, pin_memory=self.pin)
+                with torch.inference_mode(False):            # a plain tensor: writable in and out of inference mode
+                    flat[i] = torch.empty(n, dtype=dtype, pin_memory=self.pin)
             views.append(flat[i][:n].view(shape))
         return slot, views
 

@@ -38,3 +38,11 @@ def test_an_upload_is_a_copy_that_survives_the_next_one() -> None:
     second = t.upload(source)
     assert torch.equal(first, torch.arange(12, dtype=torch.int16).reshape(3, 4))
     assert torch.equal(second, source) and first.data_ptr() != second.data_ptr()
+
+
+def test_buffers_made_in_inference_mode_are_writable_outside_it() -> None:
+    t = Transfers(CPU)
+    with torch.inference_mode():
+        t.upload(torch.zeros(2, 3))
+        t.upload(torch.zeros(2, 3))
+    assert torch.equal(t.upload(torch.ones(2, 3)), torch.ones(2, 3))     # the first buffer again, outside the mode
