@@ -36,11 +36,15 @@ class DecoderStage(nn.Module):
         self.blocks = nn.ModuleList(DualTransformerBlock(dim, cfg.mlp_ratio, cfg.channel_heads) for _ in range(depth))
         self.expand = expand
 
-    def forward(self, y: torch.Tensor, skip: torch.Tensor, hw: HW) -> tuple[torch.Tensor, HW]:
-        x = self.out_proj(self.fuse(self.in_proj(y), skip, hw))  # (B, N, dim)
+    def decode(self, y: torch.Tensor, skip: torch.Tensor, hw: HW) -> torch.Tensor:
+        """(B, N, in_dim) upsampled feature and (B, N, dim) skip -> (B, N, dim), before the expansion."""
+        x = self.out_proj(self.fuse(self.in_proj(y), skip, hw))
         for block in self.blocks:
             x = block(x, hw)
-        return self.expand(x, hw)
+        return x
+
+    def forward(self, y: torch.Tensor, skip: torch.Tensor, hw: HW) -> tuple[torch.Tensor, HW]:
+        return self.expand(self.decode(y, skip, hw), hw)
 
 
 class DAEFormer(nn.Module):
@@ -90,10 +94,10 @@ class DAEFormer(nn.Module):
             tokens, hw = stage(x)                              # (B, N_i, C_i)
             skips.append((tokens, hw))
             x = tokens_to_image(tokens, hw)
-        y, hw = self.bottleneck_expand(*skips[2])              # (B, N_2, C3/2)
-        y, hw = self.decoder[0](y, *skips[1])                  # (B, N_1, C2/2)
-        y, hw = self.decoder[1](y, *skips[0])                  # (B, H*W, C1)
-        return tokens_to_image(self.head(y), hw)               # (B, num_classes, H, W)
+        y, _ = self.bottleneck_expand(*skips[2])               # (B, N_2, C3/2)
+        y, _ = self.decoder[0](y, *skips[1])                   # (B, N_1, C2/2)
+        y = self.decoder[1].decode(y, *skips[0])               # (B, N_0, C1)
+        return self.decoder[1].expand.to_image(y, skips[0][1], self.head)     # (B, num_classes, H, W)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -134,12 +134,21 @@ class PatchExpand(nn.Module):
         self.expand = nn.Linear(dim, scale * scale * out_dim, bias=False)
         self.norm = nn.LayerNorm(out_dim)
 
-    def forward(self, x: torch.Tensor, hw: HW) -> tuple[torch.Tensor, HW]:
-        B, _, _ = x.shape
+    def _expanded(self, x: torch.Tensor, hw: HW) -> torch.Tensor:
+        """(B, H, W, s, s, out_dim): the new tokens, normalised, before the depth-to-space move (the LayerNorm is
+        per token, so it commutes with the move and reads the Linear's output in place)."""
         (H, W), s = hw, self.scale
-        x = self.expand(x).reshape(B, H, W, s, s, -1)          # channels ordered (p1, p2, c)
-        x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, H * s * W * s, -1)  # (B, (H p1)(W p2), c)
-        return self.norm(x), (H * s, W * s)
+        return self.norm(self.expand(x).reshape(x.shape[0], H, W, s, s, -1))   # channels ordered (p1, p2, c)
+
+    def forward(self, x: torch.Tensor, hw: HW) -> tuple[torch.Tensor, HW]:
+        B, H, W, s, _, c = (y := self._expanded(x, hw)).shape
+        return y.permute(0, 1, 3, 2, 4, 5).reshape(B, H * s * W * s, c), (H * s, W * s)   # (B, (H p1)(W p2), c)
+
+    def to_image(self, x: torch.Tensor, hw: HW, head: nn.Module) -> torch.Tensor:
+        """`head` over `forward`'s tokens as a (B, n, sH, sW) image. The per-token head runs before the move, which
+        then moves its n channels instead of out_dim (for the final 4x expansion: 9 classes instead of 128)."""
+        B, H, W, s, _, n = (y := head(self._expanded(x, hw))).shape
+        return y.permute(0, 5, 1, 3, 2, 4).reshape(B, n, H * s, W * s)
 
 
 class SkipCrossAttention(nn.Module):

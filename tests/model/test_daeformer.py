@@ -75,3 +75,18 @@ def test_config_round_trip_and_validation() -> None:
         DAEFormerConfig(embed_dims=(12, 32, 64))
     with pytest.raises(ValueError, match="unknown DAE-Former config keys"):
         DAEFormerConfig.from_dict({**cfg.to_dict(), "dropout": 0.1})
+
+
+def test_patch_expand_orders_pixels_row_major_and_to_image_matches_its_tokens() -> None:
+    """Depth-to-space by hand on a (2, 3) grid at scale 2, and the head-before-move image equal to the tokens."""
+    from napari_daeformer.model.layers import PatchExpand, tokens_to_image
+    torch.manual_seed(0)
+    expand = PatchExpand(4, 3, scale=2).eval()
+    x = torch.randn(2, 6, 4)                                          # (B, H*W, dim) on a 2x3 grid
+    tokens, hw = expand(x, (2, 3))
+    assert hw == (4, 6) and tokens.shape == (2, 24, 3)
+    new = expand.norm(expand.expand(x).reshape(2, 2, 3, 2, 2, 3))    # (B, H, W, p1, p2, c)
+    for h, w, p1, p2 in ((0, 0, 0, 0), (1, 2, 1, 1), (0, 2, 1, 0), (1, 1, 0, 1)):
+        torch.testing.assert_close(tokens[:, (2 * h + p1) * 6 + (2 * w + p2)], new[:, h, w, p1, p2])
+    head = torch.nn.Linear(3, 5)
+    torch.testing.assert_close(expand.to_image(x, (2, 3), head), tokens_to_image(head(tokens), hw))
