@@ -86,8 +86,10 @@ class MixFFN(nn.Module):
         h = self.fc1(x)                                        # (B, N, hidden)
         B, N, C = h.shape
         image = h.reshape(B, *hw, C).permute(0, 3, 1, 2)       # (B, hidden, H, W), a channels-last view: no copy
-        mixed = self.dwconv(image).permute(0, 2, 3, 1).reshape(B, N, C) + h   # the conv keeps channels-last
-        return self.fc2(self.act(self.norm(mixed)))
+        conv, weight = self.dwconv, self.dwconv.weight.clone()     # (hidden, 1, 3, 3)
+        weight[:, :, 1, 1] += 1                                # dwconv(h) + h as one convolution (exact)
+        mixed = F.conv2d(image, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return self.fc2(self.act(self.norm(mixed.permute(0, 2, 3, 1).reshape(B, N, C))))   # the conv keeps channels-last
 
 
 class DualTransformerBlock(nn.Module):
