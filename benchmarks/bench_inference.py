@@ -1,6 +1,6 @@
 """Segment a 512x512x200 volume with the `paper` DAE-Former: the official model and a naive loop against our engine.
 
-    python benchmarks/bench_inference.py [--device cpu|cuda] [--slices 200] [--threads N]
+    python benchmarks/bench_inference.py [--device cpu|cuda] [--slices 200] [--threads N] [--isa avx2]
                                          [--variants official,naive,ours-fp32,ours-bf16,ours-int8,ours-auto]
 
 Naive loop: fp32, one slice at a time, every slice's full-resolution logits kept and stacked, argmax at the
@@ -10,7 +10,7 @@ only). Each variant runs the whole volume once to warm up (kernel selection, all
 pass (read and write excluded), in its own process so that its peak RSS (and peak CUDA memory) is its own. Weights
 are random: speed and memory do not depend on them, and label agreement (the loops with each other, each engine path
 with the engine's fp32) is a lower bound: a random network's classes are near ties (`bench_model.py` measures
-agreement on the trained CT model).
+agreement on the trained CT model). `--isa avx2`: as on a CPU without AVX-512, bf16 or VNNI (`_isa.py`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _isa import ISAS, isa_in_use, limit_isa  # noqa: E402
 from _official_layout import official_forward  # noqa: E402
+from _timing import cpu_name  # noqa: E402
 
 from napari_daeformer.checkpoint import Checkpoint, ModelCard
 from napari_daeformer.devices import resolve_device
@@ -92,12 +94,14 @@ def main() -> None:
     p.add_argument("--variants", default="official,naive,ours-fp32,ours-auto")
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--labels-to", help=argparse.SUPPRESS)
+    p.add_argument("--isa", choices=ISAS, default="native", help="avx2: as on a CPU without AVX-512 (bf16, VNNI)")
     args = p.parse_args()
+    limit_isa(args.isa)                                    # the variants' processes inherit the caps
     if args.variant:
         print(json.dumps(run_variant(args.variant, args.device, args.slices, args.threads, args.labels_to)))
         return
     device = resolve_device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_name()}, {isa_in_use()}"
     print(f"{args.slices} x 512 x 512 volume, paper configuration, {device} ({name}), torch {torch.__version__}")
     results, labels = {}, {}
     with tempfile.TemporaryDirectory() as folder:          # each variant's labels, read back and then removed
