@@ -153,7 +153,7 @@ def segment(
         only: (S,) bool, segment only these slices (the others stay 0), e.g. those the user has not corrected.
         cancel: set it to stop after the current batch (raises Cancelled).
     Yields:
-        Progress after each batch.
+        Progress as each batch is collected (batch k once batch k+1 is queued, so that a GPU never waits).
     Returns:
         Segmentation in the source's spatial shape.
     Raises:

@@ -172,16 +172,14 @@ class Accumulator:
 
     def store(self, idx: np.ndarray, arrays: list[np.ndarray]) -> None:
         """Write slices `idx` of `outputs(...)`, copied to the host, into the run's arrays."""
-        labels, *extra = arrays
-        self.labels[idx] = labels
-        for target in (self.probabilities, self.entropy, self.slice_uncertainty):
-            if target is None:
-                continue
-            values = extra.pop(0)
-            if target is self.probabilities:
-                target[:, idx] = values
-            else:
-                target[idx] = values
+        values = iter(arrays)
+        self.labels[idx] = next(values)
+        if self.probabilities is not None:
+            self.probabilities[:, idx] = next(values)
+        if self.entropy is not None:
+            self.entropy[idx] = next(values)
+        if self.slice_uncertainty is not None:
+            self.slice_uncertainty[idx] = next(values)
 
     def add(self, idx: np.ndarray, logits: torch.Tensor) -> None:
         """`outputs` and `store` in one step, waiting for the copy (for loops that do not overlap)."""
