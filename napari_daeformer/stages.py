@@ -156,6 +156,8 @@ class Accumulator:
         """On the device, from (b, n, H, W) logits at network size: [labels (b, Y, X) uint8] at the source size
         (bilinear, then argmax), then as asked for: probabilities (n, b, Y, X) fp16, entropy (b, Y, X) fp16 in
         nats, slice uncertainty (b,) fp32 (mean entropy)."""
+        if logits.device.type == "cpu":       # classes innermost: the argmax reads contiguous rows (4x faster at 512)
+            logits = logits.contiguous(memory_format=torch.channels_last)
         logits = F.interpolate(logits, size=self.size, mode="bilinear", align_corners=False)    # (b, n, Y, X)
         out = [logits.argmax(1).to(torch.uint8)]
         if self.probabilities is None and self.entropy is None and self.slice_uncertainty is None:
