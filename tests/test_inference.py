@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from napari_daeformer.app.cli import main
 from napari_daeformer.bundled import bundled_model
@@ -269,3 +270,11 @@ def test_cli_demo_never_replaces_an_earlier_demo_silently(tmp_path: Path, capsys
     finally:
         os.umask(previous)
     assert (tmp_path / "demo" / "synthetic_ct_labels.nii.gz").stat().st_mode & 0o777 == 0o640    # the umask rules
+
+
+def test_accumulator_labels_equal_a_plain_resize_and_argmax() -> None:
+    """The CPU's channels-last resize and argmax give the labels of the plain (b, n, Y, X) computation."""
+    logits = torch.randn(3, 5, 40, 56, generator=torch.Generator().manual_seed(0))
+    labels = Accumulator(3, (97, 131), 5).outputs(logits)[0]
+    plain = F.interpolate(logits, size=(97, 131), mode="bilinear", align_corners=False).argmax(1)
+    assert labels.dtype == torch.uint8 and torch.equal(labels, plain.to(torch.uint8))
