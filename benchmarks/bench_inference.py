@@ -1,13 +1,14 @@
 """Segment a 512x512x200 volume with the `paper` DAE-Former: the official model and a naive loop against our engine.
 
-    python benchmarks/bench_inference.py [--device cpu|cuda] [--slices 200] [--threads N] [--isa avx2]
+    python benchmarks/bench_inference.py [--device cpu|cuda] [--slices 200] [--threads N] [--rounds 3] [--isa avx2]
                                          [--variants official,naive,ours-fp32,ours-bf16,ours-int8,ours-auto]
 
 Naive loop: fp32, one slice at a time, every slice's full-resolution logits kept and stacked, argmax at the
 end; `official` is that loop around the official code's arithmetic and layout (`_official_layout.py`), `naive`
 around our model. Ours: the engine (`segment`: batches, inference_mode, the numeric path of `--precision`, labels
 only). Each variant runs the whole volume once to warm up (kernel selection, allocator) and is timed on a second
-pass (read and write excluded), in its own process so that its peak RSS (and peak CUDA memory) is its own. Weights
+pass (read and write excluded), in its own process so that its peak RSS (and peak CUDA memory) is its own; the
+variants run in turn for `--rounds` rounds and the median speed is reported (memory: the first round's). Weights
 are random: speed and memory do not depend on them, and label agreement (the loops with each other, each engine path
 with the engine's fp32) is a lower bound: a random network's classes are near ties (`bench_model.py` measures
 agreement on the trained CT model). `--isa avx2`: as on a CPU without AVX-512, bf16 or VNNI (`_isa.py`).
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -92,6 +94,7 @@ def main() -> None:
     p.add_argument("--slices", type=int, default=200)
     p.add_argument("--threads", type=int)
     p.add_argument("--variants", default="official,naive,ours-fp32,ours-auto")
+    p.add_argument("--rounds", type=int, default=3, help="runs of every variant, in turn; the median is reported")
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--labels-to", help=argparse.SUPPRESS)
     p.add_argument("--isa", choices=ISAS, default="native", help="avx2: as on a CPU without AVX-512 (bf16, VNNI)")
@@ -103,18 +106,22 @@ def main() -> None:
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_name()}, {isa_in_use()}"
     print(f"{args.slices} x 512 x 512 volume, paper configuration, {device} ({name}), torch {torch.__version__}")
-    results, labels = {}, {}
+    runs: dict[str, list[dict[str, float]]] = {}
+    labels = {}
     with tempfile.TemporaryDirectory() as folder:          # each variant's labels, read back and then removed
-        for variant in args.variants.split(","):
-            labels_path = Path(folder) / f"{variant}.npy"
-            cmd = [sys.executable, __file__, "--variant", variant, "--device", args.device, "--slices",
-                   str(args.slices), "--labels-to", str(labels_path)]
-            if args.threads:
-                cmd += ["--threads", str(args.threads)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
-            labels[variant] = np.load(labels_path)
-            print(variant, results[variant], flush=True)
+        for _ in range(args.rounds):                       # variants in turn, so that a slow spell hits them alike
+            for variant in args.variants.split(","):
+                labels_path = Path(folder) / f"{variant}.npy"
+                cmd = [sys.executable, __file__, "--variant", variant, "--device", args.device, "--slices",
+                       str(args.slices), "--labels-to", str(labels_path)]
+                if args.threads:
+                    cmd += ["--threads", str(args.threads)]
+                proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                runs.setdefault(variant, []).append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                labels[variant] = np.load(labels_path)
+                print(variant, runs[variant][-1], flush=True)
+    results = {variant: {**rs[0], "slices_per_s": statistics.median(r["slices_per_s"] for r in rs)}
+               for variant, rs in runs.items()}
     base = results.get("official") or results.get("naive")
     if base:
         name = "official" if "official" in results else "naive"
