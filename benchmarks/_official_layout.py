@@ -8,6 +8,7 @@ model costs while its labels can be compared with ours voxel for voxel:
 - efficient attention runs 1x1 convolutions on a (B, C, H, W) image, softmaxes on (B, C, N) and a loop over heads;
 - every Mix-FFN evaluates its first Linear twice (the released code does), its LayerNorm reading a transposed view;
 - encoder stages hand contiguous (B, C, H, W) copies to the next stage and permuted views to the decoder;
+- channel attention copies its heads to (B, h, d, N), normalises them there and projects after the per-head product;
 - SCCA reprojects with a 1x1 convolution on an image; patch expansion rearranges and clones before its LayerNorm;
 - the head is a 1x1 convolution on a (B, C, H, W) view of the last tokens.
 
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from napari_daeformer.model import DAEFormer
 from napari_daeformer.model.layers import (
     HW,
+    ChannelAttention,
     DualTransformerBlock,
     EfficientAttention,
     MixFFN,
@@ -57,10 +59,18 @@ def _efficient_attention(a: EfficientAttention, x: torch.Tensor, hw: HW) -> torc
     return out.permute(0, 2, 3, 1).reshape(B, N, C)               # 'b d h w -> b (h w) d'
 
 
+def _channel_attention(a: ChannelAttention, x: torch.Tensor) -> torch.Tensor:
+    B, N, C = x.shape
+    qkv = a.qkv(x).reshape(B, N, 3, a.num_heads, C // a.num_heads).permute(2, 0, 3, 4, 1)   # (3, B, h, d, N)
+    q, k, v = F.normalize(qkv[0], dim=-1), F.normalize(qkv[1], dim=-1), qkv[2]
+    attn = ((q @ k.transpose(-2, -1)) * a.temperature).softmax(dim=-1)                     # (B, h, d, d)
+    return a.proj((attn @ v).permute(0, 3, 1, 2).reshape(B, N, C))
+
+
 def _block(blk: DualTransformerBlock, x: torch.Tensor, hw: HW) -> torch.Tensor:
     x = x + _efficient_attention(blk.spatial_attn, blk.norm1(x), hw)
     x = x + _mixffn(blk.ffn1, blk.norm2(x), hw)
-    x = x + blk.channel_attn(blk.norm3(x))
+    x = x + _channel_attention(blk.channel_attn, blk.norm3(x))
     return x + _mixffn(blk.ffn2, blk.norm4(x), hw)
 
 

@@ -67,11 +67,12 @@ def test_efficient_attention_matches_reference(tokens: int) -> None:
     torch.testing.assert_close(m(x).double(), ref_efficient(x, m), rtol=1e-4, atol=1e-5)
 
 
-def test_channel_attention_matches_reference() -> None:
+@pytest.mark.parametrize("tokens", [40, 30], ids=["projection folded (N > C)", "per head (N <= C)"])
+def test_channel_attention_matches_reference(tokens: int) -> None:
     m = ChannelAttention(32, num_heads=8)
     with torch.no_grad():
         m.temperature.copy_(torch.rand(8, 1, 1) + 0.5)
-    x = torch.randn(2, 30, 32)
+    x = torch.randn(2, tokens, 32)
     torch.testing.assert_close(m(x).double(), ref_channel(x, m), rtol=1e-4, atol=1e-5)
 
 
