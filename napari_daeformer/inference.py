@@ -192,7 +192,7 @@ def segment(
         finite, *arrays = pending.wait()
         if not finite[0]:                                    # never an all-background map passed off as a result
             raise InferenceError("the model produced NaN or infinite scores"
-                                 + (f" in {predict.path}; try --precision fp32" if path != "fp32" else
+                                 + (f" in {path}; try --precision fp32" if path != "fp32" else
                                     "; its weights or preprocessing are damaged"))
         out.store(idx, arrays)
         first, last = int(source.order[start]), int(source.order[stop - 1])
