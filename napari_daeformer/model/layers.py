@@ -51,11 +51,9 @@ class EfficientAttention(nn.Module):
 class ChannelAttention(nn.Module):
     """Transposed (cross-covariance, XCiT-style) attention: a (d, d) map per head, O(N d^2).
 
-    Computed on the (B, N, C) tokens as they come: the L2 normalisation over tokens scales the (d, d) map's rows
-    and columns instead of the queries and keys, and each head's map is folded into the output projection, so the
-    values meet one (C, C) matrix in a single product where there are more tokens than channels (exact:
-    `proj(concat_h(V_h A_h^T)) = V P + b` with `P = blockdiag_h(A_h^T) W^T`). No (B, h, d, N) copies of the queries
-    and keys are made, and there the projection's product replaces the per-head one.
+    Computed on the (B, N, C) tokens as they come, with no (B, h, d, N) copies. Where there are more tokens than
+    channels, each head's map is folded into the output projection, so that the values meet one (C, C) matrix in a
+    single product (exact: `proj(concat_h(V_h A_h^T)) = V P + b` with `P = blockdiag_h(A_h^T) W^T`).
     """
 
     folded_linears = ("proj",)
@@ -73,10 +71,10 @@ class ChannelAttention(nn.Module):
         B, N, C = x.shape
         h, d = self.num_heads, C // self.num_heads
         q, k, v = self.qkv(x).split(C, dim=-1)                # (B, N, C) views each
-        norm_q = torch.linalg.vector_norm(q, dim=1).clamp_min(1e-12).view(B, h, d, 1)   # per channel, over tokens
-        norm_k = torch.linalg.vector_norm(k, dim=1).clamp_min(1e-12).view(B, h, 1, d)
+        q = F.normalize(q, dim=1)                             # L2 over tokens, per channel (before the product, so
+        k = F.normalize(k, dim=1)                             # that it cannot overflow in fp16)
         gram = q.unflatten(2, (h, d)).permute(0, 2, 3, 1) @ k.unflatten(2, (h, d)).transpose(1, 2)   # (B, h, d, d)
-        attn = (gram * (self.temperature / (norm_q * norm_k))).softmax(dim=-1)     # = softmax(tau q^ k^T)
+        attn = (gram * self.temperature).softmax(dim=-1)
         if N <= C:                                            # few tokens: the per-head product is the cheaper
             out = attn @ v.unflatten(2, (h, d)).permute(0, 2, 3, 1)                # (B, h, d, N)
             return self.proj(out.permute(0, 3, 1, 2).reshape(B, N, C))

@@ -128,3 +128,17 @@ def test_scca_cost_is_linear_in_tokens() -> None:
         assert not any(sum(d >= n for d in s) >= 2 for s in shapes)
         sizes[n] = largest
     assert sizes[4096] <= 4 * sizes[1024] * 1.01
+
+
+def test_channel_attention_stays_finite_in_fp16_on_many_large_tokens() -> None:
+    """The queries and keys are normalised before their product: unnormalised, its sums over 4096 tokens pass fp16's
+    65504 and the map turns to inf/NaN (fp16 autocast is `precision auto` on CUDA GPUs without bf16)."""
+    m = ChannelAttention(32, num_heads=8)
+    x = torch.randn(1, 4096, 32) * 10
+    with torch.no_grad():
+        q, k, _ = (x[0] @ m.qkv.weight.T).split(32, dim=-1)                 # (N, C) each
+        per_head = [q[:, i:i + 4].T @ k[:, i:i + 4] for i in range(0, 32, 4)]
+    assert max(g.abs().max() for g in per_head) > 65504                      # the unnormalised product overflows
+    out = m.half()(x.half())
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), m.float()(x), rtol=0.05, atol=0.05)
