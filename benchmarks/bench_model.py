@@ -6,8 +6,9 @@
 Official: the official code's arithmetic and data layout over the same weights (`_official_layout.py`: its first
 Mix-FFN Linear evaluated twice, 1x1 convolutions on images, its copies), in fp32 and under bf16 autocast (the
 baselines of issue 15). Ours: the model as the engine runs it, by each path (`devices.PATHS`), plus opt-in
-candidates that were measured and not adopted: `compile-*` (torch.compile, inductor; states its one-time cost) and
-`onnxruntime` (if installed).
+candidates that were measured and not adopted: `compile-*` (torch.compile, inductor; states its one-time cost),
+`torchao-static-int8` (torchao's PT2E static int8 for x86: activations calibrated once, then inductor; needs torchao
+and a C++ compiler) and `onnxruntime` (if installed).
 
 Speed: seconds per slice (a forward pass over the batch divided by its size), the median of `--rounds` rounds in
 which every path runs in turn, so that a slow spell of a shared machine hits every path alike; in its turn a path
@@ -50,7 +51,7 @@ from napari_daeformer.stages import Accumulator, Predictor, SliceSource  # noqa:
 Forward = Callable[[torch.Tensor], torch.Tensor]
 ENGINE = {"fp32": "fp32", "bf16-autocast": "bf16 autocast", "fp16-autocast": "fp16 autocast",
           "bf16-weights": "bf16 weights", "int8-dynamic": "int8 dynamic"}
-CANDIDATES = ("compile-fp32", "compile-bf16-weights", "onnxruntime")
+CANDIDATES = ("compile-fp32", "compile-bf16-weights", "torchao-static-int8", "onnxruntime")
 
 
 def official(model: torch.nn.Module, device: torch.device, amp: torch.dtype | None) -> Forward:
@@ -62,8 +63,10 @@ def official(model: torch.nn.Module, device: torch.device, amp: torch.dtype | No
     return run
 
 
-def build(path: str, model: torch.nn.Module, device: torch.device, example: torch.Tensor) -> tuple[Forward, float]:
-    """A forward function of `model` by `path` and the seconds it took to prepare (quantise, compile, export)."""
+def build(path: str, model: torch.nn.Module, device: torch.device, example: torch.Tensor,
+          calibration: list[torch.Tensor] | None = None) -> tuple[Forward, float]:
+    """A forward function of `model` by `path` and the seconds it took to prepare (quantise, calibrate, compile,
+    export). Static quantisation observes its activations on `calibration` batches (default: `example`)."""
     t0 = time.perf_counter()
     if path == "official-fp32":
         fwd = official(model, device, None)
@@ -76,6 +79,19 @@ def build(path: str, model: torch.nn.Module, device: torch.device, example: torc
         inner.model = torch.compile(inner.model, dynamic=False)
         fwd = inner
         fwd(example)                                      # the compilation itself (cached by inductor on disk)
+    elif path == "torchao-static-int8":                   # torchao's PT2E static int8 for x86, then inductor
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+        quantizer = xiq.X86InductorQuantizer()
+        quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+        with torch.no_grad():
+            prepared = prepare_pt2e(torch.export.export(copy.deepcopy(model), (example,)).module(), quantizer)
+            for batch in calibration or [example]:         # activation ranges, observed once
+                prepared(batch)
+            fwd = torch.compile(convert_pt2e(prepared))
+        with torch._inductor.config.patch(freezing=True), torch.inference_mode():
+            fwd(example)                                  # the compilation; freezing lets inductor prepack int8 weights
     elif path == "onnxruntime":
         import onnxruntime as ort
 
@@ -103,13 +119,18 @@ def agreement(paths: list[str], device: torch.device) -> dict[str, tuple[float, 
     source = SliceSource(sample.image, np.arange(len(sample.image)), False, prep, 255.0, ckpt.card.input_size, device)
     n, batch = ckpt.card.config.num_classes, 8
 
+    held_out = synthetic_ct(seed=1)                        # static int8 calibrates on another phantom
+    cal_source = SliceSource(held_out.image, np.arange(len(held_out.image)), False,
+                             ckpt.card.preprocessing.for_image(held_out.image), 255.0, ckpt.card.input_size, device)
+    calibration = [cal_source.batch(s, s + batch)[1] for s in range(0, len(held_out.image) - batch + 1, batch)]
+
     def labels(path: str) -> np.ndarray:
-        fwd = build(path, model, device, source.batch(0, batch)[1])[0]
+        fwd = build(path, model, device, source.batch(0, batch)[1], calibration)[0]
         out = Accumulator(len(sample.image), source.size, n)
         with torch.inference_mode():
             for start in range(0, len(sample.image), batch):
                 idx, x = source.batch(start, start + batch)
-                if len(idx) < batch and path.startswith("compile"):     # static shapes: pad the last batch
+                if len(idx) < batch and path.startswith(("compile", "torchao")):   # static shapes: pad the last batch
                     x = torch.cat([x, x[-1:].expand(batch - len(idx), -1, -1, -1)])
                 out.add(idx, fwd(x)[:len(idx)].float())
         return out.labels
