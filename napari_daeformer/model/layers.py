@@ -51,7 +51,7 @@ class EfficientAttention(nn.Module):
 class ChannelAttention(nn.Module):
     """Transposed (cross-covariance, XCiT-style) attention: a (d, d) map per head, O(N d^2).
 
-    Computed on the (B, N, C) tokens as they come, with no (B, h, d, N) copies. Where there are more tokens than
+    Computed on the (B, N, C) tokens as they come, the heads being views of them. Where there are more tokens than
     channels, each head's map is folded into the output projection, so that the values meet one (C, C) matrix in a
     single product (exact: `proj(concat_h(V_h A_h^T)) = V P + b` with `P = blockdiag_h(A_h^T) W^T`).
     """
