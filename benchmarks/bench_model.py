@@ -114,15 +114,18 @@ def agreement(paths: list[str], device: torch.device) -> dict[str, tuple[float, 
     """Per path: (share of voxels equal to our fp32 labels, mean Dice change) of the bundled CT model on the sample."""
     ckpt = load_checkpoint(bundled_model("ct"))
     model = ckpt.model.to(device).eval()
-    sample = synthetic_ct(seed=0)
-    prep = ckpt.card.preprocessing.for_image(sample.image)
-    source = SliceSource(sample.image, np.arange(len(sample.image)), False, prep, 255.0, ckpt.card.input_size, device)
     n, batch = ckpt.card.config.num_classes, 8
 
-    held_out = synthetic_ct(seed=1)                        # static int8 calibrates on another phantom
-    cal_source = SliceSource(held_out.image, np.arange(len(held_out.image)), False,
-                             ckpt.card.preprocessing.for_image(held_out.image), 255.0, ckpt.card.input_size, device)
-    calibration = [cal_source.batch(s, s + batch)[1] for s in range(0, len(held_out.image) - batch + 1, batch)]
+    def slices(image: np.ndarray) -> SliceSource:
+        prep = ckpt.card.preprocessing.for_image(image)
+        return SliceSource(image, np.arange(len(image)), False, prep, 255.0, ckpt.card.input_size, device)
+
+    sample = synthetic_ct(seed=0)
+    source = slices(sample.image)
+    calibration = None
+    if any(path.startswith("torchao") for path in paths):  # static int8 calibrates on another phantom
+        held_out = slices(synthetic_ct(seed=1).image)
+        calibration = [held_out.batch(s, s + batch)[1] for s in range(0, len(held_out.order) - batch + 1, batch)]
 
     def labels(path: str) -> np.ndarray:
         fwd = build(path, model, device, source.batch(0, batch)[1], calibration)[0]
