@@ -10,7 +10,7 @@ from .errors import InferenceError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 # The engine's numeric paths (`Predictor`): what `resolve_path` returns.
-PATHS = ("fp32", "bf16 autocast", "fp16 autocast", "bf16 weights", "int8 dynamic")
+PATHS = ("fp32", "bf16 autocast", "fp16 autocast", "bf16 weights", "int8 dynamic", "int8 static")
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
@@ -53,8 +53,10 @@ def resolve_path(precision: str, device: torch.device) -> str:
     """The engine's numeric path (one of PATHS) for `precision` on `device`.
 
     `auto`: bf16 weights on CUDA GPUs with bf16 (else fp16 autocast); on CPUs bf16 autocast where the CPU has native
-    bf16, else int8 dynamic quantisation of the Linear layers where the x86 int8 kernels exist, else fp32
-    (`benchmarks/bench_model.py` measures each against the official model). `bf16` on CUDA means bf16 weights.
+    bf16, else int8 where the x86 int8 kernels exist, else fp32 (`benchmarks/bench_model.py` measures each against
+    the official model). `bf16` on CUDA means bf16 weights. `int8` is static int8 (`static_int8`: compiled once per
+    model) where torchao and a C++ compiler are installed, else int8 dynamic; the engine falls back to int8 dynamic
+    where the compiled model is missing (auto) or cannot be made.
     """
     if precision not in PRECISIONS:
         raise InferenceError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -74,7 +76,8 @@ def resolve_path(precision: str, device: torch.device) -> str:
             raise InferenceError("int8 runs on the CPU only; use bf16 or fp16 on a GPU")
         if not cpu_has_int8_kernels():
             raise InferenceError("this CPU or torch build has no int8 kernels; use fp32 (or bf16)")
-        return "int8 dynamic"
+        from .static_int8 import unavailable_reason
+        return "int8 dynamic" if unavailable_reason() else "int8 static"
     if precision == "bf16" and device.type == "cuda":
         return "bf16 weights"                     # every kernel in bf16: 1.5x autocast's slices per second on an H100
     return "fp32" if precision == "fp32" else f"{precision} autocast"

@@ -6,13 +6,16 @@ A GUI worker or the CLI drains it; closing it (or setting `cancel`) stops the ru
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from . import static_int8
 from .checkpoint import Checkpoint
 from .devices import resolve_device, resolve_path
 from .errors import DaeformerError, InferenceError, first_line
@@ -34,12 +37,14 @@ class Cancelled(DaeformerError):
 
 @dataclass(frozen=True)
 class Progress:
-    """`done` of `total` slices finished; `labels` holds slices `start`... (along the slice axis) for live display."""
+    """`done` of `total` slices finished; `labels` holds slices `start`... (along the slice axis) for live display;
+    `note`: what the engine is doing or chose, for the user (a one-time compile, a fallback)."""
 
     done: int
     total: int
     start: int = 0
     labels: np.ndarray | None = None
+    note: str = ""
 
 
 @dataclass
@@ -52,6 +57,7 @@ class Segmentation:
         entropy: ([Z,] Y, X) float16 predictive entropy in nats, if asked for.
         slice_uncertainty: (S,) mean entropy of each slice along the slice axis, if asked for.
         batch_size: the batch size that finally ran (after any out-of-memory halving).
+        path: the numeric path that ran (`devices.PATHS`).
     """
 
     labels: np.ndarray
@@ -59,6 +65,7 @@ class Segmentation:
     entropy: np.ndarray | None = None
     slice_uncertainty: np.ndarray | None = None
     batch_size: int = 0
+    path: str = ""
 
 
 def slices_of(image: np.ndarray, rgb: bool, axis: int) -> np.ndarray:
@@ -134,6 +141,7 @@ def segment(
     entropy: bool = False,
     slice_uncertainty: bool = False,
     only: np.ndarray | None = None,
+    prepare_int8: bool = False,
     cancel: threading.Event | None = None,
 ) -> Generator[Progress, None, Segmentation]:
     """Segment a 2D image or a 3D volume slice by slice.
@@ -151,6 +159,8 @@ def segment(
         probabilities, entropy: also return softmax probabilities / per-voxel entropy.
         slice_uncertainty: also return the mean entropy of each slice (cheap: no per-voxel array kept).
         only: (S,) bool, segment only these slices (the others stay 0), e.g. those the user has not corrected.
+        prepare_int8: where `auto` picks static int8 and the model's package is missing, compile it now (a one-time
+            cost, worth it for long jobs) rather than run int8 dynamic; `int8` always does.
         cancel: set it to stop after the current batch (raises Cancelled).
     Yields:
         Progress as each batch is collected (batch k once batch k+1 is queued, so that a GPU never waits).
@@ -183,7 +193,11 @@ def segment(
     prep = (card.preprocessing if window is None else card.preprocessing.with_window(window)).for_image(image)
     max_value = float(np.iinfo(image.dtype).max) if rgb and np.issubdtype(image.dtype, np.integer) else 255.0
     source = SliceSource(stack, np.flatnonzero(todo), rgb, prep, max_value, card.input_size, dev)
-    predict = Predictor(checkpoint.model, dev, path)
+    compiled = None
+    if path == "int8 static":
+        compiled = yield from _static_int8(checkpoint, source, precision == "int8" or prepare_int8, cancel)
+        path = path if compiled is not None else "int8 dynamic"
+    predict = Predictor(checkpoint.model, dev, path, compiled)
     out = Accumulator(len(stack), source.size, n_classes, probabilities, entropy, slice_uncertainty)
     transfers = source.transfers
 
@@ -243,7 +257,41 @@ def segment(
         entropy=None if out.entropy is None else np.ascontiguousarray(back(out.entropy, 0)),
         slice_uncertainty=out.slice_uncertainty,
         batch_size=batch,
+        path=path,
     )
+
+
+def calibration_batches(source: SliceSource, batch: int) -> list[torch.Tensor]:
+    """Up to `static_int8.CALIBRATION_SLICES` of the source's slices, spread evenly, as (batch, C, H, W) inputs."""
+    n = len(source.order)
+    picks = np.unique(np.linspace(0, n - 1, min(static_int8.CALIBRATION_SLICES, n)).round().astype(int))
+    spread = dataclasses.replace(source, order=source.order[picks], transfers=None)
+    return [spread.batch(s, s + batch)[1] for s in range(0, len(picks), batch)]
+
+
+def _static_int8(checkpoint: Checkpoint, source: SliceSource, build: bool, cancel: threading.Event | None
+                 ) -> Generator[Progress, None, static_int8.StaticInt8 | None]:
+    """The model's static int8 package: from the cache, else compiled now if `build` (calibrated on this image's
+    slices). None (run int8 dynamic) where it is missing and not to be built, or cannot be made (a note says why)."""
+    total = len(source.order)
+    batch = default_batch_size(checkpoint, torch.device("cpu"))     # one package per model: the fastest CPU batch
+    model, size = checkpoint.model, checkpoint.card.input_size
+    try:
+        compiled = static_int8.load(model, batch, size)
+        if compiled is not None or not build:
+            return compiled
+        yield Progress(0, total, note="compiling the int8 model for this CPU, once per model (a minute or two); "
+                                      f"cached in {static_int8.cache_folder()}")
+        t0 = time.perf_counter()
+        compiled, agreement = static_int8.build(model, calibration_batches(source, batch), batch, size)
+    except static_int8.Unavailable as e:
+        yield Progress(0, total, note=f"{e}; running int8 dynamic")
+        return None
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("segmentation cancelled")
+    yield Progress(0, total, note=f"int8 model compiled in {time.perf_counter() - t0:.0f} s; its labels matched "
+                                  f"fp32's on {agreement:.2%} of the calibration slices' voxels")
+    return compiled
 
 
 def run_segmentation(gen: Generator[Progress, None, Segmentation],

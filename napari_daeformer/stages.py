@@ -4,7 +4,7 @@ and resampling apart, so that a faster path replaces one stage without touching 
 - `SliceSource` (prepare): the image's slices as normalised, resized network-input batches on the device (the copy
   overlapping earlier work: `transfers.Transfers`).
 - `Predictor` (predict): network-size logits of a batch, by one numeric path (fp32, autocast, bf16 weights,
-  int8 dynamic).
+  int8 dynamic, int8 static).
 - `Accumulator` (accumulate): logits resized back to the source and reduced on the device to uint8 labels (and, if
   asked for, probabilities, entropy, per-slice uncertainty), then, once copied back, written into the output arrays.
 """
@@ -112,17 +112,23 @@ class Predictor:
     """Predict: (b, C, H, W) network input -> (b, n, H, W) float32 logits, by one numeric path (`devices.PATHS`).
 
     "fp32"; "bf16/fp16 autocast" (low-precision matrix products, fp32 weights and normalisations); "bf16 weights" (a
-    copy of the model stored in bf16: every kernel in bf16); "int8 dynamic" (a copy with int8 Linear layers). The
-    model itself stays fp32; the copies are cached and follow its weights.
+    copy of the model stored in bf16: every kernel in bf16); "int8 dynamic" (a copy with int8 Linear layers); "int8
+    static" (`compiled`: the model's static int8 package, `static_int8`). The model itself stays fp32; the copies are
+    cached and follow its weights.
     """
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, path: str = "fp32") -> None:
+    def __init__(self, model: torch.nn.Module, device: torch.device, path: str = "fp32",
+                 compiled: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         if path not in PATHS:
             raise ValueError(f"unknown numeric path {path!r}; one of {', '.join(PATHS)}")
+        if (path == "int8 static") != (compiled is not None):
+            raise ValueError("the int8 static path runs a compiled package, and only it does")
         self.device, self.path = device, path
         model = model.to(device).eval()
         self.autocast_dtype = {"bf16 autocast": torch.bfloat16, "fp16 autocast": torch.float16}.get(path)
-        if path == "bf16 weights":
+        if compiled is not None:
+            self.model = compiled
+        elif path == "bf16 weights":
             self.model = low_precision_copy(model, torch.bfloat16)
         elif path == "int8 dynamic":
             self.model = int8_copy(model)

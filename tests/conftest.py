@@ -12,6 +12,7 @@ from napari_daeformer.autosave import ENV_FOLDER
 from napari_daeformer.checkpoint import ModelCard, save_checkpoint
 from napari_daeformer.model import DAEFormer, DAEFormerConfig
 from napari_daeformer.preprocessing import ct_preprocessing
+from napari_daeformer.static_int8 import CACHE_ENV
 
 OFFICIAL_TSV = Path(__file__).resolve().parent / "data" / "official_daeformer_state_dict.tsv"   # the released checkpoint's keys
 
@@ -22,6 +23,12 @@ TINY = DAEFormerConfig(num_classes=3, in_channels=1, embed_dims=(16, 32, 64), de
 def autosave_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Autosaved sessions go to a fresh folder per test, never to the user's home (nor from one test to the next)."""
     monkeypatch.setenv(ENV_FOLDER, str(tmp_path_factory.mktemp("autosave")))
+
+
+@pytest.fixture(autouse=True)
+def int8_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiled int8 packages go to one folder per test session (shared by its tests), never to the user's cache."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path_factory.getbasetemp() / "int8-cache"))
 
 
 @pytest.fixture

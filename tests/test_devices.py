@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from napari_daeformer import devices
+from napari_daeformer import devices, static_int8
 from napari_daeformer.checkpoint import Checkpoint, ModelCard
 from napari_daeformer.devices import resolve_path
 from napari_daeformer.errors import InferenceError
@@ -16,11 +16,14 @@ from napari_daeformer.preprocessing import ct_preprocessing
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize(("bf16", "int8", "path"), [(True, True, "bf16 autocast"), (False, True, "int8 dynamic"),
-                                                     (False, False, "fp32")])
-def test_auto_picks_the_measured_cpu_path(monkeypatch: pytest.MonkeyPatch, bf16: bool, int8: bool, path: str) -> None:
+@pytest.mark.parametrize(("bf16", "int8", "static", "path"), [
+    (True, True, True, "bf16 autocast"), (False, True, True, "int8 static"), (False, True, False, "int8 dynamic"),
+    (False, False, True, "fp32")])
+def test_auto_picks_the_measured_cpu_path(monkeypatch: pytest.MonkeyPatch, bf16: bool, int8: bool, static: bool,
+                                          path: str) -> None:
     monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: bf16)
     monkeypatch.setattr(devices, "cpu_has_int8_kernels", lambda: int8)
+    monkeypatch.setattr(static_int8, "unavailable_reason", lambda: None if static else "no C++ compiler")
     assert resolve_path("auto", CPU) == path
     assert resolve_path("fp32", CPU) == "fp32"
 

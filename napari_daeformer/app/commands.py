@@ -22,6 +22,9 @@ from ..volumes import class_measures, is_physical, measure_unit
 
 def _progress_printer(label: str):  # type: ignore[no-untyped-def]
     def show(p: Progress) -> None:
+        if p.note:
+            print(f"note: {p.note}", file=sys.stderr, flush=True)
+            return
         width = 30
         filled = int(width * p.done / max(p.total, 1))
         end = "\n" if p.done == p.total else ""
@@ -141,6 +144,8 @@ def run_batch_command(args: argparse.Namespace) -> int:
 
         def show(p: BatchProgress) -> None:
             bar.total, bar.n = p.files_total, p.files_done
+            if p.note:
+                bar.write(f"note: {p.note}", file=sys.stderr)
             bar.set_postfix_str(f"{p.current} {p.slices_done}/{p.slices_total}" if p.slices_total else p.current)
         summary = drain(run_batch(job, rank=info.rank, world_size=info.world_size), show)
         bar.close()

@@ -122,6 +122,8 @@ class BatchWidget(WorkerWidget):
         self._files_bar.value = p.files_done
         self._slices_bar.max = max(p.slices_total, 1)
         self._slices_bar.value = p.slices_done if p.result is None else self._slices_bar.max
+        if p.note:
+            self._status.value = p.note
         if p.result is not None:
             self.results.append(p.result)
             self._show_table()

@@ -16,6 +16,7 @@ from ..autosave import ENV_FOLDER, USER_FOLDER, default_folder, find_session, im
 from ..bundled import bundled_model
 from ..checkpoint import Checkpoint, file_sha256, load_checkpoint
 from ..corrections import corrected_slices, merge_slices
+from ..devices import PRECISIONS
 from ..errors import DaeformerError, InferenceError
 from ..inference import Progress, Segmentation, check_compatible, image_warnings, segment
 from ..io import ImageRecord, geometry_from_metadata
@@ -77,6 +78,10 @@ class SegmentWidget(WorkerWidget):
                                    tooltip="CT window upper bound; prefilled from the checkpoint")
         self._batch = SpinBox(label="batch size", min=0, max=256, value=0,
                               tooltip="Slices per forward pass; 0 = what fits the device")
+        self._precision = ComboBox(label="precision", choices=list(PRECISIONS), value="auto",
+                                   tooltip="auto: the fastest path measured to keep the labels (bf16 on GPUs and "
+                                   "bf16 CPUs, int8 on other x86 CPUs). int8 compiles a static int8 model for this "
+                                   "CPU on first use (a minute or two, cached); auto uses it from then on")
         self._mode = ComboBox(label="mode", choices=list(MODES), value=MODES[0],
                               tooltip="'only slices not yet corrected' re-segments the chosen labels layer "
                               "around your edits and keeps every slice you changed")
@@ -99,7 +104,8 @@ class SegmentWidget(WorkerWidget):
                                            "autosaved for this image")
         self._discard = PushButton(text="Discard", visible=False, tooltip="Delete the autosaved session of this image")
         self.extend([self._image, self._model, self._file, self._device, self._lower, self._upper, self._mode,
-                     self._target, collapsible("More settings", [self._axis, self._batch, self._autosave_dir]),
+                     self._target, collapsible("More settings", [self._axis, self._batch, self._precision,
+                                                                  self._autosave_dir]),
                      row(self._run, self._cancel), self._progress, row(self._uncertain, self._next), self._restore_info,
                      row(self._restore, self._discard), self._status])
         self._tidy()
@@ -323,7 +329,7 @@ class SegmentWidget(WorkerWidget):
 
     def _engine_kwargs(self, checkpoint: Checkpoint, record: ImageRecord) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"rgb": record.rgb, "axis": int(self._axis.value), "device": self._device.value,
-                                  "batch_size": int(self._batch.value) or None,
+                                  "batch_size": int(self._batch.value) or None, "precision": self._precision.value,
                                   "slice_uncertainty": bool(self._uncertain.value)}
         if checkpoint.card.preprocessing.kind == "ct":
             kwargs["window"] = (float(self._lower.value), float(self._upper.value))
@@ -362,6 +368,8 @@ class SegmentWidget(WorkerWidget):
         """Show finished slices at once (no undo history yet: `_finish` records the run as one step)."""
         self._progress.max = p.total
         self._progress.value = p.done
+        if p.note:
+            self._status.value = p.note
         if p.labels is None or not p.labels.size:
             return
         layer = target.layer

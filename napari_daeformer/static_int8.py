@@ -1,0 +1,202 @@
+"""Static int8 on x86 CPUs: the model quantised by torchao's PT2E flow (weights per channel, activations per tensor
+with ranges calibrated once), compiled ahead of time by AOTInductor into a package cached on disk.
+
+The package is made once per model weights, batch size, input size, torch/torchao version and CPU instruction set
+(a minute or two for `paper` on 2 cores) and loads in well under a second afterwards. It is accepted only when its
+labels agree with fp32 on the calibration slices (`MIN_AGREEMENT`); otherwise the engine keeps int8 dynamic.
+`benchmarks/bench_model.py` measures it against the official model.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .atomic import atomic_write
+from .errors import DaeformerError
+
+CACHE_ENV = "DAEFORMER_CACHE"
+MIN_AGREEMENT = 0.995              # share of calibration voxels whose label must equal fp32's (issue 15's bar)
+CALIBRATION_SLICES = 16           # at most, spread evenly over the first image that needs a package
+_X86 = {"x86_64", "amd64", "i686", "x86"}
+
+
+class Unavailable(DaeformerError):
+    """Static int8 cannot run here or for this model; the message says why (the engine falls back)."""
+
+
+def cache_folder() -> Path:
+    """Where compiled packages live: $DAEFORMER_CACHE, else the user's cache folder."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "napari-daeformer" / "int8"
+
+
+def _cpp_compiler() -> str | None:
+    """The C++ compiler inductor would call, if it is installed."""
+    candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+    return next((c for c in candidates if shutil.which(c)), None)
+
+
+def unavailable_reason() -> str | None:
+    """Why static int8 cannot run on this machine (None when it can)."""
+    from .devices import cpu_has_int8_kernels
+
+    if platform.machine().lower() not in _X86 or not cpu_has_int8_kernels():
+        return "static int8 needs an x86 CPU with torch's int8 kernels"
+    try:
+        _torchao()
+    except ImportError:
+        return "static int8 needs torchao (pip install torchao)"
+    if _cpp_compiler() is None:
+        return "static int8 needs a C++ compiler (g++ or clang++) to compile the model once"
+    return None
+
+
+@contextmanager
+def _quiet_torchao() -> Iterator[None]:
+    """torchao logs a warning per CUDA-only extension it cannot load on a CPU build, torch one on torchao's enums, and
+    the int8 lowering a UserWarning per layer: none is the user's concern."""
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _torchao() -> tuple[Callable[..., torch.nn.Module], Callable[..., torch.nn.Module], object]:
+    """torchao's (prepare_pt2e, convert_pt2e, x86 inductor quantizer module); ImportError if it is missing."""
+    with _quiet_torchao():
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer
+    return prepare_pt2e, convert_pt2e, x86_inductor_quantizer
+
+
+def package_key(model: torch.nn.Module, batch: int, input_size: tuple[int, int]) -> str:
+    """A digest of everything the compiled package depends on: weights, architecture, shapes, versions, CPU."""
+    import torchao
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    meta = [repr(getattr(model, "cfg", None)), type(model).__qualname__, batch, list(input_size), torch.__version__,
+            torchao.__version__, torch.backends.cpu.get_cpu_capability(), os.environ.get("ONEDNN_MAX_CPU_ISA", "")]
+    h.update(json.dumps(meta, default=str).encode())
+    return h.hexdigest()[:24]
+
+
+def package_path(key: str) -> Path:
+    return cache_folder() / f"{key}.pt2"
+
+
+def _rejected_path(key: str) -> Path:
+    return cache_folder() / f"{key}.rejected.json"
+
+
+class StaticInt8:
+    """A compiled package as a forward function: (b, C, H, W) fp32 -> (b, n, H, W) fp32 logits for any b, run in
+    chunks of the compiled batch (the last one zero-padded)."""
+
+    def __init__(self, path: Path, batch: int) -> None:
+        self.path, self.batch = path, batch
+        self._run = torch._inductor.aoti_load_package(str(path))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().contiguous()
+        out = []
+        for start in range(0, len(x), self.batch):
+            chunk = x[start:start + self.batch]
+            if len(chunk) < self.batch:
+                chunk = torch.cat([chunk, chunk.new_zeros(self.batch - len(chunk), *chunk.shape[1:])])
+            out.append(self._run(chunk)[: len(x) - start])
+        return torch.cat(out) if len(out) > 1 else out[0]
+
+
+def load(model: torch.nn.Module, batch: int, input_size: tuple[int, int]) -> StaticInt8 | None:
+    """The cached package of `model` at this batch and input size, if one was made (None if not).
+    Raises Unavailable where one was made and rejected, or cannot run here."""
+    reason = unavailable_reason()
+    if reason:
+        raise Unavailable(reason)
+    key = package_key(model, batch, input_size)
+    if _rejected_path(key).is_file():
+        raise Unavailable(json.loads(_rejected_path(key).read_text())["reason"])
+    path = package_path(key)
+    return StaticInt8(path, batch) if path.is_file() else None
+
+
+def _padded(batches: Sequence[torch.Tensor], batch: int) -> list[torch.Tensor]:
+    """`batches` re-cut into batches of exactly `batch` (the last zero-padded)."""
+    x = torch.cat(list(batches))
+    pad = -len(x) % batch
+    if pad:
+        x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
+    return list(x.split(batch))
+
+
+def build(model: torch.nn.Module, calibration: Sequence[torch.Tensor], batch: int,
+          input_size: tuple[int, int]) -> tuple[StaticInt8, float]:
+    """Quantise `model` (fp32, CPU) statically, calibrated on `calibration` ((b, C, H, W) network-input batches),
+    compile it with AOTInductor, check it against fp32 on the same slices and cache it atomically.
+
+    Returns the package's forward function and the label agreement with fp32 on the calibration slices.
+    Raises Unavailable if it cannot be made here, or if its labels agree with fp32 on less than MIN_AGREEMENT of the
+    voxels (remembered, so that it is not tried again for these weights).
+    """
+    reason = unavailable_reason()
+    if reason:
+        raise Unavailable(reason)
+    key = package_key(model, batch, input_size)
+    prepare_pt2e, convert_pt2e, xiq = _torchao()
+    batches = _padded(calibration, batch)
+    model = copy.deepcopy(model).cpu().eval()
+    quantizer = xiq.X86InductorQuantizer()
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad(), _quiet_torchao():
+            prepared = prepare_pt2e(torch.export.export(model, (batches[0],)).module(), quantizer)
+            for x in batches:                                  # activation ranges, observed once
+                prepared(x)
+            program = torch.export.export(convert_pt2e(prepared), (batches[0],))
+
+            def write(tmp: Path) -> None:
+                torch._inductor.aoti_compile_and_package(program, package_path=str(tmp),
+                                                         inductor_configs={"freezing": True})
+            path = atomic_write(package_path(key), write)
+    except Exception as e:                               # torch's export/inductor errors have no common base
+        raise Unavailable(f"static int8 could not be compiled here ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'})") from e
+    compiled = StaticInt8(path, batch)
+    with torch.inference_mode(), _quiet_torchao():
+        same = [(compiled(x).argmax(1) == model(x).argmax(1)).double().mean().item() for x in batches]
+    agreement = float(np.mean(same))
+    if agreement < MIN_AGREEMENT:
+        path.unlink(missing_ok=True)
+        reason = (f"static int8 kept only {agreement:.1%} of fp32's labels on the calibration slices "
+                  f"(needs {MIN_AGREEMENT:.1%}); int8 dynamic is used for this model")
+        atomic_write(_rejected_path(key), lambda tmp: tmp.write_text(json.dumps({"reason": reason})))
+        raise Unavailable(reason)
+    logging.getLogger(__name__).info("static int8 package %s made in %.0f s", path, time.perf_counter() - t0)
+    return compiled, agreement
