@@ -1,7 +1,8 @@
 """Segment a 512x512x200 volume with the `paper` DAE-Former: the official model and a naive loop against our engine.
 
     python benchmarks/bench_inference.py [--device cpu|cuda] [--slices 200] [--threads N] [--rounds 3] [--isa avx2]
-                                         [--variants official,naive,ours-fp32,ours-bf16,ours-int8,ours-auto]
+                                         [--variants official,naive,ours-fp32,ours-bf16,ours-int8,ours-int8dynamic,
+                                                     ours-auto]
 
 Naive loop: fp32, one slice at a time, every slice's full-resolution logits kept and stacked, argmax at the
 end; `official` is that loop around the official code's arithmetic and layout (`_official_layout.py`), `naive`
@@ -12,12 +13,16 @@ variants run in turn for `--rounds` rounds and the median speed is reported (mem
 are random: speed and memory do not depend on them, and label agreement (the loops with each other, each engine path
 with the engine's fp32) is a lower bound: a random network's classes are near ties (`bench_model.py` measures
 agreement on the trained CT model). `--isa avx2`: as on a CPU without AVX-512, bf16 or VNNI (`_isa.py`).
+`ours-int8`: static int8, its package compiled in the first round (`prepare_s`, into a fresh folder unless
+$DAEFORMER_CACHE is set) without the agreement gate, which random weights cannot pass; `ours-int8dynamic`: `int8`
+on a machine without a C++ compiler (int8 dynamic).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -35,11 +40,13 @@ from _isa import ISAS, isa_in_use, limit_isa  # noqa: E402
 from _official_layout import official_forward  # noqa: E402
 from _timing import cpu_name  # noqa: E402
 
+from napari_daeformer import static_int8
 from napari_daeformer.checkpoint import Checkpoint, ModelCard
 from napari_daeformer.devices import resolve_device
-from napari_daeformer.inference import run_segmentation, segment
+from napari_daeformer.inference import calibration_batches, default_batch_size, run_segmentation, segment
 from napari_daeformer.model import DAEFormer, named_config
 from napari_daeformer.preprocessing import ct_preprocessing
+from napari_daeformer.stages import SliceSource
 
 
 def run_variant(variant: str, device_name: str, slices: int, threads: int | None, labels_to: str) -> dict[str, float]:
@@ -70,7 +77,15 @@ def run_variant(variant: str, device_name: str, slices: int, threads: int | None
         labels = naive(volume)
     else:
         ckpt = Checkpoint(model, card)
-        precision = variant.split("-")[1]
+        precision = "int8" if variant.startswith("ours-int8") else variant.split("-")[1]
+        if variant == "ours-int8":                        # made once, as `segment` would for a trained model
+            batch = default_batch_size(ckpt, torch.device("cpu"))
+            t0 = time.perf_counter()
+            if static_int8.load(model, batch, card.input_size) is None:
+                source = SliceSource(volume, np.arange(slices), False, card.preprocessing.for_image(volume), 255.0,
+                                     card.input_size, device)
+                static_int8.build(model, calibration_batches(source, batch), batch, card.input_size, min_agreement=0.0)
+            prepare = time.perf_counter() - t0
         run_segmentation(segment(volume, ckpt, device=device, precision=precision))   # warm-up, same shapes
         start = time.perf_counter()
         result = run_segmentation(segment(volume, ckpt, device=device, precision=precision))
@@ -83,7 +98,9 @@ def run_variant(variant: str, device_name: str, slices: int, threads: int | None
     if device.type == "cuda":
         out["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 2**30
     if variant not in ("naive", "official"):
-        out["batch_size"] = result.batch_size
+        out["batch_size"], out["path"] = result.batch_size, result.path
+    if variant == "ours-int8":
+        out["prepare_s"] = prepare
     np.save(labels_to, labels)
     return out
 
@@ -116,7 +133,10 @@ def main() -> None:
                        str(args.slices), "--labels-to", str(labels_path)]
                 if args.threads:
                     cmd += ["--threads", str(args.threads)]
-                proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                env = {**os.environ, static_int8.CACHE_ENV: os.environ.get(static_int8.CACHE_ENV, folder)}
+                if variant == "ours-int8dynamic":
+                    env["CXX"] = "no-compiler-here"           # static int8 unavailable: int8 runs dynamic
+                proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
                 runs.setdefault(variant, []).append(json.loads(proc.stdout.strip().splitlines()[-1]))
                 labels[variant] = np.load(labels_path)
                 print(variant, runs[variant][-1], flush=True)

@@ -1,14 +1,14 @@
 """The `paper` DAE-Former's forward pass at 224x224: the official model against each of our numeric paths, in one run.
 
     python benchmarks/bench_model.py [--device cpu|cuda] [--threads 2] [--batches 1,8] [--rounds 7] [--isa avx2]
-                                     [--paths fp32,bf16-autocast,bf16-weights,int8-dynamic,compile-bf16-weights,...]
+                                     [--paths fp32,bf16-autocast,bf16-weights,int8-dynamic,int8-static,...]
 
 Official: the official code's arithmetic and data layout over the same weights (`_official_layout.py`: its first
 Mix-FFN Linear evaluated twice, 1x1 convolutions on images, its copies), in fp32 and under bf16 autocast (the
-baselines of issue 15). Ours: the model as the engine runs it, by each path (`devices.PATHS`), plus opt-in
-candidates that were measured and not adopted: `compile-*` (torch.compile, inductor; states its one-time cost),
-`torchao-static-int8` (torchao's PT2E static int8 for x86: activations calibrated once, then inductor; needs torchao
-and a C++ compiler) and `onnxruntime` (if installed).
+baselines of issue 15). Ours: the model as the engine runs it, by each path (`devices.PATHS`; `int8-static` is
+`static_int8`'s package, compiled into a fresh folder unless $DAEFORMER_CACHE is set: its one-time cost is the
+"prepare" column), plus opt-in candidates that were measured and not adopted: `compile-*` (torch.compile, inductor) and
+`onnxruntime` (if installed).
 
 Speed: seconds per slice (a forward pass over the batch divided by its size), the median of `--rounds` rounds in
 which every path runs in turn, so that a slow spell of a shared machine hits every path alike; in its turn a path
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import sys
 import tempfile
@@ -40,18 +41,21 @@ from _isa import ISAS, isa_in_use, limit_isa  # noqa: E402
 from _official_layout import official_forward  # noqa: E402
 from _timing import cpu_name  # noqa: E402
 
+from napari_daeformer import static_int8  # noqa: E402
 from napari_daeformer.bundled import bundled_model  # noqa: E402
-from napari_daeformer.checkpoint import load_checkpoint  # noqa: E402
+from napari_daeformer.checkpoint import Checkpoint, ModelCard, load_checkpoint  # noqa: E402
 from napari_daeformer.devices import cpu_has_int8_kernels, cpu_has_native_bf16, resolve_device, resolve_path  # noqa: E402
+from napari_daeformer.inference import calibration_batches, default_batch_size  # noqa: E402
 from napari_daeformer.metrics import dice_per_class  # noqa: E402
 from napari_daeformer.model import DAEFormer, count_parameters, named_config  # noqa: E402
+from napari_daeformer.preprocessing import ct_preprocessing  # noqa: E402
 from napari_daeformer.sample_data import synthetic_ct  # noqa: E402
 from napari_daeformer.stages import Accumulator, Predictor, SliceSource  # noqa: E402
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 ENGINE = {"fp32": "fp32", "bf16-autocast": "bf16 autocast", "fp16-autocast": "fp16 autocast",
           "bf16-weights": "bf16 weights", "int8-dynamic": "int8 dynamic"}
-CANDIDATES = ("compile-fp32", "compile-bf16-weights", "torchao-static-int8", "onnxruntime")
+CANDIDATES = ("compile-fp32", "compile-bf16-weights", "onnxruntime")
 
 
 def official(model: torch.nn.Module, device: torch.device, amp: torch.dtype | None) -> Forward:
@@ -79,19 +83,13 @@ def build(path: str, model: torch.nn.Module, device: torch.device, example: torc
         inner.model = torch.compile(inner.model, dynamic=False)
         fwd = inner
         fwd(example)                                      # the compilation itself (cached by inductor on disk)
-    elif path == "torchao-static-int8":                   # torchao's PT2E static int8 for x86, then inductor
-        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
-
-        quantizer = xiq.X86InductorQuantizer()
-        quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
-        with torch.no_grad():
-            prepared = prepare_pt2e(torch.export.export(copy.deepcopy(model), (example,)).module(), quantizer)
-            for batch in calibration or [example]:         # activation ranges, observed once
-                prepared(batch)
-            fwd = torch.compile(convert_pt2e(prepared))
-        with torch._inductor.config.patch(freezing=True), torch.inference_mode():
-            fwd(example)                                  # the compilation; freezing lets inductor prepack int8 weights
+    elif path == "int8-static":                           # the engine's: compiled once per model, cached
+        ckpt = Checkpoint(model, ModelCard(model.cfg, tuple(f"c{i}" for i in range(model.cfg.num_classes)),
+                                           input_size=tuple(example.shape[-2:]), preprocessing=ct_preprocessing()))
+        batch = default_batch_size(ckpt, torch.device("cpu"))
+        compiled = static_int8.load(model, batch, ckpt.card.input_size) or \
+            static_int8.build(model, calibration or [example], batch, ckpt.card.input_size, min_agreement=0.0)[0]
+        fwd = Predictor(model, device, "int8 static", compiled)  # agreement is measured on the trained model instead
     elif path == "onnxruntime":
         import onnxruntime as ort
 
@@ -123,9 +121,8 @@ def agreement(paths: list[str], device: torch.device) -> dict[str, tuple[float, 
     sample = synthetic_ct(seed=0)
     source = slices(sample.image)
     calibration = None
-    if any(path.startswith("torchao") for path in paths):  # static int8 calibrates on another phantom
-        held_out = slices(synthetic_ct(seed=1).image)
-        calibration = [held_out.batch(s, s + batch)[1] for s in range(0, len(held_out.order) - batch + 1, batch)]
+    if "int8-static" in paths:                            # as the engine would on another phantom segmented first
+        calibration = calibration_batches(slices(synthetic_ct(seed=1).image), default_batch_size(ckpt, device))
 
     def labels(path: str) -> np.ndarray:
         fwd = build(path, model, device, source.batch(0, batch)[1], calibration)[0]
@@ -133,7 +130,7 @@ def agreement(paths: list[str], device: torch.device) -> dict[str, tuple[float, 
         with torch.inference_mode():
             for start in range(0, len(sample.image), batch):
                 idx, x = source.batch(start, start + batch)
-                if len(idx) < batch and path.startswith(("compile", "torchao")):   # static shapes: pad the last batch
+                if len(idx) < batch and path.startswith("compile"):   # static shapes: pad the last batch
                     x = torch.cat([x, x[-1:].expand(batch - len(idx), -1, -1, -1)])
                 out.add(idx, fwd(x)[:len(idx)].float())
         return out.labels
@@ -157,6 +154,7 @@ def main() -> None:
     p.add_argument("--isa", choices=ISAS, default="native", help="avx2: as on a CPU without AVX-512 (bf16, VNNI)")
     args = p.parse_args()
     limit_isa(args.isa)
+    os.environ.setdefault(static_int8.CACHE_ENV, tempfile.mkdtemp(prefix="daeformer-int8-"))   # prepare: from cold
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -166,7 +164,8 @@ def main() -> None:
         paths = ["fp32", "bf16-autocast", "bf16-weights", "fp16-autocast"]
     else:
         bf16 = ["bf16-autocast", "bf16-weights"] if cpu_has_native_bf16() else []
-        paths = ["fp32", *bf16] + (["int8-dynamic"] if cpu_has_int8_kernels() else [])
+        int8 = ["int8-dynamic"] + ([] if static_int8.unavailable_reason() else ["int8-static"])
+        paths = ["fp32", *bf16] + (int8 if cpu_has_int8_kernels() else [])
     bf16_baseline = device.type == "cuda" or cpu_has_native_bf16()
     baselines = ["official-fp32"] + (["official-bf16"] if bf16_baseline else [])
     torch.manual_seed(0)
