@@ -205,3 +205,16 @@ def test_both_docks_fit_a_1920x1080_screen(make_napari_viewer, qtbot) -> None:  
             bottom = button.mapTo(window, button.rect().bottomLeft()).y()
             seen = button.visibleRegion().boundingRect().height()
             assert bottom <= window.height() and seen == button.height(), (button.text(), bottom, seen)
+
+
+def test_precision_reaches_the_engine_and_a_refused_one_is_a_notification(ct_viewer, qtbot, errors) -> None:  # type: ignore[no-untyped-def]
+    viewer, widget = ct_viewer
+    widget._device.value = "cpu"
+    widget._precision.value = "fp32"
+    _run(widget, qtbot)
+    assert widget.last_result.path == "fp32"
+    n_layers = len(viewer.layers)
+    widget._precision.value = "fp16"                                   # autocast fp16 exists on GPUs only
+    _run(widget, qtbot)
+    assert "fp16 autocast is not supported on the CPU" in errors[-1]
+    assert len(viewer.layers) == n_layers                              # the failed run's empty layer is gone
