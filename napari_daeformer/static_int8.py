@@ -3,7 +3,8 @@ with ranges calibrated once), compiled ahead of time by AOTInductor into a packa
 
 The package is made once per model weights, batch size, input size, torch/torchao version and CPU instruction set
 (a minute or two for `paper` on 2 cores) and loads in well under a second afterwards. It is accepted only when its
-labels agree with fp32 on the calibration slices (`MIN_AGREEMENT`); otherwise the engine keeps int8 dynamic.
+labels agree with fp32 on the calibration slices (`MIN_AGREEMENT`, `MIN_CLASS_DICE`); otherwise the engine keeps
+int8 dynamic.
 `benchmarks/bench_model.py` measures it against the official model.
 """
 
@@ -16,7 +17,6 @@ import logging
 import os
 import platform
 import shutil
-import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -26,6 +26,7 @@ import torch
 
 from .atomic import atomic_write
 from .errors import DaeformerError
+from .metrics import dice_per_class
 
 CACHE_ENV = "DAEFORMER_CACHE"
 MIN_AGREEMENT = 0.995              # share of calibration voxels whose label must equal fp32's (issue 15's bar)
@@ -131,14 +132,7 @@ class StaticInt8:
         self._run = torch._inductor.aoti_load_package(str(path))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float().contiguous()
-        out = []
-        for start in range(0, len(x), self.batch):
-            chunk = x[start:start + self.batch]
-            if len(chunk) < self.batch:
-                chunk = torch.cat([chunk, chunk.new_zeros(self.batch - len(chunk), *chunk.shape[1:])])
-            out.append(self._run(chunk)[: len(x) - start])
-        return torch.cat(out) if len(out) > 1 else out[0]
+        return torch.cat([self._run(chunk) for chunk in _padded([x.float()], self.batch)])[:len(x)]
 
 
 def load(model: torch.nn.Module, batch: int, input_size: tuple[int, int]) -> StaticInt8 | None:
@@ -156,7 +150,7 @@ def load(model: torch.nn.Module, batch: int, input_size: tuple[int, int]) -> Sta
 
 def _padded(batches: Sequence[torch.Tensor], batch: int) -> list[torch.Tensor]:
     """`batches` re-cut into batches of exactly `batch` (the last zero-padded)."""
-    x = torch.cat(list(batches))
+    x = torch.cat(list(batches)).contiguous()
     pad = -len(x) % batch
     if pad:
         x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
@@ -184,7 +178,6 @@ def build(model: torch.nn.Module, calibration: Sequence[torch.Tensor], batch: in
     model = copy.deepcopy(model).cpu().eval()
     quantizer = xiq.X86InductorQuantizer()
     quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(reduce_range=seven_bit_activations()))
-    t0 = time.perf_counter()
     try:
         with torch.no_grad(), _quiet_torchao():
             prepared = prepare_pt2e(torch.export.export(model, (batches[0],)).module(), quantizer)
@@ -201,19 +194,17 @@ def build(model: torch.nn.Module, calibration: Sequence[torch.Tensor], batch: in
                           f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'})") from e
     compiled = StaticInt8(path, batch)
     with torch.inference_mode(), _quiet_torchao():
-        ours = torch.cat([compiled(x).argmax(1) for x in batches])
-        fp32 = torch.cat([model(x).argmax(1) for x in batches])
-    agreement = (ours == fp32).double().mean().item()
-    classes = [c for c in range(1, int(fp32.max()) + 1) if (fp32 == c).sum() >= 1e-3 * fp32.numel()]
-    dice = {c: 2 * ((ours == c) & (fp32 == c)).sum().item() / ((ours == c).sum() + (fp32 == c).sum()).item()
-            for c in classes}
-    worst = min(dice, key=dice.get, default=None)
-    if agreement < min_agreement or (worst is not None and dice[worst] < MIN_CLASS_DICE and min_agreement > 0):
+        ours = torch.cat([compiled(x).argmax(1) for x in batches]).numpy()
+        fp32 = torch.cat([model(x).argmax(1) for x in batches]).numpy()
+    agreement = float((ours == fp32).mean())
+    dice = dice_per_class(ours, fp32, int(max(ours.max(), fp32.max())) + 1)          # classes 1.. against fp32's
+    found = [c for c in range(1, len(dice) + 1) if (fp32 == c).sum() >= 1e-3 * fp32.size]
+    worst = min(found, key=lambda c: dice[c - 1], default=None)
+    if agreement < min_agreement or (worst is not None and dice[worst - 1] < MIN_CLASS_DICE and min_agreement > 0):
         path.unlink(missing_ok=True)
         lost = (f"kept only {agreement:.1%} of fp32's labels (needs {min_agreement:.1%})" if agreement < min_agreement
-                else f"kept class {worst} at Dice {dice[worst]:.3f} against fp32 (needs {MIN_CLASS_DICE})")
+                else f"kept class {worst} at Dice {dice[worst - 1]:.3f} against fp32 (needs {MIN_CLASS_DICE})")
         reason = f"static int8 {lost} on the calibration slices; int8 dynamic is used for this model"
         atomic_write(_rejected_path(key), lambda tmp: tmp.write_text(json.dumps({"reason": reason})))
         raise Unavailable(reason)
-    logging.getLogger(__name__).info("static int8 package %s made in %.0f s", path, time.perf_counter() - t0)
     return compiled, agreement
