@@ -23,13 +23,15 @@ def _umask() -> int:
         return mask
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *, overwrite: bool = True) -> Path:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *, overwrite: bool = True,
+                 mode: int | None = None) -> Path:
     """Call `write(tmp)` on a temporary path beside `path` (same suffix), then rename it over `path`.
 
     Args:
         path: the destination.
         write: writes the whole file to the path it is given.
         overwrite: if False and `path` exists, raise instead of replacing it.
+        mode: the file's permission bits (default: as a plain open() would give, 0666 less the umask).
     Raises:
         DaeformerError: `path` exists and overwrite is False.
     """
@@ -43,7 +45,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *,
         write(tmp)
         with open(tmp, "rb+") as f:                               # data on disk before the rename
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())                          # as a plain open() would (some writers use 0600)
+        os.chmod(tmp, 0o666 & ~_umask() if mode is None else mode)   # as a plain open() would (some writers use 0600)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

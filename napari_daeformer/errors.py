@@ -22,6 +22,10 @@ class InferenceError(DaeformerError):
     """Segmentation failed (torch errors, out of memory, wrong kind of image)."""
 
 
+class Cancelled(DaeformerError):
+    """The user cancelled the work; nothing was returned or written (not a failure)."""
+
+
 class TrainingError(DaeformerError):
     """Training data or settings are unusable, or training failed."""
 

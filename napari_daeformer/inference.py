@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import static_int8
+from . import package_cache, static_int8
 from .checkpoint import Checkpoint
 from .devices import resolve_device, resolve_path
-from .errors import DaeformerError, InferenceError, first_line
+from .errors import Cancelled, InferenceError, first_line
+from .int8_worker import build_in_child
 from .io import ImageRecord
 from .jobs import drain
 from .stages import Accumulator, Predictor, SliceSource
@@ -29,10 +30,6 @@ from .transfers import Pending
 _BYTES_PER_SLICE_PAPER_224 = 160e6
 CPU_BATCH_BYTES = 100e6
 CUDA_MAX_BATCH = 256
-
-
-class Cancelled(DaeformerError):
-    """The run was cancelled; nothing was returned."""
 
 
 @dataclass(frozen=True)
@@ -281,14 +278,12 @@ def _static_int8(checkpoint: Checkpoint, source: SliceSource, build: bool, cance
         if compiled is not None or not build:
             return compiled
         yield Progress(0, total, note="compiling the int8 model for this CPU, once per model (a minute or two); "
-                                      f"cached in {static_int8.cache_folder()}")
+                                      f"cached in {package_cache.cache_folder()}")
         t0 = time.perf_counter()
-        compiled, agreement = static_int8.build(model, calibration_batches(source, batch), batch, size)
+        compiled, agreement = build_in_child(model, calibration_batches(source, batch), batch, size, cancel)
     except static_int8.Unavailable as e:
         yield Progress(0, total, note=f"{e}; running int8 dynamic")
         return None
-    if cancel is not None and cancel.is_set():
-        raise Cancelled("segmentation cancelled")
     yield Progress(0, total, note=f"int8 model compiled in {time.perf_counter() - t0:.0f} s; its labels matched "
                                   f"fp32's on {agreement:.2%} of the calibration slices' voxels")
     return compiled

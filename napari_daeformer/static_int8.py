@@ -24,11 +24,10 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write
+from . import package_cache
 from .errors import DaeformerError
 from .metrics import dice_per_class
 
-CACHE_ENV = "DAEFORMER_CACHE"
 MIN_AGREEMENT = 0.995              # share of calibration voxels whose label must equal fp32's (issue 15's bar)
 MIN_CLASS_DICE = 0.98              # and each class fp32 finds (on 0.1% of the voxels or more): its Dice against fp32's
 CALIBRATION_SLICES = 16           # at most, spread evenly over the first image that needs a package
@@ -37,14 +36,6 @@ _X86 = {"x86_64", "amd64", "i686", "x86"}
 
 class Unavailable(DaeformerError):
     """Static int8 cannot run here or for this model; the message says why (the engine falls back)."""
-
-
-def cache_folder() -> Path:
-    """Where compiled packages live: $DAEFORMER_CACHE, else the user's cache folder."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "napari-daeformer" / "int8"
 
 
 def _cpp_compiler() -> str | None:
@@ -101,26 +92,15 @@ def seven_bit_activations() -> bool:
     return capped or torch.backends.cpu.get_cpu_capability() != "AVX512" or not vnni
 
 
-def package_key(model: torch.nn.Module, batch: int, input_size: tuple[int, int]) -> str:
-    """A digest of everything the compiled package depends on: weights, architecture, shapes, versions, CPU."""
+def package_key(model: torch.nn.Module, batch: int, input_size: tuple[int, int], weights: str | None = None) -> str:
+    """A digest of everything the compiled package depends on: weights (`weights`: their digest, if known),
+    architecture, shapes, versions, CPU."""
     import torchao
 
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    meta = [repr(getattr(model, "cfg", None)), type(model).__qualname__, batch, list(input_size), torch.__version__,
-            torchao.__version__, torch.backends.cpu.get_cpu_capability(), seven_bit_activations()]
-    h.update(json.dumps(meta, default=str).encode())
-    return h.hexdigest()[:24]
-
-
-def package_path(key: str) -> Path:
-    return cache_folder() / f"{key}.pt2"
-
-
-def _rejected_path(key: str) -> Path:
-    return cache_folder() / f"{key}.rejected.json"
+    meta = [weights or package_cache.weights_digest(model), repr(getattr(model, "cfg", None)), type(model).__qualname__,
+            batch, list(input_size), torch.__version__, torchao.__version__, torch.backends.cpu.get_cpu_capability(),
+            seven_bit_activations()]
+    return hashlib.sha256(json.dumps(meta, default=str).encode()).hexdigest()[:24]
 
 
 class StaticInt8:
@@ -136,16 +116,27 @@ class StaticInt8:
 
 
 def load(model: torch.nn.Module, batch: int, input_size: tuple[int, int]) -> StaticInt8 | None:
-    """The cached package of `model` at this batch and input size, if one was made (None if not).
-    Raises Unavailable where one was made and rejected, or cannot run here."""
+    """The cached package of `model` at this batch and input size, if one was made and verified (None if not).
+    Raises Unavailable where one was made and rejected, cannot run here, or the cache is not private to this user."""
     reason = unavailable_reason()
     if reason:
         raise Unavailable(reason)
-    key = package_key(model, batch, input_size)
-    if _rejected_path(key).is_file():
-        raise Unavailable(json.loads(_rejected_path(key).read_text())["reason"])
-    path = package_path(key)
-    return StaticInt8(path, batch) if path.is_file() else None
+    weights = package_cache.weights_digest(model)
+    key = package_key(model, batch, input_size, weights)
+    try:
+        rejected = package_cache.rejection(key)
+        if rejected:
+            raise Unavailable(rejected)
+        path = package_cache.lookup(key, weights)
+    except package_cache.UntrustedCache as e:
+        raise Unavailable(str(e)) from e
+    if path is None:
+        return None
+    try:
+        return StaticInt8(path, batch)
+    except RuntimeError:                                  # verified bytes that this torch cannot load: make it again
+        package_cache.discard(key)
+        return None
 
 
 def _padded(batches: Sequence[torch.Tensor], batch: int) -> list[torch.Tensor]:
@@ -172,7 +163,8 @@ def build(model: torch.nn.Module, calibration: Sequence[torch.Tensor], batch: in
     reason = unavailable_reason()
     if reason:
         raise Unavailable(reason)
-    key = package_key(model, batch, input_size)
+    weights = package_cache.weights_digest(model)
+    key = package_key(model, batch, input_size, weights)
     prepare_pt2e, convert_pt2e, xiq = _torchao()
     batches = _padded(calibration, batch)
     model = copy.deepcopy(model).cpu().eval()
@@ -188,7 +180,9 @@ def build(model: torch.nn.Module, calibration: Sequence[torch.Tensor], batch: in
             def write(tmp: Path) -> None:
                 torch._inductor.aoti_compile_and_package(program, package_path=str(tmp),
                                                          inductor_configs={"freezing": True})
-            path = atomic_write(package_path(key), write)
+            path = package_cache.store(key, weights, write)
+    except package_cache.UntrustedCache as e:
+        raise Unavailable(str(e)) from e
     except Exception as e:                               # torch's export/inductor errors have no common base
         raise Unavailable(f"static int8 could not be compiled here ({type(e).__name__}: "
                           f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'})") from e
@@ -201,10 +195,9 @@ def build(model: torch.nn.Module, calibration: Sequence[torch.Tensor], batch: in
     found = [c for c in range(1, len(dice) + 1) if (fp32 == c).sum() >= 1e-3 * fp32.size]
     worst = min(found, key=lambda c: dice[c - 1], default=None)
     if agreement < min_agreement or (worst is not None and dice[worst - 1] < MIN_CLASS_DICE and min_agreement > 0):
-        path.unlink(missing_ok=True)
         lost = (f"kept only {agreement:.1%} of fp32's labels (needs {min_agreement:.1%})" if agreement < min_agreement
                 else f"kept class {worst} at Dice {dice[worst - 1]:.3f} against fp32 (needs {MIN_CLASS_DICE})")
         reason = f"static int8 {lost} on the calibration slices; int8 dynamic is used for this model"
-        atomic_write(_rejected_path(key), lambda tmp: tmp.write_text(json.dumps({"reason": reason})))
+        package_cache.reject(key, reason)
         raise Unavailable(reason)
     return compiled, agreement

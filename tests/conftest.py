@@ -11,8 +11,8 @@ import torch
 from napari_daeformer.autosave import ENV_FOLDER
 from napari_daeformer.checkpoint import ModelCard, save_checkpoint
 from napari_daeformer.model import DAEFormer, DAEFormerConfig
+from napari_daeformer.package_cache import CACHE_ENV
 from napari_daeformer.preprocessing import ct_preprocessing
-from napari_daeformer.static_int8 import CACHE_ENV
 
 OFFICIAL_TSV = Path(__file__).resolve().parent / "data" / "official_daeformer_state_dict.tsv"   # the released checkpoint's keys
 
