@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .corrections import corrected_slices
+from .annotation import changed_slices
 from .metrics import dice_per_class
 
 PROVENANCE_KEY = "agreement"
@@ -40,7 +40,7 @@ def measure(case: str, model: str, model_sha256: str, proposal: np.ndarray, fina
     """Agreement of `final` ([Z,] Y, X) labels with the model's `proposal` (same shape)."""
     scores = dice_per_class(final, proposal, num_classes)
     dice = float(np.nanmean(scores)) if np.isfinite(scores).any() else 1.0       # both empty: full agreement
-    changed = corrected_slices(final, proposal, 0)
+    changed = changed_slices(final, proposal, 0)
     return Agreement(case, model, model_sha256, round(dice, 5), round(float(changed.mean()), 5), len(changed))
 
 

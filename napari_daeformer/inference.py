@@ -35,13 +35,15 @@ CUDA_MAX_BATCH = 256
 @dataclass(frozen=True)
 class Progress:
     """`done` of `total` slices finished; `labels` holds slices `start`... (along the slice axis) for live display;
-    `note`: what the engine is doing or chose, for the user (a one-time compile, a fallback)."""
+    `note`: what the engine is doing or chose, for the user (a one-time compile, a fallback); `busy`: work of
+    unknown length under way (show a busy bar)."""
 
     done: int
     total: int
-    start: int = 0
-    labels: np.ndarray | None = None
+    slices: np.ndarray | None = None     # (b,) indices along the slice axis of the finished slices, ascending
+    labels: np.ndarray | None = None     # (b, Y, X) their labels, for live display
     note: str = ""
+    busy: bool = False
 
 
 @dataclass
@@ -139,6 +141,7 @@ def segment(
     slice_uncertainty: bool = False,
     only: np.ndarray | None = None,
     prepare_int8: bool = False,
+    first: int | None = None,
     cancel: threading.Event | None = None,
 ) -> Generator[Progress, None, Segmentation]:
     """Segment a 2D image or a 3D volume slice by slice.
@@ -158,6 +161,7 @@ def segment(
         only: (S,) bool, segment only these slices (the others stay 0), e.g. those the user has not corrected.
         prepare_int8: where `auto` picks static int8 and the model's package is missing, compile it now (a one-time
             cost, worth it for long jobs) rather than run int8 dynamic; `int8` always does.
+        first: start at this slice and work outwards (the slice on screen fills first); default 0 upwards.
         cancel: set it to stop after the current batch (raises Cancelled).
     Yields:
         Progress as each batch is collected (batch k once batch k+1 is queued, so that a GPU never waits).
@@ -189,7 +193,10 @@ def segment(
         raise InferenceError(f"`only` needs one flag per slice ({len(stack)}), got shape {todo.shape}")
     prep = (card.preprocessing if window is None else card.preprocessing.with_window(window)).for_image(image)
     max_value = float(np.iinfo(image.dtype).max) if rgb and np.issubdtype(image.dtype, np.integer) else 255.0
-    source = SliceSource(stack, np.flatnonzero(todo), rgb, prep, max_value, card.input_size, dev)
+    order = np.flatnonzero(todo)
+    if first is not None:
+        order = order[np.argsort(np.abs(order - int(first)), kind="stable")]
+    source = SliceSource(stack, order, rgb, prep, max_value, card.input_size, dev)
     compiled = None
     if path == "int8 static":
         compiled = yield from _static_int8(checkpoint, source, precision == "int8" or prepare_int8, cancel)
@@ -206,8 +213,8 @@ def segment(
                                  + (f" in {path}; try --precision fp32" if path != "fp32" else
                                     "; its weights or preprocessing are damaged"))
         out.store(idx, arrays)
-        first, last = int(source.order[start]), int(source.order[stop - 1])
-        return Progress(stop, total, first, out.labels[first:last + 1])
+        done = np.sort(idx)
+        return Progress(stop, total, done, out.labels[done])
 
     # Batch k+1 is queued before batch k is collected, so that on a GPU its copies and compute overlap k's return.
     start, total = 0, len(source.order)
@@ -277,8 +284,8 @@ def _static_int8(checkpoint: Checkpoint, source: SliceSource, build: bool, cance
         compiled = static_int8.load(model, batch, size)
         if compiled is not None or not build:
             return compiled
-        yield Progress(0, total, note="compiling the int8 model for this CPU, once per model (a minute or two); "
-                                      f"cached in {package_cache.cache_folder()}")
+        yield Progress(0, total, busy=True, note="compiling the int8 model for this CPU, once per model (one to a few "
+                                                 f"minutes; Cancel stops it); cached in {package_cache.cache_folder()}")
         t0 = time.perf_counter()
         compiled, agreement = build_in_child(model, calibration_batches(source, batch), batch, size, cancel)
     except static_int8.Unavailable as e:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_daeformer.autosave import ENV_FOLDER
+from napari_daeformer.annotation import ENV_FOLDER
 from napari_daeformer.checkpoint import ModelCard, save_checkpoint
 from napari_daeformer.model import DAEFormer, DAEFormerConfig
 from napari_daeformer.package_cache import CACHE_ENV

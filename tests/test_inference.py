@@ -15,7 +15,7 @@ from napari_daeformer.bundled import bundled_model
 from napari_daeformer.checkpoint import Checkpoint, ModelCard, load_checkpoint
 from napari_daeformer.devices import cpu_has_int8_kernels
 from napari_daeformer.errors import InferenceError
-from napari_daeformer.inference import Cancelled, run_segmentation, segment
+from napari_daeformer.inference import Cancelled, Progress, run_segmentation, segment
 from napari_daeformer.io import read_image
 from napari_daeformer.io.nifti import write_nifti
 from napari_daeformer.io.record import default_affine
@@ -240,10 +240,19 @@ def test_the_next_batch_is_queued_before_a_batch_is_collected(tiny_model: DAEFor
     with pytest.raises(StopIteration) as stop:
         while True:
             p = next(gen)
-            seen.append((p.done, len(calls), p.start, len(p.labels)))
-            assert np.array_equal(p.labels, expected[p.start:p.start + len(p.labels)])    # live display: final
-    assert seen == [(3, 2, 0, 3), (6, 3, 3, 3), (7, 3, 6, 1)]
+            seen.append((p.done, len(calls), p.slices.tolist()))
+            assert np.array_equal(p.labels, expected[p.slices])                              # live display: final
+    assert seen == [(3, 2, [0, 1, 2]), (6, 3, [3, 4, 5]), (7, 3, [6])]
+    outwards = [p.slices.tolist() for p in _progress(segment(volume, ckpt, batch_size=2, precision="fp32", device="cpu",
+                                                             first=4))]
+    assert outwards == [[3, 4], [2, 5], [1, 6], [0]]                   # the slice on screen first, then outwards
     assert np.array_equal(stop.value.value.labels, expected)
+
+
+def _progress(gen: object) -> list[Progress]:
+    seen: list[Progress] = []
+    run_segmentation(gen, seen.append)  # type: ignore[arg-type]
+    return seen
 
 
 def test_cli_segment_checks_the_output_before_any_work(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .. import corrections
+from ..annotation import Annotation, ImageIdentity
+from ..hub import hub_for
 from ..io import METADATA_KEY, ImageRecord, geometry_from_metadata
 from ..io.record import CHECKPOINT_KEY, CHECKPOINT_SHA_KEY, CLASSES_KEY, COLORS_KEY, default_affine
 
 if TYPE_CHECKING:
     import napari
 
-PREDICTION_KEY = "daeformer_prediction"      # the model's own output, kept to find the user's corrections
-TOUCHED_KEY = "daeformer_touched"            # slices (axis 0) the user painted, from the layer's paint events
+_MUTED: set[str] = set()                      # labels layers whose paint events are the engine's, not the user's
 
 
 def record_from_layer(layer: napari.layers.Image) -> ImageRecord:
@@ -30,12 +32,10 @@ def record_from_layer(layer: napari.layers.Image) -> ImageRecord:
 
 
 def labels_kwargs(image: napari.layers.Image, class_names: tuple[str, ...], colors: tuple[str, ...],
-                  prediction: np.ndarray, checkpoint_name: str, checkpoint_sha256: str = "") -> dict[str, Any]:
+                  spatial_ndim: int, checkpoint_name: str, checkpoint_sha256: str = "") -> dict[str, Any]:
     """Keyword arguments of a Labels layer that sits exactly on `image` and carries its geometry, classes and the
     checkpoint that made it (what a DICOM-SEG export records)."""
-    spatial_ndim = prediction.ndim
     metadata = {
-        PREDICTION_KEY: prediction,
         CLASSES_KEY: list(class_names),
         COLORS_KEY: list(colors),
         CHECKPOINT_KEY: checkpoint_name,
@@ -54,24 +54,61 @@ def labels_kwargs(image: napari.layers.Image, class_names: tuple[str, ...], colo
     }
 
 
-def track_edits(layer: napari.layers.Labels) -> None:
-    """Follow the layer's paint events: every slice (axis 0) a paint, fill or erase touches is recorded."""
-    if TOUCHED_KEY in layer.metadata:
-        return
-    layer.metadata[TOUCHED_KEY] = set()
+def image_identity(image: napari.layers.Image, key: str) -> ImageIdentity:
+    """The image's identity for annotations (`key`: `annotation.image_key` of its pixels)."""
+    source = (geometry_from_metadata(image.metadata) or {}).get("source_path") or (
+        str(image.source.path) if image.source.path else "")
+    return ImageIdentity(key, image.name, str(source or ""))
+
+
+def painting_axis(viewer: napari.Viewer, layer: napari.layers.Labels) -> int:
+    """The layer axis the user is slicing along now (the first axis not displayed; 0 in a 3D view)."""
+    offset = viewer.dims.ndim - layer.ndim
+    axes = [a - offset for a in viewer.dims.not_displayed if a - offset >= 0]
+    return axes[0] if layer.ndim == 3 and axes else 0
+
+
+def attach(viewer: napari.Viewer, layer: napari.layers.Labels, annotation: Annotation) -> Annotation:
+    """Register `annotation` as `layer`'s in the viewer's hub and follow the layer's paint events: every slice a
+    paint, fill or erase touches is recorded along the axis the user was viewing."""
+    hub = hub_for(viewer)
+    followed = hub.annotation(layer.unique_id) is not None
+    hub.annotate(layer.unique_id, annotation)
+    if followed:
+        return annotation
 
     def on_paint(event: Any) -> None:
-        if layer.data.ndim != 3:
-            layer.metadata[TOUCHED_KEY].add(0)
+        current = hub.annotation(layer.unique_id)
+        if current is None or layer.unique_id in _MUTED:
             return
+        axis = painting_axis(viewer, layer)
         for atom in event.value:
-            layer.metadata[TOUCHED_KEY].update(corrections.touched_slices(atom, 0))
+            current.paint(atom, axis, layer.data.ndim)
 
     layer.events.paint.connect(on_paint)
+    return annotation
 
 
-def edited_slices(layer: napari.layers.Labels) -> np.ndarray:
-    """(S,) bool along axis 0: slices that differ from the model's prediction or that the user painted;
-    for a layer painted from scratch (no prediction), the slices holding any label."""
-    return corrections.edited_slices(np.asarray(layer.data), layer.metadata.get(PREDICTION_KEY),
-                                     layer.metadata.get(TOUCHED_KEY, ()))
+def annotation_of(viewer: napari.Viewer, layer: napari.layers.Labels) -> Annotation | None:
+    return hub_for(viewer).annotation(layer.unique_id)
+
+
+def follow(viewer: napari.Viewer, layer: napari.layers.Labels) -> Annotation:
+    """`layer`'s annotation; a labels layer the plugin did not make (painted from scratch, opened from a file)
+    gets one with no proposal, so its painted slices are followed too."""
+    return annotation_of(viewer, layer) or attach(viewer, layer, Annotation(ImageIdentity("", ""), layer.name))
+
+
+@contextmanager
+def engine_writes(layer: napari.layers.Labels) -> Iterator[None]:
+    """Paint events fired inside are the engine's own writes, not the user's corrections."""
+    _MUTED.add(layer.unique_id)
+    try:
+        yield
+    finally:
+        _MUTED.discard(layer.unique_id)
+
+
+def corrected_slices(viewer: napari.Viewer, layer: napari.layers.Labels, axis: int = 0) -> np.ndarray:
+    """(S,) bool along `axis`: the slices of `layer` the user corrected (`Annotation.corrected`)."""
+    return follow(viewer, layer).corrected(np.asarray(layer.data), axis)

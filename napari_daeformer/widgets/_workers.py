@@ -87,6 +87,18 @@ class WorkerWidget(Container):
         super().__init__(labels=True, scrollable=True)   # docks stacked on a small screen scroll, never clip
         self._worker: GeneratorWorker | None = None
         self.max_width = MAX_WIDTH                       # a dock column, not half the window
+        self.closed = False                              # the dock's Qt widgets are gone (the viewer was closed)
+        self.root_native_widget.destroyed.connect(lambda *_: self._on_closed())
+
+    def _on_closed(self) -> None:
+        """The dock is being deleted: stop its job; its callbacks must not touch the deleted widgets."""
+        self.closed = True
+        self.cancel()
+
+    def cancel(self) -> None:
+        """Stop the running job (after its current step)."""
+        if self._worker is not None:
+            self._worker.quit()
 
     @property
     def native(self) -> QWidget:
@@ -126,13 +138,15 @@ class WorkerWidget(Container):
     def _launch(self, job: Callable[..., Generator[Any, None, Any]], *args: Any, yielded: Callable[[Any], None],
                 returned: Callable[[Any], None], errored: Callable[[BaseException], None],
                 aborted: Callable[[], None] | None = None) -> GeneratorWorker:
+        def alive(callback: Callable[..., None]) -> Callable[..., None]:
+            return lambda *a: None if self.closed else callback(*a)
         self._worker = create_worker(job, *args, _start_thread=False, _ignore_errors=True)
-        self._worker.yielded.connect(yielded)
-        self._worker.returned.connect(returned)
-        self._worker.errored.connect(errored)
+        self._worker.yielded.connect(alive(yielded))
+        self._worker.returned.connect(alive(returned))
+        self._worker.errored.connect(alive(errored))
         if aborted is not None:
-            self._worker.aborted.connect(aborted)
-        self._worker.finished.connect(self._idle)
+            self._worker.aborted.connect(alive(aborted))
+        self._worker.finished.connect(alive(self._idle))
         self._run.enabled, self._cancel.enabled = False, True
         self._worker.start()
         return self._worker

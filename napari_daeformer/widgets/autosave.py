@@ -4,6 +4,7 @@ run on a worker thread, so the viewer never waits for the disk."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -13,10 +14,8 @@ import numpy as np
 from napari.utils.notifications import show_warning
 from qtpy.QtCore import QTimer
 
-from ..autosave import Session, save_session, session_path
+from ..annotation import Annotation, save_session
 from ..errors import first_line
-from ..io.record import CHECKPOINT_KEY, CHECKPOINT_SHA_KEY, CLASSES_KEY, COLORS_KEY
-from ._layers import PREDICTION_KEY, TOUCHED_KEY
 
 if TYPE_CHECKING:
     from napari.layers import Labels
@@ -26,12 +25,11 @@ INTERVAL_S = 180.0            # while painting without pause, save at least this
 
 
 class Autosaver:
-    """Keeps `folder/.IMAGE-KEY.daeformer-session.npz` up to date with `layer`."""
+    """Keeps `path` (the annotation's own session file) up to date with `layer` and its `annotation`."""
 
-    def __init__(self, layer: Labels, image_name: str, image_key: str, folder: Path, pause_s: float = PAUSE_S,
+    def __init__(self, layer: Labels, annotation: Annotation, path: Path, pause_s: float = PAUSE_S,
                  interval_s: float = INTERVAL_S) -> None:
-        self.layer, self.image_name, self.image_key = layer, image_name, image_key
-        self.path = session_path(folder, image_name, image_key)
+        self.layer, self.annotation, self.path = layer, annotation, path
         self.interval_s = interval_s
         self.timer = QTimer()
         self.timer.setSingleShot(True)
@@ -50,15 +48,12 @@ class Autosaver:
         else:
             self.timer.start()                        # restarts: saves once painting pauses
 
-    def snapshot(self) -> Session:
-        """The layer's state now (copies: painting may go on while the copy is written)."""
-        meta = self.layer.metadata
-        prediction = meta.get(PREDICTION_KEY)
-        return Session(self.image_key, self.image_name, self.layer.name, np.array(self.layer.data, copy=True),
-                       None if prediction is None else np.array(prediction, copy=True),
-                       sorted(int(z) for z in meta.get(TOUCHED_KEY, ())), str(meta.get(CHECKPOINT_KEY, "")),
-                       str(meta.get(CHECKPOINT_SHA_KEY, "")), list(meta.get(CLASSES_KEY, [])),
-                       list(meta.get(COLORS_KEY, [])), time.time())
+    def snapshot(self) -> tuple[Annotation, np.ndarray]:
+        """The annotation and labels now (copies: painting may go on while the copy is written)."""
+        a = self.annotation
+        copy = dataclasses.replace(a, prediction=None if a.prediction is None else np.array(a.prediction, copy=True),
+                                   touched={axis: set(zs) for axis, zs in a.touched.items()})
+        return copy, np.array(self.layer.data, copy=True)
 
     def save_now(self) -> Future[Path]:
         """Queue a save of the current state; a failure is reported once, on the GUI thread, at the next save."""
@@ -67,7 +62,7 @@ class Autosaver:
             show_warning(f"DAE-Former: autosave to {self.path.parent} failed: {self.error}")
             self.error = None
         self.last_save = time.monotonic()
-        self.pending = self.writer.submit(save_session, self.path, self.snapshot())
+        self.pending = self.writer.submit(save_session, self.path, *self.snapshot())
         self.pending.add_done_callback(self._written)
         return self.pending
 

@@ -12,12 +12,13 @@ from napari.utils.notifications import show_info, show_warning
 from qtpy.QtWidgets import QStyledItemDelegate
 
 from .._reader import record_to_layer
+from ..annotation import Annotation, image_key
 from ..batch import OUTPUT_FORMATS, BatchJob, BatchProgress, BatchSummary, FileResult, ranked, run_batch, write_summary
 from ..bundled import BUNDLED, resolve_model
 from ..checkpoint import read_card
 from ..errors import DaeformerError, InferenceError
 from ..io import read_image
-from ._layers import labels_kwargs
+from ._layers import attach, image_identity, labels_kwargs
 from ._workers import WorkerWidget, device_picker, failure_message, guarded, row
 
 if TYPE_CHECKING:
@@ -189,9 +190,9 @@ class BatchWidget(WorkerWidget):
         """Open the most uncertain finished case not opened this way yet, at its most uncertain slice."""
         waiting = [r for r in ranked(self.results) if r.mean_entropy is not None and r.input not in self.opened]
         if not waiting:
-            self.report("every ranked case has been opened; run the batch again to rank new ones")
+            self._status.value = "Every ranked case has been opened; run the batch again to rank new ones."
+            show_info(f"DAE-Former batch: {self._status.value}")
             return
-        self.opened.add(waiting[0].input)
         self.open_case(waiting[0])
         self._status.value = (f"Opened {waiting[0].input} (mean entropy {waiting[0].mean_entropy:.4f}), slice "
                               f"{waiting[0].uncertain_slice}; {len(waiting) - 1} more to review.")
@@ -205,12 +206,18 @@ class BatchWidget(WorkerWidget):
         except DaeformerError as e:
             self.report(str(e))
             return
+        self.opened.add(chosen.input)                   # by the button or the table: "next" skips it
         data, kwargs, _ = record_to_layer(record)
         image = self.viewer.add_image(data, **kwargs)
-        card = read_card(resolve_model(self.job.model, "skin" if record.rgb else "ct"))
+        model = resolve_model(self.job.model, "skin" if record.rgb else "ct")
+        card = read_card(model)
         prediction = labels.data.astype("uint8", copy=False)
-        self.viewer.add_labels(prediction, **{**labels_kwargs(image, card.class_names, card.class_colors, prediction,
-                                                               chosen.checkpoint, chosen.checkpoint_sha256),
-                                              "name": f"{image.name} labels"})
+        layer = self.viewer.add_labels(prediction, **{**labels_kwargs(image, card.class_names, card.class_colors,
+                                                                       prediction.ndim, chosen.checkpoint,
+                                                                       chosen.checkpoint_sha256),
+                                                      "name": f"{image.name} labels"})
+        attach(self.viewer, layer, Annotation(image_identity(image, image_key(data)), layer.name, tuple(card.class_names),
+                                              tuple(card.class_colors), prediction.copy(), chosen.checkpoint,
+                                              chosen.checkpoint_sha256, str(model)))
         if chosen.uncertain_slice is not None and prediction.ndim == 3:
             self.viewer.dims.set_current_step(self.viewer.dims.ndim - 3, chosen.uncertain_slice)

@@ -6,7 +6,7 @@ worker with a live loss curve, saves a new checkpoint version and hands it to th
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Generator, Hashable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,8 +31,8 @@ from ..agreement import VersionAgreement, by_version, history, merged
 from ..bundled import MODELS_DIR
 from ..checkpoint import Checkpoint, ModelCard, load_checkpoint, read_card, save_checkpoint
 from ..errors import DaeformerError, TrainingError
-from ..io.record import CHECKPOINT_KEY, CHECKPOINT_SHA_KEY
-from ._layers import PREDICTION_KEY, edited_slices, track_edits
+from ..hub import hub_for
+from ._layers import annotation_of, corrected_slices, follow
 from ._workers import WorkerWidget, collapsible, device_picker, failure_message, guarded, holder, row
 from .segment import SegmentWidget
 
@@ -171,8 +171,8 @@ class FinetuneWidget(WorkerWidget):
         self.viewer = napari_viewer
         self._image = ComboBox(label="image", choices=lambda _: [x for x in self.viewer.layers if isinstance(x, Image)],
                                tooltip="The image the corrections belong to")
-        self._corrected = ComboBox(label="corrected labels", tooltip="The labels layer you corrected",
-                                choices=lambda _: [x for x in self.viewer.layers if isinstance(x, Labels)])
+        self._corrected = ComboBox(label="corrected labels", tooltip="The labels layer you corrected (layers the "
+                                   "Segment dock made come first, newest first)", choices=self._labels_layers)
         self._add = PushButton(text="Add pair", tooltip="Use this image with these labels (several pairs allowed)")
         self._clear = PushButton(text="Clear pairs")
         self._pairs_info = self._wrap(Label(value="No pairs yet."))
@@ -233,16 +233,44 @@ class FinetuneWidget(WorkerWidget):
         self._resegment.clicked.connect(self._resegment_image)
         self._revert.clicked.connect(self._revert_model)
         self._keep_anyway.clicked.connect(self._keep)
+        self.hub = hub_for(self.viewer)
+        self.hub.on_annotation.append(self._annotated)
         self.viewer.layers.events.inserted.connect(self._layer_added)
         self.viewer.layers.events.removed.connect(lambda _: self.reset_choices())
         for layer in self.viewer.layers:
             if isinstance(layer, Labels):
-                track_edits(layer)
+                follow(self.viewer, layer)
+        self.reset_choices()
+
+    def _on_closed(self) -> None:
+        if self._annotated in self.hub.on_annotation:
+            self.hub.on_annotation.remove(self._annotated)
+        super()._on_closed()
+
+    def _labels_layers(self, _: Any = None) -> list[Labels]:
+        """Labels layers with a model's proposal first (newest first), then the others (ground truth, scratch)."""
+        layers = [x for x in self.viewer.layers if isinstance(x, Labels)]
+        proposed = [x for x in reversed(layers) if (a := annotation_of(self.viewer, x)) and a.prediction is not None]
+        return proposed + [x for x in layers if x not in proposed]
 
     def _layer_added(self, event: Any) -> None:
         if isinstance(event.value, Labels):
-            track_edits(event.value)
+            follow(self.viewer, event.value)
         self.reset_choices()
+
+    def _annotated(self, layer_id: Hashable) -> None:
+        """A labels layer got a proposal (a run or a restore): make it, and its image, the pair to add."""
+        if self.closed:
+            return
+        self.reset_choices()
+        layer = next((x for x in self.viewer.layers if x.unique_id == layer_id), None)
+        annotation = self.hub.annotation(layer_id)
+        if layer is None or annotation is None or annotation.prediction is None:
+            return
+        self._corrected.value = layer
+        image = next((x for x in self.viewer.layers if isinstance(x, Image) and x.name == annotation.image.name), None)
+        if image is not None:
+            self._image.value = image
 
     # ---- pairs ---------------------------------------------------------------------------------------
     def _add_pair(self) -> None:
@@ -260,7 +288,7 @@ class FinetuneWidget(WorkerWidget):
     def _show_pairs(self) -> None:
         lines = []
         for image, labels in self.pairs:
-            n = int(edited_slices(labels).sum()) if labels in self.viewer.layers else 0
+            n = int(corrected_slices(self.viewer, labels).sum()) if labels in self.viewer.layers else 0
             lines.append(f"{image.name} + {labels.name}: {n} corrected slice{'s' if n != 1 else ''}")
         self._pairs_info.value = "<br>".join(lines) or "No pairs yet."
         self.show_agreement()
@@ -268,7 +296,7 @@ class FinetuneWidget(WorkerWidget):
     def show_agreement(self, card: ModelCard | None = None) -> None:
         """Plot the lineage's agreement (from `card`, default the Segment widget's model) with the current pairs'."""
         try:
-            card = card or read_card(self.segment_widget().checkpoint_path())
+            card = card or read_card(self._parent_path(self._collect()))
         except DaeformerError:
             return
         current = pair_agreement(self._collect(), card.config.num_classes)
@@ -279,17 +307,33 @@ class FinetuneWidget(WorkerWidget):
                                if self._image.value is not None and self._corrected.value is not None else [])
         collected = []
         for image, labels in pairs:
-            meta = labels.metadata
-            collected.append(Pair(image.name, np.asarray(image.data), np.asarray(labels.data), edited_slices(labels),
-                                  meta.get(PREDICTION_KEY), str(meta.get(CHECKPOINT_KEY, "")),
-                                  str(meta.get(CHECKPOINT_SHA_KEY, ""))))
+            a = follow(self.viewer, labels)
+            collected.append(Pair(image.name, np.asarray(image.data), np.asarray(labels.data),
+                                  a.corrected(np.asarray(labels.data), 0), a.prediction, a.checkpoint,
+                                  a.checkpoint_sha256))
         return collected
 
     # ---- running -------------------------------------------------------------------------------------
     def segment_widget(self) -> SegmentWidget:
-        """The Segment widget of this viewer (docked now if it was not)."""
-        _, widget = self.viewer.window.add_plugin_dock_widget("napari-daeformer", "Segment with DAE-Former")
-        return widget
+        """The Segment dock used last in this viewer (one is docked if none is open)."""
+        dock = self.hub.segment_dock()
+        if dock is None:
+            _, dock = self.viewer.window.add_plugin_dock_widget("napari-daeformer", "Segment with DAE-Former")
+        return dock  # type: ignore[return-value]
+
+    def _parent_path(self, pairs: list[Pair]) -> Path:
+        """The model to fine-tune: the one that proposed the first pair's labels, else the Segment dock's."""
+        if self.pairs or (self._corrected.value is not None):
+            labels = self.pairs[0][1] if self.pairs else self._corrected.value
+            a = annotation_of(self.viewer, labels)
+            if a is not None and a.checkpoint_path and Path(a.checkpoint_path).is_file():
+                return Path(a.checkpoint_path)
+        return self.segment_widget().checkpoint_path()
+
+    def _offer(self, path: Path, note: str) -> None:
+        """Every open Segment dock uses `path` from its next run (one is docked if none is open)."""
+        if not self.hub.offer_model(path, note):
+            self.segment_widget().offer_model(path, note)
 
     def _output_path(self, parent: Path) -> tuple[Path, bool]:
         if self._overwrite.value:
@@ -305,8 +349,7 @@ class FinetuneWidget(WorkerWidget):
     def _start(self) -> None:
         try:
             pairs = self._collect()
-            segment = self.segment_widget()
-            parent_path = segment.checkpoint_path()
+            parent_path = self._parent_path(pairs)
             parent = load_checkpoint(parent_path)         # a fresh copy: the Segment widget's model is never touched
             check_pairs(pairs, parent.card)
             out, overwrite = self._output_path(parent_path)
@@ -346,7 +389,7 @@ class FinetuneWidget(WorkerWidget):
             self._keep_anyway.visible = True
             show_info(f"DAE-Former: {result.headline}.")
         else:
-            lines.append(f"Saved {path.name} and loaded it into the Segment widget.")
+            lines.append(f"Saved {path.name}; every open Segment dock uses it from its next Run.")
             self._use(path)
             show_info(f"DAE-Former: fine-tuned model saved as {path}")
         self._status.value = "<br>".join(lines)
@@ -354,7 +397,8 @@ class FinetuneWidget(WorkerWidget):
 
     def _use(self, path: Path) -> None:
         self.new_path = path
-        self.segment_widget().set_checkpoint(path)
+        self._offer(path, f"Fine-tuned model {path.name} loaded (parent: "
+                          f"{self.parent_path.name if self.parent_path else 'unknown'}); Run uses it.")
         self._resegment.enabled = self._revert.enabled = True
 
     def _keep(self) -> None:
@@ -374,10 +418,6 @@ class FinetuneWidget(WorkerWidget):
         self._progress.value = 0
         self.report(f"fine-tuning failed: {failure_message(error)}")
 
-    def cancel(self) -> None:
-        if self._worker is not None:
-            self._worker.quit()
-
     def _resegment_image(self) -> None:
         image = self.pairs[0][0] if self.pairs else self._image.value
         if image is not None:
@@ -385,6 +425,6 @@ class FinetuneWidget(WorkerWidget):
 
     def _revert_model(self) -> None:
         if self.parent_path is not None:
-            self.segment_widget().set_checkpoint(self.parent_path)
+            self._offer(self.parent_path, f"Reverted to {self.parent_path.name}.")
             self._resegment.enabled = self._revert.enabled = False
             self._status.value += f"<br>Reverted to {self.parent_path.name}; the Segment widget uses it again."

@@ -12,17 +12,29 @@ from magicgui.widgets import CheckBox, ComboBox, FileEdit, FloatSpinBox, Label, 
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_info, show_warning
 
-from ..autosave import ENV_FOLDER, USER_FOLDER, default_folder, find_session, image_key, load_session
+from ..annotation import (
+    ENV_FOLDER,
+    SUFFIX,
+    USER_FOLDER,
+    Annotation,
+    SavedSession,
+    default_folder,
+    find_sessions,
+    image_key,
+    load_session,
+    merge_slices,
+    session_path,
+)
 from ..bundled import bundled_model
 from ..checkpoint import Checkpoint, file_sha256, load_checkpoint
-from ..corrections import corrected_slices, merge_slices
 from ..devices import PRECISIONS
-from ..errors import DaeformerError, InferenceError
+from ..errors import Cancelled, DaeformerError, InferenceError
+from ..hub import hub_for
 from ..inference import Progress, Segmentation, check_compatible, image_warnings, segment
 from ..io import ImageRecord, geometry_from_metadata
 from ..io.record import CLASSES_KEY
 from ..volumes import class_measures, is_physical, measure_unit
-from ._layers import PREDICTION_KEY, TOUCHED_KEY, labels_kwargs, record_from_layer, track_edits
+from ._layers import attach, corrected_slices, engine_writes, follow, image_identity, labels_kwargs, record_from_layer
 from ._workers import WorkerWidget, collapsible, device_picker, failure_message, guarded, row
 from .autosave import Autosaver
 
@@ -40,10 +52,14 @@ _segment_job = guarded(lambda record, checkpoint, kwargs: segment(record, checkp
 
 @dataclass
 class RunTarget:
-    """Where a run writes: a new layer, or an existing one whose corrected slices (`keep`) are left alone."""
+    """Where a run writes: a new layer, or an existing one whose corrected slices (`keep`) are left alone; the
+    annotation and autosave folder are fixed when the run starts (switching or deleting the image mid-run changes
+    neither)."""
 
     layer: Labels
     axis: int
+    annotation: Annotation
+    folder: Path
     before: np.ndarray | None = None      # the layer's data before the run (an existing layer only)
     keep: np.ndarray | None = None        # (S,) bool along `axis`: the user's corrected slices
 
@@ -51,9 +67,9 @@ class RunTarget:
     def new(self) -> bool:
         return self.before is None
 
-    def writes(self, start: int, count: int) -> np.ndarray:
-        """(count,) bool: which of the slices start..start+count the run may write."""
-        return np.ones(count, bool) if self.keep is None else ~self.keep[start:start + count]
+    def writes(self, slices: np.ndarray) -> np.ndarray:
+        """(b,) bool: which of `slices` the run may write."""
+        return np.ones(len(slices), bool) if self.keep is None else ~self.keep[slices]
 
 
 class SegmentWidget(WorkerWidget):
@@ -124,11 +140,14 @@ class SegmentWidget(WorkerWidget):
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             event.connect(lambda _: self.reset_choices())
         self._cancel_event = threading.Event()
+        self._target_running: RunTarget | None = None
+        self.hub = hub_for(self.viewer)
+        self.hub.register(self)
         self._checkpoint: Checkpoint | None = None
         self._uncertain_order: list[int] = []
         self._model_chosen = False            # set once the user picks a model: then never switched for them
         self.autosavers: dict[str, Autosaver] = {}      # labels layer's unique_id -> its autosaver
-        self._session: tuple[Image, Path] | None = None  # the image and its autosaved session on offer
+        self._session: tuple[Image, Path] | None = None  # the image and the autosaved session on offer
         self._keys: dict[str, tuple[Any, str]] = {}       # image layer unique_id -> (its data, image_key)
         self._model_changed()
         self._image_changed(self._image.value)
@@ -162,18 +181,22 @@ class SegmentWidget(WorkerWidget):
         default = default_folder(source)
         return list(dict.fromkeys([Path(chosen) if chosen not in ("", ".") else default, default, USER_FOLDER]))
 
+    def _unrestored(self, image: Image) -> list[Path]:
+        """The image's autosaved sessions whose labels are not open in this viewer, newest first."""
+        open_ids = {a.id[:12] for a in self.hub.annotations.values()}
+        open_paths = {saver.path for saver in self.autosavers.values()}
+        return [p for p in find_sessions(self.autosave_folders(image), self._image_key(image))
+                if p not in open_paths and not any(p.name.endswith(f"-{i}{SUFFIX}") for i in open_ids)]
+
     def _offer_restore(self, image: Image | None) -> None:
-        """Offer the autosaved session of `image`, if there is one (and its labels are not in the viewer already)."""
-        self._session = None
-        if image is not None:
-            key = self._image_key(image)
-            if not any(a.image_key == key for a in self.autosavers.values()):    # its labels are not open already
-                found = find_session(self.autosave_folders(image), key)
-                self._session = None if found is None else (image, found)
+        """Offer the newest autosaved session of `image` whose labels are not open (how many more there are, too)."""
+        found = self._unrestored(image) if image is not None else []
+        self._session = (image, found[0]) if found else None
         text, readable = "", False
         if self._session is not None:
+            more = f" ({len(found) - 1} more after it)" if len(found) > 1 else ""
             try:
-                text = f"Autosaved corrections for {image.name}: {load_session(self._session[1]).describe()}."
+                text = f"Autosaved corrections for {image.name}: {load_session(self._session[1]).describe()}{more}."
                 readable = True
             except DaeformerError as e:
                 text = f"An autosaved session for {image.name} cannot be read: {e}"
@@ -191,60 +214,62 @@ class SegmentWidget(WorkerWidget):
         return cached[1]
 
     def restore_session(self) -> Labels | None:
-        """Add the offered session's labels as a new layer on its image: corrected slices, prediction and model kept;
-        autosaving goes on from there."""
+        """Add the offered session's labels as a new layer on its image: corrected slices, proposal and model kept;
+        autosaving goes on into the same file."""
         if self._session is None:
             return None
         image, path = self._session
         try:
-            session = load_session(path)
-            if session.labels.shape != tuple(np.shape(image.data)[:session.labels.ndim]):
-                raise DaeformerError(f"its labels {session.labels.shape} do not fit {image.name}")
+            saved: SavedSession = load_session(path)
+            if saved.labels.shape != tuple(np.shape(image.data)[:saved.labels.ndim]):
+                raise DaeformerError(f"its labels {saved.labels.shape} do not fit {image.name}")
         except DaeformerError as e:
             self.report(f"cannot restore: {e}")
             return None
-        prediction = session.prediction if session.prediction is not None else np.zeros_like(session.labels)
-        kwargs = labels_kwargs(image, tuple(session.class_names), tuple(session.class_colors), prediction,
-                               session.checkpoint, session.checkpoint_sha256)
-        kwargs["name"] = session.layer_name
-        if session.prediction is None:
-            kwargs["metadata"].pop(PREDICTION_KEY)
-        layer = self.viewer.add_labels(session.labels, **kwargs)
-        track_edits(layer)
-        layer.metadata[TOUCHED_KEY].update(session.touched)
-        self._autosave(layer, image, path.parent)
-        self._restore_info.value = f"Restored {session.describe()}."
-        self._restore.visible = self._discard.visible = False
-        self._session = None
+        a = saved.annotation
+        kwargs = labels_kwargs(image, a.class_names, a.class_colors, saved.labels.ndim, a.checkpoint,
+                               a.checkpoint_sha256)
+        kwargs["name"] = a.layer_name or kwargs["name"]
+        layer = self.viewer.add_labels(saved.labels, **kwargs)
+        attach(self.viewer, layer, a)
+        self._autosave(layer, a, path)
         show_info(f"DAE-Former: restored the autosaved corrections of {image.name}")
+        self._offer_restore(image)
+        self._restore_info.value = f"Restored {saved.describe()}." + (
+            f" {self._restore_info.value}" if self._session is not None else "")
+        self._restore_info.visible = True
         return layer
 
     def _discard_session(self) -> None:
         if self._session is not None:
-            self._session[1].unlink(missing_ok=True)
-        self._offer_restore(None)
+            image, path = self._session
+            path.unlink(missing_ok=True)
+            self._offer_restore(image)
 
-    def _autosave(self, layer: Labels, image: Image, folder: Path | None = None) -> None:
-        """Save `layer` now and whenever the user pauses painting."""
-        if layer.unique_id in self.autosavers:
-            self.autosavers[layer.unique_id].save_now()
-            return
-        saver = Autosaver(layer, image.name, self._image_key(image), folder or self.autosave_folders(image)[0])
-        self.autosavers[layer.unique_id] = saver
+    def _autosave(self, layer: Labels, annotation: Annotation, path: Path) -> None:
+        """Save `layer` now (into `path`, its annotation's own file) and whenever the user pauses painting."""
+        saver = self.autosavers.get(layer.unique_id)
+        if saver is None:
+            saver = self.autosavers[layer.unique_id] = Autosaver(layer, annotation, path)
         saver.save_now()
 
     def _layer_inserted(self, event: Any) -> None:
         """An image opened while the dock is open: if it has an autosaved session, select it so the offer shows."""
         layer = event.value
-        if isinstance(layer, Image) and layer is not self._image.value and find_session(
-                self.autosave_folders(layer), self._image_key(layer)) is not None:
+        if isinstance(layer, Image) and layer is not self._image.value and self._unrestored(layer):
             self.reset_choices()
             self._image.value = layer
 
     def _layer_removed(self, event: Any) -> None:
-        saver = self.autosavers.pop(event.value.unique_id, None)
+        """A labels layer deleted: its autosave stops (its file stays, offered again); deleted mid-run: the run
+        is cancelled."""
+        layer = event.value
+        saver = self.autosavers.pop(layer.unique_id, None)
         if saver is not None:
             saver.close()
+        self.hub.forget(layer.unique_id)
+        if self._target_running is not None and self._target_running.layer.unique_id == layer.unique_id:
+            self.cancel()
 
     def _model_picked(self, _: int) -> None:
         self._model_chosen = True
@@ -255,6 +280,11 @@ class SegmentWidget(WorkerWidget):
         if choice == FILE_CHOICE:
             return Path(self._file.value)
         return bundled_model(BUNDLED_CHOICES[choice])
+
+    def offer_model(self, path: Path, note: str) -> None:
+        """The hub's hand-off (a fine-tuned model, a revert): use `path` from the next run on, and say so."""
+        self.set_checkpoint(path)
+        self._status.value = note
 
     def set_checkpoint(self, path: str | Path) -> None:
         """Use this checkpoint for the next runs (a bundled model's file selects its entry)."""
@@ -317,6 +347,8 @@ class SegmentWidget(WorkerWidget):
         for warning in image_warnings(record.data):
             show_warning(f"DAE-Former: {image.name}: {warning}")
         target = self._prepare_target(image, checkpoint, record, kwargs.get("only"))
+        self._target_running = target
+        self.hub.used(self)
         self._cancel_event.clear()
         self._progress.value = 0
         self._uncertain_order = []
@@ -328,9 +360,12 @@ class SegmentWidget(WorkerWidget):
                             errored=lambda e: self._failed(target, e), aborted=lambda: self._failed(target, None))
 
     def _engine_kwargs(self, checkpoint: Checkpoint, record: ImageRecord) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"rgb": record.rgb, "axis": int(self._axis.value), "device": self._device.value,
+        axis = int(self._axis.value)
+        kwargs: dict[str, Any] = {"rgb": record.rgb, "axis": axis, "device": self._device.value,
                                   "batch_size": int(self._batch.value) or None, "precision": self._precision.value,
                                   "slice_uncertainty": bool(self._uncertain.value)}
+        if len(record.spatial_shape) == 3 and self.viewer.dims.ndim >= 3:        # the slice on screen fills first
+            kwargs["first"] = int(self.viewer.dims.current_step[self.viewer.dims.ndim - 3 + axis])
         if checkpoint.card.preprocessing.kind == "ct":
             kwargs["window"] = (float(self._lower.value), float(self._upper.value))
         if self._mode.value == MODES[1]:
@@ -340,7 +375,7 @@ class SegmentWidget(WorkerWidget):
             if tuple(target.data.shape) != record.spatial_shape:
                 raise DaeformerError(f"labels layer {target.name!r} has shape {target.data.shape}, the image "
                                      f"{record.spatial_shape}")
-            done = corrected_slices(np.asarray(target.data), target.metadata.get(PREDICTION_KEY), kwargs["axis"])
+            done = corrected_slices(self.viewer, target, axis)
             if done.all():
                 raise DaeformerError("every slice of that layer has been corrected; nothing to re-segment")
             kwargs["only"] = ~done
@@ -350,54 +385,66 @@ class SegmentWidget(WorkerWidget):
                         only: np.ndarray | None) -> RunTarget:
         """Where the run writes: a new layer (added now, so slices appear live) or the chosen one."""
         axis = int(self._axis.value)
+        folder = self.autosave_folders(image)[0]
         if self._mode.value == MODES[1] and only is not None:
             layer = self._target.value
-            return RunTarget(layer, axis, before=np.array(layer.data, copy=True), keep=~only)
+            return RunTarget(layer, axis, follow(self.viewer, layer), folder, before=np.array(layer.data, copy=True),
+                             keep=~only)
         empty = np.zeros(record.spatial_shape, np.uint8)
         card = checkpoint.card
-        kwargs = labels_kwargs(image, card.class_names, card.class_colors, empty.copy(),
-                               checkpoint.path.name if checkpoint.path else "model",
-                               file_sha256(checkpoint.path) if checkpoint.path else "")
+        name = checkpoint.path.name if checkpoint.path else "model"
+        sha = file_sha256(checkpoint.path) if checkpoint.path else ""
+        kwargs = labels_kwargs(image, card.class_names, card.class_colors, empty.ndim, name, sha)
         if record.rgb:
             kwargs["opacity"] = PHOTO_OPACITY
         layer = self.viewer.add_labels(empty, **kwargs)
-        track_edits(layer)
-        return RunTarget(layer, axis)
+        annotation = Annotation(image_identity(image, self._image_key(image)), layer.name, tuple(card.class_names),
+                                tuple(card.class_colors), empty.copy(), name, sha,
+                                str(checkpoint.path) if checkpoint.path else "")
+        return RunTarget(layer, axis, attach(self.viewer, layer, annotation), folder)
 
     def _show_progress(self, target: RunTarget, p: Progress) -> None:
-        """Show finished slices at once (no undo history yet: `_finish` records the run as one step)."""
-        self._progress.max = p.total
-        self._progress.value = p.done
+        """Show finished slices at once (no undo history yet: `_finish` records the run as one step); a one-time
+        compile shows a busy bar."""
+        self._progress.max = 0 if p.busy else p.total
+        self._progress.value = 0 if p.busy else p.done
         if p.note:
             self._status.value = p.note
-        if p.labels is None or not p.labels.size:
-            return
         layer = target.layer
+        if p.labels is None or not p.labels.size or layer not in self.viewer.layers:
+            return
         if layer.data.ndim == 2:
             layer.data[...] = p.labels[0]
         else:
-            view = np.moveaxis(np.asarray(layer.data), target.axis, 0)[p.start:p.start + len(p.labels)]
-            write = target.writes(p.start, len(p.labels))
-            view[write] = p.labels[write]
+            write = target.writes(p.slices)
+            np.moveaxis(np.asarray(layer.data), target.axis, 0)[p.slices[write]] = p.labels[write]
         layer.refresh()
 
     def _finish(self, target: RunTarget, result: Segmentation, checkpoint: Checkpoint) -> None:
+        self._target_running = None
         layer = target.layer
+        if layer not in self.viewer.layers:
+            self._status.value = "The labels layer was deleted during the run; nothing was written."
+            return
         labels = result.labels
         before = np.zeros_like(labels) if target.new else target.before
         if target.keep is not None:                            # keep every slice the user corrected
             labels = merge_slices(before, labels, ~target.keep, target.axis)
         layer.data[...] = before                               # then apply the run as one undoable edit
         changed = np.nonzero(before != labels)
-        with layer.block_history():
+        with engine_writes(layer), layer.block_history():
             layer.data_setitem(changed, labels[changed])
-        self._forget_own_edits(layer, changed, target)
-        if target.keep is None:
-            layer.metadata[PREDICTION_KEY] = labels.copy()
-        else:                                                  # the model's output where it ran, else as before
-            old = layer.metadata.get(PREDICTION_KEY)
-            layer.metadata[PREDICTION_KEY] = merge_slices(old if old is not None else before, labels, ~target.keep,
-                                                          target.axis)
+        annotation = target.annotation
+        if annotation.prediction is None and target.keep is not None:   # labels painted from scratch: the rest
+            annotation.prediction = before.copy()                     # is the user's, as it was
+        annotation.proposed(labels, None if target.keep is None else ~target.keep, target.axis)
+        annotation.class_names = tuple(checkpoint.card.class_names)
+        annotation.class_colors = tuple(checkpoint.card.class_colors)
+        if checkpoint.path:
+            annotation.checkpoint, annotation.checkpoint_path = checkpoint.path.name, str(checkpoint.path)
+            annotation.checkpoint_sha256 = file_sha256(checkpoint.path)
+        if not annotation.image.key and isinstance(self._image.value, Image):   # a layer the plugin did not make
+            annotation.image = image_identity(self._image.value, self._image_key(self._image.value))
         layer.metadata[CLASSES_KEY] = list(checkpoint.card.class_names)
         spacing = tuple(float(s) for s in layer.scale)
         geometry = geometry_from_metadata(layer.metadata) or {}
@@ -413,32 +460,24 @@ class SegmentWidget(WorkerWidget):
             self._uncertain_order = [int(i) for i in np.argsort(-result.slice_uncertainty)]
             self._next.enabled = True
         self.last_result = result
-        image = self._image.value
-        if isinstance(image, Image):
-            self._autosave(layer, image)
+        saver = self.autosavers.get(layer.unique_id)
+        self._autosave(layer, annotation, saver.path if saver else session_path(target.folder, annotation))
+        self._offer_restore(self._image.value)                     # an unrestored session stays on offer
         show_info(f"DAE-Former: segmented {layer.name}")
 
-    @staticmethod
-    def _forget_own_edits(layer: Labels, changed: tuple[np.ndarray, ...], target: RunTarget) -> None:
-        """The run's own write fired a paint event: those slices were not touched by the user."""
-        touched = layer.metadata.get(TOUCHED_KEY)
-        if touched is None or not changed or not changed[0].size:
-            return
-        written = set(np.unique(changed[0]).tolist()) if layer.data.ndim == 3 else {0}
-        if target.keep is not None:                            # partial run: only slices it re-segmented
-            written = written - set(np.flatnonzero(target.keep).tolist()) if target.axis == 0 else set()
-        touched.difference_update(written)
-
     def _failed(self, target: RunTarget, error: BaseException | None) -> None:
+        """A failed or cancelled run leaves the viewer as it was (a cancel is not an error)."""
+        self._target_running = None
         layer = target.layer
         if target.new:
+            self.hub.forget(layer.unique_id)
             if layer in self.viewer.layers:
                 self.viewer.layers.remove(layer)
-        else:
+        elif layer in self.viewer.layers:
             layer.data[...] = target.before
             layer.refresh()
-        self._progress.value = 0
-        if error is None:
+        self._progress.max, self._progress.value = 1, 0
+        if error is None or isinstance(error, Cancelled):
             self._status.value = "Cancelled: nothing was changed."
         else:
             self.report(f"segmentation failed: {failure_message(error)}")
@@ -446,8 +485,11 @@ class SegmentWidget(WorkerWidget):
     def cancel(self) -> None:
         """Stop the running job after its current batch; the viewer is left as before the run."""
         self._cancel_event.set()
-        if self._worker is not None:
-            self._worker.quit()
+        super().cancel()
+
+    def _on_closed(self) -> None:
+        self.hub.unregister(self)
+        super()._on_closed()
 
     def _jump_to_uncertain(self) -> None:
         if not self._uncertain_order:

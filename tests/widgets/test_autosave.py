@@ -11,9 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_daeformer.autosave import ENV_FOLDER, Session, find_session, image_key, load_session, save_session
+from napari_daeformer.annotation import (
+    ENV_FOLDER,
+    Annotation,
+    ImageIdentity,
+    find_sessions,
+    image_key,
+    load_session,
+    save_session,
+    session_path,
+)
 from napari_daeformer.sample_data import synthetic_ct
-from napari_daeformer.widgets._layers import PREDICTION_KEY, edited_slices
+from napari_daeformer.widgets._layers import annotation_of, corrected_slices
 
 pytestmark = pytest.mark.gui
 
@@ -25,7 +34,7 @@ import sys, time
 import numpy as np
 import napari
 from qtpy.QtWidgets import QApplication
-from napari_daeformer.autosave import load_session
+from napari_daeformer.annotation import load_session
 from napari_daeformer.sample_data import synthetic_ct
 
 viewer = napari.Viewer(show=False)
@@ -51,7 +60,7 @@ for z in %(painted)r:                                  # three strokes, one per 
     viewer.dims.set_current_step(0, z)
     layer.paint((z, 48, 20 + 3 * z), 4)
 saver = next(iter(widget.autosavers.values()))
-wait(lambda: saver.path.exists() and load_session(saver.path).touched == list(%(painted)r)
+wait(lambda: saver.path.exists() and load_session(saver.path).annotation.touched.get(0) == set(%(painted)r)
      and not saver.timer.isActive() and saver.pending.done())
 np.save(sys.argv[1], np.asarray(layer.data))
 print("SAVED", flush=True)
@@ -84,13 +93,20 @@ def test_killed_viewer_loses_no_correction(make_napari_viewer, qtbot, tmp_path: 
     _, widget = viewer.window.add_plugin_dock_widget("napari-daeformer", "Segment with DAE-Former")
     assert "3 corrected slices" in widget._restore_info.value, widget._restore_info.value
     assert not widget._restore.native.isHidden()                         # the offer: Restore (and Discard)
+    widget._run.clicked()                                                 # Run before Restore: a new layer ...
+    qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
+    fresh = viewer.layers["CT DAE-Former"]
+    qtbot.waitUntil(lambda: widget.autosavers[fresh.unique_id].pending.done(), timeout=20_000)
+    assert len(find_sessions([tmp_path / "autosave"], image_key(sample.image))) == 2   # ... with a file of its own
+    assert "3 corrected slices" in widget._restore_info.value, widget._restore_info.value   # the offer stands
     widget._restore.clicked()
-    layer = viewer.layers["CT DAE-Former"]
+    layer = viewer.layers[-1]
+    assert layer is not fresh
     assert np.array_equal(layer.data, painted)                            # every stroke is back
-    assert np.flatnonzero(edited_slices(layer)).tolist() == list(PAINTED)  # and which slices were corrected
+    assert np.flatnonzero(corrected_slices(viewer, layer)).tolist() == list(PAINTED)   # and which were corrected
     assert layer.metadata["checkpoint"] == "ct_small.safetensors"
-    assert not np.array_equal(layer.metadata[PREDICTION_KEY], painted)
-    assert widget._restore.native.isHidden()
+    assert not np.array_equal(annotation_of(viewer, layer).prediction, painted)
+    assert widget._restore.native.isHidden()                             # nothing left to restore
 
     other = make_napari_viewer()                                          # dock first, then the image opened
     _, docked = other.window.add_plugin_dock_widget("napari-daeformer", "Segment with DAE-Former")
@@ -101,19 +117,27 @@ def test_killed_viewer_loses_no_correction(make_napari_viewer, qtbot, tmp_path: 
     layer.data_setitem((np.array([10]), np.array([5]), np.array([5])), 3)   # painting goes on being saved
     saver = widget.autosavers[layer.unique_id]
     qtbot.waitUntil(lambda: not saver.timer.isActive() and saver.pending is not None and saver.pending.done()
-                    and 10 in load_session(saver.path).touched, timeout=20_000)
+                    and 10 in load_session(saver.path).annotation.touched[0], timeout=20_000)
 
 
 def test_session_file_round_trip_and_damage(tmp_path: Path) -> None:
     labels = np.zeros((4, 8, 8), np.uint8)
     labels[1, 2:4, 2:4] = 3
+    labels[3, 0, :] = 1
     key = image_key(np.arange(24).reshape(2, 3, 4))
     assert key == image_key(np.arange(24).reshape(2, 3, 4)) != image_key(np.arange(24).reshape(3, 2, 4))
-    path = save_session(tmp_path / f".ct-{key[:16]}.daeformer-session.npz",
-                        Session(key, "ct", "ct DAE-Former", labels, np.zeros_like(labels), [1], "m.safetensors"))
-    assert find_session([tmp_path / "missing", tmp_path], key) == path
+    annotation = Annotation(ImageIdentity(key, "ct"), "ct DAE-Former", ("bg", "a", "b", "c"), prediction=np.zeros_like(labels),
+                            checkpoint="m.safetensors", touched={0: {1}, 2: {5}})
+    path = save_session(session_path(tmp_path, annotation), annotation, labels)
+    second = Annotation(ImageIdentity(key, "ct"), "ct DAE-Former")                  # another layer on the image
+    assert session_path(tmp_path, second) != path
+    assert find_sessions([tmp_path / "missing", tmp_path], key) == [path]
     back = load_session(path)
-    assert np.array_equal(back.labels, labels) and back.touched == [1] and back.corrected().tolist() == [0, 1, 0, 0]
+    a = back.annotation
+    assert np.array_equal(back.labels, labels) and a.id == annotation.id and a.touched == {0: {1}, 2: {5}}
+    assert a.corrected(back.labels).tolist() == [0, 1, 0, 1]                # changed or painted, along axis 0
+    assert a.corrected(back.labels, 2).tolist() == [1, 1, 1, 1, 1, 1, 1, 1]  # row 0 of slice 3 spans every column
+    assert a.corrected(back.labels, 1).tolist() == [1, 0, 1, 1, 0, 0, 0, 0]
     path.write_bytes(path.read_bytes()[:100])                             # a torn file: one clear error
     with pytest.raises(Exception, match="not a readable autosaved session"):
         load_session(path)
@@ -121,11 +145,9 @@ def test_session_file_round_trip_and_damage(tmp_path: Path) -> None:
 
 def test_damaged_session_is_named_and_can_be_discarded(make_napari_viewer, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
-    from napari_daeformer.autosave import session_path
-
     monkeypatch.setenv(ENV_FOLDER, str(tmp_path))
     image = np.arange(4 * 32 * 32, dtype=np.int16).reshape(4, 32, 32)
-    torn = session_path(tmp_path, "scan", image_key(image))
+    torn = session_path(tmp_path, Annotation(ImageIdentity(image_key(image), "scan"), "scan"))
     torn.write_bytes(b"PK\x03\x04 half a file")                          # a save cut short by something worse
     viewer = make_napari_viewer()
     viewer.add_image(image, name="scan")

@@ -13,7 +13,10 @@ from napari_daeformer.bundled import bundled_model
 from napari_daeformer.checkpoint import load_checkpoint, read_card, save_checkpoint
 from napari_daeformer.preprocessing import ct_preprocessing
 from napari_daeformer.sample_data import synthetic_ct
+from napari_daeformer.widgets._layers import annotation_of
 from napari_daeformer.widgets.finetune import FinetuneWidget
+
+from .conftest import from_plugins_menu
 
 pytestmark = pytest.mark.gui
 
@@ -31,13 +34,18 @@ def session(make_napari_viewer, weak_ckpt: Path, qtbot) -> tuple[Any, Any, Finet
     viewer = make_napari_viewer()
     sample = synthetic_ct(seed=0, shape=(24, 160, 160))
     viewer.add_image(sample.image, name="CT", scale=sample.spacing)
-    _, tune = viewer.window.add_plugin_dock_widget("napari-daeformer", "Fine-tune DAE-Former")
-    segment = tune.segment_widget()
+    segment = from_plugins_menu("segment_widget")                     # as a user does: the Plugins menu first
     segment.set_checkpoint(weak_ckpt)
     segment._image.value = viewer.layers["CT"]
     segment._run.clicked()
     qtbot.waitUntil(lambda: not segment.running, timeout=120_000)
+    tune = from_plugins_menu("finetune_widget")                       # then the fine-tune dock
+    assert tune.segment_widget() is segment
     return viewer, segment, tune, sample
+
+
+def segment_docks(viewer: Any) -> list[str]:
+    return [name for name in viewer.window.dock_widgets if name.startswith("Segment with DAE-Former")]
 
 
 def _correct(layer: Any, truth: np.ndarray, slices: list[int]) -> None:
@@ -52,7 +60,7 @@ def test_finetune_improves_held_out_dice(session, weak_ckpt: Path, qtbot) -> Non
     original = weak_ckpt.read_bytes()
     layer = viewer.layers["CT DAE-Former"]
     _correct(layer, sample.labels, [6, 9, 12, 15, 18])
-    tune._image.value, tune._corrected.value = viewer.layers["CT"], layer
+    assert tune._corrected.value is layer and tune._image.value is viewer.layers["CT"]   # the defaults: its proposal
     tune._add.clicked()
     assert "5 corrected slices" in tune._pairs_info.value
     tune._steps.value = 30
@@ -65,7 +73,8 @@ def test_finetune_improves_held_out_dice(session, weak_ckpt: Path, qtbot) -> Non
     assert card.provenance["holdout_dice_after"] > card.provenance["holdout_dice_before"]
     assert card.provenance["finetuned_slices"] == 4 and card.provenance["holdout_slices"] == 1
     assert weak_ckpt.read_bytes() == original                         # the parent file is untouched
-    assert segment.checkpoint_path() == tune.new_path                 # loaded into the Segment widget
+    assert segment.checkpoint_path() == tune.new_path                 # loaded into the user's own Segment dock
+    assert len(segment_docks(viewer)) == 1                            # and no other dock was made
     window = card.preprocessing.window                                # the input calibration, folded into it
     assert (segment._lower.value, segment._upper.value) == pytest.approx(window, abs=0.01)
     before = read_card(weak_ckpt).preprocessing
@@ -76,10 +85,11 @@ def test_finetune_improves_held_out_dice(session, weak_ckpt: Path, qtbot) -> Non
     (first,) = card.provenance["agreement"]                           # the weak model's proposal vs the corrections
     assert first["case"] == "CT" and first["model"] == "weak.safetensors" and first["slices_changed"] == pytest.approx(5 / 24, abs=1e-4)
     assert 0 < first["dice"] < 1 and len(first["model_sha256"]) == 64
-    tune._resegment.clicked()
+    segment._run.clicked()                                            # Run in the same dock: the new model
     qtbot.waitUntil(lambda: not segment.running, timeout=120_000)
     assert len([x for x in viewer.layers if "DAE-Former" in x.name]) == 2
     again = viewer.layers[-1]                                         # the fine-tuned model's proposal, corrected
+    assert annotation_of(viewer, again).checkpoint == tune.new_path.name
     _correct(again, sample.labels, [6, 9, 12, 15, 18])
     tune._clear.clicked()
     tune._image.value, tune._corrected.value = viewer.layers["CT"], again
@@ -108,7 +118,7 @@ def test_good_model_is_kept_when_nothing_beats_it(make_napari_viewer, tmp_path: 
         was = int(layer.data[z, 64, 64])
         layer.data_setitem((np.array([z]), np.array([64]), np.array([64])), (was + 1) % 6)
         layer.data_setitem((np.array([z]), np.array([64]), np.array([64])), was)
-    assert np.array_equal(layer.data, layer.metadata["daeformer_prediction"])
+    assert np.array_equal(layer.data, annotation_of(viewer, layer).prediction)
     tune._image.value, tune._corrected.value = viewer.layers["CT"], layer
     tune._steps.value = 10
     tune._device.value = "cpu"
@@ -163,15 +173,20 @@ def test_bad_requests_are_notifications(session, weak_ckpt: Path, errors: list[s
     assert not tune.running
 
 
-def test_paint_events_mark_slices_even_when_labels_match(make_napari_viewer) -> None:  # type: ignore[no-untyped-def]
-    from napari_daeformer.widgets._layers import PREDICTION_KEY, edited_slices, track_edits
+def test_paint_events_mark_slices_along_the_axis_on_screen(make_napari_viewer) -> None:  # type: ignore[no-untyped-def]
+    from napari_daeformer.annotation import Annotation, ImageIdentity
+    from napari_daeformer.widgets._layers import attach, corrected_slices
 
     viewer = make_napari_viewer()
     prediction = np.zeros((6, 32, 32), np.uint8)
-    layer = viewer.add_labels(prediction.copy(), metadata={PREDICTION_KEY: prediction})
-    track_edits(layer)
+    layer = viewer.add_labels(prediction.copy())
+    attach(viewer, layer, Annotation(ImageIdentity("k", "scan"), layer.name, prediction=prediction.copy()))
     layer.brush_size = 3
     layer.paint((4, 10, 10), 2)                                       # napari's own brush: a masked paint atom
     layer.paint((4, 10, 10), 0)                                       # ... and painted back: equal to the model again
     assert np.array_equal(layer.data, prediction)
-    assert np.flatnonzero(edited_slices(layer)).tolist() == [4]      # still counts: the user reviewed slice 4
+    assert np.flatnonzero(corrected_slices(viewer, layer)).tolist() == [4]   # still counts: the user reviewed it
+    viewer.dims.order = (1, 0, 2)                                     # now viewing slices along axis 1 (coronal)
+    layer.paint((2, 20, 10), 1)
+    assert np.flatnonzero(corrected_slices(viewer, layer, 1)).tolist() == [20]
+    assert np.flatnonzero(corrected_slices(viewer, layer, 0)).tolist() == [1, 2, 3, 4]   # painted voxels differ

@@ -9,7 +9,7 @@ import pytest
 
 from napari_daeformer.metrics import dice_per_class
 from napari_daeformer.sample_data import synthetic_ct, synthetic_skin
-from napari_daeformer.widgets._layers import PREDICTION_KEY
+from napari_daeformer.widgets._layers import annotation_of
 from napari_daeformer.widgets.segment import MODES, SegmentWidget
 
 pytestmark = pytest.mark.gui
@@ -43,7 +43,7 @@ def test_segment_from_plugins_menu(ct_viewer, qtbot) -> None:  # type: ignore[no
     dice = dice_per_class(np.asarray(layer.data), viewer.layers["truth"].data, 6)
     assert np.nanmean(dice) > 0.8, dice
     assert "mL" in widget._status.value
-    assert np.array_equal(layer.metadata[PREDICTION_KEY], layer.data)
+    assert np.array_equal(annotation_of(viewer, layer).prediction, layer.data)
     layer.undo()                                                        # one Ctrl+Z undoes the whole run
     assert not np.asarray(layer.data).any()
     widget._next.clicked()                                             # jump to the most uncertain slice
@@ -218,3 +218,80 @@ def test_precision_reaches_the_engine_and_a_refused_one_is_a_notification(ct_vie
     _run(widget, qtbot)
     assert "fp16 autocast is not supported on the CPU" in errors[-1]
     assert len(viewer.layers) == n_layers                              # the failed run's empty layer is gone
+
+
+def _saved_session(widget: SegmentWidget, layer: Any, qtbot) -> Any:  # type: ignore[no-untyped-def]
+    from napari_daeformer.annotation import load_session
+
+    saver = widget.autosavers[layer.unique_id]
+    qtbot.waitUntil(lambda: saver.pending is not None and saver.pending.done(), timeout=20_000)
+    return load_session(saver.path)
+
+
+@pytest.mark.parametrize("change", ["switched", "deleted"])
+def test_image_switched_or_deleted_mid_run_autosaves_under_the_run_image(ct_viewer, qtbot, change: str) -> None:  # type: ignore[no-untyped-def]
+    """The session is the run's own: it belongs to the image the run started on, whatever is selected (or left)
+    when it ends."""
+    from napari_daeformer.annotation import image_key
+
+    viewer, widget = ct_viewer
+    ct = viewer.layers["CT"]
+    key = image_key(np.asarray(ct.data))
+    viewer.add_image(np.zeros((16, 160, 160, 3), np.uint8), name="photo", rgb=True)
+    widget._run.clicked()
+    if change == "switched":
+        widget._image.value = viewer.layers["photo"]
+    else:
+        viewer.layers.remove(ct)
+    qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
+    layer = viewer.layers["CT DAE-Former"]
+    saved = _saved_session(widget, layer, qtbot)
+    assert saved.annotation.image.key == key and saved.annotation.image.name == "CT"
+    assert saved.labels.any() and np.array_equal(saved.labels, layer.data)
+
+
+def test_two_labels_layers_on_one_image_keep_two_sessions(ct_viewer, qtbot) -> None:  # type: ignore[no-untyped-def]
+    viewer, widget = ct_viewer
+    _run(widget, qtbot)
+    first = viewer.layers["CT DAE-Former"]
+    first.data_setitem((np.array([3]), np.array([5]), np.array([5])), 2)
+    _run(widget, qtbot)
+    second = viewer.layers[-1]
+    a, b = _saved_session(widget, first, qtbot), _saved_session(widget, second, qtbot)
+    assert a.path != b.path and a.annotation.id != b.annotation.id
+    assert np.flatnonzero(a.annotation.corrected(a.labels)).tolist() == [3]
+    assert not b.annotation.corrected(b.labels).any()
+
+
+def test_labels_deleted_mid_run_cancels_it(ct_viewer, qtbot, errors: list[str]) -> None:  # type: ignore[no-untyped-def]
+    viewer, widget = ct_viewer
+    widget._run.clicked()
+    viewer.layers.remove(viewer.layers["CT DAE-Former"])
+    qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
+    assert "CT DAE-Former" not in viewer.layers and widget.autosavers == {}
+    assert widget._status.value.startswith("Cancelled") and errors == []
+
+
+def test_closing_the_viewer_mid_run_raises_nothing(make_napari_viewer, qtbot) -> None:  # type: ignore[no-untyped-def]
+    """pytest-qt fails the test on any exception raised in a Qt callback (deleted widgets touched after close)."""
+    viewer = make_napari_viewer()
+    viewer.add_image(synthetic_ct(seed=3, shape=(24, 160, 160)).image, name="CT")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-daeformer", "Segment with DAE-Former")
+    widget._run.clicked()
+    worker = widget._worker
+    qtbot.wait(300)
+    viewer.close()
+    qtbot.waitUntil(lambda: not worker.is_running, timeout=60_000)
+    qtbot.wait(200)
+    assert widget.closed
+
+
+def test_the_slice_on_screen_fills_first(ct_viewer, qtbot) -> None:  # type: ignore[no-untyped-def]
+    viewer, widget = ct_viewer
+    viewer.dims.set_current_step(0, 11)
+    filled: list[list[int]] = []
+    original = widget._show_progress
+    widget._show_progress = lambda target, p: (filled.append(p.slices.tolist()) if p.slices is not None else None,
+                                               original(target, p))
+    _run(widget, qtbot)
+    assert filled[0][0] in (10, 11) and 11 in filled[0]
