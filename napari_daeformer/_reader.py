@@ -6,6 +6,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from .errors import ImageFormatError, printable
 from .io import METADATA_KEY, ImageRecord, can_read, read_image
 from .io.dicom_seg import find_series, is_dicom_seg, read_dicom_seg
@@ -49,6 +51,10 @@ def record_to_layer(record: ImageRecord, name: str | None = None) -> LayerData:
         "metadata": {METADATA_KEY: record.geometry(), "notes": list(record.notes)},
         "rgb": record.rgb,
     }
+    if record.is_labels:                                      # a label map we wrote: paintable, usable to train
+        kwargs.pop("rgb")
+        return (np.asarray(record.data).astype(np.uint16 if record.data.max(initial=0) > 255 else np.uint8,
+                                                 copy=False), kwargs, "labels")
     if record.modality == "ct":
         kwargs["contrast_limits"] = list(CT_WINDOWS["soft tissue"])
         kwargs["colormap"] = "gray"

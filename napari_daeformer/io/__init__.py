@@ -151,7 +151,7 @@ def write_labels(path: str | os.PathLike[str], labels: np.ndarray, geometry: dic
     _check_label_format(p, labels.ndim)
     suffix = suffix_of(p)
     if suffix in NIFTI_SUFFIXES:
-        return write_nifti(p, out, affine, overwrite=overwrite)
+        return write_nifti(p, out, affine, overwrite=overwrite, labels=True)
     if suffix in TIFF_SUFFIXES:
         return write_tiff(p, out, spacing, overwrite=overwrite)
     return write_png(p, out, overwrite=overwrite)

@@ -47,15 +47,20 @@ def read_nifti(path: Path) -> ImageRecord:
     zooms = tuple(float(z) for z in img.header.get_zooms()[: len(shape)])
     spacing = tuple(z if z > 0 else 1.0 for z in zooms[::-1])
     modality = "ct" if data.size and np.issubdtype(data.dtype, np.number) and float(data.min()) < -500 else "gray"
-    return ImageRecord(data=data, spacing=spacing, affine=affine,
-                       dtype=str(dtype), path=path, modality=modality, source_format="nifti")
+    is_labels = img.header.get_intent()[0] == "label"
+    return ImageRecord(data=data, spacing=spacing, affine=affine, dtype=str(dtype), path=path,
+                       modality="gray" if is_labels else modality, source_format="nifti", is_labels=is_labels)
 
 
-def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, *, overwrite: bool = False) -> Path:
-    """Write a ([Z,] Y, X) array with `affine` (NIfTI convention) atomically; mm units, sform and qform set."""
+def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, *, overwrite: bool = False,
+                labels: bool = False) -> Path:
+    """Write a ([Z,] Y, X) array with `affine` (NIfTI convention) atomically; mm units, sform and qform set;
+    `labels`: marked as a label map (NIfTI intent "label", as ITK-SNAP and 3D Slicer read it)."""
     affine = check_affine(affine, path.name)
     img = nib.Nifti1Image(data.transpose(tuple(range(data.ndim))[::-1]), affine)   # F-ordered view: no copy
     img.header.set_xyzt_units("mm")
     img.header.set_sform(affine, code=1)
     img.header.set_qform(affine, code=1)
+    if labels:
+        img.header.set_intent("label")
     return atomic_write(path, lambda tmp: nib.save(img, str(tmp)), overwrite=overwrite)

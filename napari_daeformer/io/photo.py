@@ -9,7 +9,7 @@ from skimage import io as skio
 
 from ..atomic import atomic_write
 from ..errors import ImageFormatError, first_line
-from .record import ImageRecord, check_pixels, default_affine
+from .record import LABELS_MARK, ImageRecord, check_pixels, default_affine
 
 PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
@@ -31,7 +31,19 @@ def read_photo(path: Path) -> ImageRecord:
     rgb = data.ndim == 3
     return ImageRecord(data=np.ascontiguousarray(data), spacing=(1.0, 1.0), affine=default_affine((1.0, 1.0)),
                        dtype=str(data.dtype), path=path, modality="rgb" if rgb else "gray", source_format="photo",
-                       notes=notes)
+                       notes=notes, is_labels=not rgb and _marked(path))
+
+
+def _marked(path: Path) -> bool:
+    """Whether a PNG carries the text chunk `write_png` puts in label maps."""
+    from PIL import Image, UnidentifiedImageError
+
+    key, value = LABELS_MARK
+    try:
+        with Image.open(path) as im:
+            return getattr(im, "text", {}).get(key) == value
+    except (OSError, UnidentifiedImageError):
+        return False
 
 
 def write_png(path: Path, labels: np.ndarray, *, overwrite: bool = False) -> Path:
@@ -41,5 +53,13 @@ def write_png(path: Path, labels: np.ndarray, *, overwrite: bool = False) -> Pat
     if labels.ndim != 2:
         raise ImageFormatError(f"{path.name}: PNG holds one 2D slice, got labels of shape {labels.shape}; "
                                "use .nii.gz or .tif for volumes")
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
     out = labels.astype(np.uint8 if labels.max(initial=0) <= 255 else np.uint16)
-    return atomic_write(path, lambda tmp: skio.imsave(str(tmp), out, check_contrast=False), overwrite=overwrite)
+    info = PngInfo()
+    info.add_text(*LABELS_MARK)                                   # read back as a label map
+
+    def write(tmp: Path) -> None:
+        Image.fromarray(out).save(tmp, format="PNG", pnginfo=info)
+    return atomic_write(path, write, overwrite=overwrite)

@@ -17,6 +17,7 @@ CLASSES_KEY = "class_names"
 COLORS_KEY = "class_colors"                   # "#rrggbb" per class, background first
 CHECKPOINT_KEY = "checkpoint"                 # file name of the checkpoint that made the labels
 CHECKPOINT_SHA_KEY = "checkpoint_sha256"
+LABELS_MARK = ("napari_daeformer", "labels")   # the key and value a written label map carries (TIFF, PNG)
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class ImageRecord:
         modality: "ct", "mr", "rgb" or "gray": a hint for choosing preprocessing.
         source_format: "nifti", "dicom", "tiff" or "photo".
         notes: things the user should be told (e.g. an alpha channel was dropped).
+        is_labels: the file is a label map this project wrote (it opens as a Labels layer).
     """
 
     data: np.ndarray
@@ -43,6 +45,7 @@ class ImageRecord:
     modality: str = "gray"
     source_format: str = "nifti"
     notes: tuple[str, ...] = field(default=())
+    is_labels: bool = False
 
     @property
     def rgb(self) -> bool:

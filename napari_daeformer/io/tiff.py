@@ -11,7 +11,7 @@ import tifffile
 from ..atomic import atomic_write
 from ..errors import ImageFormatError, first_line
 from ..memory import check_allocation
-from .record import ImageRecord, check_pixels, default_affine
+from .record import LABELS_MARK, ImageRecord, check_pixels, default_affine
 
 _MM_PER_UNIT = {1: 1.0, 2: 25.4, 3: 10.0}          # TIFF ResolutionUnit: none (pixels), inch, centimetre
 _IMAGEJ_UNITS = {"mm": 1.0, "micron": 1e-3, "um": 1e-3, "\\u00B5m": 1e-3, "µm": 1e-3, "cm": 10.0, "nm": 1e-6}
@@ -29,6 +29,7 @@ def read_tiff(path: Path) -> ImageRecord:
             colour = page.photometric == tifffile.PHOTOMETRIC.RGB and page.samplesperpixel in (3, 4)
             spacing_yx, unitless = _resolution_mm(page)
             ij = tif.imagej_metadata or {}
+            shaped = (tif.shaped_metadata or ({},))[0] or {}
     except ImageFormatError:
         raise
     except Exception as e:
@@ -49,9 +50,11 @@ def read_tiff(path: Path) -> ImageRecord:
     spacing: tuple[float, ...] = spacing_yx
     if spatial_ndim == 3:
         spacing = (float(ij.get("spacing", 1.0)) * unit, *spacing_yx)
+    key, value = LABELS_MARK
+    is_labels = not rgb and value in (ij.get(key), shaped.get(key))
     return ImageRecord(data=np.ascontiguousarray(data), spacing=spacing, affine=default_affine(spacing),
                        dtype=str(data.dtype), path=path, modality="rgb" if rgb else "gray", source_format="tiff",
-                       notes=notes)
+                       notes=notes, is_labels=is_labels)
 
 
 def _resolution_mm(page: tifffile.TiffPage) -> tuple[tuple[float, float], bool]:
@@ -75,10 +78,11 @@ def _resolution_mm(page: tifffile.TiffPage) -> tuple[tuple[float, float], bool]:
 def write_tiff(path: Path, data: np.ndarray, spacing: tuple[float, ...], *, overwrite: bool = False) -> Path:
     """Write labels as TIFF (zlib): resolution in pixels per centimetre, Z spacing as ImageJ metadata."""
     y, x = spacing[-2:]
+    mark = dict([LABELS_MARK])                                    # read back as a label map
     kwargs: dict[str, object] = {"resolution": (10.0 / x, 10.0 / y), "resolutionunit": "CENTIMETER",
-                                 "compression": "zlib"}
+                                 "compression": "zlib", "metadata": mark}
     if data.ndim == 3:
-        kwargs.update(imagej=True, metadata={"spacing": spacing[0], "unit": "mm", "axes": "ZYX"})
+        kwargs.update(imagej=True, metadata={"spacing": spacing[0], "unit": "mm", "axes": "ZYX", **mark})
         kwargs.pop("compression")
         kwargs["resolution"] = (1.0 / x, 1.0 / y)
         kwargs["resolutionunit"] = "NONE"

@@ -112,3 +112,13 @@ def engine_writes(layer: napari.layers.Labels) -> Iterator[None]:
 def corrected_slices(viewer: napari.Viewer, layer: napari.layers.Labels, axis: int = 0) -> np.ndarray:
     """(S,) bool along `axis`: the slices of `layer` the user corrected (`Annotation.corrected`)."""
     return follow(viewer, layer).corrected(np.asarray(layer.data), axis)
+
+
+def proposals_first(viewer: napari.Viewer) -> list[napari.layers.Labels]:
+    """The viewer's labels layers, those holding a model's proposal first (newest first), then the others (ground
+    truth, labels painted from scratch): what a labels picker offers, its first entry the default."""
+    from napari.layers import Labels
+
+    layers = [x for x in viewer.layers if isinstance(x, Labels)]
+    proposed = [x for x in reversed(layers) if (a := annotation_of(viewer, x)) is not None and a.prediction is not None]
+    return proposed + [x for x in layers if x not in proposed]

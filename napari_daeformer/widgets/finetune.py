@@ -32,7 +32,7 @@ from ..bundled import MODELS_DIR
 from ..checkpoint import Checkpoint, ModelCard, load_checkpoint, read_card, save_checkpoint
 from ..errors import DaeformerError, TrainingError
 from ..hub import hub_for
-from ._layers import annotation_of, corrected_slices, follow
+from ._layers import annotation_of, corrected_slices, follow, proposals_first
 from ._workers import WorkerWidget, collapsible, device_picker, failure_message, guarded, holder, row
 from .segment import SegmentWidget
 
@@ -248,10 +248,7 @@ class FinetuneWidget(WorkerWidget):
         super()._on_closed()
 
     def _labels_layers(self, _: Any = None) -> list[Labels]:
-        """Labels layers with a model's proposal first (newest first), then the others (ground truth, scratch)."""
-        layers = [x for x in self.viewer.layers if isinstance(x, Labels)]
-        proposed = [x for x in reversed(layers) if (a := annotation_of(self.viewer, x)) and a.prediction is not None]
-        return proposed + [x for x in layers if x not in proposed]
+        return proposals_first(self.viewer)
 
     def _layer_added(self, event: Any) -> None:
         if isinstance(event.value, Labels):

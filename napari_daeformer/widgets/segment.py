@@ -34,7 +34,7 @@ from ..inference import Progress, Segmentation, check_compatible, image_warnings
 from ..io import ImageRecord, geometry_from_metadata
 from ..io.record import CLASSES_KEY
 from ..volumes import class_measures, is_physical, measure_unit
-from ._layers import attach, corrected_slices, engine_writes, follow, image_identity, labels_kwargs, record_from_layer
+from ._layers import attach, corrected_slices, engine_writes, follow, image_identity, labels_kwargs, proposals_first, record_from_layer
 from ._workers import WorkerWidget, collapsible, device_picker, failure_message, guarded, row
 from .autosave import Autosaver
 
@@ -157,7 +157,7 @@ class SegmentWidget(WorkerWidget):
         return [layer for layer in self.viewer.layers if isinstance(layer, Image)]
 
     def _labels_layers(self, _: Any = None) -> list[Labels]:
-        return [layer for layer in self.viewer.layers if isinstance(layer, Labels)]
+        return proposals_first(self.viewer)
 
     def _image_changed(self, layer: Image | None = None) -> None:
         """A photo is one slice: no slice axis and no slice ranking. Until the user picks a model, the bundled one
@@ -232,6 +232,8 @@ class SegmentWidget(WorkerWidget):
         kwargs["name"] = a.layer_name or kwargs["name"]
         layer = self.viewer.add_labels(saved.labels, **kwargs)
         attach(self.viewer, layer, a)
+        self.reset_choices()
+        self._target.value = layer
         self._autosave(layer, a, path)
         show_info(f"DAE-Former: restored the autosaved corrections of {image.name}")
         self._offer_restore(image)
@@ -460,6 +462,8 @@ class SegmentWidget(WorkerWidget):
             self._uncertain_order = [int(i) for i in np.argsort(-result.slice_uncertainty)]
             self._next.enabled = True
         self.last_result = result
+        self.reset_choices()
+        self._target.value = layer                                 # partial mode's default: this proposal
         saver = self.autosavers.get(layer.unique_id)
         self._autosave(layer, annotation, saver.path if saver else session_path(target.folder, annotation))
         self._offer_restore(self._image.value)                     # an unrestored session stays on offer

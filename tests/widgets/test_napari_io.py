@@ -87,3 +87,29 @@ def test_unreadable_files_are_notifications_not_layers(make_napari_viewer, tmp_p
     _files(tmp_path)                                         # one bad file among good ones: the good ones open
     layers = viewer.open([str(tmp_path / "photo.png"), str(tmp_path / "bomb.nii.gz")], plugin="napari-daeformer")
     assert [layer.name for layer in layers] == ["photo"]
+
+
+@pytest.mark.parametrize("name", ["mask.nii.gz", "mask.tif", "photo_mask.tif", "photo_mask.png"])
+def test_a_saved_mask_reopens_as_paintable_labels(make_napari_viewer, tmp_path: Path, name: str) -> None:  # type: ignore[no-untyped-def]
+    """Saved with File > Save (our writer), opened again with File > Open (our reader): a Labels layer with the same
+    values and scale, not a black image; images with the same values but not written as labels stay images."""
+    viewer = make_napari_viewer()
+    volume = not name.startswith("photo")
+    data = np.zeros((4, 16, 16) if volume else (16, 16), np.uint8)
+    data[..., 4:8, 4:8] = 3
+    scale = (3.0, 0.8, 0.8) if volume else (1.0, 1.0)
+    layer = viewer.add_labels(data, name="mask", scale=scale)
+    path = tmp_path / name
+    layer.save(str(path), plugin="napari-daeformer")
+    (back,) = viewer.open(str(path), plugin="napari-daeformer")
+    assert back._type_string == "labels" and np.array_equal(back.data, data)
+    np.testing.assert_allclose(back.scale, scale, rtol=1e-5)
+    plain = tmp_path / f"plain{path.suffix if not name.endswith('.nii.gz') else '.nii.gz'}"
+    if name.endswith(".nii.gz"):
+        nib.save(nib.Nifti1Image(data.T, np.eye(4)), str(plain))
+    elif name.endswith(".tif"):
+        tifffile.imwrite(str(plain), data)
+    else:
+        skio.imsave(str(plain), data, check_contrast=False)
+    (image,) = viewer.open(str(plain), plugin="napari-daeformer")
+    assert image._type_string == "image"

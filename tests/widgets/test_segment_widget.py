@@ -69,7 +69,7 @@ def test_only_uncorrected_slices_mode(ct_viewer, qtbot) -> None:  # type: ignore
     layer.data[3] = 4                                                   # corrected: slice 3 all "right kidney"
     layer.data[10] = 0                                                  # later un-done: this too counts as edited
     widget._mode.value = MODES[1]
-    widget._target.value = layer
+    assert widget._target.value is layer                                # the default: the proposal, not "truth"
     widget._lower.value = -400                                          # another window: slices will change
     _run(widget, qtbot)
     assert not layer.data[7].any() and (layer.data[3] == 4).all() and not layer.data[10].any()
