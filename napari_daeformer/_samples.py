@@ -15,7 +15,7 @@ LayerData = tuple[Any, dict[str, Any], str]
 
 def _layers(sample: Sample, name: str, modality: str) -> list[LayerData]:
     record = ImageRecord(sample.image, sample.spacing, default_affine(sample.spacing), str(sample.image.dtype),
-                         modality=modality, source_format="synthetic")
+                         modality=modality, source_format="photo" if modality == "rgb" else "synthetic")  # photos: pixels
     image = record_to_layer(record, name)
     colors = {i: DEFAULT_COLORS[i] for i in range(1, len(sample.class_names))}
     labels_kwargs = {"name": f"{name} ground truth", "scale": list(sample.spacing), "visible": False,

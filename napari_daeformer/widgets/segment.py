@@ -370,6 +370,9 @@ class SegmentWidget(WorkerWidget):
             kwargs["first"] = int(self.viewer.dims.current_step[self.viewer.dims.ndim - 3 + axis])
         if checkpoint.card.preprocessing.kind == "ct":
             kwargs["window"] = (float(self._lower.value), float(self._upper.value))
+            if kwargs["window"][0] >= kwargs["window"][1]:
+                raise DaeformerError(f"the CT window's low end ({kwargs['window'][0]:g} HU) must be below its high end "
+                                     f"({kwargs['window'][1]:g} HU)")
         if self._mode.value == MODES[1]:
             target = self._target.value
             if target is None:

@@ -108,7 +108,7 @@ def test_a_saved_mask_reopens_as_paintable_labels(make_napari_viewer, tmp_path: 
     if name.endswith(".nii.gz"):
         nib.save(nib.Nifti1Image(data.T, np.eye(4)), str(plain))
     elif name.endswith(".tif"):
-        tifffile.imwrite(str(plain), data)
+        tifffile.imwrite(str(plain), data, photometric="minisblack")
     else:
         skio.imsave(str(plain), data, check_contrast=False)
     (image,) = viewer.open(str(plain), plugin="napari-daeformer")

@@ -224,7 +224,8 @@ def _saved_session(widget: SegmentWidget, layer: Any, qtbot) -> Any:  # type: ig
     from napari_daeformer.annotation import load_session
 
     saver = widget.autosavers[layer.unique_id]
-    qtbot.waitUntil(lambda: saver.pending is not None and saver.pending.done(), timeout=20_000)
+    saver.save_now()                                  # what the pause timer does (tests/widgets/test_autosave.py)
+    qtbot.waitUntil(lambda: saver.pending.done(), timeout=20_000)
     return load_session(saver.path)
 
 
@@ -295,3 +296,19 @@ def test_the_slice_on_screen_fills_first(ct_viewer, qtbot) -> None:  # type: ign
                                                original(target, p))
     _run(widget, qtbot)
     assert filled[0][0] in (10, 11) and 11 in filled[0]
+
+
+def test_sample_photo_reports_pixels_and_a_reversed_window_is_refused(make_napari_viewer, qtbot,  # type: ignore[no-untyped-def]
+                                                                      errors: list[str]) -> None:
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-daeformer", "synthetic_skin")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-daeformer", "Segment with DAE-Former")
+    widget._image.value = viewer.layers["synthetic skin"]
+    _run(widget, qtbot)
+    assert "pixels" in widget._status.value and "mm²" not in widget._status.value   # as the same photo as PNG
+    viewer.add_image(synthetic_ct(seed=3, shape=(8, 96, 96)).image, name="CT")
+    widget._image.value = viewer.layers["CT"]
+    widget._lower.value, widget._upper.value = 300, 100
+    n = len(viewer.layers)
+    widget._run.clicked()
+    assert "must be below its high end" in errors[-1] and not widget.running and len(viewer.layers) == n
