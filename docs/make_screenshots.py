@@ -23,7 +23,7 @@ from napari_daeformer.io.record import default_affine
 from napari_daeformer.sample_data import shifted, synthetic_ct, synthetic_skin
 
 OUT = Path(__file__).parent / "images"
-SIZE = (1500, 950)
+SIZE = (1600, 1000)
 
 
 def wait(condition, timeout: float = 300.0) -> None:  # type: ignore[no-untyped-def]
@@ -44,6 +44,13 @@ def new_viewer() -> napari.Viewer:
     viewer = napari.Viewer(title="napari-daeformer", show=True)
     viewer.window._qt_window.resize(*SIZE)
     return viewer
+
+
+def from_plugins_menu(name: str):  # type: ignore[no-untyped-def]
+    """Open a dock as Plugins > DAE-Former > ... does."""
+    from napari._app_model import get_app_model
+
+    return get_app_model().commands.execute_command(f"napari-daeformer.{name}").result()[0]
 
 
 def save(viewer: napari.Viewer, name: str) -> None:
@@ -92,28 +99,36 @@ def ct_scenes(tmp: Path) -> None:
     viewer = new_viewer()
     viewer.open(str(path), plugin="napari-daeformer")
     viewer.layers[-1].name = "abdomen"
-    _, segment = viewer.window.add_plugin_dock_widget("napari-daeformer", "Segment with DAE-Former")
+    segment = from_plugins_menu("segment_widget")       # as a user does: the Plugins menu, then the fine-tune dock
     segment._image.value = viewer.layers["abdomen"]
     segment._run.clicked()
     wait(lambda: not segment.running)
 
     labels = viewer.layers["abdomen DAE-Former"]
+    segment_before = np.array(labels.data, copy=True)
     for z in (12, 20, 28, 36):                          # "corrections": the phantom's ground truth, as painting
         index = np.nonzero(np.ones_like(sample.labels[z], bool))
         labels.data_setitem((np.full(index[0].shape, z), *index), sample.labels[z][index])
-    _, tune = viewer.window.add_plugin_dock_widget("napari-daeformer", "Fine-tune DAE-Former", tabify=True)
-    tune._image.value, tune._corrected.value = viewer.layers["abdomen"], labels
+    tune = from_plugins_menu("finetune_widget")
+    assert tune._corrected.value is labels                # the default: the proposal just corrected
     tune._add.clicked()
     tune._device.value = "cpu"
     tune._run.clicked()
     wait(lambda: not tune.running)
     viewer.dims.set_current_step(0, 30)
     save(viewer, "ct_finetune.png")
-    tune._resegment.clicked()
+    segment._run.clicked()                              # Run in the same Segment dock: the fine-tuned model
     wait(lambda: not segment.running)
     viewer.layers["abdomen DAE-Former"].visible = False
     save(viewer, "ct_resegmented.png")
     again = viewer.layers[-1]                           # the new model's proposal, corrected on the same slices
+    from napari_daeformer.metrics import dice_per_class
+    rest = [z for z in range(len(sample.labels)) if z not in (12, 20, 28, 36)]
+    for name, layer in (("parent", labels), ("fine-tuned", again)):
+        proposal = np.asarray(layer.data)[rest] if layer is again else segment_before[rest]
+        print(f"{name}: mean Dice on the uncorrected slices",
+              round(float(np.nanmean(dice_per_class(proposal, sample.labels[rest], 6))), 3))
+    print("Segment docks:", [n for n in viewer.window.dock_widgets if n.startswith("Segment")])
     for z in (12, 20, 28, 36):
         index = np.nonzero(np.ones_like(sample.labels[z], bool))
         again.data_setitem((np.full(index[0].shape, z), *index), sample.labels[z][index])

@@ -32,6 +32,7 @@ ENV_FOLDER = "DAEFORMER_AUTOSAVE_DIR"          # overrides the default folder
 USER_FOLDER = Path.home() / ".napari-daeformer" / "autosave"
 FORMAT = 2                                      # 1: one session per image, touched slices along axis 0 only
 MAX_SESSION_BYTES = 4 << 30                     # an uncompressed session larger than this is refused unread
+_BYTES_PER_VOXEL = 4                            # labels and proposal, up to uint16 each
 
 
 @dataclass(frozen=True)
@@ -195,15 +196,19 @@ def save_session(path: str | os.PathLike[str], annotation: Annotation, labels: n
     return atomic_write(path, write)
 
 
-def _checked_sizes(z: np.lib.npyio.NpzFile, name: str) -> None:
-    """Refuse, before decompressing, arrays whose headers claim more than MAX_SESSION_BYTES (a zip bomb)."""
+def _checked_sizes(z: np.lib.npyio.NpzFile, name: str, voxels: int | None) -> None:
+    """Refuse, before decompressing, a session whose members claim more than its image's labels and proposal
+    could need (`voxels`: the image's voxel count), or MAX_SESSION_BYTES: a zip bomb."""
     total = sum(info.file_size for info in z.zip.infolist())
-    if total > MAX_SESSION_BYTES:
-        raise DaeformerError(f"{name}: claims {total / 2**30:.1f} GiB uncompressed; not an autosaved session of ours")
+    limit = MAX_SESSION_BYTES if voxels is None else min(MAX_SESSION_BYTES, _BYTES_PER_VOXEL * voxels + (1 << 20))
+    if total > limit:
+        raise DaeformerError(f"{name}: claims {total / 2**20:.1f} MiB uncompressed, more than labels of this image "
+                             "need; not an autosaved session of ours")
 
 
-def load_session(path: str | os.PathLike[str]) -> SavedSession:
-    """Read a session file (no pickled objects are loaded).
+def load_session(path: str | os.PathLike[str], voxels: int | None = None) -> SavedSession:
+    """Read a session file (no pickled objects are loaded); `voxels`: the image's voxel count, bounding what the
+    file may decompress to.
 
     Raises:
         DaeformerError: the file is missing, damaged, of another format or implausibly large.
@@ -211,7 +216,7 @@ def load_session(path: str | os.PathLike[str]) -> SavedSession:
     p = Path(path)
     try:
         with np.load(p, allow_pickle=False) as z:
-            _checked_sizes(z, p.name)
+            _checked_sizes(z, p.name, voxels)
             meta = json.loads(bytes(z["meta"]).decode())
             labels = z["labels"]
             prediction = z["prediction"] if "prediction" in z.files else None

@@ -72,6 +72,12 @@ class RunTarget:
         return np.ones(len(slices), bool) if self.keep is None else ~self.keep[slices]
 
 
+def _voxels(image: Image) -> int:
+    """The image's spatial voxel count (what its labels hold)."""
+    shape = np.shape(image.data)
+    return int(np.prod(shape[:-1] if image.rgb else shape))
+
+
 class SegmentWidget(WorkerWidget):
     """Choose an image and a model, press Run: a new uint8 Labels layer fills slice by slice."""
 
@@ -196,7 +202,8 @@ class SegmentWidget(WorkerWidget):
         if self._session is not None:
             more = f" ({len(found) - 1} more after it)" if len(found) > 1 else ""
             try:
-                text = f"Autosaved corrections for {image.name}: {load_session(self._session[1]).describe()}{more}."
+                saved = load_session(self._session[1], _voxels(image))
+                text = f"Autosaved corrections for {image.name}: {saved.describe()}{more}."
                 readable = True
             except DaeformerError as e:
                 text = f"An autosaved session for {image.name} cannot be read: {e}"
@@ -220,7 +227,7 @@ class SegmentWidget(WorkerWidget):
             return None
         image, path = self._session
         try:
-            saved: SavedSession = load_session(path)
+            saved: SavedSession = load_session(path, _voxels(image))
             if saved.labels.shape != tuple(np.shape(image.data)[:saved.labels.ndim]):
                 raise DaeformerError(f"its labels {saved.labels.shape} do not fit {image.name}")
         except DaeformerError as e:

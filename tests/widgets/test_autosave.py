@@ -156,3 +156,27 @@ def test_damaged_session_is_named_and_can_be_discarded(make_napari_viewer, tmp_p
     assert widget._restore.native.isHidden() and not widget._discard.native.isHidden()
     widget._discard.clicked()
     assert not torn.exists() and widget._discard.native.isHidden()
+
+
+def test_a_session_bomb_or_damaged_session_is_refused_quickly(make_napari_viewer, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small file that would decompress to far more than the image's labels, or whose members are of the wrong
+    kind, is named in the dock without being decompressed; the dock opens and offers Discard."""
+    import time
+    import zipfile
+
+    monkeypatch.setenv(ENV_FOLDER, str(tmp_path))
+    image = np.arange(4 * 32 * 32, dtype=np.int16).reshape(4, 32, 32)
+    annotation = Annotation(ImageIdentity(image_key(image), "scan"), "scan")
+    bomb = session_path(tmp_path, annotation)
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("labels.npy", b"\0" * (64 << 20))                  # 64 MiB of zeros: a few KiB compressed
+        z.writestr("meta.npy", b"\0")
+    assert bomb.stat().st_size < 1 << 20
+    viewer = make_napari_viewer()
+    t0 = time.perf_counter()
+    viewer.add_image(image, name="scan")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-daeformer", "Segment with DAE-Former")
+    assert time.perf_counter() - t0 < 10
+    assert "more than labels of this image need" in widget._restore_info.value
+    assert widget._restore.native.isHidden() and not widget._discard.native.isHidden()
