@@ -19,7 +19,7 @@ from . import package_cache, static_int8
 from .checkpoint import Checkpoint
 from .devices import resolve_device, resolve_path
 from .errors import Cancelled, InferenceError, first_line
-from .int8_worker import build_in_child
+from .int8_worker import build_in_child, child_runner
 from .io import ImageRecord
 from .jobs import drain
 from .stages import Accumulator, Predictor, SliceSource
@@ -141,6 +141,7 @@ def segment(
     slice_uncertainty: bool = False,
     only: np.ndarray | None = None,
     prepare_int8: bool = False,
+    int8_in_child: bool = False,
     first: int | None = None,
     cancel: threading.Event | None = None,
 ) -> Generator[Progress, None, Segmentation]:
@@ -161,6 +162,8 @@ def segment(
         only: (S,) bool, segment only these slices (the others stay 0), e.g. those the user has not corrected.
         prepare_int8: where `auto` picks static int8 and the model's package is missing, compile it now (a one-time
             cost, worth it for long jobs) rather than run int8 dynamic; `int8` always does.
+        int8_in_child: run static int8 in a child process (`int8_worker.ChildInt8`): a GUI's event loop keeps
+            running, where the in-process package would hold the GIL for each whole batch.
         first: start at this slice and work outwards (the slice on screen fills first); default 0 upwards.
         cancel: set it to stop after the current batch (raises Cancelled).
     Yields:
@@ -201,6 +204,9 @@ def segment(
     if path == "int8 static":
         compiled = yield from _static_int8(checkpoint, source, precision == "int8" or prepare_int8, cancel)
         path = path if compiled is not None else "int8 dynamic"
+        if compiled is not None and int8_in_child:
+            cfg = checkpoint.card.config
+            compiled = child_runner(compiled, (cfg.in_channels, *card.input_size), n_classes)
     predict = Predictor(checkpoint.model, dev, path, compiled)
     out = Accumulator(len(stack), source.size, n_classes, probabilities, entropy, slice_uncertainty)
     transfers = source.transfers

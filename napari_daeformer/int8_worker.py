@@ -1,9 +1,12 @@
-"""The one-time static int8 compile, run in a child process: cancelling kills it (and the compiler processes it
-started) at once, and the caller's process (a viewer's event loop) is not slowed by the compile's Python work.
+"""Static int8 in child processes, so that the caller's threads (a viewer's event loop) keep running.
 
-The parent hands the child a job folder (the weights, the configuration and the calibration batches, written by
-torch and read back with `weights_only=True`); the child compiles into the shared package cache and writes its
-outcome as JSON; the parent then loads the package through the cache's checks like any other.
+- The one-time compile (`build_in_child`): cancelling kills the child (and the compiler processes it started) at
+  once. The parent hands it a job folder (the weights, the configuration and the calibration batches, written by
+  torch and read back with `weights_only=True`); the child compiles into the package cache and writes its outcome
+  as JSON; the parent then loads the package through the cache's checks like any other.
+- The runs (`ChildInt8`): AOTInductor's runner holds the GIL for the whole of each call (a slice's forward: the
+  viewer froze up to 1.2 s), so a GUI runs the verified package in a child process that reads its input from and
+  writes its logits to shared memory; the parent waits on a pipe, which releases the GIL.
 """
 
 from __future__ import annotations
@@ -15,13 +18,16 @@ import subprocess
 import sys
 import tempfile
 import threading
+import weakref
 from collections.abc import Sequence
+from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import static_int8
-from .errors import Cancelled
+from .errors import Cancelled, InferenceError
 from .model import DAEFormer, DAEFormerConfig
 
 POLL_SECONDS = 0.1
@@ -78,6 +84,103 @@ def _kill(child: subprocess.Popen[bytes]) -> None:
     child.wait()
 
 
+class ChildInt8:
+    """A verified package run in a child process: (b, C, H, W) fp32 -> (b, n, H, W) fp32 logits for any b, in
+    chunks of the compiled batch (the last one zero-padded), as `static_int8.StaticInt8`."""
+
+    def __init__(self, package: static_int8.StaticInt8, in_shape: tuple[int, int, int], classes: int) -> None:
+        self.batch = package.batch
+        c, h, w = in_shape
+        self._in = shared_memory.SharedMemory(create=True, size=4 * self.batch * c * h * w)
+        self._out = shared_memory.SharedMemory(create=True, size=4 * self.batch * classes * h * w)
+        self._x = np.ndarray((self.batch, c, h, w), np.float32, self._in.buf)
+        self._y = np.ndarray((self.batch, classes, h, w), np.float32, self._out.buf)
+        spec = json.dumps({"package": str(package.path), "batch": self.batch, "in": [self._in.name, c, h, w],
+                           "out": [self._out.name, classes]})
+        self._child = subprocess.Popen([sys.executable, "-m", __name__, "--serve", spec], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self._finalizer = weakref.finalize(self, _close, self._child, self._in, self._out)
+        self._ask("ready")
+
+    def _ask(self, line: str) -> None:
+        """Send `line`, wait for the child's 'ok' (the wait releases the GIL)."""
+        try:
+            if line != "ready":
+                self._child.stdin.write(f"{line}\n".encode())   # type: ignore[union-attr]
+                self._child.stdin.flush()                        # type: ignore[union-attr]
+            answer = self._child.stdout.readline().decode().strip()   # type: ignore[union-attr]
+        except (BrokenPipeError, OSError):
+            answer = ""
+        if answer != "ok":
+            raise InferenceError(f"the int8 runner process stopped ({answer or f'status {self._child.poll()}'}); "
+                                 "choose another precision")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = []
+        for chunk in static_int8._padded([x.float()], self.batch):
+            self._x[...] = chunk.numpy()
+            self._ask("run")
+            outputs.append(torch.from_numpy(self._y.copy()))
+        return torch.cat(outputs)[:len(x)]
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+_RUNNER: dict[str, ChildInt8] = {}                              # the last package's runner, kept for the next run
+
+
+def child_runner(package: static_int8.StaticInt8, in_shape: tuple[int, int, int], classes: int) -> ChildInt8:
+    """A runner of `package` in a child process; the one made for the previous run when it is the same package
+    (a runner starts in a few seconds: torch's import)."""
+    key = json.dumps([str(package.path), package.batch, list(in_shape), classes])
+    runner = _RUNNER.get(key)
+    if runner is None or runner._child.poll() is not None:
+        for old in _RUNNER.values():
+            old.close()
+        _RUNNER.clear()
+        runner = _RUNNER[key] = ChildInt8(package, in_shape, classes)
+    return runner
+
+
+def _close(child: subprocess.Popen[bytes], *memory: shared_memory.SharedMemory) -> None:
+    if child.poll() is None:
+        child.stdin.close()                                      # type: ignore[union-attr]  # EOF: it exits
+        try:
+            child.wait(5)
+        except subprocess.TimeoutExpired:
+            child.kill()
+    for m in memory:
+        m.close()
+        m.unlink()
+
+
+def _serve(spec: dict[str, object]) -> None:
+    """The runner's side: load the package, then for each 'run' line compute the batch in shared memory."""
+    name_in, c, h, w = spec["in"]                                # type: ignore[misc]
+    name_out, classes = spec["out"]                              # type: ignore[misc]
+    batch = int(spec["batch"])                                   # type: ignore[call-overload]
+    run = static_int8.StaticInt8(Path(str(spec["package"])), batch)
+    shm_in, shm_out = shared_memory.SharedMemory(name_in), shared_memory.SharedMemory(name_out)
+    for shm in (shm_in, shm_out):                                # the parent owns them (Python < 3.13 would unlink)
+        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+    x = torch.from_numpy(np.ndarray((batch, c, h, w), np.float32, shm_in.buf))
+    y = np.ndarray((batch, classes, h, w), np.float32, shm_out.buf)
+    out = sys.stdout.buffer
+    out.write(b"ok\n")
+    out.flush()
+    with torch.inference_mode():
+        for line in sys.stdin.buffer:
+            if line.strip() != b"run":
+                break
+            y[...] = run(x).numpy()
+            out.write(b"ok\n")
+            out.flush()
+    del x, y
+    shm_in.close()
+    shm_out.close()
+
+
 def _main(job: Path) -> None:
     spec = json.loads((job / "job.json").read_text())
     data = torch.load(job / "job.pt", weights_only=True)
@@ -92,4 +195,7 @@ def _main(job: Path) -> None:
 
 
 if __name__ == "__main__":
-    _main(Path(sys.argv[1]))
+    if sys.argv[1] == "--serve":
+        _serve(json.loads(sys.argv[2]))
+    else:
+        _main(Path(sys.argv[1]))

@@ -68,6 +68,8 @@ def test_compiled_once_then_auto_uses_it_and_keeps_the_labels(ct_model: Checkpoi
     dice = [np.nanmean(dice_per_class(r.labels, held_out.labels, n)) for r in (fp32, static)]   # classes 1..n-1
     assert abs(dice[1] - dice[0]) < 0.002, dice
 
+    in_child, _ = run(held_out.image, ct_model, precision="auto", int8_in_child=True)   # as the GUI runs it
+    assert in_child.path == "int8 static" and np.array_equal(in_child.labels, static.labels)
     one, _ = run(held_out.image[:5], ct_model, precision="int8", batch_size=1)
     three, _ = run(held_out.image[:5], ct_model, precision="int8", batch_size=3)
     assert np.array_equal(one.labels, three.labels) and np.array_equal(one.labels, static.labels[:5])

@@ -218,8 +218,8 @@ class FinetuneWidget(WorkerWidget):
         self.extend([self._image, self._corrected, row(self._add, self._clear), self._pairs_info,
                      collapsible("Settings", [self._steps, self._lr, self._protect, self._parts, self._augment,
                                               self._calibrate, self._device, self._save_to, self._overwrite]),
-                     row(self._run, self._cancel), self._progress, plot, self._status,
-                     self._keep_anyway, row(self._resegment, self._revert)])
+                     row(self._run, self._cancel), self._progress, self._status,   # the verdict above the fold
+                     self._keep_anyway, row(self._resegment, self._revert), plot])
         self._tidy()
         self.pairs: list[tuple[Image, Labels]] = []
         self.parent_path: Path | None = None

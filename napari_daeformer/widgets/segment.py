@@ -372,7 +372,7 @@ class SegmentWidget(WorkerWidget):
         axis = int(self._axis.value)
         kwargs: dict[str, Any] = {"rgb": record.rgb, "axis": axis, "device": self._device.value,
                                   "batch_size": int(self._batch.value) or None, "precision": self._precision.value,
-                                  "slice_uncertainty": bool(self._uncertain.value)}
+                                  "slice_uncertainty": bool(self._uncertain.value), "int8_in_child": True}
         if len(record.spatial_shape) == 3 and self.viewer.dims.ndim >= 3:        # the slice on screen fills first
             kwargs["first"] = int(self.viewer.dims.current_step[self.viewer.dims.ndim - 3 + axis])
         if checkpoint.card.preprocessing.kind == "ct":
