@@ -114,10 +114,6 @@ class Annotation:
         slices = touched_slices(atom, axis) if ndim == 3 else {0}
         self.touched.setdefault(axis if ndim == 3 else 0, set()).update(slices)
 
-    def forget(self, axis: int, slices: set[int]) -> None:
-        """The engine (not the user) wrote these slices along `axis`."""
-        self.touched.get(axis, set()).difference_update(slices)
-
     def corrected(self, labels: np.ndarray, axis: int = 0) -> np.ndarray:
         """(S,) bool along `axis`: slices that differ from the proposal or that the user painted along `axis`;
         without a proposal (painted from scratch), the slices holding any label. A 2D map is one slice."""

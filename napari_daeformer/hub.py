@@ -46,14 +46,11 @@ class Hub:
 
     # ---- Segment docks -----------------------------------------------------------------------------------
     def register(self, dock: ModelUser) -> None:
+        """`dock` is open (again: it ran last, and is the one `segment_dock` returns)."""
         self._docks = [ref for ref in self._docks if ref() is not None and ref() is not dock] + [weakref.ref(dock)]
 
     def unregister(self, dock: ModelUser) -> None:
         self._docks = [ref for ref in self._docks if ref() is not None and ref() is not dock]
-
-    def used(self, dock: ModelUser) -> None:
-        """`dock` ran last: it is the one `segment_dock` returns."""
-        self.register(dock)
 
     def segment_docks(self) -> list[ModelUser]:
         return [dock for ref in self._docks if (dock := ref()) is not None]

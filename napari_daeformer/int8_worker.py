@@ -100,12 +100,12 @@ class ChildInt8:
         self._child = subprocess.Popen([sys.executable, "-m", __name__, "--serve", spec], stdin=subprocess.PIPE,
                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         self._finalizer = weakref.finalize(self, _close, self._child, self._in, self._out)
-        self._ask("ready")
+        self._ask(None)                                          # the package is loaded
 
-    def _ask(self, line: str) -> None:
-        """Send `line`, wait for the child's 'ok' (the wait releases the GIL)."""
+    def _ask(self, line: str | None) -> None:
+        """Send `line` (if any), wait for the child's 'ok' (the wait releases the GIL)."""
         try:
-            if line != "ready":
+            if line is not None:
                 self._child.stdin.write(f"{line}\n".encode())   # type: ignore[union-attr]
                 self._child.stdin.flush()                        # type: ignore[union-attr]
             answer = self._child.stdout.readline().decode().strip()   # type: ignore[union-attr]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +16,7 @@ from ..io.record import CHECKPOINT_KEY, CHECKPOINT_SHA_KEY, CLASSES_KEY, COLORS_
 if TYPE_CHECKING:
     import napari
 
-_MUTED: set[str] = set()                      # labels layers whose paint events are the engine's, not the user's
+_MUTED: set[Hashable] = set()                      # labels layers whose paint events are the engine's, not the user's
 
 
 def record_from_layer(layer: napari.layers.Image) -> ImageRecord:

@@ -291,9 +291,9 @@ class FinetuneWidget(WorkerWidget):
         self.show_agreement()
 
     def show_agreement(self, card: ModelCard | None = None) -> None:
-        """Plot the lineage's agreement (from `card`, default the Segment widget's model) with the current pairs'."""
+        """Plot the lineage's agreement (from `card`, default the model to fine-tune) with the current pairs'."""
         try:
-            card = card or read_card(self._parent_path(self._collect()))
+            card = card or read_card(self._parent_path())
         except DaeformerError:
             return
         current = pair_agreement(self._collect(), card.config.num_classes)
@@ -318,7 +318,7 @@ class FinetuneWidget(WorkerWidget):
             _, dock = self.viewer.window.add_plugin_dock_widget("napari-daeformer", "Segment with DAE-Former")
         return dock  # type: ignore[return-value]
 
-    def _parent_path(self, pairs: list[Pair]) -> Path:
+    def _parent_path(self) -> Path:
         """The model to fine-tune: the one that proposed the first pair's labels, else the Segment dock's."""
         if self.pairs or (self._corrected.value is not None):
             labels = self.pairs[0][1] if self.pairs else self._corrected.value
@@ -346,7 +346,7 @@ class FinetuneWidget(WorkerWidget):
     def _start(self) -> None:
         try:
             pairs = self._collect()
-            parent_path = self._parent_path(pairs)
+            parent_path = self._parent_path()
             parent = load_checkpoint(parent_path)         # a fresh copy: the Segment widget's model is never touched
             check_pairs(pairs, parent.card)
             out, overwrite = self._output_path(parent_path)

@@ -60,6 +60,7 @@ class RunTarget:
     axis: int
     annotation: Annotation
     folder: Path
+    made_by: tuple[str, str, str]         # the run's checkpoint: file name, SHA-256, path
     before: np.ndarray | None = None      # the layer's data before the run (an existing layer only)
     keep: np.ndarray | None = None        # (S,) bool along `axis`: the user's corrected slices
 
@@ -357,7 +358,7 @@ class SegmentWidget(WorkerWidget):
             show_warning(f"DAE-Former: {image.name}: {warning}")
         target = self._prepare_target(image, checkpoint, record, kwargs.get("only"))
         self._target_running = target
-        self.hub.used(self)
+        self.hub.register(self)                                # the dock used last
         self._cancel_event.clear()
         self._progress.value = 0
         self._uncertain_order = []
@@ -398,22 +399,25 @@ class SegmentWidget(WorkerWidget):
         """Where the run writes: a new layer (added now, so slices appear live) or the chosen one."""
         axis = int(self._axis.value)
         folder = self.autosave_folders(image)[0]
+        name = checkpoint.path.name if checkpoint.path else "model"
+        sha = file_sha256(checkpoint.path) if checkpoint.path else ""
+        made_by = (name, sha, str(checkpoint.path) if checkpoint.path else "")
         if self._mode.value == MODES[1] and only is not None:
             layer = self._target.value
-            return RunTarget(layer, axis, follow(self.viewer, layer), folder, before=np.array(layer.data, copy=True),
+            annotation = follow(self.viewer, layer)
+            if not annotation.image.key:                       # labels the plugin did not make: this run's image
+                annotation.image = image_identity(image, self._image_key(image))
+            return RunTarget(layer, axis, annotation, folder, made_by, before=np.array(layer.data, copy=True),
                              keep=~only)
         empty = np.zeros(record.spatial_shape, np.uint8)
         card = checkpoint.card
-        name = checkpoint.path.name if checkpoint.path else "model"
-        sha = file_sha256(checkpoint.path) if checkpoint.path else ""
         kwargs = labels_kwargs(image, card.class_names, card.class_colors, empty.ndim, name, sha)
         if record.rgb:
             kwargs["opacity"] = PHOTO_OPACITY
         layer = self.viewer.add_labels(empty, **kwargs)
         annotation = Annotation(image_identity(image, self._image_key(image)), layer.name, tuple(card.class_names),
-                                tuple(card.class_colors), empty.copy(), name, sha,
-                                str(checkpoint.path) if checkpoint.path else "")
-        return RunTarget(layer, axis, attach(self.viewer, layer, annotation), folder)
+                                tuple(card.class_colors), empty.copy(), *made_by)
+        return RunTarget(layer, axis, attach(self.viewer, layer, annotation), folder, made_by)
 
     def _show_progress(self, target: RunTarget, p: Progress) -> None:
         """Show finished slices at once (no undo history yet: `_finish` records the run as one step); a one-time
@@ -452,11 +456,7 @@ class SegmentWidget(WorkerWidget):
         annotation.proposed(labels, None if target.keep is None else ~target.keep, target.axis)
         annotation.class_names = tuple(checkpoint.card.class_names)
         annotation.class_colors = tuple(checkpoint.card.class_colors)
-        if checkpoint.path:
-            annotation.checkpoint, annotation.checkpoint_path = checkpoint.path.name, str(checkpoint.path)
-            annotation.checkpoint_sha256 = file_sha256(checkpoint.path)
-        if not annotation.image.key and isinstance(self._image.value, Image):   # a layer the plugin did not make
-            annotation.image = image_identity(self._image.value, self._image_key(self._image.value))
+        annotation.checkpoint, annotation.checkpoint_sha256, annotation.checkpoint_path = target.made_by
         layer.metadata[CLASSES_KEY] = list(checkpoint.card.class_names)
         spacing = tuple(float(s) for s in layer.scale)
         geometry = geometry_from_metadata(layer.metadata) or {}
