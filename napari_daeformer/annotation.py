@@ -127,6 +127,10 @@ class Annotation:
                 changed[z] = True
         return changed
 
+    def painted_axis(self) -> int:
+        """The axis the user painted the most slices along (0 before any painting)."""
+        return max(sorted(self.touched), key=lambda axis: len(self.touched[axis]), default=0)
+
     def proposed(self, labels: np.ndarray, written: np.ndarray | None = None, axis: int = 0) -> None:
         """A run's labels became the proposal (on the slices `written` (S,) bool along `axis`, if given)."""
         if written is None or self.prediction is None:

@@ -6,7 +6,7 @@ worker with a live loss curve, saves a new checkpoint version and hands it to th
 
 from __future__ import annotations
 
-from collections.abc import Generator, Hashable
+from collections.abc import Hashable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,30 +16,20 @@ from napari.layers import Image, Labels
 from napari.utils.notifications import show_info
 from qtpy.QtWidgets import QTabWidget
 
-from training.finetune import (
-    FinetuneProgress,
-    FinetuneResult,
-    FinetuneSettings,
-    Pair,
-    check_pairs,
-    finetune,
-    next_version_path,
-    pair_agreement,
-)
+from training.finetune import FinetuneProgress, FinetuneResult, FinetuneSettings, Pair, pair_agreement
 
 from ..agreement import VersionAgreement, by_version, history, merged
-from ..bundled import MODELS_DIR
-from ..checkpoint import Checkpoint, ModelCard, load_checkpoint, read_card, save_checkpoint
+from ..checkpoint import ModelCard, read_card
+from ..control.finetune import FinetuneController, finetune_and_save, pair
 from ..errors import DaeformerError, TrainingError
 from ..hub import hub_for
-from ._layers import annotation_of, corrected_slices, follow, proposals_first
+from ._layers import annotation_of, follow, proposals_first
 from ._workers import WorkerWidget, collapsible, device_picker, failure_message, guarded, holder, row
 from .segment import SegmentWidget
 
 if TYPE_CHECKING:
     import napari
 
-USER_MODELS = Path.home() / ".napari-daeformer" / "models"      # where versions of bundled models go
 PROTECT_CHOICES = {"parent's confident labels": "pseudo", "pull towards parent": "l2sp", "off": "none"}
 
 
@@ -47,17 +37,7 @@ def _default_protect() -> str:
     return next(k for k, v in PROTECT_CHOICES.items() if v == FinetuneSettings.protect)
 
 
-def _finetune_and_save(parent: Checkpoint, pairs: list[Pair], settings: FinetuneSettings, out: Path,
-                       overwrite: bool) -> Generator[FinetuneProgress, None, tuple[FinetuneResult, Path | None]]:
-    """The new checkpoint is written only after the last step, atomically, and only when it beat the parent on
-    the held-out slices: a cancel, a crash or no improvement writes nothing."""
-    result = yield from finetune(parent, pairs, settings)
-    if not result.improved:
-        return result, None
-    return result, save_checkpoint(out, result.checkpoint.model, result.checkpoint.card, overwrite=overwrite)
-
-
-_finetune_job = guarded(_finetune_and_save, TrainingError, "fine-tuning")
+_finetune_job = guarded(finetune_and_save, TrainingError, "fine-tuning")
 
 
 class ThemedPlot:
@@ -222,10 +202,7 @@ class FinetuneWidget(WorkerWidget):
                      self._keep_anyway, row(self._resegment, self._revert), plot])
         self._tidy()
         self.pairs: list[tuple[Image, Labels]] = []
-        self.parent_path: Path | None = None
-        self.new_path: Path | None = None
-        self.result: FinetuneResult | None = None
-        self._pending_out: tuple[Path, bool] | None = None
+        self.control = FinetuneController()
         self._add.clicked.connect(self._add_pair)
         self._clear.clicked.connect(self._clear_pairs)
         self._run.clicked.connect(self._start)
@@ -285,7 +262,8 @@ class FinetuneWidget(WorkerWidget):
     def _show_pairs(self) -> None:
         lines = []
         for image, labels in self.pairs:
-            n = int(corrected_slices(self.viewer, labels).sum()) if labels in self.viewer.layers else 0
+            a = follow(self.viewer, labels)
+            n = int(a.corrected(np.asarray(labels.data), a.painted_axis()).sum()) if labels in self.viewer.layers else 0
             lines.append(f"{image.name} + {labels.name}: {n} corrected slice{'s' if n != 1 else ''}")
         self._pairs_info.value = "<br>".join(lines) or "No pairs yet."
         self.show_agreement()
@@ -302,13 +280,7 @@ class FinetuneWidget(WorkerWidget):
     def _collect(self) -> list[Pair]:
         pairs = self.pairs or ([(self._image.value, self._corrected.value)]
                                if self._image.value is not None and self._corrected.value is not None else [])
-        collected = []
-        for image, labels in pairs:
-            a = follow(self.viewer, labels)
-            collected.append(Pair(image.name, np.asarray(image.data), np.asarray(labels.data),
-                                  a.corrected(np.asarray(labels.data), 0), a.prediction, a.checkpoint,
-                                  a.checkpoint_sha256))
-        return collected
+        return [pair(image.name, image.data, labels.data, follow(self.viewer, labels)) for image, labels in pairs]
 
     # ---- running -------------------------------------------------------------------------------------
     def segment_widget(self) -> SegmentWidget:
@@ -320,36 +292,21 @@ class FinetuneWidget(WorkerWidget):
 
     def _parent_path(self) -> Path:
         """The model to fine-tune: the one that proposed the first pair's labels, else the Segment dock's."""
-        if self.pairs or (self._corrected.value is not None):
-            labels = self.pairs[0][1] if self.pairs else self._corrected.value
-            a = annotation_of(self.viewer, labels)
-            if a is not None and a.checkpoint_path and Path(a.checkpoint_path).is_file():
-                return Path(a.checkpoint_path)
-        return self.segment_widget().checkpoint_path()
+        labels = self.pairs[0][1] if self.pairs else self._corrected.value
+        annotation = annotation_of(self.viewer, labels) if labels is not None else None
+        return self.control.parent_of(annotation, lambda: self.segment_widget().checkpoint_path())
 
     def _offer(self, path: Path, note: str) -> None:
         """Every open Segment dock uses `path` from its next run (one is docked if none is open)."""
         if not self.hub.offer_model(path, note):
             self.segment_widget().offer_model(path, note)
 
-    def _output_path(self, parent: Path) -> tuple[Path, bool]:
-        if self._overwrite.value:
-            return parent, True
-        chosen = Path(self._save_to.value) if str(self._save_to.value) not in ("", ".") else None
-        if chosen is not None and chosen.suffix == ".safetensors":
-            if chosen.exists():
-                raise DaeformerError(f"{chosen} already exists; choose a new name or tick 'overwrite parent'")
-            return chosen, False
-        bundled = parent.parent.resolve() == MODELS_DIR.resolve()
-        return Path(next_version_path(str(parent), str(USER_MODELS) if bundled else None)), False
-
     def _start(self) -> None:
         try:
             pairs = self._collect()
             parent_path = self._parent_path()
-            parent = load_checkpoint(parent_path)         # a fresh copy: the Segment widget's model is never touched
-            check_pairs(pairs, parent.card)
-            out, overwrite = self._output_path(parent_path)
+            chosen = Path(self._save_to.value) if str(self._save_to.value) not in ("", ".") else None
+            parent, out, overwrite = self.control.prepare(pairs, parent_path, chosen, bool(self._overwrite.value))
         except DaeformerError as e:
             self.report(str(e))
             return
@@ -358,7 +315,6 @@ class FinetuneWidget(WorkerWidget):
                                     augment=bool(self._augment.value), calibrate=bool(self._calibrate.value),
                                     device=self._device.value)
         self.plot.reset(settings.steps)
-        self.result, self._pending_out = None, (out, overwrite)
         self._keep_anyway.visible = False
         self._resegment.enabled = self._revert.enabled = False
         self._progress.max = settings.steps
@@ -378,36 +334,28 @@ class FinetuneWidget(WorkerWidget):
         self.plot.add(p.step, p.loss, p.holdout_dice)
 
     def _finish(self, parent_path: Path, result: FinetuneResult, path: Path | None) -> None:
-        self.parent_path, self.result = parent_path, result
-        lines = [result.summary, f"{result.train_slices} training / {result.holdout_slices} held-out slices."]
+        lines = self.control.finished(parent_path, result, path)
+        self._keep_anyway.visible = path is None
         if path is None:
-            lines.append("Nothing saved; the Segment widget keeps its model. Press 'Keep anyway' to use the "
-                         "fine-tuned one.")
-            self._keep_anyway.visible = True
             show_info(f"DAE-Former: {result.headline}.")
         else:
-            lines.append(f"Saved {path.name}; every open Segment dock uses it from its next Run.")
-            self._use(path)
+            self._use()
             show_info(f"DAE-Former: fine-tuned model saved as {path}")
         self._status.value = "<br>".join(lines)
         self.show_agreement(result.candidate.card)
 
-    def _use(self, path: Path) -> None:
-        self.new_path = path
-        self._offer(path, f"Fine-tuned model {path.name} loaded (parent: "
-                          f"{self.parent_path.name if self.parent_path else 'unknown'}); Run uses it.")
+    def _use(self) -> None:
+        """Every open Segment dock uses the new version from its next run."""
+        self._offer(self.control.new_path, self.control.use_note())  # type: ignore[arg-type]
         self._resegment.enabled = self._revert.enabled = True
 
     def _keep(self) -> None:
-        if self.result is None or self._pending_out is None:
-            return
-        out, overwrite = self._pending_out
         try:
-            path = save_checkpoint(out, self.result.candidate.model, self.result.candidate.card, overwrite=overwrite)
+            path = self.control.keep()
         except DaeformerError as e:
             self.report(f"could not save the fine-tuned model: {e}")
             return
-        self._use(path)
+        self._use()
         self._keep_anyway.visible = False
         self._status.value += f"<br>Kept anyway: saved {path.name} and loaded it into the Segment widget."
 
@@ -421,7 +369,8 @@ class FinetuneWidget(WorkerWidget):
             self.segment_widget().segment_into_new_layer(image)
 
     def _revert_model(self) -> None:
-        if self.parent_path is not None:
-            self._offer(self.parent_path, f"Reverted to {self.parent_path.name}.")
+        parent = self.control.parent_path
+        if parent is not None:
+            self._offer(parent, f"Reverted to {parent.name}.")
             self._resegment.enabled = self._revert.enabled = False
-            self._status.value += f"<br>Reverted to {self.parent_path.name}; the Segment widget uses it again."
+            self._status.value += f"<br>Reverted to {parent.name}; the Segment widget uses it again."

@@ -12,29 +12,18 @@ from magicgui.widgets import CheckBox, ComboBox, FileEdit, FloatSpinBox, Label, 
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_info, show_warning
 
-from ..annotation import (
-    ENV_FOLDER,
-    SUFFIX,
-    USER_FOLDER,
-    Annotation,
-    SavedSession,
-    default_folder,
-    find_sessions,
-    image_key,
-    load_session,
-    merge_slices,
-    session_path,
-)
+from ..annotation import ENV_FOLDER, USER_FOLDER, Annotation, SavedSession, default_folder, image_key, session_path
 from ..bundled import bundled_model
-from ..checkpoint import Checkpoint, file_sha256, load_checkpoint
+from ..checkpoint import Checkpoint
+from ..control.segment import Offer, Run, SegmentController, engine_options
 from ..devices import PRECISIONS
 from ..errors import Cancelled, DaeformerError, InferenceError
 from ..hub import hub_for
 from ..inference import Progress, Segmentation, check_compatible, image_warnings, segment
 from ..io import ImageRecord, geometry_from_metadata
 from ..io.record import CLASSES_KEY
-from ..volumes import class_measures, is_physical, measure_unit
-from ._layers import attach, corrected_slices, engine_writes, follow, image_identity, labels_kwargs, proposals_first, record_from_layer
+from ..volumes import is_physical
+from ._layers import attach, engine_writes, follow, image_identity, labels_kwargs, proposals_first, record_from_layer
 from ._workers import WorkerWidget, collapsible, device_picker, failure_message, guarded, row
 from .autosave import Autosaver
 
@@ -52,25 +41,10 @@ _segment_job = guarded(lambda record, checkpoint, kwargs: segment(record, checkp
 
 @dataclass
 class RunTarget:
-    """Where a run writes: a new layer, or an existing one whose corrected slices (`keep`) are left alone; the
-    annotation and autosave folder are fixed when the run starts (switching or deleting the image mid-run changes
-    neither)."""
+    """A run's labels layer and what the controller planned for it."""
 
     layer: Labels
-    axis: int
-    annotation: Annotation
-    folder: Path
-    made_by: tuple[str, str, str]         # the run's checkpoint: file name, SHA-256, path
-    before: np.ndarray | None = None      # the layer's data before the run (an existing layer only)
-    keep: np.ndarray | None = None        # (S,) bool along `axis`: the user's corrected slices
-
-    @property
-    def new(self) -> bool:
-        return self.before is None
-
-    def writes(self, slices: np.ndarray) -> np.ndarray:
-        """(b,) bool: which of `slices` the run may write."""
-        return np.ones(len(slices), bool) if self.keep is None else ~self.keep[slices]
+    run: Run
 
 
 def _voxels(image: Image) -> int:
@@ -150,11 +124,11 @@ class SegmentWidget(WorkerWidget):
         self._target_running: RunTarget | None = None
         self.hub = hub_for(self.viewer)
         self.hub.register(self)
-        self._checkpoint: Checkpoint | None = None
+        self.control = SegmentController()
         self._uncertain_order: list[int] = []
         self._model_chosen = False            # set once the user picks a model: then never switched for them
         self.autosavers: dict[str, Autosaver] = {}      # labels layer's unique_id -> its autosaver
-        self._session: tuple[Image, Path] | None = None  # the image and the autosaved session on offer
+        self._session: tuple[Image, Offer] | None = None  # the image and the autosaved session on offer
         self._keys: dict[str, tuple[Any, str]] = {}       # image layer unique_id -> (its data, image_key)
         self._model_changed()
         self._image_changed(self._image.value)
@@ -190,28 +164,18 @@ class SegmentWidget(WorkerWidget):
 
     def _unrestored(self, image: Image) -> list[Path]:
         """The image's autosaved sessions whose labels are not open in this viewer, newest first."""
-        open_ids = {a.id[:12] for a in self.hub.annotations.values()}
-        open_paths = {saver.path for saver in self.autosavers.values()}
-        return [p for p in find_sessions(self.autosave_folders(image), self._image_key(image))
-                if p not in open_paths and not any(p.name.endswith(f"-{i}{SUFFIX}") for i in open_ids)]
+        return self.control.unrestored(self.autosave_folders(image), self._image_key(image),
+                                       [a.id for a in self.hub.annotations.values()],
+                                       [saver.path for saver in self.autosavers.values()])
 
     def _offer_restore(self, image: Image | None) -> None:
         """Offer the newest autosaved session of `image` whose labels are not open (how many more there are, too)."""
-        found = self._unrestored(image) if image is not None else []
-        self._session = (image, found[0]) if found else None
-        text, readable = "", False
-        if self._session is not None:
-            more = f" ({len(found) - 1} more after it)" if len(found) > 1 else ""
-            try:
-                saved = load_session(self._session[1], _voxels(image))
-                text = f"Autosaved corrections for {image.name}: {saved.describe()}{more}."
-                readable = True
-            except DaeformerError as e:
-                text = f"An autosaved session for {image.name} cannot be read: {e}"
-        self._restore_info.value = text
-        self._restore_info.visible = bool(text)
-        self._restore.visible = readable
-        self._discard.visible = self._session is not None                    # a damaged one can be discarded too
+        offer = self.control.offer(self._unrestored(image), image.name, _voxels(image)) if image is not None else None
+        self._session = None if offer is None else (image, offer)
+        self._restore_info.value = offer.text if offer else ""
+        self._restore_info.visible = offer is not None
+        self._restore.visible = offer is not None and offer.readable
+        self._discard.visible = offer is not None                            # a damaged one can be discarded too
 
     def _image_key(self, image: Image) -> str:
         """`image_key` of the layer's pixels, computed once per data array."""
@@ -226,11 +190,9 @@ class SegmentWidget(WorkerWidget):
         autosaving goes on into the same file."""
         if self._session is None:
             return None
-        image, path = self._session
+        image, offer = self._session
         try:
-            saved: SavedSession = load_session(path, _voxels(image))
-            if saved.labels.shape != tuple(np.shape(image.data)[:saved.labels.ndim]):
-                raise DaeformerError(f"its labels {saved.labels.shape} do not fit {image.name}")
+            saved: SavedSession = self.control.restore(offer, np.shape(image.data), _voxels(image))
         except DaeformerError as e:
             self.report(f"cannot restore: {e}")
             return None
@@ -242,7 +204,7 @@ class SegmentWidget(WorkerWidget):
         attach(self.viewer, layer, a)
         self.reset_choices()
         self._target.value = layer
-        self._autosave(layer, a, path)
+        self._autosave(layer, a, offer.path)
         show_info(f"DAE-Former: restored the autosaved corrections of {image.name}")
         self._offer_restore(image)
         self._restore_info.value = f"Restored {saved.describe()}." + (
@@ -252,8 +214,8 @@ class SegmentWidget(WorkerWidget):
 
     def _discard_session(self) -> None:
         if self._session is not None:
-            image, path = self._session
-            path.unlink(missing_ok=True)
+            image, offer = self._session
+            offer.path.unlink(missing_ok=True)
             self._offer_restore(image)
 
     def _autosave(self, layer: Labels, annotation: Annotation, path: Path) -> None:
@@ -316,29 +278,15 @@ class SegmentWidget(WorkerWidget):
 
     def _model_changed(self, _: Any = None) -> None:
         self._file.visible = self._model.value == FILE_CHOICE
-        self._checkpoint = None
+        self.control.choose(self.checkpoint_path())
+        self._status.value = self.control.describe()
         try:
-            checkpoint = self._load()
-        except DaeformerError as e:
-            self._status.value = str(e)
+            preprocessing = self.control.load().card.preprocessing
+        except DaeformerError:
             return
-        card = checkpoint.card
-        is_ct = card.preprocessing.kind == "ct"
-        self._lower.visible = self._upper.visible = is_ct
-        if is_ct and card.preprocessing.window:
-            self._lower.value, self._upper.value = card.preprocessing.window
-        demo = "synthetic" in str(card.provenance.get("data", ""))
-        self._status.value = (f"{len(card.class_names) - 1} classes: {', '.join(card.class_names[1:])}"
-                              + (" (demonstration model trained on synthetic data)" if demo else "")
-                              + ("" if is_ct else f"; intensities: {card.preprocessing.describe()}"))
-
-    def _load(self) -> Checkpoint:
-        if self._checkpoint is None:
-            path = self.checkpoint_path()
-            if not path.is_file():
-                raise DaeformerError("choose a checkpoint file (.safetensors)")
-            self._checkpoint = load_checkpoint(path)
-        return self._checkpoint
+        self._lower.visible = self._upper.visible = preprocessing.kind == "ct"
+        if preprocessing.kind == "ct" and preprocessing.window:
+            self._lower.value, self._upper.value = preprocessing.window
 
     # ---- running -------------------------------------------------------------------------------------
     def _start(self) -> GeneratorWorker | None:
@@ -347,7 +295,7 @@ class SegmentWidget(WorkerWidget):
             self.report("add or open an image layer to segment first")
             return None
         try:
-            checkpoint = self._load()
+            checkpoint = self.control.load()
             record = record_from_layer(image)
             check_compatible(record.data, record.rgb, checkpoint, axis=int(self._axis.value))
             kwargs = self._engine_kwargs(checkpoint, record)
@@ -371,53 +319,42 @@ class SegmentWidget(WorkerWidget):
 
     def _engine_kwargs(self, checkpoint: Checkpoint, record: ImageRecord) -> dict[str, Any]:
         axis = int(self._axis.value)
-        kwargs: dict[str, Any] = {"rgb": record.rgb, "axis": axis, "device": self._device.value,
-                                  "batch_size": int(self._batch.value) or None, "precision": self._precision.value,
-                                  "slice_uncertainty": bool(self._uncertain.value), "int8_in_child": True}
+        first = None
         if len(record.spatial_shape) == 3 and self.viewer.dims.ndim >= 3:        # the slice on screen fills first
-            kwargs["first"] = int(self.viewer.dims.current_step[self.viewer.dims.ndim - 3 + axis])
-        if checkpoint.card.preprocessing.kind == "ct":
-            kwargs["window"] = (float(self._lower.value), float(self._upper.value))
-            if kwargs["window"][0] >= kwargs["window"][1]:
-                raise DaeformerError(f"the CT window's low end ({kwargs['window'][0]:g} HU) must be below its high end "
-                                     f"({kwargs['window'][1]:g} HU)")
+            first = int(self.viewer.dims.current_step[self.viewer.dims.ndim - 3 + axis])
+        window = (self.control.window(float(self._lower.value), float(self._upper.value))
+                  if checkpoint.card.preprocessing.kind == "ct" else None)
+        only = None
         if self._mode.value == MODES[1]:
             target = self._target.value
             if target is None:
                 raise DaeformerError("choose the labels layer to update, or use mode 'new labels layer'")
-            if tuple(target.data.shape) != record.spatial_shape:
-                raise DaeformerError(f"labels layer {target.name!r} has shape {target.data.shape}, the image "
-                                     f"{record.spatial_shape}")
-            done = corrected_slices(self.viewer, target, axis)
-            if done.all():
-                raise DaeformerError("every slice of that layer has been corrected; nothing to re-segment")
-            kwargs["only"] = ~done
-        return kwargs
+            only = self.control.uncorrected(follow(self.viewer, target), np.asarray(target.data), record.spatial_shape,
+                                            axis, target.name)
+        return engine_options(record.rgb, axis, self._device.value, int(self._batch.value), self._precision.value,
+                              bool(self._uncertain.value), first, window, only)
 
     def _prepare_target(self, image: Image, checkpoint: Checkpoint, record: ImageRecord,
                         only: np.ndarray | None) -> RunTarget:
         """Where the run writes: a new layer (added now, so slices appear live) or the chosen one."""
         axis = int(self._axis.value)
         folder = self.autosave_folders(image)[0]
-        name = checkpoint.path.name if checkpoint.path else "model"
-        sha = file_sha256(checkpoint.path) if checkpoint.path else ""
-        made_by = (name, sha, str(checkpoint.path) if checkpoint.path else "")
+        made_by = self.control.made_by()
+        identity = image_identity(image, self._image_key(image))
         if self._mode.value == MODES[1] and only is not None:
             layer = self._target.value
-            annotation = follow(self.viewer, layer)
-            if not annotation.image.key:                       # labels the plugin did not make: this run's image
-                annotation.image = image_identity(image, self._image_key(image))
-            return RunTarget(layer, axis, annotation, folder, made_by, before=np.array(layer.data, copy=True),
-                             keep=~only)
-        empty = np.zeros(record.spatial_shape, np.uint8)
+            return RunTarget(layer, self.control.partial_run(follow(self.viewer, layer), np.asarray(layer.data), only,
+                                                             identity, axis, folder, made_by))
         card = checkpoint.card
-        kwargs = labels_kwargs(image, card.class_names, card.class_colors, empty.ndim, name, sha)
+        kwargs = labels_kwargs(image, card.class_names, card.class_colors, len(record.spatial_shape), made_by[0],
+                               made_by[1])
         if record.rgb:
             kwargs["opacity"] = PHOTO_OPACITY
+        run, empty = self.control.new_run(identity, kwargs["name"], record.spatial_shape, axis, folder, made_by)
         layer = self.viewer.add_labels(empty, **kwargs)
-        annotation = Annotation(image_identity(image, self._image_key(image)), layer.name, tuple(card.class_names),
-                                tuple(card.class_colors), empty.copy(), *made_by)
-        return RunTarget(layer, axis, attach(self.viewer, layer, annotation), folder, made_by)
+        run.annotation.layer_name = layer.name
+        attach(self.viewer, layer, run.annotation)
+        return RunTarget(layer, run)
 
     def _show_progress(self, target: RunTarget, p: Progress) -> None:
         """Show finished slices at once (no undo history yet: `_finish` records the run as one step); a one-time
@@ -427,47 +364,26 @@ class SegmentWidget(WorkerWidget):
         if p.note:
             self._status.value = p.note
         layer = target.layer
-        if p.labels is None or not p.labels.size or layer not in self.viewer.layers:
-            return
-        if layer.data.ndim == 2:
-            layer.data[...] = p.labels[0]
-        else:
-            write = target.writes(p.slices)
-            np.moveaxis(np.asarray(layer.data), target.axis, 0)[p.slices[write]] = p.labels[write]
-        layer.refresh()
+        if layer in self.viewer.layers and target.run.show(np.asarray(layer.data), p):
+            layer.refresh()
 
     def _finish(self, target: RunTarget, result: Segmentation, checkpoint: Checkpoint) -> None:
         self._target_running = None
-        layer = target.layer
+        layer, run = target.layer, target.run
         if layer not in self.viewer.layers:
             self._status.value = "The labels layer was deleted during the run; nothing was written."
             return
-        labels = result.labels
-        before = np.zeros_like(labels) if target.new else target.before
-        if target.keep is not None:                            # keep every slice the user corrected
-            labels = merge_slices(before, labels, ~target.keep, target.axis)
+        before, labels = run.finish(result)
         layer.data[...] = before                               # then apply the run as one undoable edit
         changed = np.nonzero(before != labels)
         with engine_writes(layer), layer.block_history():
             layer.data_setitem(changed, labels[changed])
-        annotation = target.annotation
-        if annotation.prediction is None and target.keep is not None:   # labels painted from scratch: the rest
-            annotation.prediction = before.copy()                     # is the user's, as it was
-        annotation.proposed(labels, None if target.keep is None else ~target.keep, target.axis)
-        annotation.class_names = tuple(checkpoint.card.class_names)
-        annotation.class_colors = tuple(checkpoint.card.class_colors)
-        annotation.checkpoint, annotation.checkpoint_sha256, annotation.checkpoint_path = target.made_by
         layer.metadata[CLASSES_KEY] = list(checkpoint.card.class_names)
         spacing = tuple(float(s) for s in layer.scale)
         geometry = geometry_from_metadata(layer.metadata) or {}
-        physical = is_physical(geometry.get("source_format", "layer"), spacing)
-        measures = class_measures(labels, spacing, checkpoint.card.class_names, physical)
-        unit = measure_unit(labels.ndim, physical)
-        digits = 1 if physical else 0                            # counts of pixels are whole numbers
-        lines = [f"<b>{layer.name}</b>"] + [
-            f"<span style='color:{checkpoint.card.class_colors[i + 1]}'>■</span> {name}: {value:.{digits}f} {unit}"
-            for i, (name, value) in enumerate(measures.items())]
-        self._status.value = "<br>".join(lines)
+        measures = run.measures(labels, spacing, is_physical(geometry.get("source_format", "layer"), spacing))
+        self._status.value = "<br>".join([f"<b>{layer.name}</b>"] + [
+            f"<span style='color:{colour}'>■</span> {name}: {value}" for colour, name, value in measures])
         if result.slice_uncertainty is not None and labels.ndim == 3:
             self._uncertain_order = [int(i) for i in np.argsort(-result.slice_uncertainty)]
             self._next.enabled = True
@@ -475,7 +391,7 @@ class SegmentWidget(WorkerWidget):
         self.reset_choices()
         self._target.value = layer                                 # partial mode's default: this proposal
         saver = self.autosavers.get(layer.unique_id)
-        self._autosave(layer, annotation, saver.path if saver else session_path(target.folder, annotation))
+        self._autosave(layer, run.annotation, saver.path if saver else session_path(run.folder, run.annotation))
         self._offer_restore(self._image.value)                     # an unrestored session stays on offer
         show_info(f"DAE-Former: segmented {layer.name}")
 
@@ -483,12 +399,12 @@ class SegmentWidget(WorkerWidget):
         """A failed or cancelled run leaves the viewer as it was (a cancel is not an error)."""
         self._target_running = None
         layer = target.layer
-        if target.new:
+        if target.run.before is None:
             self.hub.forget(layer.unique_id)
             if layer in self.viewer.layers:
                 self.viewer.layers.remove(layer)
         elif layer in self.viewer.layers:
-            layer.data[...] = target.before
+            layer.data[...] = target.run.before
             layer.refresh()
         self._progress.max, self._progress.value = 1, 0
         if error is None or isinstance(error, Cancelled):

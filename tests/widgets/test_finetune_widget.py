@@ -67,13 +67,13 @@ def test_finetune_improves_held_out_dice(session, weak_ckpt: Path, qtbot) -> Non
     tune._device.value = "cpu"
     tune._run.clicked()
     qtbot.waitUntil(lambda: not tune.running, timeout=300_000)
-    assert tune.new_path is not None and tune.new_path.exists(), tune._status.value
-    card = read_card(tune.new_path)
+    assert tune.control.new_path is not None and tune.control.new_path.exists(), tune._status.value
+    card = read_card(tune.control.new_path)
     assert card.provenance["parent"] == str(weak_ckpt)
     assert card.provenance["holdout_dice_after"] > card.provenance["holdout_dice_before"]
     assert card.provenance["finetuned_slices"] == 4 and card.provenance["holdout_slices"] == 1
     assert weak_ckpt.read_bytes() == original                         # the parent file is untouched
-    assert segment.checkpoint_path() == tune.new_path                 # loaded into the user's own Segment dock
+    assert segment.checkpoint_path() == tune.control.new_path                 # loaded into the user's own Segment dock
     assert len(segment_docks(viewer)) == 1                            # and no other dock was made
     window = card.preprocessing.window                                # the input calibration, folded into it
     assert (segment._lower.value, segment._upper.value) == pytest.approx(window, abs=0.01)
@@ -89,13 +89,13 @@ def test_finetune_improves_held_out_dice(session, weak_ckpt: Path, qtbot) -> Non
     qtbot.waitUntil(lambda: not segment.running, timeout=120_000)
     assert len([x for x in viewer.layers if "DAE-Former" in x.name]) == 2
     again = viewer.layers[-1]                                         # the fine-tuned model's proposal, corrected
-    assert annotation_of(viewer, again).checkpoint == tune.new_path.name
+    assert annotation_of(viewer, again).checkpoint == tune.control.new_path.name
     _correct(again, sample.labels, [6, 9, 12, 15, 18])
     tune._clear.clicked()
     tune._image.value, tune._corrected.value = viewer.layers["CT"], again
     tune._add.clicked()
     versions = tune.agreement_plot.versions                           # is the model good enough yet: one point each
-    assert [v.version.split(" (")[0] for v in versions] == ["weak.safetensors", tune.new_path.name]
+    assert [v.version.split(" (")[0] for v in versions] == ["weak.safetensors", tune.control.new_path.name]
     assert versions[1].dice > versions[0].dice                        # the user kept more of the new proposal
     tune._revert.clicked()
     assert segment.checkpoint_path() == weak_ckpt
@@ -127,7 +127,7 @@ def test_good_model_is_kept_when_nothing_beats_it(make_napari_viewer, tmp_path: 
     tune._run.clicked()
     qtbot.waitUntil(lambda: not tune.running, timeout=300_000)
     assert "No improvement: your model is unchanged" in tune._status.value
-    assert tune.new_path is None and not kept.exists() and list(tmp_path.glob("*.safetensors")) == []
+    assert tune.control.new_path is None and not kept.exists() and list(tmp_path.glob("*.safetensors")) == []
     assert segment.checkpoint_path() == good
     assert not tune._keep_anyway.native.isHidden() and not tune._resegment.enabled
     assert tune.plot.scored[0][0] == 0 and tune.plot.scored[0][1] > 0.99   # the parent, scored as step 0

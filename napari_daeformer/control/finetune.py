@@ -1,0 +1,119 @@
+"""What the Fine-tune dock decides, without Qt or napari: which model to start from, where the new version goes,
+the job that trains and saves it, and the lineage's state (parent, new version, a result not yet kept).
+The dock (`widgets/finetune.py`) reads its controls and shows what this returns; tests drive it with arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from pathlib import Path
+
+import numpy as np
+
+from training.finetune import (
+    FinetuneProgress,
+    FinetuneResult,
+    FinetuneSettings,
+    Pair,
+    check_pairs,
+    finetune,
+    next_version_path,
+)
+
+from ..annotation import Annotation
+from ..bundled import MODELS_DIR
+from ..checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ..errors import DaeformerError
+
+USER_MODELS = Path.home() / ".napari-daeformer" / "models"      # where versions of bundled models go
+
+
+def finetune_and_save(parent: Checkpoint, pairs: list[Pair], settings: FinetuneSettings, out: Path,
+                      overwrite: bool) -> Generator[FinetuneProgress, None, tuple[FinetuneResult, Path | None]]:
+    """The new checkpoint is written only after the last step, atomically, and only when it beat the parent on
+    the held-out slices: a cancel, a crash or no improvement writes nothing."""
+    result = yield from finetune(parent, pairs, settings)
+    if not result.improved:
+        return result, None
+    return result, save_checkpoint(out, result.checkpoint.model, result.checkpoint.card, overwrite=overwrite)
+
+
+def pair(name: str, image: np.ndarray, labels: np.ndarray, annotation: Annotation, axis: int | None = None) -> Pair:
+    """A training pair from a labels layer's data and its annotation: its slices corrected along `axis` (default:
+    the axis the user painted along most), that axis moved first (where `Pair` counts slices)."""
+    image, labels = np.asarray(image), np.asarray(labels)
+    axis = annotation.painted_axis() if axis is None else axis
+    slices = annotation.corrected(labels, axis)
+    proposal = annotation.prediction
+    if labels.ndim == 3 and axis != 0:
+        image, labels = np.moveaxis(image, axis, 0), np.moveaxis(labels, axis, 0)
+        proposal = None if proposal is None else np.moveaxis(proposal, axis, 0)
+    return Pair(name, image, labels, slices, proposal, annotation.checkpoint, annotation.checkpoint_sha256)
+
+
+class FinetuneController:
+    """One Fine-tune dock's lineage: the parent of the last run, the version it made, a result not saved."""
+
+    def __init__(self, user_models: Path = USER_MODELS) -> None:
+        self.user_models = user_models
+        self.parent_path: Path | None = None
+        self.new_path: Path | None = None
+        self.result: FinetuneResult | None = None
+        self.pending: tuple[Path, bool] | None = None           # where a result not saved would go, overwrite
+
+    @staticmethod
+    def parent_of(annotation: Annotation | None, fallback: Callable[[], Path]) -> Path:
+        """The model to fine-tune: the one that proposed the labels (when its file is still there), else
+        `fallback()` (the Segment dock's)."""
+        if annotation is not None and annotation.checkpoint_path and Path(annotation.checkpoint_path).is_file():
+            return Path(annotation.checkpoint_path)
+        return fallback()
+
+    def output_path(self, parent: Path, chosen: Path | None, overwrite: bool) -> tuple[Path, bool]:
+        """Where the new version goes, and whether it replaces a file: the parent itself (`overwrite`), a new
+        `chosen` .safetensors, else PARENT-ftN.safetensors beside it (a bundled model's versions in user_models)."""
+        if overwrite:
+            return parent, True
+        if chosen is not None and chosen.suffix == ".safetensors":
+            if chosen.exists():
+                raise DaeformerError(f"{chosen} already exists; choose a new name or tick 'overwrite parent'")
+            return chosen, False
+        bundled = parent.parent.resolve() == MODELS_DIR.resolve()
+        return Path(next_version_path(str(parent), str(self.user_models) if bundled else None)), False
+
+    def prepare(self, pairs: list[Pair], parent_path: Path, chosen: Path | None, overwrite: bool
+                ) -> tuple[Checkpoint, Path, bool]:
+        """The parent (a fresh copy: the Segment dock's model is never touched), checked against the pairs, and
+        where its new version goes; the previous run's result is dropped."""
+        parent = load_checkpoint(parent_path)
+        check_pairs(pairs, parent.card)
+        out, replace = self.output_path(parent_path, chosen, overwrite)
+        self.result, self.pending = None, (out, replace)
+        return parent, out, replace
+
+    def finished(self, parent_path: Path, result: FinetuneResult, path: Path | None) -> list[str]:
+        """Record a finished run (`path`: the version saved, None when it was not better); the lines to show."""
+        self.parent_path, self.result = parent_path, result
+        lines = [result.summary, f"{result.train_slices} training / {result.holdout_slices} held-out slices."]
+        if path is None:
+            lines.append("Nothing saved; the Segment widget keeps its model. Press 'Keep anyway' to use the "
+                         "fine-tuned one.")
+        else:
+            self.new_path = path
+            lines.append(f"Saved {path.name}; every open Segment dock uses it from its next Run.")
+        return lines
+
+    def keep(self) -> Path:
+        """Save the last result although it was not shown better; its path."""
+        if self.result is None or self.pending is None:
+            raise DaeformerError("no fine-tuned model to keep")
+        out, overwrite = self.pending
+        self.new_path = save_checkpoint(out, self.result.candidate.model, self.result.candidate.card,
+                                        overwrite=overwrite)
+        return self.new_path
+
+    def use_note(self) -> str:
+        """What the Segment docks say once they use the new version."""
+        assert self.new_path is not None
+        parent = self.parent_path.name if self.parent_path else "unknown"
+        return f"Fine-tuned model {self.new_path.name} loaded (parent: {parent}); Run uses it."
