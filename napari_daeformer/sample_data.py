@@ -12,6 +12,7 @@ from scipy import ndimage
 from skimage import draw
 
 CT_CLASSES = ("background", "liver", "spleen", "left kidney", "right kidney", "aorta")
+CHEST_CLASSES = ("background", "right lung", "left lung", "heart", "aorta", "trachea", "spinal cord", "nodule")
 SKIN_CLASSES = ("background", "lesion")
 
 # Mean HU of each tissue (portal-venous phase).
@@ -161,6 +162,67 @@ def synthetic_mr(seed: int = 0, shape: tuple[int, int, int] = (48, 192, 192),
     noise = gain * 0.03
     image = np.hypot(signal + rng.normal(0, noise, shape), rng.normal(0, noise, shape))
     return Sample(np.round(image).astype(np.int16), ct.labels, ct.spacing, CT_CLASSES)
+
+
+def synthetic_chest(seed: int = 0, shape: tuple[int, int, int] = (34, 128, 128),
+                    spacing: tuple[float, float, float] = (10.0, 2.4, 2.4)) -> Sample:
+    """A chest CT phantom as hard as a real one: 10 mm slices, a field of view that cuts the body at its sides,
+    air-filled lungs with vessels, ribs and a spine of bright bone, and small structures (trachea, spinal cord, a
+    nodule of 1-2 slices). Seven structures, shapes and positions drawn from the seed; the lungs' bases and the
+    heart move through the slices in a non-affine way."""
+    rng = np.random.default_rng(seed)
+    Z, Y, X = shape
+    z, y, x = np.meshgrid(*(np.arange(n, dtype=np.float32) * s for n, s in zip(shape, spacing)), indexing="ij")
+    cz, cy, cx = (n * s / 2 for n, s in zip(shape, spacing))
+    t = z / max(Z * spacing[0], 1.0)                                    # 0 (apex) .. 1 (base)
+    wiggle = _smooth_noise(rng, (max(Z // 3, 2), 8, 8), 1.0)
+    wiggle = ndimage.zoom(wiggle, [a / b for a, b in zip(shape, wiggle.shape)], order=1)[:Z, :Y, :X]
+    j = lambda scale: 1.0 + scale * rng.uniform(-1, 1)  # noqa: E731
+    body_ry, body_rx = 0.42 * Y * spacing[1] * j(0.05), 0.64 * X * spacing[2] * j(0.05)   # wider than the view
+    ell = ((y - cy) / body_ry) ** 2 + ((x - cx) / body_rx) ** 2
+    hu = np.full(shape, _HU["air"], np.float32)
+    hu[ell < 1.0] = _HU["fat"]
+    hu[ell < 0.85] = _HU["muscle"]
+    ribs = (ell > 0.62) & (ell < 0.72) & (np.sin(np.arctan2(y - cy, x - cx) * 9 + z / 18.0) > 0.55)
+    hu[ribs] = _HU["bone"] + 300
+    labels = np.zeros(shape, np.uint8)
+    spine_y = cy + 0.62 * body_ry
+    spine = ((y - spine_y) / 16) ** 2 + ((x - cx) / 18) ** 2 < 1.0
+    hu[spine] = _HU["bone"] + rng.uniform(0, 300)
+    cord = ((y - spine_y) / 5.0) ** 2 + ((x - cx) / 5.0) ** 2 < 1.0
+    hu[cord] = 35.0
+    labels[cord] = 6
+    for label, side in ((1, -1), (2, 1)):                              # right lung on the image's left
+        lcx = cx + side * 0.45 * body_rx * j(0.08)
+        ry = 0.55 * body_ry * j(0.08) * np.sqrt(np.clip(0.15 + 1.6 * t, 0, 1))          # narrow apex
+        rx = 0.30 * body_rx * j(0.08) * (1 - 0.5 * np.clip(t - 0.75, 0, 1) * 4 * (side > 0))   # heart notch low
+        lung = (((y - cy + 0.05 * body_ry) / np.maximum(ry, 1)) ** 2 + ((x - lcx) / rx) ** 2 + 0.15 * wiggle < 1.0)
+        lung &= (t < 0.9 + 0.05 * side * j(0.5)) & ~spine & ~ribs
+        hu[lung] = -850.0 + 40.0 * _smooth_noise(rng, shape, 1.5)[lung]
+        vessels = lung & (_smooth_noise(rng, shape, 1.0) > 1.6)
+        hu[vessels] = 40.0
+        labels[lung] = label
+    heart_r = 0.28 * body_rx * j(0.1) * np.clip(np.sin(np.pi * np.clip((t - 0.35) / 0.6, 0, 1)), 0, 1)
+    heart = ((y - cy + 0.02 * body_ry) / (0.9 * heart_r + 1e-3)) ** 2 + ((x - cx - 0.1 * body_rx) / (heart_r + 1e-3)) ** 2
+    heart = (heart + 0.1 * wiggle < 1.0) & (heart_r > 2)
+    hu[heart] = 40.0 + rng.uniform(-10, 10)
+    labels[heart] = 3
+    aorta = ((y - (cy + 0.38 * body_ry)) / 9.0) ** 2 + ((x - (cx + 12)) / 9.0) ** 2 < 1.0
+    arch = (t < 0.25) & (((y - (cy - 0.1 * body_ry)) / 9.0) ** 2 + ((x - (cx - 4)) / 9.0) ** 2 < 1.0)
+    aorta = (aorta | arch) & (labels == 0)
+    hu[aorta] = 230.0
+    labels[aorta] = 4
+    trachea = (t < 0.45) & (((y - (cy - 0.2 * body_ry)) / 7.0) ** 2 + ((x - cx) / 7.0) ** 2 < 1.0) & (labels == 0)
+    hu[trachea] = -1000.0
+    labels[trachea] = 5
+    lung_voxels = np.argwhere(np.isin(labels, (1, 2)))
+    nz, ny, nx = lung_voxels[rng.integers(len(lung_voxels))] * np.array(spacing)
+    nodule = ((z - nz) / 8.0) ** 2 + ((y - ny) / 6.0) ** 2 + ((x - nx) / 6.0) ** 2 < 1.0
+    nodule &= np.isin(labels, (1, 2))
+    hu[nodule] = 30.0
+    labels[nodule] = 7
+    hu += rng.normal(0.0, 15.0, shape).astype(np.float32)
+    return Sample(np.round(hu).astype(np.int16), labels, tuple(float(s) for s in spacing), CHEST_CLASSES)
 
 
 # Scanner and camera shifts that a model trained on the samples above has not seen (fine-tuning scenarios).

@@ -18,6 +18,7 @@ comes back unless a trained state beats it by `min_gain`. Used by the "Fine-tune
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Generator, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
@@ -38,6 +39,7 @@ from napari_daeformer.threads import ThreadGovernor
 
 from .augment import AugmentConfig
 from .data import Case, network_input, stray_labels
+from .losses import IGNORE
 from .trainer import StepReport, TrainConfig, Trainer
 
 PROTECTIONS = ("pseudo", "l2sp", "none")
@@ -66,6 +68,7 @@ class FinetuneSettings:
     calibration_lr_scale: float = 100.0  # its learning rate, times `lr`
     device: str = "auto"
     seed: int = 0
+    minutes: float | None = None     # stop cleanly after this long (the best state so far is kept)
 
     @property
     def weight(self) -> float:
@@ -175,7 +178,7 @@ def check_pairs(pairs: Sequence[Pair], card: ModelCard) -> None:
             problems.append(f"{p.name}: the model expects {'RGB photos' if rgb else 'single-channel images'}")
         elif spatial != p.labels.shape:
             problems.append(f"{p.name}: image {spatial} and labels {p.labels.shape} differ in shape")
-        elif stray := stray_labels(p.labels, card.config.num_classes):
+        elif stray := stray_labels(p.labels[p.labels != IGNORE], card.config.num_classes):
             problems.append(f"{p.name}: {stray} beyond the model's classes 0..{card.config.num_classes - 1} "
                             f"({', '.join(card.class_names)})")
         elif not p.slices.any():
@@ -356,8 +359,9 @@ class PullToParent:
 
 def _pooled_dice(pred: Sequence[np.ndarray], truth: Sequence[np.ndarray], num_classes: int) -> float:
     """Mean foreground Dice over classes present in either map, each pooled over all slices."""
-    scores = dice_per_class(np.concatenate([p.ravel() for p in pred]), np.concatenate([t.ravel() for t in truth]),
-                            num_classes)
+    p, t = np.concatenate([p.ravel() for p in pred]), np.concatenate([t.ravel() for t in truth])
+    annotated = t != IGNORE
+    scores = dice_per_class(p[annotated], t[annotated], num_classes)
     return float(np.nanmean(scores)) if np.isfinite(scores).any() else 1.0
 
 
@@ -422,15 +426,19 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
     before = score()
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None         # the best trained state: Dice, step, weights
     yield FinetuneProgress(0, trainer.total_steps, None, before)
+    deadline = None if settings.minutes is None else time.monotonic() + 60.0 * settings.minutes
     for report in trainer.fit():
         if not isinstance(report, StepReport):
             continue
         dice = None
-        if holdout and (report.step % settings.score_every == 0 or report.step == report.total_steps):
+        late = deadline is not None and time.monotonic() > deadline
+        if holdout and (report.step % settings.score_every == 0 or report.step == report.total_steps or late):
             dice = score()
             if best is None or dice > best[0]:
                 best = (dice, report.step, copy.deepcopy(model.state_dict()))
         yield FinetuneProgress(report.step, report.total_steps, report.loss, dice)
+        if late:
+            break
 
     if best is not None:
         after, best_step = best[0], best[1]

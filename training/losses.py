@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
+IGNORE = 255              # a label value meaning "not annotated": no loss there (Pascal VOC's; nnU-Net's sparse label)
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5,
@@ -22,13 +23,15 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1
 
     Args:
         logits: (B, C, H, W) raw scores.
-        target: (B, H, W) integer classes.
+        target: (B, H, W) integer classes; IGNORE pixels count for nothing.
         reduce: sums the per-class (C,) statistics over processes (a differentiable all-reduce under DDP),
             so that the Dice is that of the global batch, as in a single process.
         present_only: average over the classes present in `target` (of the global batch) only.
     """
-    probs = logits.float().softmax(1)
-    onehot = F.one_hot(target.long(), probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
+    valid = (target != IGNORE)[:, None]
+    probs = logits.float().softmax(1) * valid
+    onehot = F.one_hot(torch.where(valid[:, 0], target, 0).long(), probs.shape[1]).permute(0, 3, 1, 2)
+    onehot = onehot.to(probs.dtype) * valid
     count = onehot.sum((0, 2, 3))
     stats = torch.stack([(probs * onehot).sum((0, 2, 3)),                       # intersection
                          (probs * probs).sum((0, 2, 3)) + count,                # squared denominator (TransUNet)
@@ -49,7 +52,10 @@ class DiceCELoss(nn.Module):
         self.ce_weight, self.dice_weight, self.reduce, self.present_only = ce_weight, dice_weight, reduce, present_only
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        ce = F.cross_entropy(logits.float(), target.long())
+        target = target.long()
+        if bool((target == IGNORE).all()):                     # nothing annotated in the batch: no gradient
+            return logits.float().sum() * 0.0
+        ce = F.cross_entropy(logits.float(), target, ignore_index=IGNORE)
         if self.dice_weight == 0:
             return self.ce_weight * ce
         return self.ce_weight * ce + self.dice_weight * soft_dice_loss(logits, target, reduce=self.reduce,

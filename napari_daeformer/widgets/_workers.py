@@ -13,10 +13,11 @@ from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QWidget
 
 from ..errors import DaeformerError, first_line
+from ._docking import FitOnShow
 
 MAX_WIDTH = 460
 DOCK_WIDTH = 420                  # wide enough for every row of the three docks, scroll bar included
-MIN_VISIBLE_HEIGHT = 470          # two docks stacked fit a 1080-pixel screen; a taller dock scrolls
+MIN_HEIGHT = 250                  # three docks stacked never grow a 1000-pixel window (a third is tabbed: _docking)
 
 
 def device_picker() -> ComboBox:
@@ -89,6 +90,7 @@ class WorkerWidget(Container):
         self.max_width = MAX_WIDTH                       # a dock column, not half the window
         self.closed = False                              # the dock's Qt widgets are gone (the viewer was closed)
         self.root_native_widget.destroyed.connect(lambda *_: self._on_closed())
+        self._fit = FitOnShow(self.root_native_widget)   # a third dock is tabbed, not stacked past the window
 
     def _on_closed(self) -> None:
         """The dock is being deleted: stop its job; its callbacks must not touch the deleted widgets."""
@@ -117,7 +119,7 @@ class WorkerWidget(Container):
         inner = self._widget._mgui_get_native_widget()
         root = self.root_native_widget
         root.setMinimumWidth(DOCK_WIDTH)
-        root.setMinimumHeight(min(inner.sizeHint().height() + 30, MIN_VISIBLE_HEIGHT))
+        root.setMinimumHeight(min(inner.sizeHint().height() + 30, MIN_HEIGHT))
 
     def report(self, message: str, title: str = "DAE-Former") -> None:
         """An error before or during a run: in the status text, which stays, and in a notification."""

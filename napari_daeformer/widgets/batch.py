@@ -5,10 +5,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Generator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from magicgui.widgets import CheckBox, ComboBox, FileEdit, Label, LineEdit, ProgressBar, PushButton, Table
 from napari.utils.notifications import show_info, show_warning
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QStyledItemDelegate
 
 from .._reader import record_to_layer
@@ -19,14 +20,15 @@ from ..checkpoint import read_card
 from ..errors import DaeformerError, InferenceError
 from ..io import read_image
 from ._layers import attach, image_identity, labels_kwargs
-from ._workers import WorkerWidget, device_picker, failure_message, guarded, row
+from ._workers import WorkerWidget, collapsible, device_picker, failure_message, guarded, row
 
 if TYPE_CHECKING:
     import napari
 
 AUTO_MODEL = "bundled, by image kind (demo)"
 FILE_MODEL = "checkpoint file…"
-COLUMNS = ["file", "status", "uncertainty", "seconds", "volumes / areas", "reason"]
+COLUMNS = ["file", "status", "uncertainty", "reason", "seconds", "volumes / areas"]   # what to review first
+MAX_COLUMN_PX = 120           # wider text is elided; the whole row is in its tooltip
 FAILED_COLOUR = "#e0605a"
 
 
@@ -43,6 +45,14 @@ def _measures_text(result: FileResult) -> str:
     """"liver 166.5, spleen 18.8 mL" (classes with a non-zero measure)."""
     parts = [f"{name} {value:.1f}" for name, value in result.measures.items() if value]
     return f"{', '.join(parts)} {result.unit}" if parts else ""
+
+
+class _ElideLeft(QStyledItemDelegate):
+    """A long relative path keeps its file name in view: 'photos/…/lesion1.png' loses its left end."""
+
+    def initStyleOption(self, option: Any, index: Any) -> None:
+        super().initStyleOption(option, index)
+        option.textElideMode = Qt.TextElideMode.ElideLeft
 
 
 class BatchWidget(WorkerWidget):
@@ -68,7 +78,8 @@ class BatchWidget(WorkerWidget):
         self._cancel = PushButton(text="Cancel", enabled=False, tooltip="Stop after the current file")
         self._files_bar = ProgressBar(label="files", value=0, min=0, max=1)
         self._slices_bar = ProgressBar(label="current file", value=0, min=0, max=1)
-        self._table = Table(value={"data": [], "index": [], "columns": COLUMNS}, label="finished")
+        self._table = Table(value={"data": [], "index": [], "columns": COLUMNS}, label="",
+                            tooltip="Finished files; hover a row for its full path, reason and measures")
         self._rank = CheckBox(label="most uncertain first", value=True,
                               tooltip="Order the table by uncertainty (mean predictive entropy): the cases the model "
                                       "is least sure of, to review first")
@@ -76,8 +87,9 @@ class BatchWidget(WorkerWidget):
         self._next_case = PushButton(text="Open next uncertain case", enabled=False,
                                      tooltip="Open the most uncertain case not opened yet, at its most uncertain slice")
         self._status = self._wrap(Label(value=""))
-        self.extend([self._input, self._output, self._model, self._file, self._pattern, self._format, self._device,
-                     self._overwrite, row(self._run, self._cancel), self._files_bar, self._slices_bar, self._rank,
+        self.extend([self._input, self._output, self._model, self._file,
+                     collapsible("More settings", [self._pattern, self._format, self._device, self._overwrite]),
+                     row(self._run, self._cancel), self._files_bar, self._slices_bar, self._rank,
                      self._table, row(self._open, self._next_case), self._status])
         self._tidy()
         self._model.changed.connect(lambda v: setattr(self._file, "visible", v == FILE_MODEL))
@@ -88,6 +100,9 @@ class BatchWidget(WorkerWidget):
         self._rank.changed.connect(lambda _: self._show_table())
         self._plain = QStyledItemDelegate(self._table.native)           # magicgui's would print 0.0230 as 2.300e-02
         self._table.native.setItemDelegateForColumn(COLUMNS.index("uncertainty"), self._plain)
+        self._left = _ElideLeft(self._table.native)
+        self._table.native.setItemDelegateForColumn(COLUMNS.index("file"), self._left)
+        self._table.native.verticalHeader().setVisible(False)             # rows are not numbered: saves width
         self._cancel_event = threading.Event()
         self.results: list[FileResult] = []
         self.opened: set[str] = set()                                    # inputs opened by "next uncertain case"
@@ -136,12 +151,12 @@ class BatchWidget(WorkerWidget):
 
         if self._rank.value:
             self.results = ranked(self.results)
-        rows = [[r.input, r.status, "" if r.mean_entropy is None else f"{r.mean_entropy:.4f}", f"{r.seconds:.1f}",
-                 _measures_text(r), r.reason] for r in self.results]
+        rows = [[r.input, r.status, "" if r.mean_entropy is None else f"{r.mean_entropy:.4f}", r.reason,
+                 f"{r.seconds:.1f}", _measures_text(r)] for r in self.results]
         self._table.value = {"data": rows, "index": list(range(len(rows))), "columns": COLUMNS}
         table = self._table.native
         for i, (r, cells) in enumerate(zip(self.results, rows)):
-            tip = r.reason or cells[4] or r.input
+            tip = "\n".join(x for x in (r.input, r.reason, cells[5]) if x)
             for j in range(len(COLUMNS)):
                 item = table.item(i, j)
                 if item is None:
@@ -150,6 +165,8 @@ class BatchWidget(WorkerWidget):
                 if r.status == "failed":
                     item.setForeground(QColor(FAILED_COLOUR))
         table.resizeColumnsToContents()
+        for j in range(len(COLUMNS)):
+            table.setColumnWidth(j, min(table.columnWidth(j), MAX_COLUMN_PX))
         table.horizontalHeader().setStretchLastSection(True)
 
     def _finish(self, summary: BatchSummary, csv_path: Path) -> None:

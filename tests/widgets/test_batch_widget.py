@@ -34,9 +34,9 @@ def test_folder_with_status_table_and_open(make_napari_viewer, qtbot, tmp_path: 
     assert statuses["photos/lesion1.png"] == "done" and len(table) == 6
     assert (out / "summary.csv").exists() and "2 failed" in widget._status.value
     failed = [r[1] for r in table].index("failed")
-    reason = widget._table.native.item(failed, 5)
+    reason = widget._table.native.item(failed, 3)
     assert reason.toolTip() and reason.foreground().color().name() == "#e0605a"      # full reason, red row
-    assert any(str(r[4]).endswith("mL") for r in table) and all(str(r[3]).count(".") == 1 for r in table)
+    assert any(str(r[5]).endswith("mL") for r in table) and all(str(r[4]).count(".") == 1 for r in table)
     assert [r[1] for r in table][-2:] == ["failed", "failed"]            # ranked: failed files (no measure) last
     widget._table.native.selectRow([r[0] for r in table].index("ct0.nii.gz"))
     widget._open.clicked()                                              # the button, with the table's selection

@@ -196,7 +196,7 @@ def test_both_docks_fit_a_1920x1080_screen(make_napari_viewer, qtbot) -> None:  
     viewer.add_image(synthetic_ct(seed=3, shape=(8, 96, 96)).image, name="CT")
     _, segment = viewer.window.add_plugin_dock_widget("napari-daeformer", "Segment with DAE-Former")
     _, tune = viewer.window.add_plugin_dock_widget("napari-daeformer", "Fine-tune DAE-Former")
-    qtbot.wait(200)
+    qtbot.wait(500)                                                    # the docks are compacted 100 ms after
     assert window.height() <= 1080                                     # the docks did not push the window taller
     for dock in (segment, tune):
         for button in dock.native.findChildren(QPushButton):

@@ -1,0 +1,101 @@
+"""Our docks never crowd the napari window: a dock that would not fit, at a comfortable height, below the ones
+already in its area is tabbed with the last of ours there instead (plain Qt: QMainWindow.tabifyDockWidget). Their
+minimum height is kept small, so stacking never makes the window taller than the screen."""
+
+from __future__ import annotations
+
+from qtpy.QtCore import QEvent, QObject, Qt, QTimer
+from qtpy.QtWidgets import QDockWidget, QMainWindow, QScrollArea, QWidget
+
+COMFORTABLE = 470                   # the height at which each of our docks shows its buttons and verdict unscrolled
+MARK = "napari-daeformer-dock"              # a Qt property on our docks: ours, among all the window's docks
+
+
+def _dock_of(widget: QWidget) -> QDockWidget | None:
+    parent = widget.parentWidget()
+    while parent is not None and not isinstance(parent, QDockWidget):
+        parent = parent.parentWidget()
+    return parent
+
+
+def _needed_height(window: QMainWindow, docks: list[QDockWidget]) -> int:
+    """The height `docks` need stacked: ours COMFORTABLE, the others their minimum (a tab group counts once, at its
+    tallest)."""
+    groups: list[set[QDockWidget]] = []
+    for dock in docks:
+        group = {dock, *(d for d in window.tabifiedDockWidgets(dock) if d in docks)}
+        if not any(group & g for g in groups):
+            groups.append(group)
+    return sum(max(max(d.minimumSizeHint().height(), COMFORTABLE if d.property(MARK) else 0) for d in g)
+               for g in groups)
+
+
+def _content_height(dock: QDockWidget) -> int:
+    """The height at which the dock shows all its content (title bar included) without scrolling."""
+    scroll = dock.findChild(QScrollArea)
+    if scroll is None or scroll.widget() is None:
+        return dock.sizeHint().height()
+    return scroll.widget().sizeHint().height() + max(dock.height() - scroll.height(), 0) + 2
+
+
+def fit(dock: QDockWidget) -> bool:
+    """Tab `dock` with the last of our docks in its area when stacking it would crowd the window; whether it was
+    tabbed."""
+    window = dock.parentWidget()
+    if not isinstance(window, QMainWindow) or dock.isFloating():
+        return False
+    area = window.dockWidgetArea(dock)
+    stacked = [d for d in window.findChildren(QDockWidget)
+               if d is not dock and not d.isHidden() and not d.isFloating() and window.dockWidgetArea(d) == area]
+    ours = [d for d in stacked if d.property(MARK)]
+    free = window.height() - window.menuBar().height() - (window.statusBar().height() if window.statusBar() else 0)
+    tabbed = bool(ours) and _needed_height(window, [*stacked, dock]) > free
+    if tabbed:
+        window.tabifyDockWidget(ours[-1], dock)
+        dock.raise_()
+    return tabbed
+
+
+def compact(dock: QDockWidget) -> None:
+    """The upper of our stacked docks in `dock`'s area take just their content's height, the lowest the rest (call
+    once the window has laid the docks out)."""
+    window = dock.parentWidget()
+    if not isinstance(window, QMainWindow):
+        return
+    area = window.dockWidgetArea(dock)
+    ours = [d for d in window.findChildren(QDockWidget)
+            if d.property(MARK) and not d.isHidden() and not d.isFloating() and window.dockWidgetArea(d) == area]
+    groups: list[QDockWidget] = []                      # one of ours per tab group
+    for d in ours:
+        if not any(g in window.tabifiedDockWidgets(d) for g in groups):
+            groups.append(d)
+    stacked = sorted(groups, key=lambda d: d.y())
+    if len(stacked) > 1:
+        heights = [_content_height(d) for d in stacked[:-1]]
+        total = sum(d.height() for d in stacked)
+        window.resizeDocks(stacked, [*heights, max(total - sum(heights), 0)], Qt.Orientation.Vertical)
+
+
+class FitOnShow(QObject):
+    """Installed on a dock's content: the first time it is shown in a dock, `fit` that dock."""
+
+    def __init__(self, content: QWidget) -> None:
+        super().__init__(content)
+        self.done = False
+        self.dock: QDockWidget | None = None
+        self.timer = QTimer(self)                      # dies with the dock: never fires on a deleted one
+        self.timer.setSingleShot(True)
+        self.timer.setInterval(100)                  # after the window has laid the new dock out (0 ms: too soon)
+        self.timer.timeout.connect(lambda: self.dock is not None and compact(self.dock))
+        content.installEventFilter(self)
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:
+        if not self.done and event.type() == QEvent.Type.Show and isinstance(watched, QWidget):
+            dock = _dock_of(watched)
+            if dock is not None:
+                self.done = True
+                dock.setProperty(MARK, True)
+                fit(dock)
+                self.dock = dock
+                self.timer.start()                     # once the window has laid it out
+        return False

@@ -1,0 +1,87 @@
+"""The three docks opened from the Plugins menu at the screen sizes users have: the window does not grow, and each
+dock's buttons, verdict and table columns are on screen without scrolling."""
+
+from __future__ import annotations
+
+import pytest
+from qtpy.QtWidgets import QApplication, QDockWidget, QWidget
+
+from napari_daeformer.batch import FileResult
+from napari_daeformer.sample_data import synthetic_ct
+from napari_daeformer.widgets.batch import COLUMNS
+
+from .conftest import from_plugins_menu
+
+pytestmark = pytest.mark.gui
+
+
+def _on_screen(widget: QWidget, window: QWidget) -> bool:
+    """Shown, not scrolled away or hidden behind a tab, and inside the window."""
+    top_left = widget.mapTo(window, widget.rect().topLeft())
+    bottom_right = widget.mapTo(window, widget.rect().bottomRight())
+    return (widget.isVisible() and not widget.visibleRegion().isEmpty() and window.rect().contains(top_left)
+            and window.rect().contains(bottom_right))
+
+
+def _shown(qtbot, widget: QWidget, window: QWidget) -> None:  # type: ignore[no-untyped-def]
+    """`widget` comes on screen within 2 s (the docks settle 100 ms after each one opens)."""
+    qtbot.waitUntil(lambda: _on_screen(widget, window), timeout=2000)
+
+
+def _dock(widget: QWidget) -> QDockWidget:
+    parent = widget.parentWidget()
+    while not isinstance(parent, QDockWidget):
+        parent = parent.parentWidget()
+    return parent
+
+
+@pytest.mark.parametrize("size", [(1600, 1000), (1920, 1080)])
+def test_three_docks_fit_the_window(make_napari_viewer, qtbot, size: tuple[int, int]) -> None:  # type: ignore[no-untyped-def]
+    viewer = make_napari_viewer(show=True)
+    window = viewer.window._qt_window
+    window.resize(*size)
+    viewer.add_image(synthetic_ct(seed=0, shape=(8, 96, 96)).image, name="abdomen")
+    docks = {name: from_plugins_menu(name) for name in ("segment_widget", "finetune_widget", "batch_widget")}
+    segment, tune, batch = docks.values()
+    batch.results = [FileResult("photos/a_rather_long_folder_name/lesion_0001.png", "", "failed",
+                                reason="not an image napari-daeformer can read"),
+                     FileResult("ct0.nii.gz", "ct0.nii.gz", "done", seconds=3.2, measures={"liver": 166.5}, unit="mL",
+                                mean_entropy=0.0231)]
+    batch._show_table()
+    qtbot.wait(500)                                                     # the docks are compacted 100 ms after
+    assert (window.width(), window.height()) == size                    # the third dock did not grow the window
+
+    for widget in (segment._run, segment._cancel, segment._progress, segment._status, segment._image):
+        _shown(qtbot, widget.native, window)
+    for dock in (tune, batch):                                          # tabbed together: the user picks the tab
+        _dock(dock.native).raise_()
+        QApplication.processEvents()
+        qtbot.wait(100)
+        for widget in (dock._run, dock._cancel, segment._run):          # Segment stays in view beside either
+            _shown(qtbot, widget.native, window)
+    _dock(tune.native).raise_()
+    qtbot.wait(100)
+    for widget in (tune._progress, tune._status, tune._resegment, tune._revert, tune._corrected, tune._add):
+        _shown(qtbot, widget.native, window)
+
+    _dock(batch.native).raise_()
+    qtbot.wait(100)
+    table = batch._table.native
+    _shown(qtbot, table, window)
+    _shown(qtbot, batch._open.native, window)
+    header, width = table.horizontalHeader(), table.viewport().width()
+    for name in ("file", "status", "uncertainty"):
+        j = COLUMNS.index(name)
+        assert header.sectionViewportPosition(j) + header.sectionSize(j) <= width, (name, width)
+    assert header.sectionViewportPosition(COLUMNS.index("reason")) < width - 40    # the reason begins on screen
+    failed = [r.status for r in batch.results].index("failed")
+    assert "lesion_0001.png" in table.item(failed, 0).toolTip() and "can read" in table.item(failed, 3).toolTip()
+
+
+def test_the_qt_binding_is_the_one_asked_for(qapp) -> None:  # type: ignore[no-untyped-def]
+    """PyQt5 unless QT_API names another: pytest-qt on its own would pick PyQt6 whenever both are installed."""
+    import os
+
+    import qtpy
+
+    assert qtpy.API_NAME.lower() == os.environ.get("QT_API", "pyqt5").lower()
