@@ -10,7 +10,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -122,9 +122,13 @@ class Trainer:
         self.device = resolve_device(device)
         self.regulariser, self.threads = regulariser, threads
         self.data = SliceDataset(train_cases, card.preprocessing, card.input_size)
+        if len(self.data) < cfg.batch_size:                 # a few annotated slices: one batch of all of them
+            if len(self.data) < self.dist.world_size:
+                raise TrainingError(f"{len(self.data)} training slices cannot be shared by {self.dist.world_size} "
+                                    "processes")
+            cfg = replace(cfg, batch_size=len(self.data) - len(self.data) % self.dist.world_size)
+            self.cfg = cfg
         per_rank = cfg.batch_size // self.dist.world_size
-        if len(self.data) < cfg.batch_size:
-            raise TrainingError(f"{len(self.data)} training slices are fewer than one batch of {cfg.batch_size}")
         self.sampler = DistributedSampler(self.data, num_replicas=self.dist.world_size, rank=self.dist.rank,
                                           shuffle=True, seed=cfg.seed, drop_last=True)
         self.loader = DataLoader(self.data, batch_size=per_rank, sampler=self.sampler, drop_last=True,
@@ -203,8 +207,9 @@ class Trainer:
             warnings.simplefilter("ignore", RuntimeWarning)              # all-NaN columns: class never present
             return np.nanmean(np.array(dice), axis=0), np.nanmean(np.array(dist), axis=0)
 
-    def _save(self, name: str, dice: float) -> Path:
-        card = self.card.with_provenance(trained_steps=self.step, epoch=self.epoch, val_mean_dice=round(dice, 4),
+    def _save(self, name: str, dice: float | None) -> Path:
+        card = self.card.with_provenance(trained_steps=self.step, epoch=self.epoch,
+                                         val_mean_dice=None if dice is None else round(dice, 4),
                                          train_config=self.cfg.to_dict())
         return save_checkpoint(self.out_dir / name, self.model, card, overwrite=True)
 
@@ -245,12 +250,16 @@ class Trainer:
                 if self.step >= self.total_steps:
                     break
             self.epoch += 1
-            validate = self.epoch % self.cfg.val_every == 0 or self.step >= self.total_steps
+            finished = self.step >= self.total_steps
+            validate = finished or (bool(self.val_cases) and self.epoch % self.cfg.val_every == 0)
             if writes:
-                if validate:
+                if validate and not self.val_cases:                 # nothing held out: the last state, no score
+                    self._save("last.safetensors", None)
+                    self._save("best.safetensors", None)
+                elif validate:
                     dice, dist = self.evaluate()
                     mean = float(np.nanmean(dice)) if np.isfinite(dice).any() else 0.0
-                    best = mean > self.best_dice or not self.val_cases      # no validation: best = last
+                    best = mean > self.best_dice
                     self._save("last.safetensors", mean)
                     if best:
                         self.best_dice = mean
@@ -262,7 +271,7 @@ class Trainer:
                 save_state(self.out_dir / "resume.safetensors", self.model, self.optimizer,
                            {"step": self.step, "epoch": self.epoch, "best_dice": self.best_dice,
                             "config": self.cfg.to_dict()})
-                if validate:
+                if validate and self.val_cases:
                     yield ValReport(self.epoch, self.step, tuple(map(float, dice)), tuple(map(float, dist)),
                                     mean, best)
             barrier(self.dist)

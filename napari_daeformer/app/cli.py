@@ -193,9 +193,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+NEGATIVE_VALUES = ("--window",)          # options whose value may start with "-": --window -1000,1000
+
+
+def _joined(argv: Sequence[str]) -> list[str]:
+    """`--window -1000,1000` as `--window=-1000,1000` (argparse would read the value as an option)."""
+    out: list[str] = []
+    for token in argv:
+        if out and out[-1] in NEGATIVE_VALUES and token.startswith("-") and token[1:2].isdigit():
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_joined(sys.argv[1:] if argv is None else argv))
     func: Command = args.func
     try:
         if args.memory_limit is not None:
@@ -203,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parse_size(args.memory_limit)                      # a bad size fails here, in one line
             os.environ[ENV] = args.memory_limit
         if getattr(args, "config", None) is not None:          # `train --config FILE`: file < command line
-            words = list(argv if argv is not None else sys.argv[1:])
+            words = _joined(argv if argv is not None else sys.argv[1:])
             args = resolve_settings(args.settings_parser, words[words.index(args.command) + 1:], args)
         return func(args)
     except (DaeformerError, ValueError, OSError) as e:

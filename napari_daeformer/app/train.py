@@ -33,6 +33,7 @@ from training.augment import AugmentConfig
 from training.data import Case, detect_num_classes
 from training.finetune import DEFAULT_WEIGHTS, PROTECTIONS, FinetuneProgress, FinetuneSettings, Pair, finetune
 from training.sources import FORMATS, load_cases, split_cases
+from training.teach import TEACH
 from training.trainer import StepReport, TrainConfig, Trainer, ValReport
 
 
@@ -87,6 +88,16 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps (default: auto)")
     p.add_argument("--seed", type=int, default=d.seed, help=f"default: {d.seed}")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("a new model from a few annotated slices of one image (instead of --data)")
+    g.add_argument("--image", type=Path, help="image file or DICOM folder (2D or 3D: CT, MR, RGB photo)")
+    g.add_argument("--labels", type=Path, help="its label map; only the annotated slices are learnt from")
+    g.add_argument("--slices", help="the annotated slices along axis 0, e.g. 3,5,10-12 (default: every slice with "
+                   "a label, or with any voxel not --ignore-value)")
+    g.add_argument("--ignore-value", type=int, help="label value meaning 'not annotated' (e.g. 255): no loss there")
+    g.add_argument("--minutes", type=float, help=f"time budget (default with --image: {TEACH.minutes:g}); the best "
+                   "state so far is written when it runs out")
+    g.add_argument("--from-scratch", action="store_true",
+                   help="random weights (default: start from the bundled model's encoder and decoder)")
 
 
 RECORDED_ONLY = ("world_size", "validation")     # written to OUT/config.yaml for the record, not settings
@@ -187,6 +198,8 @@ def _model_and_card(args: argparse.Namespace, cases: list[Case], fmt: str) -> tu
 def run_train(args: argparse.Namespace) -> int:
     if args.out is None:
         raise TrainingError("--out is required")
+    if args.image is not None:
+        return run_teach(args)
     if args.out.exists() and not args.out.is_dir():
         raise TrainingError(f"--out {args.out} is a file; give a folder for checkpoints and logs")
     check_output_path(args.out / "config.yaml", overwrite=True)   # writable, before any data is read
@@ -224,7 +237,8 @@ def run_train(args: argparse.Namespace) -> int:
             atomic_write(args.out / "config.yaml", lambda tmp: tmp.write_text(text))
         _drive(trainer, card.class_names, quiet=args.quiet or not info.is_main)
         if info.is_main:
-            print(f"best mean Dice {trainer.best_dice:.4f}; checkpoints in {args.out}", file=sys.stderr)
+            print(f"best mean Dice {trainer.best_dice:.4f}; checkpoints in {args.out}" if val else
+                  f"no validation (nothing held out): the last state is in {args.out}", file=sys.stderr)
     finally:
         shutdown(info)
     return 0
@@ -303,6 +317,62 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _label_map(image: Any, labels: Any, name: str) -> np.ndarray:
+    """The label map's integer data, checked to fit the image."""
+    data = labels.data if labels.data.ndim == len(image.spatial_shape) else labels.data[..., 0]
+    if np.issubdtype(data.dtype, np.floating):
+        data = data.astype(np.int64)
+    if data.shape != tuple(image.spatial_shape):
+        raise TrainingError(f"{name}: labels {data.shape} do not fit the image {tuple(image.spatial_shape)}")
+    return data
+
+
+def run_teach(args: argparse.Namespace) -> int:
+    """A new model for the classes `--classes` from the annotated slices of `--image`: OUT/best.safetensors."""
+    from tqdm import tqdm
+
+    from napari_daeformer.bundled import bundled_model
+    from napari_daeformer.checkpoint import save_checkpoint
+    from napari_daeformer.io import read_image
+    from training.teach import input_side, new_model, preprocessing_for, sparse_labels, teach_pair
+
+    if args.labels is None or not args.classes:
+        raise TrainingError("--image needs --labels and --classes (names, background first)")
+    if args.data is not None or args.synthetic:
+        raise TrainingError("give either --image (one annotated image) or --data/--synthetic, not both")
+    names = tuple(n.strip() for n in args.classes.split(","))
+    check_output_path(args.out / "best.safetensors", overwrite=True)
+    image, labels = read_image(args.image), read_image(args.labels)
+    data = sparse_labels(_label_map(image, labels, args.labels.name), args.ignore_value, len(names))
+    count = 1 if data.ndim == 2 else data.shape[0]
+    pair = teach_pair(args.image.name, image.data, data, _slice_list(args.slices, count) if args.slices else None)
+    stack = pair.labels[None] if pair.labels.ndim == 2 else pair.labels
+    pixels = pair.image[None] if pair.labels.ndim == 2 else pair.image
+    prep, said = preprocessing_for(pixels[pair.slices], stack[pair.slices], image.rgb)
+    start = None if args.from_scratch else load_checkpoint(bundled_model("skin" if image.rgb else "ct"))
+    model = new_model(names, prep, input_side(stack.shape[1:3]), args.arch, start)
+    settings = replace(TEACH, minutes=args.minutes if args.minutes is not None else TEACH.minutes,
+                       steps=args.max_steps or TEACH.steps, device=args.device, seed=args.seed)
+    print(f"daeformer train: {int(pair.slices.sum())} annotated slices of {args.image.name}; {said}", file=sys.stderr)
+    bar = None if args.quiet else tqdm(total=settings.steps, unit="step", file=sys.stderr)
+
+    def show(progress: FinetuneProgress) -> None:
+        if bar is not None:
+            bar.n = progress.step
+            bar.set_postfix(loss="-" if progress.loss is None else f"{progress.loss:.4f}",
+                            dice="-" if progress.holdout_dice is None else f"{progress.holdout_dice:.3f}", refresh=True)
+    result = drain(finetune(model, [pair], settings), show)
+    if bar is not None:
+        bar.close()
+    card = result.candidate.card.with_provenance(image=str(args.image), annotated_slices=np.flatnonzero(
+        pair.slices).tolist(), trained_steps=result.best_step)
+    out = save_checkpoint(args.out / "best.safetensors", result.candidate.model, card, overwrite=True)
+    scored = ("nothing held out (one annotated slice)" if result.dice_after is None else
+              f"held-out Dice {result.dice_after:.3f} on {result.holdout_slices} slice(s)")
+    print(f"{result.train_slices} slices trained on, {scored}, best at step {result.best_step}; wrote {out}")
+    return 0
+
+
 def _slice_list(text: str, count: int) -> np.ndarray:
     """'3,5,10-12' -> (count,) bool."""
     chosen = np.zeros(count, bool)
@@ -339,6 +409,9 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-anyway", action="store_true",
                    help="write OUT even when no step beat the parent on the held-out slices (or none could be held out)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--classes", help="class names, background first: the model's own, then any new ones (their "
+                   "output channels are added; the old classes are kept)")
+    p.add_argument("--ignore-value", type=int, help="label value meaning 'not annotated': no loss there")
 
 
 def run_finetune(args: argparse.Namespace) -> int:
@@ -354,11 +427,15 @@ def run_finetune(args: argparse.Namespace) -> int:
     check_output_path(args.out, args.overwrite)
     if args.out.resolve() == source.resolve():
         raise TrainingError(f"{args.out} is the parent checkpoint, which is never replaced; choose a new name")
+    from training.teach import extend_classes, sparse_labels
+
     parent = load_checkpoint(source)
+    if args.classes:
+        parent = extend_classes(parent, tuple(n.strip() for n in args.classes.split(",")))
     image, labels = read_image(args.image), read_image(args.labels)
-    label_data = labels.data if labels.data.ndim == len(image.spatial_shape) else labels.data[..., 0]
-    if np.issubdtype(label_data.dtype, np.floating):
-        label_data = label_data.astype(np.int64)
+    label_data = _label_map(image, labels, args.labels.name)
+    if args.ignore_value is not None:
+        label_data = sparse_labels(label_data, args.ignore_value, len(parent.card.class_names))
     count = 1 if label_data.ndim == 2 else label_data.shape[0]
     if args.slices:
         slices = _slice_list(args.slices, count)

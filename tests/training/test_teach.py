@@ -1,0 +1,165 @@
+"""Teaching something new: sparse labels carry no loss where not annotated, new classes keep the old outputs, and
+a new model is trained from three annotated slices through `daeformer train --image` (small sizes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from napari_daeformer.app.cli import main
+from napari_daeformer.bundled import bundled_model
+from napari_daeformer.checkpoint import load_checkpoint
+from napari_daeformer.errors import TrainingError
+from napari_daeformer.inference import run_segmentation, segment
+from napari_daeformer.io.nifti import write_nifti
+from napari_daeformer.io.record import default_affine
+from napari_daeformer.sample_data import synthetic_chest
+from training.losses import IGNORE, DiceCELoss
+from training.teach import annotated_slices, extend_classes, intensity_window, sparse_labels
+
+
+def test_ignored_voxels_carry_no_loss_and_no_gradient() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8, requires_grad=True)
+    target = torch.randint(0, 3, (2, 8, 8))
+    target[:, :4] = IGNORE
+    other = target.clone()
+    other[:, :4] = IGNORE                                      # what is under the ignore mask does not matter
+    loss = DiceCELoss()(logits, target)
+    loss.backward()
+    assert logits.grad is not None and logits.grad[:, :, :4].abs().max() == 0       # no gradient where ignored
+    assert logits.grad[:, :, 4:].abs().max() > 0
+    changed = logits.detach().clone()
+    changed[:, :, :4] = 100.0                                  # any logits there: the same loss
+    assert torch.allclose(DiceCELoss()(changed, other), loss.detach())
+    assert DiceCELoss()(logits, torch.full_like(target, IGNORE)).item() == 0.0      # nothing annotated: no loss
+
+
+def test_sparse_labels_and_annotated_slices() -> None:
+    labels = np.zeros((4, 5, 5), np.int64)
+    labels[1, 2, 2] = 2
+    assert annotated_slices(labels).tolist() == [False, True, False, False]
+    labels[[0, 2, 3]] = 99                                     # "not annotated"
+    labels[3, 0, 0] = 0                                        # slice 3: one voxel said to be background
+    sparse = sparse_labels(labels, 99, 3)
+    assert sparse.dtype == np.uint8 and (sparse[0] == IGNORE).all()
+    assert annotated_slices(sparse).tolist() == [False, True, False, True]
+    with pytest.raises(TrainingError, match="is class 1"):
+        sparse_labels(labels, 1, 3)
+    with pytest.raises(TrainingError, match="beyond the 2 classes"):
+        sparse_labels(labels, 99, 2)
+
+
+def test_new_classes_keep_the_old_outputs() -> None:
+    """The old classes' weights are copied bit for bit; their logits match to float rounding (the head's matrix
+    product over 8 columns instead of 6 rounds differently: about 1e-6 of logits near 10) and no label changes."""
+    parent = load_checkpoint(bundled_model("ct"))
+    names = (*parent.card.class_names, "pancreas", "stomach")
+    child = extend_classes(parent, names)
+    assert child.model.cfg.num_classes == len(names) and child.card.class_names == names
+    x = torch.randn(2, 1, 64, 64)
+    with torch.inference_mode():
+        old, new = parent.model(x), child.model(x)
+    n = len(parent.card.class_names)
+    assert torch.equal(child.model.head.weight[:n], parent.model.head.weight)
+    assert torch.equal(child.model.head.bias[:n], parent.model.head.bias)
+    assert (new[:, :n] - old).abs().max() < 1e-5
+    assert (new.argmax(1) == old.argmax(1)).all()                                      # new classes never win
+    assert child.card.class_colors[:6] == parent.card.class_colors
+    with pytest.raises(TrainingError, match="must start with the model's own"):
+        extend_classes(parent, ("background", "pancreas"))
+
+
+def test_window_from_the_annotated_voxels_keeps_lung_apart_from_air() -> None:
+    s = synthetic_chest(seed=1)
+    low, high = intensity_window(s.image.astype(np.float32), s.labels)
+    assert low < -850 < high and high > 200                    # lung (-850) inside; bright aorta too
+    assert low > -1024 or low == -1024.0
+
+
+def _chest_files(tmp_path: Path, ignore: int | None = None) -> tuple[Path, Path, np.ndarray]:
+    s = synthetic_chest(seed=2, shape=(12, 64, 64), spacing=(10.0, 4.8, 4.8))
+    sparse = np.full(s.labels.shape, 0 if ignore is None else ignore, np.uint8)
+    annotated = [2, 6, 9]
+    sparse[annotated] = s.labels[annotated]
+    affine = default_affine(s.spacing)
+    image = write_nifti(tmp_path / "chest.nii.gz", s.image, affine)
+    labels = write_nifti(tmp_path / "chest_sparse.nii.gz", sparse, affine)
+    return image, labels, s.labels
+
+
+def test_a_new_model_from_three_annotated_slices_through_the_cli(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    image, labels, truth = _chest_files(tmp_path, ignore=200)
+    names = "background,right lung,left lung,heart,aorta,trachea,spinal cord,nodule"
+    out = tmp_path / "new"
+    assert main(["train", "--image", str(image), "--labels", str(labels), "--ignore-value", "200", "--classes",
+                 names, "--max-steps", "20", "--minutes", "2", "--device", "cpu", "--quiet", "--out", str(out)]) == 0
+    said = capsys.readouterr()
+    assert "3 annotated slices" in said.err and "CT window" in said.err and "wrote" in said.out
+    ckpt = load_checkpoint(out / "best.safetensors")
+    assert ckpt.card.class_names[3] == "heart" and ckpt.card.provenance["annotated_slices"] == [2, 6, 9]
+    assert ckpt.card.preprocessing.window[0] < -850                     # the lungs are not clipped with the air
+    assert ckpt.card.provenance["holdout_slices"] == 1 and ckpt.card.provenance["finetuned_slices"] == 2
+    from napari_daeformer.io import read_image
+    result = run_segmentation(segment(read_image(image).data, ckpt, device="cpu", precision="fp32"))
+    assert result.labels.shape == truth.shape                           # and it segments the whole volume
+
+
+def test_a_new_model_lowers_its_loss_on_the_annotated_slices() -> None:
+    """The teaching recipe on three annotated slices of the chest phantom: the loss falls (60 steps, ~20 s)."""
+    from dataclasses import replace
+
+    from napari_daeformer.jobs import drain
+    from napari_daeformer.sample_data import CHEST_CLASSES
+    from training.finetune import finetune
+    from training.teach import TEACH, input_side, new_model, preprocessing_for, teach_pair
+
+    s = synthetic_chest(seed=2, shape=(12, 64, 64), spacing=(10.0, 4.8, 4.8))
+    sparse = np.full(s.labels.shape, IGNORE, np.uint8)
+    sparse[[2, 6, 9]] = s.labels[[2, 6, 9]]
+    prep, _ = preprocessing_for(s.image[[2, 6, 9]], s.labels[[2, 6, 9]], False)
+    model = new_model(CHEST_CLASSES, prep, input_side((64, 64)), "small", load_checkpoint(bundled_model("ct")))
+    losses: list[float] = []
+    drain(finetune(model, [teach_pair("chest", s.image, sparse)], replace(TEACH, steps=60, device="cpu")),
+          lambda p: losses.append(p.loss) if p.loss is not None else None)
+    assert len(losses) == 60 and np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.05, losses
+
+
+def test_bad_teaching_input_is_one_line_and_writes_nothing(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    image, labels, _ = _chest_files(tmp_path, ignore=200)
+    empty = write_nifti(tmp_path / "empty.nii.gz", np.zeros((12, 64, 64), np.uint8), default_affine((10, 4.8, 4.8)))
+    base = ["train", "--image", str(image), "--device", "cpu", "--quiet", "--max-steps", "2"]
+    names = "background,right lung,left lung,heart,aorta,trachea,spinal cord,nodule"
+    runs = [[*base, "--labels", str(empty), "--classes", "background,lung", "--out", str(tmp_path / "a")],
+            [*base, "--labels", str(labels), "--ignore-value", "200", "--classes", "background,lung",
+             "--out", str(tmp_path / "b")],
+            [*base, "--labels", str(labels), "--ignore-value", "3", "--classes", names, "--out", str(tmp_path / "c")],
+            [*base, "--labels", str(labels), "--out", str(tmp_path / "d")]]
+    for argv in runs:
+        assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4, err
+    assert "no annotated slice" in err[0] and "beyond the 2 classes" in err[1] and "is class 3" in err[2]
+    assert "needs --labels and --classes" in err[3]
+    assert not any((tmp_path / d / "best.safetensors").exists() for d in "abcd")
+
+
+def test_window_option_takes_a_negative_value_and_no_validation_means_no_score(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """The workaround's problems: `--window -1000,1000`, --val-fraction 0 validating anyway, a batch larger than the
+    slices refused, "best mean Dice 0.0000"."""
+    from .test_sources import write_synapse
+
+    write_synapse(tmp_path / "synapse", {"case0005": 1, "case0006": 2}, {"case0001": 3})
+    assert main(["train", "--data", str(tmp_path / "synapse"), "--out", str(tmp_path / "o"), "--window",
+                 "-1000,1000", "--val-fraction", "0", "--batch-size", "64", "--input-size", "32", "--max-steps",
+                 "3", "--device", "cpu", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "no validation" in err and "mean Dice" not in err
+    ckpt = load_checkpoint(tmp_path / "o" / "last.safetensors")
+    assert ckpt.card.preprocessing.window == (-1000.0, 1000.0)
+    assert ckpt.card.provenance["val_mean_dice"] is None and ckpt.card.provenance["trained_steps"] == 3
+    log = (tmp_path / "o" / "metrics.jsonl").read_text()
+    assert "val_mean_dice" not in log
