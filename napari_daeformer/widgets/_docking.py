@@ -4,9 +4,13 @@ minimum height is kept small, so stacking never makes the window taller than the
 
 from __future__ import annotations
 
+import time
+
 from qtpy.QtCore import QEvent, QObject, Qt, QTimer
 from qtpy.QtWidgets import QDockWidget, QMainWindow, QScrollArea, QWidget
 
+SETTLE_S = 3.0                      # how long after a dock opens the window's own layout may still move it
+DEBOUNCE_MS = 100
 COMFORTABLE = 470                   # the height at which each of our docks shows its buttons and verdict unscrolled
 MARK = "napari-daeformer-dock"              # a Qt property on our docks: ours, among all the window's docks
 
@@ -77,25 +81,29 @@ def compact(dock: QDockWidget) -> None:
 
 
 class FitOnShow(QObject):
-    """Installed on a dock's content: the first time it is shown in a dock, `fit` that dock."""
+    """Installed on a dock's content: the first time it is shown in a dock, `fit` that dock; then, while the window
+    lays the docks out (for SETTLE_S), `compact` them once each burst of resizes ends. Later resizes are the
+    user's: never undone."""
 
     def __init__(self, content: QWidget) -> None:
         super().__init__(content)
-        self.done = False
         self.dock: QDockWidget | None = None
+        self.until = 0.0
         self.timer = QTimer(self)                      # dies with the dock: never fires on a deleted one
         self.timer.setSingleShot(True)
-        self.timer.setInterval(100)                  # after the window has laid the new dock out (0 ms: too soon)
+        self.timer.setInterval(DEBOUNCE_MS)
         self.timer.timeout.connect(lambda: self.dock is not None and compact(self.dock))
         content.installEventFilter(self)
 
     def eventFilter(self, watched: QObject, event: QEvent) -> bool:
-        if not self.done and event.type() == QEvent.Type.Show and isinstance(watched, QWidget):
+        kind = event.type()
+        if self.dock is None and kind == QEvent.Type.Show and isinstance(watched, QWidget):
             dock = _dock_of(watched)
             if dock is not None:
-                self.done = True
                 dock.setProperty(MARK, True)
                 fit(dock)
-                self.dock = dock
-                self.timer.start()                     # once the window has laid it out
+                self.dock, self.until = dock, time.monotonic() + SETTLE_S
+                self.timer.start()
+        elif self.dock is not None and kind == QEvent.Type.Resize and time.monotonic() < self.until:
+            self.timer.start()                         # restarted: compact once the layout is still
         return False
