@@ -148,3 +148,24 @@ def test_the_controllers_read_the_bundled_card() -> None:
     assert control.load().card.class_names == read_card(bundled_model("ct")).class_names
     assert "demonstration model" in control.describe()
     assert load_checkpoint(bundled_model("ct")).card.preprocessing.kind == "ct"
+
+
+def test_finetune_prepare_extends_the_head_for_new_class_names(tmp_path: Path) -> None:
+    """Names after the model's own in the dock's class list: the parent gets output channels for them, so labels
+    of a new class are accepted; without them the same labels are refused."""
+    control = FinetuneController(user_models=tmp_path / "models")
+    s = synthetic_ct(seed=3, shape=(4, 64, 64))
+    labels = s.labels.copy()
+    labels[1, 10:20, 10:20] = 6                                          # a structure the model does not know
+    pairs = [Pair("s", s.image, labels, np.array([False, True, False, False]))]
+    names = (*read_card(bundled_model("ct")).class_names, "pancreas")
+    parent, out, _ = control.prepare(pairs, bundled_model("ct"), None, False, names)
+    assert parent.card.class_names == names and parent.model.cfg.num_classes == 7
+    assert out.parent == tmp_path / "models"
+    with pytest.raises(DaeformerError, match="beyond the model's classes"):
+        control.prepare(pairs, bundled_model("ct"), None, False)
+    with pytest.raises(DaeformerError, match="beyond the model's classes"):
+        control.prepare_new(pairs, ("background", "liver"), "my liver", None)
+    new, where, _ = control.prepare_new(pairs, names, "my liver", None)
+    assert control.chosen_intensities.startswith("CT window") and new.card.class_names == names
+    assert where == tmp_path / "models" / "my_liver.safetensors"

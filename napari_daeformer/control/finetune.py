@@ -19,9 +19,10 @@ from training.finetune import (
     finetune,
     next_version_path,
 )
+from training.teach import extend_classes, input_side, new_model, new_model_path, preprocessing_for
 
 from ..annotation import Annotation
-from ..bundled import MODELS_DIR
+from ..bundled import MODELS_DIR, bundled_model
 from ..checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ..errors import DaeformerError
 
@@ -60,6 +61,7 @@ class FinetuneController:
         self.new_path: Path | None = None
         self.result: FinetuneResult | None = None
         self.pending: tuple[Path, bool] | None = None           # where a result not saved would go, overwrite
+        self.chosen_intensities = ""                            # what a new model's normalisation is, in words
 
     @staticmethod
     def parent_of(annotation: Annotation | None, fallback: Callable[[], Path]) -> Path:
@@ -81,15 +83,45 @@ class FinetuneController:
         bundled = parent.parent.resolve() == MODELS_DIR.resolve()
         return Path(next_version_path(str(parent), str(self.user_models) if bundled else None)), False
 
-    def prepare(self, pairs: list[Pair], parent_path: Path, chosen: Path | None, overwrite: bool
-                ) -> tuple[Checkpoint, Path, bool]:
-        """The parent (a fresh copy: the Segment dock's model is never touched), checked against the pairs, and
-        where its new version goes; the previous run's result is dropped."""
+    def prepare(self, pairs: list[Pair], parent_path: Path, chosen: Path | None, overwrite: bool,
+                classes: tuple[str, ...] = ()) -> tuple[Checkpoint, Path, bool]:
+        """The parent (a fresh copy: the Segment dock's model is never touched; with `classes` beyond its own, its
+        head extended for them), checked against the pairs, and where its new version goes; the previous run's
+        result is dropped."""
         parent = load_checkpoint(parent_path)
+        if classes and tuple(classes) != parent.card.class_names:
+            parent = extend_classes(parent, classes)
         check_pairs(pairs, parent.card)
         out, replace = self.output_path(parent_path, chosen, overwrite)
         self.result, self.pending = None, (out, replace)
         return parent, out, replace
+
+    def prepare_new(self, pairs: list[Pair], classes: tuple[str, ...], name: str, chosen: Path | None
+                    ) -> tuple[Checkpoint, Path, bool]:
+        """A new model for `classes` (background first) from the annotated slices of `pairs`: intensities suited to
+        what was annotated, weights started from the bundled model of the image kind; saved as NAME.safetensors in
+        the user's models folder (or `chosen`)."""
+        if not pairs:
+            raise DaeformerError("choose the image and the labels layer you annotated")
+        first = pairs[0]
+        rgb = first.image.ndim == first.labels.ndim + 1
+        stack = first.labels[None] if first.labels.ndim == 2 else first.labels
+        pixels = first.image[None] if first.labels.ndim == 2 else first.image
+        if not first.slices.any():
+            raise DaeformerError(f"{first.name}: no annotated slice (paint the structure on a few slices)")
+        prep, self.chosen_intensities = preprocessing_for(pixels[first.slices], stack[first.slices], rgb)
+        start = load_checkpoint(bundled_model("skin" if rgb else "ct"))
+        parent = new_model(tuple(classes), prep, input_side(stack.shape[1:3]), "small", start)
+        check_pairs(pairs, parent.card)
+        if chosen is not None and chosen.suffix == ".safetensors":
+            if chosen.exists():
+                raise DaeformerError(f"{chosen} already exists; choose a new name")
+            out = chosen
+        else:
+            self.user_models.mkdir(parents=True, exist_ok=True)
+            out = new_model_path(self.user_models, name)
+        self.result, self.pending = None, (out, False)
+        return parent, out, False
 
     def finished(self, parent_path: Path, result: FinetuneResult, path: Path | None) -> list[str]:
         """Record a finished run (`path`: the version saved, None when it was not better); the lines to show."""

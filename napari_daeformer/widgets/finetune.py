@@ -7,22 +7,25 @@ worker with a live loss curve, saves a new checkpoint version and hands it to th
 from __future__ import annotations
 
 from collections.abc import Hashable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, FileEdit, FloatSpinBox, Label, ProgressBar, PushButton, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, FileEdit, FloatSpinBox, Label, LineEdit, ProgressBar, PushButton, SpinBox
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_info
 from qtpy.QtWidgets import QTabWidget
 
 from training.finetune import FinetuneProgress, FinetuneResult, FinetuneSettings, Pair, pair_agreement
+from training.teach import TEACH
 
 from ..agreement import VersionAgreement, by_version, history, merged
 from ..checkpoint import ModelCard, read_card
 from ..control.finetune import FinetuneController, finetune_and_save, pair
 from ..errors import DaeformerError, TrainingError
 from ..hub import hub_for
+from ..io.record import CLASSES_KEY
 from ._layers import annotation_of, follow, proposals_first
 from ._workers import WorkerWidget, collapsible, device_picker, failure_message, guarded, holder, row
 from .segment import SegmentWidget
@@ -30,6 +33,8 @@ from .segment import SegmentWidget
 if TYPE_CHECKING:
     import napari
 
+FROM_PROPOSER = "the model that proposed the labels"
+FROM_NEW = "a new model (small)"
 PROTECT_CHOICES = {"parent's confident labels": "pseudo", "pull towards parent": "l2sp", "off": "none"}
 
 
@@ -153,11 +158,18 @@ class FinetuneWidget(WorkerWidget):
                                tooltip="The image the corrections belong to")
         self._corrected = ComboBox(label="corrected labels", tooltip="The labels layer you corrected (layers the "
                                    "Segment dock made come first, newest first)", choices=self._labels_layers)
+        self._start_from = ComboBox(label="start from", choices=[FROM_PROPOSER, FROM_NEW], value=FROM_PROPOSER,
+                                    tooltip="Refine the model that proposed the labels (or the Segment dock's), or "
+                                            "train a new model for any structure from the slices you annotated")
+        self._classes = LineEdit(label="classes", tooltip="Class names, background first, one per label value. Names "
+                                 "after the model's own teach it new classes (its old ones are kept)")
         self._add = PushButton(text="Add pair", tooltip="Use this image with these labels (several pairs allowed)")
         self._clear = PushButton(text="Clear pairs")
         self._pairs_info = self._wrap(Label(value="No pairs yet."))
         self._steps = SpinBox(label="steps", min=1, max=20000, value=FinetuneSettings.steps,
                               tooltip="Optimiser steps; 100 take 25-35 s for the small model on 2 CPU cores")
+        self._minutes = FloatSpinBox(label="time budget (min)", min=0, max=600, step=1, value=0,
+                                     tooltip="Stop after this long with the best state so far (0: no limit)")
         self._lr = FloatSpinBox(label="learning rate", min=1e-5, max=1.0, step=1e-5, value=FinetuneSettings.lr,
                                 tooltip="AdamW peak learning rate, reached after a warm-up of "
                                         f"{FinetuneSettings.warmup_steps} steps")
@@ -195,8 +207,9 @@ class FinetuneWidget(WorkerWidget):
                                    "your final labels, and the share of slices you changed")
         plot = holder(self.tabs, "Training: loss per step and held-out Dice at each scoring (right axis). Agreement: "
                                  "how much of each model version's proposals you kept")
-        self.extend([self._image, self._corrected, row(self._add, self._clear), self._pairs_info,
-                     collapsible("Settings", [self._steps, self._lr, self._protect, self._parts, self._augment,
+        self.extend([self._image, self._corrected, self._start_from, self._classes, row(self._add, self._clear),
+                     self._pairs_info,
+                     collapsible("Settings", [self._steps, self._minutes, self._lr, self._protect, self._parts, self._augment,
                                               self._calibrate, self._device, self._save_to, self._overwrite]),
                      row(self._run, self._cancel), self._progress, self._status,   # the verdict above the fold
                      self._keep_anyway, row(self._resegment, self._revert), plot])
@@ -206,6 +219,8 @@ class FinetuneWidget(WorkerWidget):
         self._add.clicked.connect(self._add_pair)
         self._clear.clicked.connect(self._clear_pairs)
         self._run.clicked.connect(self._start)
+        self._start_from.changed.connect(self._recipe)
+        self._corrected.changed.connect(lambda _: self._fill_classes())
         self._cancel.clicked.connect(self.cancel)
         self._resegment.clicked.connect(self._resegment_image)
         self._revert.clicked.connect(self._revert_model)
@@ -218,6 +233,29 @@ class FinetuneWidget(WorkerWidget):
             if isinstance(layer, Labels):
                 follow(self.viewer, layer)
         self.reset_choices()
+        self._fill_classes()
+
+    def _recipe(self, choice: str) -> None:
+        """A new model trains longer, stopped by a time budget; fine-tuning takes a fixed number of steps."""
+        new = choice == FROM_NEW
+        self._steps.value = TEACH.steps if new else FinetuneSettings.steps
+        self._minutes.value = TEACH.minutes if new else 0
+        self._lr.value = TEACH.lr if new else FinetuneSettings.lr
+        self._run.text = "Train" if new else "Fine-tune"
+
+    def _fill_classes(self) -> None:
+        """The chosen labels layer's class names (those of the model that made it, or of its file)."""
+        labels = self._corrected.value
+        if labels is None:
+            return
+        a = annotation_of(self.viewer, labels)
+        names = list(a.class_names) if a is not None and a.class_names else list(labels.metadata.get(CLASSES_KEY, []))
+        names = names or ["background"]
+        top = int(np.max(labels.data)) if np.size(labels.data) else 0
+        self._classes.value = ", ".join([*names, *(f"class {i}" for i in range(len(names), top + 1))])
+
+    def _class_names(self) -> tuple[str, ...]:
+        return tuple(n.strip() for n in str(self._classes.value).split(",") if n.strip())
 
     def _on_closed(self) -> None:
         if self._annotated in self.hub.on_annotation:
@@ -306,20 +344,29 @@ class FinetuneWidget(WorkerWidget):
             pairs = self._collect()
             parent_path = self._parent_path()
             chosen = Path(self._save_to.value) if str(self._save_to.value) not in ("", ".") else None
-            parent, out, overwrite = self.control.prepare(pairs, parent_path, chosen, bool(self._overwrite.value))
+            if self._start_from.value == FROM_NEW:
+                name = self._corrected.value.name if self._corrected.value is not None else "model"
+                parent, out, overwrite = self.control.prepare_new(pairs, self._class_names(), name, chosen)
+            else:
+                parent, out, overwrite = self.control.prepare(pairs, parent_path, chosen, bool(self._overwrite.value),
+                                                              self._class_names())
         except DaeformerError as e:
             self.report(str(e))
             return
-        settings = FinetuneSettings(steps=int(self._steps.value), lr=float(self._lr.value),
-                                    protect=PROTECT_CHOICES[self._protect.value], train_parts=self._parts.value,
-                                    augment=bool(self._augment.value), calibrate=bool(self._calibrate.value),
-                                    device=self._device.value)
+        base = TEACH if self._start_from.value == FROM_NEW else FinetuneSettings()
+        settings = replace(base, steps=int(self._steps.value), lr=float(self._lr.value),
+                           protect=base.protect if base is TEACH else PROTECT_CHOICES[self._protect.value],
+                           train_parts=self._parts.value, augment=bool(self._augment.value),
+                           calibrate=base.calibrate if base is TEACH else bool(self._calibrate.value),
+                           minutes=float(self._minutes.value) or None, device=self._device.value)
         self.plot.reset(settings.steps)
         self._keep_anyway.visible = False
         self._resegment.enabled = self._revert.enabled = False
         self._progress.max = settings.steps
         self._progress.value = 0
-        self._status.value = f"Fine-tuning on {sum(int(p.slices.sum()) for p in pairs)} corrected slices…"
+        slices = sum(int(p.slices.sum()) for p in pairs)
+        self._status.value = (f"Training a new model on {slices} annotated slices ({self.control.chosen_intensities})…"
+                              if base is TEACH else f"Fine-tuning on {slices} corrected slices…")
         self._launch(_finetune_job, parent, pairs, settings, out, overwrite, yielded=self._on_step,
                      returned=lambda r: self._finish(parent_path, *r), errored=self._failed,
                      aborted=self._aborted)

@@ -190,3 +190,42 @@ def test_paint_events_mark_slices_along_the_axis_on_screen(make_napari_viewer) -
     layer.paint((2, 20, 10), 1)
     assert np.flatnonzero(corrected_slices(viewer, layer, 1)).tolist() == [20]
     assert np.flatnonzero(corrected_slices(viewer, layer, 0)).tolist() == [1, 2, 3, 4]   # painted voxels differ
+
+
+def test_a_new_model_from_three_painted_slices_reaches_the_segment_dock(make_napari_viewer, qtbot) -> None:  # type: ignore[no-untyped-def]
+    """Teach it something new from the viewer: paint the lungs on 3 slices of a chest scan no bundled model knows,
+    train 'a new model', and the Segment dock runs it with the new class names."""
+    from napari_daeformer.sample_data import synthetic_chest
+    from napari_daeformer.widgets.finetune import FROM_NEW
+
+    viewer = make_napari_viewer()
+    sample = synthetic_chest(seed=3, shape=(12, 64, 64), spacing=(10.0, 4.8, 4.8))
+    viewer.add_image(sample.image, name="chest", scale=sample.spacing)
+    painted = viewer.add_labels(np.zeros(sample.labels.shape, np.uint8), name="lungs", scale=sample.spacing)
+    segment = from_plugins_menu("segment_widget")
+    tune = from_plugins_menu("finetune_widget")
+    lungs = np.where(np.isin(sample.labels, (1, 2)), sample.labels, 0).astype(np.uint8)
+    _correct(painted, lungs, [2, 6, 9])
+    tune._image.value, tune._corrected.value = viewer.layers["chest"], painted
+    tune._start_from.value = FROM_NEW
+    assert tune._run.text == "Train" and tune._minutes.value > 0 and tune._steps.value > 100   # the teaching recipe
+    tune._classes.value = "background, right lung, left lung"
+    tune._steps.value, tune._device.value = 20, "cpu"
+    tune._run.clicked()
+    qtbot.waitUntil(lambda: not tune.running, timeout=180_000)
+    assert "CT window" in tune._status.value or tune.control.result is not None, tune._status.value
+    if tune.control.new_path is None:                                     # 20 steps may not beat a random start
+        tune._keep_anyway.clicked()
+    path = tune.control.new_path
+    assert path is not None and path.exists() and path.parent != bundled_model("ct").parent
+    card = read_card(path)
+    assert card.class_names == ("background", "right lung", "left lung") and card.preprocessing.window[0] < -850
+    assert segment.checkpoint_path() == path                            # the dock the user opened uses it
+    segment._image.value = viewer.layers["chest"]
+    segment._device.value = "cpu"
+    segment._run.clicked()
+    qtbot.waitUntil(lambda: not segment.running, timeout=120_000)
+    made = viewer.layers[-1]
+    assert made is not painted and made.data.shape == sample.labels.shape
+    assert annotation_of(viewer, made).class_names == ("background", "right lung", "left lung")
+    assert annotation_of(viewer, made).checkpoint == path.name
