@@ -5,11 +5,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Generator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from magicgui.widgets import CheckBox, ComboBox, FileEdit, Label, LineEdit, ProgressBar, PushButton, Table
 from napari.utils.notifications import show_info, show_warning
-from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QStyledItemDelegate
 
 from .._reader import record_to_layer
@@ -47,12 +46,10 @@ def _measures_text(result: FileResult) -> str:
     return f"{', '.join(parts)} {result.unit}" if parts else ""
 
 
-class _ElideLeft(QStyledItemDelegate):
-    """A long relative path keeps its file name in view: 'photos/…/lesion1.png' loses its left end."""
-
-    def initStyleOption(self, option: Any, index: Any) -> None:
-        super().initStyleOption(option, index)
-        option.textElideMode = Qt.TextElideMode.ElideLeft
+def _short_path(relative: str, limit: int = 24) -> str:
+    """A long relative path keeps its file name in view: 'photos/…/lesion1.png' loses its folders first."""
+    path = Path(relative)
+    return relative if len(relative) <= limit or len(path.parts) == 1 else f"…/{path.name}"
 
 
 class BatchWidget(WorkerWidget):
@@ -100,8 +97,6 @@ class BatchWidget(WorkerWidget):
         self._rank.changed.connect(lambda _: self._show_table())
         self._plain = QStyledItemDelegate(self._table.native)           # magicgui's would print 0.0230 as 2.300e-02
         self._table.native.setItemDelegateForColumn(COLUMNS.index("uncertainty"), self._plain)
-        self._left = _ElideLeft(self._table.native)
-        self._table.native.setItemDelegateForColumn(COLUMNS.index("file"), self._left)
         self._table.native.verticalHeader().setVisible(False)             # rows are not numbered: saves width
         self._cancel_event = threading.Event()
         self.results: list[FileResult] = []
@@ -151,7 +146,7 @@ class BatchWidget(WorkerWidget):
 
         if self._rank.value:
             self.results = ranked(self.results)
-        rows = [[r.input, r.status, "" if r.mean_entropy is None else f"{r.mean_entropy:.4f}", r.reason,
+        rows = [[_short_path(r.input), r.status, "" if r.mean_entropy is None else f"{r.mean_entropy:.4f}", r.reason,
                  f"{r.seconds:.1f}", _measures_text(r)] for r in self.results]
         self._table.value = {"data": rows, "index": list(range(len(rows))), "columns": COLUMNS}
         table = self._table.native
