@@ -242,9 +242,11 @@ class FinetuneWidget(WorkerWidget):
         self._minutes.value = TEACH.minutes if new else 0
         self._lr.value = TEACH.lr if new else FinetuneSettings.lr
         self._run.text = "Train" if new else "Fine-tune"
+        self._fill_classes()
 
     def _fill_classes(self) -> None:
-        """The chosen labels layer's class names (those of the model that made it, or of its file)."""
+        """The chosen labels layer's class names (those of the model that made it, or of its file); the field is
+        shown for a new model, or when the labels hold values beyond those names."""
         labels = self._corrected.value
         if labels is None:
             return
@@ -253,6 +255,7 @@ class FinetuneWidget(WorkerWidget):
         names = names or ["background"]
         top = int(np.max(labels.data)) if np.size(labels.data) else 0
         self._classes.value = ", ".join([*names, *(f"class {i}" for i in range(len(names), top + 1))])
+        self._classes.visible = self._start_from.value == FROM_NEW or top >= len(names)    # new classes to name
 
     def _class_names(self) -> tuple[str, ...]:
         return tuple(n.strip() for n in str(self._classes.value).split(",") if n.strip())
