@@ -332,7 +332,7 @@ def read_uncertainty(summary: Path) -> dict[str, tuple[float, int]]:
     found = {}
     for row in rows:
         try:
-            found[row["input"]] = (float(row["mean_entropy"]), int(row["most_uncertain_slice"]))
+            found[uncell(row["input"])] = (float(row["mean_entropy"]), int(row["most_uncertain_slice"]))
         except (KeyError, TypeError, ValueError):
             continue
     return found
@@ -341,6 +341,19 @@ def read_uncertainty(summary: Path) -> dict[str, tuple[float, int]]:
 def ranked(results: list[FileResult]) -> list[FileResult]:
     """Most uncertain first (highest mean entropy); files without a measure (failed) last, by name."""
     return sorted(results, key=lambda r: (r.mean_entropy is None, -(r.mean_entropy or 0.0), r.input))
+
+
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")      # a spreadsheet runs a cell starting so as a formula
+
+
+def cell(text: str) -> str:
+    """`text` safe to open in a spreadsheet: a leading formula character is quoted with an apostrophe (OWASP)."""
+    return f"'{text}" if text.startswith(FORMULA_START) else text
+
+
+def uncell(text: str) -> str:
+    """`cell` undone."""
+    return text[1:] if text.startswith("'") and text[1:].startswith(FORMULA_START) else text
 
 
 def summary_csv(results: list[FileResult]) -> str:
@@ -352,14 +365,15 @@ def summary_csv(results: list[FileResult]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["input", "output", "status", "reason", "shape", "spacing_mm", "seconds", "mean_entropy",
-                     "most_uncertain_slice", "unit", *classes, "checkpoint", "checkpoint_sha256"])
+                     "most_uncertain_slice", "unit", *map(cell, classes), "checkpoint", "checkpoint_sha256"])
     for r in results:                                      # names as valid UTF-8 (\xNN for undecodable bytes)
-        writer.writerow([printable(r.input), printable(r.output), r.status, printable(r.reason), "x".join(map(str, r.shape)),
+        writer.writerow([cell(printable(r.input)), cell(printable(r.output)), r.status, cell(printable(r.reason)),
+                         "x".join(map(str, r.shape)),
                          "x".join(f"{s:g}" for s in r.spacing), f"{r.seconds:.3f}",
                          "" if r.mean_entropy is None else f"{r.mean_entropy:.5f}",
                          "" if r.uncertain_slice is None else r.uncertain_slice, r.unit,
                          *(f"{r.measures[c]:.3f}" if c in r.measures else "" for c in classes),
-                         r.checkpoint, r.checkpoint_sha256])
+                         cell(r.checkpoint), r.checkpoint_sha256])
     return out.getvalue()
 
 

@@ -249,3 +249,22 @@ def test_output_folder_is_the_input_folder_or_a_file(tmp_path: Path, capsys) -> 
     assert main(["batch", str(src), str(tmp_path / "file"), "--device", "cpu", "--quiet"]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
     assert sorted(p.name for p in src.rglob("*")) == before
+
+
+def test_summary_cells_never_start_a_spreadsheet_formula(tmp_path: Path) -> None:
+    """A file named '=HYPERLINK(...).nii.gz' or a class '@SUM(A1)' is written quoted (OWASP CSV injection), and
+    an earlier run's uncertainty is still found under the real name."""
+    import csv
+    import io
+
+    from napari_daeformer.batch import FileResult, read_uncertainty, summary_csv
+
+    name = '=HYPERLINK("http://x","open").nii.gz'
+    csv_text = summary_csv([FileResult(name, "-out.nii.gz", "done", reason="+1", measures={"@SUM(A1)": 2.0},
+                                       unit="mL", mean_entropy=0.5, uncertain_slice=3)])
+    rows = list(csv.reader(io.StringIO(csv_text)))
+    cells = [c for row in rows for c in row]
+    assert not any(c.startswith(("=", "+", "-", "@")) for c in cells), cells
+    assert f"'{name}" in cells and "'@SUM(A1)" in rows[0] and "'-out.nii.gz" in cells
+    (tmp_path / "summary.csv").write_text(csv_text)
+    assert read_uncertainty(tmp_path / "summary.csv") == {name: (0.5, 3)}

@@ -169,3 +169,11 @@ def test_finetune_prepare_extends_the_head_for_new_class_names(tmp_path: Path) -
     new, where, _ = control.prepare_new(pairs, names, "my liver", None)
     assert control.chosen_intensities.startswith("CT window") and new.card.class_names == names
     assert where == tmp_path / "models" / "my_liver.safetensors"
+
+
+def test_result_lines_show_hostile_names_as_text() -> None:
+    from napari_daeformer.control.segment import summary_html
+
+    text = summary_html("<img src=x onerror=alert(1)>", [("#ff0000'><b>", "<script>", "1.0 mL")])
+    assert "<img" not in text and "<script>" not in text and "&lt;script&gt;" in text
+    assert "color:#ff0000&#x27;&gt;&lt;b&gt;'" in text

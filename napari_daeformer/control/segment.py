@@ -5,6 +5,7 @@ and shows what this returns; tests drive this class with plain arrays.
 
 from __future__ import annotations
 
+import html
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,14 @@ class Run:
         values = class_measures(labels, spacing, self.card.class_names, physical)
         return [(self.card.class_colors[i + 1], name, f"{value:.{digits}f} {unit}")
                 for i, (name, value) in enumerate(values.items())]
+
+
+def summary_html(layer_name: str, measures: list[tuple[str, str, str]]) -> str:
+    """The dock's result lines: the layer's name, then a coloured square, class and measure per class; every name
+    escaped (a class or layer called '<img src=...>' is shown as text, never rendered)."""
+    return "<br>".join([f"<b>{html.escape(layer_name)}</b>"] + [
+        f"<span style='color:{html.escape(colour, quote=True)}'>■</span> {html.escape(name)}: {html.escape(value)}"
+        for colour, name, value in measures])
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ worker with a live loss curve, saves a new checkpoint version and hands it to th
 
 from __future__ import annotations
 
+import html
 from collections.abc import Hashable
 from dataclasses import replace
 from pathlib import Path
@@ -305,7 +306,8 @@ class FinetuneWidget(WorkerWidget):
         for image, labels in self.pairs:
             a = follow(self.viewer, labels)
             n = int(a.corrected(np.asarray(labels.data), a.painted_axis()).sum()) if labels in self.viewer.layers else 0
-            lines.append(f"{image.name} + {labels.name}: {n} corrected slice{'s' if n != 1 else ''}")
+            lines.append(f"{html.escape(image.name)} + {html.escape(labels.name)}: {n} corrected slice"
+                         f"{'s' if n != 1 else ''}")
         self._pairs_info.value = "<br>".join(lines) or "No pairs yet."
         self.show_agreement()
 

@@ -15,7 +15,7 @@ from napari.utils.notifications import show_info, show_warning
 from ..annotation import ENV_FOLDER, USER_FOLDER, Annotation, SavedSession, default_folder, image_key, session_path
 from ..bundled import bundled_model
 from ..checkpoint import Checkpoint
-from ..control.segment import Offer, Run, SegmentController, engine_options
+from ..control.segment import Offer, Run, SegmentController, engine_options, summary_html
 from ..devices import PRECISIONS
 from ..errors import Cancelled, DaeformerError, InferenceError
 from ..hub import hub_for
@@ -382,8 +382,7 @@ class SegmentWidget(WorkerWidget):
         spacing = tuple(float(s) for s in layer.scale)
         geometry = geometry_from_metadata(layer.metadata) or {}
         measures = run.measures(labels, spacing, is_physical(geometry.get("source_format", "layer"), spacing))
-        self._status.value = "<br>".join([f"<b>{layer.name}</b>"] + [
-            f"<span style='color:{colour}'>■</span> {name}: {value}" for colour, name, value in measures])
+        self._status.value = summary_html(layer.name, measures)
         if result.slice_uncertainty is not None and labels.ndim == 3:
             self._uncertain_order = [int(i) for i in np.argsort(-result.slice_uncertainty)]
             self._next.enabled = True
