@@ -291,11 +291,25 @@ def _clean(values: np.ndarray) -> list[float | None]:
     return [None if not np.isfinite(v) else round(float(v), 5) for v in values]
 
 
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSONL log; a torn line (a run killed mid-write) or any line that is not a record with a
+    step is left out."""
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
+
+
 def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines beyond `step` (a resumed run logs those steps again)."""
+    """Drop log lines beyond `step` (a resumed run logs those steps again), and torn ones."""
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    lines = [json.dumps(r) for r in read_log(path) if r["step"] <= step]
     path.write_text("".join(line + "\n" for line in lines))
 
 
@@ -307,7 +321,7 @@ def plot_curves(log: Path, out: Path) -> None:
 
     from napari_daeformer.atomic import atomic_write
 
-    records = [json.loads(line) for line in log.read_text().splitlines() if line]
+    records = read_log(log)
     steps = [r for r in records if "loss" in r]
     vals = [r for r in records if "val_mean_dice" in r]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))

@@ -128,3 +128,16 @@ def test_no_output_folder_writes_nothing_and_leaves_global_state(tmp_path: Path,
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(TrainingError, match="epochs or max_steps"):
         Trainer(model, ct_card(32), [ct_case(1, slices=4, side=32)], [], TrainConfig(epochs=None, batch_size=2), None)
+
+
+def test_a_torn_log_line_is_dropped_not_fatal(tmp_path: Path) -> None:
+    """A run killed mid-write leaves half a line in metrics.jsonl: the curves and a resume read past it."""
+    from training.trainer import _truncate_log, plot_curves, read_log
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "loss": 0.9}\n{"step": 2, "val_mean_dice": 0.5}\n[1, 2]\n{"step": 3, "lo')
+    assert [r["step"] for r in read_log(log)] == [1, 2]
+    plot_curves(log, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    _truncate_log(log, 1)
+    assert log.read_text() == '{"step": 1, "loss": 0.9}\n'
