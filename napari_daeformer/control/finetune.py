@@ -85,11 +85,11 @@ class FinetuneController:
 
     def prepare(self, pairs: list[Pair], parent_path: Path, chosen: Path | None, overwrite: bool,
                 classes: tuple[str, ...] = ()) -> tuple[Checkpoint, Path, bool]:
-        """The parent (a fresh copy: the Segment dock's model is never touched; with `classes` beyond its own, its
-        head extended for them), checked against the pairs, and where its new version goes; the previous run's
+        """The parent (a fresh copy: the Segment dock's model is never touched; with `classes` longer than its own,
+        its head extended for the extra ones), checked against the pairs, and where its new version goes; the previous run's
         result is dropped."""
         parent = load_checkpoint(parent_path)
-        if classes and tuple(classes) != parent.card.class_names:
+        if len(classes) > len(parent.card.class_names):
             parent = extend_classes(parent, classes)
         check_pairs(pairs, parent.card)
         out, replace = self.output_path(parent_path, chosen, overwrite)

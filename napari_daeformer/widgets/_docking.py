@@ -69,10 +69,13 @@ def compact(dock: QDockWidget) -> None:
     area = window.dockWidgetArea(dock)
     ours = [d for d in window.findChildren(QDockWidget)
             if d.property(MARK) and not d.isHidden() and not d.isFloating() and window.dockWidgetArea(d) == area]
-    groups: list[QDockWidget] = []                      # one of ours per tab group
+    groups: list[QDockWidget] = []                      # one of ours per tab group: the tab on top
     for d in ours:
-        if not any(g in window.tabifiedDockWidgets(d) for g in groups):
+        group = [g for g in groups if g in window.tabifiedDockWidgets(d)]
+        if not group:
             groups.append(d)
+        elif d.y() > group[0].y():                      # a tab behind another sits off screen (negative y)
+            groups[groups.index(group[0])] = d
     stacked = sorted(groups, key=lambda d: d.y())
     if len(stacked) > 1:
         heights = [_content_height(d) for d in stacked[:-1]]

@@ -208,8 +208,8 @@ class FinetuneWidget(WorkerWidget):
                                    "your final labels, and the share of slices you changed")
         plot = holder(self.tabs, "Training: loss per step and held-out Dice at each scoring (right axis). Agreement: "
                                  "how much of each model version's proposals you kept")
-        self.extend([self._image, self._corrected, self._start_from, self._classes, row(self._add, self._clear),
-                     self._pairs_info,
+        self.extend([self._image, self._corrected, self._start_from, self._classes,
+                     collapsible("Several images", [row(self._add, self._clear), self._pairs_info]),
                      collapsible("Settings", [self._steps, self._minutes, self._lr, self._protect, self._parts, self._augment,
                                               self._calibrate, self._device, self._save_to, self._overwrite]),
                      row(self._run, self._cancel), self._progress, self._status,   # the verdict above the fold
@@ -353,8 +353,9 @@ class FinetuneWidget(WorkerWidget):
                 name = self._corrected.value.name if self._corrected.value is not None else "model"
                 parent, out, overwrite = self.control.prepare_new(pairs, self._class_names(), name, chosen)
             else:
+                classes = self._class_names() if self._classes.visible else ()    # names for new classes
                 parent, out, overwrite = self.control.prepare(pairs, parent_path, chosen, bool(self._overwrite.value),
-                                                              self._class_names())
+                                                              classes)
         except DaeformerError as e:
             self.report(str(e))
             return
