@@ -31,6 +31,12 @@ def int8_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pyt
     monkeypatch.setenv(CACHE_ENV, str(tmp_path_factory.getbasetemp() / "int8-cache"))
 
 
+@pytest.fixture(autouse=True)
+def user_models_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Models made from the docks (versions of bundled models, new models) go to a fresh folder, never home."""
+    monkeypatch.setattr("napari_daeformer.control.finetune.USER_MODELS", tmp_path_factory.mktemp("models"))
+
+
 @pytest.fixture
 def tiny_model() -> DAEFormer:
     torch.manual_seed(0)

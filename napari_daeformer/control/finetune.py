@@ -55,8 +55,8 @@ def pair(name: str, image: np.ndarray, labels: np.ndarray, annotation: Annotatio
 class FinetuneController:
     """One Fine-tune dock's lineage: the parent of the last run, the version it made, a result not saved."""
 
-    def __init__(self, user_models: Path = USER_MODELS) -> None:
-        self.user_models = user_models
+    def __init__(self, user_models: Path | None = None) -> None:
+        self.user_models = user_models or USER_MODELS
         self.parent_path: Path | None = None
         self.new_path: Path | None = None
         self.result: FinetuneResult | None = None
