@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from napari_daeformer.checkpoint import DEFAULT_COLORS, Checkpoint, ModelCard
+from napari_daeformer.bundled import bundled_model
+from napari_daeformer.checkpoint import DEFAULT_COLORS, Checkpoint, ModelCard, load_checkpoint
 from napari_daeformer.errors import TrainingError
 from napari_daeformer.model import DAEFormer, named_config
 from napari_daeformer.preprocessing import Preprocessing, ct_preprocessing, rgb_preprocessing, zscore_preprocessing
 
-from .finetune import FinetuneSettings, Pair
+from .finetune import FinetuneSettings, Pair, _as_slices
 from .losses import IGNORE
 
 NEW_CLASS_BIAS = -10.0          # a new class's starting logit: below every old one until it is learnt
@@ -137,6 +138,19 @@ def teach_pair(name: str, image: np.ndarray, labels: np.ndarray, slices: np.ndar
     if not chosen.any():
         raise TrainingError(f"{name}: no annotated slice (paint the structure on a few slices)")
     return Pair(name, image, labels, chosen)
+
+
+def model_for(pair: Pair, class_names: tuple[str, ...], arch: str = "small", from_scratch: bool = False
+              ) -> tuple[Checkpoint, str]:
+    """A new model for `class_names` suited to `pair`'s annotated slices (`preprocessing_for`, `input_side`),
+    started from the bundled model of the image kind unless `from_scratch`; with the line naming its intensities."""
+    images, labels = _as_slices(pair)
+    if not pair.slices.any():
+        raise TrainingError(f"{pair.name}: no annotated slice (paint the structure on a few slices)")
+    rgb = pair.image.ndim == pair.labels.ndim + 1
+    prep, said = preprocessing_for(images[pair.slices], labels[pair.slices], rgb)
+    start = None if from_scratch else load_checkpoint(bundled_model("skin" if rgb else "ct"))
+    return new_model(class_names, prep, input_side(labels.shape[1:3]), arch, start), said
 
 
 def new_model_path(folder: Path, stem: str) -> Path:

@@ -331,10 +331,9 @@ def run_teach(args: argparse.Namespace) -> int:
     """A new model for the classes `--classes` from the annotated slices of `--image`: OUT/best.safetensors."""
     from tqdm import tqdm
 
-    from napari_daeformer.bundled import bundled_model
     from napari_daeformer.checkpoint import save_checkpoint
     from napari_daeformer.io import read_image
-    from training.teach import input_side, new_model, preprocessing_for, sparse_labels, teach_pair
+    from training.teach import model_for, sparse_labels, teach_pair
 
     if args.labels is None or not args.classes:
         raise TrainingError("--image needs --labels and --classes (names, background first)")
@@ -346,11 +345,7 @@ def run_teach(args: argparse.Namespace) -> int:
     data = sparse_labels(_label_map(image, labels, args.labels.name), args.ignore_value, len(names))
     count = 1 if data.ndim == 2 else data.shape[0]
     pair = teach_pair(args.image.name, image.data, data, _slice_list(args.slices, count) if args.slices else None)
-    stack = pair.labels[None] if pair.labels.ndim == 2 else pair.labels
-    pixels = pair.image[None] if pair.labels.ndim == 2 else pair.image
-    prep, said = preprocessing_for(pixels[pair.slices], stack[pair.slices], image.rgb)
-    start = None if args.from_scratch else load_checkpoint(bundled_model("skin" if image.rgb else "ct"))
-    model = new_model(names, prep, input_side(stack.shape[1:3]), args.arch, start)
+    model, said = model_for(pair, names, args.arch, args.from_scratch)
     settings = replace(TEACH, minutes=args.minutes if args.minutes is not None else TEACH.minutes,
                        steps=args.max_steps or TEACH.steps, device=args.device, seed=args.seed)
     print(f"daeformer train: {int(pair.slices.sum())} annotated slices of {args.image.name}; {said}", file=sys.stderr)

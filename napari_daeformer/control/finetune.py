@@ -19,10 +19,10 @@ from training.finetune import (
     finetune,
     next_version_path,
 )
-from training.teach import extend_classes, input_side, new_model, new_model_path, preprocessing_for
+from training.teach import extend_classes, model_for, new_model_path
 
 from ..annotation import Annotation
-from ..bundled import MODELS_DIR, bundled_model
+from ..bundled import MODELS_DIR
 from ..checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ..errors import DaeformerError
 
@@ -103,15 +103,7 @@ class FinetuneController:
         the user's models folder (or `chosen`)."""
         if not pairs:
             raise DaeformerError("choose the image and the labels layer you annotated")
-        first = pairs[0]
-        rgb = first.image.ndim == first.labels.ndim + 1
-        stack = first.labels[None] if first.labels.ndim == 2 else first.labels
-        pixels = first.image[None] if first.labels.ndim == 2 else first.image
-        if not first.slices.any():
-            raise DaeformerError(f"{first.name}: no annotated slice (paint the structure on a few slices)")
-        prep, self.chosen_intensities = preprocessing_for(pixels[first.slices], stack[first.slices], rgb)
-        start = load_checkpoint(bundled_model("skin" if rgb else "ct"))
-        parent = new_model(tuple(classes), prep, input_side(stack.shape[1:3]), "small", start)
+        parent, self.chosen_intensities = model_for(pairs[0], tuple(classes))
         check_pairs(pairs, parent.card)
         if chosen is not None and chosen.suffix == ".safetensors":
             if chosen.exists():

@@ -22,6 +22,12 @@ def _dock_of(widget: QWidget) -> QDockWidget | None:
     return parent
 
 
+def _shown_in(window: QMainWindow, area: object, but: QDockWidget | None = None) -> list[QDockWidget]:
+    """The docked, shown docks of `window` in `area`, `but` left out."""
+    return [d for d in window.findChildren(QDockWidget) if d is not but and not d.isHidden() and not d.isFloating()
+            and window.dockWidgetArea(d) == area]
+
+
 def _needed_height(window: QMainWindow, docks: list[QDockWidget]) -> int:
     """The height `docks` need stacked: ours COMFORTABLE, the others their minimum (a tab group counts once, at its
     tallest)."""
@@ -48,9 +54,7 @@ def fit(dock: QDockWidget) -> bool:
     window = dock.parentWidget()
     if not isinstance(window, QMainWindow) or dock.isFloating():
         return False
-    area = window.dockWidgetArea(dock)
-    stacked = [d for d in window.findChildren(QDockWidget)
-               if d is not dock and not d.isHidden() and not d.isFloating() and window.dockWidgetArea(d) == area]
+    stacked = _shown_in(window, window.dockWidgetArea(dock), but=dock)
     ours = [d for d in stacked if d.property(MARK)]
     free = window.height() - window.menuBar().height() - (window.statusBar().height() if window.statusBar() else 0)
     tabbed = bool(ours) and _needed_height(window, [*stacked, dock]) > free
@@ -66,9 +70,7 @@ def compact(dock: QDockWidget) -> None:
     window = dock.parentWidget()
     if not isinstance(window, QMainWindow):
         return
-    area = window.dockWidgetArea(dock)
-    ours = [d for d in window.findChildren(QDockWidget)
-            if d.property(MARK) and not d.isHidden() and not d.isFloating() and window.dockWidgetArea(d) == area]
+    ours = [d for d in _shown_in(window, window.dockWidgetArea(dock)) if d.property(MARK)]
     groups: list[QDockWidget] = []                      # one of ours per tab group: the tab on top
     for d in ours:
         group = [g for g in groups if g in window.tabifiedDockWidgets(d)]

@@ -304,8 +304,8 @@ class FinetuneWidget(WorkerWidget):
     def _show_pairs(self) -> None:
         lines = []
         for image, labels in self.pairs:
-            a = follow(self.viewer, labels)
-            n = int(a.corrected(np.asarray(labels.data), a.painted_axis()).sum()) if labels in self.viewer.layers else 0
+            n = (int(pair(image.name, image.data, labels.data, follow(self.viewer, labels)).slices.sum())
+                 if labels in self.viewer.layers else 0)
             lines.append(f"{html.escape(image.name)} + {html.escape(labels.name)}: {n} corrected slice"
                          f"{'s' if n != 1 else ''}")
         self._pairs_info.value = "<br>".join(lines) or "No pairs yet."

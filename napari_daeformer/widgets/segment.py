@@ -398,7 +398,7 @@ class SegmentWidget(WorkerWidget):
         """A failed or cancelled run leaves the viewer as it was (a cancel is not an error)."""
         self._target_running = None
         layer = target.layer
-        if target.run.before is None:
+        if target.run.new:
             self.hub.forget(layer.unique_id)
             if layer in self.viewer.layers:
                 self.viewer.layers.remove(layer)
