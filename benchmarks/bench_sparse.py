@@ -2,7 +2,9 @@
 scans: Dice on the slices NOT annotated.
 
     python benchmarks/bench_sparse.py [--threads 2] [--slices 3,5,8] [--cases chest,ct-thick,mr-thick]
-        [--seeds 0,1,2] [--minutes 5]
+        [--seeds 0,1,2] [--minutes 5] [--recipe lr=6e-4,holdout_fraction=0,...] [--from-scratch]
+
+`--recipe` overrides fields of `training.teach.TEACH` (the candidates the recipe was chosen from).
 
 Cases (each generated from the seed):
 - chest: `synthetic_chest`, 34 x 128 x 128 at 10 mm slices, a field of view that cuts the body, air-filled lungs,
@@ -100,7 +102,7 @@ def _labels(ckpt: Checkpoint, image: np.ndarray) -> np.ndarray:
     return run_segmentation(segment(image, ckpt, device="cpu", precision="fp32")).labels
 
 
-def run(case: str, seed: int, k: int, minutes: float) -> dict[str, tuple[float, float]]:
+def run(case: str, seed: int, k: int, recipe: FinetuneSettings, scratch: bool) -> dict[str, tuple[float, float]]:
     """method -> (Dice on unannotated slices, minutes)."""
     s = make_case(case, seed)
     n = len(s.class_names)
@@ -116,8 +118,8 @@ def run(case: str, seed: int, k: int, minutes: float) -> dict[str, tuple[float, 
     prep, _ = preprocessing_for(s.image[chosen], s.labels[chosen], False)
     start = load_checkpoint(bundled_model("ct"))
     t = time.perf_counter()
-    model = new_model(s.class_names, prep, input_side(s.labels.shape[1:]), "small", start)
-    result = drain(finetune(model, [pair], replace(TEACH, minutes=minutes, device="cpu")))
+    model = new_model(s.class_names, prep, input_side(s.labels.shape[1:]), "small", None if scratch else start)
+    result = drain(finetune(model, [pair], recipe))
     results["new model"] = (score(_labels(result.candidate, s.image), s.labels, rest, n),
                             (time.perf_counter() - t) / 60)
     if s.class_names == CT_CLASSES:
@@ -130,6 +132,16 @@ def run(case: str, seed: int, k: int, minutes: float) -> dict[str, tuple[float, 
     return results
 
 
+def _overrides(text: str) -> dict[str, object]:
+    """"lr=6e-4,augment=false" -> {"lr": 0.0006, "augment": False}, typed as TEACH's fields."""
+    out: dict[str, object] = {}
+    for item in filter(None, text.split(",")):
+        key, value = item.split("=")
+        kind = type(getattr(TEACH, key))
+        out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
@@ -137,14 +149,18 @@ def main() -> None:
     p.add_argument("--cases", default=",".join(CASES))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--minutes", type=float, default=TEACH.minutes)
+    p.add_argument("--recipe", default="", help="FIELD=VALUE,... overriding training.teach.TEACH")
+    p.add_argument("--from-scratch", action="store_true", help="the new model not started from the bundled one")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"CPU: {cpu_name()}, {args.threads} threads; new model: {args.minutes:g} min budget")
+    recipe = replace(TEACH, minutes=args.minutes, device="cpu", **_overrides(args.recipe))
+    print(f"CPU: {cpu_name()}, {args.threads} threads; new model: {args.minutes:g} min budget, "
+          f"{'from scratch' if args.from_scratch else 'from the bundled CT model'}, {args.recipe or 'TEACH'}")
     print("| case | k | method | Dice on unannotated slices (mean ± std over seeds) | minutes |")
     print("|---|---|---|---|---|")
     for case in args.cases.split(","):
         for k in (int(v) for v in args.slices.split(",")):
-            runs = [run(case, int(seed), k, args.minutes) for seed in args.seeds.split(",")]
+            runs = [run(case, int(seed), k, recipe, args.from_scratch) for seed in args.seeds.split(",")]
             for method in runs[0]:
                 dice = np.array([r[method][0] for r in runs])
                 mins = np.array([r[method][1] for r in runs])

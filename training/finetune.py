@@ -61,7 +61,7 @@ class FinetuneSettings:
     #                                  (None: DEFAULT_WEIGHTS for the protection)
     confidence: float = 0.9          # pseudo: parent probability above which its label is a target
     protect_slices: int = 32         # uncorrected slices sampled per pair (for protection and the change measure)
-    holdout_fraction: float = 0.25   # of the corrected slices, at least one when two or more are corrected
+    holdout_fraction: float = 0.25   # of the corrected slices, at least one when two or more are corrected (0: none)
     score_every: int = 10            # steps between scorings of the held-out slices
     min_gain: float = 0.001          # held-out Dice gain needed to count as better (bf16/fp32 rounding is below it)
     calibrate: bool = True           # learn a per-channel intensity scale and shift (CT and RGB; see InputCalibration)
@@ -235,7 +235,7 @@ def _split(pairs: Sequence[Pair], settings: FinetuneSettings, rng: np.random.Gen
     corrected slices of all pairs together (photos are one slice each); nothing is held out when only one slice
     is corrected."""
     chosen = [(i, j) for i, p in enumerate(pairs) for j in np.flatnonzero(p.slices)]
-    n_hold = max(1, round(settings.holdout_fraction * len(chosen))) if len(chosen) > 1 else 0
+    n_hold = max(1, round(settings.holdout_fraction * len(chosen))) if len(chosen) > 1 and settings.holdout_fraction else 0
     held = {chosen[k] for k in rng.choice(len(chosen), n_hold, replace=False)} if n_hold else set()
     train, holdout, uncorrected = [], [], []
     for i, p in enumerate(pairs):
