@@ -113,3 +113,42 @@ def test_a_saved_mask_reopens_as_paintable_labels(make_napari_viewer, tmp_path: 
         skio.imsave(str(plain), data, check_contrast=False)
     (image,) = viewer.open(str(plain), plugin="napari-daeformer")
     assert image._type_string == "image"
+
+
+def _fresh_activation() -> None:
+    """The plugin as on a new install: not yet activated in this napari session."""
+    from npe2 import PluginManager
+
+    PluginManager.instance().deactivate("napari-daeformer")
+
+
+def test_napari_opens_medical_files_with_our_reader_once_the_plugin_is_used(make_napari_viewer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Two readers claim .nii.gz (napari's imageio one fails on it): the first use of the plugin makes ours the
+    preference, so napari's open with no plugin named (File > Open, drag and drop, `napari scan.nii.gz`: plugin
+    None) reads it with its spacing. `viewer.open(path)` in a script means napari's builtin reader by default."""
+    from napari.errors import MultipleReaderError
+    from napari.settings import get_settings
+
+    scale = _files(tmp_path)["ct.nii.gz"]
+    viewer = make_napari_viewer()                               # napari's settings reset: no preference
+    _fresh_activation()
+    with pytest.raises(MultipleReaderError):
+        viewer.open(str(tmp_path / "ct.nii.gz"), plugin=None)
+    viewer.open_sample("napari-daeformer", "synthetic_ct")      # the plugin's first use activates it
+    assert get_settings().plugins.extension2reader["*.nii.gz"] == "napari-daeformer"
+    (layer,) = viewer.open(str(tmp_path / "ct.nii.gz"), plugin=None)
+    np.testing.assert_allclose(layer.scale, scale, rtol=1e-5)
+    assert METADATA_KEY in layer.metadata
+
+
+def test_a_reader_the_user_chose_is_kept(make_napari_viewer) -> None:  # type: ignore[no-untyped-def]
+    from napari.settings import get_settings
+
+    make_napari_viewer()
+    _fresh_activation()
+    get_settings().plugins.extension2reader = {"*.nii.gz": "napari"}
+    from npe2 import PluginManager
+
+    PluginManager.instance().activate("napari-daeformer")
+    chosen = get_settings().plugins.extension2reader
+    assert chosen["*.nii.gz"] == "napari" and chosen["*.nii"] == chosen["*.dcm"] == "napari-daeformer"
