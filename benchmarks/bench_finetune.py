@@ -1,7 +1,7 @@
 """Fine-tuning scenarios: Dice on the slices the user did NOT correct, before and after, with the bundled models.
 
     python benchmarks/bench_finetune.py [--threads 2] [--slices 3,8] [--scenario NAME ...] [--lr 3e-4]
-        [--protect pseudo|l2sp|none] [--protect-weight W] [--steps 100] [--seed 31]
+        [--protect pseudo|l2sp|none] [--protect-weight W] [--trust LOW,HIGH|off] [--steps 100] [--seeds 31,32,33]
     python benchmarks/bench_finetune.py --ablation [--threads 2]
     python benchmarks/bench_finetune.py --speed [--device cpu|cuda] [--arch small|paper]
 
@@ -18,9 +18,10 @@ the first three steps and the Dice on the 44 other slices after 20 and 100 steps
 Each scenario takes a held-out phantom (CT seed 31, 48 slices; or 12 skin photos, seeds 3001-3012), changes it as
 another scanner or camera would (`napari_daeformer.sample_data.shifted`), writes the ground truth on N slices (the
 "corrections") and fine-tunes the bundled model on them with `training.finetune`. "none" is the no-shift case: the
-user corrects the N slices where the model errs most. Photos are one slice each. The table reports mean
-foreground Dice pooled over all other slices (or photos), the share of their voxels whose label changed, the
-verdict and the wall time of the fine-tuning itself.
+user corrects the N slices where the model errs most. The per-tissue scenarios (phase, kernel, enlarged, lesion)
+are the shifts no global scale and shift undoes. Photos are one slice each. The table reports mean foreground Dice
+pooled over all other slices (or photos), as mean ± std over the phantom seeds (the photos: over photo sets), the
+share of their voxels whose label changed, the verdicts and the wall time of the fine-tuning itself.
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ from training.data import Case
 from training.finetune import DEFAULT_WEIGHTS, FinetuneSettings, Pair, PullToParent, finetune
 from training.trainer import StepReport, TrainConfig, Trainer
 
-CT_SCENARIOS = ("none", "offset", "contrast", "noise", "spacing")
+AFFINE = ("offset", "contrast", "noise", "spacing")
+PER_TISSUE = ("phase", "kernel", "enlarged", "lesion")
+CT_SCENARIOS = ("none", *AFFINE, *PER_TISSUE)
 
 
 def _labels(ckpt: Checkpoint, images: np.ndarray, rgb: bool) -> np.ndarray:
@@ -69,7 +72,7 @@ def scenario(name: str, n_slices: int, settings: FinetuneSettings, seed: int) ->
     rgb = name == "colour cast"
     parent = load_checkpoint(bundled_model("skin" if rgb else "ct"))
     if rgb:
-        photos = [shifted(synthetic_skin(seed=3001 + i), name) for i in range(12)]
+        photos = [shifted(synthetic_skin(seed=3001 + 12 * (seed - 31) + i), name) for i in range(12)]
         images, truth = np.stack([p.image for p in photos]), np.stack([p.labels for p in photos])
     else:
         sample: Sample = shifted(synthetic_ct(seed=seed), name, seed=seed)
@@ -232,7 +235,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=d.warmup_steps)
     p.add_argument("--no-calibration", action="store_true", help="do not learn the input's scale and shift")
     p.add_argument("--calibration-lr-scale", type=float, default=d.calibration_lr_scale)
-    p.add_argument("--seed", type=int, default=31, help="CT phantom seed (not one the bundled model saw)")
+    p.add_argument("--seeds", default="31,32,33", help="CT phantom seeds (not ones the bundled model saw)")
+    p.add_argument("--trust", default=",".join(map(str, d.trust)),
+                   help="LOW,HIGH: the parent's Dice on the corrections where the protection starts / is full; off: always full")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -244,24 +249,28 @@ def main() -> None:
         return
     settings = replace(d, lr=args.lr, protect=args.protect, protect_weight=args.protect_weight, steps=args.steps,
                        warmup_steps=args.warmup, calibrate=not args.no_calibration,
-                       calibration_lr_scale=args.calibration_lr_scale, device="cpu")
+                       calibration_lr_scale=args.calibration_lr_scale, device="cpu",
+                       trust=None if args.trust == "off" else tuple(float(v) for v in args.trust.split(",")))
     print(f"# lr {settings.lr}, warm-up {settings.warmup_steps}, protect {settings.protect} "
-          f"(weight {settings.weight:g}), {settings.steps} steps, input calibration "
+          f"(weight {settings.weight:g}, trust {settings.trust or 'off'}), {settings.steps} steps, input calibration "
           f"{f'at {settings.calibration_lr_scale:g}x lr' if settings.calibrate else 'off'}, {torch.get_num_threads()} threads")
-    print("| scenario | corrected | Dice before | Dice after | change | other voxels changed | verdict | seconds |")
+    print("| scenario | corrected | Dice before | Dice after | change | other voxels changed | verdicts | seconds |")
     print("|---|---:|---:|---:|---:|---:|---|---:|")
-    gains: dict[bool, list[float]] = {True: [], False: []}
+    gains: dict[str, list[float]] = {"none": [], "affine": [], "per-tissue": []}
     for name in args.scenario or (*CT_SCENARIOS, "colour cast"):
         for n in (int(s) for s in args.slices.split(",")):
-            r = scenario(name, n, settings, args.seed)
-            gain = float(r["after"]) - float(r["before"])  # type: ignore[arg-type]
-            gains[name != "none"].append(gain)
-            print(f"| {name} | {n} | {r['before']:.3f} | {r['after']:.3f} | {gain:+.3f} | {100 * r['changed']:.2f}% "
-                  f"| {r['verdict']} (step {r['best_step']}) | {r['seconds']:.1f} |", flush=True)
-    if gains[True]:
-        print(f"\nshift scenarios: mean Dice change {np.mean(gains[True]):+.3f}")
-    if gains[False]:
-        print(f"no shift: worst Dice change {min(gains[False]):+.3f}")
+            runs = [scenario(name, n, settings, int(seed)) for seed in args.seeds.split(",")]
+            col = {k: np.array([float(r[k]) for r in runs]) for k in ("before", "after", "changed", "seconds")}
+            gain = col["after"] - col["before"]
+            group = "none" if name == "none" else "per-tissue" if name in PER_TISSUE else "affine"
+            gains[group].append(float(gain.mean()))
+            verdicts = ", ".join(f"{r['verdict']} ({r['best_step']})" for r in runs)
+            print(f"| {name} | {n} | {col['before'].mean():.3f} ± {col['before'].std():.3f} | {col['after'].mean():.3f} "
+                  f"± {col['after'].std():.3f} | {gain.mean():+.3f} ± {gain.std():.3f} | {100 * col['changed'].mean():.2f}% "
+                  f"| {verdicts} | {col['seconds'].mean():.1f} |", flush=True)
+    for group, values in gains.items():
+        if values:
+            print(f"{group}: mean Dice change {np.mean(values):+.3f}, worst {min(values):+.3f}")
 
 
 if __name__ == "__main__":

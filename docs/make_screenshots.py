@@ -1,6 +1,6 @@
 """Regenerate the documentation's screenshots from a real napari window.
 
-    xvfb-run -a -s "-screen 0 1600x1000x24" env QT_QPA_PLATFORM=xcb python docs/make_screenshots.py
+    xvfb-run -a -s "-screen 0 1600x1000x24" env QT_QPA_PLATFORM=xcb python docs/make_screenshots.py [ct skin batch teach]
 
 Each scene drives the plugin as a user would (open a file through the reader, press Run, paint corrections,
 fine-tune, run a folder) and saves the whole window, dock widgets included, under docs/images/.
@@ -20,7 +20,7 @@ from skimage import io as skio
 
 from napari_daeformer.io.nifti import write_nifti
 from napari_daeformer.io.record import default_affine
-from napari_daeformer.sample_data import shifted, synthetic_ct, synthetic_skin
+from napari_daeformer.sample_data import CHEST_CLASSES, CT_CLASSES, shifted, synthetic_chest, synthetic_ct, synthetic_skin
 
 OUT = Path(__file__).parent / "images"
 SIZE = (1600, 1000)
@@ -176,12 +176,86 @@ def batch_scene(tmp: Path) -> None:
     viewer.close()
 
 
+def paint(layer, truth: np.ndarray, slices: list[int], only: int | None = None) -> None:  # type: ignore[no-untyped-def]
+    """Paint `truth` (or only its label `only`) on `slices` of a labels layer, as the brush does."""
+    for z in slices:
+        index = np.nonzero(truth[z] == only) if only is not None else np.nonzero(np.ones_like(truth[z], bool))
+        layer.data_setitem((np.full(index[0].shape, z), *index), truth[z][index])
+
+
+def teach_scenes(tmp: Path, minutes: float) -> None:
+    """A chest CT no bundled model knows: 5 slices painted, a new model trained, then the Segment dock runs it."""
+    from napari_daeformer.widgets.finetune import FROM_NEW
+
+    chest = synthetic_chest(seed=0)
+    path = write_nifti(tmp / "chest.nii.gz", chest.image, default_affine(chest.spacing))
+    viewer = new_viewer()
+    viewer.open(str(path), plugin="napari-daeformer")
+    viewer.layers[-1].name = "chest"
+    painted = viewer.add_labels(np.zeros(chest.labels.shape, np.uint8), name="chest structures", scale=chest.spacing)
+    holding = np.flatnonzero(chest.labels.reshape(len(chest.labels), -1).any(1))
+    slices = sorted({int(holding[i]) for i in np.linspace(0, len(holding) - 1, 5).round().astype(int)})
+    paint(painted, chest.labels, slices)
+    segment = from_plugins_menu("segment_widget")
+    tune = from_plugins_menu("finetune_widget")
+    tune._image.value, tune._corrected.value = viewer.layers["chest"], painted
+    tune._start_from.value = FROM_NEW
+    tune._classes.value = ", ".join(CHEST_CLASSES)
+    tune._minutes.value, tune._device.value = minutes, "cpu"
+    tune._run.clicked()
+    wait(lambda: not tune.running, timeout=60 * minutes + 300)
+    if tune.control.new_path is None:
+        tune._keep_anyway.clicked()
+    viewer.dims.set_current_step(0, slices[2])
+    save(viewer, "teach_train.png")
+    segment._image.value = viewer.layers["chest"]
+    segment._run.clicked()
+    wait(lambda: not segment.running)
+    painted.visible = False
+    viewer.dims.set_current_step(0, (slices[1] + slices[2]) // 2)      # a slice nobody painted
+    save(viewer, "teach_segment.png")
+    viewer.close()
+
+    # A class added to the bundled CT model: the spine painted on 4 slices of its proposal.
+    sample = synthetic_ct(seed=31)
+    spine = np.where((sample.image > 400) & (sample.labels == 0), 6, 0).astype(np.uint8)
+    path = write_nifti(tmp / "abdomen31.nii.gz", sample.image, default_affine(sample.spacing))
+    viewer = new_viewer()
+    viewer.open(str(path), plugin="napari-daeformer")
+    viewer.layers[-1].name = "abdomen"
+    segment = from_plugins_menu("segment_widget")
+    segment._image.value = viewer.layers["abdomen"]
+    segment._run.clicked()
+    wait(lambda: not segment.running)
+    labels = viewer.layers["abdomen DAE-Former"]
+    paint(labels, spine, [6, 18, 30, 42], only=6)
+    tune = from_plugins_menu("finetune_widget")
+    tune._image.value, tune._corrected.value = viewer.layers["abdomen"], labels
+    tune._classes.value = ", ".join((*CT_CLASSES, "spine"))
+    tune._add.clicked()
+    tune._device.value = "cpu"
+    tune._run.clicked()
+    wait(lambda: not tune.running)
+    segment._run.clicked()
+    wait(lambda: not segment.running)
+    labels.visible = False
+    viewer.dims.set_current_step(0, 24)
+    save(viewer, "add_class.png")
+    viewer.close()
+
+
 def main() -> int:
     OUT.mkdir(exist_ok=True)
+    only = sys.argv[1:]                                 # scene names (ct, skin, batch, teach); default: all
     with tempfile.TemporaryDirectory() as tmp:
-        ct_scenes(Path(tmp))
-        skin_scene(Path(tmp))
-        batch_scene(Path(tmp))
+        if not only or "ct" in only:
+            ct_scenes(Path(tmp))
+        if not only or "skin" in only:
+            skin_scene(Path(tmp))
+        if not only or "batch" in only:
+            batch_scene(Path(tmp))
+        if not only or "teach" in only:
+            teach_scenes(Path(tmp), minutes=5.0)
     return 0
 
 

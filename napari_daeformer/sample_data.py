@@ -226,7 +226,9 @@ def synthetic_chest(seed: int = 0, shape: tuple[int, int, int] = (34, 128, 128),
 
 
 # Scanner and camera shifts that a model trained on the samples above has not seen (fine-tuning scenarios).
-SHIFTS = ("none", "offset", "contrast", "noise", "spacing", "colour cast")
+SHIFTS = ("none", "offset", "contrast", "noise", "spacing", "phase", "kernel", "enlarged", "lesion", "colour cast")
+# Non-contrast phase: each organ loses its own enhancement (HU change per label; fat, muscle and bone unchanged).
+_UNENHANCED = {1: -10.0, 2: -65.0, 3: -140.0, 4: -140.0, 5: -190.0}
 
 
 def shifted(sample: Sample, shift: str, seed: int = 0) -> Sample:
@@ -234,7 +236,11 @@ def shifted(sample: Sample, shift: str, seed: int = 0) -> Sample:
 
     CT: "offset" +150 HU (a miscalibrated scanner), "contrast" HU scaled by 0.6 (a flatter reconstruction
     kernel and contrast phase), "noise" Gaussian noise of 100 HU (a low-dose scan), "spacing" the in-plane
-    pixel size doubled (a field of view twice as wide, the body padded with air). Photo: "colour cast"
+    pixel size doubled (a field of view twice as wide, the body padded with air). Not affine, per tissue: "phase"
+    the non-contrast phase (each organ by its own HU change, `_UNENHANCED`: the kidneys and aorta fall to muscle's
+    level), "kernel" a sharp reconstruction kernel (edges overshoot by 1.5x their contrast, 40 HU of fine noise),
+    "enlarged" the liver 1.3x larger in-plane about its centre (hepatomegaly, over its neighbours), "lesion" two
+    hypodense lesions (10 HU, 8-14 mm) inside the liver, still labelled liver. Photo: "colour cast"
     (R, G, B) x (1.2, 1.0, 0.6), a warm light.
     """
     if shift not in SHIFTS:
@@ -254,6 +260,16 @@ def shifted(sample: Sample, shift: str, seed: int = 0) -> Sample:
         image = image * 0.6
     elif shift == "noise":
         image = image + np.random.default_rng(seed).normal(0.0, 100.0, image.shape).astype(np.float32)
+    elif shift == "phase":
+        for label, delta in _UNENHANCED.items():
+            image[labels == label] += delta
+    elif shift == "kernel":
+        image = image + 1.5 * (image - ndimage.gaussian_filter(image, (0, 1.5, 1.5)))
+        image = image + np.random.default_rng(seed).normal(0.0, 40.0, image.shape).astype(np.float32)
+    elif shift == "enlarged":
+        image, labels = _enlarged_liver(image, labels, 1.3)
+    elif shift == "lesion":
+        image = _liver_lesions(image, labels, spacing, np.random.default_rng(seed))
     elif shift == "spacing":
         small = ndimage.zoom(image, (1, 0.5, 0.5), order=1)
         small_labels = ndimage.zoom(labels, (1, 0.5, 0.5), order=0)
@@ -262,3 +278,36 @@ def shifted(sample: Sample, shift: str, seed: int = 0) -> Sample:
         labels = np.pad(small_labels, pad)
         spacing = (spacing[0], spacing[1] * 2, spacing[2] * 2)
     return Sample(np.round(image).astype(np.int16), labels, spacing, sample.class_names)
+
+
+def _enlarged_liver(image: np.ndarray, labels: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """The liver (label 1) scaled in-plane by `factor` about its centre, with its intensities, over its
+    neighbours inside the body's soft tissue (never into air, fat or bone)."""
+    liver = labels == 1
+    if not liver.any():
+        return image, labels
+    centre = np.array(ndimage.center_of_mass(liver))
+    matrix = np.diag([1.0, 1 / factor, 1 / factor])
+    offset = centre - matrix @ centre
+    grown = ndimage.affine_transform(liver.astype(np.float32), matrix, offset, order=1) > 0.5
+    values = ndimage.affine_transform(image, matrix, offset, order=1)
+    soft = grown & (image > -50) & (image < 400)
+    out_image, out_labels = image.copy(), labels.copy()
+    out_image[soft], out_labels[soft] = values[soft], 1
+    return out_image, out_labels
+
+
+def _liver_lesions(image: np.ndarray, labels: np.ndarray, spacing: tuple[float, ...], rng: np.random.Generator
+                   ) -> np.ndarray:
+    """Two round hypodense lesions (10 HU, radius 4-7 mm) inside the liver; the labels stay liver."""
+    inside = np.argwhere(ndimage.binary_erosion(labels == 1, iterations=3))
+    if not len(inside):
+        return image
+    z, y, x = np.ogrid[tuple(slice(0, n) for n in image.shape)]
+    out = image.copy()
+    for centre in inside[rng.choice(len(inside), 2, replace=False)]:
+        r = rng.uniform(4.0, 7.0)
+        d = sum(((g - c) * sp / r) ** 2 for g, c, sp in zip((z, y, x), centre, spacing))
+        lesion = (d < 1.0) & (labels == 1)
+        out[lesion] = 10.0 + rng.normal(0.0, 12.0, int(lesion.sum()))
+    return out

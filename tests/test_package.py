@@ -5,6 +5,7 @@ from __future__ import annotations
 import pkgutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +71,12 @@ def test_each_layer_imports_only_the_layers_below(layer: str) -> None:
     result = subprocess.run([sys.executable, "-c", code, ",".join(FORBIDDEN[layer]), *modules], capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_training_module_in_the_working_folder_does_not_shadow_ours(tmp_path: Path) -> None:
+    """`python -m napari_daeformer.app` (the torchrun form) run where the user keeps a training.py of their own."""
+    (tmp_path / "training.py").write_text('raise SystemExit("the user\'s training.py was imported")\n')
+    run = subprocess.run([sys.executable, "-m", "napari_daeformer.app", "--help"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "user's training.py" not in run.stdout + run.stderr, run.stderr[-500:]
+    assert "finetune" in run.stdout

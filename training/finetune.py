@@ -10,6 +10,12 @@ pull of the weights towards the parent's, `PullToParent`), and an input calibrat
 `PseudoLabels`, the parent's confident labels on uncorrected slices as extra targets, is the measured alternative
 to L2-SP: twice as slow, and weaker under a scanner shift.
 
+The protection is adaptive: after `steps` held to the parent (where the calibration undoes what an affine map
+can: an offset, a flatter contrast, a colour cast), the fit to the trained slices says whether the parent was
+right. Where it is still poor (a contrast phase moves each organ by its own amount, which no calibration undoes),
+a second run starts from the parent with the pull eased (`FinetuneSettings.trust`), the best held-out state of
+both kept; a right parent is never let go.
+
 The held-out corrected slices are scored every `score_every` steps, the parent counting as step 0: the parent itself
 comes back unless a trained state beats it by `min_gain`. Used by the "Fine-tune DAE-Former" dock widget and by
 `daeformer finetune`.
@@ -19,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -60,6 +66,10 @@ class FinetuneSettings:
     protect_weight: float | None = None  # l2sp: pull strength; pseudo: weight of the CE on the parent's labels
     #                                  (None: DEFAULT_WEIGHTS for the protection)
     confidence: float = 0.9          # pseudo: parent probability above which its label is a target
+    trust: tuple[float, float] | None = (0.5, 0.9)  # the fit (Dice on the trained slices after `steps`, held
+    #                                  to the parent) below which a second run of `steps` starts from the parent
+    #                                  with the protection eased, and at which it is gone (in between: scaled by
+    #                                  the square of where the fit lies); None: never. The best state of both is kept.
     protect_slices: int = 32         # uncorrected slices sampled per pair (for protection and the change measure)
     holdout_fraction: float = 0.25   # of the corrected slices, at least one when two or more are corrected (0: none)
     score_every: int = 10            # steps between scorings of the held-out slices
@@ -72,8 +82,15 @@ class FinetuneSettings:
 
     @property
     def weight(self) -> float:
-        """The protection's weight in the loss."""
+        """The protection's full weight in the loss."""
         return DEFAULT_WEIGHTS[self.protect] if self.protect_weight is None else self.protect_weight
+
+    def protection_share(self, fit: float) -> float:
+        """The share of the full protection for a model that fits the trained slices at Dice `fit`."""
+        if self.trust is None:
+            return 1.0
+        low, high = self.trust
+        return float(np.clip((fit - low) / (high - low), 0.0, 1.0)) ** 2
 
     def __post_init__(self) -> None:
         if self.protect not in PROTECTIONS:
@@ -138,6 +155,8 @@ class FinetuneResult:
     holdout_slices: int
     agreement: list[Agreement] = field(default_factory=list)   # this run's cases: proposal vs the user's labels
     calibration: str | None = None       # "CT window -125..275 HU -> 10..360 HU" when the candidate's moved
+    fit: float | None = None             # Dice on the trained slices after `steps` under the full protection
+    protection_share: float = 1.0        # of the protection's full weight in the steps that followed, from `fit`
 
     @property
     def headline(self) -> str:
@@ -154,6 +173,9 @@ class FinetuneResult:
         change = ("" if self.changed_uncorrected is None else
                   f"{100 * self.changed_uncorrected:.2f}% of the voxels of {self.uncorrected_slices} uncorrected slices")
         calibration = f" Input calibration: {self.calibration}." if self.calibration else ""
+        if self.fit is not None and self.protection_share < 1.0:
+            calibration += (f" Held to the starting model it fitted your corrections at only {self.fit:.2f}, so a "
+                            f"second run was held at {100 * self.protection_share:.0f}% of the usual strength.")
         if self.improved:
             text = f"{self.headline} (best at step {self.best_step})."
             return (f"{text} It changes {change}." if change else text) + calibration
@@ -389,6 +411,8 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
     calibrate = settings.calibrate and card.preprocessing.kind != "zscore"      # z-score: mean/std set per image
     model = InputCalibration(network, card.preprocessing).to(device) if calibrate else network
     train, holdout_raw, uncorrected_raw = _split(pairs, settings, rng, card.preprocessing)
+    trained = [_Slices(c.image[None], c.preprocessing, c.labels[None]) if c.labels.ndim == 2
+               else _Slices(c.image, c.preprocessing, c.labels) for c in train]
     if isinstance(model, InputCalibration):
         train = [replace(c, preprocessing=model.input_preprocessing(c.preprocessing)) for c in train]
 
@@ -408,7 +432,7 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
             return None
         return _pooled_dice([engine_labels(h) for h in holdout], [h.labels for h in holdout], n_classes)
 
-    regulariser = None
+    regulariser: PseudoLabels | PullToParent | None = None
     if settings.protect == "pseudo" and uncorrected:
         as_input = model.input_preprocessing if isinstance(model, InputCalibration) else (lambda p: p)
         x = torch.cat([network_input(u.images, as_input(u.prep), size) for u in uncorrected])
@@ -417,34 +441,57 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
         regulariser = PullToParent(network, settings.weight)
     n_train = sum(len(c.labels) for c in train)
     cfg = TrainConfig(epochs=None, max_steps=settings.steps, batch_size=min(settings.batch_size, n_train),
-                      lr=settings.lr, warmup_steps=min(settings.warmup_steps, settings.steps - 1),
-                      optimizer="adamw", weight_decay=0.0, dice_present_only=True, train_parts=settings.train_parts, seed=settings.seed,
+                      lr=settings.lr, warmup_steps=min(settings.warmup_steps, settings.steps - 1), optimizer="adamw",
+                      weight_decay=0.0, dice_present_only=True, train_parts=settings.train_parts, seed=settings.seed,
                       augment=AugmentConfig(p_flip=0.0) if settings.augment else None)
-    trainer = Trainer(model, card, train, [], cfg, None, device=str(device), regulariser=regulariser, threads=threads,
-                      lr_scales={"log_scale": settings.calibration_lr_scale, "shift": settings.calibration_lr_scale})
+    scales = {"log_scale": settings.calibration_lr_scale, "shift": settings.calibration_lr_scale}
+    judged: list[tuple[float, float]] = []                                # (fit, share) once judged
+    start = copy.deepcopy(model.state_dict())
+
+    def trainers() -> Iterator[tuple[int, Trainer]]:
+        """(steps before it, trainer): `steps` under the full protection; then, where the fit to the trained slices
+        is still below `trust`, as many again from the parent with the protection eased to its share."""
+        yield 0, Trainer(model, card, train, [], cfg, None, device=str(device), regulariser=regulariser,
+                         threads=threads, lr_scales=scales)
+        if regulariser is None or settings.trust is None:
+            return
+        fit = _pooled_dice([engine_labels(t) for t in trained], [t.labels for t in trained], n_classes)
+        judged.append((fit, settings.protection_share(fit)))
+        if judged[0][1] < 1.0:                        # a second run from the parent, the protection eased
+            model.load_state_dict(start)
+            regulariser.weight = settings.weight * judged[0][1]
+            yield settings.steps, Trainer(model, card, train, [], cfg, None,
+                                          device=str(device), regulariser=regulariser, threads=threads,
+                                          lr_scales=scales)
 
     before = score()
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None         # the best trained state: Dice, step, weights
-    yield FinetuneProgress(0, trainer.total_steps, None, before)
+    yield FinetuneProgress(0, settings.steps, None, before)
     deadline = None if settings.minutes is None else time.monotonic() + 60.0 * settings.minutes
-    for report in trainer.fit():
-        if not isinstance(report, StepReport):
-            continue
-        dice = None
-        late = deadline is not None and time.monotonic() > deadline
-        if holdout and (report.step % settings.score_every == 0 or report.step == report.total_steps or late):
-            dice = score()
-            if best is None or dice > best[0]:
-                best = (dice, report.step, copy.deepcopy(model.state_dict()))
-        yield FinetuneProgress(report.step, report.total_steps, report.loss, dice)
+    step, late = 0, False
+    for done, trainer in trainers():
+        total = done + trainer.total_steps
+        for report in trainer.fit():
+            if not isinstance(report, StepReport):
+                continue
+            step, dice = done + report.step, None
+            late = deadline is not None and time.monotonic() > deadline
+            if holdout and (step % settings.score_every == 0 or step == total or late):
+                dice = score()
+                if best is None or dice > best[0]:
+                    best = (dice, step, copy.deepcopy(model.state_dict()))
+            yield FinetuneProgress(step, total, report.loss, dice)
+            if late:
+                break
         if late:
             break
+    fit, share = judged[0] if judged else (None, 1.0)
 
     if best is not None:
         after, best_step = best[0], best[1]
         model.load_state_dict(best[2])
     else:                                                                     # nothing held out: the last state
-        after, best_step = None, trainer.step
+        after, best_step = None, step
     improved = None if before is None or after is None else after > before + settings.min_gain
     model.eval()
     changed = None
@@ -460,12 +507,14 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
         finetune_settings=asdict(settings), finetune_best_step=best_step,
         holdout_dice_before=None if before is None else round(before, 4),
         holdout_dice_after=None if after is None else round(after, 4),
-        changed_uncorrected=None if changed is None else round(changed, 5))
+        changed_uncorrected=None if changed is None else round(changed, 5),
+        trust_fit=None if fit is None else round(fit, 4), protection_share=round(share, 4))
     candidate = Checkpoint(network.cpu(), new_card)
     old, new = card.preprocessing.describe(), folded.describe()
     return FinetuneResult(candidate if improved else parent, candidate, before, after, improved, best_step, changed,
                           sum(len(u.labels) for u in uncorrected), n_train, n_hold, agreement,
-                          None if old == new else f"{old} → {new.removeprefix('CT window ').removeprefix('RGB, ')}")
+                          None if old == new else f"{old} → {new.removeprefix('CT window ').removeprefix('RGB, ')}",
+                          fit, share)
 
 
 def next_version_path(parent: str | None, folder: str | None = None) -> str:

@@ -63,11 +63,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
+    from ..bundled import BUNDLED, resolve_model
     from ..model import DAEFormer, count_parameters, named_config
 
-    if Path(args.model).suffix == ".safetensors" or Path(args.model).exists():
+    if args.model in BUNDLED or Path(args.model).suffix == ".safetensors" or Path(args.model).exists():
         from ..checkpoint import load_checkpoint
-        ckpt = load_checkpoint(args.model)
+        ckpt = load_checkpoint(resolve_model(args.model))
         model, card = ckpt.model, ckpt.card
         print(f"classes: {', '.join(card.class_names)}")
         print(f"input: {card.input_size[0]}x{card.input_size[1]}, {card.config.in_channels} channel(s), "
@@ -116,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_import_official)
 
     p = sub.add_parser("info", help="print a configuration's or a checkpoint's architecture and parameter count")
-    p.add_argument("model", help="a named configuration (paper, small) or a .safetensors checkpoint")
+    p.add_argument("model", help="a named configuration (paper, small), a bundled model (ct, skin) or a .safetensors "
+                                 "checkpoint")
     p.add_argument("--num-classes", type=int, default=9, help="for a named configuration (default: %(default)s)")
     p.add_argument("--in-channels", type=int, default=1, help="for a named configuration (default: %(default)s)")
     p.set_defaults(func=_info)

@@ -387,7 +387,9 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", type=Path, required=True, help="corrected label map of the same shape")
     p.add_argument("--slices", help="corrected slices along axis 0, e.g. 3,5,10-12 (default: every slice with a label)")
     p.add_argument("--out", type=Path, required=True, help="new checkpoint (.safetensors)")
-    p.add_argument("--steps", type=int, default=d.steps, help=f"default: {d.steps}")
+    p.add_argument("--steps", type=int, default=d.steps,
+                   help=f"steps held to the parent; as many again with the hold eased where the corrections are still "
+                        f"fitted poorly (default: {d.steps})")
     p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW peak learning rate (default: {d.lr})")
     p.add_argument("--warmup", type=int, default=d.warmup_steps, help=f"linear warm-up steps (default: {d.warmup_steps})")
     p.add_argument("--protect", choices=PROTECTIONS, default=d.protect,
@@ -443,7 +445,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     bar = tqdm(total=args.steps, unit="step", file=sys.stderr)
 
     def show(progress: FinetuneProgress) -> None:
-        bar.n = progress.step
+        bar.total, bar.n = progress.total, progress.step
         bar.set_postfix(loss="-" if progress.loss is None else f"{progress.loss:.4f}", refresh=True)
     result = drain(finetune(parent, [pair], settings), show)
     bar.close()
