@@ -109,7 +109,8 @@ def list_inputs(job: BatchJob) -> list[Path]:
     files of a DICOM series folder (a README, thumbs.db) excluded."""
     root = job.input_dir
     if not root.is_dir():
-        raise DaeformerError(f"{root}: no such input folder")
+        raise DaeformerError(f"{root}: is a file, not a folder (segment one file with `daeformer segment`)"
+                             if root.exists() else f"{root}: no such input folder")
     if root.resolve() == job.output_dir.resolve():
         raise DaeformerError(f"{job.output_dir}: the output folder is the input folder; label maps would replace or "
                              "mix with the images, so choose another output folder")
@@ -129,6 +130,13 @@ def list_inputs(job: BatchJob) -> list[Path]:
                     series.add(path.parent)                # a DICOM series is one input: its folder
                 else:
                     files.add(path)
+    if root in series:                  # DICOM files at the root: the root is one series only when nothing else is
+        inner = series - {root}
+        others = sorted(inner | {f for f in files if f.parent not in inner})
+        if others:                      # beside other inputs, each stray DICOM file is an input of its own
+            strays = {p for pattern in job.patterns for p in root.glob(pattern)
+                      if p.parent == root and p.is_file() and (p.suffix.lower() == ".dcm" or is_dicom_file(p))}
+            return sorted({*others, *strays})
     return sorted(series | {f for f in files if f.parent not in series})
 
 
@@ -155,7 +163,7 @@ def output_paths(job: BatchJob, sources: list[Path]) -> dict[Path, Path | str]:
 
 
 def _output_path(job: BatchJob, source: Path, keep_suffix: bool) -> Path:
-    rel = source.relative_to(job.input_dir)
+    rel = source.relative_to(job.input_dir) if source != job.input_dir else Path(source.resolve().name)
     suffix = suffix_of(source) if source.is_file() else ""
     new = _SAME.get(suffix, ".nii.gz") if job.output_format == "same" else job.output_format
     name = rel.name[: len(rel.name) - len(suffix)] if suffix else rel.name

@@ -25,6 +25,8 @@ def resolve_model(model: str | None, kind: str = "ct") -> Path:
     """A checkpoint path from --model: a file, the name of a bundled model, or None for the bundled `kind`."""
     if model is None:
         return bundled_model(kind)
-    if model in BUNDLED:
-        return bundled_model(model)
+    if model.lower() in BUNDLED and not Path(model).exists():
+        return bundled_model(model.lower())
+    if not Path(model).exists():
+        raise CheckpointError(f"{model}: no such checkpoint (the bundled models are {' and '.join(sorted(BUNDLED))})")
     return Path(model)

@@ -14,7 +14,7 @@ import pytest
 from skimage import io as skio
 
 from napari_daeformer.app.cli import main
-from napari_daeformer.batch import BatchJob, list_inputs, run_batch
+from napari_daeformer.batch import BatchJob, list_inputs, output_paths, run_batch
 from napari_daeformer.io import read_image, write_labels
 from napari_daeformer.io.nifti import write_nifti
 from napari_daeformer.jobs import drain
@@ -171,6 +171,23 @@ def test_listing_treats_dicom_folders_as_one_input(tmp_path: Path) -> None:
     write_dicom_series(tmp_path / "in" / "patient1", np.zeros((3, 8, 8), np.uint16), (2.0, 1.0, 1.0))
     job = BatchJob(tmp_path / "in", tmp_path / "out")
     assert list_inputs(job) == [tmp_path / "in" / "patient1"]
+
+
+def test_a_stray_dicom_file_at_the_root_hides_no_input(tmp_path: Path) -> None:
+    """One .dcm beside NIfTIs at the top of the folder is one more input, not the folder as a series; a folder of
+    DICOM files alone is one series, written under the folder's name (not a hidden `.nii.gz`)."""
+    from .conftest import write_dicom_series
+    root = tmp_path / "in"
+    write_dicom_series(tmp_path / "series", np.zeros((2, 8, 8), np.uint16), (2.0, 1.0, 1.0))
+    stray = sorted((tmp_path / "series").iterdir())[0]
+    for s in range(2):
+        write_nifti(root / f"ct{s}.nii.gz", synthetic_ct(seed=s, shape=(2, 16, 16)).image, oblique_affine())
+    os.rename(stray, root / "stray.dcm")
+    job = BatchJob(root, tmp_path / "out")
+    assert list_inputs(job) == [root / "ct0.nii.gz", root / "ct1.nii.gz", root / "stray.dcm"]
+    alone = BatchJob(tmp_path / "series", tmp_path / "out")
+    assert list_inputs(alone) == [tmp_path / "series"]
+    assert output_paths(alone, list_inputs(alone)) == {tmp_path / "series": tmp_path / "out" / "series.nii.gz"}
 
 
 def _dead_pid() -> int:

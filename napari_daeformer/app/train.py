@@ -22,7 +22,7 @@ import yaml
 from napari_daeformer.atomic import atomic_write, check_output_path
 from napari_daeformer.checkpoint import SYNAPSE_CLASSES, ModelCard, load_checkpoint
 from napari_daeformer.distributed import init_from_env, shutdown
-from napari_daeformer.errors import TrainingError
+from napari_daeformer.errors import TrainingError, first_line
 from napari_daeformer.inference import run_segmentation, segment
 from napari_daeformer.jobs import drain
 from napari_daeformer.metrics import evaluate_case
@@ -110,24 +110,49 @@ def resolve_settings(parser: argparse.ArgumentParser, argv: list[str] | None, ar
     if not args.config.is_file():
         hint = f" (for the network size use --arch {args.config})" if str(args.config) in ("small", "paper") else ""
         raise TrainingError(f"--config {args.config}: no such settings file{hint}")
+    import tomllib
+
     text = Path(args.config).read_text()
-    if args.config.suffix == ".toml":
-        import tomllib
-        data = tomllib.loads(text)
-    else:
-        data = yaml.safe_load(text) or {}
+    try:
+        data = tomllib.loads(text) if args.config.suffix == ".toml" else (yaml.safe_load(text) or {})
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+        raise TrainingError(f"{args.config}: not a valid settings file ({first_line(e)})") from e
     if not isinstance(data, dict):
         raise TrainingError(f"{args.config}: expected a mapping of settings")
-    known = {a.dest for a in parser._actions}
-    settings = {k.replace("-", "_"): v for k, v in data.items() if k not in RECORDED_ONLY}
-    unknown = sorted(set(settings) - known)
+    actions = {a.dest: a for a in parser._actions}
+    settings = {str(k).replace("-", "_"): v for k, v in data.items() if k not in RECORDED_ONLY}
+    unknown = sorted(set(settings) - set(actions))
     if unknown:
         raise TrainingError(f"{args.config}: unknown settings {unknown}")
-    for key in ("data", "out", "init"):
-        if isinstance(settings.get(key), str):
-            settings[key] = Path(settings[key])
+    for key, value in settings.items():
+        settings[key] = _setting(args.config, actions[key], value)
     parser.set_defaults(**settings)
-    return parser.parse_args(argv)
+    resolved = parser.parse_args(argv)
+    resolved.command, resolved.memory_limit = args.command, args.memory_limit
+    return resolved
+
+
+def _setting(config: Path, action: argparse.Action, value: Any) -> Any:
+    """A config file's value as the command line's option would have it; a wrong type is one clear line."""
+    flag = action.option_strings[0] if action.option_strings else action.dest
+    if value is None:
+        return None
+    if action.const is not None and action.nargs == 0:                      # a switch: --no-amp and the like
+        if not isinstance(value, bool):
+            raise TrainingError(f"{config}: {action.dest} is a switch (true or false), got {value!r}")
+        return value
+    if isinstance(value, (dict, list, bool)) and action.type is not bool:
+        raise TrainingError(f"{config}: {action.dest} ({flag}) expects one value, got {value!r}")
+    if action.type in (Path, None) or action.type is str:
+        value = str(value)                                                  # `val_seeds: 13`, `out: 123`
+    try:
+        converted = action.type(value) if action.type is not None else value
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+        raise TrainingError(f"{config}: {action.dest} ({flag}): {first_line(e)}") from e
+    if action.choices is not None and converted not in action.choices:
+        raise TrainingError(f"{config}: {action.dest} must be one of {', '.join(map(str, action.choices))}, "
+                            f"got {value!r}")
+    return converted
 
 
 def augment_settings(args: argparse.Namespace) -> AugmentConfig | None:
@@ -237,8 +262,9 @@ def run_train(args: argparse.Namespace) -> int:
             atomic_write(args.out / "config.yaml", lambda tmp: tmp.write_text(text))
         _drive(trainer, card.class_names, quiet=args.quiet or not info.is_main)
         if info.is_main:
-            print(f"best mean Dice {trainer.best_dice:.4f}; checkpoints in {args.out}" if val else
-                  f"no validation (nothing held out): the last state is in {args.out}", file=sys.stderr)
+            print(f"best mean Dice {trainer.best_dice:.4f}; checkpoints in {args.out}" if val and trainer.best_dice >= 0
+                  else f"not validated (nothing held out, or no validation reached): the last state is in {args.out}",
+                  file=sys.stderr)
     finally:
         shutdown(info)
     return 0
@@ -319,7 +345,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def _label_map(image: Any, labels: Any, name: str) -> np.ndarray:
     """The label map's integer data, checked to fit the image."""
-    data = labels.data if labels.data.ndim == len(image.spatial_shape) else labels.data[..., 0]
+    spatial = len(image.spatial_shape)
+    data = labels.data[..., 0] if labels.data.ndim == spatial + 1 and labels.data.shape[-1] in (3, 4) else labels.data
     if np.issubdtype(data.dtype, np.floating):
         data = data.astype(np.int64)
     if data.shape != tuple(image.spatial_shape):

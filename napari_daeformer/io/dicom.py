@@ -79,7 +79,9 @@ def _datasets(path: Path, pixels: bool) -> list[Any]:
             continue
         datasets.append(ds)
     if not datasets:
-        raise ImageFormatError(f"{path.name}: no DICOM files found")
+        hint = (" (a folder of images is segmented with `daeformer batch`)"
+                if path.is_dir() and any(f.is_file() or f.is_dir() for f in path.iterdir()) else "")
+        raise ImageFormatError(f"{path.name}: no DICOM files found{hint}")
     series = Counter(str(getattr(ds, "SeriesInstanceUID", "?")) for ds in datasets)
     if len(series) > 1:
         listing = ", ".join(f"{uid[-12:]} ({n} files)" for uid, n in series.most_common())

@@ -127,3 +127,32 @@ def test_a_stray_label_value_is_bad_data_not_a_class(tmp_path: Path, capsys) -> 
     (tmp_path / "file").write_text("not a folder")
     assert main([*args[:3], "--out", str(tmp_path / "file"), *args[5:]]) == 2
     assert "is a file; give a folder" in capsys.readouterr().err
+
+
+def test_a_bad_settings_file_is_one_line(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """YAML syntax, a wrong type and a switch given a number: each one line naming the setting, nothing trained."""
+    cases = {"syntax.yaml": ("out: [1, 2\n", "not a valid settings file"),
+             "type.yaml": ("max_steps: lots\n", "max_steps (--max-steps)"),
+             "switch.yaml": ("quiet: 3\n", "quiet is a switch")}
+    for name, (text, said) in cases.items():
+        (tmp_path / name).write_text(text)
+        assert main(["train", "--synthetic", "ct", "--out", str(tmp_path / "o"), "--config", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("daeformer train: error:") and said in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_2d_label_for_a_volume_names_both_shapes(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from skimage import io as skio
+
+    from napari_daeformer.io.nifti import write_nifti
+    from napari_daeformer.io.record import default_affine
+    from napari_daeformer.sample_data import synthetic_ct
+
+    s = synthetic_ct(seed=0, shape=(8, 64, 64))
+    write_nifti(tmp_path / "ct.nii.gz", s.image, default_affine(s.spacing))
+    skio.imsave(str(tmp_path / "mask.png"), s.labels[4], check_contrast=False)
+    assert main(["finetune", "--model", "ct", "--image", str(tmp_path / "ct.nii.gz"), "--labels", str(tmp_path / "mask.png"),
+                 "--out", str(tmp_path / "t.safetensors"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "(64, 64) do not fit the image (8, 64, 64)" in err and not (tmp_path / "t.safetensors").exists()
