@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,6 +12,7 @@ import numpy as np
 from .errors import ImageFormatError, printable
 from .io import METADATA_KEY, ImageRecord, can_read, read_image
 from .io.dicom_seg import find_series, is_dicom_seg, read_dicom_seg
+from .io.nrrd import is_seg_nrrd, read_seg_nrrd
 from .io.record import CHECKPOINT_KEY, CLASSES_KEY, COLORS_KEY
 from .preprocessing import CT_WINDOWS
 
@@ -35,7 +37,8 @@ def read_layers(path: str | list[str]) -> list[LayerData]:
     layers = []
     for p in paths:
         try:
-            layers.append(seg_to_layer(p) if is_dicom_seg(p) else record_to_layer(read_image(p)))
+            layers.append(seg_to_layer(p) if is_dicom_seg(p) else seg_nrrd_to_layer(p) if is_seg_nrrd(p)
+                          else record_to_layer(read_image(p)))
         except ImageFormatError as e:
             show_error(f"napari-daeformer: {printable(str(e))}")
     return layers or [(None,)]  # type: ignore[list-item]
@@ -61,6 +64,26 @@ def record_to_layer(record: ImageRecord, name: str | None = None) -> LayerData:
     return (record.data, kwargs, "image")
 
 
+def _named_labels(record: ImageRecord, names: tuple[str, ...], colours: tuple[str, ...], name: str,
+                  extra: dict[str, Any] | None = None) -> LayerData:
+    """A label map with a name and colour per value as a labels layer."""
+    kwargs: dict[str, Any] = {
+        "name": name,
+        "scale": list(record.spacing),
+        "translate": list(record.origin),
+        "metadata": {METADATA_KEY: record.geometry(), CLASSES_KEY: list(names), COLORS_KEY: list(colours),
+                     **(extra or {})},
+        "colormap": {None: "transparent", **dict(enumerate(colours)), 0: "transparent"},
+    }
+    return (np.asarray(record.data), kwargs, "labels")
+
+
+def seg_nrrd_to_layer(path: str | os.PathLike[str]) -> LayerData:
+    """A 3D Slicer .seg.nrrd as a labels layer named and coloured by its segments."""
+    seg = read_seg_nrrd(Path(path))
+    return _named_labels(seg.record, seg.class_names, seg.class_colors, os.path.basename(path).split(".")[0])
+
+
 def seg_to_layer(path: str | os.PathLike[str]) -> LayerData:
     """A DICOM-SEG file as a labels layer on its series: the series' slices when it lies beside the file (its
     folder, a subfolder, or a sibling folder), else the extent of the segmented frames, placed by their positions."""
@@ -71,14 +94,7 @@ def seg_to_layer(path: str | os.PathLike[str]) -> LayerData:
     if series is None:
         show_info(f"napari-daeformer: {os.path.basename(path)}: its source series is not beside it; the labels cover "
                   "the segmented slices only, placed by their positions")
-    record = seg.record
-    geometry = {**record.geometry(), "source_path": str(series) if series else None}
-    kwargs: dict[str, Any] = {
-        "name": os.path.basename(path).split(".")[0],
-        "scale": list(record.spacing),
-        "translate": list(record.origin),
-        "metadata": {METADATA_KEY: geometry, CLASSES_KEY: list(seg.class_names), COLORS_KEY: list(seg.class_colors),
-                     CHECKPOINT_KEY: seg.algorithm},
-        "colormap": {None: "transparent", **dict(enumerate(seg.class_colors)), 0: "transparent"},
-    }
-    return (seg.labels, kwargs, "labels")
+    layer = _named_labels(seg.record, seg.class_names, seg.class_colors, os.path.basename(path).split(".")[0],
+                          {CHECKPOINT_KEY: seg.algorithm})
+    layer[1]["metadata"][METADATA_KEY]["source_path"] = str(series) if series else None
+    return (seg.labels, layer[1], "labels")

@@ -14,7 +14,7 @@ from .io.record import CHECKPOINT_KEY, CHECKPOINT_SHA_KEY, CLASSES_KEY, COLORS_K
 
 
 def write_labels_layer(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
-    """npe2 single-layer writer: NIfTI (source affine), TIFF (spacing) or PNG.
+    """npe2 single-layer writer: NIfTI (source affine), .seg.nrrd (affine, segment names), TIFF (spacing) or PNG.
 
     napari's save dialog asks before replacing a file, so an existing file is overwritten here.
     """
@@ -22,7 +22,10 @@ def write_labels_layer(path: str, data: Any, attributes: dict[str, Any]) -> list
     if geometry is None:
         spacing = [float(s) for s in attributes.get("scale", [1.0] * np.ndim(data))]
         geometry = None if all(s == 1.0 for s in spacing) else _axis_aligned(spacing, attributes, np.shape(data))
-    return [str(write_labels(path, np.asarray(data), geometry, overwrite=True))]
+    metadata = attributes.get("metadata") or {}
+    return [str(write_labels(path, np.asarray(data), geometry, overwrite=True,
+                             class_names=tuple(metadata.get(CLASSES_KEY) or ()),
+                             class_colors=tuple(metadata.get(COLORS_KEY) or ())))]
 
 
 def _axis_aligned(spacing: list[float], attributes: dict[str, Any], shape: tuple[int, ...]) -> dict[str, Any]:

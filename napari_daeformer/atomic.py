@@ -46,10 +46,26 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *,
         with open(tmp, "rb+") as f:                               # data on disk before the rename
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask() if mode is None else mode)   # as a plain open() would (some writers use 0600)
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _link_new(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _link_new(tmp: Path, path: Path) -> None:
+    """Put `tmp` at `path` only if nothing is there at that moment (another writer may have finished first):
+    a hard link fails on an existing name, where a rename would replace it."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise DaeformerError(f"{path} already exists (written by another process meanwhile); it was kept") from None
+    except OSError:                                       # a file system without hard links: check, then rename
+        if path.exists():
+            raise DaeformerError(f"{path} already exists (written by another process meanwhile); it was kept") from None
+        os.replace(tmp, path)
 
 
 _TEMPORARY = re.compile(r"\.tmp-(\d+)-[0-9a-f]{8}-(.+)")

@@ -33,9 +33,10 @@ READ_AHEAD = 2                        # files read in parallel ahead of the engi
 # From this many files to segment, `auto` compiles static int8 on a CPU that runs int8 (a minute or two, once per
 # model): it saves about 0.06 s per `paper` slice over int8 dynamic, some 12 s per 200-slice CT volume.
 PREPARE_INT8_FILES = 8
-OUTPUT_FORMATS = ("same", ".nii.gz", ".nii", ".tif", ".png")
+OUTPUT_FORMATS = ("same", ".nii.gz", ".nii", ".seg.nrrd", ".tif", ".png")
 _SAME = {".nii": ".nii", ".nii.gz": ".nii.gz", ".tif": ".tif", ".tiff": ".tiff", ".png": ".png",
-         ".jpg": ".png", ".jpeg": ".png", ".bmp": ".png", ".dcm": ".nii.gz", "": ".nii.gz"}
+         ".jpg": ".png", ".jpeg": ".png", ".bmp": ".png", ".dcm": ".nii.gz", "": ".nii.gz",
+         ".nrrd": ".seg.nrrd", ".nhdr": ".seg.nrrd", ".seg.nrrd": ".seg.nrrd"}
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,8 @@ class BatchJob:
     Args:
         input_dir, output_dir: folders; outputs mirror the inputs' relative paths and names.
         patterns: glob patterns (relative, e.g. "**/*.nii.gz"); default every file, recursively.
-        output_format: "same" (NIfTI -> NIfTI, PNG -> PNG, JPEG -> PNG, DICOM -> .nii.gz) or a suffix.
+        output_format: "same" (NIfTI -> NIfTI, NRRD -> .seg.nrrd, PNG -> PNG, JPEG -> PNG, DICOM -> .nii.gz) or a
+            suffix.
         model: checkpoint path or bundled name; None picks the bundled model by image kind.
         overwrite: recompute files whose output exists (default: skip them).
         prefetch: read the next file, and write the previous one, while the current one is on the device;
@@ -277,10 +279,11 @@ def run_batch(job: BatchJob, *, rank: int = 0, world_size: int = 1,
                         break
                     yield BatchProgress(done, total, rel, p.done, p.total, note=p.note)
                 compute += time.perf_counter() - t0
+                named = {"class_names": ckpt.card.class_names, "class_colors": ckpt.card.class_colors}
                 if writer is not None:
-                    future = writer.submit(write_labels, out, labels, record, overwrite=job.overwrite)
+                    future = writer.submit(write_labels, out, labels, record, overwrite=job.overwrite, **named)
                 else:
-                    write_labels(out, labels, record, overwrite=job.overwrite)
+                    write_labels(out, labels, record, overwrite=job.overwrite, **named)
                 physical = is_physical(record.source_format, record.spacing)
                 result = FileResult(rel, str(out.relative_to(job.output_dir)), "done", "", record.spatial_shape,
                                     record.spacing, time.perf_counter() - t0,

@@ -94,6 +94,8 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..batch import OUTPUT_FORMATS
+
     parser = argparse.ArgumentParser(prog="daeformer", description="DAE-Former segmentation for CT volumes and "
                                      "skin photos: the command line of napari-daeformer.")
     from .. import __version__
@@ -149,8 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output_dir", type=Path, help="folder for the label maps and summary.csv")
     p.add_argument("--model", help="checkpoint or bundled name (default: the bundled model for each image's kind)")
     p.add_argument("--pattern", action="append", help="glob relative to IN_DIR, repeatable (default: **/*)")
-    p.add_argument("--format", default="same", choices=("same", ".nii.gz", ".nii", ".tif", ".png"),
-                   help="output format; same: NIfTI->NIfTI, PNG/JPEG->PNG, DICOM->.nii.gz (default: %(default)s)")
+    p.add_argument("--format", default="same", choices=OUTPUT_FORMATS,
+                   help="output format; same: NIfTI->NIfTI, NRRD->.seg.nrrd (3D Slicer), PNG/JPEG->PNG, "
+                        "DICOM->.nii.gz (default: %(default)s)")
     _add_engine_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="recompute files whose output exists")
     p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=None,

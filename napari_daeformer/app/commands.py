@@ -63,7 +63,8 @@ def segment_file(record: ImageRecord, output: Path, model: str | None, *, device
         out = write_dicom_seg(output, result.labels, record.path, ckpt.card.class_names, ckpt.card.class_colors,
                               algorithm, overwrite=overwrite)
     else:
-        out = write_labels(output, result.labels, record, overwrite=overwrite)
+        out = write_labels(output, result.labels, record, overwrite=overwrite, class_names=ckpt.card.class_names,
+                           class_colors=ckpt.card.class_colors)
     physical = is_physical(record.source_format, record.spacing)
     return out, result.labels, class_measures(result.labels, record.spacing, ckpt.card.class_names, physical)
 

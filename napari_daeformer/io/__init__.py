@@ -1,7 +1,7 @@
 """Reading images and writing label maps with their geometry. Plain Python: no Qt, no napari.
 
-`read_image(path)` returns an `ImageRecord` for NIfTI, DICOM, TIFF and photos;
-`write_labels(path, labels, geometry)` writes NIfTI/TIFF/PNG atomically, restoring the source affine.
+`read_image(path)` returns an `ImageRecord` for NIfTI, NRRD, DICOM, TIFF and photos;
+`write_labels(path, labels, geometry)` writes NIfTI/TIFF/PNG/.seg.nrrd atomically, restoring the source affine.
 Every failure is an `ImageFormatError` with a one-line message.
 """
 
@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import DaeformerError, ImageFormatError
 from .dicom import is_dicom_file, read_dicom
 from .nifti import read_nifti, write_nifti
+from .nrrd import NRRD_SUFFIXES, SEG_NRRD_SUFFIX, read_nrrd, write_seg_nrrd
 from .photo import PHOTO_SUFFIXES, read_photo, write_png
 from .record import METADATA_KEY, ImageRecord, default_affine, geometry_from_metadata
 from .tiff import read_tiff, write_tiff
@@ -23,17 +24,17 @@ from .tiff import read_tiff, write_tiff
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 TIFF_SUFFIXES = (".tif", ".tiff")
 DICOM_SUFFIXES = (".dcm",)
-READ_SUFFIXES = NIFTI_SUFFIXES + TIFF_SUFFIXES + PHOTO_SUFFIXES + DICOM_SUFFIXES
-LABEL_SUFFIXES = NIFTI_SUFFIXES + TIFF_SUFFIXES + (".png",)
+READ_SUFFIXES = NIFTI_SUFFIXES + NRRD_SUFFIXES + (SEG_NRRD_SUFFIX,) + TIFF_SUFFIXES + PHOTO_SUFFIXES + DICOM_SUFFIXES
+LABEL_SUFFIXES = NIFTI_SUFFIXES + (SEG_NRRD_SUFFIX,) + TIFF_SUFFIXES + (".png",)
 
 __all__ = ["ImageRecord", "METADATA_KEY", "READ_SUFFIXES", "LABEL_SUFFIXES", "read_image", "write_labels", "is_dicom_input",
            "check_label_path", "geometry_from_metadata", "suffix_of", "can_read"]
 
 
 def suffix_of(path: str | os.PathLike[str]) -> str:
-    """Lower-case suffix, with `.nii.gz` as one suffix."""
+    """Lower-case suffix, with `.nii.gz` and `.seg.nrrd` as one suffix."""
     name = Path(path).name.lower()
-    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+    return next((s for s in (".nii.gz", SEG_NRRD_SUFFIX) if name.endswith(s)), Path(name).suffix)
 
 
 def can_read(path: str | os.PathLike[str]) -> bool:
@@ -70,6 +71,8 @@ def read_image(path: str | os.PathLike[str]) -> ImageRecord:
             return read_dicom(p)
         if suffix in NIFTI_SUFFIXES:
             return read_nifti(p)
+        if suffix in (*NRRD_SUFFIXES, SEG_NRRD_SUFFIX):
+            return read_nrrd(p)
         if suffix in TIFF_SUFFIXES:
             return read_tiff(p)
         if suffix in PHOTO_SUFFIXES:
@@ -102,6 +105,8 @@ def _check_label_format(p: Path, ndim: int | None, dicom_source: bool = False) -
                                f"use one of {', '.join(LABEL_SUFFIXES)}")
     if suffix == ".png" and ndim == 3:
         raise ImageFormatError(f"{p.name}: PNG holds one 2D slice, got a volume; use .nii.gz or .tif for volumes")
+    if suffix == SEG_NRRD_SUFFIX and ndim == 2:
+        raise ImageFormatError(f"{p.name}: a .seg.nrrd holds a volume, got a 2D image; use .png or .tif")
 
 
 def check_label_path(path: str | os.PathLike[str], ndim: int | None = None, *, overwrite: bool = False,
@@ -123,11 +128,13 @@ def check_label_path(path: str | os.PathLike[str], ndim: int | None = None, *, o
 
 
 def write_labels(path: str | os.PathLike[str], labels: np.ndarray, geometry: dict[str, Any] | ImageRecord | None = None,
-                 *, overwrite: bool = False) -> Path:
+                 *, overwrite: bool = False, class_names: tuple[str, ...] = (), class_colors: tuple[str, ...] = ()
+                 ) -> Path:
     """Write an integer label map beside its source's geometry.
 
     Args:
-        path: .nii/.nii.gz (affine restored), .tif/.tiff (spacing), or .png (2D only).
+        path: .nii/.nii.gz (affine restored), .seg.nrrd (affine, and the segments named by `class_names` /
+            `class_colors` for 3D Slicer; volumes only), .tif/.tiff (spacing), or .png (2D only).
         labels: ([Z,] Y, X) integer array in the source's array order.
         geometry: an ImageRecord, its `geometry()` dict (e.g. from layer metadata), or None (unit spacing).
         overwrite: replace an existing file; otherwise refuse.
@@ -152,6 +159,8 @@ def write_labels(path: str | os.PathLike[str], labels: np.ndarray, geometry: dic
     suffix = suffix_of(p)
     if suffix in NIFTI_SUFFIXES:
         return write_nifti(p, out, affine, overwrite=overwrite, labels=True)
+    if suffix == SEG_NRRD_SUFFIX:
+        return write_seg_nrrd(p, out, affine, class_names, class_colors, overwrite=overwrite)
     if suffix in TIFF_SUFFIXES:
         return write_tiff(p, out, spacing, overwrite=overwrite)
     return write_png(p, out, overwrite=overwrite)

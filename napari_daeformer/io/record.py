@@ -32,7 +32,7 @@ class ImageRecord:
         dtype: the on-disk dtype (the array may have been converted, e.g. DICOM to HU).
         path: where it was read from.
         modality: "ct", "mr", "rgb" or "gray": a hint for choosing preprocessing.
-        source_format: "nifti", "dicom", "tiff" or "photo".
+        source_format: "nifti", "nrrd", "dicom", "tiff" or "photo".
         notes: things the user should be told (e.g. an alpha channel was dropped).
         is_labels: the file is a label map this project wrote (it opens as a Labels layer).
     """

@@ -1,0 +1,24 @@
+"""Atomic writes: a write that must not replace a file checks at the moment it lands, not before it starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from napari_daeformer.atomic import atomic_write
+from napari_daeformer.errors import DaeformerError
+
+
+def test_a_second_writer_that_finishes_first_is_never_replaced(tmp_path: Path) -> None:
+    target = tmp_path / "mask.nii.gz"
+
+    def slow_write(tmp: Path) -> None:               # while we write, another process lands its file
+        tmp.write_bytes(b"ours")
+        target.write_bytes(b"theirs")
+
+    with pytest.raises(DaeformerError, match="written by another process meanwhile"):
+        atomic_write(target, slow_write, overwrite=False)
+    assert target.read_bytes() == b"theirs" and [p.name for p in tmp_path.iterdir()] == ["mask.nii.gz"]
+    atomic_write(target, lambda tmp: tmp.write_bytes(b"ours"))            # overwrite allowed: replaced
+    assert target.read_bytes() == b"ours"
