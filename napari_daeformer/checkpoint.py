@@ -33,7 +33,7 @@ _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 _COLOR = re.compile(r"#[0-9a-fA-F]{6}")
 MAX_INPUT_SIDE = 4096
 
-# The Synapse label mapping (PAPER.md section 4); other projects have got it wrong.
+# The Synapse label mapping (TransUNet's preprocessed Synapse data, which DAE-Former uses); other projects have got it wrong.
 SYNAPSE_CLASSES = ("background", "aorta", "gallbladder", "left kidney", "right kidney", "liver",
                    "pancreas", "spleen", "stomach")
 

@@ -2,8 +2,8 @@
 
 Conventions (ours): a class absent from both prediction and ground truth scores NaN for both metrics and is
 left out of means; present in exactly one of them, Dice 0 and HD95 NaN (no surface to measure to), counted
-separately by the callers. `protocol="paper"` reproduces the official evaluation instead (medpy, PAPER.md
-section 5): an empty prediction scores (Dice 0, HD95 0) whatever the ground truth, a non-empty prediction with
+separately by the callers. `protocol="paper"` reproduces the official evaluation instead (medpy, as in
+the released code's test script): an empty prediction scores (Dice 0, HD95 0) whatever the ground truth, a non-empty prediction with
 an empty ground truth scores (1, 0), and HD95 is in voxels (spacing 1).
 
 HD95 has two definitions in use, and each protocol follows the library it names (tests/test_metrics.py checks both

@@ -1,6 +1,6 @@
 """Training data sources, each a list of `Case`s (one per patient or photo) ready for `SliceDataset`.
 
-- Synapse (TransUNet's layout, PAPER.md section 4): `train_npz/caseXXXX_sliceYYY.npz` with `image` (in [0, 1]
+- Synapse (TransUNet's layout, as DAE-Former's code reads it): `train_npz/caseXXXX_sliceYYY.npz` with `image` (in [0, 1]
   after the [-125, 275] HU window) and `label`; `test_vol_h5/caseXXXX.npy.h5` with `image` and `label` (D, H, W).
   Images are mapped back to HU-equivalent values (x * 400 - 125) so that the checkpoint's abdomen window
   reproduces them exactly and the model then applies to HU volumes from NIfTI or DICOM.

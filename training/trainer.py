@@ -37,7 +37,7 @@ from .state import load_state, save_state
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every default is the paper's (PAPER.md section 3) unless its comment says otherwise."""
+    """Every default is the paper's (Azad et al., arXiv 2212.13504, and its released code) unless its comment says otherwise."""
 
     epochs: int | None = 400         # None: train for `max_steps` whatever the data size (fine-tuning)
     batch_size: int = 24             # global: split across processes under torchrun

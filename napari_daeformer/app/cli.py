@@ -190,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=run_evaluate)
 
     p = sub.add_parser("finetune", help="fine-tune a checkpoint on corrected slices into a new checkpoint",
-                       description="Fine-tune a copy of a checkpoint on the corrected slices of one image; hold one "
-                       "out of five (at least one) to report Dice before and after; write a new checkpoint with "
+                       description="Fine-tune a copy of a checkpoint on the corrected slices of one image; hold a "
+                       "quarter of them out (at least one) to report Dice before and after; write a new checkpoint with "
                        "its parent recorded. The parent file is never modified.")
     add_finetune_arguments(p)
     p.set_defaults(func=run_finetune)

@@ -1,4 +1,4 @@
-"""Each attention module against a slow reference written from the equations in PAPER.md section 2."""
+"""Each attention module against a slow reference written from the paper's equations (arXiv 2212.13504, section 3)."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ def test_output_shape(size: int, in_channels: int) -> None:
 
 def test_paper_configuration_forward_and_parameter_count() -> None:
     model = DAEFormer(named_config("paper", num_classes=9, in_channels=3)).eval()
-    # 29.69 M: what the released model uses in its forward pass (PAPER.md section 7).
+    # 29.69 M: the parameters the released model's forward pass uses (its checkpoint stores a few unused keys).
     assert abs(count_parameters(model) - 29.69e6) / 29.69e6 < 0.005
     with torch.no_grad():
         assert model(torch.randn(1, 3, 224, 224)).shape == (1, 9, 224, 224)
