@@ -209,7 +209,7 @@ def run_batch(job: BatchJob, *, rank: int = 0, world_size: int = 1,
     if job.output_dir.is_dir():
         remove_stale_temporaries(job.output_dir, recursive=True)
     models = _Models(job.model)
-    earlier = read_uncertainty(job.output_dir / SUMMARY)
+    earlier = read_earlier(job.output_dir / SUMMARY)
     results: list[FileResult] = []
     compute = 0.0
     todo = []
@@ -315,10 +315,9 @@ def _ckpt_name(ckpt: Checkpoint) -> str:
     return ckpt.path.name if ckpt.path else "model"
 
 
-def _existing(job: BatchJob, source: Path, out: Path, models: _Models,
-              earlier: dict[str, tuple[float, int]]) -> FileResult:
-    """A finished output from an earlier run: measured from the file, not recomputed; its uncertainty is the earlier
-    run's (from its summary), or unknown."""
+def _existing(job: BatchJob, source: Path, out: Path, models: _Models, earlier: dict[str, FileResult]) -> FileResult:
+    """A finished output from an earlier run: measured from the file, not recomputed; its seconds, uncertainty and
+    the checkpoint that made it are the earlier run's (from its summary), or unknown (not this run's model)."""
     rel, rel_out = str(source.relative_to(job.input_dir)), str(out.relative_to(job.output_dir))
     try:
         labels = read_image(out)
@@ -326,15 +325,18 @@ def _existing(job: BatchJob, source: Path, out: Path, models: _Models,
         photo = job.model is None and suffix_of(source) in (".png", ".jpg", ".jpeg", ".bmp")
         ckpt, sha = models.for_kind("skin" if photo and read_image(source).rgb else "ct")
         physical = is_physical(labels.source_format, labels.spacing)
-        return FileResult(rel, rel_out, "existing", "", tuple(data.shape), labels.spacing, 0.0,
+        before = earlier.get(rel, FileResult(rel, rel_out, "existing"))
+        return FileResult(rel, rel_out, "existing", "", tuple(data.shape), labels.spacing, before.seconds,
                           class_measures(data.astype(np.int64), labels.spacing, ckpt.card.class_names, physical),
-                          measure_unit(data.ndim, physical), _ckpt_name(ckpt), sha, *earlier.get(rel, (None, None)))
+                          measure_unit(data.ndim, physical), before.checkpoint, before.checkpoint_sha256,
+                          before.mean_entropy, before.uncertain_slice)
     except Exception as e:
         return FileResult(rel, rel_out, "failed", f"existing output unreadable: {_reason(e)}")
 
 
-def read_uncertainty(summary: Path) -> dict[str, tuple[float, int]]:
-    """input -> (mean entropy, most uncertain slice) from an earlier run's summary.csv; empty when there is none."""
+def read_earlier(summary: Path) -> dict[str, FileResult]:
+    """input -> what an earlier run's summary.csv says of it (seconds, uncertainty, checkpoint); empty when there
+    is none. Cells that do not parse are left unknown."""
     try:
         with open(summary, encoding="utf-8", newline="") as f:
             rows = list(csv.DictReader(f))
@@ -342,11 +344,22 @@ def read_uncertainty(summary: Path) -> dict[str, tuple[float, int]]:
         return {}
     found = {}
     for row in rows:
-        try:
-            found[uncell(row["input"])] = (float(row["mean_entropy"]), int(row["most_uncertain_slice"]))
-        except (KeyError, TypeError, ValueError):
+        if row.get("status") not in ("done", "existing") or not row.get("input"):
             continue
+        entropy, slice_, seconds = _number(row, "mean_entropy", float), _number(row, "most_uncertain_slice", int), \
+            _number(row, "seconds", float)
+        found[uncell(row["input"])] = FileResult(
+            uncell(row["input"]), uncell(row.get("output") or ""), "existing", seconds=seconds or 0.0,
+            checkpoint=uncell(row.get("checkpoint") or ""), checkpoint_sha256=row.get("checkpoint_sha256") or "",
+            mean_entropy=entropy, uncertain_slice=slice_)
     return found
+
+
+def _number(row: dict[str, str], key: str, kind: type[float] | type[int]) -> float | int | None:
+    try:
+        return kind(row[key])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def ranked(results: list[FileResult]) -> list[FileResult]:

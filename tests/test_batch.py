@@ -15,6 +15,7 @@ from skimage import io as skio
 
 from napari_daeformer.app.cli import main
 from napari_daeformer.batch import BatchJob, list_inputs, output_paths, run_batch
+from napari_daeformer.bundled import bundled_model
 from napari_daeformer.io import read_image, write_labels
 from napari_daeformer.io.nifti import write_nifti
 from napari_daeformer.jobs import drain
@@ -74,6 +75,13 @@ def test_rank_puts_shifted_scans_first(tmp_path: Path, capsys) -> None:  # type:
         again = list(csv.DictReader(f))
     assert [r["status"] for r in again] == ["existing"] * 6
     assert [(r["input"], r["mean_entropy"]) for r in again] == [(r["input"], r["mean_entropy"]) for r in rows]
+    assert [(r["seconds"], r["checkpoint"]) for r in again] == [(r["seconds"], r["checkpoint"]) for r in rows]
+    assert all(float(r["seconds"]) > 0 for r in again)                 # the first run's times are kept
+    skin = tmp_path / "skin.safetensors"
+    skin.write_bytes(bundled_model("skin").read_bytes())
+    assert main(["batch", str(tmp_path / "in"), str(out), "--device", "cpu", "--quiet", "--model", str(skin)]) == 0
+    with open(out / "summary.csv", encoding="utf-8") as f:                 # another model: outputs not its own
+        assert {r["checkpoint"] for r in csv.DictReader(f)} == {rows[0]["checkpoint"]}
 
 
 def test_mixed_folder(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -274,7 +282,7 @@ def test_summary_cells_never_start_a_spreadsheet_formula(tmp_path: Path) -> None
     import csv
     import io
 
-    from napari_daeformer.batch import FileResult, read_uncertainty, summary_csv
+    from napari_daeformer.batch import FileResult, read_earlier, summary_csv
 
     name = '=HYPERLINK("http://x","open").nii.gz'
     csv_text = summary_csv([FileResult(name, "-out.nii.gz", "done", reason="+1", measures={"@SUM(A1)": 2.0},
@@ -284,4 +292,5 @@ def test_summary_cells_never_start_a_spreadsheet_formula(tmp_path: Path) -> None
     assert not any(c.startswith(("=", "+", "-", "@")) for c in cells), cells
     assert f"'{name}" in cells and "'@SUM(A1)" in rows[0] and "'-out.nii.gz" in cells
     (tmp_path / "summary.csv").write_text(csv_text)
-    assert read_uncertainty(tmp_path / "summary.csv") == {name: (0.5, 3)}
+    earlier = read_earlier(tmp_path / "summary.csv")[name]
+    assert (earlier.mean_entropy, earlier.uncertain_slice, earlier.output) == (0.5, 3, "-out.nii.gz")

@@ -66,7 +66,7 @@ class FinetuneSettings:
     protect_weight: float | None = None  # l2sp: pull strength; pseudo: weight of the CE on the parent's labels
     #                                  (None: DEFAULT_WEIGHTS for the protection)
     confidence: float = 0.9          # pseudo: parent probability above which its label is a target
-    trust: tuple[float, float] | None = (0.5, 0.9)  # the fit (Dice on the trained slices after `steps`, held
+    trust: tuple[float, float] | None = (0.35, 0.55)  # the fit (Dice on the trained slices after `steps`, held
     #                                  to the parent) below which a second run of `steps` starts from the parent
     #                                  with the protection eased, and at which it is gone (in between: scaled by
     #                                  the square of where the fit lies); None: never. The best state of both is kept.
