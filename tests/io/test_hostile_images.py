@@ -101,3 +101,20 @@ def test_cli_refuses_each_in_one_line_and_writes_nothing(tmp_path: Path, capsys:
     _cli_refuses(["segment", str(small), str(small), "--overwrite"], "is the input image", capsys)
     assert not out.exists() and small.stat().st_size > 0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no temporary left either
+
+
+def test_a_bug_in_our_reader_is_a_traceback_not_a_bad_file(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Only the library calls that parse a file are wrapped: an error of our own code reaches the developer."""
+    import napari_daeformer.io.nifti as nifti_module
+    from napari_daeformer.io import read_image
+    from napari_daeformer.io.nifti import write_nifti
+    from napari_daeformer.io.record import default_affine
+
+    path = write_nifti(tmp_path / "scan.nii.gz", np.zeros((2, 8, 8), np.int16), default_affine((1.0, 1.0, 1.0)))
+
+    def planted(*_args, **_kwargs):  # type: ignore[no-untyped-def]
+        raise ZeroDivisionError("a planted bug")
+
+    monkeypatch.setattr(nifti_module, "check_pixels", planted)
+    with pytest.raises(ZeroDivisionError, match="planted"):
+        read_image(path)
