@@ -30,7 +30,7 @@ from .volumes import class_measures, is_physical, measure_unit
 
 SUMMARY = "summary.csv"
 READ_AHEAD = 2                        # files read in parallel ahead of the engine (GPU runs)
-# From this many files to segment, `auto` compiles static int8 on a CPU that runs int8 (a minute or two, once per
+# From this many files to segment, `auto` compiles static int8 on a CPU that runs int8 (about 1 min on 2 idle cores, 3-4 busy; once per
 # model): it saves about 0.06 s per `paper` slice over int8 dynamic, some 12 s per 200-slice CT volume.
 PREPARE_INT8_FILES = 8
 OUTPUT_FORMATS = ("same", ".nii.gz", ".nii", ".seg.nrrd", ".tif", ".png")

@@ -78,7 +78,7 @@ class SegmentWidget(WorkerWidget):
         self._precision = ComboBox(label="precision", choices=list(PRECISIONS), value="auto",
                                    tooltip="auto: the fastest path measured to keep the labels (bf16 on GPUs and "
                                    "bf16 CPUs, int8 on other x86 CPUs). int8 compiles a static int8 model for this "
-                                   "CPU on first use (a minute or two, cached); auto uses it from then on")
+                                   "CPU on first use (about 1 min on 2 idle cores, 3-4 busy; cached); auto uses it from then on")
         self._mode = ComboBox(label="mode", choices=list(MODES), value=MODES[0],
                               tooltip="'only slices not yet corrected' re-segments the chosen labels layer "
                               "around your edits and keeps every slice you changed")
