@@ -90,7 +90,8 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="numeric path; auto = bf16 on GPUs and on CPUs with native bf16, int8 on other x86 CPUs: "
                    "static int8 once compiled for the model, else dynamic. int8 compiles it on first use "
-                   "(about 1 min on 2 idle cores, 3-4 min on a busy machine; cached); batch jobs of 8+ files under auto do too (default: %(default)s)")
+                   "(about 1 min on 2 idle cores, 3-4 min on a busy machine; cached); batch jobs of 8+ files "
+                   "under auto do too (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
