@@ -3,8 +3,8 @@ with ranges calibrated once), compiled ahead of time by AOTInductor into a packa
 
 The package is made once per model weights, batch size, input size, torch/torchao version and CPU instruction
 set (57-59 s for `paper` on 2 idle cores, README; 204 s under load) and loads in well under a second afterwards.
-It is accepted only when its labels agree with fp32 on the calibration slices (`MIN_AGREEMENT`, `MIN_CLASS_DICE`); otherwise the engine keeps
-int8 dynamic.
+It is accepted only when its labels agree with fp32 on the calibration slices (`MIN_AGREEMENT`, `MIN_CLASS_DICE`);
+otherwise the engine keeps int8 dynamic.
 `benchmarks/bench_model.py` measures it against the official model.
 """
 
