@@ -76,6 +76,8 @@ class FinetuneSettings:
     min_gain: float = 0.001          # held-out Dice gain needed to count as better (bf16/fp32 rounding is below it)
     calibrate: bool = True           # learn a per-channel intensity scale and shift (CT and RGB; see InputCalibration)
     calibration_lr_scale: float = 100.0  # its learning rate, times `lr`
+    new_class_lr_scale: float = 30.0  # the output layer's learning rate, times `lr`, while it has classes the parent
+    #                                  never learnt (their rows are free of the pull; at 1x the spine stayed at Dice 0)
     device: str = "auto"
     seed: int = 0
     minutes: float | None = None     # stop cleanly after this long (the best state so far is kept)
@@ -367,14 +369,19 @@ class _SquaredDistance(torch.autograd.Function):
 
 
 class PullToParent:
-    """L2-SP: `weight / 2 * sum((w - w_parent)^2)` over the trained parameters."""
+    """L2-SP: `weight / 2 * sum((w - w_parent)^2)` over the trained parameters; the output rows of classes the parent
+    never learnt (`free_classes`, the last rows of the head) are not pulled (towards a copy of background, which
+    would hold them there: the spine added from 4 slices stayed at Dice 0 under the pull)."""
 
-    def __init__(self, model: DAEFormer, weight: float) -> None:
-        self.pairs = [(p, p.detach().clone()) for p in model.parameters()]
+    def __init__(self, model: DAEFormer, weight: float, free_classes: int = 0) -> None:
+        head = {id(model.head.weight), id(model.head.bias)}
+        keep = model.head.out_features - free_classes
+        self.pairs = [(p, p.detach()[:keep].clone() if id(p) in head and free_classes else p.detach().clone(),
+                       keep if id(p) in head and free_classes else None) for p in model.parameters()]
         self.weight = weight
 
     def __call__(self, net: torch.nn.Module) -> torch.Tensor:
-        trained = [(p, p0) for p, p0 in self.pairs if p.requires_grad]
+        trained = [(p if rows is None else p[:rows], p0) for p, p0, rows in self.pairs if p.requires_grad]
         params, parents = [p for p, _ in trained], [p0 for _, p0 in trained]
         return 0.5 * self.weight * _SquaredDistance.apply(parents, *params)
 
@@ -432,19 +439,22 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
             return None
         return _pooled_dice([engine_labels(h) for h in holdout], [h.labels for h in holdout], n_classes)
 
+    fresh = list(card.provenance.get("new_classes") or ())                  # classes added to the head, not yet learnt
     regulariser: PseudoLabels | PullToParent | None = None
     if settings.protect == "pseudo" and uncorrected:
         as_input = model.input_preprocessing if isinstance(model, InputCalibration) else (lambda p: p)
         x = torch.cat([network_input(u.images, as_input(u.prep), size) for u in uncorrected])
         regulariser = PseudoLabels(x, torch.cat([probs for _, probs in parent_out]), settings, device)
     elif settings.protect == "l2sp":
-        regulariser = PullToParent(network, settings.weight)
+        regulariser = PullToParent(network, settings.weight, len(fresh))
     n_train = sum(len(c.labels) for c in train)
     cfg = TrainConfig(epochs=None, max_steps=settings.steps, batch_size=min(settings.batch_size, n_train),
                       lr=settings.lr, warmup_steps=min(settings.warmup_steps, settings.steps - 1), optimizer="adamw",
                       weight_decay=0.0, dice_present_only=True, train_parts=settings.train_parts, seed=settings.seed,
                       augment=AugmentConfig(p_flip=0.0) if settings.augment else None)
-    scales = {"log_scale": settings.calibration_lr_scale, "shift": settings.calibration_lr_scale}
+    head = settings.new_class_lr_scale if fresh else 1.0
+    scales = {"log_scale": settings.calibration_lr_scale, "shift": settings.calibration_lr_scale, "head.": head,
+              "net.head.": head}
     judged: list[tuple[float, float]] = []                                # (fit, share) once judged
     start = copy.deepcopy(model.state_dict())
 
@@ -508,7 +518,8 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
         holdout_dice_before=None if before is None else round(before, 4),
         holdout_dice_after=None if after is None else round(after, 4),
         changed_uncorrected=None if changed is None else round(changed, 5),
-        trust_fit=None if fit is None else round(fit, 4), protection_share=round(share, 4))
+        trust_fit=None if fit is None else round(fit, 4), protection_share=round(share, 4),
+        new_classes=[], added_classes=[*card.provenance.get("added_classes", []), *fresh])
     candidate = Checkpoint(network.cpu(), new_card)
     old, new = card.preprocessing.describe(), folded.describe()
     return FinetuneResult(candidate if improved else parent, candidate, before, after, improved, best_step, changed,

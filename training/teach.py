@@ -26,7 +26,7 @@ from napari_daeformer.preprocessing import Preprocessing, ct_preprocessing, rgb_
 from .finetune import FinetuneSettings, Pair, _as_slices
 from .losses import IGNORE
 
-NEW_CLASS_BIAS = -10.0          # a new class's starting logit: below every old one until it is learnt
+NEW_CLASS_MARGIN = 2.0          # a new class starts as background's output less this: never chosen until learnt
 HU_MARGIN = 150.0               # around the annotated structures' intensities
 INPUT_SIDES = (128, 160, 192, 224)
 # A new model from a few slices (benchmarks/bench_sparse.py --recipe): twice fine-tuning's rate (2e-3 scored 0.027
@@ -112,7 +112,9 @@ def new_model(class_names: tuple[str, ...], preprocessing: Preprocessing, input_
 
 def extend_classes(parent: Checkpoint, class_names: tuple[str, ...]) -> Checkpoint:
     """`parent` with the extra classes of `class_names` (which starts with the parent's own): new output channels
-    at NEW_CLASS_BIAS, the old ones untouched."""
+    that start as a copy of background's less NEW_CLASS_MARGIN (the parent saw the new structure as background, so
+    only the difference is learnt; a fixed low bias was never overcome at fine-tuning's rate: Dice 0 on the spine
+    in `benchmarks/bench_sparse.py --add-class`), the old ones untouched."""
     old = parent.card.class_names
     if tuple(class_names[:len(old)]) != tuple(old):
         raise TrainingError(f"the classes must start with the model's own ({', '.join(old)}); got "
@@ -123,9 +125,9 @@ def extend_classes(parent: Checkpoint, class_names: tuple[str, ...]) -> Checkpoi
     model = DAEFormer(cfg)
     state = {k: v.clone() for k, v in parent.model.state_dict().items() if not k.startswith("head.")}
     n = len(old)
-    weight = torch.zeros(len(class_names), parent.model.head.in_features)
-    bias = torch.full((len(class_names),), NEW_CLASS_BIAS)
-    weight[:n], bias[:n] = parent.model.head.weight.detach(), parent.model.head.bias.detach()
+    old_weight, old_bias = parent.model.head.weight.detach(), parent.model.head.bias.detach()
+    weight = torch.cat([old_weight, old_weight[:1].expand(len(class_names) - n, -1)])
+    bias = torch.cat([old_bias, (old_bias[:1] - NEW_CLASS_MARGIN).expand(len(class_names) - n)])
     model.load_state_dict({**state, "head.weight": weight, "head.bias": bias})
     colors = (*parent.card.class_colors, *(DEFAULT_COLORS[i % len(DEFAULT_COLORS)] for i in range(n, len(class_names))))
     card = replace(parent.card, config=cfg, class_names=tuple(class_names), class_colors=colors).with_provenance(

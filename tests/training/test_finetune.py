@@ -130,7 +130,7 @@ def test_pull_to_parent_is_l2sp_with_its_gradient() -> None:
 
     torch.manual_seed(0)
     model = DAEFormer(SMALL_CT)
-    pull = PullToParent(model, 10.0)
+    pull, free = PullToParent(model, 10.0), PullToParent(model, 10.0, free_classes=1)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 1e-2)
@@ -140,12 +140,16 @@ def test_pull_to_parent_is_l2sp_with_its_gradient() -> None:
     fast.backward()
     grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     model.zero_grad(set_to_none=True)
-    plain = 0.5 * 10.0 * sum(((p - p0) ** 2).sum() for p, p0 in pull.pairs if p.requires_grad)
+    plain = 0.5 * 10.0 * sum(((p - p0) ** 2).sum() for p, p0, _ in pull.pairs if p.requires_grad)
     plain.backward()
     assert float(fast.detach()) == pytest.approx(float(plain.detach()), rel=1e-5) and float(fast.detach()) > 0
     for got, want in zip(grads, (p.grad for p in model.parameters() if p.requires_grad)):
         torch.testing.assert_close(got, want)
     assert all(p.grad is None for p in model.encoder.parameters())
+    model.zero_grad(set_to_none=True)                       # the last row (a class the parent never learnt) is free
+    free(model).backward()
+    assert model.head.weight.grad[-1].abs().max() == 0 and model.head.bias.grad[-1] == 0
+    assert model.head.weight.grad[:-1].abs().max() > 0
 
 
 @pytest.mark.parametrize("kind", ["ct", "rgb"])
