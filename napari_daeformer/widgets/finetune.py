@@ -19,6 +19,7 @@ from napari.utils.notifications import show_info
 from qtpy.QtWidgets import QTabWidget
 
 from training.finetune import FinetuneProgress, FinetuneResult, FinetuneSettings, Pair, pair_agreement
+from training.losses import IGNORE
 from training.teach import TEACH
 
 from ..agreement import VersionAgreement, by_version, history, merged
@@ -317,7 +318,10 @@ class FinetuneWidget(WorkerWidget):
             card = card or read_card(self._parent_path())
         except DaeformerError:
             return
-        current = pair_agreement(self._collect(), card.config.num_classes)
+        try:
+            current = pair_agreement(self._collect(), card.config.num_classes)
+        except DaeformerError:                                   # labels beyond the model's classes: nothing to plot yet
+            return
         self.agreement_plot.show(by_version(merged(history(card.provenance), current)))
 
     def _collect(self) -> list[Pair]:
@@ -353,7 +357,14 @@ class FinetuneWidget(WorkerWidget):
                 name = self._corrected.value.name if self._corrected.value is not None else "model"
                 parent, out, overwrite = self.control.prepare_new(pairs, self._class_names(), name, chosen)
             else:
-                classes = self._class_names() if self._classes.visible else ()    # names for new classes
+                classes = self._class_names()                    # longer than the model's: new classes
+                top = max((int(np.max(p.labels[p.labels != IGNORE], initial=0)) for p in pairs), default=0)
+                if top >= len(classes):                          # painted with a value nobody named yet
+                    self._classes.value = ", ".join([*classes, *(f"class {i}" for i in range(len(classes), top + 1))])
+                    self._classes.visible = True
+                    self.report(f"the labels hold value {top}, beyond the {len(classes)} classes named: name the new "
+                                "classes in 'classes' (after the model's own), then press Fine-tune again")
+                    return
                 parent, out, overwrite = self.control.prepare(pairs, parent_path, chosen, bool(self._overwrite.value),
                                                               classes)
         except DaeformerError as e:

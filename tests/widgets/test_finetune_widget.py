@@ -229,3 +229,33 @@ def test_a_new_model_from_three_painted_slices_reaches_the_segment_dock(make_nap
     assert made is not painted and made.data.shape == sample.labels.shape
     assert annotation_of(viewer, made).class_names == ("background", "right lung", "left lung")
     assert annotation_of(viewer, made).checkpoint == path.name
+
+
+def test_a_class_painted_into_the_proposal_extends_the_model_from_the_dock(make_napari_viewer, qtbot) -> None:  # type: ignore[no-untyped-def]
+    """Segment with the bundled CT model, paint the spine as label 6 on 3 slices of its proposal: Fine-tune first
+    asks for the new class's name (the classes field appears), then trains a 7-class model the Segment dock uses."""
+    viewer = make_napari_viewer()
+    s = synthetic_ct(seed=31, shape=(12, 96, 96))
+    viewer.add_image(s.image, name="CT", scale=s.spacing)
+    segment = from_plugins_menu("segment_widget")
+    segment._image.value, segment._device.value = viewer.layers["CT"], "cpu"
+    segment._run.clicked()
+    qtbot.waitUntil(lambda: not segment.running, timeout=120_000)
+    proposal = viewer.layers["CT DAE-Former"]
+    spine = np.where((s.image > 400) & (s.labels == 0), 6, np.asarray(proposal.data)).astype(np.uint8)
+    _correct(proposal, spine, [2, 6, 9])
+    tune = from_plugins_menu("finetune_widget")
+    tune._image.value, tune._corrected.value = viewer.layers["CT"], proposal
+    tune._classes.value = "background, liver, spleen, left kidney, right kidney, aorta"     # the model's own only
+    tune._steps.value, tune._device.value = 20, "cpu"
+    tune._run.clicked()
+    assert not tune.running and "name the new classes" in tune._status.value
+    assert tune._class_names()[-1] == "class 6" and not tune._classes.native.isHidden()     # shown to the user
+    tune._classes.value = tune._classes.value.replace("class 6", "spine")
+    tune._run.clicked()
+    qtbot.waitUntil(lambda: not tune.running, timeout=180_000)
+    if tune.control.new_path is None:                                      # 20 steps may not beat the parent
+        tune._keep_anyway.clicked()
+    card = read_card(tune.control.new_path)
+    assert card.class_names[-1] == "spine" and card.config.num_classes == 7
+    assert segment.checkpoint_path() == tune.control.new_path
