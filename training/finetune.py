@@ -490,7 +490,7 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
                 dice = score()
                 if best is None or dice > best[0]:
                     best = (dice, step, copy.deepcopy(model.state_dict()))
-            yield FinetuneProgress(step, total, report.loss, dice)
+            yield FinetuneProgress(step, step if late else total, report.loss, dice)     # the budget ends the run
             if late:
                 break
         if late:
