@@ -7,6 +7,7 @@ worker with a live loss curve, saves a new checkpoint version and hands it to th
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Hashable
 from dataclasses import replace
 from pathlib import Path
@@ -254,6 +255,11 @@ class FinetuneWidget(WorkerWidget):
             return
         a = annotation_of(self.viewer, labels)
         names = list(a.class_names) if a is not None and a.class_names else list(labels.metadata.get(CLASSES_KEY, []))
+        if not names and self._start_from.value != FROM_NEW:          # a layer of the user's: the model's own names
+            try:
+                names = list(read_card(self._parent_path()).class_names)
+            except DaeformerError:
+                names = []
         names = names or ["background"]
         top = int(np.max(labels.data)) if np.size(labels.data) else 0
         self._classes.value = ", ".join([*names, *(f"class {i}" for i in range(len(names), top + 1))])
@@ -359,11 +365,14 @@ class FinetuneWidget(WorkerWidget):
             else:
                 classes = self._class_names()                    # longer than the model's: new classes
                 top = max((int(np.max(p.labels[p.labels != IGNORE], initial=0)) for p in pairs), default=0)
-                if top >= len(classes):                          # painted with a value nobody named yet
+                own = len(read_card(parent_path).class_names)
+                unnamed = [n for n in classes[own:] if re.fullmatch(r"class \d+", n)]   # the placeholders filled in
+                if top >= len(classes) or unnamed:               # painted with a value nobody named yet
                     self._classes.value = ", ".join([*classes, *(f"class {i}" for i in range(len(classes), top + 1))])
                     self._classes.visible = True
-                    self.report(f"the labels hold value {top}, beyond the {len(classes)} classes named: name the new "
-                                "classes in 'classes' (after the model's own), then press Fine-tune again")
+                    self.report(f"the labels hold values up to {top}, beyond the model's {own} classes: name the new "
+                                f"classes (label {own} and up) in 'classes', after the model's own, then press "
+                                "Fine-tune again")
                     return
                 parent, out, overwrite = self.control.prepare(pairs, parent_path, chosen, bool(self._overwrite.value),
                                                               classes)

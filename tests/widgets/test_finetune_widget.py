@@ -167,8 +167,9 @@ def test_bad_requests_are_notifications(session, weak_ckpt: Path, errors: list[s
     beyond[3, 10:20, 10:20] = 9
     viewer.add_labels(beyond, name="too many classes")
     tune._corrected.value = viewer.layers["too many classes"]
-    tune._run.clicked()
-    assert "beyond the model's classes" in errors[-1]
+    tune._run.clicked()                                                # value 9: name it (and 6-8) first
+    assert "up to 9, beyond the model's 6 classes: name the new classes (label 6 and up)" in errors[-1]
+    assert tune._class_names()[-4:] == ("class 6", "class 7", "class 8", "class 9")
     assert sorted(p.name for p in weak_ckpt.parent.glob("*.safetensors")) == ["weak.safetensors"]
     assert not tune.running
 
