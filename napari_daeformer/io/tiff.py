@@ -50,6 +50,10 @@ def read_tiff(path: Path) -> ImageRecord:
     spacing: tuple[float, ...] = spacing_yx
     if spatial_ndim == 3:
         spacing = (float(ij.get("spacing", 1.0)) * unit, *spacing_yx)
+    if not all(math.isfinite(v) and v > 0 for v in spacing):          # -3, 0, NaN, inf: no size to measure by
+        notes = (*notes, f"spacing {tuple(float(v) for v in spacing)} is not positive and finite: read as 1 per "
+                         "voxel; volumes are in voxels of that size, not mm")
+        spacing = tuple(v if math.isfinite(v) and v > 0 else 1.0 for v in spacing)
     key, value = LABELS_MARK
     is_labels = not rgb and value in (ij.get(key), shaped.get(key))
     return ImageRecord(data=np.ascontiguousarray(data), spacing=spacing, affine=default_affine(spacing),

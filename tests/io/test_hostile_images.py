@@ -118,3 +118,13 @@ def test_a_bug_in_our_reader_is_a_traceback_not_a_bad_file(tmp_path, monkeypatch
     monkeypatch.setattr(nifti_module, "check_pixels", planted)
     with pytest.raises(ZeroDivisionError, match="planted"):
         read_image(path)
+
+
+@pytest.mark.parametrize("z", [-3.0, 0.0, float("nan"), float("inf")])
+def test_a_tiff_spacing_that_is_no_size_reads_as_one_with_a_note(tmp_path: Path, z: float) -> None:
+    """ImageJ spacing -3 / 0 / NaN / inf gave negative, zero or NaN volumes with rc 0: now 1 per voxel, said."""
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, np.zeros((3, 8, 8), np.uint8), imagej=True, metadata={"spacing": z, "unit": "mm"})
+    record = read_image(path)
+    assert record.spacing[0] == 1.0 and all(math.isfinite(s) and s > 0 for s in record.spacing)
+    assert any("not positive and finite" in n for n in record.notes)
