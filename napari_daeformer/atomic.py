@@ -58,13 +58,14 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *,
 def _link_new(tmp: Path, path: Path) -> None:
     """Put `tmp` at `path` only if nothing is there at that moment (another writer may have finished first):
     a hard link fails on an existing name, where a rename would replace it."""
+    taken = DaeformerError(f"{path} already exists (written by another process meanwhile); it was kept")
     try:
         os.link(tmp, path)
     except FileExistsError:
-        raise DaeformerError(f"{path} already exists (written by another process meanwhile); it was kept") from None
+        raise taken from None
     except OSError:                                       # a file system without hard links: check, then rename
         if path.exists():
-            raise DaeformerError(f"{path} already exists (written by another process meanwhile); it was kept") from None
+            raise taken from None
         os.replace(tmp, path)
 
 

@@ -323,7 +323,7 @@ def _existing(job: BatchJob, source: Path, out: Path, models: _Models, earlier: 
         labels = read_image(out)
         data = labels.data if labels.data.ndim == len(labels.spatial_shape) else labels.data[..., 0]
         photo = job.model is None and suffix_of(source) in (".png", ".jpg", ".jpeg", ".bmp")
-        ckpt, sha = models.for_kind("skin" if photo and read_image(source).rgb else "ct")
+        ckpt, _ = models.for_kind("skin" if photo and read_image(source).rgb else "ct")   # its class names
         physical = is_physical(labels.source_format, labels.spacing)
         before = earlier.get(rel, FileResult(rel, rel_out, "existing"))
         return FileResult(rel, rel_out, "existing", "", tuple(data.shape), labels.spacing, before.seconds,

@@ -375,9 +375,9 @@ class PullToParent:
 
     def __init__(self, model: DAEFormer, weight: float, free_classes: int = 0) -> None:
         head = {id(model.head.weight), id(model.head.bias)}
-        keep = model.head.out_features - free_classes
-        self.pairs = [(p, p.detach()[:keep].clone() if id(p) in head and free_classes else p.detach().clone(),
-                       keep if id(p) in head and free_classes else None) for p in model.parameters()]
+        keep = model.head.out_features - free_classes if free_classes else None
+        rows = [keep if id(p) in head else None for p in model.parameters()]       # None: the whole tensor
+        self.pairs = [(p, p.detach()[:r].clone(), r) for p, r in zip(model.parameters(), rows)]
         self.weight = weight
 
     def __call__(self, net: torch.nn.Module) -> torch.Tensor:

@@ -143,7 +143,7 @@ def _setting(config: Path, action: argparse.Action, value: Any) -> Any:
         return value
     if isinstance(value, (dict, list, bool)) and action.type is not bool:
         raise TrainingError(f"{config}: {action.dest} ({flag}) expects one value, got {value!r}")
-    if action.type in (Path, None) or action.type is str:
+    if action.type in (Path, str, None):
         value = str(value)                                                  # `val_seeds: 13`, `out: 123`
     try:
         converted = action.type(value) if action.type is not None else value

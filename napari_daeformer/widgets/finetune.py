@@ -255,9 +255,10 @@ class FinetuneWidget(WorkerWidget):
             return
         a = annotation_of(self.viewer, labels)
         names = list(a.class_names) if a is not None and a.class_names else list(labels.metadata.get(CLASSES_KEY, []))
-        if not names and self._start_from.value != FROM_NEW:          # a layer of the user's: the model's own names
+        dock = self.hub.segment_dock()                                 # an open one: choosing a layer opens no dock
+        if not names and self._start_from.value != FROM_NEW and dock is not None:   # a layer of the user's
             try:
-                names = list(read_card(self._parent_path()).class_names)
+                names = list(read_card(dock.checkpoint_path()).class_names)     # the model it would fine-tune
             except DaeformerError:
                 names = []
         names = names or ["background"]
