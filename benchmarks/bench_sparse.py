@@ -49,7 +49,7 @@ from napari_daeformer.checkpoint import Checkpoint, load_checkpoint
 from napari_daeformer.inference import run_segmentation, segment
 from napari_daeformer.jobs import drain
 from napari_daeformer.metrics import dice_per_class
-from napari_daeformer.sample_data import CT_CLASSES, Sample, synthetic_chest, synthetic_ct, synthetic_mr
+from napari_daeformer.sample_data import CT_CLASSES, Sample, spine_mask, synthetic_chest, synthetic_ct, synthetic_mr
 from training.finetune import FinetuneSettings, Pair, finetune
 from training.teach import TEACH, extend_classes, input_side, new_model, preprocessing_for, teach_pair
 
@@ -142,7 +142,7 @@ def run(case: str, seed: int, k: int, recipe: FinetuneSettings, scratch: bool) -
 def add_class(seed: int, k: int) -> dict[str, float]:
     """The spine added to the bundled CT model from k painted slices: Dice on the unpainted ones."""
     s = synthetic_ct(seed)
-    spine = (s.image > 400) & (s.labels == 0)
+    spine = spine_mask(s)
     truth = np.where(spine, 6, s.labels).astype(np.uint8)
     parent = load_checkpoint(bundled_model("ct"))
     before = _labels(parent, s.image)

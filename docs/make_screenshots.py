@@ -20,7 +20,7 @@ from skimage import io as skio
 
 from napari_daeformer.io.nifti import write_nifti
 from napari_daeformer.io.record import default_affine
-from napari_daeformer.sample_data import CHEST_CLASSES, CT_CLASSES, shifted, synthetic_chest, synthetic_ct, synthetic_skin
+from napari_daeformer.sample_data import CHEST_CLASSES, CT_CLASSES, shifted, spine_mask, synthetic_chest, synthetic_ct, synthetic_skin
 
 OUT = Path(__file__).parent / "images"
 SIZE = (1600, 1000)
@@ -218,7 +218,7 @@ def teach_scenes(tmp: Path, minutes: float) -> None:
 
     # A class added to the bundled CT model: the spine painted on 4 slices of its proposal.
     sample = synthetic_ct(seed=31)
-    spine = np.where((sample.image > 400) & (sample.labels == 0), 6, 0).astype(np.uint8)
+    spine = np.where(spine_mask(sample), 6, 0).astype(np.uint8)
     path = write_nifti(tmp / "abdomen31.nii.gz", sample.image, default_affine(sample.spacing))
     viewer = new_viewer()
     viewer.open(str(path), plugin="napari-daeformer")

@@ -225,6 +225,12 @@ def synthetic_chest(seed: int = 0, shape: tuple[int, int, int] = (34, 128, 128),
     return Sample(np.round(hu).astype(np.int16), labels, tuple(float(s) for s in spacing), CHEST_CLASSES)
 
 
+def spine_mask(sample: Sample) -> np.ndarray:
+    """(Z, Y, X) bool: the abdominal phantom's spine (bright bone outside the labelled organs), a structure the
+    bundled CT model calls background: the new class of the class-addition tests and benchmark."""
+    return (sample.image > 400) & (sample.labels == 0)
+
+
 # Scanner and camera shifts that a model trained on the samples above has not seen (fine-tuning scenarios).
 SHIFTS = ("none", "offset", "contrast", "noise", "spacing", "phase", "kernel", "enlarged", "lesion", "colour cast")
 # Non-contrast phase: each organ loses its own enhancement (HU change per label; fat, muscle and bone unchanged).

@@ -170,13 +170,13 @@ def test_a_class_added_from_four_painted_slices_is_learnt_and_the_old_ones_kept(
     """The spine (bright bone the bundled model calls background) painted on 4 slices of the model's own proposal:
     the extended model finds it on the other slices, and the old classes stay where they were (small sizes)."""
     from napari_daeformer.metrics import dice_per_class
-    from napari_daeformer.sample_data import CT_CLASSES, synthetic_ct
+    from napari_daeformer.sample_data import CT_CLASSES, spine_mask, synthetic_ct
     from training.finetune import FinetuneSettings, Pair, finetune
     from training.teach import extend_classes
 
     parent = load_checkpoint(bundled_model("ct"))
     s = synthetic_ct(31, shape=(24, 128, 128))
-    spine = (s.image > 400) & (s.labels == 0)
+    spine = spine_mask(s)
     before = run_segmentation(segment(s.image, parent, device="cpu", precision="fp32")).labels
     painted = np.zeros(24, bool)
     painted[[3, 9, 15, 21]] = True

@@ -12,7 +12,7 @@ import pytest
 from napari_daeformer.bundled import bundled_model
 from napari_daeformer.checkpoint import load_checkpoint, read_card, save_checkpoint
 from napari_daeformer.preprocessing import ct_preprocessing
-from napari_daeformer.sample_data import synthetic_ct
+from napari_daeformer.sample_data import spine_mask, synthetic_ct
 from napari_daeformer.widgets._layers import annotation_of
 from napari_daeformer.widgets.finetune import FinetuneWidget
 
@@ -243,7 +243,7 @@ def test_a_class_painted_into_the_proposal_extends_the_model_from_the_dock(make_
     segment._run.clicked()
     qtbot.waitUntil(lambda: not segment.running, timeout=120_000)
     proposal = viewer.layers["CT DAE-Former"]
-    spine = np.where((s.image > 400) & (s.labels == 0), 6, np.asarray(proposal.data)).astype(np.uint8)
+    spine = np.where(spine_mask(s), 6, np.asarray(proposal.data)).astype(np.uint8)
     _correct(proposal, spine, [2, 6, 9])
     tune = from_plugins_menu("finetune_widget")
     tune._image.value, tune._corrected.value = viewer.layers["CT"], proposal
