@@ -100,7 +100,8 @@ def series_in_order(path: Path, pixels: bool = False) -> tuple[list[Any], np.nda
     datasets = _datasets(path, pixels)
     first = datasets[0]
     iop = np.array(getattr(first, "ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), dtype=np.float64)
-    normal = np.cross(iop[:3], iop[3:])
+    row_dir, col_dir = orientation(first, path.name)
+    normal = np.cross(row_dir, col_dir)
     for ds in datasets:
         other = np.array(getattr(ds, "ImageOrientationPatient", iop), dtype=np.float64)
         if not np.allclose(other, iop, atol=1e-4):
@@ -122,14 +123,28 @@ def series_in_order(path: Path, pixels: bool = False) -> tuple[list[Any], np.nda
                                    f"but {steps[gaps[0]]:.2f} mm after slice {gaps[0]}); refusing to stack")
     else:
         step = float(getattr(first, "SliceThickness", 1.0) or 1.0)
+        step = step if np.isfinite(step) and step > 0 else 1.0        # a thickness of -1 or NaN is no size
     return datasets, positions, step
+
+
+def orientation(ds: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The unit row and column directions (LPS) of a slice's ImageOrientationPatient: normalised (some writers
+    store unscaled or rounded vectors, which would scale the volume), refused where they are zero or parallel."""
+    iop = np.array(getattr(ds, "ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), dtype=np.float64)
+    if iop.shape != (6,) or not np.isfinite(iop).all():
+        raise ImageFormatError(f"{name}: ImageOrientationPatient {list(iop)} is not six finite numbers")
+    row, col = iop[:3], iop[3:]
+    norms = np.linalg.norm(row), np.linalg.norm(col)
+    if min(norms) < 1e-6 or np.linalg.norm(np.cross(row / norms[0], col / norms[1])) < 0.5:
+        raise ImageFormatError(f"{name}: ImageOrientationPatient {list(iop)} gives no two independent directions "
+                               "(damaged header)")
+    return row / norms[0], col / norms[1]
 
 
 def series_geometry(first: Any, positions: np.ndarray, step: float) -> tuple[tuple[float, float, float], np.ndarray]:
     """(Z, Y, X) spacing in mm and the RAS voxel-to-world affine of a series whose slices lie at `positions`
     (Z, 3), ascending, `first` being any of its datasets (orientation and pixel spacing)."""
-    iop = np.array(getattr(first, "ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), dtype=np.float64)
-    row_dir, col_dir = iop[:3], iop[3:]
+    row_dir, col_dir = orientation(first, "DICOM series")
     row_spacing, col_spacing = (float(v) for v in getattr(first, "PixelSpacing", [1.0, 1.0]))
     lps = np.eye(4)
     lps[:3, 0] = row_dir * col_spacing                               # x index walks along a row

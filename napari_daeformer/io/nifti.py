@@ -11,7 +11,7 @@ import numpy as np
 from ..atomic import atomic_write
 from ..errors import ImageFormatError, first_line
 from ..memory import check_allocation
-from .record import ImageRecord, check_affine, check_pixels
+from .record import ImageRecord, affine_spacing, check_affine, check_pixels
 
 
 def read_nifti(path: Path) -> ImageRecord:
@@ -44,12 +44,21 @@ def read_nifti(path: Path) -> ImageRecord:
         raise ImageFormatError(f"{path.name}: NIfTI data is truncated or corrupt ({first_line(e)})") from e
     data = np.ascontiguousarray(raw.transpose(tuple(range(raw.ndim))[::-1]))  # (X, Y[, Z]) -> ([Z,] Y, X)
     check_pixels(data, path.name)
-    zooms = tuple(float(z) for z in img.header.get_zooms()[: len(shape)])
-    spacing = tuple(z if z > 0 else 1.0 for z in zooms[::-1])
+    spacing = affine_spacing(affine, len(shape))              # what the affine we write back says
+    pixdim = tuple(float(z) for z in img.header.get_zooms()[: len(shape)])[::-1]
+    notes = ()
+    if not np.allclose(spacing, pixdim, rtol=1e-3):
+        notes = (f"{path.name}: the header's pixdim ({_mm(pixdim)}) disagrees with its sform ({_mm(spacing)}); "
+                 "the sform is used, as it places the voxels in space",)
     modality = "ct" if data.size and np.issubdtype(data.dtype, np.number) and float(data.min()) < -500 else "gray"
     is_labels = img.header.get_intent()[0] == "label"
     return ImageRecord(data=data, spacing=spacing, affine=affine, dtype=str(dtype), path=path,
-                       modality="gray" if is_labels else modality, source_format="nifti", is_labels=is_labels)
+                       modality="gray" if is_labels else modality, source_format="nifti", is_labels=is_labels,
+                       notes=notes)
+
+
+def _mm(spacing: tuple[float, ...]) -> str:
+    return " x ".join(f"{s:.4g}" for s in spacing) + " mm"
 
 
 def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, *, overwrite: bool = False,

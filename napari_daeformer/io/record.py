@@ -18,6 +18,7 @@ COLORS_KEY = "class_colors"                   # "#rrggbb" per class, background 
 CHECKPOINT_KEY = "checkpoint"                 # file name of the checkpoint that made the labels
 CHECKPOINT_SHA_KEY = "checkpoint_sha256"
 LABELS_MARK = ("napari_daeformer", "labels")   # the key and value a written label map carries (TIFF, PNG)
+MIN_VOXEL_MM, MAX_VOXEL_MM = 1e-4, 1e4         # 0.1 micrometre to 10 m: outside, a header is damaged
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,16 @@ def check_affine(affine: np.ndarray, name: str) -> np.ndarray:
     if not (axes > 0).all() or abs(np.linalg.det(affine[:3, :3])) <= 1e-9 * float(np.prod(axes)):
         raise ImageFormatError(f"{name}: the voxel-to-world affine is singular (a zero-length or repeated axis), so "
                                "voxels have no place in space; fix the file's sform/qform")
+    if not ((axes >= MIN_VOXEL_MM) & (axes <= MAX_VOXEL_MM)).all():
+        raise ImageFormatError(f"{name}: a voxel size of {' x '.join(f'{a:.3g}' for a in axes)} mm is no scan's "
+                               f"(allowed {MIN_VOXEL_MM:g} to {MAX_VOXEL_MM:g} mm); fix the header's pixdim/sform")
     return affine
+
+
+def affine_spacing(affine: np.ndarray, ndim: int) -> tuple[float, ...]:
+    """The voxel size (mm) along each of `ndim` array axes, in array order, as `affine` places them: the
+    lengths of its first `ndim` columns, reversed."""
+    return tuple(float(v) for v in np.linalg.norm(np.asarray(affine)[:3, :ndim], axis=0)[::-1])
 
 
 def geometry_from_metadata(metadata: dict[str, Any] | None) -> dict[str, Any] | None:

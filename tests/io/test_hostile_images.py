@@ -8,6 +8,7 @@ import os
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import tifffile
@@ -17,6 +18,7 @@ from napari_daeformer.errors import ImageFormatError
 from napari_daeformer.io import read_image, write_labels
 from napari_daeformer.memory import ENV
 
+from ..conftest import write_dicom_series
 from .hostile import nifti_bomb, nifti_with_srow_x
 
 BAD_ROWS = {"nan": ((math.nan, 0, 0, 0), "NaN or infinite"), "inf": ((math.inf, 0, 0, 0), "NaN or infinite"),
@@ -128,3 +130,51 @@ def test_a_tiff_spacing_that_is_no_size_reads_as_one_with_a_note(tmp_path: Path,
     record = read_image(path)
     assert record.spacing[0] == 1.0 and all(math.isfinite(s) and s > 0 for s in record.spacing)
     assert any("not positive and finite" in n for n in record.notes)
+
+
+def test_nifti_spacing_is_the_sform_it_writes_back(tmp_path: Path) -> None:
+    """A 0.8 x 0.8 x 3 mm sform with pixdim 1 gave volumes from pixdim (half the real size): now the sform, noted."""
+    affine = np.diag([0.8, 0.8, 3.0, 1.0])
+    img = nib.Nifti1Image(np.zeros((10, 10, 4), np.int16), affine)
+    img.header.set_sform(affine, code=1)
+    img.header.set_qform(None, code=0)
+    img.header.set_zooms((1.0, 1.0, 1.0))
+    nib.save(img, tmp_path / "scan.nii.gz")
+    record = read_image(tmp_path / "scan.nii.gz")
+    assert record.spacing == pytest.approx((3.0, 0.8, 0.8))
+    assert any("pixdim" in n and "sform" in n for n in record.notes)
+
+
+def test_a_voxel_of_no_plausible_size_is_refused(tmp_path: Path) -> None:
+    """pixdim 1e30 (no sform) gave 1e90 mL with rc 0."""
+    img = nib.Nifti1Image(np.zeros((10, 10, 4), np.int16), None)
+    img.header.set_zooms((1e30, 1.0, 1.0))
+    nib.save(img, tmp_path / "huge.nii.gz")
+    with pytest.raises(ImageFormatError, match="huge.nii.gz: a voxel size of 1e\\+30"):
+        read_image(tmp_path / "huge.nii.gz")
+
+
+def test_an_unnormalised_dicom_orientation_keeps_the_voxel_size(tmp_path: Path) -> None:
+    """ImageOrientationPatient [2,0,0,0,2,0] gave 4x the volume."""
+    import pydicom
+
+    write_dicom_series(tmp_path / "ct", np.full((3, 8, 8), 1000, np.uint16), (2.5, 0.7, 0.7))
+    for f in (tmp_path / "ct").iterdir():
+        ds = pydicom.dcmread(f)
+        ds.ImageOrientationPatient = [2, 0, 0, 0, 2, 0]
+        ds.save_as(f)
+    record = read_image(tmp_path / "ct")
+    assert record.spacing == pytest.approx((2.5, 0.7, 0.7))
+    assert np.linalg.norm(record.affine[:3, :3], axis=0) == pytest.approx((0.7, 0.7, 2.5))
+
+
+def test_a_negative_slice_thickness_is_no_negative_volume(tmp_path: Path) -> None:
+    """One DICOM slice with SliceThickness -1 gave a volume of -1.0 mL."""
+    import pydicom
+
+    write_dicom_series(tmp_path / "ct", np.full((1, 8, 8), 1000, np.uint16), (2.0, 1.0, 1.0))
+    f = next((tmp_path / "ct").iterdir())
+    ds = pydicom.dcmread(f)
+    ds.SliceThickness = -1.0
+    ds.save_as(f)
+    assert read_image(f).spacing[0] == 1.0
