@@ -27,8 +27,13 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
         device = torch.device(name)
     except RuntimeError as e:
         raise InferenceError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from e
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise InferenceError(f"device {name!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InferenceError(f"device {name!r} asked for, but no CUDA GPU is available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InferenceError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} CUDA "
+                             f"GPU(s): cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise InferenceError(f"device {name!r} asked for, but Apple MPS is not available here; use --device cpu")
     return device

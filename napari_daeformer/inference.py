@@ -178,6 +178,8 @@ def segment(
         rgb = image.rgb if rgb is None else rgb
         image = image.data
     image = np.asarray(image)
+    if image.dtype == bool:                                   # a mask opened as an image (napari layer): 0/1
+        image = image.view(np.uint8)
     if rgb is None:
         rgb = image.ndim == 3 and image.shape[-1] == 3
     check_compatible(image, rgb, checkpoint, axis)

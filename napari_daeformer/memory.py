@@ -21,7 +21,11 @@ def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)i?B?\s*", text, re.IGNORECASE)
     if not m:
         raise DaeformerError(f"{ENV}={text!r}: give a size such as 64G or 512M")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    size = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    if not size < 2**80:                                  # a 400-digit number is inf as a float
+        raise DaeformerError(f"{ENV}={text[:20]!r}{'...' if len(text) > 20 else ''}: more memory than any machine "
+                             "has; give a size such as 64G or 512M")
+    return int(size)
 
 
 def available_bytes() -> int:

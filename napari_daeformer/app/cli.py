@@ -8,30 +8,32 @@ Errors meant for the user print one line on stderr and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..devices import PRECISIONS
 from ..errors import DaeformerError, first_line, printable
-from .train import resolve_settings
+from .options import whole
 
 Command = Callable[[argparse.Namespace], int]
 
 
 def _import_official(args: argparse.Namespace) -> int:
     from ..atomic import check_output_path
-    from ..checkpoint import SYNAPSE_CLASSES, ModelCard, save_checkpoint
+    from ..checkpoint import SYNAPSE_CLASSES, ModelCard, check_class_names, save_checkpoint
     from ..official import convert_official_state_dict, load_official_state_dict
     from ..preprocessing import ct_preprocessing, rgb_preprocessing
 
     if args.out.suffix != ".safetensors":
         raise DaeformerError(f"{args.out}: a checkpoint is written as .safetensors")
     check_output_path(args.out, args.overwrite)
+    names = args.class_names.split(",") if args.class_names else None
+    check_class_names(names or ())
 
     model, report = convert_official_state_dict(load_official_state_dict(args.model), args.in_channels)
-    names = args.class_names.split(",") if args.class_names else None
     if names is None:
         names = list(SYNAPSE_CLASSES) if model.cfg.num_classes == len(SYNAPSE_CLASSES) else \
             ["background", *(f"class {i}" for i in range(1, model.cfg.num_classes))]
@@ -84,9 +86,11 @@ def _info(args: argparse.Namespace) -> int:
 
 def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
     """Where and how the inference engine runs: shared by segment and batch."""
+    from ..devices import PRECISIONS
+
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda[:N], mps "
                    "(default: %(default)s)")
-    p.add_argument("--batch-size", type=int, help="slices per forward pass (default: what fits the device)")
+    p.add_argument("--batch-size", type=whole(1), help="slices per forward pass (default: what fits the device)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="numeric path; auto = bf16 on GPUs and on CPUs with native bf16, int8 on other x86 CPUs: "
                    "static int8 once compiled for the model, else dynamic. int8 compiles it on first use "
@@ -94,21 +98,7 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    "under auto do too (default: %(default)s)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from ..batch import OUTPUT_FORMATS
-
-    parser = argparse.ArgumentParser(prog="daeformer", description="DAE-Former segmentation for CT volumes and "
-                                     "skin photos: the command line of napari-daeformer.")
-    from .. import __version__
-    parser.add_argument("--version", action="version", version=f"napari-daeformer {__version__}")
-    parser.add_argument("--memory-limit", metavar="SIZE", help="most memory one file may take, e.g. 64G (default: "
-                        "80%% of the free memory; a file whose header asks for more is refused before reading)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    p = sub.add_parser("import-official", help="convert an official DAE-Former .pth checkpoint to our format",
-                       description="Convert a state dict saved by the official DAE-Former code into a "
-                       "napari-daeformer checkpoint (safetensors + JSON metadata). The .pth is read with "
-                       "torch.load(weights_only=True): tensors only, nothing executed.")
+def _import_official_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path, help="official checkpoint (.pth state dict)")
     p.add_argument("out", type=Path, help="output checkpoint (.safetensors)")
     p.add_argument("--in-channels", type=int, choices=(1, 3), default=1,
@@ -119,17 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_import_official)
 
-    p = sub.add_parser("info", help="print a configuration's or a checkpoint's architecture and parameter count")
+
+def _info_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a named configuration (paper, small), a bundled model (ct, skin) or a .safetensors "
                                  "checkpoint")
     p.add_argument("--num-classes", type=int, default=9, help="for a named configuration (default: %(default)s)")
     p.add_argument("--in-channels", type=int, default=1, help="for a named configuration (default: %(default)s)")
     p.set_defaults(func=_info)
 
-    p = sub.add_parser("segment", help="segment an image or volume into a label map with the source geometry",
-                       description="Segment a NIfTI/DICOM/TIFF/PNG/JPEG image slice by slice with a DAE-Former "
-                       "checkpoint and write the label map (NIfTI keeps the source affine), atomically. From a DICOM "
-                       "series, a .dcm output is a DICOM Segmentation (highdicom) referencing the series' instances.")
+
+def _segment_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", type=Path, help="image file or DICOM folder")
     p.add_argument("output", type=Path, help="label map: .nii.gz, .nii, .tif, .png, or .dcm (DICOM-SEG, from a DICOM "
                    "series)")
@@ -143,11 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=_segment)
 
-    p = sub.add_parser("batch", help="segment every image in a folder (resumable; shards across torchrun ranks)",
-                       description="Segment every file (or DICOM series folder) under IN_DIR and write label maps "
-                       "under OUT_DIR with the same relative names and the source geometry. Existing outputs are "
-                       "skipped, so a killed run started again finishes the rest. Writes OUT_DIR/summary.csv. "
-                       "Under `torchrun --nproc_per_node N` the files are sharded across ranks.")
+
+def _batch_options(p: argparse.ArgumentParser) -> None:
+    from ..batch import OUTPUT_FORMATS
+
     p.add_argument("input_dir", type=Path, help="folder of images (searched recursively)")
     p.add_argument("output_dir", type=Path, help="folder for the label maps and summary.csv")
     p.add_argument("--model", help="checkpoint or bundled name (default: the bundled model for each image's kind)")
@@ -165,38 +153,95 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_batch)
 
-    p = sub.add_parser("demo", help="open napari with the plugin and the sample; headless: segment the sample",
-                       description="With a display: open napari with the synthetic CT sample and the Segment "
-                       "widget. Without one (or with --headless): segment the synthetic CT and skin samples with "
-                       "the bundled models and write inputs and label maps to --out.")
+
+def _demo_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--headless", action="store_true", help="do not open a window even if a display exists")
     p.add_argument("--out", default="daeformer-demo", help="output folder when headless (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="headless: replace an earlier demo's files in --out")
     p.set_defaults(func=_demo)
 
-    from .train import add_evaluate_arguments, add_finetune_arguments, add_train_arguments, run_evaluate, run_finetune, run_train
 
-    p = sub.add_parser("train", help="train DAE-Former (Synapse, NIfTI folders, ISIC folders or synthetic data)",
-                       description="Train DAE-Former with the paper's recipe (SGD 0.05, poly decay, 0.4 CE + 0.6 "
-                       "Dice, the official augmentation family) on slices; validate on whole held-out cases "
-                       "(Dice, HD95 in mm); write best/last checkpoints, a resumable state, metrics.jsonl and "
-                       "curves.png atomically. Run it under `torchrun --nproc_per_node N` for several GPUs.")
+def _train_options(p: argparse.ArgumentParser) -> None:
+    from .train import add_train_arguments, run_train
+
     add_train_arguments(p)
-    p.set_defaults(func=run_train, settings_parser=p)
+    p.set_defaults(func=run_train)
 
-    p = sub.add_parser("evaluate", help="per-case, per-class Dice and HD95 of a checkpoint on whole volumes",
-                       description="Segment every case of a data set with the engine and score whole volumes: "
-                       "Dice and HD95 per case and class, as a table and optionally CSV.")
+
+def _evaluate_options(p: argparse.ArgumentParser) -> None:
+    from .train import add_evaluate_arguments, run_evaluate
+
     add_evaluate_arguments(p)
     p.set_defaults(func=run_evaluate)
 
-    p = sub.add_parser("finetune", help="fine-tune a checkpoint on corrected slices into a new checkpoint",
-                       description="Fine-tune a copy of a checkpoint on the corrected slices of one image; hold a "
-                       "quarter of them out (at least one) to report Dice before and after; write a new checkpoint with "
-                       "its parent recorded. The parent file is never modified.")
+
+def _finetune_options(p: argparse.ArgumentParser) -> None:
+    from .train import add_finetune_arguments, run_finetune
+
     add_finetune_arguments(p)
     p.set_defaults(func=run_finetune)
+
+
+COMMANDS: dict[str, tuple[dict[str, str], Callable[[argparse.ArgumentParser], None]]] = {
+    "import-official": (dict(help="convert an official DAE-Former .pth checkpoint to our format",
+        description="Convert a state dict saved by the official DAE-Former code into a "
+        "napari-daeformer checkpoint (safetensors + JSON metadata). The .pth is read with "
+        "torch.load(weights_only=True): tensors only, nothing executed."), _import_official_options),
+    "info": (dict(help="print a configuration's or a checkpoint's architecture and parameter count"), _info_options),
+    "segment": (dict(help="segment an image or volume into a label map with the source geometry",
+        description="Segment a NIfTI/DICOM/TIFF/PNG/JPEG image slice by slice with a DAE-Former "
+        "checkpoint and write the label map (NIfTI keeps the source affine), atomically. From a DICOM "
+        "series, a .dcm output is a DICOM Segmentation (highdicom) referencing the series' instances."), _segment_options),
+    "batch": (dict(help="segment every image in a folder (resumable; shards across torchrun ranks)",
+        description="Segment every file (or DICOM series folder) under IN_DIR and write label maps "
+        "under OUT_DIR with the same relative names and the source geometry. Existing outputs are "
+        "skipped, so a killed run started again finishes the rest. Writes OUT_DIR/summary.csv. "
+        "Under `torchrun --nproc_per_node N` the files are sharded across ranks."), _batch_options),
+    "demo": (dict(help="open napari with the plugin and the sample; headless: segment the sample",
+        description="With a display: open napari with the synthetic CT sample and the Segment "
+        "widget. Without one (or with --headless): segment the synthetic CT and skin samples with "
+        "the bundled models and write inputs and label maps to --out."), _demo_options),
+    "train": (dict(help="train DAE-Former (Synapse, NIfTI folders, ISIC folders or synthetic data)",
+        description="Train DAE-Former with the paper's recipe (SGD 0.05, poly decay, 0.4 CE + 0.6 "
+        "Dice, the official augmentation family) on slices; validate on whole held-out cases "
+        "(Dice, HD95 in mm); write best/last checkpoints, a resumable state, metrics.jsonl and "
+        "curves.png atomically. Run it under `torchrun --nproc_per_node N` for several GPUs."), _train_options),
+    "evaluate": (dict(help="per-case, per-class Dice and HD95 of a checkpoint on whole volumes",
+        description="Segment every case of a data set with the engine and score whole volumes: "
+        "Dice and HD95 per case and class, as a table and optionally CSV."), _evaluate_options),
+    "finetune": (dict(help="fine-tune a checkpoint on corrected slices into a new checkpoint",
+        description="Fine-tune a copy of a checkpoint on the corrected slices of one image; hold a "
+        "quarter of them out (at least one) to report Dice before and after; write a new checkpoint with "
+        "its parent recorded. The parent file is never modified."), _finetune_options),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The `daeformer` parser. `only`: give just this command its options (the others are listed by name), so that
+    `daeformer --help` and a command's start do not import torch and the trainer for options they do not use."""
+    parser = argparse.ArgumentParser(prog="daeformer", description="DAE-Former segmentation for CT volumes and "
+                                     "skin photos: the command line of napari-daeformer.")
+    from .. import __version__
+    parser.add_argument("--version", action="version", version=f"napari-daeformer {__version__}")
+    parser.add_argument("--memory-limit", metavar="SIZE", help="most memory one file may take, e.g. 64G (default: "
+                        "80%% of the free memory; a file whose header asks for more is refused before reading)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (texts, fill) in COMMANDS.items():
+        command = sub.add_parser(name, **texts)
+        if only is None or only == name:
+            fill(command)
+        command.set_defaults(command_parser=command)          # each command's own usage for its errors
     return parser
+
+
+def _unrecognised(extra: list[str], command: argparse.ArgumentParser) -> str:
+    """argparse's 'unrecognized arguments' with the closest option of the command for each typo'd flag."""
+    options = sorted(set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", command.format_help())))
+    words = []
+    for token in extra:
+        close = difflib.get_close_matches(token.split("=")[0], options, n=1, cutoff=0.6) if token.startswith("--") else []
+        words.append(f"{token} (did you mean {close[0]}?)" if close else token)
+    return "unrecognized arguments: " + " ".join(words)
 
 
 NEGATIVE_VALUES = ("--window",)          # options whose value may start with "-": --window -1000,1000
@@ -214,8 +259,22 @@ def _joined(argv: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(_joined(sys.argv[1:] if argv is None else argv))
+    """`daeformer ...`: the exit status; a user's error is one line on stderr and status 2, Ctrl-C status 130."""
+    try:
+        return _run(_joined(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:                                # also while torch is still being imported
+        print("daeformer: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:                                  # `daeformer info ct | head -1`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def _run(words: list[str]) -> int:
+    parser = build_parser(only=next((w for w in words if w in COMMANDS), ""))
+    args, extra = parser.parse_known_args(words)
+    if extra:
+        args.command_parser.error(_unrecognised(extra, args.command_parser))
     func: Command = args.func
     try:
         if args.memory_limit is not None:
@@ -223,12 +282,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             parse_size(args.memory_limit)                      # a bad size fails here, in one line
             os.environ[ENV] = args.memory_limit
         if getattr(args, "config", None) is not None:          # `train --config FILE`: file < command line
-            words = _joined(argv if argv is not None else sys.argv[1:])
-            args = resolve_settings(args.settings_parser, words[words.index(args.command) + 1:], args)
+            from .train import resolve_settings
+            args = resolve_settings(args.command_parser, words[words.index(args.command) + 1:], args)
         return func(args)
+    except BrokenPipeError:
+        raise
     except (DaeformerError, ValueError, OSError) as e:
         print(f"daeformer {args.command}: error: {printable(first_line(e))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"daeformer {args.command}: interrupted", file=sys.stderr)
-        return 130

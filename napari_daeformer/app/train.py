@@ -19,14 +19,15 @@ import numpy as np
 import torch
 import yaml
 
+from napari_daeformer.app.options import number, whole
 from napari_daeformer.atomic import atomic_write, check_output_path
-from napari_daeformer.checkpoint import SYNAPSE_CLASSES, ModelCard, load_checkpoint
+from napari_daeformer.checkpoint import MAX_INPUT_SIDE, SYNAPSE_CLASSES, ModelCard, check_class_names, load_checkpoint
 from napari_daeformer.distributed import init_from_env, shutdown
 from napari_daeformer.errors import TrainingError, first_line
 from napari_daeformer.inference import run_segmentation, segment
 from napari_daeformer.jobs import drain
 from napari_daeformer.metrics import evaluate_case
-from napari_daeformer.model import DAEFormer, named_config
+from napari_daeformer.model import SIZE_MULTIPLE, DAEFormer, named_config
 from napari_daeformer.preprocessing import ct_preprocessing, rgb_preprocessing, zscore_preprocessing
 from napari_daeformer.sample_data import CT_CLASSES, SKIN_CLASSES
 from training.augment import AugmentConfig
@@ -63,21 +64,22 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="intensity normalisation for a new model: ct (the --window), zscore (per image, clipped to "
                    "the 0.5-99.5th foreground percentiles: MR and other uncalibrated images), rgb (photos); auto: rgb "
                    "for photos, ct for Hounsfield units (air below -500), zscore otherwise (default: %(default)s)")
-    p.add_argument("--input-size", type=int, default=224, help="network input side (default: 224)")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="share of cases held out (default: 0.2)")
+    p.add_argument("--input-size", type=whole(SIZE_MULTIPLE, MAX_INPUT_SIDE, SIZE_MULTIPLE), default=224,
+                   help="network input side, a multiple of 16 (default: 224)")
+    p.add_argument("--val-fraction", type=number(0, 0.9), default=0.2, help="share of cases held out (default: 0.2)")
     p.add_argument("--val-cases", help="comma-separated case names to hold out instead")
     p.add_argument("--train-seeds", default="1-12", help="synthetic: seeds of the training cases (default: 1-12)")
     p.add_argument("--val-seeds", default="13,14", help="synthetic: seeds of the validation cases (default: 13,14)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help=f"default: {d.epochs}")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"global batch (default: {d.batch_size})")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"base learning rate (default: {d.lr})")
-    p.add_argument("--momentum", type=float, default=d.momentum, help=f"default: {d.momentum}")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"default: {d.weight_decay}")
+    p.add_argument("--epochs", type=whole(1), default=d.epochs, help=f"default: {d.epochs}")
+    p.add_argument("--batch-size", type=whole(1), default=d.batch_size, help=f"global batch (default: {d.batch_size})")
+    p.add_argument("--lr", type=number(0, above_low=True), default=d.lr, help=f"base learning rate (default: {d.lr})")
+    p.add_argument("--momentum", type=number(0, 1), default=d.momentum, help=f"default: {d.momentum}")
+    p.add_argument("--weight-decay", type=number(0), default=d.weight_decay, help=f"default: {d.weight_decay}")
     p.add_argument("--optimizer", choices=("sgd", "adamw"), default=d.optimizer, help=f"default: {d.optimizer}")
-    p.add_argument("--ce-weight", type=float, default=d.ce_weight, help=f"default: {d.ce_weight}")
-    p.add_argument("--dice-weight", type=float, default=d.dice_weight, help=f"default: {d.dice_weight}")
-    p.add_argument("--val-every", type=int, default=d.val_every, help=f"epochs between validations (default: {d.val_every})")
-    p.add_argument("--max-steps", type=int, help="stop after this many steps")
+    p.add_argument("--ce-weight", type=number(0), default=d.ce_weight, help=f"default: {d.ce_weight}")
+    p.add_argument("--dice-weight", type=number(0), default=d.dice_weight, help=f"default: {d.dice_weight}")
+    p.add_argument("--val-every", type=whole(1), default=d.val_every, help=f"epochs between validations (default: {d.val_every})")
+    p.add_argument("--max-steps", type=whole(1), help="stop after this many steps")
     p.add_argument("--train-parts", choices=("all", "decoder"), default="all", help="default: all")
     p.add_argument("--no-flip", action="store_true", help="no flip augmentation (for left/right classes)")
     p.add_argument("--no-augment", action="store_true", help="no augmentation at all")
@@ -93,8 +95,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--labels", type=Path, help="its label map; only the annotated slices are learnt from")
     g.add_argument("--slices", help="the annotated slices along axis 0, e.g. 3,5,10-12 (default: every slice with "
                    "a label, or with any voxel not --ignore-value)")
-    g.add_argument("--ignore-value", type=int, help="label value meaning 'not annotated' (e.g. 255): no loss there")
-    g.add_argument("--minutes", type=float, help=f"time budget (default with --image: {TEACH.minutes:g}); the best "
+    g.add_argument("--ignore-value", type=whole(0, 65535), help="label value meaning 'not annotated' (e.g. 255): no loss there")
+    g.add_argument("--minutes", type=number(0, above_low=True), help=f"time budget (default with --image: {TEACH.minutes:g}); the best "
                    "state so far is written when it runs out")
     g.add_argument("--from-scratch", action="store_true",
                    help="random weights (default: start from the bundled model's encoder and decoder)")
@@ -187,13 +189,23 @@ def _window(text: str) -> tuple[float, float] | str:
     return text
 
 
+def class_names(text: str) -> tuple[str, ...]:
+    """`--classes a,b,c` as names, refused (one line) before any data is read if a checkpoint could not carry them."""
+    names = tuple(n.strip() for n in text.split(","))
+    try:
+        check_class_names(names)
+    except ValueError as e:
+        raise TrainingError(f"--classes: {e}") from None
+    return names
+
+
 def _model_and_card(args: argparse.Namespace, cases: list[Case], fmt: str) -> tuple[DAEFormer, ModelCard]:
     if args.init:
         ckpt = load_checkpoint(args.init)
         return ckpt.model, ckpt.card.with_provenance(parent=str(args.init))
     rgb = cases[0].image.ndim == 3 and cases[0].image.shape[-1] == 3 and cases[0].labels.ndim == 2
     if args.classes:
-        names = tuple(args.classes.split(","))
+        names = class_names(args.classes)
     elif fmt == "synapse":
         names = SYNAPSE_CLASSES
     elif fmt == "synthetic-ct":
@@ -223,6 +235,8 @@ def _model_and_card(args: argparse.Namespace, cases: list[Case], fmt: str) -> tu
 def run_train(args: argparse.Namespace) -> int:
     if args.out is None:
         raise TrainingError("--out is required")
+    if args.classes:
+        class_names(args.classes)
     if args.image is not None:
         return run_teach(args)
     if args.out.exists() and not args.out.is_dir():
@@ -257,7 +271,7 @@ def run_train(args: argparse.Namespace) -> int:
         if info.is_main:
             print(f"daeformer train: {split}", file=sys.stderr)
             resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                        if k not in ("func", "settings_parser")}
+                        if k not in ("func", "command_parser")}
             text = yaml.safe_dump({**resolved, "world_size": info.world_size, "validation": split}, sort_keys=True)
             atomic_write(args.out / "config.yaml", lambda tmp: tmp.write_text(text))
         _drive(trainer, card.class_names, quiet=args.quiet or not info.is_main)
@@ -366,7 +380,7 @@ def run_teach(args: argparse.Namespace) -> int:
         raise TrainingError("--image needs --labels and --classes (names, background first)")
     if args.data is not None or args.synthetic:
         raise TrainingError("give either --image (one annotated image) or --data/--synthetic, not both")
-    names = tuple(n.strip() for n in args.classes.split(","))
+    names = class_names(args.classes)
     check_output_path(args.out / "best.safetensors", overwrite=True)
     image, labels = read_image(args.image), read_image(args.labels)
     data = sparse_labels(_label_map(image, labels, args.labels.name), args.ignore_value, len(names))
@@ -414,15 +428,15 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", type=Path, required=True, help="corrected label map of the same shape")
     p.add_argument("--slices", help="corrected slices along axis 0, e.g. 3,5,10-12 (default: every slice with a label)")
     p.add_argument("--out", type=Path, required=True, help="new checkpoint (.safetensors)")
-    p.add_argument("--steps", type=int, default=d.steps,
+    p.add_argument("--steps", type=whole(1), default=d.steps,
                    help=f"steps held to the parent; as many again with the hold eased where the corrections are still "
                         f"fitted poorly (default: {d.steps})")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW peak learning rate (default: {d.lr})")
-    p.add_argument("--warmup", type=int, default=d.warmup_steps, help=f"linear warm-up steps (default: {d.warmup_steps})")
+    p.add_argument("--lr", type=number(0, above_low=True), default=d.lr, help=f"AdamW peak learning rate (default: {d.lr})")
+    p.add_argument("--warmup", type=whole(0), default=d.warmup_steps, help=f"linear warm-up steps (default: {d.warmup_steps})")
     p.add_argument("--protect", choices=PROTECTIONS, default=d.protect,
                    help="keep the uncorrected slices as the parent had them: pseudo (its confident labels as "
                         f"targets), l2sp (pull the weights towards it) or none (default: {d.protect})")
-    p.add_argument("--protect-weight", type=float,
+    p.add_argument("--protect-weight", type=number(0),
                    help="strength of the protection (default: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_WEIGHTS.items() if v)
                    + ")")
     p.add_argument("--train-parts", choices=("all", "decoder"), default=d.train_parts, help="default: all")
@@ -435,7 +449,7 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--classes", help="class names, background first: the model's own, then any new ones (their "
                    "output channels are added; the old classes are kept)")
-    p.add_argument("--ignore-value", type=int, help="label value meaning 'not annotated': no loss there")
+    p.add_argument("--ignore-value", type=whole(0, 65535), help="label value meaning 'not annotated': no loss there")
 
 
 def run_finetune(args: argparse.Namespace) -> int:
@@ -455,7 +469,7 @@ def run_finetune(args: argparse.Namespace) -> int:
 
     parent = load_checkpoint(source)
     if args.classes:
-        parent = extend_classes(parent, tuple(n.strip() for n in args.classes.split(",")))
+        parent = extend_classes(parent, class_names(args.classes))
     image, labels = read_image(args.image), read_image(args.labels)
     label_data = _label_map(image, labels, args.labels.name)
     if args.ignore_value is not None:

@@ -8,6 +8,7 @@ Every failure is an `ImageFormatError` with a one-line message.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,13 @@ def read_image(path: str | os.PathLike[str]) -> ImageRecord:
         raise ImageFormatError(f"{p}: not a regular file (a device, pipe or socket); give an image file or folder")
     if p.is_file() and p.stat().st_size == 0:
         raise ImageFormatError(f"{p.name}: file is empty")
+    record = _read(p)
+    if record.data.dtype == bool:                        # 1-bit PNG, bool TIFF: numpy cannot subtract booleans
+        record = replace(record, data=record.data.view(np.uint8))
+    return record
+
+
+def _read(p: Path) -> ImageRecord:
     suffix = suffix_of(p)
     try:
         if is_dicom_input(p):

@@ -1,0 +1,40 @@
+"""argparse value types that refuse, in argparse's own one-line error, numbers no command can use (an input size
+of 0, validation every 0 epochs, a learning rate of NaN) before any work starts; a config file's values pass
+through the same types."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+
+
+def whole(minimum: int, maximum: int | None = None, multiple: int = 1) -> Callable[[str], int]:
+    """A type for a whole number in minimum..maximum, a multiple of `multiple`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum) or value % multiple:
+            span = f"{minimum} to {maximum}" if maximum is not None else f"at least {minimum}"
+            raise argparse.ArgumentTypeError(f"expected {span}{f', a multiple of {multiple}' if multiple > 1 else ''}"
+                                             f", got {value}")
+        return value
+    parse.__name__ = "whole number"
+    return parse
+
+
+def number(low: float, high: float = math.inf, *, above_low: bool = False) -> Callable[[str], float]:
+    """A type for a finite number in [low, high] (or (low, high] with `above_low`)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value > high or value < low or (above_low and value == low):
+            bounds = f"{'above' if above_low else 'at least'} {low:g}" + (f" and at most {high:g}" if high < math.inf else "")
+            raise argparse.ArgumentTypeError(f"expected a number {bounds}, got {text}")
+        return value
+    parse.__name__ = "number"
+    return parse

@@ -1,0 +1,111 @@
+"""What an attacker typed that once ended in a traceback, a success with nothing written, or a file no run can load:
+each is now one line and status 2 before any work, and nothing is written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from napari_daeformer.app.cli import main
+from napari_daeformer.checkpoint import ModelCard, save_checkpoint
+from napari_daeformer.errors import CheckpointError
+from napari_daeformer.preprocessing import ct_preprocessing
+
+from .conftest import TINY, official_rows
+
+
+def _refused(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`main(args)` exits 2 with `message` on the last line of stderr (argparse's errors come after the usage)."""
+    try:
+        rc = main(args)
+    except SystemExit as e:                                 # argparse: usage, then one error line
+        rc = int(e.code or 0)
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err.strip().splitlines()[-1], err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    (["--input-size", "0"], "--input-size: expected 16 to 1024, a multiple of 16, got 0"),
+    (["--val-every", "0"], "--val-every: expected at least 1"),
+    (["--epochs", "0"], "--epochs: expected at least 1"),
+    (["--lr", "nan"], "--lr: expected a number above 0"),
+    (["--classes", "background,liver,,kidney"], "--classes: class names must be short printable names, got ''"),
+])
+def test_train_refuses_settings_no_run_can_use(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                               option: list[str], message: str) -> None:
+    _refused(["train", "--synthetic", "ct", "--out", str(tmp_path / "run"), *option], message, capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_file_value_passes_the_same_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "run.yaml").write_text("val_every: 0\n")
+    _refused(["train", "--config", str(tmp_path / "run.yaml"), "--synthetic", "ct", "--out", str(tmp_path / "run")],
+             "val_every (--val-every): expected at least 1", capsys)
+
+
+def test_a_typo_names_the_flag_meant(capsys: pytest.CaptureFixture[str]) -> None:
+    _refused(["segment", "a.nii.gz", "b.nii.gz", "--devce", "cpu"],
+             "daeformer segment: error: unrecognized arguments: --devce (did you mean --device?) cpu", capsys)
+
+
+def test_unknown_device_and_absurd_memory_limit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "photo.png")
+    _refused(["segment", str(tmp_path / "photo.png"), str(tmp_path / "out.png"), "--device", "xla"],
+             "device 'xla' is not supported", capsys)
+    _refused(["--memory-limit", "1" + "0" * 400, "info", "small"], "more memory than any machine has", capsys)
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_a_one_bit_png_is_segmented(tmp_path: Path) -> None:
+    """A 1-bit PNG reads as booleans, which numpy cannot subtract: it was a TypeError traceback."""
+    mask = np.zeros((48, 48), bool)
+    mask[10:30, 12:40] = True
+    Image.fromarray(mask).save(tmp_path / "bits.png")
+    assert main(["segment", str(tmp_path / "bits.png"), str(tmp_path / "labels.png"),
+                 "--device", "cpu"]) == 0
+    assert np.asarray(Image.open(tmp_path / "labels.png")).shape == (48, 48)
+
+
+def test_import_official_refuses_names_and_weights_no_run_could_load(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    gen = torch.Generator().manual_seed(0)
+    state = {key: torch.randn(shape, generator=gen) for key, shape, _ in official_rows()}
+    torch.save(state, tmp_path / "good.pth")
+    _refused(["import-official", str(tmp_path / "good.pth"), str(tmp_path / "a.safetensors"), "--class-names",
+              "background,,spleen"], "class names must be short printable names", capsys)
+    state["decoder_0.concat_linear.bias"][0] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    _refused(["import-official", str(tmp_path / "nan.pth"), str(tmp_path / "b.safetensors")],
+             "holds NaN or infinite values", capsys)
+    assert not list(tmp_path.glob("*.safetensors")) and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_a_card_with_an_empty_class_name_cannot_be_made(tiny_model: torch.nn.Module) -> None:
+    with pytest.raises(ValueError, match="class names"):
+        ModelCard(TINY, ("background", "", "b"), input_size=(64, 64), preprocessing=ct_preprocessing())
+
+
+def test_weights_that_overflow_float16_are_not_written(tmp_path: Path, tiny_model: torch.nn.Module) -> None:
+    card = ModelCard(TINY, ("background", "a", "b"), input_size=(64, 64), preprocessing=ct_preprocessing())
+    with torch.no_grad():
+        tiny_model.head.bias[0] = 1e6                                  # inf once stored as float16
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+        save_checkpoint(tmp_path / "half.safetensors", tiny_model, card, dtype=torch.float16)
+    assert not (tmp_path / "half.safetensors").exists()
+
+
+def test_help_starts_without_torch() -> None:
+    """`daeformer --help` imported torch and the trainer (3-4 s); the top level needs neither."""
+    code = ("import sys; from napari_daeformer.app.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "finetune" in result.stdout
