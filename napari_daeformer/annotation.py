@@ -247,6 +247,13 @@ def load_session(path: str | os.PathLike[str], voxels: int | None = None) -> Sav
 
 
 def find_sessions(folders: list[Path], key: str) -> list[Path]:
-    """The session files of the image with this key in `folders`, newest first (whatever the image was called)."""
-    found = {p for folder in folders if folder.is_dir() for p in folder.glob(f".*-{key[:16]}*{SUFFIX}")}
+    """The session files of the image with this key in `folders`, newest first (whatever the image was called).
+    Only the user's own: a session another user left in a shared image folder is never offered as one's own
+    corrections."""
+    found = {p for folder in folders if folder.is_dir() for p in folder.glob(f".*-{key[:16]}*{SUFFIX}") if _mine(p)}
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def _mine(path: Path) -> bool:
+    """Whether the current user owns `path` (always true where the system has no owners)."""
+    return not hasattr(os, "geteuid") or path.stat().st_uid == os.geteuid()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ from skimage import io as skio
 
 from ..atomic import atomic_write
 from ..errors import ImageFormatError, first_line
+from ..memory import check_allocation
 from .record import LABELS_MARK, ImageRecord, check_pixels, default_affine
 
 PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -16,6 +18,7 @@ PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 def read_photo(path: Path) -> ImageRecord:
     """Read a photo into (Y, X, 3) uint8/uint16 RGB or (Y, X) greyscale; spacing is 1 pixel."""
+    _check_size(path)
     try:
         data = np.asarray(skio.imread(str(path)))
     except Exception as e:
@@ -32,6 +35,23 @@ def read_photo(path: Path) -> ImageRecord:
     return ImageRecord(data=np.ascontiguousarray(data), spacing=(1.0, 1.0), affine=default_affine((1.0, 1.0)),
                        dtype=str(data.dtype), path=path, modality="rgb" if rgb else "gray", source_format="photo",
                        notes=notes, is_labels=not rgb and _marked(path))
+
+
+def _check_size(path: Path) -> None:
+    """Refuse, from the header alone, a photo whose pixels would not fit the memory limit (a 112 KB PNG can hold
+    gigabytes of pixels): decoded, converted and stacked, about three copies."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)     # the memory limit decides here
+            with Image.open(path) as im:
+                (width, height), bands, mode = im.size, len(im.getbands()), im.mode
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError):
+        return                                                  # the reader says what is wrong with the file
+    depth = 4 if mode in ("I", "F") else 2 if mode.startswith("I;16") else 1
+    check_allocation(path.name, 3 * width * height * bands * depth, f"decoding a {width}x{height} {mode} image",
+                     ImageFormatError)
 
 
 def _marked(path: Path) -> bool:

@@ -178,3 +178,16 @@ def test_a_negative_slice_thickness_is_no_negative_volume(tmp_path: Path) -> Non
     ds.SliceThickness = -1.0
     ds.save_as(f)
     assert read_image(f).spacing[0] == 1.0
+
+
+def test_the_memory_limit_holds_for_photos(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small PNG of many pixels peaked at 1.77 GB under a 50M limit: the header is now checked first."""
+    from PIL import Image
+
+    Image.new("RGB", (4000, 4000)).save(tmp_path / "wide.png")
+    assert (tmp_path / "wide.png").stat().st_size < 200_000
+    monkeypatch.setenv(ENV, "")
+    _cli_refuses(["--memory-limit", "50M", "segment", str(tmp_path / "wide.png"), str(tmp_path / "out.png")],
+                 "wide.png: decoding a 4000x4000 RGB image needs", capsys)
+    assert not (tmp_path / "out.png").exists()

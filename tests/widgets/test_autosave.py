@@ -132,6 +132,9 @@ def test_session_file_round_trip_and_damage(tmp_path: Path) -> None:
     second = Annotation(ImageIdentity(key, "ct"), "ct DAE-Former")                  # another layer on the image
     assert session_path(tmp_path, second) != path
     assert find_sessions([tmp_path / "missing", tmp_path], key) == [path]
+    with pytest.MonkeyPatch.context() as m:                               # the same file, planted by another user
+        m.setattr(os, "geteuid", lambda: path.stat().st_uid + 1)
+        assert find_sessions([tmp_path], key) == []
     back = load_session(path)
     a = back.annotation
     assert np.array_equal(back.labels, labels) and a.id == annotation.id and a.touched == {0: {1}, 2: {5}}
