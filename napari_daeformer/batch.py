@@ -12,8 +12,9 @@ import io
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from .bundled import resolve_model
 from .checkpoint import Checkpoint, file_sha256, load_checkpoint
 from .devices import resolve_device
 from .errors import DaeformerError, ImageFormatError, first_line, printable
+from .folder_lock import exclusive
 from .inference import Progress, segment
 from .io import ImageRecord, is_dicom_file, read_image, suffix_of, write_labels
 from .volumes import class_measures, is_physical, measure_unit
@@ -106,9 +108,8 @@ class BatchSummary:
         return [r for r in self.results if r.status == "failed"]
 
 
-def list_inputs(job: BatchJob) -> list[Path]:
-    """Input files (and DICOM series folders) under `job.input_dir`, sorted; summaries, hidden files and the other
-    files of a DICOM series folder (a README, thumbs.db) excluded."""
+def check_folders(job: BatchJob) -> None:
+    """Refuse (DaeformerError) an input that is no folder and an output folder that is the input or a file."""
     root = job.input_dir
     if not root.is_dir():
         raise DaeformerError(f"{root}: is a file, not a folder (segment one file with `daeformer segment`)"
@@ -118,6 +119,22 @@ def list_inputs(job: BatchJob) -> list[Path]:
                              "mix with the images, so choose another output folder")
     if job.output_dir.exists() and not job.output_dir.is_dir():
         raise DaeformerError(f"{job.output_dir}: is a file, not a folder; choose an output folder")
+
+
+@contextmanager
+def sole_writer(job: BatchJob, rank: int = 0) -> Iterator[None]:
+    """Check the folders, then hold the output folder for this rank while the block runs (segment and summary):
+    a second batch on the same folder (CLI or dock) is refused at its start, naming the first one's pid."""
+    check_folders(job)
+    with exclusive(job.output_dir, f"batch-rank{rank}"):
+        yield
+
+
+def list_inputs(job: BatchJob) -> list[Path]:
+    """Input files (and DICOM series folders) under `job.input_dir`, sorted; summaries, hidden files and the other
+    files of a DICOM series folder (a README, thumbs.db) excluded."""
+    root = job.input_dir
+    check_folders(job)
     files: set[Path] = set()
     series: set[Path] = set()
     for pattern in job.patterns:

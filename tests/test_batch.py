@@ -171,8 +171,10 @@ def test_two_gloo_ranks_shard_the_folder(tmp_path: Path) -> None:
     rows1, rows2 = _rows(tmp_path / "one" / "summary.csv"), _rows(tmp_path / "two" / "summary.csv")
     assert rows1.keys() == rows2.keys() and len(rows2) == 6                  # each file exactly once
     assert [r["status"] for r in rows2.values()].count("done") == 5
-    outputs1 = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
-    outputs2 = sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
+    outputs1 = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*")
+                       if p.is_file() and not p.name.startswith("."))
+    outputs2 = sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*")
+                       if p.is_file() and not p.name.startswith("."))
     assert outputs1 == outputs2
     for rel in outputs1:
         if rel.name != "summary.csv":
@@ -256,11 +258,11 @@ def test_hostile_folder_every_good_file_written_every_bad_one_a_row(tmp_path: Pa
             assert rows[name]["status"] == "done"
             assert (out / output.replace("\\xe9", os.fsdecode(b"\xe9"))).is_file(), output
     assert rows["dup.png"]["lesion"] != rows["dup.jpg"]["lesion"]                 # two images, two results
-    stamps = {p: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "summary.csv"}
+    stamps = {p: p.stat().st_mtime_ns for p in out.iterdir() if p.name not in ("summary.csv", ".batch-rank0.lock")}
     assert main(["batch", str(src), str(out), "--device", "cpu", "--quiet"]) == 1   # resume
     with open(out / "summary.csv", encoding="utf-8") as f:
         again = {row["input"]: row for row in csv.DictReader(f)}
-    assert {p: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "summary.csv"} == stamps   # nothing recomputed
+    assert {p: p.stat().st_mtime_ns for p in out.iterdir() if p.name not in ("summary.csv", ".batch-rank0.lock")} == stamps   # nothing recomputed
     for name, row in again.items():                                              # nor mixed
         assert row["status"] == ("failed" if expected[name] == "failed" else "existing")
         assert row["output"] == rows[name]["output"]
@@ -299,3 +301,21 @@ def test_summary_cells_never_start_a_spreadsheet_formula(tmp_path: Path) -> None
     (tmp_path / "summary.csv").write_text(csv_text)
     earlier = read_earlier(tmp_path / "summary.csv")[name]
     assert (earlier.mean_entropy, earlier.uncertain_slice, earlier.output) == (0.5, 3, "-out.nii.gz")
+
+
+def test_a_second_writer_on_one_folder_is_refused_at_its_start(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """Two batches on one output folder both reported success over each other's files, and the second summary
+    replaced the first: the second now stops before any work, naming the first."""
+    from napari_daeformer.batch import sole_writer
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_folder(src, volumes=1)
+    job = BatchJob(src, out)
+    with sole_writer(job):                                    # a first batch, still running
+        assert main(["batch", str(src), str(out), "--device", "cpu", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"another daeformer batch (pid {os.getpid()}) is writing to this folder" in err
+        assert err.count("\n") == 1
+        assert sorted(p.name for p in out.iterdir()) == [".batch-rank0.lock"]   # nothing written, no summary
+    with sole_writer(job):                                    # the first one ended: the folder is free again
+        pass

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,6 +19,10 @@ from ..io import ImageRecord, check_label_path, is_dicom_input, read_image, suff
 from ..io.dicom_seg import SEG_SUFFIX, Algorithm, write_dicom_seg
 from ..jobs import drain
 from ..volumes import class_measures, is_physical, measure_unit
+
+if TYPE_CHECKING:
+    from ..batch import BatchJob, BatchSummary, FileResult
+    from ..distributed import DistInfo
 
 
 def _progress_printer(label: str):  # type: ignore[no-untyped-def]
@@ -128,14 +133,11 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def run_batch_command(args: argparse.Namespace) -> int:
     """`daeformer batch`: this rank's share of the folder, then rank 0 merges the summaries."""
-    import json
-    from dataclasses import asdict
-
     from tqdm import tqdm
 
-    from napari_daeformer.distributed import barrier, init_from_env, shutdown
+    from napari_daeformer.distributed import init_from_env, shutdown
 
-    from ..batch import BatchJob, BatchProgress, FileResult, ranked, run_batch, write_summary
+    from ..batch import BatchJob, BatchProgress, ranked, run_batch, sole_writer, write_summary
 
     info, device = init_from_env(args.device)
     job = BatchJob(args.input_dir, args.output_dir, tuple(args.pattern or ("**/*",)), args.format, args.model,
@@ -148,26 +150,15 @@ def run_batch_command(args: argparse.Namespace) -> int:
             if p.note:
                 bar.write(f"note: {p.note}", file=sys.stderr)
             bar.set_postfix_str(f"{p.current} {p.slices_done}/{p.slices_total}" if p.slices_total else p.current)
-        summary = drain(run_batch(job, rank=info.rank, world_size=info.world_size), show)
-        bar.close()
-        job.output_dir.mkdir(parents=True, exist_ok=True)
-        if info.enabled:
-            part = job.output_dir / f".summary.rank{info.rank}.jsonl"
-            part.write_text("".join(json.dumps(asdict(r)) + "\n" for r in summary.results))
-            barrier(info)
-            if not info.is_main:
+        with sole_writer(job, info.rank):
+            summary = drain(run_batch(job, rank=info.rank, world_size=info.world_size), show)
+            bar.close()
+            results = _merged(job, info, summary)
+            if results is None:                          # another rank's process: rank 0 writes the summary
                 return 1 if summary.failures else 0
-            results = []
-            for rank in range(info.world_size):
-                path = job.output_dir / f".summary.rank{rank}.jsonl"
-                results += [FileResult(**json.loads(line)) for line in path.read_text().splitlines()]
-                path.unlink()
-            results.sort(key=lambda r: r.input)
-        else:
-            results = summary.results
-        if args.rank:
-            results = ranked(results)
-        out = write_summary(job, results)
+            if args.rank:
+                results = ranked(results)
+            out = write_summary(job, results)
     finally:
         shutdown(info)
     failures = [r for r in results if r.status == "failed"]
@@ -184,3 +175,26 @@ def run_batch_command(args: argparse.Namespace) -> int:
             print(f"  {printable(r.input)}: {printable(r.reason)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _merged(job: BatchJob, info: DistInfo, summary: BatchSummary) -> list[FileResult] | None:
+    """Every rank's results in input order on rank 0 (each rank leaves its own in a hidden file); None elsewhere."""
+    import json
+    from dataclasses import asdict
+
+    from ..batch import FileResult
+    from ..distributed import barrier
+
+    if not info.enabled:
+        return summary.results
+    part = job.output_dir / f".summary.rank{info.rank}.jsonl"
+    part.write_text("".join(json.dumps(asdict(r)) + "\n" for r in summary.results))
+    barrier(info)
+    if not info.is_main:
+        return None
+    results = []
+    for rank in range(info.world_size):
+        path = job.output_dir / f".summary.rank{rank}.jsonl"
+        results += [FileResult(**json.loads(line)) for line in path.read_text().splitlines()]
+        path.unlink()
+    return sorted(results, key=lambda r: r.input)

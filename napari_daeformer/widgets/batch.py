@@ -13,7 +13,7 @@ from qtpy.QtWidgets import QStyledItemDelegate
 
 from .._reader import record_to_layer
 from ..annotation import Annotation, image_key
-from ..batch import OUTPUT_FORMATS, BatchJob, BatchProgress, BatchSummary, FileResult, ranked, run_batch, write_summary
+from ..batch import OUTPUT_FORMATS, BatchJob, BatchProgress, BatchSummary, FileResult, ranked, run_batch, sole_writer, write_summary
 from ..bundled import BUNDLED, resolve_model
 from ..checkpoint import read_card
 from ..errors import DaeformerError, InferenceError
@@ -33,8 +33,9 @@ FAILED_COLOUR = "#e0605a"
 
 def _batch_and_summarise(job: BatchJob, cancel: threading.Event
                          ) -> Generator[BatchProgress, None, tuple[BatchSummary, Path]]:
-    summary = yield from run_batch(job, cancel=cancel)
-    return summary, write_summary(job, summary.results)
+    with sole_writer(job):
+        summary = yield from run_batch(job, cancel=cancel)
+        return summary, write_summary(job, summary.results)
 
 
 _batch_job = guarded(_batch_and_summarise, InferenceError, "batch segmentation")
