@@ -40,7 +40,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *,
         raise DaeformerError(f"{path} already exists; choose another name or allow overwriting")
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path.parent, path.name)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{uuid4().hex[:8]}-{path.name}")  # same folder and suffix (.nii.gz)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{uuid4().hex[:8]}-{_tail(path.name)}")  # same folder and suffix
     try:
         write(tmp)
         with open(tmp, "rb+") as f:                               # data on disk before the rename
@@ -70,6 +70,15 @@ def _link_new(tmp: Path, path: Path) -> None:
 
 
 _TEMPORARY = re.compile(r"\.tmp-(\d+)-[0-9a-f]{8}-(.+)")
+NAME_MAX = 255                             # bytes in one file name on Linux, macOS and Windows file systems
+_TEMP_TAIL = NAME_MAX - len(".tmp-4194304-0123abcd-")
+
+
+def _tail(name: str) -> str:
+    """The end of `name` that fits a temporary's name beside the prefix (the suffix, which writers read, kept):
+    a 240-character name is legal, its temporary with the whole name is not."""
+    encoded = os.fsencode(name)                           # undecodable bytes of a Linux name kept as they are
+    return name if len(encoded) <= _TEMP_TAIL else os.fsdecode(encoded[-_TEMP_TAIL:])
 STALE_SECONDS = 3600.0                     # a temporary file untouched this long belongs to no live write
 
 
@@ -81,7 +90,7 @@ def remove_stale_temporaries(folder: Path, name: str | None = None, *, recursive
     now = time.time()
     for tmp in candidates:
         m = _TEMPORARY.fullmatch(tmp.name)
-        if not m or (name is not None and m.group(2) != name):
+        if not m or (name is not None and m.group(2) != _tail(name)):
             continue
         try:
             if _alive(int(m.group(1))) and now - tmp.stat().st_mtime < STALE_SECONDS:

@@ -119,6 +119,10 @@ def check_folders(job: BatchJob) -> None:
                              "mix with the images, so choose another output folder")
     if job.output_dir.exists() and not job.output_dir.is_dir():
         raise DaeformerError(f"{job.output_dir}: is a file, not a folder; choose an output folder")
+    for pattern in job.patterns:
+        if Path(pattern).is_absolute() or ".." in Path(pattern).parts:
+            raise DaeformerError(f"--pattern {pattern}: patterns are relative to the input folder and stay inside it "
+                                 "(e.g. '**/*.nii.gz')")
 
 
 @contextmanager

@@ -22,3 +22,10 @@ def test_a_second_writer_that_finishes_first_is_never_replaced(tmp_path: Path) -
     assert target.read_bytes() == b"theirs" and [p.name for p in tmp_path.iterdir()] == ["mask.nii.gz"]
     atomic_write(target, lambda tmp: tmp.write_bytes(b"ours"))            # overwrite allowed: replaced
     assert target.read_bytes() == b"ours"
+
+
+def test_a_long_legal_name_is_written(tmp_path: Path) -> None:
+    """A 245-character name failed only because its temporary's prefix made it longer than a name may be."""
+    target = tmp_path / ("x" * 238 + ".nii.gz")
+    atomic_write(target, lambda tmp: tmp.write_bytes(b"labels"))
+    assert target.read_bytes() == b"labels" and [p.name for p in tmp_path.iterdir()] == [target.name]

@@ -258,11 +258,13 @@ def test_hostile_folder_every_good_file_written_every_bad_one_a_row(tmp_path: Pa
             assert rows[name]["status"] == "done"
             assert (out / output.replace("\\xe9", os.fsdecode(b"\xe9"))).is_file(), output
     assert rows["dup.png"]["lesion"] != rows["dup.jpg"]["lesion"]                 # two images, two results
-    stamps = {p: p.stat().st_mtime_ns for p in out.iterdir() if p.name not in ("summary.csv", ".batch-rank0.lock")}
+    def outputs() -> dict[Path, int]:
+        return {p: p.stat().st_mtime_ns for p in out.iterdir() if p.name not in ("summary.csv", ".batch-rank0.lock")}
+    stamps = outputs()
     assert main(["batch", str(src), str(out), "--device", "cpu", "--quiet"]) == 1   # resume
     with open(out / "summary.csv", encoding="utf-8") as f:
         again = {row["input"]: row for row in csv.DictReader(f)}
-    assert {p: p.stat().st_mtime_ns for p in out.iterdir() if p.name not in ("summary.csv", ".batch-rank0.lock")} == stamps   # nothing recomputed
+    assert outputs() == stamps                                                    # nothing recomputed
     for name, row in again.items():                                              # nor mixed
         assert row["status"] == ("failed" if expected[name] == "failed" else "existing")
         assert row["output"] == rows[name]["output"]
@@ -280,7 +282,10 @@ def test_output_folder_is_the_input_folder_or_a_file(tmp_path: Path, capsys) -> 
     (tmp_path / "file").write_text("x")
     assert main(["batch", str(src), str(tmp_path / "file"), "--device", "cpu", "--quiet"]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
-    assert sorted(p.name for p in src.rglob("*")) == before
+    for pattern in ("/etc/*", "../*"):                       # NotImplementedError, or files beside the folder
+        assert main(["batch", str(src), str(tmp_path / "out"), "--pattern", pattern, "--quiet"]) == 2
+        assert "patterns are relative to the input folder" in capsys.readouterr().err
+    assert sorted(p.name for p in src.rglob("*")) == before and not (tmp_path / "out").exists()
 
 
 def test_summary_cells_never_start_a_spreadsheet_formula(tmp_path: Path) -> None:

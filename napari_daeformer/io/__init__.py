@@ -19,7 +19,7 @@ from .dicom import is_dicom_file, read_dicom
 from .nifti import read_nifti, write_nifti
 from .nrrd import NRRD_SUFFIXES, SEG_NRRD_SUFFIX, read_nrrd, write_seg_nrrd
 from .photo import PHOTO_SUFFIXES, read_photo, write_png
-from .record import METADATA_KEY, ImageRecord, default_affine, geometry_from_metadata
+from .record import METADATA_KEY, ImageRecord, check_affine, default_affine, geometry_from_metadata
 from .tiff import read_tiff, write_tiff
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -68,6 +68,7 @@ def read_image(path: str | os.PathLike[str]) -> ImageRecord:
     if p.is_file() and p.stat().st_size == 0:
         raise ImageFormatError(f"{p.name}: file is empty")
     record = _read(p)
+    check_affine(record.affine, p.name)                  # every reader: voxels with a place and a size in space
     if record.data.dtype == bool:                        # 1-bit PNG, bool TIFF: numpy cannot subtract booleans
         record = replace(record, data=record.data.view(np.uint8))
     return record

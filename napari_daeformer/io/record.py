@@ -18,7 +18,7 @@ COLORS_KEY = "class_colors"                   # "#rrggbb" per class, background 
 CHECKPOINT_KEY = "checkpoint"                 # file name of the checkpoint that made the labels
 CHECKPOINT_SHA_KEY = "checkpoint_sha256"
 LABELS_MARK = ("napari_daeformer", "labels")   # the key and value a written label map carries (TIFF, PNG)
-MIN_VOXEL_MM, MAX_VOXEL_MM = 1e-4, 1e4         # 0.1 micrometre to 10 m: outside, a header is damaged
+MIN_VOXEL_MM, MAX_VOXEL_MM = 1e-6, 1e4         # 1 nm to 10 m: outside, a header is damaged
 
 
 @dataclass(frozen=True)

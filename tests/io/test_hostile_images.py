@@ -191,3 +191,16 @@ def test_the_memory_limit_holds_for_photos(tmp_path: Path, capsys: pytest.Captur
     _cli_refuses(["--memory-limit", "50M", "segment", str(tmp_path / "wide.png"), str(tmp_path / "out.png")],
                  "wide.png: decoding a 4000x4000 RGB image needs", capsys)
     assert not (tmp_path / "out.png").exists()
+
+
+def test_a_dicom_pixel_spacing_of_zero_is_refused_when_read(tmp_path: Path) -> None:
+    """PixelSpacing 0 read as zero-size voxels and failed only when the labels were written, the work lost."""
+    import pydicom
+
+    write_dicom_series(tmp_path / "ct", np.full((2, 8, 8), 1000, np.uint16), (2.0, 1.0, 1.0))
+    for f in (tmp_path / "ct").iterdir():
+        ds = pydicom.dcmread(f)
+        ds.PixelSpacing = [0, 0]
+        ds.save_as(f)
+    with pytest.raises(ImageFormatError, match="ct: the voxel-to-world affine is singular"):
+        read_image(tmp_path / "ct")
