@@ -143,7 +143,7 @@ def run_batch_command(args: argparse.Namespace) -> int:
     job = BatchJob(args.input_dir, args.output_dir, tuple(args.pattern or ("**/*",)), args.format, args.model,
                    device, args.precision, args.batch_size, args.overwrite, args.prefetch)
     try:
-        bar = tqdm(unit="file", file=sys.stderr, disable=args.quiet, position=info.rank)
+        bar = tqdm(unit="file", file=sys.stderr, delay=1, disable=args.quiet, position=info.rank)
 
         def show(p: BatchProgress) -> None:
             bar.total, bar.n = p.files_total, p.files_done

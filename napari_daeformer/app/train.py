@@ -286,7 +286,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 def _drive(trainer: Trainer, classes: tuple[str, ...], quiet: bool) -> None:
     from tqdm import tqdm
-    bar = None if quiet else tqdm(total=trainer.total_steps, initial=trainer.step, unit="step", file=sys.stderr)
+    bar = None if quiet else tqdm(total=trainer.total_steps, initial=trainer.step, unit="step", file=sys.stderr,
+                                  delay=1)
     for report in trainer.fit():
         if isinstance(report, StepReport) and bar is not None:
             bar.update(1)
@@ -390,7 +391,7 @@ def run_teach(args: argparse.Namespace) -> int:
     settings = replace(TEACH, minutes=args.minutes if args.minutes is not None else TEACH.minutes,
                        steps=args.max_steps or TEACH.steps, device=args.device, seed=args.seed)
     print(f"daeformer train: {int(pair.slices.sum())} annotated slices of {args.image.name}; {said}", file=sys.stderr)
-    bar = None if args.quiet else tqdm(total=settings.steps, unit="step", file=sys.stderr)
+    bar = None if args.quiet else tqdm(total=settings.steps, unit="step", file=sys.stderr, delay=1)
 
     def show(progress: FinetuneProgress) -> None:
         if bar is not None:
@@ -483,7 +484,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     settings = FinetuneSettings(steps=args.steps, lr=args.lr, warmup_steps=args.warmup, protect=args.protect,
                                 protect_weight=args.protect_weight, train_parts=args.train_parts,
                                 augment=not args.no_augment, calibrate=not args.no_calibration, device=args.device)
-    bar = tqdm(total=args.steps, unit="step", file=sys.stderr)
+    bar = tqdm(total=args.steps, unit="step", file=sys.stderr, delay=1)       # no bar around an early error
 
     def show(progress: FinetuneProgress) -> None:
         bar.total, bar.n = progress.total, progress.step
