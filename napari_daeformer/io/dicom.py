@@ -47,12 +47,30 @@ def read_dicom(path: Path) -> ImageRecord:
         ImageFormatError: no DICOM files, several series mixed, missing or irregular slices,
             slices of different size or orientation.
     """
+    return _stack(*series_in_order(path, pixels=True), path)
+
+
+def numbers(ds: Any, key: str, default: list[float], name: str) -> np.ndarray:
+    """A numeric attribute (e.g. ImagePositionPatient) as float64 values, `default` where it is absent or empty;
+    one ImageFormatError where the file holds something else (text, the wrong count, NaN)."""
+    value = getattr(ds, key, None)
+    value = default if value is None or value == "" else value
     try:
-        return _stack(*series_in_order(path, pixels=True), path)
-    except ImageFormatError:
-        raise
+        out = np.atleast_1d(np.array(value, dtype=np.float64))
+    except (TypeError, ValueError) as e:
+        raise ImageFormatError(f"{name}: {key} {str(value)[:40]!r} is not numeric") from e
+    if out.shape != (len(default),) or not np.isfinite(out).all():
+        raise ImageFormatError(f"{name}: {key} {str(value)[:40]!r} is not {len(default)} finite number(s)")
+    return out
+
+
+def _pixels(ds: Any, name: str) -> np.ndarray:
+    """The slice's stored values as pydicom decodes them: whatever a decoder raises for damaged or unsupported
+    pixel data (its errors have no common base) is one ImageFormatError."""
+    try:
+        return np.asarray(ds.pixel_array)
     except Exception as e:
-        raise ImageFormatError(f"{path.name}: DICOM pixel data cannot be decoded ({first_line(e)})") from e
+        raise ImageFormatError(f"{name}: DICOM pixel data cannot be decoded ({first_line(e)})") from e
 
 
 def is_segmentation(ds: Any) -> bool:
@@ -99,15 +117,13 @@ def series_in_order(path: Path, pixels: bool = False) -> tuple[list[Any], np.nda
     """
     datasets = _datasets(path, pixels)
     first = datasets[0]
-    iop = np.array(getattr(first, "ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), dtype=np.float64)
+    iop = numbers(first, "ImageOrientationPatient", [1, 0, 0, 0, 1, 0], path.name)
     row_dir, col_dir = orientation(first, path.name)
     normal = np.cross(row_dir, col_dir)
     for ds in datasets:
-        other = np.array(getattr(ds, "ImageOrientationPatient", iop), dtype=np.float64)
-        if not np.allclose(other, iop, atol=1e-4):
+        if not np.allclose(numbers(ds, "ImageOrientationPatient", list(iop), path.name), iop, atol=1e-4):
             raise ImageFormatError(f"{path.name}: slices have different orientations; not one volume")
-    positions = np.array([getattr(ds, "ImagePositionPatient", [0, 0, i]) for i, ds in enumerate(datasets)],
-                         dtype=np.float64)
+    positions = np.array([numbers(ds, "ImagePositionPatient", [0, 0, i], path.name) for i, ds in enumerate(datasets)])
     order = np.argsort(positions @ normal)
     datasets = [datasets[i] for i in order]
     positions = positions[order]
@@ -122,17 +138,15 @@ def series_in_order(path: Path, pixels: bool = False) -> tuple[list[Any], np.nda
             raise ImageFormatError(f"{path.name}: slices are missing or irregularly spaced (spacing {step:.2f} mm, "
                                    f"but {steps[gaps[0]]:.2f} mm after slice {gaps[0]}); refusing to stack")
     else:
-        step = float(getattr(first, "SliceThickness", 1.0) or 1.0)
-        step = step if np.isfinite(step) and step > 0 else 1.0        # a thickness of -1 or NaN is no size
+        step = float(numbers(first, "SliceThickness", [1.0], path.name)[0])
+        step = step if step > 0 else 1.0                               # a thickness of -1 or 0 is no size
     return datasets, positions, step
 
 
 def orientation(ds: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
     """The unit row and column directions (LPS) of a slice's ImageOrientationPatient: normalised (some writers
     store unscaled or rounded vectors, which would scale the volume), refused where they are zero or parallel."""
-    iop = np.array(getattr(ds, "ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), dtype=np.float64)
-    if iop.shape != (6,) or not np.isfinite(iop).all():
-        raise ImageFormatError(f"{name}: ImageOrientationPatient {list(iop)} is not six finite numbers")
+    iop = numbers(ds, "ImageOrientationPatient", [1, 0, 0, 0, 1, 0], name)
     row, col = iop[:3], iop[3:]
     norms = np.linalg.norm(row), np.linalg.norm(col)
     if min(norms) < 1e-6 or np.linalg.norm(np.cross(row / norms[0], col / norms[1])) < 0.5:
@@ -145,7 +159,7 @@ def series_geometry(first: Any, positions: np.ndarray, step: float) -> tuple[tup
     """(Z, Y, X) spacing in mm and the RAS voxel-to-world affine of a series whose slices lie at `positions`
     (Z, 3), ascending, `first` being any of its datasets (orientation and pixel spacing)."""
     row_dir, col_dir = orientation(first, "DICOM series")
-    row_spacing, col_spacing = (float(v) for v in getattr(first, "PixelSpacing", [1.0, 1.0]))
+    row_spacing, col_spacing = (float(v) for v in numbers(first, "PixelSpacing", [1.0, 1.0], "DICOM series"))
     lps = np.eye(4)
     lps[:3, 0] = row_dir * col_spacing                               # x index walks along a row
     lps[:3, 1] = col_dir * row_spacing                               # y index walks down the columns
@@ -157,20 +171,21 @@ def series_geometry(first: Any, positions: np.ndarray, step: float) -> tuple[tup
 
 def _stack(datasets: list[Any], positions: np.ndarray, step: float, path: Path) -> ImageRecord:
     first = datasets[0]
-    rows, cols, frames = (int(getattr(first, k, 1) or 1) for k in ("Rows", "Columns", "NumberOfFrames"))
+    rows, cols, frames = (max(1, int(numbers(first, k, [1], path.name)[0])) for k in ("Rows", "Columns", "NumberOfFrames"))
     check_allocation(path.name, len(datasets) * rows * cols * frames * (4 + 4 + 2),   # decoded, float32, stacked
                      f"decoding {len(datasets)} slice(s) of {rows}x{cols}", ImageFormatError)
-    shapes = {ds.pixel_array.shape for ds in datasets}
+    planes = [_pixels(ds, path.name) for ds in datasets]
+    shapes = {plane.shape for plane in planes}
     if len(shapes) != 1:
         raise ImageFormatError(f"{path.name}: slices have different sizes {sorted(shapes)}")
     slices = []
-    for ds in datasets:
-        slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-        intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
-        slices.append(ds.pixel_array.astype(np.float32) * slope + intercept)
+    for ds, plane in zip(datasets, planes):
+        slope = float(numbers(ds, "RescaleSlope", [1.0], path.name)[0]) or 1.0
+        intercept = float(numbers(ds, "RescaleIntercept", [0.0], path.name)[0])
+        slices.append(plane.astype(np.float32) * slope + intercept)
     volume = np.stack(slices)                                        # (Z, rows=Y, cols=X)
     check_pixels(volume, path.name)
     spacing, affine = series_geometry(first, positions, step)
     modality = "ct" if str(getattr(first, "Modality", "")).upper() == "CT" else "gray"
-    return ImageRecord(data=volume, spacing=spacing, affine=affine, dtype=str(first.pixel_array.dtype), path=path,
+    return ImageRecord(data=volume, spacing=spacing, affine=affine, dtype=str(planes[0].dtype), path=path,
                        modality=modality, source_format="dicom")

@@ -120,6 +120,12 @@ def test_a_bug_in_our_reader_is_a_traceback_not_a_bad_file(tmp_path, monkeypatch
     monkeypatch.setattr(nifti_module, "check_pixels", planted)
     with pytest.raises(ZeroDivisionError, match="planted"):
         read_image(path)
+    import napari_daeformer.io.dicom as dicom_module  # DICOM wrapped our stacking code as well
+
+    write_dicom_series(tmp_path / "ct", np.full((2, 8, 8), 1000, np.uint16), (2.0, 1.0, 1.0))
+    monkeypatch.setattr(dicom_module, "series_geometry", planted)
+    with pytest.raises(ZeroDivisionError, match="planted"):
+        read_image(tmp_path / "ct")
 
 
 @pytest.mark.parametrize("z", [-3.0, 0.0, float("nan"), float("inf")])
