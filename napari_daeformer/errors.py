@@ -40,10 +40,10 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
-def first_line(error: BaseException) -> str:
-    """The first line of `error`'s message, or its type's name when it has none."""
+def first_line(error: BaseException, empty: str | None = None) -> str:
+    """The first line of `error`'s message; when it has none, `empty` (default: the type's name)."""
     text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return text.splitlines()[0] if text else type(error).__name__ if empty is None else empty
 
 
 def short_repr(value: object, limit: int = 40) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line
 from .model import DAEFormer, DAEFormerConfig
 
 # Official keys that the released forward pass never reads.
@@ -161,7 +161,7 @@ def load_official_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Te
         obj: Any = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
         raise CheckpointError(f"{path.name}: cannot be read as a tensors-only PyTorch state dict "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+                              f"({type(e).__name__}: {first_line(e, '')})") from e
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from . import package_cache
-from .errors import DaeformerError
+from .errors import DaeformerError, first_line
 from .metrics import dice_per_class
 
 MIN_AGREEMENT = 0.995              # share of calibration voxels whose label must equal fp32's (issue 15's bar)
@@ -185,7 +185,7 @@ def build(model: torch.nn.Module, calibration: Sequence[torch.Tensor], batch: in
         raise Unavailable(str(e)) from e
     except Exception as e:                               # torch's export/inductor errors have no common base
         raise Unavailable(f"static int8 could not be compiled here ({type(e).__name__}: "
-                          f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'})") from e
+                          f"{first_line(e, 'no message')})") from e
     compiled = StaticInt8(path, batch)
     with torch.inference_mode(), _quiet_torchao():
         ours = torch.cat([compiled(x).argmax(1) for x in batches]).numpy()

@@ -14,7 +14,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from napari_daeformer.atomic import atomic_write
-from napari_daeformer.errors import TrainingError
+from napari_daeformer.errors import TrainingError, first_line
 
 
 def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> Path:
@@ -47,7 +47,7 @@ def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        raise TrainingError(f"{path.name}: saved weights do not fit this model ({str(e).splitlines()[0]})") from e
+        raise TrainingError(f"{path.name}: saved weights do not fit this model ({first_line(e)})") from e
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):

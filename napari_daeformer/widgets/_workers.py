@@ -28,8 +28,7 @@ def device_picker() -> ComboBox:
 
 def failure_message(error: BaseException) -> str:
     """The error in words: its message (the type's name only when there is none)."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else f"unexpected {type(error).__name__}"
+    return first_line(error, f"unexpected {type(error).__name__}")
 
 
 def guarded(job: Callable[..., Generator[Any, None, Any]], error: type[DaeformerError], what: str
