@@ -16,9 +16,9 @@ takes `stall` times the typical step time (another process has just started) tri
 from __future__ import annotations
 
 import statistics
-import time
 from collections import Counter, deque
 from collections.abc import Callable
+from time import perf_counter
 from types import TracebackType
 
 import torch
@@ -90,14 +90,14 @@ class ThreadGovernor:
         """Call before each step: probes every `every` calls or after a stalled step, sets and returns the thread
         count."""
         if self._last is not None:
-            self._steps.setdefault(self.threads, deque(maxlen=20)).append(time.perf_counter() - self._last)
+            self._steps.setdefault(self.threads, deque(maxlen=20)).append(perf_counter() - self._last)
         if (self._calls % self.every == 0 or self._stalled()) and len(self.candidates) > 1:
             self.threads = choose_threads(self.candidates, self._probe)
             self.history.append(self.threads)
         self._calls += 1
         if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
-        self._last = time.perf_counter()
+        self._last = perf_counter()
         return self.threads
 
     def _stalled(self) -> bool:
@@ -115,10 +115,10 @@ class ThreadGovernor:
         x, w = self._work
         torch.set_num_threads(threads)
         F.layer_norm(x, (64,))                                 # wake the thread pool at this size
-        start = time.perf_counter()
+        start = perf_counter()
         for _ in range(self.reps):
             F.layer_norm(x, (64,))
             x @ w
-            if (elapsed := time.perf_counter() - start) > limit:
+            if (elapsed := perf_counter() - start) > limit:
                 return elapsed
-        return time.perf_counter() - start
+        return perf_counter() - start

@@ -1,7 +1,5 @@
 """The thread governor: its decision rule, its stall trigger, and that it leaves torch as it found it."""
 
-import time
-
 import torch
 
 from napari_daeformer.threads import ThreadGovernor, choose_threads
@@ -21,7 +19,22 @@ def test_more_threads_must_win_clearly_and_mostly():
     assert choose_threads([4, 2, 1], _probe_from({1: [1.0] * 3, 2: [0.6] * 3, 4: [0.5] * 3})) == 2
 
 
+class _Clock:
+    """A perf_counter that moves only when told (or by `step` per reading): no test here depends on the machine's
+    speed or load."""
+
+    def __init__(self, step: float = 0.0) -> None:
+        self.now, self.step, self.readings = 0.0, step, 0
+
+    def __call__(self) -> float:
+        self.now += self.step
+        self.readings += 1
+        return self.now
+
+
 def test_a_stalled_step_triggers_a_new_decision(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr("napari_daeformer.threads.perf_counter", clock)
     governor = ThreadGovernor(max_threads=2, every=1000)
     decisions = []
     monkeypatch.setattr("napari_daeformer.threads.choose_threads", lambda c, p: decisions.append(2) or 2)
@@ -29,14 +42,15 @@ def test_a_stalled_step_triggers_a_new_decision(monkeypatch):
     with governor:
         for pause in (0.01, 0.01, 0.01, 0.01, 0.2):     # the last step is 20x the others: another process started
             governor.tick()
-            time.sleep(pause)
+            clock.now += pause
         governor.tick()
     assert len(decisions) == 2                         # the first tick, then the stall
     assert torch.get_num_threads() == saved
 
 
-def test_the_probe_stops_once_it_has_lost():
+def test_the_probe_stops_once_it_has_lost(monkeypatch):
+    clock = _Clock(step=0.001)                         # each reading: a millisecond of work
+    monkeypatch.setattr("napari_daeformer.threads.perf_counter", clock)
     governor = ThreadGovernor(max_threads=1, reps=10_000)
-    start = time.perf_counter()
-    governor._probe(1, 0.01)
-    assert time.perf_counter() - start < 0.5
+    assert 0.01 < governor._probe(1, 0.01) < 0.02
+    assert clock.readings < 20                         # stopped at the limit, not after 10,000 rounds
