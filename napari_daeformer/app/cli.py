@@ -14,9 +14,10 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from ..errors import DaeformerError, first_line, printable
-from .options import whole
+from .options import whole, window_text
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -127,7 +128,7 @@ def _segment_options(p: argparse.ArgumentParser) -> None:
     _add_engine_arguments(p)
     p.add_argument("--axis", type=int, default=0, help="array axis to slice along; 0 = axial for NIfTI/DICOM "
                    "(default: %(default)s)")
-    p.add_argument("--window", help="CT window overriding the checkpoint's: LOWER,UPPER in HU or a preset name "
+    p.add_argument("--window", type=window_text, help="CT window overriding the checkpoint's: LOWER,UPPER in HU or a preset name "
                    "(abdomen, soft tissue, liver, lung, bone, brain)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=_segment)
@@ -216,10 +217,17 @@ COMMANDS: dict[str, tuple[dict[str, str], Callable[[argparse.ArgumentParser], No
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a mistake answered in one line (and where to look) instead of a screenful of usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The `daeformer` parser. `only`: give just this command its options (the others are listed by name), so that
     `daeformer --help` and a command's start do not import torch and the trainer for options they do not use."""
-    parser = argparse.ArgumentParser(prog="daeformer", description="DAE-Former segmentation for CT volumes and "
+    parser = _Parser(prog="daeformer", description="DAE-Former segmentation for CT volumes and "
                                      "skin photos: the command line of napari-daeformer.")
     from .. import __version__
     parser.add_argument("--version", action="version", version=f"napari-daeformer {__version__}")

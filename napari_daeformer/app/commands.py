@@ -19,6 +19,7 @@ from ..io import ImageRecord, check_label_path, is_dicom_input, read_image, suff
 from ..io.dicom_seg import SEG_SUFFIX, Algorithm, write_dicom_seg
 from ..jobs import drain
 from ..volumes import class_measures, is_physical, measure_unit
+from .options import ct_window
 
 if TYPE_CHECKING:
     from ..batch import BatchJob, BatchSummary, FileResult
@@ -36,19 +37,6 @@ def _progress_printer(label: str):  # type: ignore[no-untyped-def]
         print(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {p.done}/{p.total} slices", end=end,
               file=sys.stderr, flush=True)
     return show
-
-
-def _window(text: str | None) -> tuple[float, float] | None:
-    if text is None:
-        return None
-    from ..preprocessing import CT_WINDOWS
-    if text in CT_WINDOWS:
-        return CT_WINDOWS[text]
-    try:
-        lo, hi = (float(v) for v in text.split(","))
-    except ValueError as e:
-        raise ValueError(f"--window {text!r}: give LOWER,UPPER in HU or one of {', '.join(CT_WINDOWS)}") from e
-    return lo, hi
 
 
 def segment_file(record: ImageRecord, output: Path, model: str | None, *, device: str = "auto", axis: int = 0,
@@ -82,7 +70,8 @@ def run_segment(args: argparse.Namespace) -> int:
         print(f"note: {args.input}: {note}", file=sys.stderr)
     out, labels, measures = segment_file(record, Path(args.output), args.model, device=args.device, axis=args.axis,
                                          batch_size=args.batch_size, precision=args.precision,
-                                         window=_window(args.window), overwrite=args.overwrite)
+                                         window=None if args.window is None else ct_window(args.window),
+                                         overwrite=args.overwrite)
     unit = measure_unit(labels.ndim, is_physical(record.source_format, record.spacing))
     print(f"wrote {out}")
     for name, value in measures.items():

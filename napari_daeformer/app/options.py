@@ -38,3 +38,27 @@ def number(low: float, high: float = math.inf, *, above_low: bool = False) -> Ca
         return value
     parse.__name__ = "number"
     return parse
+
+
+def ct_window(text: str) -> tuple[float, float]:
+    """`--window`: a preset name (abdomen, lung, ...) or LOWER,UPPER in HU, lower below upper, as (lower, upper)."""
+    from ..preprocessing import CT_WINDOWS
+
+    if text in CT_WINDOWS:
+        return CT_WINDOWS[text]
+    try:
+        lower, upper = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give LOWER,UPPER in HU or one of {', '.join(CT_WINDOWS)}; got {text!r}") from None
+    if not (math.isfinite(lower) and math.isfinite(upper) and lower < upper):
+        raise argparse.ArgumentTypeError(f"the lower bound must be below the upper, both finite; got {text!r}")
+    return lower, upper
+
+
+def window_text(text: str) -> str:
+    """The argparse type of `--window`: checked by `ct_window`, kept as written (it goes to config.yaml as such)."""
+    ct_window(text)
+    return text
+
+
+window_text.__name__ = "CT window"

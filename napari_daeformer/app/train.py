@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import yaml
 
-from napari_daeformer.app.options import number, whole
+from napari_daeformer.app.options import ct_window, number, whole, window_text
 from napari_daeformer.atomic import atomic_write, check_output_path
 from napari_daeformer.checkpoint import MAX_INPUT_SIDE, SYNAPSE_CLASSES, ModelCard, check_class_names, load_checkpoint
 from napari_daeformer.distributed import init_from_env, shutdown
@@ -59,7 +59,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", type=Path, help="start from this checkpoint's weights (fine-tuning)")
     p.add_argument("--arch", default="small", help="architecture for a new model: small or paper (default: small)")
     p.add_argument("--classes", help="comma-separated class names, background first (default: from the data)")
-    p.add_argument("--window", default="abdomen", help="CT window preset or LOWER,UPPER HU (default: abdomen)")
+    p.add_argument("--window", type=window_text, default="abdomen", help="CT window preset or LOWER,UPPER HU (default: abdomen)")
     p.add_argument("--normalise", choices=("auto", "ct", "zscore", "rgb"), default="auto",
                    help="intensity normalisation for a new model: ct (the --window), zscore (per image, clipped to "
                    "the 0.5-99.5th foreground percentiles: MR and other uncalibrated images), rgb (photos); auto: rgb "
@@ -182,13 +182,6 @@ def augment_settings(args: argparse.Namespace) -> AugmentConfig | None:
     return replace(AugmentConfig(), **items)
 
 
-def _window(text: str) -> tuple[float, float] | str:
-    if "," in text:
-        lo, hi = (float(v) for v in text.split(","))
-        return lo, hi
-    return text
-
-
 def class_names(text: str) -> tuple[str, ...]:
     """`--classes a,b,c` as names, refused (one line) before any data is read if a checkpoint could not carry them."""
     names = tuple(n.strip() for n in text.split(","))
@@ -226,7 +219,7 @@ def _model_and_card(args: argparse.Namespace, cases: list[Case], fmt: str) -> tu
     elif kind == "zscore":
         prep = zscore_preprocessing()
     else:
-        prep = ct_preprocessing(_window(args.window))
+        prep = ct_preprocessing(ct_window(args.window))
     card = ModelCard(cfg, names, input_size=(args.input_size, args.input_size), preprocessing=prep,
                      provenance={"data": str(args.data) if args.data else fmt})
     return DAEFormer(cfg), card
