@@ -324,3 +324,27 @@ def test_a_second_writer_on_one_folder_is_refused_at_its_start(tmp_path: Path, c
         assert sorted(p.name for p in out.iterdir()) == [".batch-rank0.lock"]   # nothing written, no summary
     with sole_writer(job):                                    # the first one ended: the folder is free again
         pass
+
+
+def test_an_output_folder_that_cannot_be_written_stops_before_any_work(tmp_path: Path, capsys,  # type: ignore[no-untyped-def]
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only output folder computed every file before failing at the writes; the folder is now held first.
+    (The suite may run as root, whom permissions do not stop: the refusal is planted at the lock's open.)"""
+    import napari_daeformer.batch as batch_module
+    import napari_daeformer.folder_lock as lock_module
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_folder(src, volumes=1)
+    out.mkdir()
+
+    def refused(*_args, **_kwargs):  # type: ignore[no-untyped-def]
+        raise PermissionError(13, "Permission denied")
+
+    def never(*_args, **_kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("segmented before the folder was known to be writable")
+
+    monkeypatch.setattr(lock_module.os, "open", refused)
+    monkeypatch.setattr(batch_module, "segment", never)
+    assert main(["batch", str(src), str(out), "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write there (Permission denied)" in err
