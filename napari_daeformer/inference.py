@@ -102,7 +102,7 @@ def check_compatible(image: np.ndarray, rgb: bool, checkpoint: Checkpoint, axis:
 
 def image_warnings(image: np.ndarray) -> list[str]:
     """What the user should hear before segmenting `image` (it is still segmented): a constant image."""
-    if image.size and np.ptp(image) == 0:
+    if image.size and image.min() == image.max():                # np.ptp cannot subtract booleans (a mask layer)
         return [f"every voxel has the same value ({image.flat[0]}): the image holds nothing to segment"]
     return []
 
@@ -178,8 +178,6 @@ def segment(
         rgb = image.rgb if rgb is None else rgb
         image = image.data
     image = np.asarray(image)
-    if image.dtype == bool:                                   # a mask opened as an image (napari layer): 0/1
-        image = image.view(np.uint8)
     if rgb is None:
         rgb = image.ndim == 3 and image.shape[-1] == 3
     check_compatible(image, rgb, checkpoint, axis)

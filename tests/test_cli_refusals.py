@@ -73,6 +73,13 @@ def test_a_one_bit_png_is_segmented(tmp_path: Path) -> None:
     assert np.asarray(Image.open(tmp_path / "labels.png")).shape == (48, 48)
 
 
+def test_a_mask_layer_gets_the_constant_image_warning_not_a_traceback() -> None:
+    """The Segment dock checks a layer with `image_warnings` before the run: np.ptp failed on a bool layer."""
+    from napari_daeformer.inference import image_warnings
+
+    assert image_warnings(np.zeros((8, 8), bool)) and not image_warnings(np.eye(8, dtype=bool))
+
+
 def test_import_official_refuses_names_and_weights_no_run_could_load(tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     gen = torch.Generator().manual_seed(0)
