@@ -21,7 +21,6 @@ def whole(minimum: int, maximum: int | None = None, multiple: int = 1) -> Callab
             raise argparse.ArgumentTypeError(f"expected {span}{f', a multiple of {multiple}' if multiple > 1 else ''}"
                                              f", got {value}")
         return value
-    parse.__name__ = "whole number"
     return parse
 
 
@@ -36,7 +35,6 @@ def number(low: float, high: float = math.inf, *, above_low: bool = False) -> Ca
             bounds = f"{'above' if above_low else 'at least'} {low:g}" + (f" and at most {high:g}" if high < math.inf else "")
             raise argparse.ArgumentTypeError(f"expected a number {bounds}, got {text}")
         return value
-    parse.__name__ = "number"
     return parse
 
 
@@ -61,4 +59,19 @@ def window_text(text: str) -> str:
     return text
 
 
-window_text.__name__ = "CT window"
+def class_list(text: str) -> tuple[str, ...]:
+    """`--classes a,b,c` as names (spaces around each dropped), refused if a checkpoint could not carry them."""
+    from ..checkpoint import check_class_names
+
+    names = tuple(n.strip() for n in text.split(","))
+    try:
+        check_class_names(names)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return names
+
+
+def class_list_text(text: str) -> str:
+    """The argparse type of `--classes`: checked by `class_list`, kept as written (for config.yaml)."""
+    class_list(text)
+    return text

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import yaml
 
-from napari_daeformer.app.options import ct_window, number, whole, window_text
+from napari_daeformer.app.options import class_list, class_list_text, ct_window, number, whole, window_text
 from napari_daeformer.atomic import atomic_write, check_output_path
-from napari_daeformer.checkpoint import MAX_INPUT_SIDE, SYNAPSE_CLASSES, ModelCard, check_class_names, load_checkpoint
+from napari_daeformer.checkpoint import MAX_INPUT_SIDE, SYNAPSE_CLASSES, ModelCard, load_checkpoint
 from napari_daeformer.distributed import init_from_env, shutdown
 from napari_daeformer.errors import TrainingError, first_line
 from napari_daeformer.inference import run_segmentation, segment
@@ -58,7 +58,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue exactly from OUT/resume.safetensors")
     p.add_argument("--init", type=Path, help="start from this checkpoint's weights (fine-tuning)")
     p.add_argument("--arch", default="small", help="architecture for a new model: small or paper (default: small)")
-    p.add_argument("--classes", help="comma-separated class names, background first (default: from the data)")
+    p.add_argument("--classes", type=class_list_text,
+                   help="comma-separated class names, background first (default: from the data)")
     p.add_argument("--window", type=window_text, default="abdomen", help="CT window preset or LOWER,UPPER HU (default: abdomen)")
     p.add_argument("--normalise", choices=("auto", "ct", "zscore", "rgb"), default="auto",
                    help="intensity normalisation for a new model: ct (the --window), zscore (per image, clipped to "
@@ -182,23 +183,13 @@ def augment_settings(args: argparse.Namespace) -> AugmentConfig | None:
     return replace(AugmentConfig(), **items)
 
 
-def class_names(text: str) -> tuple[str, ...]:
-    """`--classes a,b,c` as names, refused (one line) before any data is read if a checkpoint could not carry them."""
-    names = tuple(n.strip() for n in text.split(","))
-    try:
-        check_class_names(names)
-    except ValueError as e:
-        raise TrainingError(f"--classes: {e}") from None
-    return names
-
-
 def _model_and_card(args: argparse.Namespace, cases: list[Case], fmt: str) -> tuple[DAEFormer, ModelCard]:
     if args.init:
         ckpt = load_checkpoint(args.init)
         return ckpt.model, ckpt.card.with_provenance(parent=str(args.init))
     rgb = cases[0].image.ndim == 3 and cases[0].image.shape[-1] == 3 and cases[0].labels.ndim == 2
     if args.classes:
-        names = class_names(args.classes)
+        names = class_list(args.classes)
     elif fmt == "synapse":
         names = SYNAPSE_CLASSES
     elif fmt == "synthetic-ct":
@@ -228,8 +219,6 @@ def _model_and_card(args: argparse.Namespace, cases: list[Case], fmt: str) -> tu
 def run_train(args: argparse.Namespace) -> int:
     if args.out is None:
         raise TrainingError("--out is required")
-    if args.classes:
-        class_names(args.classes)
     if args.image is not None:
         return run_teach(args)
     if args.out.exists() and not args.out.is_dir():
@@ -374,7 +363,7 @@ def run_teach(args: argparse.Namespace) -> int:
         raise TrainingError("--image needs --labels and --classes (names, background first)")
     if args.data is not None or args.synthetic:
         raise TrainingError("give either --image (one annotated image) or --data/--synthetic, not both")
-    names = class_names(args.classes)
+    names = class_list(args.classes)
     check_output_path(args.out / "best.safetensors", overwrite=True)
     image, labels = read_image(args.image), read_image(args.labels)
     data = sparse_labels(_label_map(image, labels, args.labels.name), args.ignore_value, len(names))
@@ -441,7 +430,7 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-anyway", action="store_true",
                    help="write OUT even when no step beat the parent on the held-out slices (or none could be held out)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--classes", help="class names, background first: the model's own, then any new ones (their "
+    p.add_argument("--classes", type=class_list_text, help="class names, background first: the model's own, then any new ones (their "
                    "output channels are added; the old classes are kept)")
     p.add_argument("--ignore-value", type=whole(0, 65535), help="label value meaning 'not annotated': no loss there")
 
@@ -463,7 +452,7 @@ def run_finetune(args: argparse.Namespace) -> int:
 
     parent = load_checkpoint(source)
     if args.classes:
-        parent = extend_classes(parent, class_names(args.classes))
+        parent = extend_classes(parent, class_list(args.classes))
     image, labels = read_image(args.image), read_image(args.labels)
     label_data = _label_map(image, labels, args.labels.name)
     if args.ignore_value is not None:
