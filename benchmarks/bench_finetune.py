@@ -41,7 +41,7 @@ from _timing import cpu_name  # noqa: E402
 
 from napari_daeformer.bundled import bundled_model  # noqa: E402
 from napari_daeformer.checkpoint import Checkpoint, load_checkpoint
-from napari_daeformer.inference import run_segmentation, segment
+from napari_daeformer.inference import SliceInferer
 from napari_daeformer.jobs import drain
 from napari_daeformer.metrics import dice_per_class
 from napari_daeformer.sample_data import Sample, shifted, synthetic_ct, synthetic_skin
@@ -59,9 +59,9 @@ CT_SCENARIOS = ("none", *AFFINE, *PER_TISSUE)
 def _labels(ckpt: Checkpoint, images: np.ndarray, rgb: bool) -> np.ndarray:
     """(S, Y, X) labels of (S, Y, X[, 3]) slices, photo by photo for RGB."""
     if rgb:
-        return np.stack([run_segmentation(segment(im, ckpt, rgb=True, device="cpu", precision="fp32")).labels
+        return np.stack([SliceInferer(ckpt, device="cpu", precision="fp32").segment(im, rgb=True).labels
                          for im in images])
-    return run_segmentation(segment(images, ckpt, device="cpu", precision="fp32")).labels
+    return SliceInferer(ckpt, device="cpu", precision="fp32").segment(images).labels
 
 
 def _dice(pred: np.ndarray, truth: np.ndarray, n: int) -> float:

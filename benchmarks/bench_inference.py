@@ -43,7 +43,7 @@ from _timing import cpu_name  # noqa: E402
 from napari_daeformer import static_int8
 from napari_daeformer.checkpoint import Checkpoint, ModelCard
 from napari_daeformer.devices import resolve_device
-from napari_daeformer.inference import calibration_batches, default_batch_size, run_segmentation, segment
+from napari_daeformer.inference import SliceInferer, calibration_batches, default_batch_size
 from napari_daeformer.model import DAEFormer, named_config
 from napari_daeformer.preprocessing import ct_preprocessing
 from napari_daeformer.stages import SliceSource
@@ -86,9 +86,9 @@ def run_variant(variant: str, device_name: str, slices: int, threads: int | None
                                      card.input_size, device)
                 static_int8.build(model, calibration_batches(source, batch), batch, card.input_size, min_agreement=0.0)
             prepare = time.perf_counter() - t0
-        run_segmentation(segment(volume, ckpt, device=device, precision=precision))   # warm-up, same shapes
+        SliceInferer(ckpt, device=device, precision=precision).segment(volume)   # warm-up, same shapes
         start = time.perf_counter()
-        result = run_segmentation(segment(volume, ckpt, device=device, precision=precision))
+        result = SliceInferer(ckpt, device=device, precision=precision).segment(volume)
         labels = result.labels
     if device.type == "cuda":
         torch.cuda.synchronize()

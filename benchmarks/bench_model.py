@@ -132,7 +132,7 @@ def agreement(paths: list[str], device: torch.device) -> dict[str, tuple[float, 
                 idx, x = source.batch(start, start + batch)
                 if len(idx) < batch and path.startswith("compile"):   # static shapes: pad the last batch
                     x = torch.cat([x, x[-1:].expand(batch - len(idx), -1, -1, -1)])
-                out.add(idx, fwd(x)[:len(idx)].float())
+                out.store(idx, [t.numpy() for t in out.outputs(fwd(x)[:len(idx)].float())])
         return out.labels
 
     base = labels("fp32")

@@ -36,7 +36,7 @@ def main() -> None:
     from napari_daeformer import devices
     from napari_daeformer.bundled import bundled_model
     from napari_daeformer.checkpoint import load_checkpoint
-    from napari_daeformer.inference import run_segmentation, segment
+    from napari_daeformer.inference import SliceInferer
 
     torch.set_num_threads(args.threads)
     viewer = napari.Viewer(show=True)
@@ -51,8 +51,7 @@ def main() -> None:
         if precision == "bf16" and not devices.cpu_has_native_bf16():
             continue
         if precision == "int8":                                      # compile once, outside the timing
-            run_segmentation(segment(np.asarray(image.data), load_checkpoint(bundled_model("ct")), device="cpu",
-                                     precision="int8"))
+            SliceInferer(load_checkpoint(bundled_model("ct")), device="cpu", precision="int8").segment(np.asarray(image.data))
         widget._precision.value = precision
         widget._mode.value = "new labels layer"
         ticks: list[float] = []

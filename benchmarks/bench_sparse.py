@@ -46,7 +46,7 @@ from _timing import cpu_name  # noqa: E402
 
 from napari_daeformer.bundled import bundled_model  # noqa: E402
 from napari_daeformer.checkpoint import Checkpoint, load_checkpoint
-from napari_daeformer.inference import run_segmentation, segment
+from napari_daeformer.inference import SliceInferer
 from napari_daeformer.jobs import drain
 from napari_daeformer.metrics import dice_per_class
 from napari_daeformer.sample_data import CT_CLASSES, Sample, spine_mask, synthetic_chest, synthetic_ct, synthetic_mr
@@ -106,7 +106,7 @@ def score(pred: np.ndarray, truth: np.ndarray, rest: np.ndarray, num_classes: in
 
 
 def _labels(ckpt: Checkpoint, image: np.ndarray) -> np.ndarray:
-    return run_segmentation(segment(image, ckpt, device="cpu", precision="fp32")).labels
+    return SliceInferer(ckpt, device="cpu", precision="fp32").segment(image).labels
 
 
 def run(case: str, seed: int, k: int, recipe: FinetuneSettings, scratch: bool) -> dict[str, tuple[float, float]]:

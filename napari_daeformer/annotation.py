@@ -26,6 +26,7 @@ import numpy as np
 
 from .atomic import atomic_write
 from .errors import DaeformerError
+from .private_api import paint_slices
 
 SUFFIX = ".daeformer-session.npz"
 ENV_FOLDER = "DAEFORMER_AUTOSAVE_DIR"          # overrides the default folder
@@ -67,17 +68,6 @@ def changed_slices(labels: np.ndarray, proposal: np.ndarray, axis: int = 0) -> n
     return _per_slice(labels != proposal, axis)
 
 
-def touched_slices(atom: object, axis: int = 0) -> set[int]:
-    """Slices along `axis` that one napari Labels history atom changed: a masked paint edit (with a `slice_key`
-    bounding box) or an `(indices, old_values, new_values)` tuple from `data_setitem`."""
-    key = getattr(atom, "slice_key", None)
-    if key is not None:
-        s = key[axis]
-        return set(range(s.start or 0, s.stop)) if isinstance(s, slice) else {int(s)}
-    indices = atom[0]  # type: ignore[index]
-    return {int(i) for i in np.unique(np.asarray(indices[axis]))}
-
-
 def merge_slices(base: np.ndarray, new: np.ndarray, replace: np.ndarray, axis: int = 0) -> np.ndarray:
     """A copy of `base` whose slices along `axis` flagged in `replace` (S,) bool come from `new`."""
     merged = np.array(base, copy=True)
@@ -111,7 +101,7 @@ class Annotation:
 
     def paint(self, atom: object, axis: int, ndim: int) -> None:
         """Record a paint/fill/erase history atom made while viewing slices along `axis` (a 2D map: slice 0)."""
-        slices = touched_slices(atom, axis) if ndim == 3 else {0}
+        slices = paint_slices(atom, axis) if ndim == 3 else {0}
         self.touched.setdefault(axis if ndim == 3 else 0, set()).update(slices)
 
     def corrected(self, labels: np.ndarray, axis: int = 0) -> np.ndarray:

@@ -18,17 +18,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from .atomic import atomic_write, remove_stale_temporaries
 from .bundled import resolve_model
-from .checkpoint import Checkpoint, file_sha256, load_checkpoint
+from .checkpoint import load_checkpoint
 from .devices import resolve_device
 from .errors import DaeformerError, ImageFormatError, first_line, printable
 from .folder_lock import exclusive
-from .inference import Progress, segment
-from .io import ImageRecord, is_dicom_file, read_image, suffix_of, write_labels
-from .volumes import class_measures, is_physical, measure_unit
+from .inference import Progress, SliceInferer
+from .io import ImageRecord, is_dicom_file, read_image, suffix_of
+from .segment_file import FileReport, segment_file
+from .volumes import Measures
 
 SUMMARY = "summary.csv"
 READ_AHEAD = 2                        # files read in parallel ahead of the engine (GPU runs)
@@ -195,20 +194,23 @@ def _output_path(job: BatchJob, source: Path, keep_suffix: bool) -> Path:
     return job.output_dir / rel.parent / f"{name}{new}"
 
 
-class _Models:
-    """Checkpoints by path, loaded once; the bundled one for each image kind when no model was chosen."""
+class _Inferers:
+    """One inferer per checkpoint file, made once (a static int8 package is then built or loaded once per run); the
+    bundled model for each image kind when no model was chosen."""
 
-    def __init__(self, model: str | None) -> None:
-        self.model = model
-        self.cache: dict[Path, tuple[Checkpoint, str]] = {}
+    def __init__(self, job: BatchJob, prepare_int8: bool) -> None:
+        self.job, self.prepare_int8 = job, prepare_int8
+        self.cache: dict[Path, SliceInferer] = {}
 
-    def for_record(self, record: ImageRecord) -> tuple[Checkpoint, str]:
+    def for_record(self, record: ImageRecord) -> SliceInferer:
         return self.for_kind("skin" if record.rgb else "ct")
 
-    def for_kind(self, kind: str) -> tuple[Checkpoint, str]:
-        path = resolve_model(self.model, kind)
+    def for_kind(self, kind: str) -> SliceInferer:
+        path = resolve_model(self.job.model, kind)
         if path not in self.cache:
-            self.cache[path] = (load_checkpoint(path), file_sha256(path))
+            self.cache[path] = SliceInferer(load_checkpoint(path), device=self.job.device,
+                                            precision=self.job.precision, batch_size=self.job.batch_size,
+                                            prepare_int8=self.prepare_int8)
         return self.cache[path]
 
 
@@ -229,19 +231,20 @@ def run_batch(job: BatchJob, *, rank: int = 0, world_size: int = 1,
     files = inputs[rank::world_size]
     if job.output_dir.is_dir():
         remove_stale_temporaries(job.output_dir, recursive=True)
-    models = _Models(job.model)
     earlier = read_earlier(job.output_dir / SUMMARY)
     results: list[FileResult] = []
     compute = 0.0
-    todo = []
+    todo, finished = [], []
     for source in files:
         out = outputs[source]
         if isinstance(out, str):
             results.append(FileResult(str(source.relative_to(job.input_dir)), "", "failed", out))
         elif out.exists() and not job.overwrite:
-            results.append(_existing(job, source, out, models, earlier))
+            finished.append((source, out))
         else:
             todo.append((source, out))
+    models = _Inferers(job, prepare_int8=len(todo) >= PREPARE_INT8_FILES)
+    results += [_existing(job, source, out, models, earlier) for source, out in finished]
     done = len(results)
     total = len(files)
     yield BatchProgress(done, total, "")
@@ -265,8 +268,8 @@ def run_batch(job: BatchJob, *, rank: int = 0, world_size: int = 1,
             try:
                 if future is not None:
                     future.result()
-            except Exception as e:                            # whatever the writer raised: this file failed
-                result = FileResult(result.input, "", "failed", f"writing the output failed: {_reason(e)}",
+            except (DaeformerError, OSError) as e:            # the writer refused, or the disk did: this file failed
+                result = FileResult(result.input, "", "failed", f"writing the output failed: {first_line(e)}",
                                     seconds=result.seconds)
             results.append(result)
             done += 1
@@ -289,30 +292,23 @@ def run_batch(job: BatchJob, *, rank: int = 0, world_size: int = 1,
             try:
                 if isinstance(record, ImageFormatError):
                     raise record
-                ckpt, sha = models.for_record(record)
-                gen = segment(record, ckpt, device=job.device, precision=job.precision, batch_size=job.batch_size,
-                              slice_uncertainty=True, prepare_int8=len(todo) >= PREPARE_INT8_FILES)
+                gen = segment_file(models.for_record(record), record, out, overwrite=job.overwrite,
+                                   slice_uncertainty=True, writer=writer)
                 while True:
                     try:
                         p: Progress = next(gen)
                     except StopIteration as finished:
-                        labels, per_slice = finished.value.labels, finished.value.slice_uncertainty
+                        report: FileReport = finished.value
                         break
                     yield BatchProgress(done, total, rel, p.done, p.total, note=p.note)
                 compute += time.perf_counter() - t0
-                named = {"class_names": ckpt.card.class_names, "class_colors": ckpt.card.class_colors}
-                if writer is not None:
-                    future = writer.submit(write_labels, out, labels, record, overwrite=job.overwrite, **named)
-                else:
-                    write_labels(out, labels, record, overwrite=job.overwrite, **named)
-                physical = is_physical(record.source_format, record.spacing)
+                future = report.written
                 result = FileResult(rel, str(out.relative_to(job.output_dir)), "done", "", record.spatial_shape,
-                                    record.spacing, time.perf_counter() - t0,
-                                    class_measures(labels, record.spacing, ckpt.card.class_names, physical),
-                                    measure_unit(labels.ndim, physical), _ckpt_name(ckpt), sha,
-                                    float(per_slice.mean()), int(per_slice.argmax()))
-            except Exception as e:                            # one file's failure, whatever it is, never ends the run
-                result = FileResult(rel, "", "failed", _reason(e), seconds=time.perf_counter() - t0)
+                                    record.spacing, time.perf_counter() - t0, report.measures.values,
+                                    report.measures.unit, report.checkpoint, report.checkpoint_sha256,
+                                    report.mean_entropy, report.uncertain_slice)
+            except (DaeformerError, OSError) as e:            # one file's failure never ends the run (a bug does)
+                result = FileResult(rel, "", "failed", first_line(e), seconds=time.perf_counter() - t0)
             pending.append((future, result))
             yield from settle(block=False)
         yield from settle(block=True)
@@ -325,18 +321,8 @@ def run_batch(job: BatchJob, *, rank: int = 0, world_size: int = 1,
     return BatchSummary(results, compute, time.perf_counter() - start)
 
 
-def _reason(e: Exception) -> str:
-    """One line for the summary: our messages as they are, anything else with its type."""
-    if isinstance(e, (DaeformerError, OSError)):
-        return first_line(e)
-    return f"unexpected {type(e).__name__}" + (f": {first_line(e)}" if str(e).strip() else "")
-
-
-def _ckpt_name(ckpt: Checkpoint) -> str:
-    return ckpt.path.name if ckpt.path else "model"
-
-
-def _existing(job: BatchJob, source: Path, out: Path, models: _Models, earlier: dict[str, FileResult]) -> FileResult:
+def _existing(job: BatchJob, source: Path, out: Path, models: _Inferers, earlier: dict[str, FileResult]
+              ) -> FileResult:
     """A finished output from an earlier run: measured from the file, not recomputed; its seconds, uncertainty and
     the checkpoint that made it are the earlier run's (from its summary), or unknown (not this run's model)."""
     rel, rel_out = str(source.relative_to(job.input_dir)), str(out.relative_to(job.output_dir))
@@ -344,15 +330,14 @@ def _existing(job: BatchJob, source: Path, out: Path, models: _Models, earlier: 
         labels = read_image(out)
         data = labels.data if labels.data.ndim == len(labels.spatial_shape) else labels.data[..., 0]
         photo = job.model is None and suffix_of(source) in (".png", ".jpg", ".jpeg", ".bmp")
-        ckpt, _ = models.for_kind("skin" if photo and read_image(source).rgb else "ct")   # its class names
-        physical = is_physical(labels.source_format, labels.spacing)
+        card = models.for_kind("skin" if photo and read_image(source).rgb else "ct").checkpoint.card
+        measures = Measures.of(data, labels.spacing, labels.source_format, card.class_names)
         before = earlier.get(rel, FileResult(rel, rel_out, "existing"))
         return FileResult(rel, rel_out, "existing", "", tuple(data.shape), labels.spacing, before.seconds,
-                          class_measures(data.astype(np.int64), labels.spacing, ckpt.card.class_names, physical),
-                          measure_unit(data.ndim, physical), before.checkpoint, before.checkpoint_sha256,
+                          measures.values, measures.unit, before.checkpoint, before.checkpoint_sha256,
                           before.mean_entropy, before.uncertain_slice)
-    except Exception as e:
-        return FileResult(rel, rel_out, "failed", f"existing output unreadable: {_reason(e)}")
+    except (DaeformerError, OSError) as e:
+        return FileResult(rel, rel_out, "failed", f"existing output unreadable: {first_line(e)}")
 
 
 def read_earlier(summary: Path) -> dict[str, FileResult]:

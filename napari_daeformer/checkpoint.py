@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .atomic import atomic_write
-from .errors import CheckpointError, short_repr
+from .errors import CheckpointError, InvalidValue, short_repr
 from .memory import check_allocation
 from .model import SIZE_MULTIPLE, DAEFormer, DAEFormerConfig
 from .model.config import check_int
@@ -68,14 +68,14 @@ class ModelCard:
         n = self.config.num_classes
         check_class_names(self.class_names)
         if len(self.class_names) != n:
-            raise ValueError(f"{len(self.class_names)} class names for {n} classes")
+            raise InvalidValue(f"{len(self.class_names)} class names for {n} classes")
         if not self.class_colors:
             colors = tuple(DEFAULT_COLORS[i % len(DEFAULT_COLORS)] for i in range(n))
             object.__setattr__(self, "class_colors", colors)
         if len(self.class_colors) != n:
-            raise ValueError(f"{len(self.class_colors)} class colours for {n} classes")
+            raise InvalidValue(f"{len(self.class_colors)} class colours for {n} classes")
         if self.preprocessing.channels != self.config.in_channels:
-            raise ValueError(f"{self.preprocessing.kind} preprocessing gives {self.preprocessing.channels} "
+            raise InvalidValue(f"{self.preprocessing.kind} preprocessing gives {self.preprocessing.channels} "
                              f"channel(s) but the model takes {self.config.in_channels}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -96,17 +96,17 @@ class ModelCard:
         """Inverse of `to_dict`; every field's type and bounds checked (ValueError), nothing built before."""
         names, colors, size = data.get("class_names"), data.get("class_colors", []), data.get("input_size")
         if not isinstance(names, list):
-            raise ValueError(f"class_names must be a list of short printable names, got {short_repr(names)}")
+            raise InvalidValue(f"class_names must be a list of short printable names, got {short_repr(names)}")
         if not isinstance(colors, list) or not all(isinstance(c, str) and _COLOR.fullmatch(c) for c in colors):
-            raise ValueError(f"class_colors must be a list of '#rrggbb', got {short_repr(colors)}")
+            raise InvalidValue(f"class_colors must be a list of '#rrggbb', got {short_repr(colors)}")
         if not isinstance(size, list) or len(size) != 2:
-            raise ValueError(f"input_size must be [height, width], got {short_repr(size)}")
+            raise InvalidValue(f"input_size must be [height, width], got {short_repr(size)}")
         for side in size:
             if check_int("input_size", side, SIZE_MULTIPLE, MAX_INPUT_SIDE) % SIZE_MULTIPLE:
-                raise ValueError(f"input_size {size} must be multiples of {SIZE_MULTIPLE}")
+                raise InvalidValue(f"input_size {size} must be multiples of {SIZE_MULTIPLE}")
         provenance = data.get("provenance", {})
         if not isinstance(provenance, dict):
-            raise ValueError(f"provenance must be a mapping, got {short_repr(provenance)}")
+            raise InvalidValue(f"provenance must be a mapping, got {short_repr(provenance)}")
         return cls(
             config=DAEFormerConfig.from_dict(data.get("config")),  # type: ignore[arg-type]
             class_names=tuple(names),
@@ -124,7 +124,7 @@ def check_class_names(names: Sequence[object]) -> None:
     """Refuse (ValueError) class names a checkpoint cannot carry: empty, over 80 characters, unprintable."""
     bad = [n for n in names if not (isinstance(n, str) and 0 < len(n) <= 80 and n.isprintable())]
     if bad:
-        raise ValueError(f"class names must be short printable names, got {short_repr(bad[0])} "
+        raise InvalidValue(f"class names must be short printable names, got {short_repr(bad[0])} "
                          f"in {short_repr(list(names))}")
 
 

@@ -3,14 +3,29 @@
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
+from enum import Enum
 
 import torch
 
 from .errors import InferenceError
+from .private_api import cpu_supports
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
-# The engine's numeric paths (`Predictor`): what `resolve_path` returns.
-PATHS = ("fp32", "bf16 autocast", "fp16 autocast", "bf16 weights", "int8 dynamic", "int8 static")
+
+
+class NumericPath(str, Enum):
+    """The engine's numeric paths (`stages.Predictor`): what `resolve_path` returns. A str, so that reports and
+    provenance carry the plain name."""
+
+    FP32 = "fp32"
+    BF16_AUTOCAST = "bf16 autocast"
+    FP16_AUTOCAST = "fp16 autocast"
+    BF16_WEIGHTS = "bf16 weights"
+    INT8_DYNAMIC = "int8 dynamic"
+    INT8_STATIC = "int8 static"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
@@ -42,9 +57,8 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX), where bf16 autocast is fast, and torch may use
     it (ATEN_CPU_CAPABILITY=avx2 limits torch to AVX2, where bf16 is emulated and slow)."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     allowed = torch.backends.cpu.get_cpu_capability() == "AVX512"
-    return allowed and any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return allowed and (cpu_supports("avx512_bf16") or cpu_supports("amx_tile"))
 
 
 def cpu_has_int8_kernels() -> bool:
@@ -54,8 +68,8 @@ def cpu_has_int8_kernels() -> bool:
     return ("x86" in engines or "fbgemm" in engines) and hasattr(quantization, "quantize_dynamic")
 
 
-def resolve_path(precision: str, device: torch.device) -> str:
-    """The engine's numeric path (one of PATHS) for `precision` on `device`.
+def resolve_path(precision: str, device: torch.device) -> NumericPath:
+    """The engine's numeric path for `precision` on `device`.
 
     `auto`: bf16 weights on CUDA GPUs with bf16 (else fp16 autocast); on CPUs bf16 autocast where the CPU has native
     bf16, else int8 where the x86 int8 kernels exist, else fp32 (`benchmarks/bench_model.py` measures each against
@@ -82,10 +96,10 @@ def resolve_path(precision: str, device: torch.device) -> str:
         if not cpu_has_int8_kernels():
             raise InferenceError("this CPU or torch build has no int8 kernels; use fp32 (or bf16)")
         from .static_int8 import unavailable_reason
-        return "int8 dynamic" if unavailable_reason() else "int8 static"
+        return NumericPath.INT8_DYNAMIC if unavailable_reason() else NumericPath.INT8_STATIC
     if precision == "bf16" and device.type == "cuda":
-        return "bf16 weights"                     # every kernel in bf16: 1.5x autocast's slices per second on an H100
-    return "fp32" if precision == "fp32" else f"{precision} autocast"
+        return NumericPath.BF16_WEIGHTS           # every kernel in bf16: 1.5x autocast's slices per second on an H100
+    return NumericPath(precision if precision == "fp32" else f"{precision} autocast")
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager[object]:

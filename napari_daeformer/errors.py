@@ -10,6 +10,11 @@ class DaeformerError(Exception):
     """Base class of every error meant for the user."""
 
 
+class InvalidValue(DaeformerError, ValueError):
+    """A value given by the user or read from a file (a model configuration, a card, a CT window) is out of range;
+    a ValueError too, for callers of the library."""
+
+
 class CheckpointError(DaeformerError):
     """A checkpoint file is missing, foreign, truncated or inconsistent."""
 

@@ -1,7 +1,8 @@
 """The inference engine: a 2D DAE-Former run slice by slice over a volume, in bounded memory.
 
-`segment(...)` is a generator: it yields `Progress` after every batch and returns a `Segmentation`.
-A GUI worker or the CLI drains it; closing it (or setting `cancel`) stops the run with nothing partial.
+`SliceInferer(checkpoint, ...)` is configured once; its `run(image)` is a generator: it yields `Progress` after
+every batch and returns a `Segmentation`. A GUI worker drains it (`segment(image)` does so without progress);
+closing it (or setting `cancel`) stops the run with nothing partial.
 """
 
 from __future__ import annotations
@@ -11,17 +12,20 @@ import threading
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from . import package_cache, static_int8
 from .checkpoint import Checkpoint
-from .devices import resolve_device, resolve_path
+from .devices import NumericPath, resolve_device, resolve_path
 from .errors import Cancelled, InferenceError, first_line
 from .int8_worker import build_in_child, child_runner
 from .io import ImageRecord
+from .io.record import is_rgb
 from .jobs import drain
+from .preprocessing import Preprocessing
 from .stages import Accumulator, Predictor, SliceSource
 from .transfers import Pending
 
@@ -56,7 +60,7 @@ class Segmentation:
         entropy: ([Z,] Y, X) float16 predictive entropy in nats, if asked for.
         slice_uncertainty: (S,) mean entropy of each slice along the slice axis, if asked for.
         batch_size: the batch size that finally ran (after any out-of-memory halving).
-        path: the numeric path that ran (`devices.PATHS`).
+        path: the numeric path that ran.
     """
 
     labels: np.ndarray
@@ -64,7 +68,7 @@ class Segmentation:
     entropy: np.ndarray | None = None
     slice_uncertainty: np.ndarray | None = None
     batch_size: int = 0
-    path: str = ""
+    path: NumericPath = NumericPath.FP32
 
 
 def slices_of(image: np.ndarray, rgb: bool, axis: int) -> np.ndarray:
@@ -126,94 +130,169 @@ def default_batch_size(checkpoint: Checkpoint, device: torch.device, size: tuple
     return int(max(1, min(CUDA_MAX_BATCH, 0.5 * free // (_network_bytes(checkpoint) + source))))
 
 
-def segment(
-    image: np.ndarray | ImageRecord,
-    checkpoint: Checkpoint,
-    *,
-    rgb: bool | None = None,
-    axis: int = 0,
-    device: str | torch.device = "auto",
-    precision: str = "auto",
-    batch_size: int | None = None,
-    window: tuple[float, float] | None = None,
-    probabilities: bool = False,
-    entropy: bool = False,
-    slice_uncertainty: bool = False,
-    only: np.ndarray | None = None,
-    prepare_int8: bool = False,
-    int8_in_child: bool = False,
-    first: int | None = None,
-    cancel: threading.Event | None = None,
-) -> Generator[Progress, None, Segmentation]:
-    """Segment a 2D image or a 3D volume slice by slice.
+class SliceInferer:
+    """The one way to get labels from a model: a 2D DAE-Former configured once (checkpoint, device, numeric path,
+    batch size, CT window, int8 package) and run slice by slice over each image it is given, as MONAI's
+    SliceInferer is. The CLI, batch, the widgets, the trainer's validation and fine-tuning all use it.
 
     Args:
-        image: ([Z,] Y, X) intensities (HU for CT) or (Y, X, 3) RGB, or an ImageRecord.
         checkpoint: model and card (preprocessing, input size, classes).
-        rgb: whether the last axis is colour (default: from the record, else a trailing axis of 3).
-        axis: the spatial axis to slice along (0 = Z of a (Z, Y, X) volume).
         device: auto, cpu, cuda[:N] or mps.
         precision: auto, fp32, bf16, fp16 or int8 (`devices.resolve_path`: auto picks the fastest path measured
             to keep the labels).
-        batch_size: slices per forward pass (default: what fits the device).
+        batch_size: slices per forward pass (default: what fits the device, per image).
         window: a CT window (lower, upper) HU overriding the checkpoint's.
-        probabilities, entropy: also return softmax probabilities / per-voxel entropy.
-        slice_uncertainty: also return the mean entropy of each slice (cheap: no per-voxel array kept).
-        only: (S,) bool, segment only these slices (the others stay 0), e.g. those the user has not corrected.
-        prepare_int8: where `auto` picks static int8 and the model's package is missing, compile it now (a one-time
-            cost, worth it for long jobs) rather than run int8 dynamic; `int8` always does.
+        prepare_int8: where `auto` picks static int8 and the model's package is missing, compile it on the first
+            image (a one-time cost, worth it for long jobs) rather than run int8 dynamic; `int8` always does.
         int8_in_child: run static int8 in a child process (`int8_worker.ChildInt8`): a GUI's event loop keeps
             running, where the in-process package would hold the GIL for each whole batch.
-        first: start at this slice and work outwards (the slice on screen fills first); default 0 upwards.
-        cancel: set it to stop after the current batch (raises Cancelled).
-    Yields:
-        Progress as each batch is collected (batch k once batch k+1 is queued, so that a GPU never waits).
-    Returns:
-        Segmentation in the source's spatial shape.
     Raises:
-        InferenceError: the image does not suit the model, or torch failed (out of memory at batch 1).
-        Cancelled: `cancel` was set.
+        InferenceError: an unknown or unavailable device or precision, a bad batch size, too many classes.
     """
-    if isinstance(image, ImageRecord):
-        rgb = image.rgb if rgb is None else rgb
-        image = image.data
-    image = np.asarray(image)
-    if rgb is None:
-        rgb = image.ndim == 3 and image.shape[-1] == 3
-    check_compatible(image, rgb, checkpoint, axis)
-    card = checkpoint.card
-    n_classes = card.config.num_classes
-    if n_classes > 256:
-        raise InferenceError(f"{n_classes} classes do not fit a uint8 label map")
-    dev = resolve_device(device)
-    path = resolve_path(precision, dev)
-    stack = slices_of(image, rgb, axis)                       # (S, Y, X[, 3]) view
-    batch = batch_size or default_batch_size(checkpoint, dev, stack.shape[1:3])
-    if batch < 1:
-        raise InferenceError(f"batch size must be at least 1, got {batch}")
-    todo = np.ones(len(stack), bool) if only is None else np.asarray(only, bool)
-    if todo.shape != (len(stack),):
-        raise InferenceError(f"`only` needs one flag per slice ({len(stack)}), got shape {todo.shape}")
-    prep = (card.preprocessing if window is None else card.preprocessing.with_window(window)).for_image(image)
-    max_value = float(np.iinfo(image.dtype).max) if rgb and np.issubdtype(image.dtype, np.integer) else 255.0
-    order = np.flatnonzero(todo)
-    if first is not None:
-        order = order[np.argsort(np.abs(order - int(first)), kind="stable")]
-    source = SliceSource(stack, order, rgb, prep, max_value, card.input_size, dev)
-    compiled = None
-    if path == "int8 static":
-        compiled = yield from _static_int8(checkpoint, source, precision == "int8" or prepare_int8, cancel)
-        path = path if compiled is not None else "int8 dynamic"
-        if compiled is not None and int8_in_child:
-            cfg = checkpoint.card.config
-            compiled = child_runner(compiled, (cfg.in_channels, *card.input_size), n_classes)
-    predict = Predictor(checkpoint.model, dev, path, compiled)
-    out = Accumulator(len(stack), source.size, n_classes, probabilities, entropy, slice_uncertainty)
-    transfers = source.transfers
 
-    def collect(start: int, stop: int, idx: np.ndarray, pending: Pending) -> Progress:
+    def __init__(self, checkpoint: Checkpoint, *, device: str | torch.device = "auto", precision: str = "auto",
+                 batch_size: int | None = None, window: tuple[float, float] | None = None,
+                 prepare_int8: bool = False, int8_in_child: bool = False) -> None:
+        card = checkpoint.card
+        if card.config.num_classes > 256:
+            raise InferenceError(f"{card.config.num_classes} classes do not fit a uint8 label map")
+        if batch_size is not None and batch_size < 1:
+            raise InferenceError(f"batch size must be at least 1, got {batch_size}")
+        self.checkpoint, self.batch_size, self.int8_in_child = checkpoint, batch_size, int8_in_child
+        self.device = resolve_device(device)
+        self.path = resolve_path(precision, self.device)
+        self.preprocessing = card.preprocessing if window is None else card.preprocessing.with_window(window)
+        self.build_int8 = precision == "int8" or prepare_int8
+        self._package: Callable[[torch.Tensor], torch.Tensor] | None = None     # static int8, once found or built
+
+    def segment(self, image: np.ndarray | ImageRecord, **options: Any) -> Segmentation:
+        """`run` drained: the Segmentation of one image, with no progress reported."""
+        return drain(self.run(image, **options))
+
+    def run(self, image: np.ndarray | ImageRecord, *, rgb: bool | None = None, axis: int = 0,
+            probabilities: bool = False, entropy: bool = False, slice_uncertainty: bool = False,
+            only: np.ndarray | None = None, first: int | None = None, preprocessing: Preprocessing | None = None,
+            cancel: threading.Event | None = None) -> Generator[Progress, None, Segmentation]:
+        """Segment a 2D image or a 3D volume slice by slice.
+
+        Args:
+            image: ([Z,] Y, X) intensities (HU for CT) or (Y, X, 3) RGB, or an ImageRecord.
+            rgb: whether the last axis is colour (default: from the record, else a trailing axis of 3).
+            axis: the spatial axis to slice along (0 = Z of a (Z, Y, X) volume).
+            probabilities, entropy: also return softmax probabilities / per-voxel entropy.
+            slice_uncertainty: also return the mean entropy of each slice (cheap: no per-voxel array kept).
+            only: (S,) bool, segment only these slices (the others stay 0), e.g. those the user has not corrected.
+            first: start at this slice and work outwards (the slice on screen fills first); default 0 upwards.
+            preprocessing: this image's concrete normalisation (default: the model's, measured on the image).
+            cancel: set it to stop after the current batch (raises Cancelled).
+        Yields:
+            Progress as each batch is collected (batch k once batch k+1 is queued, so that a GPU never waits).
+        Returns:
+            Segmentation in the source's spatial shape.
+        Raises:
+            InferenceError: the image does not suit the model, or torch failed (out of memory at batch 1).
+            Cancelled: `cancel` was set.
+        """
+        if isinstance(image, ImageRecord):
+            image, rgb = image.data, image.rgb if rgb is None else rgb
+        image = np.asarray(image)
+        rgb = is_rgb(image) if rgb is None else rgb
+        check_compatible(image, rgb, self.checkpoint, axis)
+        stack = slices_of(image, rgb, axis)                       # (S, Y, X[, 3]) view
+        source = self._source(image, stack, rgb, only, first, preprocessing)
+        out = Accumulator(len(stack), source.size, self.checkpoint.card.config.num_classes, probabilities, entropy,
+                          slice_uncertainty)
+        training = self.checkpoint.model.training               # a trainer's model is left in its mode
+        try:
+            predict = yield from self._predictor(source, cancel)
+            batch = yield from self._batches(source, predict, out, cancel)
+        finally:
+            self.checkpoint.model.train(training)
+
+        def back(a: np.ndarray, lead: int) -> np.ndarray:
+            """Undo the slice-axis move (and the extra axis of a 2D image)."""
+            if stack.shape[0] == 1 and image.ndim - (1 if rgb else 0) == 2:
+                return a[(slice(None),) * lead + (0,)]
+            return np.moveaxis(a, lead, lead + (axis % 3))
+
+        return Segmentation(
+            labels=np.ascontiguousarray(back(out.labels, 0)),
+            probabilities=None if out.probabilities is None else np.ascontiguousarray(back(out.probabilities, 1)),
+            entropy=None if out.entropy is None else np.ascontiguousarray(back(out.entropy, 0)),
+            slice_uncertainty=out.slice_uncertainty, batch_size=batch, path=predict.path)
+
+    def _source(self, image: np.ndarray, stack: np.ndarray, rgb: bool, only: np.ndarray | None, first: int | None,
+                preprocessing: Preprocessing | None) -> SliceSource:
+        """The slices to run, in the order to run them, as network input."""
+        todo = np.ones(len(stack), bool) if only is None else np.asarray(only, bool)
+        if todo.shape != (len(stack),):
+            raise InferenceError(f"`only` needs one flag per slice ({len(stack)}), got shape {todo.shape}")
+        order = np.flatnonzero(todo)
+        if first is not None:
+            order = order[np.argsort(np.abs(order - int(first)), kind="stable")]
+        prep = preprocessing or self.preprocessing.for_image(image)
+        max_value = float(np.iinfo(image.dtype).max) if rgb and np.issubdtype(image.dtype, np.integer) else 255.0
+        return SliceSource(stack, order, rgb, prep, max_value, self.checkpoint.card.input_size, self.device)
+
+    def _predictor(self, source: SliceSource, cancel: threading.Event | None
+                   ) -> Generator[Progress, None, Predictor]:
+        """The numeric path's predictor; static int8 needs the model's package (found or built once, calibrated on
+        the first image's slices), else it runs int8 dynamic."""
+        path = self.path
+        if path == NumericPath.INT8_STATIC and self._package is None:
+            compiled = yield from _static_int8(self.checkpoint, source, self.build_int8, cancel)
+            if compiled is not None and self.int8_in_child:
+                card = self.checkpoint.card
+                compiled = child_runner(compiled, (card.config.in_channels, *card.input_size),
+                                        card.config.num_classes)
+            self._package = compiled
+        if path == NumericPath.INT8_STATIC and self._package is None:
+            path = NumericPath.INT8_DYNAMIC
+        return Predictor(self.checkpoint.model, self.device, path,
+                         self._package if path == NumericPath.INT8_STATIC else None)
+
+    def _batches(self, source: SliceSource, predict: Predictor, out: Accumulator, cancel: threading.Event | None
+                 ) -> Generator[Progress, None, int]:
+        """Run every slice of `source` into `out`, halving the batch on a GPU out-of-memory; the batch that ran.
+        Batch k+1 is queued before batch k is collected, so that on a GPU its copies and compute overlap k's
+        return."""
+        batch = self.batch_size or default_batch_size(self.checkpoint, self.device, source.size)
+        start, total = 0, len(source.order)
+        in_flight: tuple[int, np.ndarray, Pending] | None = None
+        with torch.inference_mode():
+            while start < total or in_flight is not None:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("segmentation cancelled")
+                queued = None
+                if start < total:
+                    stop = min(start + batch, total)
+                    try:
+                        idx, x = source.batch(start, stop)
+                        logits = predict(x)
+                        finite = torch.isfinite(logits).all().reshape(1)
+                        queued = (stop, idx, source.transfers.download(finite, *out.outputs(logits)))
+                    except torch.cuda.OutOfMemoryError as e:
+                        if batch == 1:
+                            raise InferenceError("out of GPU memory even at batch size 1; use --device cpu or a "
+                                                 "smaller model input") from e
+                        batch = max(1, batch // 2)           # halve and retry the same slices
+                        torch.cuda.empty_cache()
+                        continue
+                    except RuntimeError as e:                # torch errors are RuntimeErrors: make them ours
+                        raise InferenceError(f"segmentation failed: {first_line(e)}") from e
+                    start = stop
+                if in_flight is not None:
+                    yield self._collect(*in_flight, total, out, predict.path)
+                in_flight = queued
+        return batch
+
+    @staticmethod
+    def _collect(stop: int, idx: np.ndarray, pending: Pending, total: int, out: Accumulator, path: str) -> Progress:
         """Wait for a queued batch's results and store them."""
-        finite, *arrays = pending.wait()
+        try:
+            finite, *arrays = pending.wait()
+        except RuntimeError as e:                            # a CUDA error surfaces where the host waits
+            raise InferenceError(f"segmentation failed: {first_line(e)}") from e
         if not finite[0]:                                    # never an all-background map passed off as a result
             raise InferenceError("the model produced NaN or infinite scores"
                                  + (f" in {path}; try --precision fp32" if path != "fp32" else
@@ -221,54 +300,6 @@ def segment(
         out.store(idx, arrays)
         done = np.sort(idx)
         return Progress(stop, total, done, out.labels[done])
-
-    # Batch k+1 is queued before batch k is collected, so that on a GPU its copies and compute overlap k's return.
-    start, total = 0, len(source.order)
-    in_flight: tuple[int, int, np.ndarray, Pending] | None = None
-    with torch.inference_mode():
-        while start < total or in_flight is not None:
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("segmentation cancelled")
-            queued = None
-            if start < total:
-                stop = min(start + batch, total)
-                try:
-                    idx, x = source.batch(start, stop)
-                    logits = predict(x)
-                    finite = torch.isfinite(logits).all().reshape(1)
-                    queued = (start, stop, idx, transfers.download(finite, *out.outputs(logits)))
-                except torch.cuda.OutOfMemoryError as e:
-                    if batch == 1:
-                        raise InferenceError("out of GPU memory even at batch size 1; use --device cpu or a smaller "
-                                             "model input") from e
-                    batch = max(1, batch // 2)               # halve and retry the same slices
-                    torch.cuda.empty_cache()
-                    continue
-                except RuntimeError as e:                    # torch errors are RuntimeErrors: make them ours
-                    raise InferenceError(f"segmentation failed: {first_line(e)}") from e
-                start = stop
-            try:
-                progress = None if in_flight is None else collect(*in_flight)
-            except RuntimeError as e:                        # a CUDA error surfaces where the host waits
-                raise InferenceError(f"segmentation failed: {first_line(e)}") from e
-            in_flight = queued
-            if progress is not None:
-                yield progress
-
-    def back(a: np.ndarray, lead: int) -> np.ndarray:
-        """Undo the slice-axis move (and the extra axis of a 2D image)."""
-        if stack.shape[0] == 1 and image.ndim - (1 if rgb else 0) == 2:
-            return a[(slice(None),) * lead + (0,)]
-        return np.moveaxis(a, lead, lead + (axis % 3))
-
-    return Segmentation(
-        labels=np.ascontiguousarray(back(out.labels, 0)),
-        probabilities=None if out.probabilities is None else np.ascontiguousarray(back(out.probabilities, 1)),
-        entropy=None if out.entropy is None else np.ascontiguousarray(back(out.entropy, 0)),
-        slice_uncertainty=out.slice_uncertainty,
-        batch_size=batch,
-        path=path,
-    )
 
 
 def calibration_batches(source: SliceSource, batch: int) -> list[torch.Tensor]:
@@ -300,9 +331,3 @@ def _static_int8(checkpoint: Checkpoint, source: SliceSource, build: bool, cance
     yield Progress(0, total, note=f"int8 model compiled in {time.perf_counter() - t0:.0f} s; its labels matched "
                                   f"fp32's on {agreement:.2%} of the calibration slices' voxels")
     return compiled
-
-
-def run_segmentation(gen: Generator[Progress, None, Segmentation],
-                     on_progress: Callable[[Progress], None] | None = None) -> Segmentation:
-    """Drain a `segment` generator, calling `on_progress` after each batch; return its result."""
-    return drain(gen, on_progress)

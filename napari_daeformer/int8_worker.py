@@ -29,6 +29,7 @@ import torch
 from . import static_int8
 from .errors import Cancelled, InferenceError
 from .model import DAEFormer, DAEFormerConfig
+from .private_api import shared_memory_name
 
 POLL_SECONDS = 0.1
 
@@ -163,7 +164,7 @@ def _serve(spec: dict[str, object]) -> None:
     run = static_int8.StaticInt8(Path(str(spec["package"])), batch)
     shm_in, shm_out = shared_memory.SharedMemory(name_in), shared_memory.SharedMemory(name_out)
     for shm in (shm_in, shm_out):                                # the parent owns them (Python < 3.13 would unlink)
-        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+        resource_tracker.unregister(shared_memory_name(shm), "shared_memory")
     x = torch.from_numpy(np.ndarray((batch, c, h, w), np.float32, shm_in.buf))
     y = np.ndarray((batch, classes, h, w), np.float32, shm_out.buf)
     out = sys.stdout.buffer

@@ -22,11 +22,13 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from .errors import InvalidValue
+
 
 def dice_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
     """Dice of classes 1..num_classes-1 between two label maps of one shape; shape (num_classes - 1,)."""
     if pred.shape != truth.shape:
-        raise ValueError(f"prediction {pred.shape} and ground truth {truth.shape} differ in shape")
+        raise InvalidValue(f"prediction {pred.shape} and ground truth {truth.shape} differ in shape")
     scores = np.full(num_classes - 1, np.nan)
     for c in range(1, num_classes):
         p, t = pred == c, truth == c
@@ -63,7 +65,7 @@ def evaluate_case(pred: np.ndarray, truth: np.ndarray, num_classes: int, spacing
                   protocol: str = "ours") -> tuple[np.ndarray, np.ndarray]:
     """(Dice, HD95) per foreground class, each of shape (num_classes - 1,), under `protocol` (see module doc)."""
     if protocol not in ("ours", "paper"):
-        raise ValueError(f"unknown protocol {protocol!r}; use ours or paper")
+        raise InvalidValue(f"unknown protocol {protocol!r}; use ours or paper")
     dice = np.full(num_classes - 1, np.nan)
     dist = np.full(num_classes - 1, np.nan)
     for c in range(1, num_classes):

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .errors import short_repr
+from .errors import InvalidValue, short_repr
 
 # CT windows as (lower, upper) HU. "abdomen" is the paper's (TransUNet's) [-125, 275].
 CT_WINDOWS: dict[str, tuple[float, float]] = {
@@ -46,17 +46,17 @@ class Preprocessing:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"unknown preprocessing kind {short_repr(self.kind)}; expected one of {', '.join(KINDS)}")
+            raise InvalidValue(f"unknown preprocessing kind {short_repr(self.kind)}; expected one of {', '.join(KINDS)}")
         lo, hi = self.percentiles if len(self.percentiles) == 2 else (math.nan, math.nan)
         if not (_finite(self.percentiles) and 0 <= lo < hi <= 100):
-            raise ValueError(f"z-score percentiles need 0 <= lower < upper <= 100, got {short_repr(self.percentiles)}")
+            raise InvalidValue(f"z-score percentiles need 0 <= lower < upper <= 100, got {short_repr(self.percentiles)}")
         if self.kind == "zscore" and self.window is not None and not _is_range(self.window):
-            raise ValueError(f"a fitted z-score clip range needs finite (lower, upper), got {short_repr(self.window)}")
+            raise InvalidValue(f"a fitted z-score clip range needs finite (lower, upper), got {short_repr(self.window)}")
         if self.kind == "ct" and (self.window is None or not _is_range(self.window)):
-            raise ValueError(f"CT window needs finite (lower, upper) HU with upper > lower, got {short_repr(self.window)}")
+            raise InvalidValue(f"CT window needs finite (lower, upper) HU with upper > lower, got {short_repr(self.window)}")
         if (len(self.mean) != self.channels or len(self.std) != self.channels or not _finite(self.mean + self.std)
                 or not all(s > 1e-6 for s in self.std)):
-            raise ValueError(f"mean {short_repr(self.mean)} and std {short_repr(self.std)} need {self.channels} finite "
+            raise InvalidValue(f"mean {short_repr(self.mean)} and std {short_repr(self.std)} need {self.channels} finite "
                              "value(s) each and std > 0")
 
     @property
@@ -94,7 +94,7 @@ class Preprocessing:
     def with_window(self, window: tuple[float, float]) -> Preprocessing:
         """The same preprocessing with another CT window (user override)."""
         if self.kind != "ct":
-            raise ValueError("a CT window applies to CT preprocessing only")
+            raise InvalidValue("a CT window applies to CT preprocessing only")
         return Preprocessing(self.kind, (float(window[0]), float(window[1])), self.mean, self.std)
 
     def apply(self, image: np.ndarray, max_value: float = 255.0) -> np.ndarray:
@@ -150,13 +150,13 @@ class Preprocessing:
     def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
         """Inverse of `to_dict`; ValueError for a malformed mapping."""
         if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("mean", "std")):
-            raise ValueError(f"preprocessing must be a mapping with mean and std lists, got {short_repr(data)}")
+            raise InvalidValue(f"preprocessing must be a mapping with mean and std lists, got {short_repr(data)}")
         window = data.get("window")
         if window is not None and not isinstance(window, list):
-            raise ValueError(f"preprocessing window must be a list, got {short_repr(window)}")
+            raise InvalidValue(f"preprocessing window must be a list, got {short_repr(window)}")
         percentiles = data.get("percentiles", list(ZSCORE_PERCENTILES))
         if not isinstance(percentiles, list):
-            raise ValueError(f"preprocessing percentiles must be a list, got {short_repr(percentiles)}")
+            raise InvalidValue(f"preprocessing percentiles must be a list, got {short_repr(percentiles)}")
         return cls(data.get("kind"), None if window is None else tuple(window), tuple(data["mean"]),  # type: ignore[arg-type]
                    tuple(data["std"]), tuple(percentiles))  # type: ignore[arg-type]
 
@@ -175,7 +175,7 @@ def ct_preprocessing(window: str | tuple[float, float] = "abdomen") -> Preproces
     """CT preprocessing with a named window (see CT_WINDOWS) or explicit (lower, upper) HU."""
     if isinstance(window, str):
         if window not in CT_WINDOWS:
-            raise ValueError(f"unknown CT window {window!r}; choose one of {sorted(CT_WINDOWS)}")
+            raise InvalidValue(f"unknown CT window {window!r}; choose one of {sorted(CT_WINDOWS)}")
         window = CT_WINDOWS[window]
     return Preprocessing("ct", (float(window[0]), float(window[1])), (0.5,), (0.5,))
 

@@ -11,6 +11,8 @@ import numpy as np
 from scipy import ndimage
 from skimage import draw
 
+from .io.record import is_rgb
+
 CT_CLASSES = ("background", "liver", "spleen", "left kidney", "right kidney", "aorta")
 CHEST_CLASSES = ("background", "right lung", "left lung", "heart", "aorta", "trachea", "spinal cord", "nodule")
 SKIN_CLASSES = ("background", "lesion")
@@ -251,7 +253,7 @@ def shifted(sample: Sample, shift: str, seed: int = 0) -> Sample:
     """
     if shift not in SHIFTS:
         raise ValueError(f"unknown shift {shift!r}; choose one of {SHIFTS}")
-    rgb = sample.image.ndim == 3 and sample.image.shape[-1] == 3 and sample.labels.ndim == 2
+    rgb = is_rgb(sample.image, sample.labels)
     if shift == "none":
         return sample
     if rgb != (shift == "colour cast"):

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .devices import PATHS, autocast
+from .devices import NumericPath, autocast
 from .preprocessing import Preprocessing
+from .private_api import tensor_versions
 from .transfers import Transfers
 
 _TORCH_SAFE = {np.dtype(t) for t in (np.uint8, np.int8, np.int16, np.int32, np.int64, np.float32, np.float64)}
@@ -82,7 +83,7 @@ _COPIES: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, tuple[tuple[int, .
 
 def _cached_copy(model: torch.nn.Module, kind: str, make: Callable[[torch.nn.Module], torch.nn.Module]) -> torch.nn.Module:
     """`make(deepcopy(model))`, made once per model and kind (and again when the model's weights change)."""
-    versions = tuple(p._version for p in model.parameters())
+    versions = tensor_versions(model.parameters())
     copies = _COPIES.setdefault(model, {})
     if kind not in copies or copies[kind][0] != versions:
         copies[kind] = (versions, make(copy.deepcopy(model)).eval())
@@ -109,7 +110,7 @@ def int8_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class Predictor:
-    """Predict: (b, C, H, W) network input -> (b, n, H, W) float32 logits, by one numeric path (`devices.PATHS`).
+    """Predict: (b, C, H, W) network input -> (b, n, H, W) float32 logits, by one `devices.NumericPath`.
 
     "fp32"; "bf16/fp16 autocast" (low-precision matrix products, fp32 weights and normalisations); "bf16 weights" (a
     copy of the model stored in bf16: every kernel in bf16); "int8 dynamic" (a copy with int8 Linear layers); "int8
@@ -117,11 +118,10 @@ class Predictor:
     cached and follow its weights.
     """
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, path: str = "fp32",
+    def __init__(self, model: torch.nn.Module, device: torch.device, path: NumericPath = NumericPath.FP32,
                  compiled: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-        if path not in PATHS:
-            raise ValueError(f"unknown numeric path {path!r}; one of {', '.join(PATHS)}")
-        if (path == "int8 static") != (compiled is not None):
+        path = NumericPath(path)                            # a ValueError names an unknown path
+        if (path == NumericPath.INT8_STATIC) != (compiled is not None):
             raise ValueError("the int8 static path runs a compiled package, and only it does")
         self.device, self.path = device, path
         model = model.to(device).eval()
@@ -188,7 +188,3 @@ class Accumulator:
             self.entropy[idx] = next(values)
         if self.slice_uncertainty is not None:
             self.slice_uncertainty[idx] = next(values)
-
-    def add(self, idx: np.ndarray, logits: torch.Tensor) -> None:
-        """`outputs` and `store` in one step, waiting for the copy (for loops that do not overlap)."""
-        self.store(idx, [t.cpu().numpy() for t in self.outputs(logits)])

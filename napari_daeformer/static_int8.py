@@ -27,6 +27,7 @@ import torch
 from . import package_cache
 from .errors import DaeformerError, first_line
 from .metrics import dice_per_class
+from .private_api import cpu_supports
 
 MIN_AGREEMENT = 0.995              # share of calibration voxels whose label must equal fp32's (issue 15's bar)
 MIN_CLASS_DICE = 0.98              # and each class fp32 finds (on 0.1% of the voxels or more): its Dice against fp32's
@@ -88,8 +89,7 @@ def seven_bit_activations() -> bool:
     """Whether activations must use 7 bits: without VNNI, x86 int8 kernels sum pairs of u8 x s8 products in int16,
     which 8-bit activations can saturate (torchao's advice; on AVX2 it cost 0.013 Dice on the bundled CT model)."""
     capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in {"SSE41", "AVX", "AVX2"}
-    vnni = getattr(torch.cpu, "_is_vnni_supported", lambda: False)()
-    return capped or torch.backends.cpu.get_cpu_capability() != "AVX512" or not vnni
+    return capped or torch.backends.cpu.get_cpu_capability() != "AVX512" or not cpu_supports("vnni")
 
 
 def package_key(model: torch.nn.Module, batch: int, input_size: tuple[int, int], weights: str | None = None) -> str:
@@ -176,16 +176,20 @@ def build(model: torch.nn.Module, calibration: Sequence[torch.Tensor], batch: in
             for x in batches:                                  # activation ranges, observed once
                 prepared(x)
             program = torch.export.export(convert_pt2e(prepared), (batches[0],))
+    except Exception as e:                               # torch's export and quantisation errors have no common base
+        raise Unavailable(f"static int8 could not be prepared here ({type(e).__name__}: "
+                          f"{first_line(e, 'no message')})") from e
 
-            def write(tmp: Path) -> None:
-                torch._inductor.aoti_compile_and_package(program, package_path=str(tmp),
-                                                         inductor_configs={"freezing": True})
-            path = package_cache.store(key, weights, write)
+    def write(tmp: Path) -> None:
+        try:
+            torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs={"freezing": True})
+        except Exception as e:                           # inductor's (and its C++ compiler's) errors: no common base
+            raise Unavailable(f"static int8 could not be compiled here ({type(e).__name__}: "
+                              f"{first_line(e, 'no message')})") from e
+    try:
+        path = package_cache.store(key, weights, write)
     except package_cache.UntrustedCache as e:
         raise Unavailable(str(e)) from e
-    except Exception as e:                               # torch's export/inductor errors have no common base
-        raise Unavailable(f"static int8 could not be compiled here ({type(e).__name__}: "
-                          f"{first_line(e, 'no message')})") from e
     compiled = StaticInt8(path, batch)
     with torch.inference_mode(), _quiet_torchao():
         ours = torch.cat([compiled(x).argmax(1) for x in batches]).numpy()

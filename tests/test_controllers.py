@@ -13,8 +13,9 @@ from napari_daeformer.checkpoint import load_checkpoint, read_card
 from napari_daeformer.control.finetune import FinetuneController, pair
 from napari_daeformer.control.segment import SegmentController
 from napari_daeformer.errors import DaeformerError
-from napari_daeformer.inference import Progress, run_segmentation, segment
+from napari_daeformer.inference import Progress, SliceInferer
 from napari_daeformer.sample_data import synthetic_ct
+from napari_daeformer.volumes import Measures
 from training.finetune import Pair
 
 IMAGE = ImageIdentity("k" * 32, "scan")
@@ -41,20 +42,20 @@ def test_a_new_run_fills_live_and_becomes_the_proposal(tiny_ckpt: Path, tmp_path
     image = np.random.default_rng(0).normal(0, 200, (6, 64, 64)).astype(np.float32)
     run, data = control.new_run(IMAGE, "scan DAE-Former", image.shape, 0, tmp_path, control.made_by())
     assert data.shape == image.shape and data.dtype == np.uint8 and not data.any() and run.new
-    live = segment(image, control.load(), device="cpu", precision="fp32", first=3, batch_size=2)
+    live = SliceInferer(control.load(), device="cpu", precision="fp32", batch_size=2).run(image, first=3)
     first: Progress = next(live)
     while first.labels is None or not first.labels.size:
         first = next(live)
     assert run.show(data, first) and 3 in first.slices and len(first.slices) == 2
     assert np.array_equal(np.flatnonzero(data.any(axis=(1, 2))), np.sort(first.slices))      # only those slices
-    result = run_segmentation(segment(image, control.load(), device="cpu", precision="fp32"))
+    result = SliceInferer(control.load(), device="cpu", precision="fp32").segment(image)
     before, after = run.finish(result)
     assert not before.any() and np.array_equal(after, result.labels)
     a = run.annotation
     assert np.array_equal(a.prediction, result.labels) and a.checkpoint == "tiny.safetensors"
     assert a.class_names == ("background", "a", "b") and not a.corrected(after).any()
-    assert [m[1] for m in run.measures(after, (2.0, 1.0, 1.0), True)] == ["a", "b"]
-    assert run.measures(after, (1.0, 1.0, 1.0), False)[0][2].endswith(" voxels")
+    assert [m[1] for m in run.rows(Measures.of(after, (2.0, 1.0, 1.0), "nifti", a.class_names))] == ["a", "b"]
+    assert run.rows(Measures.of(after, (1.0, 1.0, 1.0), "layer", a.class_names))[0][2].endswith(" voxels")
 
 
 def test_a_partial_run_never_writes_a_corrected_slice(tiny_ckpt: Path, tmp_path: Path) -> None:
@@ -70,7 +71,7 @@ def test_a_partial_run_never_writes_a_corrected_slice(tiny_ckpt: Path, tmp_path:
     assert only.sum() == 63 and not only[10]
     run = control.partial_run(annotation, labels, only, IMAGE, 1, tmp_path, control.made_by())
     assert annotation.image == IMAGE                                  # the run's image, fixed at its start
-    result = run_segmentation(segment(image, control.load(), device="cpu", precision="fp32", axis=1, only=only))
+    result = SliceInferer(control.load(), device="cpu", precision="fp32").segment(image, axis=1, only=only)
     preview = labels.copy()
     run.show(preview, Progress(64, 64, labels=np.moveaxis(result.labels, 1, 0), slices=np.arange(64)))
     assert (preview[:, 10] == 2).all()

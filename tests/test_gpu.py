@@ -9,7 +9,7 @@ import torch
 
 from napari_daeformer.bundled import bundled_model
 from napari_daeformer.checkpoint import load_checkpoint
-from napari_daeformer.inference import run_segmentation, segment
+from napari_daeformer.inference import SliceInferer
 from napari_daeformer.sample_data import synthetic_ct
 from napari_daeformer.transfers import Transfers
 
@@ -29,10 +29,10 @@ def test_transfers_on_cuda_round_trip_and_keep_each_batch_until_the_next_but_one
 def test_cuda_engine_agrees_with_the_cpu_and_with_itself_across_batch_sizes() -> None:
     ckpt = load_checkpoint(bundled_model("ct"))
     image = synthetic_ct(seed=0).image
-    cpu = run_segmentation(segment(image, ckpt, device="cpu", precision="fp32")).labels
-    fp32 = {b: run_segmentation(segment(image, ckpt, device="cuda", precision="fp32", batch_size=b)).labels
+    cpu = SliceInferer(ckpt, device="cpu", precision="fp32").segment(image).labels
+    fp32 = {b: SliceInferer(ckpt, device="cuda", precision="fp32", batch_size=b).segment(image).labels
             for b in (1, 7, 64)}
-    bf16 = run_segmentation(segment(image, ckpt, device="cuda", precision="bf16", batch_size=7)).labels
+    bf16 = SliceInferer(ckpt, device="cuda", precision="bf16", batch_size=7).segment(image).labels
     for labels in fp32.values():
         assert (labels == cpu).mean() >= 0.999               # cuDNN may run the convolutions in TF32
     assert (bf16 == cpu).mean() >= 0.995

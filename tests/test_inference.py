@@ -15,10 +15,11 @@ from napari_daeformer.bundled import bundled_model
 from napari_daeformer.checkpoint import Checkpoint, ModelCard, load_checkpoint
 from napari_daeformer.devices import cpu_has_int8_kernels
 from napari_daeformer.errors import InferenceError
-from napari_daeformer.inference import Cancelled, Progress, run_segmentation, segment
+from napari_daeformer.inference import Cancelled, Progress, SliceInferer
 from napari_daeformer.io import read_image
 from napari_daeformer.io.nifti import write_nifti
 from napari_daeformer.io.record import default_affine
+from napari_daeformer.jobs import drain
 from napari_daeformer.metrics import dice_per_class
 from napari_daeformer.model import DAEFormer
 from napari_daeformer.sample_data import synthetic_ct, synthetic_skin
@@ -41,15 +42,15 @@ def held_out() -> object:
 
 
 def test_bundled_ct_model_reaches_dice_080(ct_model: Checkpoint, held_out) -> None:  # type: ignore[no-untyped-def]
-    result = run_segmentation(segment(held_out.image, ct_model, precision="fp32", device="cpu"))
+    result = SliceInferer(ct_model, precision="fp32", device="cpu").segment(held_out.image)
     dice = dice_per_class(result.labels, held_out.labels, 6)
     assert result.labels.dtype == np.uint8 and result.labels.shape == held_out.image.shape
     assert np.nanmean(dice) >= 0.80, dice
 
 
 def test_bf16_agrees_with_fp32(ct_model: Checkpoint, held_out) -> None:  # type: ignore[no-untyped-def]
-    fp32 = run_segmentation(segment(held_out.image, ct_model, precision="fp32", device="cpu")).labels
-    bf16 = run_segmentation(segment(held_out.image, ct_model, precision="bf16", device="cpu")).labels
+    fp32 = SliceInferer(ct_model, precision="fp32", device="cpu").segment(held_out.image).labels
+    bf16 = SliceInferer(ct_model, precision="bf16", device="cpu").segment(held_out.image).labels
     assert (fp32 == bf16).mean() >= 0.995
 
 
@@ -69,7 +70,7 @@ def test_each_fast_path_agrees_with_fp32(ct_model: Checkpoint, held_out, path: s
         with torch.inference_mode():
             for start in range(0, len(image), 8):
                 idx, x = source.batch(start, start + 8)
-                out.add(idx, predict(x))
+                out.store(idx, [t.numpy() for t in out.outputs(predict(x))])
         return out.labels
 
     fp32 = labels(Predictor(ct_model.model, torch.device("cpu"), "fp32"))
@@ -125,41 +126,41 @@ def test_cli_segment_wrong_kind_one_line(tmp_path: Path, capsys) -> None:  # typ
 
 def test_batch_size_and_cancel_rerun_give_identical_labels(ct_model: Checkpoint) -> None:
     image = synthetic_ct(seed=21, shape=(12, 128, 128)).image
-    one = run_segmentation(segment(image, ct_model, batch_size=1, precision="fp32", device="cpu")).labels
-    eight = run_segmentation(segment(image, ct_model, batch_size=8, precision="fp32", device="cpu")).labels
+    one = SliceInferer(ct_model, batch_size=1, precision="fp32", device="cpu").segment(image).labels
+    eight = SliceInferer(ct_model, batch_size=8, precision="fp32", device="cpu").segment(image).labels
     assert np.array_equal(one, eight)
     cancel = threading.Event()
-    gen = segment(image, ct_model, batch_size=2, precision="fp32", device="cpu", cancel=cancel)
+    gen = SliceInferer(ct_model, batch_size=2, precision="fp32", device="cpu").run(image, cancel=cancel)
     next(gen)
     cancel.set()
     with pytest.raises(Cancelled):
         next(gen)                                      # nothing partial is returned
-    again = run_segmentation(segment(image, ct_model, batch_size=4, precision="fp32", device="cpu")).labels
+    again = SliceInferer(ct_model, batch_size=4, precision="fp32", device="cpu").segment(image).labels
     assert np.array_equal(again, one)
 
 
 def test_axes_2d_and_outputs(ct_model: Checkpoint) -> None:
     image = synthetic_ct(seed=22, shape=(8, 96, 112)).image
-    res = run_segmentation(segment(image, ct_model, axis=2, batch_size=16, probabilities=True, entropy=True,
-                                   slice_uncertainty=True, device="cpu"))
+    res = SliceInferer(ct_model, batch_size=16, device="cpu").segment(image, axis=2, probabilities=True, entropy=True,
+                                                                 slice_uncertainty=True)
     assert res.labels.shape == image.shape and res.entropy.shape == image.shape
     assert res.probabilities.shape == (6, *image.shape) and res.slice_uncertainty.shape == (112,)
     np.testing.assert_allclose(res.probabilities.astype(np.float32).sum(0), 1.0, atol=1e-2)
     assert np.array_equal(res.probabilities.argmax(0)[res.entropy < 0.5], res.labels[res.entropy < 0.5])
-    one = run_segmentation(segment(image[4], ct_model, device="cpu"))
+    one = SliceInferer(ct_model, device="cpu").segment(image[4])
     assert one.labels.shape == (96, 112)
 
 
 def test_bad_requests(ct_model: Checkpoint) -> None:
     with pytest.raises(InferenceError, match="RGB"):
-        run_segmentation(segment(np.zeros((32, 32, 3), np.uint8), ct_model))
+        SliceInferer(ct_model).segment(np.zeros((32, 32, 3), np.uint8))
     with pytest.raises(InferenceError, match="shape"):
-        run_segmentation(segment(np.zeros((2, 2, 32, 32)), ct_model))
+        SliceInferer(ct_model).segment(np.zeros((2, 2, 32, 32)))
     with pytest.raises(InferenceError, match="axis"):
-        run_segmentation(segment(np.zeros((4, 32, 32)), ct_model, axis=3))
+        SliceInferer(ct_model).segment(np.zeros((4, 32, 32)), axis=3)
     if not torch.cuda.is_available():                     # asking for a GPU that is not there: one clear error
         with pytest.raises(InferenceError, match="no CUDA"):
-            run_segmentation(segment(np.zeros((4, 32, 32)), ct_model, device="cuda"))
+            SliceInferer(ct_model, device="cuda").segment(np.zeros((4, 32, 32)))
 
 
 def test_memory_is_bounded_for_512x512x200(tiny_model: DAEFormer) -> None:
@@ -175,7 +176,7 @@ def test_memory_is_bounded_for_512x512x200(tiny_model: DAEFormer) -> None:
     bound = max(batch * max(TINY.num_classes, 1) * 512 * 512,
                 batch * 16 * TINY.embed_dims[0] * (64 // 4) ** 2) * 4
     with ShapeRecorder() as rec:
-        result = run_segmentation(segment(volume, ckpt, batch_size=batch, precision="fp32", device="cpu"))
+        result = SliceInferer(ckpt, batch_size=batch, precision="fp32", device="cpu").segment(volume)
     largest = max(int(np.prod(s)) for s in rec.shapes) * 4
     assert result.labels.shape == volume.shape
     assert largest <= bound < 200 * TINY.num_classes * 512 * 512 * 4 / 20
@@ -185,10 +186,10 @@ def test_memory_is_bounded_for_512x512x200(tiny_model: DAEFormer) -> None:
 def test_any_source_dtype(ct_model: Checkpoint, dtype: str) -> None:
     """Big-endian NIfTI, uint16 DICOM-like data, floats: all give the same labels as int16."""
     image = synthetic_ct(seed=23, shape=(4, 64, 64)).image
-    ref = run_segmentation(segment(image, ct_model, precision="fp32", device="cpu")).labels
+    ref = SliceInferer(ct_model, precision="fp32", device="cpu").segment(image).labels
     data = (image.astype(np.int32) + 2000).astype(dtype) if dtype.endswith("u2") else image.astype(dtype)
     window = (-125 + 2000, 275 + 2000) if dtype.endswith("u2") else None
-    out = run_segmentation(segment(data, ct_model, precision="fp32", device="cpu", window=window)).labels
+    out = SliceInferer(ct_model, precision="fp32", device="cpu", window=window).segment(data).labels
     assert (out == ref).mean() > 0.999
 
 
@@ -212,15 +213,15 @@ def test_cuda_out_of_memory_halves_the_batch(tiny_model: DAEFormer, monkeypatch:
         return forward(x)
 
     volume = np.random.default_rng(0).normal(0, 200, (7, 64, 64))
-    expected = run_segmentation(segment(volume, ckpt, batch_size=1, precision="fp32", device="cpu")).labels
+    expected = SliceInferer(ckpt, batch_size=1, precision="fp32", device="cpu").segment(volume).labels
     monkeypatch.setattr(tiny_model, "forward", small_batches_only)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    result = run_segmentation(segment(volume, ckpt, batch_size=8, precision="fp32", device="cpu"))
+    result = SliceInferer(ckpt, batch_size=8, precision="fp32", device="cpu").segment(volume)
     assert result.batch_size == 2
     assert np.array_equal(result.labels, expected)
     monkeypatch.setattr(tiny_model, "forward", lambda x: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("OOM")))
     with pytest.raises(InferenceError, match="even at batch size 1"):
-        run_segmentation(segment(volume, ckpt, batch_size=4, precision="fp32", device="cpu"))
+        SliceInferer(ckpt, batch_size=4, precision="fp32", device="cpu").segment(volume)
 
 
 def test_the_next_batch_is_queued_before_a_batch_is_collected(tiny_model: DAEFormer,
@@ -230,11 +231,11 @@ def test_the_next_batch_is_queued_before_a_batch_is_collected(tiny_model: DAEFor
     labels as batch 1."""
     ckpt = Checkpoint(tiny_model, ModelCard(TINY, ("bg", "a", "b"), input_size=(64, 64)))
     volume = np.random.default_rng(1).normal(0, 200, (7, 64, 64))
-    expected = run_segmentation(segment(volume, ckpt, batch_size=1, precision="fp32", device="cpu")).labels
+    expected = SliceInferer(ckpt, batch_size=1, precision="fp32", device="cpu").segment(volume).labels
     calls: list[int] = []
     forward = tiny_model.forward
     monkeypatch.setattr(tiny_model, "forward", lambda x: calls.append(len(x)) or forward(x))
-    gen = segment(volume, ckpt, batch_size=3, precision="fp32", device="cpu")
+    gen = SliceInferer(ckpt, batch_size=3, precision="fp32", device="cpu").run(volume)
     seen = []
     with pytest.raises(StopIteration) as stop:
         while True:
@@ -242,15 +243,15 @@ def test_the_next_batch_is_queued_before_a_batch_is_collected(tiny_model: DAEFor
             seen.append((p.done, len(calls), p.slices.tolist()))
             assert np.array_equal(p.labels, expected[p.slices])                              # live display: final
     assert seen == [(3, 2, [0, 1, 2]), (6, 3, [3, 4, 5]), (7, 3, [6])]
-    outwards = [p.slices.tolist() for p in _progress(segment(volume, ckpt, batch_size=2, precision="fp32", device="cpu",
-                                                             first=4))]
+    inferer = SliceInferer(ckpt, batch_size=2, precision="fp32", device="cpu")
+    outwards = [p.slices.tolist() for p in _progress(inferer.run(volume, first=4))]
     assert outwards == [[3, 4], [2, 5], [1, 6], [0]]                   # the slice on screen first, then outwards
     assert np.array_equal(stop.value.value.labels, expected)
 
 
 def _progress(gen: object) -> list[Progress]:
     seen: list[Progress] = []
-    run_segmentation(gen, seen.append)  # type: ignore[arg-type]
+    drain(gen, seen.append)  # type: ignore[arg-type]
     return seen
 
 

@@ -15,7 +15,8 @@ import torch
 
 from napari_daeformer import devices, package_cache, static_int8
 from napari_daeformer.checkpoint import load_checkpoint
-from napari_daeformer.inference import run_segmentation, segment
+from napari_daeformer.inference import SliceInferer
+from napari_daeformer.jobs import drain
 from napari_daeformer.model import DAEFormer
 
 from .conftest import TINY
@@ -172,7 +173,7 @@ def test_auto_on_a_shared_cache_runs_int8_dynamic_and_says_why(tiny_ckpt: Path, 
     monkeypatch.setenv(package_cache.CACHE_ENV, str(shared))
     notes: list[str] = []
     image = np.random.default_rng(0).normal(0, 300, (2, 64, 64)).astype(np.float32)
-    result = run_segmentation(segment(image, load_checkpoint(tiny_ckpt), device="cpu"),
-                              lambda p: notes.append(p.note) if p.note else None)
+    result = drain(SliceInferer(load_checkpoint(tiny_ckpt), device="cpu").run(image),
+                   lambda p: notes.append(p.note) if p.note else None)
     assert result.path == "int8 dynamic" and never_loaded == []
     assert len(notes) == 1 and "not private to you" in notes[0] and notes[0].endswith("running int8 dynamic")

@@ -17,8 +17,9 @@ from napari_daeformer import devices, int8_worker, package_cache, static_int8
 from napari_daeformer.bundled import bundled_model
 from napari_daeformer.checkpoint import Checkpoint, load_checkpoint
 from napari_daeformer.errors import Cancelled
-from napari_daeformer.inference import Progress, Segmentation, default_batch_size, run_segmentation, segment
+from napari_daeformer.inference import Progress, Segmentation, SliceInferer, default_batch_size
 from napari_daeformer.int8_worker import build_in_child
+from napari_daeformer.jobs import drain
 from napari_daeformer.metrics import dice_per_class
 from napari_daeformer.model import DAEFormer
 from napari_daeformer.sample_data import synthetic_ct
@@ -36,7 +37,7 @@ def run(image: np.ndarray, ckpt: Checkpoint, **kwargs: object) -> tuple[Segmenta
     def keep(p: Progress) -> None:
         if p.note:
             notes.append(p.note)
-    return run_segmentation(segment(image, ckpt, device="cpu", **kwargs), keep), notes
+    return drain(SliceInferer(ckpt, device="cpu", **kwargs).run(image), keep), notes
 
 
 @pytest.fixture(scope="module")

@@ -38,9 +38,12 @@ from napari_daeformer.agreement import PROVENANCE_KEY, Agreement, as_provenance,
 from napari_daeformer.checkpoint import Checkpoint, ModelCard
 from napari_daeformer.devices import resolve_device
 from napari_daeformer.errors import TrainingError
+from napari_daeformer.inference import SliceInferer
+from napari_daeformer.io.record import is_rgb
 from napari_daeformer.metrics import dice_per_class
 from napari_daeformer.model import DAEFormer
 from napari_daeformer.preprocessing import Preprocessing
+from napari_daeformer.private_api import foreach_norm, foreach_sub
 from napari_daeformer.threads import ThreadGovernor
 
 from .augment import AugmentConfig
@@ -198,7 +201,7 @@ def check_pairs(pairs: Sequence[Pair], card: ModelCard) -> None:
         raise TrainingError("add at least one (image, corrected labels) pair")
     for p in pairs:
         spatial = p.image.shape[:-1] if rgb else p.image.shape
-        if rgb != (p.image.ndim == 3 and p.image.shape[-1] == 3 and p.labels.ndim == 2):
+        if rgb != is_rgb(p.image, p.labels):
             problems.append(f"{p.name}: the model expects {'RGB photos' if rgb else 'single-channel images'}")
         elif spatial != p.labels.shape:
             problems.append(f"{p.name}: image {spatial} and labels {p.labels.shape} differ in shape")
@@ -223,20 +226,13 @@ def _as_slices(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
 
 
 @torch.inference_mode()
-def _predict(model: DAEFormer, x: torch.Tensor, out_size: tuple[int, int], device: torch.device,
-             batch: int = 8) -> tuple[np.ndarray, torch.Tensor]:
-    """Labels (S, Y, X) uint8 at `out_size` as the engine computes them (bilinear logits, argmax), and the
-    (S, C, H, W) softmax at network size."""
+def _softmax(model: torch.nn.Module, x: torch.Tensor, device: torch.device, batch: int = 8) -> torch.Tensor:
+    """(S, C, H, W) softmax of `model` (in eval mode, its mode restored) on network input `x`: a training target."""
     was_training = model.training
     model.eval()
-    labels, probs = [], []
-    for i in range(0, len(x), batch):
-        logits = model(x[i:i + batch].to(device)).float()
-        probs.append(logits.softmax(1).cpu())
-        up = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
-        labels.append(up.argmax(1).to(torch.uint8).cpu())
+    probs = [model(x[i:i + batch].to(device)).float().softmax(1).cpu() for i in range(0, len(x), batch)]
     model.train(was_training)
-    return torch.cat(labels).numpy(), torch.cat(probs)
+    return torch.cat(probs)
 
 
 @dataclass
@@ -283,8 +279,9 @@ def _split(pairs: Sequence[Pair], settings: FinetuneSettings, rng: np.random.Gen
 class PseudoLabels:
     """CE on the parent's confident labels of uncorrected slices: a batch of them at every step."""
 
-    def __init__(self, x: torch.Tensor, probs: torch.Tensor, settings: FinetuneSettings, device: torch.device) -> None:
-        conf, target = probs.max(1)
+    def __init__(self, model: torch.nn.Module, x: torch.Tensor, settings: FinetuneSettings, device: torch.device
+                 ) -> None:
+        conf, target = _softmax(model, x, device).max(1)
         target[conf < settings.confidence] = -100                  # not confident: no target there
         self.x, self.target = x, target
         self.batch, self.weight, self.device = settings.batch_size, settings.weight, device
@@ -359,9 +356,9 @@ class _SquaredDistance(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, parents: list[torch.Tensor], *params: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        diffs = torch._foreach_sub(params, parents)
+        diffs = foreach_sub(params, parents)
         ctx.save_for_backward(*diffs)
-        return torch.stack(torch._foreach_norm(diffs)).float().square().sum()
+        return torch.stack(foreach_norm(diffs)).float().square().sum()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
@@ -423,16 +420,18 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
     if isinstance(model, InputCalibration):
         train = [replace(c, preprocessing=model.input_preprocessing(c.preprocessing)) for c in train]
 
+    inferer = SliceInferer(Checkpoint(network, card), device=device, precision="fp32")
+    rgb = card.preprocessing.kind == "rgb"
+
     def engine_labels(part: _Slices) -> np.ndarray:
-        """The labels the engine would give with the current state: the network on the input normalised with the
-        calibration folded in (exact, where the wrapper clips CT after the resize)."""
+        """(S, Y, X) the labels the engine gives with the current state: the network on the input normalised with
+        the calibration folded in (exact, where the wrapper clips CT after the resize)."""
         prep = model.folded(part.prep) if isinstance(model, InputCalibration) else part.prep
-        return _predict(network, network_input(part.images, prep, size), part.size, device)[0]
+        return inferer.segment(part.images, rgb=rgb, preprocessing=prep).labels
 
     holdout = [_Slices(images, prep, labels) for images, labels, prep in holdout_raw]
-    parent_out = [_predict(network, network_input(images, prep, size), images.shape[1:3], device)
-                  for images, prep in uncorrected_raw]                    # (labels, softmax) per pair
-    uncorrected = [_Slices(images, prep, labels) for (images, prep), (labels, _) in zip(uncorrected_raw, parent_out)]
+    uncorrected = [_Slices(images, prep, inferer.segment(images, rgb=rgb, preprocessing=prep).labels)
+                   for images, prep in uncorrected_raw]                   # the parent's labels
 
     def score() -> float | None:
         if not holdout:
@@ -444,7 +443,7 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
     if settings.protect == "pseudo" and uncorrected:
         as_input = model.input_preprocessing if isinstance(model, InputCalibration) else (lambda p: p)
         x = torch.cat([network_input(u.images, as_input(u.prep), size) for u in uncorrected])
-        regulariser = PseudoLabels(x, torch.cat([probs for _, probs in parent_out]), settings, device)
+        regulariser = PseudoLabels(model, x, settings, device)
     elif settings.protect == "l2sp":
         regulariser = PullToParent(network, settings.weight, len(fresh))
     n_train = sum(len(c.labels) for c in train)

@@ -24,7 +24,7 @@ from napari_daeformer.checkpoint import Checkpoint, ModelCard, save_checkpoint
 from napari_daeformer.devices import autocast, resolve_device
 from napari_daeformer.distributed import DistInfo, all_reduce_sum, barrier
 from napari_daeformer.errors import TrainingError
-from napari_daeformer.inference import run_segmentation, segment
+from napari_daeformer.inference import SliceInferer
 from napari_daeformer.metrics import evaluate_case
 from napari_daeformer.model import DAEFormer
 from napari_daeformer.threads import ThreadGovernor
@@ -194,11 +194,10 @@ class Trainer:
             empty = np.full(self.card.config.num_classes - 1, np.nan)
             return empty, empty.copy()
         self.model.eval()
-        ckpt = Checkpoint(self.model, self.card)
+        inferer = SliceInferer(Checkpoint(self.model, self.card), device=self.device, precision="fp32")
         dice, dist = [], []
         for case in self.val_cases:
-            result = run_segmentation(segment(case.image, ckpt, rgb=self.card.preprocessing.kind == "rgb",
-                                              device=self.device, precision="fp32"))
+            result = inferer.segment(case.image, rgb=self.card.preprocessing.kind == "rgb")
             d, h = evaluate_case(result.labels, case.labels, self.card.config.num_classes, case.spacing or None)
             dice.append(d)
             dist.append(h)

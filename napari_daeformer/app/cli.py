@@ -295,6 +295,6 @@ def _run(words: list[str]) -> int:
         return func(args)
     except BrokenPipeError:
         raise
-    except (DaeformerError, ValueError, OSError) as e:
+    except DaeformerError as e:                              # ours only: a bug of ours stays a traceback
         print(f"daeformer {args.command}: error: {printable(first_line(e))}", file=sys.stderr)
         return 2

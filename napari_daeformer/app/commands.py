@@ -10,15 +10,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .. import __version__
 from ..bundled import resolve_model
-from ..checkpoint import file_sha256, load_checkpoint
-from ..errors import printable
-from ..inference import Progress, image_warnings, run_segmentation, segment
-from ..io import ImageRecord, check_label_path, is_dicom_input, read_image, suffix_of, write_labels
-from ..io.dicom_seg import SEG_SUFFIX, Algorithm, write_dicom_seg
+from ..checkpoint import load_checkpoint
+from ..errors import DaeformerError, printable
+from ..inference import Progress, SliceInferer, image_warnings
+from ..io import ImageRecord, check_label_path, is_dicom_input, read_image, write_labels
 from ..jobs import drain
-from ..volumes import class_measures, is_physical, measure_unit
+from ..segment_file import FileReport, segment_file
 from .options import ct_window
 
 if TYPE_CHECKING:
@@ -39,27 +37,17 @@ def _progress_printer(label: str):  # type: ignore[no-untyped-def]
     return show
 
 
-def segment_file(record: ImageRecord, output: Path, model: str | None, *, device: str = "auto", axis: int = 0,
+def segment_path(record: ImageRecord, output: Path, model: str | None, *, device: str = "auto", axis: int = 0,
                  batch_size: int | None = None, precision: str = "auto", window: tuple[float, float] | None = None,
-                 overwrite: bool = False, quiet: bool = False) -> tuple[Path, np.ndarray, dict[str, float]]:
-    """Segment `record` and write the label map to `output` with the source geometry (a `.dcm` output: a DICOM-SEG
-    referencing the source series)."""
+                 overwrite: bool = False, quiet: bool = False) -> FileReport:
+    """`segment_file` with the model named on the command line (the bundled one for the image's kind when
+    none), progress on stderr unless `quiet`."""
     check_label_path(output, len(record.spatial_shape), overwrite=overwrite, source=record.path,
-                     dicom_source=record.source_format == "dicom")
-    ckpt_path = resolve_model(model, "skin" if record.rgb else "ct")
-    ckpt = load_checkpoint(ckpt_path)
-    result = run_segmentation(
-        segment(record, ckpt, axis=axis, device=device, precision=precision, batch_size=batch_size, window=window),
-        None if quiet else _progress_printer(f"segment {record.path.name if record.path else ''}"))
-    if suffix_of(output) == SEG_SUFFIX:
-        algorithm = Algorithm(ckpt_path.name, file_sha256(ckpt_path), __version__)
-        out = write_dicom_seg(output, result.labels, record.path, ckpt.card.class_names, ckpt.card.class_colors,
-                              algorithm, overwrite=overwrite)
-    else:
-        out = write_labels(output, result.labels, record, overwrite=overwrite, class_names=ckpt.card.class_names,
-                           class_colors=ckpt.card.class_colors)
-    physical = is_physical(record.source_format, record.spacing)
-    return out, result.labels, class_measures(result.labels, record.spacing, ckpt.card.class_names, physical)
+                     dicom_source=record.source_format == "dicom")                # before loading the model
+    ckpt = load_checkpoint(resolve_model(model, "skin" if record.rgb else "ct"))
+    inferer = SliceInferer(ckpt, device=device, precision=precision, batch_size=batch_size, window=window)
+    show = None if quiet else _progress_printer(f"segment {record.path.name if record.path else ''}")
+    return drain(segment_file(inferer, record, output, axis=axis, overwrite=overwrite), show)
 
 
 def run_segment(args: argparse.Namespace) -> int:
@@ -68,14 +56,12 @@ def run_segment(args: argparse.Namespace) -> int:
     record = read_image(args.input)
     for note in (*record.notes, *image_warnings(record.data)):
         print(f"note: {args.input}: {note}", file=sys.stderr)
-    out, labels, measures = segment_file(record, Path(args.output), args.model, device=args.device, axis=args.axis,
-                                         batch_size=args.batch_size, precision=args.precision,
-                                         window=None if args.window is None else ct_window(args.window),
-                                         overwrite=args.overwrite)
-    unit = measure_unit(labels.ndim, is_physical(record.source_format, record.spacing))
-    print(f"wrote {out}")
-    for name, value in measures.items():
-        print(f"  {name}: {value:.1f} {unit}")
+    report = segment_path(record, Path(args.output), args.model, device=args.device, axis=args.axis,
+                          batch_size=args.batch_size, precision=args.precision,
+                          window=None if args.window is None else ct_window(args.window), overwrite=args.overwrite)
+    print(f"wrote {report.written.result()}")
+    for name in report.measures.values:
+        print(f"  {name}: {report.measures.text(name)}")
     return 0
 
 
@@ -97,7 +83,7 @@ def run_demo(args: argparse.Namespace) -> int:
              "synthetic_skin_labels.png")
     existing = [n for n in names if (out_dir / n).exists()]
     if existing and not args.overwrite:
-        raise FileExistsError(f"{out_dir} already holds a demo's output ({existing[0]}, ...); "
+        raise DaeformerError(f"{out_dir} already holds a demo's output ({existing[0]}, ...); "
                               "pass --overwrite to replace it or --out to choose another folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     print("no display: segmenting the bundled samples with the bundled demonstration models "
@@ -106,17 +92,17 @@ def run_demo(args: argparse.Namespace) -> int:
     ct_path = write_nifti(out_dir / "synthetic_ct.nii.gz", ct.image, default_affine(ct.spacing), overwrite=True)
     record = read_image(ct_path)
     write_labels(out_dir / "synthetic_ct_truth.nii.gz", ct.labels, record, overwrite=True)
-    out, labels, measures = segment_file(record, out_dir / "synthetic_ct_labels.nii.gz", None, overwrite=True)
-    dice = dice_per_class(labels, ct.labels, len(ct.class_names))
-    print(f"wrote {out}: mean Dice against the phantom's ground truth {np.nanmean(dice):.3f}")
-    for (name, value), d in zip(measures.items(), dice):
-        print(f"  {name}: {value:.1f} mL, Dice {d:.3f}")
+    report = segment_path(record, out_dir / "synthetic_ct_labels.nii.gz", None, overwrite=True)
+    dice = dice_per_class(report.labels, ct.labels, len(ct.class_names))
+    print(f"wrote {report.written.result()}: mean Dice against the phantom's ground truth {np.nanmean(dice):.3f}")
+    for name, d in zip(report.measures.values, dice):
+        print(f"  {name}: {report.measures.text(name)}, Dice {d:.3f}")
     skin = synthetic_skin(seed=0)
     skio.imsave(str(out_dir / "synthetic_skin.png"), skin.image, check_contrast=False)
-    out, labels, measures = segment_file(read_image(out_dir / "synthetic_skin.png"),
-                                         out_dir / "synthetic_skin_labels.png", None, overwrite=True)
-    dice = dice_per_class(labels, skin.labels, 2)
-    print(f"wrote {out}: lesion Dice {dice[0]:.3f}, area {measures['lesion']:.0f} pixels")
+    report = segment_path(read_image(out_dir / "synthetic_skin.png"), out_dir / "synthetic_skin_labels.png", None,
+                          overwrite=True)
+    dice = dice_per_class(report.labels, skin.labels, 2)
+    print(f"wrote {report.written.result()}: lesion Dice {dice[0]:.3f}, area {report.measures.text('lesion')}")
     return 0
 
 

@@ -24,11 +24,13 @@ from napari_daeformer.atomic import atomic_write, check_output_path
 from napari_daeformer.checkpoint import MAX_INPUT_SIDE, SYNAPSE_CLASSES, ModelCard, load_checkpoint
 from napari_daeformer.distributed import init_from_env, shutdown
 from napari_daeformer.errors import TrainingError, first_line
-from napari_daeformer.inference import run_segmentation, segment
+from napari_daeformer.inference import SliceInferer
+from napari_daeformer.io.record import is_rgb
 from napari_daeformer.jobs import drain
 from napari_daeformer.metrics import evaluate_case
 from napari_daeformer.model import SIZE_MULTIPLE, DAEFormer, named_config
 from napari_daeformer.preprocessing import ct_preprocessing, rgb_preprocessing, zscore_preprocessing
+from napari_daeformer.private_api import parser_actions
 from napari_daeformer.sample_data import CT_CLASSES, SKIN_CLASSES
 from training.augment import AugmentConfig
 from training.data import Case, detect_num_classes
@@ -122,7 +124,7 @@ def resolve_settings(parser: argparse.ArgumentParser, argv: list[str] | None, ar
         raise TrainingError(f"{args.config}: not a valid settings file ({first_line(e)})") from e
     if not isinstance(data, dict):
         raise TrainingError(f"{args.config}: expected a mapping of settings")
-    actions = {a.dest: a for a in parser._actions}
+    actions = parser_actions(parser)
     settings = {str(k).replace("-", "_"): v for k, v in data.items() if k not in RECORDED_ONLY}
     unknown = sorted(set(settings) - set(actions))
     if unknown:
@@ -187,7 +189,7 @@ def _model_and_card(args: argparse.Namespace, cases: list[Case], fmt: str) -> tu
     if args.init:
         ckpt = load_checkpoint(args.init)
         return ckpt.model, ckpt.card.with_provenance(parent=str(args.init))
-    rgb = cases[0].image.ndim == 3 and cases[0].image.shape[-1] == 3 and cases[0].labels.ndim == 2
+    rgb = is_rgb(cases[0].image, cases[0].labels)
     if args.classes:
         names = class_list(args.classes)
     elif fmt == "synapse":
@@ -314,7 +316,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     names = ckpt.card.class_names
     rows: list[dict[str, Any]] = []
     for case in cases:
-        labels = run_segmentation(segment(case.image, ckpt, rgb=rgb, device=args.device)).labels
+        labels = SliceInferer(ckpt, device=args.device).segment(case.image, rgb=rgb).labels
         dice, dist = evaluate_case(labels, case.labels, len(names), case.spacing or None, args.protocol)
         for name, d, h in zip(names[1:], dice, dist):
             rows.append({"case": case.name, "class": name, "dice": d, "hd95": h})

@@ -9,15 +9,14 @@ import html
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from ..annotation import SUFFIX, Annotation, ImageIdentity, SavedSession, find_sessions, load_session, merge_slices
 from ..checkpoint import Checkpoint, ModelCard, file_sha256, load_checkpoint
 from ..errors import DaeformerError
-from ..inference import Progress, Segmentation
-from ..volumes import class_measures, measure_unit
+from ..inference import Progress, Segmentation, SliceInferer
+from ..volumes import Measures
 
 
 @dataclass
@@ -63,13 +62,9 @@ class Run:
         a.checkpoint, a.checkpoint_sha256, a.checkpoint_path = self.made_by
         return before, labels
 
-    def measures(self, labels: np.ndarray, spacing: tuple[float, ...], physical: bool) -> list[tuple[str, str, str]]:
-        """(colour, class, "166.5 mL") per class (pixel and voxel counts are whole numbers)."""
-        unit = measure_unit(labels.ndim, physical)
-        digits = 1 if physical else 0
-        values = class_measures(labels, spacing, self.card.class_names, physical)
-        return [(self.card.class_colors[i + 1], name, f"{value:.{digits}f} {unit}")
-                for i, (name, value) in enumerate(values.items())]
+    def rows(self, measures: Measures) -> list[tuple[str, str, str]]:
+        """(colour, class, "166.5 mL") per class, for `summary_html`."""
+        return [(self.card.class_colors[i + 1], name, measures.text(name)) for i, name in enumerate(measures.values)]
 
 
 def summary_html(layer_name: str, measures: list[tuple[str, str, str]]) -> str:
@@ -188,13 +183,9 @@ class SegmentController:
         return saved
 
 
-def engine_options(rgb: bool, axis: int, device: str, batch_size: int, precision: str, uncertainty: bool,
-                   first: int | None = None, window: tuple[float, float] | None = None,
-                   only: np.ndarray | None = None) -> dict[str, Any]:
-    """The keyword arguments of `inference.segment` for a dock's run (static int8 in a child process)."""
-    kwargs: dict[str, Any] = {"rgb": rgb, "axis": axis, "device": device, "batch_size": batch_size or None,
-                              "precision": precision, "slice_uncertainty": uncertainty, "int8_in_child": True}
-    for name, value in (("first", first), ("window", window), ("only", only)):
-        if value is not None:
-            kwargs[name] = value
-    return kwargs
+def dock_inferer(checkpoint: Checkpoint, device: str, batch_size: int, precision: str,
+                 window: tuple[float, float] | None) -> SliceInferer:
+    """The inferer for a dock's run: batch size 0 means what fits the device; static int8 in a child process (the
+    event loop keeps running)."""
+    return SliceInferer(checkpoint, device=device, precision=precision, batch_size=batch_size or None, window=window,
+                        int8_in_child=True)

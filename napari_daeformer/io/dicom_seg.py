@@ -8,6 +8,7 @@ label map, in the order of its series' slices when the series is given, else in 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,16 @@ class DicomSeg:
     algorithm: str                    # the Algorithm Identification's version text
 
 
+def _frames(path: Path, series: str | Path | None, read: Callable[[], Any]) -> Any:
+    """highdicom's frames of a Segmentation, whatever it raises for frames that do not fit (its errors have no
+    common base) as one ImageFormatError."""
+    try:
+        return read()
+    except Exception as e:
+        raise ImageFormatError(f"{path.name}: its frames do not fit {'the series' if series else 'one volume'} "
+                               f"({first_line(e)})") from e
+
+
 def read_dicom_seg(path: str | Path, series: str | Path | None = None) -> DicomSeg:
     """Read a DICOM-SEG file into a label map (segment numbers as label values).
 
@@ -178,30 +189,25 @@ def read_dicom_seg(path: str | Path, series: str | Path | None = None) -> DicomS
             colours[int(d.SegmentNumber)] = "#" + "".join(f"{int(round(v)):02x}" for v in rgb)
         for a in getattr(d, "SegmentationAlgorithmIdentificationSequence", []) or []:
             algorithm = str(getattr(a, "AlgorithmVersion", "")) or algorithm
-    try:
-        if series is not None:
-            datasets, positions, step = series_in_order(Path(series))
-            labels = seg.get_pixels_by_source_instance([str(ds.SOPInstanceUID) for ds in datasets],
-                                                       combine_segments=True, assert_missing_frames_are_empty=True,
-                                                       dtype=np.uint8 if len(names) <= 256 else np.uint16)
-            spacing, affine = series_geometry(datasets[0], positions, step)
-            record = ImageRecord(data=labels, spacing=spacing, affine=affine, dtype=str(labels.dtype), path=p,
-                                 source_format="dicom")
-        else:
-            volume = seg.get_volume(combine_segments=True, dtype=np.uint8 if len(names) <= 256 else np.uint16)
-            labels = np.asarray(volume.array)
-            lps = np.array(volume.affine, dtype=np.float64)[:, [2, 1, 0, 3]]   # index (col, row, slice) -> LPS
-            if lps[:3, 2] @ np.cross(lps[:3, 0], lps[:3, 1]) < 0:              # slices ascending along the normal,
-                labels = labels[::-1]                                         # as read_dicom stacks them
-                lps[:3, 3] += (len(labels) - 1) * lps[:3, 2]
-                lps[:3, 2] *= -1
-            spacing = tuple(float(s) for s in np.linalg.norm(lps[:3, :3], axis=0)[::-1])
-            record = ImageRecord(data=labels, spacing=spacing, affine=LPS_TO_RAS @ lps, dtype=str(labels.dtype),
-                                 path=p, source_format="dicom")
-    except ImageFormatError:
-        raise
-    except Exception as e:
-        raise ImageFormatError(f"{p.name}: its frames do not fit {'the series' if series else 'one volume'} "
-                               f"({first_line(e)})") from e
+    dtype = np.uint8 if len(names) <= 256 else np.uint16
+    if series is not None:
+        datasets, positions, step = series_in_order(Path(series))
+        labels = _frames(p, series, lambda: seg.get_pixels_by_source_instance(
+            [str(ds.SOPInstanceUID) for ds in datasets], combine_segments=True,
+            assert_missing_frames_are_empty=True, dtype=dtype))
+        spacing, affine = series_geometry(datasets[0], positions, step)
+        record = ImageRecord(data=labels, spacing=spacing, affine=affine, dtype=str(labels.dtype), path=p,
+                             source_format="dicom")
+    else:
+        volume = _frames(p, series, lambda: seg.get_volume(combine_segments=True, dtype=dtype))
+        labels = np.asarray(volume.array)
+        lps = np.array(volume.affine, dtype=np.float64)[:, [2, 1, 0, 3]]       # index (col, row, slice) -> LPS
+        if lps[:3, 2] @ np.cross(lps[:3, 0], lps[:3, 1]) < 0:                  # slices ascending along the normal,
+            labels = labels[::-1]                                             # as read_dicom stacks them
+            lps[:3, 3] += (len(labels) - 1) * lps[:3, 2]
+            lps[:3, 2] *= -1
+        spacing = tuple(float(s) for s in np.linalg.norm(lps[:3, :3], axis=0)[::-1])
+        record = ImageRecord(data=labels, spacing=spacing, affine=LPS_TO_RAS @ lps, dtype=str(labels.dtype), path=p,
+                             source_format="dicom")
     return DicomSeg(labels, tuple(names), tuple(colours), record, algorithm)
 

@@ -74,6 +74,12 @@ class ImageRecord:
         }
 
 
+def is_rgb(image: np.ndarray, labels: np.ndarray | None = None) -> bool:
+    """Whether an array (no record to say) is an RGB photo: (Y, X, 3), its labels (Y, X) where they are known. A
+    reader decides from its format instead (`ImageRecord.rgb`)."""
+    return image.ndim == 3 and image.shape[-1] == 3 and (labels is None or labels.ndim == 2)
+
+
 def default_affine(spacing: tuple[float, ...]) -> np.ndarray:
     """Axis-aligned affine for an image without world coordinates: diag(spacing reversed)."""
     affine = np.eye(4)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from ..errors import short_repr
+from ..errors import InvalidValue, short_repr
 
 # Token-grid reductions: stride 4 (stage 1), then 2 and 2 (stages 2 and 3).
 SIZE_MULTIPLE = 16
@@ -22,9 +22,9 @@ _LENGTHS = {"embed_dims": 3, "depths": 3, "decoder_depths": 2}
 def check_int(name: str, value: object, lo: int, hi: int) -> int:
     """`value` if it is an integer (not a bool) in lo..hi, else ValueError naming `name`."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {short_repr(value)}")
+        raise InvalidValue(f"{name} must be an integer, got {short_repr(value)}")
     if not lo <= value <= hi:
-        raise ValueError(f"{name}={short_repr(value)} is outside {lo}..{hi}")
+        raise InvalidValue(f"{name}={short_repr(value)} is outside {lo}..{hi}")
     return value
 
 
@@ -55,17 +55,17 @@ class DAEFormerConfig:
             value = getattr(self, name)
             if name in _LENGTHS:
                 if not isinstance(value, tuple) or len(value) != _LENGTHS[name]:
-                    raise ValueError(f"{name} needs {_LENGTHS[name]} integers, got {short_repr(value)}")
+                    raise InvalidValue(f"{name} needs {_LENGTHS[name]} integers, got {short_repr(value)}")
                 for v in value:
                     check_int(name, v, lo, hi)
             else:
                 check_int(name, value, lo, hi)
         for dim in self.embed_dims:
             if dim % self.channel_heads:
-                raise ValueError(f"embed dim {dim} is not divisible by channel_heads={self.channel_heads}")
+                raise InvalidValue(f"embed dim {dim} is not divisible by channel_heads={self.channel_heads}")
         c1, c2, c3 = self.embed_dims
         if c3 % 2 or c2 % 2:
-            raise ValueError(f"embed_dims {self.embed_dims}: stages 2 and 3 need even widths for patch expanding")
+            raise InvalidValue(f"embed_dims {self.embed_dims}: stages 2 and 3 need even widths for patch expanding")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""
@@ -75,11 +75,11 @@ class DAEFormerConfig:
     def from_dict(cls, data: dict[str, Any]) -> DAEFormerConfig:
         """Inverse of `to_dict`; unknown keys are an error, not silently dropped."""
         if not isinstance(data, dict):
-            raise ValueError(f"a DAE-Former config must be a mapping, got {short_repr(data)}")
+            raise InvalidValue(f"a DAE-Former config must be a mapping, got {short_repr(data)}")
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown DAE-Former config keys: {sorted(unknown)}")
+            raise InvalidValue(f"unknown DAE-Former config keys: {sorted(unknown)}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
@@ -94,5 +94,5 @@ PRESETS: dict[str, dict[str, Any]] = {
 def named_config(name: str, **overrides: Any) -> DAEFormerConfig:
     """`named_config("paper", num_classes=9, in_channels=1)`; raises ValueError for an unknown name."""
     if name not in PRESETS:
-        raise ValueError(f"unknown configuration {name!r}; choose one of {sorted(PRESETS)}")
+        raise InvalidValue(f"unknown configuration {name!r}; choose one of {sorted(PRESETS)}")
     return DAEFormerConfig(**{**PRESETS[name], **overrides})

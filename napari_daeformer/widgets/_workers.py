@@ -14,6 +14,7 @@ from qtpy.QtWidgets import QWidget
 
 from ..errors import DaeformerError, first_line
 from ._docking import FitOnShow
+from .private_api import hide_empty_labels, pack_to_top
 
 MAX_WIDTH = 460
 DOCK_WIDTH = 420                  # wide enough for every row of the three docks, scroll bar included
@@ -110,12 +111,8 @@ class WorkerWidget(Container):
     def _tidy(self) -> None:
         """Call at the end of `__init__`: unlabelled rows span the dock, rows sit at the top, and the dock is as wide
         as its content."""
-        for widget in self:
-            ref = getattr(widget, "_labeled_widget_ref", None)
-            if ref is not None and not widget.label:
-                ref()._label_widget.visible = False
-        self._widget._layout.addStretch()
-        inner = self._widget._mgui_get_native_widget()
+        hide_empty_labels(self)
+        inner = pack_to_top(self)
         root = self.root_native_widget
         root.setMinimumWidth(DOCK_WIDTH)
         root.setMinimumHeight(min(inner.sizeHint().height() + 30, MIN_HEIGHT))

@@ -15,14 +15,15 @@ from napari.utils.notifications import show_info, show_warning
 from ..annotation import ENV_FOLDER, USER_FOLDER, Annotation, SavedSession, default_folder, image_key, session_path
 from ..bundled import bundled_model
 from ..checkpoint import Checkpoint
-from ..control.segment import Offer, Run, SegmentController, engine_options, summary_html
+from ..control.segment import Offer, Run, SegmentController, dock_inferer, summary_html
 from ..devices import PRECISIONS
 from ..errors import Cancelled, DaeformerError, InferenceError
 from ..hub import hub_for
-from ..inference import Progress, Segmentation, check_compatible, image_warnings, segment
+from ..inference import Progress, SliceInferer, check_compatible, image_warnings
 from ..io import ImageRecord, geometry_from_metadata
 from ..io.record import CLASSES_KEY
-from ..volumes import is_physical
+from ..segment_file import FileReport, segment_record
+from ..volumes import Measures
 from ._layers import attach, engine_writes, follow, image_identity, labels_kwargs, proposals_first, record_from_layer
 from ._workers import WorkerWidget, collapsible, device_picker, failure_message, guarded, row
 from .autosave import Autosaver
@@ -35,7 +36,7 @@ BUNDLED_CHOICES = {"bundled CT demo (synthetic)": "ct", "bundled skin demo (synt
 FILE_CHOICE = "checkpoint file…"
 MODES = ("new labels layer", "only slices not yet corrected")
 PHOTO_OPACITY = 0.45                      # a photo's mask must not hide the lesion it outlines
-_segment_job = guarded(lambda record, checkpoint, kwargs: segment(record, checkpoint, **kwargs), InferenceError,
+_segment_job = guarded(lambda inferer, record, options: segment_record(inferer, record, **options), InferenceError,
                        "segmentation")
 
 
@@ -298,13 +299,14 @@ class SegmentWidget(WorkerWidget):
             checkpoint = self.control.load()
             record = record_from_layer(image)
             check_compatible(record.data, record.rgb, checkpoint, axis=int(self._axis.value))
-            kwargs = self._engine_kwargs(checkpoint, record)
+            inferer = self._inferer(checkpoint)
+            options = self._run_options(record)
         except (DaeformerError, ValueError) as e:
             self.report(failure_message(e))
             return None
         for warning in image_warnings(record.data):
             show_warning(f"DAE-Former: {image.name}: {warning}")
-        target = self._prepare_target(image, checkpoint, record, kwargs.get("only"))
+        target = self._prepare_target(image, checkpoint, record, options["only"])
         self._target_running = target
         self.hub.register(self)                                # the dock used last
         self._cancel_event.clear()
@@ -312,18 +314,23 @@ class SegmentWidget(WorkerWidget):
         self._uncertain_order = []
         self._next.enabled = False
         self._status.value = f"Segmenting {image.name}…"
-        return self._launch(_segment_job, record, checkpoint, {**kwargs, "cancel": self._cancel_event},
+        return self._launch(_segment_job, inferer, record, {**options, "cancel": self._cancel_event},
                             yielded=lambda p: self._show_progress(target, p),
-                            returned=lambda result: self._finish(target, result, checkpoint),
+                            returned=lambda report: self._finish(target, report, record),
                             errored=lambda e: self._failed(target, e), aborted=lambda: self._failed(target, None))
 
-    def _engine_kwargs(self, checkpoint: Checkpoint, record: ImageRecord) -> dict[str, Any]:
+    def _inferer(self, checkpoint: Checkpoint) -> SliceInferer:
+        window = (self.control.window(float(self._lower.value), float(self._upper.value))
+                  if checkpoint.card.preprocessing.kind == "ct" else None)
+        return dock_inferer(checkpoint, self._device.value, int(self._batch.value), self._precision.value, window)
+
+    def _run_options(self, record: ImageRecord) -> dict[str, Any]:
+        """`segment_record`'s options: the axis, the slice on screen first, the uncorrected slices in partial
+        mode, per-slice uncertainty if asked for."""
         axis = int(self._axis.value)
         first = None
         if len(record.spatial_shape) == 3 and self.viewer.dims.ndim >= 3:        # the slice on screen fills first
             first = int(self.viewer.dims.current_step[self.viewer.dims.ndim - 3 + axis])
-        window = (self.control.window(float(self._lower.value), float(self._upper.value))
-                  if checkpoint.card.preprocessing.kind == "ct" else None)
         only = None
         if self._mode.value == MODES[1]:
             target = self._target.value
@@ -331,8 +338,7 @@ class SegmentWidget(WorkerWidget):
                 raise DaeformerError("choose the labels layer to update, or use mode 'new labels layer'")
             only = self.control.uncorrected(follow(self.viewer, target), np.asarray(target.data), record.spatial_shape,
                                             axis, target.name)
-        return engine_options(record.rgb, axis, self._device.value, int(self._batch.value), self._precision.value,
-                              bool(self._uncertain.value), first, window, only)
+        return {"axis": axis, "first": first, "only": only, "slice_uncertainty": bool(self._uncertain.value)}
 
     def _prepare_target(self, image: Image, checkpoint: Checkpoint, record: ImageRecord,
                         only: np.ndarray | None) -> RunTarget:
@@ -367,9 +373,9 @@ class SegmentWidget(WorkerWidget):
         if layer in self.viewer.layers and target.run.show(np.asarray(layer.data), p):
             layer.refresh()
 
-    def _finish(self, target: RunTarget, result: Segmentation, checkpoint: Checkpoint) -> None:
+    def _finish(self, target: RunTarget, report: FileReport, record: ImageRecord) -> None:
         self._target_running = None
-        layer, run = target.layer, target.run
+        layer, run, result = target.layer, target.run, report.segmentation
         if layer not in self.viewer.layers:
             self._status.value = "The labels layer was deleted during the run; nothing was written."
             return
@@ -378,15 +384,14 @@ class SegmentWidget(WorkerWidget):
         changed = np.nonzero(before != labels)
         with engine_writes(layer), layer.block_history():
             layer.data_setitem(changed, labels[changed])
-        layer.metadata[CLASSES_KEY] = list(checkpoint.card.class_names)
-        spacing = tuple(float(s) for s in layer.scale)
-        geometry = geometry_from_metadata(layer.metadata) or {}
-        measures = run.measures(labels, spacing, is_physical(geometry.get("source_format", "layer"), spacing))
-        self._status.value = summary_html(layer.name, measures)
+        layer.metadata[CLASSES_KEY] = list(run.card.class_names)
+        measures = report.measures if run.new else Measures.of(labels, record.spacing, record.source_format,
+                                                                run.card.class_names)     # corrected slices kept
+        self._status.value = summary_html(layer.name, run.rows(measures))
         if result.slice_uncertainty is not None and labels.ndim == 3:
             self._uncertain_order = [int(i) for i in np.argsort(-result.slice_uncertainty)]
             self._next.enabled = True
-        self.last_result = result
+        self.last_result = report
         self.reset_choices()
         self._target.value = layer                                 # partial mode's default: this proposal
         saver = self.autosavers.get(layer.unique_id)

@@ -10,7 +10,7 @@ import pytest
 
 from napari_daeformer.bundled import bundled_model
 from napari_daeformer.checkpoint import Checkpoint, load_checkpoint
-from napari_daeformer.inference import run_segmentation, segment
+from napari_daeformer.inference import SliceInferer
 from napari_daeformer.jobs import drain
 from napari_daeformer.metrics import dice_per_class
 from napari_daeformer.sample_data import shifted, synthetic_ct
@@ -25,7 +25,7 @@ def _run(gen: Generator[FinetuneProgress, None, FinetuneResult]) -> tuple[list[F
 
 
 def _labels(ckpt: Checkpoint, image: np.ndarray) -> np.ndarray:
-    return run_segmentation(segment(image, ckpt, device="cpu", precision="fp32")).labels
+    return SliceInferer(ckpt, device="cpu", precision="fp32").segment(image).labels
 
 
 @pytest.fixture(scope="module")

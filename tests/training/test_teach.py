@@ -13,7 +13,7 @@ from napari_daeformer.app.cli import main
 from napari_daeformer.bundled import bundled_model
 from napari_daeformer.checkpoint import load_checkpoint
 from napari_daeformer.errors import TrainingError
-from napari_daeformer.inference import run_segmentation, segment
+from napari_daeformer.inference import SliceInferer
 from napari_daeformer.io.nifti import write_nifti
 from napari_daeformer.io.record import default_affine
 from napari_daeformer.jobs import drain
@@ -105,7 +105,7 @@ def test_a_new_model_from_three_annotated_slices_through_the_cli(tmp_path: Path,
     assert ckpt.card.preprocessing.window[0] < -850                     # the lungs are not clipped with the air
     assert ckpt.card.provenance["holdout_slices"] == 1 and ckpt.card.provenance["finetuned_slices"] == 2
     from napari_daeformer.io import read_image
-    result = run_segmentation(segment(read_image(image).data, ckpt, device="cpu", precision="fp32"))
+    result = SliceInferer(ckpt, device="cpu", precision="fp32").segment(read_image(image).data)
     assert result.labels.shape == truth.shape                           # and it segments the whole volume
 
 
@@ -177,14 +177,14 @@ def test_a_class_added_from_four_painted_slices_is_learnt_and_the_old_ones_kept(
     parent = load_checkpoint(bundled_model("ct"))
     s = synthetic_ct(31, shape=(24, 128, 128))
     spine = spine_mask(s)
-    before = run_segmentation(segment(s.image, parent, device="cpu", precision="fp32")).labels
+    before = SliceInferer(parent, device="cpu", precision="fp32").segment(s.image).labels
     painted = np.zeros(24, bool)
     painted[[3, 9, 15, 21]] = True
     corrected = np.where(painted[:, None, None] & spine, 6, before).astype(np.uint8)
     result = drain(finetune(extend_classes(parent, (*CT_CLASSES, "spine")), [Pair("spine", s.image, corrected, painted)],
                             FinetuneSettings(device="cpu")))
     assert result.improved and result.checkpoint.card.provenance["added_classes"] == ["spine"]
-    after = run_segmentation(segment(s.image[~painted], result.checkpoint, device="cpu", precision="fp32")).labels
+    after = SliceInferer(result.checkpoint, device="cpu", precision="fp32").segment(s.image[~painted]).labels
     truth = np.where(spine, 6, s.labels)[~painted]
     assert dice_per_class(after, truth, 7)[-1] > 0.7
     old = [np.nanmean(dice_per_class(np.where(x == 6, 0, x), s.labels[~painted], 6)) for x in (before[~painted], after)]

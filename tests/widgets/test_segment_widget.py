@@ -47,7 +47,7 @@ def test_segment_from_plugins_menu(ct_viewer, qtbot) -> None:  # type: ignore[no
     layer.undo()                                                        # one Ctrl+Z undoes the whole run
     assert not np.asarray(layer.data).any()
     widget._next.clicked()                                             # jump to the most uncertain slice
-    assert viewer.dims.current_step[0] == int(np.argmax(widget.last_result.slice_uncertainty))
+    assert viewer.dims.current_step[0] == int(np.argmax(widget.last_result.segmentation.slice_uncertainty))
 
 
 def test_second_run_never_overwrites_an_edited_layer(ct_viewer, qtbot) -> None:  # type: ignore[no-untyped-def]
@@ -218,7 +218,7 @@ def test_precision_reaches_the_engine_and_a_refused_one_is_a_notification(ct_vie
     widget._device.value = "cpu"
     widget._precision.value = "fp32"
     _run(widget, qtbot)
-    assert widget.last_result.path == "fp32"
+    assert widget.last_result.segmentation.path == "fp32"
     n_layers = len(viewer.layers)
     widget._precision.value = "fp16"                                   # autocast fp16 exists on GPUs only
     _run(widget, qtbot)
