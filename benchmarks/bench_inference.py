@@ -98,7 +98,7 @@ def run_variant(variant: str, device_name: str, slices: int, threads: int | None
     if device.type == "cuda":
         out["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 2**30
     if variant not in ("naive", "official"):
-        out["batch_size"], out["path"] = result.batch_size, result.path
+        out["batch_size"], out["path"] = result.batch_size, str(result.numeric_path)
     if variant == "ours-int8":
         out["prepare_s"] = prepare
     np.save(labels_to, labels)

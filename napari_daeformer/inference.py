@@ -60,7 +60,7 @@ class Segmentation:
         entropy: ([Z,] Y, X) float16 predictive entropy in nats, if asked for.
         slice_uncertainty: (S,) mean entropy of each slice along the slice axis, if asked for.
         batch_size: the batch size that finally ran (after any out-of-memory halving).
-        path: the numeric path that ran.
+        numeric_path: the numeric path that ran.
     """
 
     labels: np.ndarray
@@ -68,7 +68,7 @@ class Segmentation:
     entropy: np.ndarray | None = None
     slice_uncertainty: np.ndarray | None = None
     batch_size: int = 0
-    path: NumericPath = NumericPath.FP32
+    numeric_path: NumericPath = NumericPath.FP32
 
 
 def slices_of(image: np.ndarray, rgb: bool, axis: int) -> np.ndarray:
@@ -160,7 +160,7 @@ class SliceInferer:
             raise InferenceError(f"batch size must be at least 1, got {batch_size}")
         self.checkpoint, self.batch_size, self.int8_in_child = checkpoint, batch_size, int8_in_child
         self.device = resolve_device(device)
-        self.path = resolve_path(precision, self.device)
+        self.numeric_path = resolve_path(precision, self.device)
         self.preprocessing = card.preprocessing if window is None else card.preprocessing.with_window(window)
         self.build_int8 = precision == "int8" or prepare_int8
         self._package: Callable[[torch.Tensor], torch.Tensor] | None = None     # static int8, once found or built
@@ -219,7 +219,7 @@ class SliceInferer:
             labels=np.ascontiguousarray(back(out.labels, 0)),
             probabilities=None if out.probabilities is None else np.ascontiguousarray(back(out.probabilities, 1)),
             entropy=None if out.entropy is None else np.ascontiguousarray(back(out.entropy, 0)),
-            slice_uncertainty=out.slice_uncertainty, batch_size=batch, path=predict.path)
+            slice_uncertainty=out.slice_uncertainty, batch_size=batch, numeric_path=predict.numeric_path)
 
     def _source(self, image: np.ndarray, stack: np.ndarray, rgb: bool, only: np.ndarray | None, first: int | None,
                 preprocessing: Preprocessing | None) -> SliceSource:
@@ -238,7 +238,7 @@ class SliceInferer:
                    ) -> Generator[Progress, None, Predictor]:
         """The numeric path's predictor; static int8 needs the model's package (found or built once, calibrated on
         the first image's slices), else it runs int8 dynamic."""
-        path = self.path
+        path = self.numeric_path
         if path == NumericPath.INT8_STATIC and self._package is None:
             compiled = yield from _static_int8(self.checkpoint, source, self.build_int8, cancel)
             if compiled is not None and self.int8_in_child:
@@ -282,7 +282,7 @@ class SliceInferer:
                         raise InferenceError(f"segmentation failed: {first_line(e)}") from e
                     start = stop
                 if in_flight is not None:
-                    yield self._collect(*in_flight, total, out, predict.path)
+                    yield self._collect(*in_flight, total, out, predict.numeric_path)
                 in_flight = queued
         return batch
 

@@ -123,7 +123,7 @@ class Predictor:
         path = NumericPath(path)                            # a ValueError names an unknown path
         if (path == NumericPath.INT8_STATIC) != (compiled is not None):
             raise ValueError("the int8 static path runs a compiled package, and only it does")
-        self.device, self.path = device, path
+        self.device, self.numeric_path = device, path
         model = model.to(device).eval()
         self.autocast_dtype = {"bf16 autocast": torch.bfloat16, "fp16 autocast": torch.float16}.get(path)
         if compiled is not None:
@@ -136,7 +136,7 @@ class Predictor:
             self.model = model
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.path == "bf16 weights":
+        if self.numeric_path == NumericPath.BF16_WEIGHTS:
             return self.model(x.to(torch.bfloat16)).float()
         with autocast(self.device, self.autocast_dtype):
             return self.model(x).float()

@@ -175,5 +175,5 @@ def test_auto_on_a_shared_cache_runs_int8_dynamic_and_says_why(tiny_ckpt: Path, 
     image = np.random.default_rng(0).normal(0, 300, (2, 64, 64)).astype(np.float32)
     result = drain(SliceInferer(load_checkpoint(tiny_ckpt), device="cpu").run(image),
                    lambda p: notes.append(p.note) if p.note else None)
-    assert result.path == "int8 dynamic" and never_loaded == []
+    assert result.numeric_path == "int8 dynamic" and never_loaded == []
     assert len(notes) == 1 and "not private to you" in notes[0] and notes[0].endswith("running int8 dynamic")

@@ -56,21 +56,21 @@ def test_compiled_once_then_auto_uses_it_and_keeps_the_labels(ct_model: Checkpoi
     """`int8` compiles the package calibrated on one phantom; `auto` then loads it (no compile) for another phantom,
     whose labels agree with fp32 on 99.5% of the voxels, Dice moving by less than 0.002 (issue 15's bar)."""
     first, notes = run(synthetic_ct(seed=1).image, ct_model, precision="int8")
-    assert first.path == "int8 static"
+    assert first.numeric_path == "int8 static"
     assert any("compiling the int8 model" in n for n in notes) and any("compiled in" in n for n in notes)
     assert list(package_cache.cache_folder().glob("*.pt2"))
 
     held_out = synthetic_ct(seed=0)
     fp32, _ = run(held_out.image, ct_model, precision="fp32")
     static, notes = run(held_out.image, ct_model, precision="auto")
-    assert static.path == "int8 static" and notes == []                    # from the cache: nothing compiled
+    assert static.numeric_path == "int8 static" and notes == []                    # from the cache: nothing compiled
     assert (static.labels == fp32.labels).mean() >= 0.995
     n = ct_model.card.config.num_classes
     dice = [np.nanmean(dice_per_class(r.labels, held_out.labels, n)) for r in (fp32, static)]   # classes 1..n-1
     assert abs(dice[1] - dice[0]) < 0.002, dice
 
     in_child, _ = run(held_out.image, ct_model, precision="auto", int8_in_child=True)   # as the GUI runs it
-    assert in_child.path == "int8 static" and np.array_equal(in_child.labels, static.labels)
+    assert in_child.numeric_path == "int8 static" and np.array_equal(in_child.labels, static.labels)
     one, _ = run(held_out.image[:5], ct_model, precision="int8", batch_size=1)
     three, _ = run(held_out.image[:5], ct_model, precision="int8", batch_size=3)
     assert np.array_equal(one.labels, three.labels) and np.array_equal(one.labels, static.labels[:5])
@@ -104,13 +104,13 @@ def test_where_it_cannot_run_int8_runs_dynamic_and_says_so(tiny_ckpt: Path, monk
         m.setattr(static_int8, "_cpp_compiler", lambda: None)
         assert "C++ compiler" in static_int8.unavailable_reason()
         result, notes = run(image, ckpt, precision="int8")
-    assert result.path == "int8 dynamic" and notes == []
+    assert result.numeric_path == "int8 dynamic" and notes == []
     if static_int8.unavailable_reason() is not None:
         return                                                 # the failed compile below needs torchao itself
 
     monkeypatch.setenv("CXX", "false")                         # a compiler that fails every compile
     result, notes = run(image, ckpt, precision="int8")
-    assert result.path == "int8 dynamic"
+    assert result.numeric_path == "int8 dynamic"
     assert notes[-1].startswith("static int8 could not be compiled here (") and notes[-1].endswith("; running int8 dynamic")
     key = static_int8.package_key(ckpt.model, default_batch_size(ckpt, torch.device("cpu")), (64, 64))
     cache = package_cache.cache_folder()

@@ -15,8 +15,8 @@ def test_unlabelled_rows_span_and_rows_pack_to_the_top(qtbot) -> None:  # type: 
     status, spin = Label(value="Segmenting…", label=""), SpinBox(label="batch size")
     container = Container(widgets=[spin, status], labels=True)
     hide_empty_labels(container)
-    assert status._labeled_widget_ref()._label_widget.visible is False
-    assert spin._labeled_widget_ref()._label_widget.visible is not False
+    assert status._labeled_widget_ref()._label_widget.native.isHidden()          # hidden, not just unshown
+    assert not spin._labeled_widget_ref()._label_widget.native.isHidden()
     layout = container._widget._layout
     count = layout.count()
     inner = pack_to_top(container)

@@ -218,7 +218,7 @@ def test_precision_reaches_the_engine_and_a_refused_one_is_a_notification(ct_vie
     widget._device.value = "cpu"
     widget._precision.value = "fp32"
     _run(widget, qtbot)
-    assert widget.last_result.segmentation.path == "fp32"
+    assert widget.last_result.segmentation.numeric_path == "fp32"
     n_layers = len(viewer.layers)
     widget._precision.value = "fp16"                                   # autocast fp16 exists on GPUs only
     _run(widget, qtbot)
