@@ -344,7 +344,7 @@ def test_an_output_folder_that_cannot_be_written_stops_before_any_work(tmp_path:
         raise AssertionError("segmented before the folder was known to be writable")
 
     monkeypatch.setattr(lock_module.os, "open", refused)
-    monkeypatch.setattr(batch_module, "segment", never)
+    monkeypatch.setattr(batch_module, "segment_file", never)
     assert main(["batch", str(src), str(out), "--device", "cpu", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot write there (Permission denied)" in err
