@@ -1,7 +1,8 @@
 """Fine-tuning scenarios: Dice on the slices the user did NOT correct, before and after, with the bundled models.
 
     python benchmarks/bench_finetune.py [--threads 2] [--slices 3,8] [--scenario NAME ...] [--lr 3e-4]
-        [--protect pseudo|l2sp|none] [--protect-weight W] [--trust LOW,HIGH|off] [--steps 100] [--seeds 31,32,33]
+        [--protect pseudo|l2sp|none] [--protect-weight W] [--trust LOW,HIGH|off] [--no-refit] [--steps 100]
+        [--seeds 31,32,33]
     python benchmarks/bench_finetune.py --ablation [--threads 2]
     python benchmarks/bench_finetune.py --speed [--device cpu|cuda] [--arch small|paper]
 
@@ -234,6 +235,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--warmup", type=int, default=d.warmup_steps)
     p.add_argument("--no-calibration", action="store_true", help="do not learn the input's scale and shift")
+    p.add_argument("--no-refit", action="store_true", help="keep the eased second run's best held-out state")
     p.add_argument("--calibration-lr-scale", type=float, default=d.calibration_lr_scale)
     p.add_argument("--seeds", default="31,32,33", help="CT phantom seeds (not ones the bundled model saw)")
     p.add_argument("--trust", default=",".join(map(str, d.trust)),
@@ -249,11 +251,13 @@ def main() -> None:
         return
     settings = replace(d, lr=args.lr, protect=args.protect, protect_weight=args.protect_weight, steps=args.steps,
                        warmup_steps=args.warmup, calibrate=not args.no_calibration,
-                       calibration_lr_scale=args.calibration_lr_scale, device="cpu",
+                       calibration_lr_scale=args.calibration_lr_scale, device="cpu", refit=not args.no_refit,
                        trust=None if args.trust == "off" else tuple(float(v) for v in args.trust.split(",")))
     print(f"# lr {settings.lr}, warm-up {settings.warmup_steps}, protect {settings.protect} "
-          f"(weight {settings.weight:g}, trust {settings.trust or 'off'}), {settings.steps} steps, input calibration "
-          f"{f'at {settings.calibration_lr_scale:g}x lr' if settings.calibrate else 'off'}, {torch.get_num_threads()} threads")
+          f"(weight {settings.weight:g}, trust {settings.trust or 'off'}, refit {'on' if settings.refit else 'off'}), "
+          f"{settings.steps} steps, input calibration "
+          f"{f'at {settings.calibration_lr_scale:g}x lr' if settings.calibrate else 'off'}, {torch.get_num_threads()} threads, "
+          f"{cpu_name()}")
     print("| scenario | corrected | Dice before | Dice after | change | other voxels changed | verdicts | seconds |")
     print("|---|---:|---:|---:|---:|---:|---|---:|")
     gains: dict[str, list[float]] = {"none": [], "affine": [], "per-tissue": []}

@@ -73,6 +73,8 @@ class FinetuneSettings:
     #                                  to the parent) below which a second run of `steps` starts from the parent
     #                                  with the protection eased, and at which it is gone (in between: scaled by
     #                                  the square of where the fit lies); None: never. The best state of both is kept.
+    refit: bool = True               # when the eased second run beat the parent on the held-out slices, train it
+    #                                  once more from the parent on every corrected slice (held-out ones included)
     protect_slices: int = 32         # uncorrected slices sampled per pair (for protection and the change measure)
     holdout_fraction: float = 0.25   # of the corrected slices, at least one when two or more are corrected (0: none)
     score_every: int = 10            # steps between scorings of the held-out slices
@@ -162,6 +164,7 @@ class FinetuneResult:
     calibration: str | None = None       # "CT window -125..275 HU -> 10..360 HU" when the candidate's moved
     fit: float | None = None             # Dice on the trained slices after `steps` under the full protection
     protection_share: float = 1.0        # of the protection's full weight in the steps that followed, from `fit`
+    refit: bool = False                  # the candidate was trained again on every corrected slice (`FinetuneSettings.refit`)
 
     @property
     def headline(self) -> str:
@@ -181,6 +184,9 @@ class FinetuneResult:
         if self.fit is not None and self.protection_share < 1.0:
             calibration += (f" Held to the starting model it fitted your corrections at only {self.fit:.2f}, so a "
                             f"second run was held at {100 * self.protection_share:.0f}% of the usual strength.")
+        if self.refit:
+            calibration += (f" Having beaten the starting model, it was trained once more on all "
+                            f"{self.train_slices + self.holdout_slices} corrected slices.")
         if self.improved:
             text = f"{self.headline} (best at step {self.best_step})."
             return (f"{text} It changes {change}." if change else text) + calibration
@@ -455,11 +461,18 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
     scales = {"log_scale": settings.calibration_lr_scale, "shift": settings.calibration_lr_scale, "head.": head,
               "net.head.": head}
     judged: list[tuple[float, float]] = []                                # (fit, share) once judged
+    refitted: list[bool] = []                                             # [True] once the refit has started
+    held_cases = [Case(f"held-out {k}", images, labels, preprocessing=prep)
+                  for k, (images, labels, prep) in enumerate(holdout_raw)]
+    if isinstance(model, InputCalibration):
+        held_cases = [replace(c, preprocessing=model.input_preprocessing(c.preprocessing)) for c in held_cases]
     start = copy.deepcopy(model.state_dict())
 
     def trainers() -> Iterator[tuple[int, Trainer]]:
         """(steps before it, trainer): `steps` under the full protection; then, where the fit to the trained slices
-        is still below `trust`, as many again from the parent with the protection eased to its share."""
+        is still below `trust`, as many again from the parent with the protection eased to its share; then, where
+        that run beat the parent on the held-out slices (`refit`), as many again from the parent on every corrected
+        slice: with 2 or 3 corrected slices the one held out is a third to a half of what there is to learn from."""
         yield 0, Trainer(model, card, train, [], cfg, None, device=str(device), regulariser=regulariser,
                          threads=threads, lr_scales=scales)
         if regulariser is None or settings.trust is None:
@@ -472,6 +485,14 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
             yield settings.steps, Trainer(model, card, train, [], cfg, None,
                                           device=str(device), regulariser=regulariser, threads=threads,
                                           lr_scales=scales)
+            won = best is not None and best[1] > settings.steps and before is not None and \
+                best[0] > before + settings.min_gain
+            if settings.refit and won and held_cases:
+                refitted.append(True)
+                model.load_state_dict(start)
+                yield 2 * settings.steps, Trainer(model, card, [*train, *held_cases], [], cfg, None,
+                                                  device=str(device), regulariser=regulariser, threads=threads,
+                                                  lr_scales=scales)
 
     before = score()
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None         # the best trained state: Dice, step, weights
@@ -485,7 +506,7 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
                 continue
             step, dice = done + report.step, None
             late = deadline is not None and time.monotonic() > deadline
-            if holdout and (step % settings.score_every == 0 or step == total or late):
+            if holdout and not refitted and (step % settings.score_every == 0 or step == total or late):
                 dice = score()
                 if best is None or dice > best[0]:
                     best = (dice, step, copy.deepcopy(model.state_dict()))
@@ -495,8 +516,10 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
         if late:
             break
     fit, share = judged[0] if judged else (None, 1.0)
-
-    if best is not None:
+    refit = bool(refitted) and step == total                              # a refit cut by the budget is dropped
+    if refit:                                                             # judged by the run it repeats
+        after, best_step = best[0], step  # type: ignore[index]
+    elif best is not None:
         after, best_step = best[0], best[1]
         model.load_state_dict(best[2])
     else:                                                                     # nothing held out: the last state
@@ -512,7 +535,8 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
     folded = model.folded(card.preprocessing) if isinstance(model, InputCalibration) else card.preprocessing
     new_card = replace(card, preprocessing=folded).with_provenance(
         **{PROVENANCE_KEY: as_provenance(merged(history(card.provenance), agreement))},
-        parent=str(parent.path) if parent.path else None, finetuned_slices=n_train, holdout_slices=n_hold,
+        parent=str(parent.path) if parent.path else None, finetuned_slices=n_train + (n_hold if refit else 0),
+        holdout_slices=n_hold, refit=refit,
         finetune_settings=asdict(settings), finetune_best_step=best_step,
         holdout_dice_before=None if before is None else round(before, 4),
         holdout_dice_after=None if after is None else round(after, 4),
@@ -524,7 +548,7 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
     return FinetuneResult(candidate if improved else parent, candidate, before, after, improved, best_step, changed,
                           sum(len(u.labels) for u in uncorrected), n_train, n_hold, agreement,
                           None if old == new else f"{old} → {new.removeprefix('CT window ').removeprefix('RGB, ')}",
-                          fit, share)
+                          fit, share, refit)
 
 
 def next_version_path(parent: str | None, folder: str | None = None) -> str:

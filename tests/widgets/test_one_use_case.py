@@ -23,7 +23,7 @@ def test_cli_batch_and_dock_agree(tmp_path: Path, make_napari_viewer, qtbot, cap
     scan = write_nifti(tmp_path / "in" / "scan.nii.gz", sample.image, default_affine((4.0, 0.7, 0.7)))
     engine = ["--device", "cpu", "--precision", "fp32"]
 
-    assert main(["segment", str(scan), "-o", str(tmp_path / "cli.nii.gz"), *engine]) == 0
+    assert main(["segment", str(scan), str(tmp_path / "cli.nii.gz"), *engine]) == 0
     printed = dict(line.strip().split(": ", 1) for line in capsys.readouterr().out.splitlines()[1:])
     cli = read_image(tmp_path / "cli.nii.gz").data
 
