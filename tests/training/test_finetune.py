@@ -51,9 +51,8 @@ def test_good_model_with_its_own_labels_is_unchanged(parent: Checkpoint) -> None
 
 def test_a_contrast_phase_the_calibration_cannot_undo_lets_the_parent_go(parent: Checkpoint) -> None:
     """A non-contrast scan (each organ darker by its own amount): held to the parent, 8 corrected slices are fitted
-    poorly, so a second run from the parent eases the pull; having beaten the parent on the held-out slices, it is
-    run once more on all 8; the other slices gain more than 0.30 (measured at full size in
-    benchmarks/bench_finetune.py)."""
+    poorly, so a second run from the parent eases the pull; the other slices gain more than 0.30 (measured +0.65 at
+    full size in benchmarks/bench_finetune.py)."""
     s = shifted(synthetic_ct(seed=31, shape=(24, 128, 128)), "phase")
     before = _labels(parent, s.image)
     slices = np.zeros(24, bool)
@@ -65,11 +64,28 @@ def test_a_contrast_phase_the_calibration_cannot_undo_lets_the_parent_go(parent:
     d1 = np.nanmean(dice_per_class(after, s.labels[~slices], 6))
     assert result.improved and d1 > d0 + 0.30, (d0, d1)
     assert result.fit is not None and result.protection_share < 1.0
-    assert steps[-1].step == steps[-1].total == 300 and "second run" in result.summary
-    assert result.refit and "trained once more on all 8 corrected slices" in result.summary   # held-out ones too
+    assert steps[-1].step == steps[-1].total == 200 and "second run" in result.summary
+    assert not result.refit and "once more" not in result.summary          # two held-out slices choose the state
     provenance = result.checkpoint.card.provenance
     assert provenance["protection_share"] == round(result.protection_share, 4)
-    assert provenance["refit"] is True and provenance["finetuned_slices"] == 8 and provenance["holdout_slices"] == 2
+    assert provenance["refit"] is False and provenance["finetuned_slices"] == 6 and provenance["holdout_slices"] == 2
+
+
+def test_with_one_slice_held_out_the_eased_run_is_refit_on_every_corrected_slice(parent: Checkpoint) -> None:
+    """3 corrected slices of the phase scan: the eased second run beats the parent on the one held out, so it is run
+    once more from the parent on all 3; its last state is the result (short runs here: the mechanics)."""
+    s = shifted(synthetic_ct(seed=32, shape=(16, 96, 96)), "phase")
+    before = _labels(parent, s.image)
+    slices = np.zeros(16, bool)
+    slices[[3, 8, 12]] = True
+    corrected = np.where(slices[:, None, None], s.labels, before)
+    settings = replace(FinetuneSettings(device="cpu"), steps=20, warmup_steps=2)
+    steps, result = _run(finetune(parent, [Pair("phase", s.image, corrected, slices)], settings))
+    assert result.improved and result.refit and result.best_step == 60 == steps[-1].step == steps[-1].total
+    assert "trained once more on all 3 corrected slices" in result.summary
+    assert [p.holdout_dice is not None for p in steps if p.step > 40] == [False] * 20      # the refit is not judged
+    provenance = result.checkpoint.card.provenance
+    assert provenance["refit"] is True and provenance["finetuned_slices"] == 3 and provenance["holdout_slices"] == 1
 
 
 def test_shifted_scan_improves_the_uncorrected_slices(parent: Checkpoint) -> None:
