@@ -18,7 +18,7 @@ the first three steps and the Dice on the 44 other slices after 20 and 100 steps
 
 Each scenario takes a held-out phantom (CT seed 31, 48 slices; or 12 skin photos, seeds 3001-3012), changes it as
 another scanner or camera would (`napari_daeformer.sample_data.shifted`), writes the ground truth on N slices (the
-"corrections") and fine-tunes the bundled model on them with `training.finetune`. "none" is the no-shift case: the
+"corrections") and fine-tunes the bundled model on them with `training/finetune.py`. "none" is the no-shift case: the
 user corrects the N slices where the model errs most. The per-tissue scenarios (phase, kernel, enlarged, lesion)
 are the shifts no global scale and shift undoes. Photos are one slice each. The table reports mean foreground Dice
 pooled over all other slices (or photos), as mean ± std over the phantom seeds (the photos: over photo sets), the
@@ -39,6 +39,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import cpu_name  # noqa: E402
+from napari_daeformer_training.augment import AugmentConfig
+from napari_daeformer_training.data import Case
+from napari_daeformer_training.finetune import DEFAULT_WEIGHTS, FinetuneSettings, Pair, PullToParent, finetune
+from napari_daeformer_training.trainer import StepReport, TrainConfig, Trainer
 
 from napari_daeformer.bundled import bundled_model  # noqa: E402
 from napari_daeformer.checkpoint import Checkpoint, load_checkpoint
@@ -47,10 +51,6 @@ from napari_daeformer.jobs import drain
 from napari_daeformer.metrics import dice_per_class
 from napari_daeformer.sample_data import Sample, shifted, synthetic_ct, synthetic_skin
 from napari_daeformer.threads import ThreadGovernor
-from training.augment import AugmentConfig
-from training.data import Case
-from training.finetune import DEFAULT_WEIGHTS, FinetuneSettings, Pair, PullToParent, finetune
-from training.trainer import StepReport, TrainConfig, Trainer
 
 AFFINE = ("offset", "contrast", "noise", "spacing")
 PER_TISSUE = ("phase", "kernel", "enlarged", "lesion")
@@ -152,7 +152,7 @@ while time.time() < end:
 def _timed_finetune(parent: Checkpoint, pairs: list[Pair], settings: FinetuneSettings, governed: bool
                     ) -> tuple[float, float]:
     """Wall seconds of the whole call and the median seconds of a training step."""
-    import training.finetune as ft
+    import napari_daeformer_training.finetune as ft
 
     governor = ft.ThreadGovernor
     if not governed:

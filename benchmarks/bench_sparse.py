@@ -5,7 +5,7 @@ scans: Dice on the slices NOT annotated.
         [--seeds 0,1,2] [--minutes 5] [--recipe lr=6e-4,holdout_fraction=0,...] [--from-scratch]
     python benchmarks/bench_sparse.py --add-class [--threads 2] [--slices 4] [--seeds 31,32,33]
 
-`--recipe` overrides fields of `training.teach.TEACH` (the candidates the recipe was chosen from).
+`--recipe` overrides fields of `TEACH` in `training/teach.py` (the candidates the recipe was chosen from).
 
 Cases (each generated from the seed):
 - chest: `synthetic_chest`, 34 x 128 x 128 at 10 mm slices, a field of view that cuts the body, air-filled lungs,
@@ -16,16 +16,16 @@ Cases (each generated from the seed):
 For k annotated slices (evenly spaced through the slices holding a structure, as an annotator would pick them):
 - interpolation: per-class signed-distance interpolation between the annotated slices, the nearest annotated slice
   copied beyond them (the classic fill-between-slices of annotation tools);
-- new model: `daeformer train --image` (training.teach: the `small` model started from the bundled CT encoder,
+- new model: `daeformer train --image` (`training/teach.py`: the `small` model started from the bundled CT encoder,
   `--minutes` budget);
-- fine-tuned (ct-thick, mr-thick: the bundled CT model knows those classes): `training.finetune` defaults.
+- fine-tuned (ct-thick, mr-thick: the bundled CT model knows those classes): `training/finetune.py` defaults.
 The table reports the mean foreground Dice over the classes present, pooled over the unannotated slices, as
 mean ± std over the seeds, and the minutes each took on this CPU.
 
 `--add-class`: a class the bundled CT model does not know (the spine, bright bone it labels background) painted
 on k slices of a held-out abdominal phantom (48 x 192 x 192, evenly spaced; only the spine is painted, the rest of
-those slices is the model's own proposal, as in the viewer), the head extended (`training.teach.extend_classes`)
-and fine-tuned with the `training.finetune` defaults. Reported on the unpainted slices: the new class's Dice, and
+those slices is the model's own proposal, as in the viewer), the head extended (`extend_classes` in `training/teach.py`)
+and fine-tuned with the `training/finetune.py` defaults. Reported on the unpainted slices: the new class's Dice, and
 the old classes' mean Dice against the parent's.
 """
 
@@ -43,6 +43,8 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import cpu_name  # noqa: E402
+from napari_daeformer_training.finetune import FinetuneSettings, Pair, finetune
+from napari_daeformer_training.teach import TEACH, extend_classes, input_side, new_model, preprocessing_for, teach_pair
 
 from napari_daeformer.bundled import bundled_model  # noqa: E402
 from napari_daeformer.checkpoint import Checkpoint, load_checkpoint
@@ -50,8 +52,6 @@ from napari_daeformer.inference import SliceInferer
 from napari_daeformer.jobs import drain
 from napari_daeformer.metrics import dice_per_class
 from napari_daeformer.sample_data import CT_CLASSES, Sample, spine_mask, synthetic_chest, synthetic_ct, synthetic_mr
-from training.finetune import FinetuneSettings, Pair, finetune
-from training.teach import TEACH, extend_classes, input_side, new_model, preprocessing_for, teach_pair
 
 CASES = ("chest", "ct-thick", "mr-thick")
 
@@ -182,7 +182,7 @@ def main() -> None:
     p.add_argument("--cases", default=",".join(CASES))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--minutes", type=float, default=TEACH.minutes)
-    p.add_argument("--recipe", default="", help="FIELD=VALUE,... overriding training.teach.TEACH")
+    p.add_argument("--recipe", default="", help="FIELD=VALUE,... overriding TEACH in training/teach.py")
     p.add_argument("--from-scratch", action="store_true", help="the new model not started from the bundled one")
     p.add_argument("--add-class", action="store_true", help="the spine added to the bundled CT model")
     args = p.parse_args()

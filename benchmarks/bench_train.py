@@ -25,15 +25,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import cpu_name, median_seconds  # noqa: E402
+from napari_daeformer_training.augment import AugmentConfig  # noqa: E402
+from napari_daeformer_training.data import Case  # noqa: E402
+from napari_daeformer_training.losses import DiceCELoss  # noqa: E402
+from napari_daeformer_training.trainer import TrainConfig, Trainer  # noqa: E402
 
 from napari_daeformer.checkpoint import ModelCard  # noqa: E402
 from napari_daeformer.devices import resolve_device  # noqa: E402
 from napari_daeformer.model import DAEFormer, named_config  # noqa: E402
 from napari_daeformer.preprocessing import ct_preprocessing  # noqa: E402
-from training.augment import AugmentConfig  # noqa: E402
-from training.data import Case  # noqa: E402
-from training.losses import DiceCELoss  # noqa: E402
-from training.trainer import TrainConfig, Trainer  # noqa: E402
 
 ONE_VOLUME_SETTINGS = ["--arch", "small", "--input-size", "224", "--batch-size", "8", "--optimizer", "adamw", "--lr", "2e-3",
                        "--weight-decay", "1e-4", "--epochs", "100000", "--val-every", "25", "--no-flip", "--device", "cpu", "--quiet"]

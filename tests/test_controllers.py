@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from napari_daeformer_training.finetune import Pair
 
 from napari_daeformer.annotation import Annotation, ImageIdentity, save_session, session_path
 from napari_daeformer.bundled import bundled_model
@@ -16,7 +17,6 @@ from napari_daeformer.errors import DaeformerError
 from napari_daeformer.inference import Progress, SliceInferer
 from napari_daeformer.sample_data import synthetic_ct
 from napari_daeformer.volumes import Measures
-from training.finetune import Pair
 
 IMAGE = ImageIdentity("k" * 32, "scan")
 

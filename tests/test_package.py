@@ -7,10 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import napari_daeformer_training
 import pytest
 
 import napari_daeformer
-import training
 from napari_daeformer.app.cli import main
 
 
@@ -35,6 +35,7 @@ def test_cli_info_prints_paper_parameter_count(capsys) -> None:  # type: ignore[
 
 QT = ("qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "napari", "magicgui", "superqt")
 APP, WIDGETS, CONTROL = "napari_daeformer.app", "napari_daeformer.widgets", "napari_daeformer.control"
+TRAINING = "napari_daeformer_training"              # the installed name of the training/ folder
 
 
 def _modules(package: object) -> list[str]:
@@ -48,10 +49,10 @@ def _layer(name: str) -> str:
         return "widgets"
     if name.startswith(CONTROL):
         return "control"
-    return "training" if name.startswith("training") else "core"
+    return "training" if name.startswith(TRAINING) else "core"
 
 
-FORBIDDEN = {"core": (*QT, "training", CONTROL, APP, WIDGETS), "training": (*QT, CONTROL, APP, WIDGETS),
+FORBIDDEN = {"core": (*QT, TRAINING, CONTROL, APP, WIDGETS), "training": (*QT, CONTROL, APP, WIDGETS),
              "control": (*QT, APP, WIDGETS), "widgets": (APP,)}
 
 
@@ -59,7 +60,7 @@ FORBIDDEN = {"core": (*QT, "training", CONTROL, APP, WIDGETS), "training": (*QT,
 def test_each_layer_imports_only_the_layers_below(layer: str) -> None:
     """core < training < widgets < app: importing the layer's modules one by one (in a fresh interpreter) loads
     nothing above it; the first module that does is named."""
-    modules = [m for m in _modules(napari_daeformer) + _modules(training) if _layer(m) == layer]
+    modules = [m for m in _modules(napari_daeformer) + _modules(napari_daeformer_training) if _layer(m) == layer]
     assert len(modules) >= {"core": 25, "training": 7, "control": 3, "widgets": 6}[layer], modules
     code = ("import importlib, sys\n"
             "forbidden = tuple(sys.argv[1].split(','))\n"
@@ -74,7 +75,8 @@ def test_each_layer_imports_only_the_layers_below(layer: str) -> None:
 
 
 def test_a_training_module_in_the_working_folder_does_not_shadow_ours(tmp_path: Path) -> None:
-    """`python -m napari_daeformer.app` (the torchrun form) run where the user keeps a training.py of their own."""
+    """`python -m napari_daeformer.app` (the torchrun form) run where the user keeps a training.py of their own: our
+    `training/` folder installs as `napari_daeformer_training`, so nothing of the user's is imported (issue 32)."""
     (tmp_path / "training.py").write_text('raise SystemExit("the user\'s training.py was imported")\n')
     run = subprocess.run([sys.executable, "-m", "napari_daeformer.app", "--help"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)

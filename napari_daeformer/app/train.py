@@ -18,6 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from napari_daeformer_training.augment import AugmentConfig
+from napari_daeformer_training.data import Case, detect_num_classes
+from napari_daeformer_training.finetune import DEFAULT_WEIGHTS, PROTECTIONS, FinetuneProgress, FinetuneSettings, Pair, finetune
+from napari_daeformer_training.sources import FORMATS, load_cases, split_cases
+from napari_daeformer_training.teach import TEACH
+from napari_daeformer_training.trainer import StepReport, TrainConfig, Trainer, ValReport
 
 from napari_daeformer.app.options import class_list, class_list_text, ct_window, number, whole, window_text
 from napari_daeformer.atomic import atomic_write, check_output_path
@@ -32,12 +38,6 @@ from napari_daeformer.model import SIZE_MULTIPLE, DAEFormer, named_config
 from napari_daeformer.preprocessing import ct_preprocessing, rgb_preprocessing, zscore_preprocessing
 from napari_daeformer.private_api import parser_actions
 from napari_daeformer.sample_data import CT_CLASSES, SKIN_CLASSES
-from training.augment import AugmentConfig
-from training.data import Case, detect_num_classes
-from training.finetune import DEFAULT_WEIGHTS, PROTECTIONS, FinetuneProgress, FinetuneSettings, Pair, finetune
-from training.sources import FORMATS, load_cases, split_cases
-from training.teach import TEACH
-from training.trainer import StepReport, TrainConfig, Trainer, ValReport
 
 
 def _seeds(text: str | list[int]) -> list[int]:
@@ -237,7 +237,7 @@ def run_train(args: argparse.Namespace) -> int:
             split = f"validation on the synthetic seeds {args.val_seeds}"
         else:
             if fmt == "auto":
-                from training.sources import detect_format
+                from napari_daeformer_training.sources import detect_format
                 fmt = detect_format(args.data)
             cases = load_cases(args.data, fmt)
             train, val, split = split_cases(cases, args.val_fraction, args.seed,
@@ -308,7 +308,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         check_output_path(args.csv, overwrite=True)           # before minutes of segmentation
     fmt = args.data_format
     if fmt == "auto" and args.data is not None:
-        from training.sources import detect_format
+        from napari_daeformer_training.sources import detect_format
         fmt = detect_format(args.data)
     cases = load_cases(args.data, fmt, split=args.split, seeds=_seeds(args.seeds))
     rgb = cases[0].labels.ndim == 2 and cases[0].image.ndim == 3
@@ -355,11 +355,11 @@ def _label_map(image: Any, labels: Any, name: str) -> np.ndarray:
 
 def run_teach(args: argparse.Namespace) -> int:
     """A new model for the classes `--classes` from the annotated slices of `--image`: OUT/best.safetensors."""
+    from napari_daeformer_training.teach import model_for, sparse_labels, teach_pair
     from tqdm import tqdm
 
     from napari_daeformer.checkpoint import save_checkpoint
     from napari_daeformer.io import read_image
-    from training.teach import model_for, sparse_labels, teach_pair
 
     if args.labels is None or not args.classes:
         raise TrainingError("--image needs --labels and --classes (names, background first)")
@@ -450,7 +450,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     check_output_path(args.out, args.overwrite)
     if args.out.resolve() == source.resolve():
         raise TrainingError(f"{args.out} is the parent checkpoint, which is never replaced; choose a new name")
-    from training.teach import extend_classes, sparse_labels
+    from napari_daeformer_training.teach import extend_classes, sparse_labels
 
     parent = load_checkpoint(source)
     if args.classes:

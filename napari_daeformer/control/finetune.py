@@ -9,8 +9,7 @@ from collections.abc import Callable, Generator
 from pathlib import Path
 
 import numpy as np
-
-from training.finetune import (
+from napari_daeformer_training.finetune import (
     FinetuneProgress,
     FinetuneResult,
     FinetuneSettings,
@@ -19,7 +18,7 @@ from training.finetune import (
     finetune,
     next_version_path,
 )
-from training.teach import extend_classes, model_for, new_model_path
+from napari_daeformer_training.teach import extend_classes, model_for, new_model_path
 
 from ..annotation import Annotation
 from ..bundled import MODELS_DIR

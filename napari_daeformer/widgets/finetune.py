@@ -1,6 +1,6 @@
 """The "Fine-tune DAE-Former" dock widget: learn from the user's corrected slices, without leaving napari.
 
-A thin layer over `training.finetune`: it gathers (image, corrected labels) pairs, runs the fine-tuning in a
+A thin layer over `training/finetune.py`: it gathers (image, corrected labels) pairs, runs the fine-tuning in a
 worker with a live loss curve, saves a new checkpoint version and hands it to the Segment widget.
 """
 
@@ -17,11 +17,10 @@ import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, FileEdit, FloatSpinBox, Label, LineEdit, ProgressBar, PushButton, SpinBox
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_info
+from napari_daeformer_training.finetune import FinetuneProgress, FinetuneResult, FinetuneSettings, Pair, pair_agreement
+from napari_daeformer_training.losses import IGNORE
+from napari_daeformer_training.teach import TEACH
 from qtpy.QtWidgets import QTabWidget
-
-from training.finetune import FinetuneProgress, FinetuneResult, FinetuneSettings, Pair, pair_agreement
-from training.losses import IGNORE
-from training.teach import TEACH
 
 from ..agreement import VersionAgreement, by_version, history, merged
 from ..checkpoint import ModelCard, read_card

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import torch
-
-from training.augment import AugmentConfig, augment_batch
+from napari_daeformer_training.augment import AugmentConfig, augment_batch
 
 
 def test_geometry_is_shared_and_labels_stay_labels() -> None:

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from napari_daeformer_training.finetune import FinetuneProgress, FinetuneResult, FinetuneSettings, Pair, finetune
 
 from napari_daeformer.bundled import bundled_model
 from napari_daeformer.checkpoint import Checkpoint, load_checkpoint
@@ -14,7 +15,6 @@ from napari_daeformer.inference import SliceInferer
 from napari_daeformer.jobs import drain
 from napari_daeformer.metrics import dice_per_class
 from napari_daeformer.sample_data import shifted, synthetic_ct
-from training.finetune import FinetuneProgress, FinetuneResult, FinetuneSettings, Pair, finetune
 
 FAST = FinetuneSettings(steps=40, device="cpu", score_every=5)
 
@@ -142,9 +142,9 @@ def test_parent_untouched_when_cancelled(parent: Checkpoint) -> None:
 def test_pull_to_parent_is_l2sp_with_its_gradient() -> None:
     """The multi-tensor L2-SP equals `w/2 sum (p - p0)^2` and its autograd gradient; frozen parameters get none."""
     import torch
+    from napari_daeformer_training.finetune import PullToParent
 
     from napari_daeformer.model import DAEFormer
-    from training.finetune import PullToParent
 
     from .helpers import SMALL_CT
 
@@ -177,10 +177,10 @@ def test_input_calibration_folds_into_the_preprocessing(kind: str) -> None:
     """The wrapper on its (unclipped) input computes what the bare network computes on the input normalised with the
     folded preprocessing: a moved CT window (HU well outside both windows included), or RGB mean and std."""
     import torch
+    from napari_daeformer_training.finetune import InputCalibration
 
     from napari_daeformer.model import DAEFormer, named_config
     from napari_daeformer.preprocessing import ct_preprocessing, rgb_preprocessing
-    from training.finetune import InputCalibration
 
     prep = ct_preprocessing() if kind == "ct" else rgb_preprocessing()
     torch.manual_seed(0)

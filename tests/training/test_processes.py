@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from napari_daeformer_training.state import load_state
 from safetensors.torch import load_file
 
 from napari_daeformer.checkpoint import load_checkpoint
-from training.state import load_state
 
 COMMON = ["--synthetic", "ct", "--train-seeds", "1", "--val-seeds", "2", "--input-size", "64", "--batch-size", "8",
           "--lr", "0.01", "--device", "cpu", "--quiet"]

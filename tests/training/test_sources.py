@@ -7,6 +7,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from napari_daeformer_training.sources import load_cases
 from skimage import io as skio
 
 from napari_daeformer.checkpoint import SYNAPSE_CLASSES
@@ -15,7 +16,6 @@ from napari_daeformer.io import write_labels
 from napari_daeformer.io.nifti import write_nifti
 from napari_daeformer.io.record import default_affine
 from napari_daeformer.sample_data import synthetic_ct, synthetic_skin
-from training.sources import load_cases
 
 from .helpers import ct_case
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from napari_daeformer_training.losses import IGNORE, DiceCELoss
+from napari_daeformer_training.teach import annotated_slices, extend_classes, intensity_window, sparse_labels
 
 from napari_daeformer.app.cli import main
 from napari_daeformer.bundled import bundled_model
@@ -18,8 +20,6 @@ from napari_daeformer.io.nifti import write_nifti
 from napari_daeformer.io.record import default_affine
 from napari_daeformer.jobs import drain
 from napari_daeformer.sample_data import synthetic_chest
-from training.losses import IGNORE, DiceCELoss
-from training.teach import annotated_slices, extend_classes, intensity_window, sparse_labels
 
 
 def test_ignored_voxels_carry_no_loss_and_no_gradient() -> None:
@@ -113,10 +113,11 @@ def test_a_new_model_lowers_its_loss_on_the_annotated_slices() -> None:
     """The teaching recipe on three annotated slices of the chest phantom: the loss falls (60 steps, ~20 s)."""
     from dataclasses import replace
 
+    from napari_daeformer_training.finetune import finetune
+    from napari_daeformer_training.teach import TEACH, input_side, new_model, preprocessing_for, teach_pair
+
     from napari_daeformer.jobs import drain
     from napari_daeformer.sample_data import CHEST_CLASSES
-    from training.finetune import finetune
-    from training.teach import TEACH, input_side, new_model, preprocessing_for, teach_pair
 
     s = synthetic_chest(seed=2, shape=(12, 64, 64), spacing=(10.0, 4.8, 4.8))
     sparse = np.full(s.labels.shape, IGNORE, np.uint8)
@@ -169,10 +170,11 @@ def test_window_option_takes_a_negative_value_and_no_validation_means_no_score(t
 def test_a_class_added_from_four_painted_slices_is_learnt_and_the_old_ones_kept() -> None:
     """The spine (bright bone the bundled model calls background) painted on 4 slices of the model's own proposal:
     the extended model finds it on the other slices, and the old classes stay where they were (small sizes)."""
+    from napari_daeformer_training.finetune import FinetuneSettings, Pair, finetune
+    from napari_daeformer_training.teach import extend_classes
+
     from napari_daeformer.metrics import dice_per_class
     from napari_daeformer.sample_data import CT_CLASSES, spine_mask, synthetic_ct
-    from training.finetune import FinetuneSettings, Pair, finetune
-    from training.teach import extend_classes
 
     parent = load_checkpoint(bundled_model("ct"))
     s = synthetic_ct(31, shape=(24, 128, 128))

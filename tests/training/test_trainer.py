@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from napari_daeformer_training.augment import AugmentConfig
+from napari_daeformer_training.sources import split_cases
+from napari_daeformer_training.trainer import StepReport, TrainConfig, Trainer, ValReport
 
 from napari_daeformer.checkpoint import load_checkpoint
 from napari_daeformer.errors import TrainingError
 from napari_daeformer.model import DAEFormer
-from training.augment import AugmentConfig
-from training.sources import split_cases
-from training.trainer import StepReport, TrainConfig, Trainer, ValReport
 
 from .helpers import SMALL_CT, ct_card, ct_case
 
@@ -132,7 +132,7 @@ def test_no_output_folder_writes_nothing_and_leaves_global_state(tmp_path: Path,
 
 def test_a_torn_log_line_is_dropped_not_fatal(tmp_path: Path) -> None:
     """A run killed mid-write leaves half a line in metrics.jsonl: the curves and a resume read past it."""
-    from training.trainer import _truncate_log, plot_curves, read_log
+    from napari_daeformer_training.trainer import _truncate_log, plot_curves, read_log
 
     log = tmp_path / "metrics.jsonl"
     log.write_text('{"step": 1, "loss": 0.9}\n{"step": 2, "val_mean_dice": 0.5}\n[1, 2]\n{"step": 3, "lo')
