@@ -42,8 +42,6 @@ def segment_path(record: ImageRecord, output: Path, model: str | None, *, device
                  overwrite: bool = False, quiet: bool = False) -> FileReport:
     """`segment_file` with the model named on the command line (the bundled one for the image's kind when
     none), progress on stderr unless `quiet`."""
-    check_label_path(output, len(record.spatial_shape), overwrite=overwrite, source=record.path,
-                     dicom_source=record.source_format == "dicom")                # before loading the model
     ckpt = load_checkpoint(resolve_model(model, "skin" if record.rgb else "ct"))
     inferer = SliceInferer(ckpt, device=device, precision=precision, batch_size=batch_size, window=window)
     show = None if quiet else _progress_printer(f"segment {record.path.name if record.path else ''}")
