@@ -113,12 +113,16 @@ class ThreadGovernor:
             generator = torch.Generator().manual_seed(0)       # the global random state is not touched
             self._work = (torch.randn(6272, 64, generator=generator), torch.randn(64, 64, generator=generator))
         x, w = self._work
+        saved = torch.get_num_threads()
         torch.set_num_threads(threads)
-        F.layer_norm(x, (64,))                                 # wake the thread pool at this size
-        start = perf_counter()
-        for _ in range(self.reps):
-            F.layer_norm(x, (64,))
-            x @ w
-            if (elapsed := perf_counter() - start) > limit:
-                return elapsed
-        return perf_counter() - start
+        try:
+            F.layer_norm(x, (64,))                             # wake the thread pool at this size
+            start = perf_counter()
+            for _ in range(self.reps):
+                F.layer_norm(x, (64,))
+                x @ w
+                if (elapsed := perf_counter() - start) > limit:
+                    return elapsed
+            return perf_counter() - start
+        finally:
+            torch.set_num_threads(saved)                       # `tick` sets the count chosen

@@ -54,3 +54,10 @@ def test_the_probe_stops_once_it_has_lost(monkeypatch):
     governor = ThreadGovernor(max_threads=1, reps=10_000)
     assert 0.01 < governor._probe(1, 0.01) < 0.02
     assert clock.readings < 20                         # stopped at the limit, not after 10,000 rounds
+
+
+def test_a_probe_leaves_the_thread_count_as_it_found_it():
+    """`tick` sets the count chosen; a probe on its own changes nothing (one left at 1 slowed every later step)."""
+    before = torch.get_num_threads()
+    ThreadGovernor(reps=1)._probe(before + 1, float("inf"))
+    assert torch.get_num_threads() == before
