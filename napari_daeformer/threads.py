@@ -47,7 +47,8 @@ def choose_threads(candidates: list[int], probe: Probe, rounds: int = 3, margin:
 
 
 class ThreadGovernor:
-    """Choose torch's intra-op thread count by probing; restores the previous count on exit.
+    """Choose torch's intra-op thread count by probing; restores the previous count on exit (of each nested entry:
+    fine-tuning enters it around all its runs, each run's trainer again).
 
     Usage::
 
@@ -75,16 +76,15 @@ class ThreadGovernor:
         self._calls = 0
         self._last: float | None = None     # when the previous step started
         self._steps: dict[int, deque[float]] = {}   # recent step times (s) per thread count
-        self._saved: int | None = None
+        self._saved: list[int] = []         # the count at each (nested) entry
         self._work: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __enter__(self) -> ThreadGovernor:
-        self._saved = torch.get_num_threads()
+        self._saved.append(torch.get_num_threads())
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
-        if self._saved is not None:
-            torch.set_num_threads(self._saved)
+        torch.set_num_threads(self._saved.pop())
 
     def tick(self) -> int:
         """Call before each step: probes every `every` calls or after a stalled step, sets and returns the thread

@@ -61,3 +61,20 @@ def test_a_probe_leaves_the_thread_count_as_it_found_it():
     before = torch.get_num_threads()
     ThreadGovernor(reps=1)._probe(before + 1, float("inf"))
     assert torch.get_num_threads() == before
+
+
+def test_nested_entries_each_restore_the_count_they_found():
+    """Fine-tuning enters its governor around all runs and each run's trainer enters it again: the inner exit
+    restores the count the inner entry found, the outer exit the caller's (a single saved count was overwritten by
+    the inner entry, so a fine-tune under contention left the whole process at 1 thread)."""
+    caller = torch.get_num_threads()
+    governor = ThreadGovernor(max_threads=max(caller, 2))
+    try:
+        with governor:
+            torch.set_num_threads(1)                   # what `tick` chose on busy cores
+            with governor:
+                torch.set_num_threads(2)
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == caller
+    finally:
+        torch.set_num_threads(caller)
