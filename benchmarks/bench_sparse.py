@@ -43,7 +43,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import cpu_name  # noqa: E402
-from napari_daeformer_training.finetune import FinetuneSettings, Pair, finetune
+from napari_daeformer_training.finetune import ADD_CLASS, FinetuneSettings, Pair, finetune
 from napari_daeformer_training.teach import TEACH, extend_classes, input_side, new_model, preprocessing_for, teach_pair
 
 from napari_daeformer.bundled import bundled_model  # noqa: E402
@@ -154,7 +154,7 @@ def add_class(seed: int, k: int) -> dict[str, float]:
     slices[painted] = True
     extended = extend_classes(parent, (*CT_CLASSES, "spine"))
     t = time.perf_counter()
-    result = drain(finetune(extended, [Pair("spine", s.image, corrected, slices)], FinetuneSettings(device="cpu")))
+    result = drain(finetune(extended, [Pair("spine", s.image, corrected, slices)], replace(ADD_CLASS, device="cpu")))
     minutes = (time.perf_counter() - t) / 60
     after = _labels(result.checkpoint, s.image)
     old = len(CT_CLASSES)

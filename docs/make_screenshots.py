@@ -216,7 +216,9 @@ def teach_scenes(tmp: Path, minutes: float) -> None:
     save(viewer, "teach_segment.png")
     viewer.close()
 
-    # A class added to the bundled CT model: the spine painted on 4 slices of its proposal.
+
+def add_class_scene(tmp: Path) -> None:
+    """A class added to the bundled CT model: the spine painted on 4 slices of its proposal."""
     sample = synthetic_ct(seed=31)
     spine = np.where(spine_mask(sample), 6, 0).astype(np.uint8)
     path = write_nifti(tmp / "abdomen31.nii.gz", sample.image, default_affine(sample.spacing))
@@ -246,7 +248,7 @@ def teach_scenes(tmp: Path, minutes: float) -> None:
 
 def main() -> int:
     OUT.mkdir(exist_ok=True)
-    only = sys.argv[1:]                                 # scene names (ct, skin, batch, teach); default: all
+    only = sys.argv[1:]                                 # scene names (ct, skin, batch, teach, add-class); default: all
     with tempfile.TemporaryDirectory() as tmp:
         if not only or "ct" in only:
             ct_scenes(Path(tmp))
@@ -256,6 +258,8 @@ def main() -> int:
             batch_scene(Path(tmp))
         if not only or "teach" in only:
             teach_scenes(Path(tmp), minutes=5.0)
+        if not only or "add-class" in only:
+            add_class_scene(Path(tmp))
     return 0
 
 

@@ -20,7 +20,16 @@ import torch
 import yaml
 from napari_daeformer_training.augment import AugmentConfig
 from napari_daeformer_training.data import Case, detect_num_classes
-from napari_daeformer_training.finetune import DEFAULT_WEIGHTS, PROTECTIONS, FinetuneProgress, FinetuneSettings, Pair, finetune
+from napari_daeformer_training.finetune import (
+    ADD_CLASS,
+    DEFAULT_WEIGHTS,
+    PROTECTIONS,
+    FinetuneProgress,
+    FinetuneSettings,
+    Pair,
+    finetune,
+    recipe_for,
+)
 from napari_daeformer_training.sources import FORMATS, load_cases, split_cases
 from napari_daeformer_training.teach import TEACH
 from napari_daeformer_training.trainer import StepReport, TrainConfig, Trainer, ValReport
@@ -413,21 +422,23 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", type=Path, required=True, help="corrected label map of the same shape")
     p.add_argument("--slices", help="corrected slices along axis 0, e.g. 3,5,10-12 (default: every slice with a label)")
     p.add_argument("--out", type=Path, required=True, help="new checkpoint (.safetensors)")
-    p.add_argument("--steps", type=whole(1), default=d.steps,
+    p.add_argument("--steps", type=whole(1),
                    help=f"steps held to the parent; as many again with the hold eased where the corrections are still "
-                        f"fitted poorly (default: {d.steps})")
+                        f"fitted poorly (default: {d.steps}; {ADD_CLASS.steps} when --classes adds classes)")
     p.add_argument("--lr", type=number(0, above_low=True), default=d.lr, help=f"AdamW peak learning rate (default: {d.lr})")
     p.add_argument("--warmup", type=whole(0), default=d.warmup_steps, help=f"linear warm-up steps (default: {d.warmup_steps})")
-    p.add_argument("--protect", choices=PROTECTIONS, default=d.protect,
+    p.add_argument("--protect", choices=PROTECTIONS,
                    help="keep the uncorrected slices as the parent had them: pseudo (its confident labels as "
-                        f"targets), l2sp (pull the weights towards it) or none (default: {d.protect})")
+                        f"targets), l2sp (pull the weights towards it) or none (default: {d.protect}; "
+                        f"{ADD_CLASS.protect} at weight {ADD_CLASS.protect_weight:g} when --classes adds classes)")
     p.add_argument("--protect-weight", type=number(0),
                    help="strength of the protection (default: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_WEIGHTS.items() if v)
                    + ")")
     p.add_argument("--train-parts", choices=("all", "decoder"), default=d.train_parts, help="default: all")
     p.add_argument("--no-augment", action="store_true", help="no augmentation")
     p.add_argument("--no-calibration", action="store_true",
-                   help="do not learn an intensity scale and shift (saved as the new CT window or RGB normalisation)")
+                   help="do not learn an intensity scale and shift (saved as the new CT window or RGB normalisation; "
+                        "never learnt when --classes adds classes)")
     p.add_argument("--device", default="auto", help="default: auto")
     p.add_argument("--keep-anyway", action="store_true",
                    help="write OUT even when no step beat the parent on the held-out slices (or none could be held out)")
@@ -465,10 +476,13 @@ def run_finetune(args: argparse.Namespace) -> int:
     else:
         slices = np.array([label_data.any()]) if label_data.ndim == 2 else label_data.reshape(count, -1).any(1)
     pair = Pair(args.image.name, image.data, label_data, slices)
-    settings = FinetuneSettings(steps=args.steps, lr=args.lr, warmup_steps=args.warmup, protect=args.protect,
-                                protect_weight=args.protect_weight, train_parts=args.train_parts,
-                                augment=not args.no_augment, calibrate=not args.no_calibration, device=args.device)
-    bar = tqdm(total=args.steps, unit="step", file=sys.stderr, delay=1)       # no bar around an early error
+    base = recipe_for(parent.card)
+    protect = args.protect or base.protect
+    settings = replace(base, steps=args.steps or base.steps, lr=args.lr, warmup_steps=args.warmup, protect=protect,
+                       protect_weight=args.protect_weight if protect != base.protect or args.protect_weight is not None
+                       else base.protect_weight, train_parts=args.train_parts, augment=not args.no_augment,
+                       calibrate=base.calibrate and not args.no_calibration, device=args.device)
+    bar = tqdm(total=settings.steps, unit="step", file=sys.stderr, delay=1)       # no bar around an early error
 
     def show(progress: FinetuneProgress) -> None:
         bar.total, bar.n = progress.total, progress.step

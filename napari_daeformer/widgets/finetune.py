@@ -17,7 +17,15 @@ import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, FileEdit, FloatSpinBox, Label, LineEdit, ProgressBar, PushButton, SpinBox
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_info
-from napari_daeformer_training.finetune import FinetuneProgress, FinetuneResult, FinetuneSettings, Pair, pair_agreement
+from napari_daeformer_training.finetune import (
+    ADD_CLASS,
+    FinetuneProgress,
+    FinetuneResult,
+    FinetuneSettings,
+    Pair,
+    pair_agreement,
+    recipe_for,
+)
 from napari_daeformer_training.losses import IGNORE
 from napari_daeformer_training.teach import TEACH
 from qtpy.QtWidgets import QTabWidget
@@ -246,6 +254,15 @@ class FinetuneWidget(WorkerWidget):
         self._run.text = "Train" if new else "Fine-tune"
         self._fill_classes()
 
+    def _new_class_recipe(self) -> None:
+        """The settings for a head with new classes (`ADD_CLASS`), where they are still fine-tuning's defaults."""
+        if int(self._steps.value) == FinetuneSettings.steps:
+            self._steps.value = ADD_CLASS.steps
+        if self._protect.value == _default_protect():
+            self._protect.value = next(k for k, v in PROTECT_CHOICES.items() if v == ADD_CLASS.protect)
+        if bool(self._calibrate.value) == FinetuneSettings.calibrate:
+            self._calibrate.value = ADD_CLASS.calibrate
+
     def _fill_classes(self) -> None:
         """The chosen labels layer's class names (those of the model that made it, or of its file); the field is
         shown for a new model, or when the labels hold values beyond those names."""
@@ -370,18 +387,22 @@ class FinetuneWidget(WorkerWidget):
                 if top >= len(classes) or unnamed:               # painted with a value nobody named yet
                     self._classes.value = ", ".join([*classes, *(f"class {i}" for i in range(len(classes), top + 1))])
                     self._classes.visible = True
+                    self._new_class_recipe()
                     self.report(f"the labels hold values up to {top}, beyond the model's {own} classes: name the new "
                                 f"classes (label {own} and up) in 'classes', after the model's own, then press "
                                 "Fine-tune again")
                     return
                 parent, out, overwrite = self.control.prepare(pairs, parent_path, chosen, bool(self._overwrite.value),
                                                               classes)
+                if recipe_for(parent.card) is ADD_CLASS:
+                    self._new_class_recipe()
         except DaeformerError as e:
             self.report(str(e))
             return
-        base = TEACH if self._start_from.value == FROM_NEW else FinetuneSettings()
-        settings = replace(base, steps=int(self._steps.value), lr=float(self._lr.value),
-                           protect=base.protect if base is TEACH else PROTECT_CHOICES[self._protect.value],
+        base = TEACH if self._start_from.value == FROM_NEW else recipe_for(parent.card)
+        protect = base.protect if base is TEACH else PROTECT_CHOICES[self._protect.value]
+        settings = replace(base, steps=int(self._steps.value), lr=float(self._lr.value), protect=protect,
+                           protect_weight=base.protect_weight if protect == base.protect else None,
                            train_parts=self._parts.value, augment=bool(self._augment.value),
                            calibrate=base.calibrate if base is TEACH else bool(self._calibrate.value),
                            minutes=float(self._minutes.value) or None, device=self._device.value)

@@ -3,6 +3,7 @@ a new model is trained from three annotated slices through `daeformer train --im
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -170,7 +171,7 @@ def test_window_option_takes_a_negative_value_and_no_validation_means_no_score(t
 def test_a_class_added_from_four_painted_slices_is_learnt_and_the_old_ones_kept() -> None:
     """The spine (bright bone the bundled model calls background) painted on 4 slices of the model's own proposal:
     the extended model finds it on the other slices, and the old classes stay where they were (small sizes)."""
-    from napari_daeformer_training.finetune import FinetuneSettings, Pair, finetune
+    from napari_daeformer_training.finetune import ADD_CLASS, Pair, finetune, recipe_for
     from napari_daeformer_training.teach import extend_classes
 
     from napari_daeformer.metrics import dice_per_class
@@ -183,11 +184,12 @@ def test_a_class_added_from_four_painted_slices_is_learnt_and_the_old_ones_kept(
     painted = np.zeros(24, bool)
     painted[[3, 9, 15, 21]] = True
     corrected = np.where(painted[:, None, None] & spine, 6, before).astype(np.uint8)
-    result = drain(finetune(extend_classes(parent, (*CT_CLASSES, "spine")), [Pair("spine", s.image, corrected, painted)],
-                            FinetuneSettings(device="cpu")))
+    extended = extend_classes(parent, (*CT_CLASSES, "spine"))
+    assert recipe_for(extended.card) is ADD_CLASS and recipe_for(parent.card) is not ADD_CLASS
+    result = drain(finetune(extended, [Pair("spine", s.image, corrected, painted)], replace(ADD_CLASS, device="cpu")))
     assert result.improved and result.checkpoint.card.provenance["added_classes"] == ["spine"]
     after = SliceInferer(result.checkpoint, device="cpu", precision="fp32").segment(s.image[~painted]).labels
     truth = np.where(spine, 6, s.labels)[~painted]
     assert dice_per_class(after, truth, 7)[-1] > 0.7
     old = [np.nanmean(dice_per_class(np.where(x == 6, 0, x), s.labels[~painted], 6)) for x in (before[~painted], after)]
-    assert old[1] > old[0] - 0.02, old
+    assert old[1] > old[0] - 0.01, old

@@ -156,3 +156,26 @@ def test_a_2d_label_for_a_volume_names_both_shapes(tmp_path: Path, capsys) -> No
                  "--out", str(tmp_path / "t.safetensors"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "(64, 64) do not fit the image (8, 64, 64)" in err and not (tmp_path / "t.safetensors").exists()
+
+
+def test_finetune_adding_a_class_takes_the_new_class_recipe(tmp_path: Path) -> None:
+    """`daeformer finetune --classes` beyond the model's own trains with ADD_CLASS (the parent's confident labels at
+    its weight, no calibration) where the options are not given, and an option given still wins."""
+    from napari_daeformer_training.finetune import ADD_CLASS
+
+    from napari_daeformer.io.nifti import write_nifti
+    from napari_daeformer.io.record import default_affine
+    from napari_daeformer.sample_data import CT_CLASSES, spine_mask, synthetic_ct
+
+    s = synthetic_ct(seed=0, shape=(6, 64, 64))
+    labels = np.where(spine_mask(s), 6, s.labels).astype(np.uint8)
+    write_nifti(tmp_path / "ct.nii.gz", s.image, default_affine(s.spacing))
+    write_nifti(tmp_path / "lbl.nii.gz", labels, default_affine(s.spacing))
+    base = ["finetune", "--model", "ct", "--image", str(tmp_path / "ct.nii.gz"), "--labels", str(tmp_path / "lbl.nii.gz"),
+            "--classes", ",".join((*CT_CLASSES, "spine")), "--slices", "1,4", "--device", "cpu", "--keep-anyway"]
+    assert main([*base, "--steps", "2", "--out", str(tmp_path / "a.safetensors")]) == 0
+    assert main([*base, "--steps", "2", "--protect", "l2sp", "--out", str(tmp_path / "b.safetensors")]) == 0
+    a, b = (load_checkpoint(tmp_path / f"{n}.safetensors").card.provenance["finetune_settings"] for n in "ab")
+    assert (a["protect"], a["protect_weight"], a["calibrate"], a["steps"]) == (ADD_CLASS.protect, ADD_CLASS.protect_weight,
+                                                                             False, 2)
+    assert (b["protect"], b["protect_weight"]) == ("l2sp", None)

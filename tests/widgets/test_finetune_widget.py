@@ -8,13 +8,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from napari_daeformer_training.finetune import ADD_CLASS
 
 from napari_daeformer.bundled import bundled_model
 from napari_daeformer.checkpoint import load_checkpoint, read_card, save_checkpoint
 from napari_daeformer.preprocessing import ct_preprocessing
 from napari_daeformer.sample_data import spine_mask, synthetic_ct
 from napari_daeformer.widgets._layers import annotation_of
-from napari_daeformer.widgets.finetune import FinetuneWidget
+from napari_daeformer.widgets.finetune import PROTECT_CHOICES, FinetuneWidget
 
 from .conftest import from_plugins_menu
 
@@ -252,6 +253,8 @@ def test_a_class_painted_into_the_proposal_extends_the_model_from_the_dock(make_
     tune._run.clicked()
     assert not tune.running and "name the new classes" in tune._status.value
     assert tune._class_names()[-1] == "class 6" and not tune._classes.native.isHidden()     # shown to the user
+    assert (PROTECT_CHOICES[tune._protect.value], tune._calibrate.value, tune._steps.value) == \
+        (ADD_CLASS.protect, ADD_CLASS.calibrate, 20)                     # the new-class recipe; the steps set kept
     tune._classes.value = tune._classes.value.replace("class 6", "spine")
     tune._run.clicked()
     qtbot.waitUntil(lambda: not tune.running, timeout=180_000)
@@ -259,4 +262,7 @@ def test_a_class_painted_into_the_proposal_extends_the_model_from_the_dock(make_
         tune._keep_anyway.clicked()
     card = read_card(tune.control.new_path)
     assert card.class_names[-1] == "spine" and card.config.num_classes == 7
+    used = card.provenance["finetune_settings"]
+    assert (used["protect"], used["protect_weight"], used["calibrate"], used["steps"]) == \
+        (ADD_CLASS.protect, ADD_CLASS.protect_weight, False, 20)
     assert segment.checkpoint_path() == tune.control.new_path
