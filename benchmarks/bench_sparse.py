@@ -25,7 +25,7 @@ mean ± std over the seeds, and the minutes each took on this CPU.
 `--add-class`: a class the bundled CT model does not know (the spine, bright bone it labels background) painted
 on k slices of a held-out abdominal phantom (48 x 192 x 192, evenly spaced; only the spine is painted, the rest of
 those slices is the model's own proposal, as in the viewer), the head extended (`extend_classes` in `training/teach.py`)
-and fine-tuned with the `training/finetune.py` defaults. Reported on the unpainted slices: the new class's Dice, and
+and fine-tuned with `ADD_CLASS` (`training/finetune.py`). Reported on the unpainted slices: the new class's Dice, and
 the old classes' mean Dice against the parent's.
 """
 

@@ -92,6 +92,12 @@ class FinetuneSettings:
         """The protection's full weight in the loss."""
         return DEFAULT_WEIGHTS[self.protect] if self.protect_weight is None else self.protect_weight
 
+    def protecting(self, protect: str, weight: float | None = None) -> FinetuneSettings:
+        """These settings with `protect`: at `weight` where given, else at this recipe's weight where it is this
+        recipe's protection, else at the protection's default."""
+        kept = self.protect_weight if protect == self.protect else None
+        return replace(self, protect=protect, protect_weight=kept if weight is None else weight)
+
     def protection_share(self, fit: float) -> float:
         """The share of the full protection for a model that fits the trained slices at Dice `fit`."""
         if self.trust is None:
@@ -106,8 +112,9 @@ class FinetuneSettings:
             raise TrainingError("steps, batch size and scoring interval must be at least 1")
 
 
-# A class added to the head (`teach.extend_classes`), chosen by benchmarks/bench_sparse.py --add-class (the spine on
-# 4 painted slices of the abdominal phantom, seed 31): the parent's confident labels kept on the uncorrected slices
+# A class added to the head (`teach.extend_classes`), chosen on benchmarks/bench_sparse.py's add-class case (the spine
+# on 4 painted slices of the abdominal phantom, seed 31, a one-off script over its functions):
+# the parent's confident labels kept on the uncorrected slices
 # (the L2-SP pull let the new class take over the aorta: old classes -0.019 at 300 steps, spine 0.77), at 3x weight
 # (1x: old -0.012), twice the steps (100: spine 0.92), and no input calibration (it widened the window to separate
 # the new bright class, which moved every old organ's contrast: old -0.0115 with it, -0.010 without).
@@ -117,6 +124,7 @@ ADD_CLASS = FinetuneSettings(steps=200, protect="pseudo", protect_weight=3.0, ca
 def recipe_for(card: ModelCard) -> FinetuneSettings:
     """ADD_CLASS where `card`'s head has classes it has not learnt yet (`teach.extend_classes`), else the defaults."""
     return ADD_CLASS if card.provenance.get("new_classes") else FinetuneSettings()
+
 
 @dataclass(frozen=True)
 class Pair:
@@ -297,7 +305,8 @@ def _split(pairs: Sequence[Pair], settings: FinetuneSettings, rng: np.random.Gen
 class PseudoLabels:
     """CE on the parent's confident labels of uncorrected slices: a batch of them at every step."""
 
-    def __init__(self, model: torch.nn.Module, x: torch.Tensor, settings: FinetuneSettings, device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, x: torch.Tensor, settings: FinetuneSettings, device: torch.device
+                 ) -> None:
         conf, target = _softmax(model, x, device).max(1)
         target[conf < settings.confidence] = -100                  # not confident: no target there
         self.x, self.target = x, target

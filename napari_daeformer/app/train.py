@@ -477,10 +477,8 @@ def run_finetune(args: argparse.Namespace) -> int:
         slices = np.array([label_data.any()]) if label_data.ndim == 2 else label_data.reshape(count, -1).any(1)
     pair = Pair(args.image.name, image.data, label_data, slices)
     base = recipe_for(parent.card)
-    protect = args.protect or base.protect
-    settings = replace(base, steps=args.steps or base.steps, lr=args.lr, warmup_steps=args.warmup, protect=protect,
-                       protect_weight=args.protect_weight if protect != base.protect or args.protect_weight is not None
-                       else base.protect_weight, train_parts=args.train_parts, augment=not args.no_augment,
+    settings = replace(base.protecting(args.protect or base.protect, args.protect_weight), steps=args.steps or base.steps,
+                       lr=args.lr, warmup_steps=args.warmup, train_parts=args.train_parts, augment=not args.no_augment,
                        calibrate=base.calibrate and not args.no_calibration, device=args.device)
     bar = tqdm(total=settings.steps, unit="step", file=sys.stderr, delay=1)       # no bar around an early error
 

@@ -394,15 +394,14 @@ class FinetuneWidget(WorkerWidget):
                     return
                 parent, out, overwrite = self.control.prepare(pairs, parent_path, chosen, bool(self._overwrite.value),
                                                               classes)
-                if recipe_for(parent.card) is ADD_CLASS:
-                    self._new_class_recipe()
         except DaeformerError as e:
             self.report(str(e))
             return
         base = TEACH if self._start_from.value == FROM_NEW else recipe_for(parent.card)
+        if base is ADD_CLASS:
+            self._new_class_recipe()
         protect = base.protect if base is TEACH else PROTECT_CHOICES[self._protect.value]
-        settings = replace(base, steps=int(self._steps.value), lr=float(self._lr.value), protect=protect,
-                           protect_weight=base.protect_weight if protect == base.protect else None,
+        settings = replace(base.protecting(protect), steps=int(self._steps.value), lr=float(self._lr.value),
                            train_parts=self._parts.value, augment=bool(self._augment.value),
                            calibrate=base.calibrate if base is TEACH else bool(self._calibrate.value),
                            minutes=float(self._minutes.value) or None, device=self._device.value)
