@@ -189,7 +189,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.add_class:
         print(f"CPU: {cpu_name()}, {args.threads} threads; the spine added to the bundled CT model, "
-              f"finetune defaults")
+              f"the ADD_CLASS recipe")
         print("| painted slices | new class Dice | old classes: parent | old classes: extended | old change | "
               "minutes | verdicts |")
         print("|---|---|---|---|---|---|---|")
