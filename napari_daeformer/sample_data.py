@@ -168,63 +168,103 @@ def synthetic_mr(seed: int = 0, shape: tuple[int, int, int] = (48, 192, 192),
 
 def synthetic_chest(seed: int = 0, shape: tuple[int, int, int] = (34, 128, 128),
                     spacing: tuple[float, float, float] = (10.0, 2.4, 2.4)) -> Sample:
-    """A chest CT phantom as hard as a real one: 10 mm slices, a field of view that cuts the body at its sides,
-    air-filled lungs with vessels, ribs and a spine of bright bone, and small structures (trachea, spinal cord, a
-    nodule of 1-2 slices). Seven structures, shapes and positions drawn from the seed; the lungs' bases and the
-    heart move through the slices in a non-affine way."""
+    """A chest CT phantom as hard as a real one between its slices, measured by how badly fill-between-slices does.
+
+    10 mm slices that average what lies inside them (partial volume), a field of view that cuts the body, ribs,
+    and vertebrae alternating with discs. Seven structures whose shapes change through the slices as a real chest's
+    do: lungs over diaphragm domes (their bases crescents around the domes), a two-lobed heart moving left and
+    forward, the aorta as ascending limb, arch (one or two slices) and descending limb, the trachea splitting into
+    the main bronchi (labelled trachea), the spinal cord following the spine's curve, and a nodule of 1-2 slices.
+    Unlabelled look-alikes: the great vessels above the arch and the pulmonary trunk beside the ascending aorta
+    (contrast-filled, as bright as the aorta), and blood in the heart's chambers.
+    """
     rng = np.random.default_rng(seed)
     Z, Y, X = shape
-    z, y, x = np.meshgrid(*(np.arange(n, dtype=np.float32) * s for n, s in zip(shape, spacing)), indexing="ij")
-    cz, cy, cx = (n * s / 2 for n, s in zip(shape, spacing))
-    t = z / max(Z * spacing[0], 1.0)                                    # 0 (apex) .. 1 (base)
+    sub = 3                                                             # sub-slices averaged into each slice
+    fine = (Z * sub, Y, X)
+    z_mm = (np.arange(Z * sub, dtype=np.float32) - (sub - 1) / 2) * spacing[0] / sub
+    z, y, x = np.meshgrid(z_mm, *(np.arange(n, dtype=np.float32) * s for n, s in zip(shape[1:], spacing[1:])),
+                          indexing="ij")
+    cy, cx = (n * s / 2 for n, s in zip(shape[1:], spacing[1:]))
+    t = z / max(Z * spacing[0], 1.0)                                    # 0 (neck) .. 1 (upper abdomen)
     wiggle = _smooth_noise(rng, (max(Z // 3, 2), 8, 8), 1.0)
-    wiggle = ndimage.zoom(wiggle, [a / b for a, b in zip(shape, wiggle.shape)], order=1)[:Z, :Y, :X]
+    wiggle = ndimage.zoom(wiggle, [a / b for a, b in zip(fine, wiggle.shape)], order=1)[:, :Y, :X]
     j = lambda scale: 1.0 + scale * rng.uniform(-1, 1)  # noqa: E731
+    circle = lambda cy_, cx_, r: ((y - cy_) ** 2 + (x - cx_) ** 2) < r ** 2  # noqa: E731
     body_ry, body_rx = 0.42 * Y * spacing[1] * j(0.05), 0.64 * X * spacing[2] * j(0.05)   # wider than the view
     ell = ((y - cy) / body_ry) ** 2 + ((x - cx) / body_rx) ** 2
-    hu = np.full(shape, _HU["air"], np.float32)
+    hu = np.full(fine, _HU["air"], np.float32)
     hu[ell < 1.0] = _HU["fat"]
     hu[ell < 0.85] = _HU["muscle"]
     ribs = (ell > 0.62) & (ell < 0.72) & (np.sin(np.arctan2(y - cy, x - cx) * 9 + z / 18.0) > 0.55)
     hu[ribs] = _HU["bone"] + 300
-    labels = np.zeros(shape, np.uint8)
-    spine_y = cy + 0.62 * body_ry
-    spine = ((y - spine_y) / 16) ** 2 + ((x - cx) / 18) ** 2 < 1.0
-    hu[spine] = _HU["bone"] + rng.uniform(0, 300)
-    cord = ((y - spine_y) / 5.0) ** 2 + ((x - cx) / 5.0) ** 2 < 1.0
+    labels = np.zeros(fine, np.uint8)
+    spine_y = cy + 0.55 * body_ry + 12.0 * np.sin(np.pi * t)           # thoracic kyphosis
+    spine_x = cx + rng.uniform(-6, 6) * np.sin(np.pi * t * 1.5 + rng.uniform(0, np.pi))   # a slight scoliosis
+    spine = ((y - spine_y) / 16) ** 2 + ((x - spine_x) / 18) ** 2 < 1.0
+    vertebra = np.cos(2 * np.pi * z / 25.0 + rng.uniform(0, 2 * np.pi)) > -0.4   # bodies between discs
+    hu[spine] = np.where(vertebra, _HU["bone"] + rng.uniform(0, 300), 90.0)[spine]
+    cord = circle(spine_y, spine_x, 5.0)
     hu[cord] = 35.0
     labels[cord] = 6
-    for label, side in ((1, -1), (2, 1)):                              # right lung on the image's left
-        lcx = cx + side * 0.45 * body_rx * j(0.08)
-        ry = 0.55 * body_ry * j(0.08) * np.sqrt(np.clip(0.15 + 1.6 * t, 0, 1))          # narrow apex
-        rx = 0.30 * body_rx * j(0.08) * (1 - 0.5 * np.clip(t - 0.75, 0, 1) * 4 * (side > 0))   # heart notch low
-        lung = (((y - cy + 0.05 * body_ry) / np.maximum(ry, 1)) ** 2 + ((x - lcx) / rx) ** 2 + 0.15 * wiggle < 1.0)
-        lung &= (t < 0.9 + 0.05 * side * j(0.5)) & ~spine & ~ribs
-        hu[lung] = -850.0 + 40.0 * _smooth_noise(rng, shape, 1.5)[lung]
-        vessels = lung & (_smooth_noise(rng, shape, 1.0) > 1.6)
-        hu[vessels] = 40.0
+    dome = rng.uniform(0.74, 0.80) + np.array([0.0, rng.uniform(0.02, 0.06)])   # right dome higher than left
+    for label, side, top in ((1, -1, dome[0]), (2, 1, dome[1])):       # right lung on the image's left
+        lcx, ly = cx + side * 0.45 * body_rx * j(0.08), cy - 0.05 * body_ry
+        ry_full, rx_full = 0.55 * body_ry * j(0.08), 0.30 * body_rx * j(0.08)
+        ry = ry_full * np.sqrt(np.clip(0.15 + 1.6 * t, 0, 1))                                  # narrow apex
+        rx = rx_full * (1 - 0.5 * np.clip(t - 0.75, 0, 1) * 4 * (side > 0))                    # heart notch low
+        lung = (((y - ly) / np.maximum(ry, 1)) ** 2 + ((x - lcx) / rx) ** 2 + 0.15 * wiggle < 1.0)
+        radial = ((y - ly) / ry_full) ** 2 + ((x - lcx) / rx_full) ** 2
+        lung &= (t < top + 0.14 * radial + 0.04 * (y - ly) / ry_full) & ~spine & ~ribs   # over the dome
+        hu[lung] = -850.0 + 40.0 * _smooth_noise(rng, fine, 1.5)[lung]
+        hu[lung & (_smooth_noise(rng, fine, 1.0) > 1.6)] = 40.0                            # vessels
         labels[lung] = label
-    heart_r = 0.28 * body_rx * j(0.1) * np.clip(np.sin(np.pi * np.clip((t - 0.35) / 0.6, 0, 1)), 0, 1)
-    heart = ((y - cy + 0.02 * body_ry) / (0.9 * heart_r + 1e-3)) ** 2 + ((x - cx - 0.1 * body_rx) / (heart_r + 1e-3)) ** 2
-    heart = (heart + 0.1 * wiggle < 1.0) & (heart_r > 2)
-    hu[heart] = 40.0 + rng.uniform(-10, 10)
+    arch_t = rng.uniform(0.20, 0.27)
+    heart_t = (arch_t + rng.uniform(0.12, 0.18), dome[1] + 0.03)
+    u = np.clip((t - heart_t[0]) / (heart_t[1] - heart_t[0]), -1, 2)
+    hy, hx = cy - 0.05 * body_ry - 0.10 * body_ry * u, cx + 0.06 * body_rx + 0.10 * body_rx * u   # left, forward
+    r_atria = 0.19 * body_rx * j(0.1) * np.sin(np.pi * np.clip(u / 0.7, 0, 1))
+    r_vent = 0.25 * body_rx * j(0.1) * np.sin(np.pi * np.clip((u - 0.2) / 0.8, 0, 1))
+    ay, ax = hy + 0.5 * r_atria, hx - 0.6 * r_atria                    # atria behind, to the right
+    vy, vx = hy - 0.3 * r_vent, hx + 0.4 * r_vent                      # ventricles in front, to the left
+    rot_y, rot_x = 0.8 * (y - vy) + 0.6 * (x - vx), -0.6 * (y - vy) + 0.8 * (x - vx)   # the heart's oblique axis
+    atria = ((y - ay) ** 2 + (x - ax) ** 2) / (r_atria ** 2 + 1e-3)
+    vent = (rot_y / (0.75 * r_vent + 1e-3)) ** 2 + (rot_x / (r_vent + 1e-3)) ** 2
+    heart = ((np.minimum(atria, vent) + 0.1 * wiggle) < 1.0) & (np.maximum(r_atria, r_vent) > 2)
+    hu[heart] = 60.0 + rng.uniform(-10, 10)                            # myocardium
+    hu[heart & (np.minimum(atria, vent) < 0.45)] = 170.0               # blood in the chambers
     labels[heart] = 3
-    aorta = ((y - (cy + 0.38 * body_ry)) / 9.0) ** 2 + ((x - (cx + 12)) / 9.0) ** 2 < 1.0
-    arch = (t < 0.25) & (((y - (cy - 0.1 * body_ry)) / 9.0) ** 2 + ((x - (cx - 4)) / 9.0) ** 2 < 1.0)
-    aorta = (aorta | arch) & (labels == 0)
-    hu[aorta] = 230.0
-    labels[aorta] = 4
-    trachea = (t < 0.45) & (((y - (cy - 0.2 * body_ry)) / 7.0) ** 2 + ((x - cx) / 7.0) ** 2 < 1.0) & (labels == 0)
-    hu[trachea] = -1000.0
-    labels[trachea] = 5
+    ay_, ax_ = cy - 0.30 * body_ry - 15 * (t - arch_t), cx - 0.05 * body_rx + 25 * (t - arch_t)   # ascending
+    dy_, dx_ = spine_y - 30.0, spine_x + 22.0 - 14.0 * np.clip((t - arch_t) / 0.7, 0, 1)         # descending
+    ascending = (t >= arch_t) & (t < heart_t[0] + 0.08) & circle(ay_, ax_, 14.0)
+    descending = (t >= arch_t) & circle(dy_, dx_, 11.0)
+    along = np.clip(((y - ay_) * (dy_ - ay_) + (x - ax_) * (dx_ - ax_)) / ((dy_ - ay_) ** 2 + (dx_ - ax_) ** 2), 0, 1)
+    arch = (np.abs(t - arch_t + 0.02) < 0.02) & circle(ay_ + along * (dy_ - ay_), ax_ + along * (dx_ - ax_), 11.0)
+    aorta = (ascending | descending | arch) & ~spine
+    great = (t < arch_t - 0.03) & (circle(ay_ - 5, ax_ + 6, 6.0) | circle(ay_ + 4, ax_ + 22, 5.0)
+                                   | circle(ay_ + 12, ax_ + 34, 5.0))    # brachiocephalic, carotid, subclavian
+    trunk = (t > arch_t + 0.07) & (t < heart_t[0] + 0.05) & circle(ay_ - 4, ax_ + 30, 13.0)  # pulmonary trunk
+    for vessel, value in ((great, 0), (trunk & ~aorta, 0), (aorta, 4)):
+        hu[vessel] = 230.0 + rng.uniform(-20, 20) * (value == 0)
+        labels[vessel] = value
+    carina = rng.uniform(0.30, 0.36)
+    ty, tx = cy - 0.2 * body_ry + 25 * t, cx + rng.uniform(-4, 4)
+    airway = (t < carina) & circle(ty, tx, 8.0)
+    for rate, length in ((-160.0, 0.07), (340.0, 0.13)):               # right bronchus steep, left one flatter
+        down = t - carina
+        airway |= (down >= 0) & (down < length) & circle(ty + 60 * down, tx + np.sign(rate) * 6 + rate * down, 5.5)
+    airway &= ~spine
+    hu[airway] = -1000.0
+    labels[airway] = 5
     lung_voxels = np.argwhere(np.isin(labels, (1, 2)))
-    nz, ny, nx = lung_voxels[rng.integers(len(lung_voxels))] * np.array(spacing)
-    nodule = ((z - nz) / 8.0) ** 2 + ((y - ny) / 6.0) ** 2 + ((x - nx) / 6.0) ** 2 < 1.0
+    nz, ny, nx = lung_voxels[rng.integers(len(lung_voxels))] * np.array((spacing[0] / sub, *spacing[1:]))
+    nodule = ((z - z_mm[0] - nz) / 8.0) ** 2 + ((y - ny) / 6.0) ** 2 + ((x - nx) / 6.0) ** 2 < 1.0
     nodule &= np.isin(labels, (1, 2))
     hu[nodule] = 30.0
     labels[nodule] = 7
-    hu += rng.normal(0.0, 15.0, shape).astype(np.float32)
-    return Sample(np.round(hu).astype(np.int16), labels, tuple(float(s) for s in spacing), CHEST_CLASSES)
+    image = hu.reshape(Z, sub, Y, X).mean(1) + rng.normal(0.0, 15.0, shape).astype(np.float32)
+    return Sample(np.round(image).astype(np.int16), labels[sub // 2::sub].copy(), tuple(float(s) for s in spacing),
+                  CHEST_CLASSES)
 
 
 def spine_mask(sample: Sample) -> np.ndarray:

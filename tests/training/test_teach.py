@@ -82,6 +82,26 @@ def test_window_from_the_annotated_voxels_keeps_lung_apart_from_air() -> None:
     assert low > -1024 or low == -1024.0
 
 
+def test_the_chest_phantom_changes_between_slices_as_a_real_chest_does() -> None:
+    """Fill-between-slices must do about as badly on it as on the real chest CT of issue 30 (0.59 at 5 slices):
+    the aorta is an arch on a few slices and two limbs below it, the trachea splits into two bronchi."""
+    import sys
+
+    from scipy import ndimage
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from bench_sparse import annotated, interpolate, score
+
+    s = synthetic_chest(seed=0)
+    parts = lambda c: [ndimage.label(s.labels[z] == c)[1] for z in range(len(s.labels))]  # noqa: E731
+    aorta, airway = parts(4), parts(5)
+    assert 2 in aorta and aorta.index(2) > next(z for z, n in enumerate(aorta) if n)   # arch, then two limbs
+    assert 2 in airway and airway.index(2) > airway.index(1)                             # trachea, then bronchi
+    chosen = annotated(s.labels, 5)
+    rest = np.setdiff1d(np.arange(len(s.labels)), chosen)
+    assert 0.5 < score(interpolate(s.labels, chosen, 8), s.labels, rest, 8) < 0.7
+
+
 def _chest_files(tmp_path: Path, ignore: int | None = None) -> tuple[Path, Path, np.ndarray]:
     s = synthetic_chest(seed=2, shape=(12, 64, 64), spacing=(10.0, 4.8, 4.8))
     sparse = np.full(s.labels.shape, 0 if ignore is None else ignore, np.uint8)
