@@ -3,9 +3,10 @@ scans: Dice on the slices NOT annotated.
 
     python benchmarks/bench_sparse.py [--threads 2] [--slices 3,5,8] [--cases chest,ct-thick,mr-thick]
         [--seeds 0,1,2] [--minutes 5] [--recipe lr=6e-4,holdout_fraction=0,...] [--from-scratch]
-    python benchmarks/bench_sparse.py --add-class [--threads 2] [--slices 4] [--seeds 31,32,33]
+    python benchmarks/bench_sparse.py --add-class [--threads 2] [--slices 4] [--seeds 31,32,33] [--recipe ...]
 
-`--recipe` overrides fields of `TEACH` in `training/teach.py` (the candidates the recipe was chosen from).
+`--recipe` overrides fields of `TEACH` in `training/teach.py` (with `--add-class`, of `ADD_CLASS` in
+`training/finetune.py`): the candidates the recipes were chosen from.
 
 Cases (each generated from the seed):
 - chest: `synthetic_chest`, 34 x 128 x 128 at 10 mm slices averaging what lies in them, a field of view that cuts
@@ -141,7 +142,7 @@ def run(case: str, seed: int, k: int, recipe: FinetuneSettings, scratch: bool) -
     return results
 
 
-def add_class(seed: int, k: int) -> dict[str, float]:
+def add_class(seed: int, k: int, recipe: FinetuneSettings) -> dict[str, float]:
     """The spine added to the bundled CT model from k painted slices: Dice on the unpainted ones."""
     s = synthetic_ct(seed)
     spine = spine_mask(s)
@@ -156,7 +157,7 @@ def add_class(seed: int, k: int) -> dict[str, float]:
     slices[painted] = True
     extended = extend_classes(parent, (*CT_CLASSES, "spine"))
     t = time.perf_counter()
-    result = drain(finetune(extended, [Pair("spine", s.image, corrected, slices)], replace(ADD_CLASS, device="cpu")))
+    result = drain(finetune(extended, [Pair("spine", s.image, corrected, slices)], recipe))
     minutes = (time.perf_counter() - t) / 60
     after = _labels(result.checkpoint, s.image)
     old = len(CT_CLASSES)
@@ -168,11 +169,13 @@ def add_class(seed: int, k: int) -> dict[str, float]:
 
 
 def _overrides(text: str) -> dict[str, object]:
-    """"lr=6e-4,augment=false" -> {"lr": 0.0006, "augment": False}, typed as TEACH's fields."""
+    """"lr=6e-4,augment=false" -> {"lr": 0.0006, "augment": False}, typed as FinetuneSettings' fields (a field
+    whose default is None as a number)."""
     out: dict[str, object] = {}
     for item in filter(None, text.split(",")):
         key, value = item.split("=")
-        kind = type(getattr(TEACH, key))
+        default = getattr(TEACH, key)
+        kind = float if default is None else type(default)
         out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
     return out
 
@@ -184,24 +187,26 @@ def main() -> None:
     p.add_argument("--cases", default=",".join(CASES))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--minutes", type=float, default=TEACH.minutes)
-    p.add_argument("--recipe", default="", help="FIELD=VALUE,... overriding TEACH in training/teach.py")
+    p.add_argument("--recipe", default="", help="FIELD=VALUE,... overriding TEACH in training/teach.py (with "
+                   "--add-class: ADD_CLASS in training/finetune.py)")
     p.add_argument("--from-scratch", action="store_true", help="the new model not started from the bundled one")
     p.add_argument("--add-class", action="store_true", help="the spine added to the bundled CT model")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.add_class:
+        recipe = replace(ADD_CLASS, device="cpu", **_overrides(args.recipe))
         print(f"CPU: {cpu_name()}, {args.threads} threads; the spine added to the bundled CT model, "
-              f"the ADD_CLASS recipe")
+              f"the ADD_CLASS recipe {args.recipe}")
         print("| painted slices | new class Dice | old classes: parent | old classes: extended | old change | "
-              "minutes | verdicts |")
-        print("|---|---|---|---|---|---|---|")
+              "worst seed's change | minutes | verdicts |")
+        print("|---|---|---|---|---|---|---|---|")
         for k in (int(v) for v in args.slices.split(",")):
-            runs = [add_class(int(seed), k) for seed in args.seeds.split(",")]
+            runs = [add_class(int(seed), k, recipe) for seed in args.seeds.split(",")]
             col = {key: np.array([r[key] for r in runs]) for key in runs[0]}
             change = col["old, extended"] - col["old, parent"]
             cells = [f"{col[key].mean():.3f} ± {col[key].std():.3f}" for key in ("new class", "old, parent", "old, extended")]
             print(f"| {k} | {' | '.join(cells)} | {change.mean():+.4f} ± {change.std():.4f} | "
-                  f"{col['minutes'].mean():.1f} | {int(col['improved'].sum())}/{len(runs)} better |", flush=True)
+                  f"{change.min():+.4f} | {col['minutes'].mean():.1f} | {int(col['improved'].sum())}/{len(runs)} better |", flush=True)
         return
     recipe = replace(TEACH, minutes=args.minutes, device="cpu", **_overrides(args.recipe))
     print(f"CPU: {cpu_name()}, {args.threads} threads; new model: {args.minutes:g} min budget, "

@@ -167,7 +167,7 @@ class FinetuneResult:
     "keep anyway": the best-scoring trained state (the last one when nothing was held out); it is `checkpoint` when
     improved. `dice_after` and `best_step` describe the candidate; `changed_uncorrected` is the share of voxels of
     the (sampled) uncorrected slices whose label the candidate changes against the parent's prediction, None
-    without uncorrected slices.
+    without uncorrected slices or when the parent is a new model (`teach.new_model`: its labels mean nothing).
     """
 
     checkpoint: Checkpoint
@@ -441,6 +441,8 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
     calibrate = settings.calibrate and card.preprocessing.kind != "zscore"      # z-score: mean/std set per image
     model = InputCalibration(network, card.preprocessing).to(device) if calibrate else network
     train, holdout_raw, uncorrected_raw = _split(pairs, settings, rng, card.preprocessing)
+    if card.provenance.get("untrained"):              # a new model's labels are noise: nothing to keep or compare
+        uncorrected_raw = []
     trained = [_Slices(c.image[None], c.preprocessing, c.labels[None]) if c.labels.ndim == 2
                else _Slices(c.image, c.preprocessing, c.labels) for c in train]
     if isinstance(model, InputCalibration):
@@ -565,6 +567,7 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
         holdout_dice_after=None if after is None else round(after, 4),
         changed_uncorrected=None if changed is None else round(changed, 5),
         trust_fit=None if fit is None else round(fit, 4), protection_share=round(share, 4),
+        untrained=False,
         new_classes=[], added_classes=[*card.provenance.get("added_classes", []), *fresh])
     candidate = Checkpoint(network.cpu(), new_card)
     old, new = card.preprocessing.describe(), folded.describe()

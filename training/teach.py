@@ -103,7 +103,7 @@ def new_model(class_names: tuple[str, ...], preprocessing: Preprocessing, input_
                 state[key] = value.clone()
                 copied += 1
         model.load_state_dict(state)
-    provenance = {"data": "the user's annotated slices", "arch": arch,
+    provenance = {"data": "the user's annotated slices", "arch": arch, "untrained": True,
                   "started_from": str(start_from.path) if start_from is not None and copied else None}
     card = ModelCard(cfg, tuple(class_names), input_size=(input_size, input_size), preprocessing=preprocessing,
                      provenance=provenance)

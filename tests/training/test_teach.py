@@ -146,9 +146,11 @@ def test_a_new_model_lowers_its_loss_on_the_annotated_slices() -> None:
     prep, _ = preprocessing_for(s.image[[2, 6, 9]], s.labels[[2, 6, 9]], False)
     model = new_model(CHEST_CLASSES, prep, input_side((64, 64)), "small", load_checkpoint(bundled_model("ct")))
     losses: list[float] = []
-    drain(finetune(model, [teach_pair("chest", s.image, sparse)], replace(TEACH, steps=60, device="cpu")),
-          lambda p: losses.append(p.loss) if p.loss is not None else None)
+    result = drain(finetune(model, [teach_pair("chest", s.image, sparse)], replace(TEACH, steps=60, device="cpu")),
+                   lambda p: losses.append(p.loss) if p.loss is not None else None)
     assert len(losses) == 60 and np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.05, losses
+    assert result.changed_uncorrected is None and "uncorrected" not in result.summary   # noise, not a parent
+    assert result.candidate.card.provenance["untrained"] is False
 
 
 def test_bad_teaching_input_is_one_line_and_writes_nothing(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
