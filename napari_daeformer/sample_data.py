@@ -317,7 +317,7 @@ def shifted(sample: Sample, shift: str, seed: int = 0) -> Sample:
     elif shift == "enlarged":
         image, labels = _enlarged_liver(image, labels, 1.3)
     elif shift == "lesion":
-        image = _liver_lesions(image, labels, spacing, np.random.default_rng(seed))
+        image, _ = _liver_lesions(image, labels, spacing, np.random.default_rng(seed))
     elif shift == "spacing":
         small = ndimage.zoom(image, (1, 0.5, 0.5), order=1)
         small_labels = ndimage.zoom(labels, (1, 0.5, 0.5), order=0)
@@ -345,17 +345,29 @@ def _enlarged_liver(image: np.ndarray, labels: np.ndarray, factor: float) -> tup
     return out_image, out_labels
 
 
-def _liver_lesions(image: np.ndarray, labels: np.ndarray, spacing: tuple[float, ...], rng: np.random.Generator
-                   ) -> np.ndarray:
-    """Two round hypodense lesions (10 HU, radius 4-7 mm) inside the liver; the labels stay liver."""
+def with_liver_lesions(sample: Sample, seed: int = 0, radius_mm: tuple[float, float] = (4.0, 7.0)
+                       ) -> tuple[Sample, np.ndarray]:
+    """`sample` (the abdominal phantom) with two round hypodense lesions (10 HU) inside its liver, still labelled
+    liver, and their (Z, Y, X) bool mask: the "lesion" shift, and with larger radii the liver tumour that
+    `benchmarks/bench_sparse.py --add-class` adds as a new class."""
+    image, mask = _liver_lesions(sample.image.astype(np.float32), sample.labels, sample.spacing,
+                                 np.random.default_rng(seed), radius_mm)
+    return Sample(np.round(image).astype(np.int16), sample.labels, sample.spacing, sample.class_names), mask
+
+
+def _liver_lesions(image: np.ndarray, labels: np.ndarray, spacing: tuple[float, ...], rng: np.random.Generator,
+                   radius_mm: tuple[float, float] = (4.0, 7.0)) -> tuple[np.ndarray, np.ndarray]:
+    """Two round hypodense lesions (10 HU, radius drawn from `radius_mm`) inside the liver, and their mask."""
     inside = np.argwhere(ndimage.binary_erosion(labels == 1, iterations=3))
+    mask = np.zeros(labels.shape, bool)
     if not len(inside):
-        return image
+        return image, mask
     z, y, x = np.ogrid[tuple(slice(0, n) for n in image.shape)]
     out = image.copy()
     for centre in inside[rng.choice(len(inside), 2, replace=False)]:
-        r = rng.uniform(4.0, 7.0)
+        r = rng.uniform(*radius_mm)
         d = sum(((g - c) * sp / r) ** 2 for g, c, sp in zip((z, y, x), centre, spacing))
         lesion = (d < 1.0) & (labels == 1)
         out[lesion] = 10.0 + rng.normal(0.0, 12.0, int(lesion.sum()))
-    return out
+        mask |= lesion
+    return out, mask

@@ -501,7 +501,7 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
         two held-out slices on, their choice of state is kept (with 8, the refit's last state lost 0.10 on one of
         two phase scans)."""
         yield 0, Trainer(model, card, train, [], cfg, None, device=str(device), regulariser=regulariser,
-                         threads=threads, lr_scales=scales)
+                         threads=threads, lr_scales=scales, deadline=deadline)
         if regulariser is None or settings.trust is None:
             return
         fit = _pooled_dice([engine_labels(t) for t in trained], [t.labels for t in trained], n_classes)
@@ -511,7 +511,7 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
             regulariser.weight = settings.weight * judged[0][1]
             yield settings.steps, Trainer(model, card, train, [], cfg, None,
                                           device=str(device), regulariser=regulariser, threads=threads,
-                                          lr_scales=scales)
+                                          lr_scales=scales, deadline=deadline)
             won = best is not None and best[1] > settings.steps and before is not None and \
                 best[0] > before + settings.min_gain
             if settings.refit and won and sum(len(c.labels) for c in held_cases) == 1:
@@ -519,7 +519,7 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
                 model.load_state_dict(start)
                 yield 2 * settings.steps, Trainer(model, card, [*train, *held_cases], [], cfg, None,
                                                   device=str(device), regulariser=regulariser, threads=threads,
-                                                  lr_scales=scales)
+                                                  lr_scales=scales, deadline=deadline)
 
     before = score()
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None         # the best trained state: Dice, step, weights
