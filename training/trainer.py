@@ -94,8 +94,6 @@ class Trainer:
             force before `fit` comes back when it ends.
         lr_scales: parameters whose name starts with a key learn at the schedule's rate times its value
             (fine-tuning's input calibration).
-        deadline: a `time.monotonic()` at which the learning rate has decayed to 0 (a time budget; the caller
-            stops there), where that comes before the last step.
 
     The global random state is never touched: data order and augmentation draw from generators seeded by
     `cfg.seed`. Parameters frozen by `train_parts` get their `requires_grad` back when `fit` ends.
@@ -104,8 +102,7 @@ class Trainer:
     def __init__(self, model: DAEFormer, card: ModelCard, train_cases: Sequence[Case], val_cases: Sequence[Case],
                  cfg: TrainConfig, out_dir: str | Path | None, device: str = "auto", dist: DistInfo | None = None,
                  resume: bool = False, regulariser: Regulariser | None = None,
-                 threads: ThreadGovernor | None = None, lr_scales: Mapping[str, float] | None = None,
-                 deadline: float | None = None) -> None:
+                 threads: ThreadGovernor | None = None, lr_scales: Mapping[str, float] | None = None) -> None:
         self.dist = dist or DistInfo()
         rgb = card.preprocessing.kind == "rgb"
         validate_cases([*train_cases, *val_cases], card.config.num_classes, rgb)
@@ -158,24 +155,17 @@ class Trainer:
         self.loss_fn = DiceCELoss(cfg.ce_weight, cfg.dice_weight, all_reduce_sum if self.dist.enabled else None,
                                   cfg.dice_present_only)
         self.step, self.epoch, self.best_dice = 0, 0, -1.0
-        self.deadline, self._started = deadline, None          # the budget's end; when `fit` began (time.monotonic)
-        self.lr = self.lr_at(self.step)                         # the rate of the last step taken
         self.amp_dtype = torch.bfloat16 if cfg.amp and self.device.type == "cuda" else None
         if resume and self.out_dir is not None:
             meta = load_state(self.out_dir / "resume.safetensors", self.model, self.optimizer)
             self.step, self.epoch, self.best_dice = meta["step"], meta["epoch"], meta["best_dice"]
 
     def lr_at(self, step: int) -> float:
-        """Linear warm-up over `warmup_steps`, then poly decay to 0 at the last step or, with a `deadline`, at the
-        deadline if it comes first: a time budget ends annealed, not at a high rate (`benchmarks/bench_sparse.py`,
-        a new chest model from 5 slices in 5 minutes: Dice 0.780 stopped at 2/3 of the rate, 0.808 annealed)."""
+        """Linear warm-up over `warmup_steps`, then poly decay to 0 at the last step."""
         warm = self.cfg.warmup_steps
         if step < warm:
             return self.cfg.lr * (step + 1) / (warm + 1)
-        done = (step - warm) / max(self.total_steps - warm, 1)
-        if self.deadline is not None and self._started is not None:
-            done = max(done, (time.monotonic() - self._started) / max(self.deadline - self._started, 1e-9))
-        return self.cfg.lr * max(1.0 - done, 0.0) ** self.cfg.poly_power
+        return self.cfg.lr * (1 - (step - warm) / max(self.total_steps - warm, 1)) ** self.cfg.poly_power
 
     def _train_step(self, image: torch.Tensor, target: torch.Tensor, generator: torch.Generator) -> float:
         if self.threads is not None:
@@ -183,9 +173,8 @@ class Trainer:
         image, target = image.to(self.device), target.to(self.device)
         if self.cfg.augment is not None:
             image, target = augment_batch(image, target, self.cfg.augment, generator)
-        self.lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr * group.get("lr_scale", 1.0)      # a resume file may predate it
+            group["lr"] = self.lr_at(self.step) * group.get("lr_scale", 1.0)      # a resume file may predate it
         with autocast(self.device, self.amp_dtype):
             logits = self.net(image)
         loss = self.loss_fn(logits, target)
@@ -245,7 +234,6 @@ class Trainer:
             _truncate_log(self.out_dir / "metrics.jsonl", self.step)
         self.model.train()
         started = time.perf_counter()
-        self._started = time.monotonic()
         while self.step < self.total_steps:
             self.sampler.set_epoch(self.epoch)
             generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch * 101 + self.dist.rank)
@@ -253,7 +241,7 @@ class Trainer:
             for image, target in self.loader:
                 loss = self._train_step(image, target, generator)
                 seen += len(image) * self.dist.world_size
-                report = StepReport(self.epoch, self.step, self.total_steps, loss, self.lr,
+                report = StepReport(self.epoch, self.step, self.total_steps, loss, self.lr_at(self.step - 1),
                                     seen / (time.perf_counter() - t0))
                 if writes and (self.step % log_every == 0 or self.step == 1):
                     self._log({"step": self.step, "epoch": self.epoch, "loss": loss, "lr": report.lr})

@@ -205,3 +205,65 @@ def test_input_calibration_folds_into_the_preprocessing(kind: str) -> None:
         calibration.shift.zero_()
         assert calibration.folded(prep) == prep                          # the identity changes nothing
         torch.testing.assert_close(calibration(as_input(calibration.input_preprocessing(prep))), net(as_input(prep)))
+
+
+def test_a_new_class_may_take_the_voxels_of_its_host_on_unpainted_slices() -> None:
+    """A tumour painted where the parent said liver: on the unpainted slices the parent's "liver" becomes "liver
+    or tumour" (so the pseudo-labels no longer hold the tumour back), while its "spleen" stays "spleen"."""
+    import torch
+    from napari_daeformer_training.finetune import PseudoLabels, new_class_hosts
+
+    parent_says, user_paints = np.array([[1, 1, 1, 1, 0, 2]]), np.array([[3, 3, 3, 3, 3, 2]])
+    assert new_class_hosts([parent_says], [user_paints], 3, 4) == [(3, 1)]       # background under 1/5: no host
+    assert new_class_hosts([parent_says], [np.where(user_paints == 3, 0, user_paints)], 3, 4) == []
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, winners: list[int]) -> None:
+            super().__init__()
+            self.logits = torch.nn.functional.one_hot(torch.tensor(winners), 4).T.float()[None, :, None, :] * 20
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.logits.expand(len(x), -1, -1, -1)
+
+    settings = FinetuneSettings(protect="pseudo", batch_size=1, protect_weight=1.0)
+    x, cpu = torch.zeros(1, 1, 1, 2), torch.device("cpu")
+    merged = PseudoLabels(Fixed([1, 2]), x, settings, cpu, hosts=[(3, 1)])         # the parent: liver, spleen
+    strict = PseudoLabels(Fixed([1, 2]), x, settings, cpu)
+    assert float(merged(Fixed([3, 2]))) < 1e-3                                       # the tumour in the liver
+    assert float(strict(Fixed([3, 2]))) > 5.0
+    assert float(merged(Fixed([1, 3]))) > 5.0                                        # the tumour in the spleen
+
+
+def test_a_new_class_starts_from_its_host_and_is_judged_where_it_is() -> None:
+    """The tumour's output row starts as the liver's, as far below it as background's copy was (so it is still
+    never chosen), and the held-out slice is one that holds enough of the tumour to judge it (not its tip)."""
+    import torch
+    from napari_daeformer_training.finetune import _split, start_from_hosts
+    from napari_daeformer_training.teach import extend_classes
+
+    from napari_daeformer.sample_data import CT_CLASSES
+
+    parent = load_checkpoint(bundled_model("ct"))
+    extended = extend_classes(parent, (*CT_CLASSES, "tumour"))
+    net = extended.model
+    margin = float(net.head.bias[0] - net.head.bias[6])
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        old = net(x)
+    start_from_hosts(net, [(6, 1), (6, 0)])                                  # mostly in the liver, partly background
+    assert torch.equal(net.head.weight[6], net.head.weight[1])
+    assert float(net.head.bias[1] - net.head.bias[6]) == pytest.approx(margin)
+    with torch.no_grad():
+        new = net(x)
+    assert torch.equal(new[:, :6], old[:, :6]) and bool((new[:, 6] < new[:, :6].max(1).values).all())
+
+    labels = np.zeros((8, 16, 16), np.uint8)
+    labels[[1, 3, 5, 7], 4:8, 4:8] = 1
+    labels[3, 4:8, 4:8], labels[5, 4:7, 4:7], labels[7, 4, 4] = 6, 6, 6       # slice 7: the tumour's 1-voxel tip
+    slices = np.zeros(8, bool)
+    slices[[3, 5, 7]] = True
+    pair = Pair("t", np.zeros((8, 16, 16), np.int16), labels, slices)
+    settings = FinetuneSettings(holdout_fraction=0.34)
+    for seed in range(6):
+        _, held, _ = _split([pair], settings, np.random.default_rng(seed), parent.card.preprocessing, first_new=6)
+        assert (held[0][1] == 6).sum() >= 9

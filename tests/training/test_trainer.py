@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -102,28 +101,6 @@ def test_decoder_only_fine_tuning_freezes_the_encoder(tmp_path: Path) -> None:
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("encoder."))
     assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
-
-
-def test_a_time_budget_anneals_the_rate_to_zero_at_its_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With a deadline before the last step, the poly decay runs on the budget's clock: a run stopped by the budget
-    ends annealed, not at the high rate of a third of its steps."""
-    import napari_daeformer_training.trainer as trainer_module
-
-    clock = [100.0]
-    monkeypatch.setattr(trainer_module, "time", SimpleNamespace(monotonic=lambda: clock[0],
-                                                                perf_counter=lambda: clock[0]))
-
-    def tick(net: torch.nn.Module) -> torch.Tensor:              # each step takes 2.5 s of a 10 s budget
-        clock[0] += 2.5
-        return torch.zeros(())
-
-    trainer = Trainer(DAEFormer(SMALL_CT), ct_card(32), [ct_case(1, slices=4, side=32)], [],
-                      TrainConfig(epochs=None, max_steps=1000, batch_size=2, augment=None), None, "cpu",
-                      regulariser=tick, deadline=110.0)
-    reports = [r for _, r in zip(range(5), trainer.fit())]
-    expected = [max(1 - 0.25 * k, 0.0) ** 0.9 for k in range(5)]           # by the clock; by steps all ~1
-    assert [round(r.lr / trainer.cfg.lr, 3) for r in reports] == [round(e, 3) for e in expected]
-    assert reports[-1].lr == 0.0
 
 
 def test_no_output_folder_writes_nothing_and_leaves_global_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
