@@ -14,6 +14,8 @@ from napari_daeformer.errors import TrainingError
 from napari_daeformer.preprocessing import Preprocessing
 from napari_daeformer.sample_data import synthetic_ct, synthetic_skin
 
+from .losses import IGNORE
+
 
 @dataclass(frozen=True)
 class Case:
@@ -65,9 +67,9 @@ def detect_num_classes(cases: Sequence[Case]) -> int:
     return k
 
 
-def validate_cases(cases: Sequence[Case], num_classes: int, rgb: bool) -> None:
+def validate_cases(cases: Sequence[Case], num_classes: int, rgb: bool, sparse: bool = False) -> None:
     """Raise one TrainingError listing every bad case (shape mismatch, label values beyond the classes with their
-    voxel counts)."""
+    voxel counts). `sparse`: IGNORE voxels mean "not annotated" and are no error."""
     problems = []
     for case in cases:
         spatial = case.image.shape[:-1] if rgb else case.image.shape
@@ -77,7 +79,7 @@ def validate_cases(cases: Sequence[Case], num_classes: int, rgb: bool) -> None:
             problems.append(f"{case.name}: image {spatial} and labels {case.labels.shape} differ in shape")
         elif not np.issubdtype(case.labels.dtype, np.integer) and case.labels.dtype != bool:
             problems.append(f"{case.name}: labels must be integers, got {case.labels.dtype}")
-        elif stray := stray_labels(case.labels, num_classes):
+        elif stray := stray_labels(case.labels[case.labels != IGNORE] if sparse else case.labels, num_classes):
             problems.append(f"{case.name}: {stray} beyond the classes 0..{num_classes - 1}")
     if problems:
         raise TrainingError(f"{len(problems)} bad training case(s): " + "; ".join(problems) +

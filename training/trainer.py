@@ -55,6 +55,7 @@ class TrainConfig:
     amp: bool = True                 # bf16 autocast on CUDA
     max_steps: int | None = None     # stop early (tests, smoke runs); the length of the run when epochs is None
     train_parts: str = "all"         # or "decoder": freeze the encoder (fine-tuning)
+    sparse: bool = False             # IGNORE (255) voxels are "not annotated" (no loss), not refused (fine-tuning)
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)   # None: no augmentation
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,7 +106,7 @@ class Trainer:
                  threads: ThreadGovernor | None = None, lr_scales: Mapping[str, float] | None = None) -> None:
         self.dist = dist or DistInfo()
         rgb = card.preprocessing.kind == "rgb"
-        validate_cases([*train_cases, *val_cases], card.config.num_classes, rgb)
+        validate_cases([*train_cases, *val_cases], card.config.num_classes, rgb, cfg.sparse)
         if {c.name for c in train_cases} & {c.name for c in val_cases}:
             raise TrainingError("a case is in both the training and the validation set")
         if cfg.batch_size % self.dist.world_size:

@@ -130,6 +130,23 @@ def test_a_new_model_from_three_annotated_slices_through_the_cli(tmp_path: Path,
     assert result.labels.shape == truth.shape                           # and it segments the whole volume
 
 
+def test_a_slice_annotated_in_part_trains_on_its_annotated_voxels(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """Voxels of an annotated slice left at the ignore value (only the lungs' side painted, say) carry no loss; the
+    trainer used to refuse them as label values beyond the classes."""
+    s = synthetic_chest(seed=2, shape=(12, 64, 64), spacing=(10.0, 4.8, 4.8))
+    sparse = np.full(s.labels.shape, 200, np.uint8)
+    sparse[[2, 6, 9]] = s.labels[[2, 6, 9]]
+    sparse[6, :, 32:] = 200                                    # half of a slice not annotated
+    affine = default_affine(s.spacing)
+    image = write_nifti(tmp_path / "chest.nii.gz", s.image, affine)
+    labels = write_nifti(tmp_path / "part.nii.gz", sparse, affine)
+    names = "background,right lung,left lung,heart,aorta,trachea,spinal cord,nodule"
+    assert main(["train", "--image", str(image), "--labels", str(labels), "--ignore-value", "200", "--classes",
+                 names, "--max-steps", "4", "--device", "cpu", "--quiet", "--out", str(tmp_path / "new")]) == 0, \
+        capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "new" / "best.safetensors").card.provenance["annotated_slices"] == [2, 6, 9]
+
+
 def test_a_new_model_lowers_its_loss_on_the_annotated_slices() -> None:
     """The teaching recipe on three annotated slices of the chest phantom: the loss falls (60 steps, ~20 s)."""
     from dataclasses import replace
