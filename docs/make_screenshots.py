@@ -20,7 +20,16 @@ from skimage import io as skio
 
 from napari_daeformer.io.nifti import write_nifti
 from napari_daeformer.io.record import default_affine
-from napari_daeformer.sample_data import CHEST_CLASSES, CT_CLASSES, shifted, spine_mask, synthetic_chest, synthetic_ct, synthetic_skin
+from napari_daeformer.sample_data import (
+    CHEST_CLASSES,
+    CT_CLASSES,
+    shifted,
+    spine_mask,
+    synthetic_chest,
+    synthetic_ct,
+    synthetic_skin,
+    with_liver_lesions,
+)
 
 OUT = Path(__file__).parent / "images"
 SIZE = (1600, 1000)
@@ -246,9 +255,41 @@ def add_class_scene(tmp: Path) -> None:
     viewer.close()
 
 
+def tumour_scene(tmp: Path) -> None:
+    """A class inside one the model knows: two liver tumours painted on 4 slices of the bundled CT model's proposal."""
+    sample, mask = with_liver_lesions(synthetic_ct(seed=31), 31, radius_mm=(8.0, 14.0))
+    tumour = np.where(mask, 6, 0).astype(np.uint8)
+    holding = np.flatnonzero(mask.reshape(len(mask), -1).any(1))
+    slices = sorted({int(holding[i]) for i in np.linspace(0, len(holding) - 1, 4).round().astype(int)})
+    path = write_nifti(tmp / "abdomen31.nii.gz", sample.image, default_affine(sample.spacing))
+    viewer = new_viewer()
+    viewer.open(str(path), plugin="napari-daeformer")
+    viewer.layers[-1].name = "abdomen"
+    segment = from_plugins_menu("segment_widget")
+    segment._image.value = viewer.layers["abdomen"]
+    segment._run.clicked()
+    wait(lambda: not segment.running)
+    labels = viewer.layers["abdomen DAE-Former"]
+    paint(labels, tumour, slices, only=6)
+    tune = from_plugins_menu("finetune_widget")
+    tune._image.value, tune._corrected.value = viewer.layers["abdomen"], labels
+    tune._classes.value = ", ".join((*CT_CLASSES, "liver tumour"))
+    tune._add.clicked()
+    tune._device.value = "cpu"
+    tune._run.clicked()
+    wait(lambda: not tune.running, timeout=900)
+    segment._run.clicked()
+    wait(lambda: not segment.running)
+    labels.visible = False
+    unpainted = [z for z in holding if z not in slices]
+    viewer.dims.set_current_step(0, max(unpainted, key=lambda z: int(mask[z].sum())))   # its widest unpainted slice
+    save(viewer, "add_class_tumour.png")
+    viewer.close()
+
+
 def main() -> int:
     OUT.mkdir(exist_ok=True)
-    only = sys.argv[1:]                                 # scene names (ct, skin, batch, teach, add-class); default: all
+    only = sys.argv[1:]                                 # scene names (ct, skin, batch, teach, add-class, tumour); default: all
     with tempfile.TemporaryDirectory() as tmp:
         if not only or "ct" in only:
             ct_scenes(Path(tmp))
@@ -260,6 +301,8 @@ def main() -> int:
             teach_scenes(Path(tmp), minutes=5.0)
         if not only or "add-class" in only:
             add_class_scene(Path(tmp))
+        if not only or "tumour" in only:
+            tumour_scene(Path(tmp))
     return 0
 
 
