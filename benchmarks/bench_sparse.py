@@ -251,14 +251,15 @@ def main() -> None:
         print(f"CPU: {cpu_name()}, {args.threads} threads; the {args.structure} added to the bundled CT model "
               f"(scan shift: {args.shift}), "
               f"the ADD_CLASS recipe {args.recipe}")
-        print("| painted slices | new class Dice | old classes: parent | old classes: extended | old change | "
+        print("| painted slices | new class Dice | per seed | old classes: parent | old classes: extended | old change | "
               "worst seed's change | minutes | verdicts |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|")
         for k in (int(v) for v in args.slices.split(",")):
             runs = [add_class(int(seed), k, recipe, args.structure, args.shift) for seed in args.seeds.split(",")]
             col = {key: np.array([r[key] for r in runs]) for key in runs[0]}
             change = col["old, extended"] - col["old, parent"]
             cells = [f"{col[key].mean():.3f} ± {col[key].std():.3f}" for key in ("new class", "old, parent", "old, extended")]
+            cells.insert(1, " ".join(f"{d:.3f}" for d in col["new class"]))
             print(f"| {k} | {' | '.join(cells)} | {change.mean():+.4f} ± {change.std():.4f} | "
                   f"{change.min():+.4f} | {col['minutes'].mean():.1f} | {int(col['improved'].sum())}/{len(runs)} better |", flush=True)
         return
