@@ -356,26 +356,13 @@ class PseudoLabels:
     (`benchmarks/bench_sparse.py --add-class --structure "liver tumour"`, seeds 31-33).
     """
 
-    EASED_CONFIDENCE = 0.9       # once the parent is found wrong (`ease`), its labels are targets only where it is sure
-
     def __init__(self, model: torch.nn.Module, x: torch.Tensor, settings: FinetuneSettings, device: torch.device,
                  hosts: Sequence[tuple[int, int]] = ()) -> None:
-        self.conf, self.parent = _softmax(model, x, device).max(1)
-        self.x, self.hosts, self.confidence = x, list(hosts), settings.confidence
-        self.target = self._sure(settings.confidence)
+        conf, target = _softmax(model, x, device).max(1)
+        target[conf < settings.confidence] = -100                  # not confident: no target there
+        self.x, self.target, self.hosts = x, target, list(hosts)
         self.batch, self.weight, self.device = settings.batch_size, settings.weight, device
         self.generator = torch.Generator().manual_seed(settings.seed + 1)
-
-    def _sure(self, confidence: float) -> torch.Tensor:
-        """The parent's labels where its probability reaches `confidence`, -100 (no target) elsewhere."""
-        return torch.where(self.conf >= confidence, self.parent, -100)
-
-    def ease(self, weight: float) -> None:
-        """Hold a parent found wrong (`FinetuneSettings.trust`) at `weight` and only where it is sure: its unsure
-        borders held too kept a poor parent's errors (`bench_sparse.py --add-class --shift phase`: old classes
-        +0.10 instead of +0.24)."""
-        self.weight = weight
-        self.target = self._sure(max(self.EASED_CONFIDENCE, self.confidence))
 
     def __call__(self, net: torch.nn.Module) -> torch.Tensor:
         pick = torch.randint(len(self.x), (min(self.batch, len(self.x)),), generator=self.generator)
@@ -470,10 +457,6 @@ class PullToParent:
         keep = model.head.out_features - free_classes if free_classes else None
         rows = [keep if id(p) in head else None for p in model.parameters()]       # None: the whole tensor
         self.pairs = [(p, p.detach()[:r].clone(), r) for p, r in zip(model.parameters(), rows)]
-        self.weight = weight
-
-    def ease(self, weight: float) -> None:
-        """Pull a parent found wrong (`FinetuneSettings.trust`) at `weight`."""
         self.weight = weight
 
     def __call__(self, net: torch.nn.Module) -> torch.Tensor:
@@ -583,7 +566,7 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
         judged.append((fit, settings.protection_share(fit)))
         if judged[0][1] < 1.0:                        # a second run from the parent, the protection eased
             model.load_state_dict(start)
-            regulariser.ease(settings.weight * judged[0][1])
+            regulariser.weight = settings.weight * judged[0][1]
             yield settings.steps, Trainer(model, card, train, [], cfg, None,
                                           device=str(device), regulariser=regulariser, threads=threads,
                                           lr_scales=scales)

@@ -234,25 +234,6 @@ def test_a_new_class_may_take_the_voxels_of_its_host_on_unpainted_slices() -> No
     assert float(merged(Fixed([1, 3]))) > 5.0                                        # the tumour in the spleen
 
 
-def test_pseudo_labels_hold_every_voxel_of_a_right_parent_and_only_the_sure_ones_of_a_wrong_one() -> None:
-    """ADD_CLASS holds the parent's labels on every voxel, its unsure borders too (the old classes moved there);
-    once the fit says the parent is wrong (`trust`), the eased run holds it only where it is sure."""
-    import torch
-    from napari_daeformer_training.finetune import ADD_CLASS, PseudoLabels
-
-    class Fixed(torch.nn.Module):                       # class 0: sure on the first voxel, unsure on the second
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.tensor([[[[9.0, 0.2]], [[0.0, 0.0]]]]).expand(len(x), -1, -1, -1)
-
-    x, cpu = torch.zeros(1, 1, 1, 2), torch.device("cpu")
-    held = PseudoLabels(Fixed(), x, replace(ADD_CLASS, batch_size=1), cpu)
-    assert held.target.tolist() == [[[0, 0]]] and held.weight == ADD_CLASS.weight
-    held.ease(2.5)
-    assert held.target.tolist() == [[[0, -100]]] and held.weight == 2.5
-    sure = PseudoLabels(Fixed(), x, FinetuneSettings(protect="pseudo", batch_size=1), cpu)
-    assert sure.target.tolist() == [[[0, -100]]]                  # the default confidence: as eased
-
-
 def test_a_new_class_starts_from_its_host_and_is_judged_where_it_is() -> None:
     """The tumour's output row starts as the liver's, as far below it as background's copy was (so it is still
     never chosen), and the held-out slice is one that holds enough of the tumour to judge it (not its tip)."""
