@@ -23,6 +23,7 @@ from napari_daeformer.io.record import default_affine
 from napari_daeformer.sample_data import (
     CHEST_CLASSES,
     CT_CLASSES,
+    Sample,
     shifted,
     spine_mask,
     synthetic_chest,
@@ -226,11 +227,11 @@ def teach_scenes(tmp: Path, minutes: float) -> None:
     viewer.close()
 
 
-def add_class_scene(tmp: Path) -> None:
-    """A class added to the bundled CT model: the spine painted on 4 slices of its proposal."""
-    sample = synthetic_ct(seed=31)
-    spine = np.where(spine_mask(sample), 6, 0).astype(np.uint8)
-    path = write_nifti(tmp / "abdomen31.nii.gz", sample.image, default_affine(sample.spacing))
+def added_class_scene(tmp: Path, sample: Sample, mask: np.ndarray, name: str, slices: list[int], at: int,
+                      shot: str) -> None:
+    """A class added to the bundled CT model: `mask` painted as label 6 (`name`) on `slices` of its proposal,
+    fine-tuned, re-segmented, and shown at slice `at`."""
+    path = write_nifti(tmp / "abdomen.nii.gz", sample.image, default_affine(sample.spacing))
     viewer = new_viewer()
     viewer.open(str(path), plugin="napari-daeformer")
     viewer.layers[-1].name = "abdomen"
@@ -239,41 +240,10 @@ def add_class_scene(tmp: Path) -> None:
     segment._run.clicked()
     wait(lambda: not segment.running)
     labels = viewer.layers["abdomen DAE-Former"]
-    paint(labels, spine, [6, 18, 30, 42], only=6)
+    paint(labels, np.where(mask, 6, 0).astype(np.uint8), slices, only=6)
     tune = from_plugins_menu("finetune_widget")
     tune._image.value, tune._corrected.value = viewer.layers["abdomen"], labels
-    tune._classes.value = ", ".join((*CT_CLASSES, "spine"))
-    tune._add.clicked()
-    tune._device.value = "cpu"
-    tune._run.clicked()
-    wait(lambda: not tune.running)
-    segment._run.clicked()
-    wait(lambda: not segment.running)
-    labels.visible = False
-    viewer.dims.set_current_step(0, 24)
-    save(viewer, "add_class.png")
-    viewer.close()
-
-
-def tumour_scene(tmp: Path) -> None:
-    """A class inside one the model knows: two liver tumours painted on 4 slices of the bundled CT model's proposal."""
-    sample, mask = with_liver_lesions(synthetic_ct(seed=31), 31, radius_mm=(8.0, 14.0))
-    tumour = np.where(mask, 6, 0).astype(np.uint8)
-    holding = np.flatnonzero(mask.reshape(len(mask), -1).any(1))
-    slices = sorted({int(holding[i]) for i in np.linspace(0, len(holding) - 1, 4).round().astype(int)})
-    path = write_nifti(tmp / "abdomen31.nii.gz", sample.image, default_affine(sample.spacing))
-    viewer = new_viewer()
-    viewer.open(str(path), plugin="napari-daeformer")
-    viewer.layers[-1].name = "abdomen"
-    segment = from_plugins_menu("segment_widget")
-    segment._image.value = viewer.layers["abdomen"]
-    segment._run.clicked()
-    wait(lambda: not segment.running)
-    labels = viewer.layers["abdomen DAE-Former"]
-    paint(labels, tumour, slices, only=6)
-    tune = from_plugins_menu("finetune_widget")
-    tune._image.value, tune._corrected.value = viewer.layers["abdomen"], labels
-    tune._classes.value = ", ".join((*CT_CLASSES, "liver tumour"))
+    tune._classes.value = ", ".join((*CT_CLASSES, name))
     tune._add.clicked()
     tune._device.value = "cpu"
     tune._run.clicked()
@@ -281,10 +251,25 @@ def tumour_scene(tmp: Path) -> None:
     segment._run.clicked()
     wait(lambda: not segment.running)
     labels.visible = False
-    unpainted = [z for z in holding if z not in slices]
-    viewer.dims.set_current_step(0, max(unpainted, key=lambda z: int(mask[z].sum())))   # its widest unpainted slice
-    save(viewer, "add_class_tumour.png")
+    viewer.dims.set_current_step(0, at)
+    save(viewer, shot)
     viewer.close()
+
+
+def add_class_scene(tmp: Path) -> None:
+    """The spine (bone the model calls background) painted on 4 slices."""
+    sample = synthetic_ct(seed=31)
+    added_class_scene(tmp, sample, spine_mask(sample), "spine", [6, 18, 30, 42], 24, "add_class.png")
+
+
+def tumour_scene(tmp: Path) -> None:
+    """A class inside one the model knows: two liver tumours painted on 4 of the slices holding them, shown on the
+    widest slice nobody painted."""
+    sample, mask = with_liver_lesions(synthetic_ct(seed=31), 31, radius_mm=(8.0, 14.0))
+    holding = np.flatnonzero(mask.reshape(len(mask), -1).any(1))
+    slices = sorted({int(holding[i]) for i in np.linspace(0, len(holding) - 1, 4).round().astype(int)})
+    widest = max((z for z in holding if z not in slices), key=lambda z: int(mask[z].sum()))
+    added_class_scene(tmp, sample, mask, "liver tumour", slices, int(widest), "add_class_tumour.png")
 
 
 def main() -> int:
