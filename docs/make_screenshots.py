@@ -193,6 +193,12 @@ def paint(layer, truth: np.ndarray, slices: list[int], only: int | None = None) 
         layer.data_setitem((np.full(index[0].shape, z), *index), truth[z][index])
 
 
+def spread(mask: np.ndarray, k: int) -> list[int]:
+    """k slice indices evenly spaced through the slices of (Z, Y, X) `mask` holding anything, as an annotator picks."""
+    holding = np.flatnonzero(mask.reshape(len(mask), -1).any(1))
+    return sorted({int(holding[i]) for i in np.linspace(0, len(holding) - 1, k).round().astype(int)})
+
+
 def teach_scenes(tmp: Path, minutes: float) -> None:
     """A chest CT no bundled model knows: 5 slices painted, a new model trained, then the Segment dock runs it."""
     from napari_daeformer.widgets.finetune import FROM_NEW
@@ -203,8 +209,7 @@ def teach_scenes(tmp: Path, minutes: float) -> None:
     viewer.open(str(path), plugin="napari-daeformer")
     viewer.layers[-1].name = "chest"
     painted = viewer.add_labels(np.zeros(chest.labels.shape, np.uint8), name="chest structures", scale=chest.spacing)
-    holding = np.flatnonzero(chest.labels.reshape(len(chest.labels), -1).any(1))
-    slices = sorted({int(holding[i]) for i in np.linspace(0, len(holding) - 1, 5).round().astype(int)})
+    slices = spread(chest.labels, 5)
     paint(painted, chest.labels, slices)
     segment = from_plugins_menu("segment_widget")
     tune = from_plugins_menu("finetune_widget")
@@ -266,9 +271,8 @@ def tumour_scene(tmp: Path) -> None:
     """A class inside one the model knows: two liver tumours painted on 4 of the slices holding them, shown on the
     widest slice nobody painted."""
     sample, mask = with_liver_lesions(synthetic_ct(seed=31), 31, radius_mm=(8.0, 14.0))
-    holding = np.flatnonzero(mask.reshape(len(mask), -1).any(1))
-    slices = sorted({int(holding[i]) for i in np.linspace(0, len(holding) - 1, 4).round().astype(int)})
-    widest = max((z for z in holding if z not in slices), key=lambda z: int(mask[z].sum()))
+    slices = spread(mask, 4)
+    widest = max((z for z in range(len(mask)) if z not in slices), key=lambda z: int(mask[z].sum()))
     added_class_scene(tmp, sample, mask, "liver tumour", slices, int(widest), "add_class_tumour.png")
 
 

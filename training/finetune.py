@@ -540,8 +540,8 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
     n_train = sum(len(c.labels) for c in train)
     cfg = TrainConfig(epochs=None, max_steps=settings.steps, batch_size=min(settings.batch_size, n_train),
                       lr=settings.lr, warmup_steps=min(settings.warmup_steps, settings.steps - 1), optimizer="adamw",
-                      weight_decay=0.0, dice_present_only=True, train_parts=settings.train_parts, seed=settings.seed, sparse=True,
-                      augment=AugmentConfig(p_flip=0.0) if settings.augment else None)
+                      weight_decay=0.0, dice_present_only=True, train_parts=settings.train_parts, seed=settings.seed,
+                      sparse=True, augment=AugmentConfig(p_flip=0.0) if settings.augment else None)
     head = settings.new_class_lr_scale if fresh else 1.0
     scales = {"log_scale": settings.calibration_lr_scale, "shift": settings.calibration_lr_scale, "head.": head,
               "net.head.": head}
