@@ -234,6 +234,20 @@ def test_a_new_class_may_take_the_voxels_of_its_host_on_unpainted_slices() -> No
     assert float(merged(Fixed([1, 3]))) > 5.0                                        # the tumour in the spleen
 
 
+def test_the_parent_counts_as_kept_only_where_the_user_left_its_labels() -> None:
+    """`kept_dice`: 1 when the user only painted a new class into the parent's proposal (ADD_CLASS then holds its
+    less sure voxels too), low where the user corrected its organs (a parent found wrong: only its sure voxels)."""
+    from napari_daeformer_training.finetune import ADD_CLASS, KEPT_DICE, kept_dice
+
+    parent = np.array([[0, 1, 1, 1, 2, 2, 0, 0]])
+    painted_new = np.array([[0, 1, 3, 3, 2, 2, 0, 255]])         # a tumour in the liver, one voxel not annotated
+    corrected = np.array([[0, 2, 2, 1, 1, 2, 0, 0]])
+    assert kept_dice([parent], [painted_new], 3) == 1.0
+    assert kept_dice([parent], [corrected], 3) == pytest.approx(0.4)        # liver 2/5, spleen 2/5
+    assert kept_dice([parent], [corrected], 3) < KEPT_DICE
+    assert ADD_CLASS.confidence_kept is not None and ADD_CLASS.confidence_kept < ADD_CLASS.confidence
+
+
 def test_a_new_class_starts_from_its_host_and_is_judged_where_it_is() -> None:
     """The tumour's output row starts as the liver's, as far below it as background's copy was (so it is still
     never chosen), and the held-out slice is one that holds enough of the tumour to judge it (not its tip)."""

@@ -227,6 +227,8 @@ def test_a_class_added_from_four_painted_slices_is_learnt_and_the_old_ones_kept(
     assert recipe_for(extended.card) is ADD_CLASS and recipe_for(parent.card) is not ADD_CLASS
     result = drain(finetune(extended, [Pair("spine", s.image, corrected, painted)], replace(ADD_CLASS, device="cpu")))
     assert result.improved and result.checkpoint.card.provenance["added_classes"] == ["spine"]
+    assert result.checkpoint.card.provenance["parent_kept"] == 1.0          # only the spine painted into the proposal:
+    assert result.checkpoint.card.provenance["pseudo_confidence"] == ADD_CLASS.confidence_kept   # its unsure voxels held
     after = SliceInferer(result.checkpoint, device="cpu", precision="fp32").segment(s.image[~painted]).labels
     truth = np.where(spine, 6, s.labels)[~painted]
     assert dice_per_class(after, truth, 7)[-1] > 0.7
