@@ -2,7 +2,7 @@
 scans: Dice on the slices NOT annotated.
 
     python benchmarks/bench_sparse.py [--threads 2] [--slices 3,5,8] [--cases chest,ct-thick,mr-thick]
-        [--seeds 0,1,2] [--minutes 5] [--recipe lr=6e-4,holdout_fraction=0,...] [--from-scratch]
+        [--seeds 0,1,2] [--minutes 5] [--recipe lr=6e-4,holdout_fraction=0,...] [--from-scratch] [--neighbours 0.3]
     python benchmarks/bench_sparse.py --add-class [--structure spine|"liver tumour"] [--shift phase] [--threads 2]
         [--slices 4] [--seeds 31,32,33] [--recipe ...]
 
@@ -133,6 +133,16 @@ def _labels(ckpt: Checkpoint, image: np.ndarray) -> np.ndarray:
     return SliceInferer(ckpt, device="cpu", precision="fp32").segment(image).labels
 
 
+def neighbour_averaged(ckpt: Checkpoint, image: np.ndarray, weight: float) -> np.ndarray:
+    """(Z, Y, X) labels from the softmax averaged with the neighbouring slices' at `weight` each (1 - 2 * weight
+    for the slice itself; the first and last slices as they are): not in the engine, measured here."""
+    p = SliceInferer(ckpt, device="cpu", precision="fp32").segment(image, probabilities=True).probabilities
+    p = p.astype(np.float32)
+    q = p.copy()
+    q[:, 1:-1] = (1 - 2 * weight) * p[:, 1:-1] + weight * (p[:, :-2] + p[:, 2:])
+    return q.argmax(0).astype(np.uint8)
+
+
 def _trained(job: Generator[FinetuneProgress, None, FinetuneResult]) -> tuple[FinetuneResult, int]:
     """The job's result and the steps it trained."""
     steps = [0]
@@ -140,7 +150,7 @@ def _trained(job: Generator[FinetuneProgress, None, FinetuneResult]) -> tuple[Fi
     return result, steps[-1]
 
 
-def run(case: str, seed: int, k: int, recipe: FinetuneSettings, scratch: bool
+def run(case: str, seed: int, k: int, recipe: FinetuneSettings, scratch: bool, weights: tuple[float, ...] = ()
         ) -> dict[str, tuple[float, float, int | None]]:
     """method -> (Dice on unannotated slices, minutes, training steps or None): a time budget's result depends on how many
     steps this CPU fits in it (the same seed scored 0.717 in 1150 steps and 0.778 in 1548 on one machine)."""
@@ -162,6 +172,9 @@ def run(case: str, seed: int, k: int, recipe: FinetuneSettings, scratch: bool
     result, steps = _trained(finetune(model, [pair], recipe))
     results["new model"] = (score(_labels(result.candidate, s.image), s.labels, rest, n),
                             (time.perf_counter() - t) / 60, steps)
+    for w in weights:                                   # the same trained model, its slices' neighbours averaged in
+        results[f"new model, neighbours at {w:g}"] = (
+            score(neighbour_averaged(result.candidate, s.image, w), s.labels, rest, n), results["new model"][1], steps)
     if s.class_names == CT_CLASSES:
         slices = np.zeros(len(s.labels), bool)
         slices[chosen] = True
@@ -241,6 +254,8 @@ def main() -> None:
     p.add_argument("--recipe", default="", help="FIELD=VALUE,... overriding TEACH in training/teach.py (with "
                    "--add-class: ADD_CLASS in training/finetune.py)")
     p.add_argument("--from-scratch", action="store_true", help="the new model not started from the bundled one")
+    p.add_argument("--neighbours", default="", help="W,...: also score the new model with each slice's softmax "
+                   "averaged with its neighbours' at weight W each (inference only; not in the engine)")
     p.add_argument("--add-class", action="store_true", help="a new structure added to the bundled CT model")
     p.add_argument("--structure", default="spine", choices=NEW_STRUCTURES, help="with --add-class: which")
     p.add_argument("--shift", default="none", choices=LABEL_KEEPING_SHIFTS,
@@ -271,7 +286,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for case in args.cases.split(","):
         for k in (int(v) for v in args.slices.split(",")):
-            runs = [run(case, int(seed), k, recipe, args.from_scratch) for seed in args.seeds.split(",")]
+            weights = tuple(float(w) for w in filter(None, args.neighbours.split(",")))
+            runs = [run(case, int(seed), k, recipe, args.from_scratch, weights) for seed in args.seeds.split(",")]
             for method in runs[0]:
                 dice = np.array([r[method][0] for r in runs])
                 mins = np.array([r[method][1] for r in runs])
