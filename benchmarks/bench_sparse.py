@@ -133,11 +133,9 @@ def _labels(ckpt: Checkpoint, image: np.ndarray) -> np.ndarray:
     return SliceInferer(ckpt, device="cpu", precision="fp32").segment(image).labels
 
 
-def neighbour_averaged(ckpt: Checkpoint, image: np.ndarray, weight: float) -> np.ndarray:
-    """(Z, Y, X) labels from the softmax averaged with the neighbouring slices' at `weight` each (1 - 2 * weight
-    for the slice itself; the first and last slices as they are): not in the engine, measured here."""
-    p = SliceInferer(ckpt, device="cpu", precision="fp32").segment(image, probabilities=True).probabilities
-    p = p.astype(np.float32)
+def neighbour_averaged(p: np.ndarray, weight: float) -> np.ndarray:
+    """(Z, Y, X) labels from the (C, Z, Y, X) softmax `p` averaged with the neighbouring slices' at `weight` each
+    (1 - 2 * weight for the slice itself; the first and last slices as they are): not in the engine, measured here."""
     q = p.copy()
     q[:, 1:-1] = (1 - 2 * weight) * p[:, 1:-1] + weight * (p[:, :-2] + p[:, 2:])
     return q.argmax(0).astype(np.uint8)
@@ -172,9 +170,12 @@ def run(case: str, seed: int, k: int, recipe: FinetuneSettings, scratch: bool, w
     result, steps = _trained(finetune(model, [pair], recipe))
     results["new model"] = (score(_labels(result.candidate, s.image), s.labels, rest, n),
                             (time.perf_counter() - t) / 60, steps)
-    for w in weights:                                   # the same trained model, its slices' neighbours averaged in
-        results[f"new model, neighbours at {w:g}"] = (
-            score(neighbour_averaged(result.candidate, s.image, w), s.labels, rest, n), results["new model"][1], steps)
+    if weights:                                         # the same trained model, its slices' neighbours averaged in
+        inferer = SliceInferer(result.candidate, device="cpu", precision="fp32")
+        p = inferer.segment(s.image, probabilities=True).probabilities.astype(np.float32)
+        for w in weights:
+            results[f"new model, neighbours at {w:g}"] = (score(neighbour_averaged(p, w), s.labels, rest, n),
+                                                          results["new model"][1], steps)
     if s.class_names == CT_CLASSES:
         slices = np.zeros(len(s.labels), bool)
         slices[chosen] = True

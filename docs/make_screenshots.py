@@ -32,6 +32,9 @@ from napari_daeformer.sample_data import (
     with_liver_lesions,
 )
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_sparse import annotated  # noqa: E402  (the slices an annotator picks, as the benchmark paints them)
+
 OUT = Path(__file__).parent / "images"
 SIZE = (1600, 1000)
 
@@ -193,12 +196,6 @@ def paint(layer, truth: np.ndarray, slices: list[int], only: int | None = None) 
         layer.data_setitem((np.full(index[0].shape, z), *index), truth[z][index])
 
 
-def spread(mask: np.ndarray, k: int) -> list[int]:
-    """k slice indices evenly spaced through the slices of (Z, Y, X) `mask` holding anything, as an annotator picks."""
-    holding = np.flatnonzero(mask.reshape(len(mask), -1).any(1))
-    return sorted({int(holding[i]) for i in np.linspace(0, len(holding) - 1, k).round().astype(int)})
-
-
 def teach_scenes(tmp: Path, minutes: float) -> None:
     """A chest CT no bundled model knows: 5 slices painted, a new model trained, then the Segment dock runs it."""
     from napari_daeformer.widgets.finetune import FROM_NEW
@@ -209,7 +206,7 @@ def teach_scenes(tmp: Path, minutes: float) -> None:
     viewer.open(str(path), plugin="napari-daeformer")
     viewer.layers[-1].name = "chest"
     painted = viewer.add_labels(np.zeros(chest.labels.shape, np.uint8), name="chest structures", scale=chest.spacing)
-    slices = spread(chest.labels, 5)
+    slices = annotated(chest.labels, 5).tolist()
     paint(painted, chest.labels, slices)
     segment = from_plugins_menu("segment_widget")
     tune = from_plugins_menu("finetune_widget")
@@ -271,7 +268,7 @@ def tumour_scene(tmp: Path) -> None:
     """A class inside one the model knows: two liver tumours painted on 4 of the slices holding them, shown on the
     widest slice nobody painted."""
     sample, mask = with_liver_lesions(synthetic_ct(seed=31), 31, radius_mm=(8.0, 14.0))
-    slices = spread(mask, 4)
+    slices = annotated(mask, 4).tolist()
     widest = max((z for z in range(len(mask)) if z not in slices), key=lambda z: int(mask[z].sum()))
     added_class_scene(tmp, sample, mask, "liver tumour", slices, int(widest), "add_class_tumour.png")
 

@@ -375,9 +375,9 @@ class PseudoLabels:
     """
 
     def __init__(self, model: torch.nn.Module, x: torch.Tensor, settings: FinetuneSettings, device: torch.device,
-                 hosts: Sequence[tuple[int, int]] = (), confidence: float | None = None) -> None:
+                 hosts: Sequence[tuple[int, int]] = ()) -> None:
         conf, target = _softmax(model, x, device).max(1)
-        target[conf < (settings.confidence if confidence is None else confidence)] = -100   # unsure: no target
+        target[conf < settings.confidence] = -100                  # not confident: no target there
         self.x, self.target, self.hosts = x, target, list(hosts)
         self.batch, self.weight, self.device = settings.batch_size, settings.weight, device
         self.generator = torch.Generator().manual_seed(settings.seed + 1)
@@ -542,16 +542,18 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
             return None
         return _pooled_dice([engine_labels(h) for h in holdout], [h.labels for h in holdout], n_classes)
 
-    proposed = [engine_labels(t) for t in trained]                       # the parent's labels of the trained slices
-    hosts = new_class_hosts(proposed, [t.labels for t in trained], n_classes - len(fresh), n_classes) if fresh else []
+    first_new = n_classes - len(fresh)
+    proposed = [engine_labels(t) for t in trained] if fresh or settings.confidence_kept is not None else []
+    hosts = new_class_hosts(proposed, [t.labels for t in trained], first_new, n_classes) if fresh else []
     start_from_hosts(network, hosts)
-    kept = kept_dice(proposed, [t.labels for t in trained], n_classes - len(fresh))
-    confidence = settings.confidence if settings.confidence_kept is None or kept < KEPT_DICE else settings.confidence_kept
+    kept = None if settings.confidence_kept is None else kept_dice(proposed, [t.labels for t in trained], first_new)
+    held = replace(settings, confidence=settings.confidence_kept) if kept is not None and kept >= KEPT_DICE \
+        else settings                                           # the user kept the parent's labels: hold more of them
     regulariser: PseudoLabels | PullToParent | None = None
     if settings.protect == "pseudo" and uncorrected:
         as_input = model.input_preprocessing if isinstance(model, InputCalibration) else (lambda p: p)
         x = torch.cat([network_input(u.images, as_input(u.prep), size) for u in uncorrected])
-        regulariser = PseudoLabels(model, x, settings, device, hosts, confidence)
+        regulariser = PseudoLabels(model, x, held, device, hosts)
     elif settings.protect == "l2sp":
         regulariser = PullToParent(network, settings.weight, len(fresh))
     n_train = sum(len(c.labels) for c in train)
@@ -647,7 +649,8 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
         holdout_dice_after=None if after is None else round(after, 4),
         changed_uncorrected=None if changed is None else round(changed, 5),
         trust_fit=None if fit is None else round(fit, 4), protection_share=round(share, 4),
-        parent_kept=round(kept, 4), pseudo_confidence=confidence if isinstance(regulariser, PseudoLabels) else None,
+        parent_kept=None if kept is None else round(kept, 4),
+        pseudo_confidence=held.confidence if isinstance(regulariser, PseudoLabels) else None,
         untrained=False,
         new_classes=[], added_classes=[*card.provenance.get("added_classes", []), *fresh])
     candidate = Checkpoint(network.cpu(), new_card)
