@@ -133,14 +133,6 @@ def _labels(ckpt: Checkpoint, image: np.ndarray) -> np.ndarray:
     return SliceInferer(ckpt, device="cpu", precision="fp32").segment(image).labels
 
 
-def neighbour_averaged(p: np.ndarray, weight: float) -> np.ndarray:
-    """(Z, Y, X) labels from the (C, Z, Y, X) softmax `p` averaged with the neighbouring slices' at `weight` each
-    (1 - 2 * weight for the slice itself; the first and last slices as they are): not in the engine, measured here."""
-    q = p.copy()
-    q[:, 1:-1] = (1 - 2 * weight) * p[:, 1:-1] + weight * (p[:, :-2] + p[:, 2:])
-    return q.argmax(0).astype(np.uint8)
-
-
 def _trained(job: Generator[FinetuneProgress, None, FinetuneResult]) -> tuple[FinetuneResult, int]:
     """The job's result and the steps it trained."""
     steps = [0]
@@ -170,12 +162,9 @@ def run(case: str, seed: int, k: int, recipe: FinetuneSettings, scratch: bool, w
     result, steps = _trained(finetune(model, [pair], recipe))
     results["new model"] = (score(_labels(result.candidate, s.image), s.labels, rest, n),
                             (time.perf_counter() - t) / 60, steps)
-    if weights:                                         # the same trained model, its slices' neighbours averaged in
-        inferer = SliceInferer(result.candidate, device="cpu", precision="fp32")
-        p = inferer.segment(s.image, probabilities=True).probabilities.astype(np.float32)
-        for w in weights:
-            results[f"new model, neighbours at {w:g}"] = (score(neighbour_averaged(p, w), s.labels, rest, n),
-                                                          results["new model"][1], steps)
+    for w in weights:                                   # the same trained model, its slices' neighbours averaged in
+        labels = SliceInferer(result.candidate, device="cpu", precision="fp32", neighbour_weight=w).segment(s.image).labels
+        results[f"new model, neighbours at {w:g}"] = (score(labels, s.labels, rest, n), results["new model"][1], steps)
     if s.class_names == CT_CLASSES:
         slices = np.zeros(len(s.labels), bool)
         slices[chosen] = True
@@ -256,7 +245,7 @@ def main() -> None:
                    "--add-class: ADD_CLASS in training/finetune.py)")
     p.add_argument("--from-scratch", action="store_true", help="the new model not started from the bundled one")
     p.add_argument("--neighbours", default="", help="W,...: also score the new model with each slice's softmax "
-                   "averaged with its neighbours' at weight W each (inference only; not in the engine)")
+                   "averaged with its neighbours' at weight W each (the engine's `neighbour_weight`)")
     p.add_argument("--add-class", action="store_true", help="a new structure added to the bundled CT model")
     p.add_argument("--structure", default="spine", choices=NEW_STRUCTURES, help="with --add-class: which")
     p.add_argument("--shift", default="none", choices=LABEL_KEEPING_SHIFTS,

@@ -23,6 +23,7 @@ from .errors import CheckpointError, InvalidValue, short_repr
 from .memory import check_allocation
 from .model import SIZE_MULTIPLE, DAEFormer, DAEFormerConfig
 from .model.config import check_int
+from .neighbours import check_weight
 from .preprocessing import Preprocessing, ct_preprocessing
 
 FORMAT_NAME = "napari-daeformer"
@@ -55,6 +56,8 @@ class ModelCard:
         input_size: (H, W) the network was trained at; slices are resized to it.
         preprocessing: intensity normalisation applied before the network.
         provenance: free-form JSON (training data, steps, parent checkpoint, scores).
+        neighbour_weight: each neighbouring slice's share of a slice's softmax at inference (0: none;
+            `neighbours`), chosen when the model was taught on thick slices.
     """
 
     config: DAEFormerConfig
@@ -63,6 +66,7 @@ class ModelCard:
     input_size: tuple[int, int] = (224, 224)
     preprocessing: Preprocessing = field(default_factory=ct_preprocessing)
     provenance: dict[str, Any] = field(default_factory=dict)
+    neighbour_weight: float = 0.0
 
     def __post_init__(self) -> None:
         n = self.config.num_classes
@@ -74,6 +78,7 @@ class ModelCard:
             object.__setattr__(self, "class_colors", colors)
         if len(self.class_colors) != n:
             raise InvalidValue(f"{len(self.class_colors)} class colours for {n} classes")
+        check_weight(self.neighbour_weight)
         if self.preprocessing.channels != self.config.in_channels:
             raise InvalidValue(f"{self.preprocessing.kind} preprocessing gives {self.preprocessing.channels} "
                              f"channel(s) but the model takes {self.config.in_channels}")
@@ -89,6 +94,7 @@ class ModelCard:
             "input_size": list(self.input_size),
             "preprocessing": self.preprocessing.to_dict(),
             "provenance": self.provenance,
+            "neighbour_weight": self.neighbour_weight,
         }
 
     @classmethod
@@ -114,6 +120,7 @@ class ModelCard:
             input_size=(size[0], size[1]),
             preprocessing=Preprocessing.from_dict(data.get("preprocessing")),  # type: ignore[arg-type]
             provenance=provenance,
+            neighbour_weight=check_weight(data.get("neighbour_weight", 0.0)),
         )
 
     def with_provenance(self, **items: Any) -> ModelCard:

@@ -25,6 +25,7 @@ from .int8_worker import build_in_child, child_runner
 from .io import ImageRecord
 from .io.record import is_rgb
 from .jobs import drain
+from .neighbours import NeighbourMix, check_weight
 from .preprocessing import Preprocessing
 from .stages import Accumulator, Predictor, SliceSource
 from .transfers import Pending
@@ -146,13 +147,16 @@ class SliceInferer:
             image (a one-time cost, worth it for long jobs) rather than run int8 dynamic; `int8` always does.
         int8_in_child: run static int8 in a child process (`int8_worker.ChildInt8`): a GUI's event loop keeps
             running, where the in-process package would hold the GIL for each whole batch.
+        neighbour_weight: each neighbouring slice's share of a slice's softmax (`neighbours`; default the card's):
+            0 where the slices given are not neighbours in a volume (a trainer's sampled slices).
     Raises:
         InferenceError: an unknown or unavailable device or precision, a bad batch size, too many classes.
     """
 
     def __init__(self, checkpoint: Checkpoint, *, device: str | torch.device = "auto", precision: str = "auto",
                  batch_size: int | None = None, window: tuple[float, float] | None = None,
-                 prepare_int8: bool = False, int8_in_child: bool = False) -> None:
+                 prepare_int8: bool = False, int8_in_child: bool = False, neighbour_weight: float | None = None
+                 ) -> None:
         card = checkpoint.card
         if card.config.num_classes > 256:
             raise InferenceError(f"{card.config.num_classes} classes do not fit a uint8 label map")
@@ -163,6 +167,10 @@ class SliceInferer:
         self.numeric_path = resolve_path(precision, self.device)
         self.preprocessing = card.preprocessing if window is None else card.preprocessing.with_window(window)
         self.build_int8 = precision == "int8" or prepare_int8
+        try:
+            self.neighbour_weight = check_weight(card.neighbour_weight if neighbour_weight is None else neighbour_weight)
+        except ValueError as e:
+            raise InferenceError(str(e)) from e
         self._package: Callable[[torch.Tensor], torch.Tensor] | None = None     # static int8, once found or built
 
     def segment(self, image: np.ndarray | ImageRecord, **options: Any) -> Segmentation:
@@ -200,8 +208,13 @@ class SliceInferer:
         check_compatible(image, rgb, self.checkpoint, axis)
         stack = slices_of(image, rgb, axis)                       # (S, Y, X[, 3]) view
         source = self._source(image, stack, rgb, only, first, preprocessing)
+        mix = None
+        if self.neighbour_weight and len(stack) > 1:
+            members = np.zeros(len(stack), bool)
+            members[source.order] = True
+            mix = NeighbourMix(self.neighbour_weight, members)
         out = Accumulator(len(stack), source.size, self.checkpoint.card.config.num_classes, probabilities, entropy,
-                          slice_uncertainty)
+                          slice_uncertainty, mix)
         training = self.checkpoint.model.training               # a trainer's model is left in its mode
         try:
             predict = yield from self._predictor(source, cancel)
@@ -297,8 +310,7 @@ class SliceInferer:
             raise InferenceError("the model produced NaN or infinite scores"
                                  + (f" in {path}; try --precision fp32" if path != "fp32" else
                                     "; its weights or preprocessing are damaged"))
-        out.store(idx, arrays)
-        done = np.sort(idx)
+        done = out.store(idx, arrays)
         return Progress(stop, total, done, out.labels[done])
 
 

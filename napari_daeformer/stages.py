@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .devices import NumericPath, autocast
+from .neighbours import NeighbourMix
 from .preprocessing import Preprocessing
 from .private_api import tensor_versions
 from .transfers import Transfers
@@ -148,11 +149,13 @@ class Accumulator:
     Args:
         total: number of slices (S).
         size: (Y, X) of the source slices.
+        mix: each slice's softmax averaged with its neighbours' (`neighbours.NeighbourMix`): the device returns
+            probabilities and the labels of a slice are made on the host once its neighbours have come.
     """
 
     def __init__(self, total: int, size: tuple[int, int], num_classes: int, probabilities: bool = False,
-                 entropy: bool = False, slice_uncertainty: bool = False) -> None:
-        self.size = size
+                 entropy: bool = False, slice_uncertainty: bool = False, mix: NeighbourMix | None = None) -> None:
+        self.size, self.mix = size, mix
         self.labels = np.zeros((total, *size), np.uint8)
         self.probabilities = np.zeros((num_classes, total, *size), np.float16) if probabilities else None
         self.entropy = np.zeros((total, *size), np.float16) if entropy else None
@@ -161,10 +164,12 @@ class Accumulator:
     def outputs(self, logits: torch.Tensor) -> list[torch.Tensor]:
         """On the device, from (b, n, H, W) logits at network size: [labels (b, Y, X) uint8] at the source size
         (bilinear, then argmax), then as asked for: probabilities (n, b, Y, X) fp16, entropy (b, Y, X) fp16 in
-        nats, slice uncertainty (b,) fp32 (mean entropy)."""
+        nats, slice uncertainty (b,) fp32 (mean entropy). With `mix`: [probabilities (b, n, Y, X) fp32]."""
         if logits.device.type == "cpu":       # classes innermost: the argmax reads contiguous rows (4x faster at 512)
             logits = logits.contiguous(memory_format=torch.channels_last)
         logits = F.interpolate(logits, size=self.size, mode="bilinear", align_corners=False)    # (b, n, Y, X)
+        if self.mix is not None:
+            return [logits.softmax(1)]
         out = [logits.argmax(1).to(torch.uint8)]
         if self.probabilities is None and self.entropy is None and self.slice_uncertainty is None:
             return out
@@ -178,8 +183,14 @@ class Accumulator:
             out.append(h.mean((1, 2)))
         return out
 
-    def store(self, idx: np.ndarray, arrays: list[np.ndarray]) -> None:
-        """Write slices `idx` of `outputs(...)`, copied to the host, into the run's arrays."""
+    def store(self, idx: np.ndarray, arrays: list[np.ndarray]) -> np.ndarray:
+        """Write slices `idx` of `outputs(...)`, copied to the host, into the run's arrays; the slices now final
+        (with `mix`, those whose neighbours have come), ascending."""
+        if self.mix is not None:
+            done = self.mix.add(idx, arrays[0])
+            for z, p in done:
+                self._store_probabilities(z, torch.from_numpy(p))
+            return np.array([z for z, _ in done], int)
         values = iter(arrays)
         self.labels[idx] = next(values)
         if self.probabilities is not None:
@@ -188,3 +199,17 @@ class Accumulator:
             self.entropy[idx] = next(values)
         if self.slice_uncertainty is not None:
             self.slice_uncertainty[idx] = next(values)
+        return np.sort(idx)
+
+    def _store_probabilities(self, z: int, p: torch.Tensor) -> None:
+        """Slice `z`'s labels and what was asked for from its (n, Y, X) probabilities."""
+        self.labels[z] = p.argmax(0).to(torch.uint8).numpy()
+        if self.probabilities is not None:
+            self.probabilities[:, z] = p.half().numpy()
+        if self.entropy is None and self.slice_uncertainty is None:
+            return
+        h = -(p * p.clamp_min(1e-12).log()).sum(0)
+        if self.entropy is not None:
+            self.entropy[z] = h.half().numpy()
+        if self.slice_uncertainty is not None:
+            self.slice_uncertainty[z] = float(h.mean())

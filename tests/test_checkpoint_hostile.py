@@ -84,6 +84,7 @@ def test_every_header_length_residue_loads(tmp_path: Path) -> None:
     ({"class_names": ["background", "a", "\x1b[31mred"]}, "printable names"),
     ({"class_colors": ["red", "#00ff00", "#0000ff"]}, "#rrggbb"),
     ({"provenance": [1, 2]}, "provenance must be a mapping"),
+    ({"neighbour_weight": 0.9}, "neighbour weight must be a number from 0 to 0.45"),
 ])
 def test_invalid_card_refused(tmp_path: Path, tensors: dict[str, torch.Tensor], card_dict: dict[str, Any],
                               change: dict[str, Any], message: str) -> None:
@@ -131,7 +132,7 @@ _json = st.recursive(
     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5),
     max_leaves=20)
 _fields = st.sampled_from(["format_version", "config", "class_names", "class_colors", "input_size", "preprocessing",
-                           "provenance", "in_channels"])
+                           "provenance", "in_channels", "neighbour_weight"])
 _config_fields = st.sampled_from(["num_classes", "in_channels", "embed_dims", "depths", "decoder_depths",
                                   "mlp_ratio", "channel_heads", "unknown"])
 _sizes = st.integers(-3, 10**9) | st.sampled_from([0, 1, 2, 16, 64, 2048, 2049, 65536, 10**6])

@@ -78,7 +78,8 @@ class FinetuneSettings:
     refit: bool = True               # when the eased second run beat the parent on the one slice held out, train it
     #                                  once more from the parent on every corrected slice, that one included
     protect_slices: int = 32         # uncorrected slices sampled per pair (for protection and the change measure)
-    holdout_fraction: float = 0.25   # of the corrected slices, at least one when two or more are corrected (0: none)
+    holdout_fraction: float = 0.25   # of the corrected slices, at least one when `holdout_from` or more are (0: none)
+    holdout_from: int = 2            # the fewest corrected slices from which some are held out (fewer: all trained on)
     score_every: int = 10            # steps between scorings of the held-out slices
     min_gain: float = 0.001          # held-out Dice gain needed to count as better (bf16/fp32 rounding is below it)
     calibrate: bool = True           # learn a per-channel intensity scale and shift (CT and RGB; see InputCalibration)
@@ -88,6 +89,8 @@ class FinetuneSettings:
     device: str = "auto"
     seed: int = 0
     minutes: float | None = None     # stop cleanly after this long (the best state so far is kept)
+    neighbour_weight: float | None = None  # the new version's `ModelCard.neighbour_weight` for volumes (None: the
+    #                                  parent's)
 
     @property
     def weight(self) -> float:
@@ -177,8 +180,9 @@ class FinetuneResult:
     """What fine-tuning produced.
 
     `improved` is True when a trained state beat the parent on the held-out corrected slices, False when none
-    did, None when nothing could be held out (one corrected slice). `checkpoint` is the model to use from now on:
-    the best state when improved, otherwise `parent` itself. `candidate` is the trained model offered by
+    did, None when nothing was held out (one corrected slice, or fewer than `holdout_from`). `checkpoint` is the
+    model to use from now on: the best state when improved, otherwise `parent` itself, unless the parent is a new
+    model (`teach.new_model`: untrained, never worth keeping), when it is the candidate. `candidate` is the trained model offered by
     "keep anyway": the best-scoring trained state (the last one when nothing was held out); it is `checkpoint` when
     improved. `dice_after` and `best_step` describe the candidate; `changed_uncorrected` is the share of voxels of
     the (sampled) uncorrected slices whose label the candidate changes against the parent's prediction, None
@@ -205,7 +209,7 @@ class FinetuneResult:
     def headline(self) -> str:
         """The verdict in a few words (a notification)."""
         if self.improved is None:
-            return "Nothing could be held out: the gain is unmeasured"
+            return "Nothing held out: the gain is unmeasured"
         if self.improved:
             return f"Held-out Dice {self.dice_before:.3f} → {self.dice_after:.3f}"
         return "No improvement: your model is unchanged"
@@ -226,7 +230,7 @@ class FinetuneResult:
             text = f"{self.headline} (best at step {self.best_step})."
             return (f"{text} It changes {change}." if change else text) + calibration
         if self.improved is None:
-            text = f"{self.headline} (one corrected slice, trained on)."
+            text = f"{self.headline} ({self.train_slices} corrected slice(s), all trained on)."
             tail = f" The fine-tuned model changes {change}." if change else ""
             return f"{text}{tail}{calibration} Keep it only if its re-segmentation looks right."
         text = (f"{self.headline} (held-out Dice {self.dice_before:.3f}; the best fine-tuned state scored "
@@ -300,7 +304,8 @@ def _split(pairs: Sequence[Pair], settings: FinetuneSettings, rng: np.random.Gen
     against its own labels, cannot be beaten (a liver tumour's 5-voxel tip held out: the trained model, Dice 0.92 on
     the unpainted slices, was judged no better)."""
     chosen = [(i, j) for i, p in enumerate(pairs) for j in np.flatnonzero(p.slices)]
-    n_hold = max(1, round(settings.holdout_fraction * len(chosen))) if len(chosen) > 1 and settings.holdout_fraction else 0
+    n_hold = (max(1, round(settings.holdout_fraction * len(chosen)))
+              if len(chosen) >= max(2, settings.holdout_from) and settings.holdout_fraction else 0)
     pool = chosen
     if first_new is not None:
         stacks = [_as_slices(p)[1] for p in pairs]
@@ -524,7 +529,7 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
     if isinstance(model, InputCalibration):
         train = [replace(c, preprocessing=model.input_preprocessing(c.preprocessing)) for c in train]
 
-    inferer = SliceInferer(Checkpoint(network, card), device=device, precision="fp32")
+    inferer = SliceInferer(Checkpoint(network, card), device=device, precision="fp32", neighbour_weight=0.0)
     rgb = card.preprocessing.kind == "rgb"
 
     def engine_labels(part: _Slices) -> np.ndarray:
@@ -640,7 +645,9 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
     n_hold = sum(len(h.labels) for h in holdout)
     agreement = pair_agreement(pairs, n_classes)
     folded = model.folded(card.preprocessing) if isinstance(model, InputCalibration) else card.preprocessing
-    new_card = replace(card, preprocessing=folded).with_provenance(
+    volumes = any(p.labels.ndim == 3 for p in pairs)
+    weight = card.neighbour_weight if settings.neighbour_weight is None or not volumes else settings.neighbour_weight
+    new_card = replace(card, preprocessing=folded, neighbour_weight=weight).with_provenance(
         **{PROVENANCE_KEY: as_provenance(merged(history(card.provenance), agreement))},
         parent=str(parent.path) if parent.path else None, finetuned_slices=n_train + (n_hold if refit else 0),
         holdout_slices=n_hold, refit=refit,
@@ -655,7 +662,8 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
         new_classes=[], added_classes=[*card.provenance.get("added_classes", []), *fresh])
     candidate = Checkpoint(network.cpu(), new_card)
     old, new = card.preprocessing.describe(), folded.describe()
-    return FinetuneResult(candidate if improved else parent, candidate, before, after, improved, best_step, changed,
+    keep = improved or bool(card.provenance.get("untrained"))            # a new model's start is noise
+    return FinetuneResult(candidate if keep else parent, candidate, before, after, improved, best_step, changed,
                           sum(len(u.labels) for u in uncorrected), n_train, n_hold, agreement,
                           None if old == new else f"{old} → {new.removeprefix('CT window ').removeprefix('RGB, ')}",
                           fit, share, refit)

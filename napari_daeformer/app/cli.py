@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from ..errors import DaeformerError, first_line, printable
-from .options import whole, window_text
+from .options import number, whole, window_text
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -120,6 +120,8 @@ def _info_options(p: argparse.ArgumentParser) -> None:
 
 
 def _segment_options(p: argparse.ArgumentParser) -> None:
+    from ..neighbours import MAX_WEIGHT
+
     p.add_argument("input", type=Path, help="image file or DICOM folder")
     p.add_argument("output", type=Path, help="label map: .nii.gz, .nii, .tif, .png, or .dcm (DICOM-SEG, from a DICOM "
                    "series)")
@@ -130,6 +132,9 @@ def _segment_options(p: argparse.ArgumentParser) -> None:
                    "(default: %(default)s)")
     p.add_argument("--window", type=window_text, help="CT window overriding the checkpoint's: LOWER,UPPER in HU or a preset name "
                    "(abdomen, soft tissue, liver, lung, bone, brain)")
+    p.add_argument("--neighbour-weight", type=number(0, MAX_WEIGHT), metavar="W",
+                   help="each neighbouring slice's share of a slice's class probabilities, 0 (each slice alone) to "
+                   f"{MAX_WEIGHT} (default: the checkpoint's; a model taught on thick slices sets it)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=_segment)
 

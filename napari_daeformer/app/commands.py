@@ -39,11 +39,12 @@ def _progress_printer(label: str):  # type: ignore[no-untyped-def]
 
 def segment_path(record: ImageRecord, output: Path, model: str | None, *, device: str = "auto", axis: int = 0,
                  batch_size: int | None = None, precision: str = "auto", window: tuple[float, float] | None = None,
-                 overwrite: bool = False, quiet: bool = False) -> FileReport:
+                 neighbour_weight: float | None = None, overwrite: bool = False, quiet: bool = False) -> FileReport:
     """`segment_file` with the model named on the command line (the bundled one for the image's kind when
     none), progress on stderr unless `quiet`."""
     ckpt = load_checkpoint(resolve_model(model, "skin" if record.rgb else "ct"))
-    inferer = SliceInferer(ckpt, device=device, precision=precision, batch_size=batch_size, window=window)
+    inferer = SliceInferer(ckpt, device=device, precision=precision, batch_size=batch_size, window=window,
+                           neighbour_weight=neighbour_weight)
     show = None if quiet else _progress_printer(f"segment {record.path.name if record.path else ''}")
     return drain(segment_file(inferer, record, output, axis=axis, overwrite=overwrite), show)
 
@@ -56,7 +57,8 @@ def run_segment(args: argparse.Namespace) -> int:
         print(f"note: {args.input}: {note}", file=sys.stderr)
     report = segment_path(record, Path(args.output), args.model, device=args.device, axis=args.axis,
                           batch_size=args.batch_size, precision=args.precision,
-                          window=None if args.window is None else ct_window(args.window), overwrite=args.overwrite)
+                          window=None if args.window is None else ct_window(args.window),
+                          neighbour_weight=args.neighbour_weight, overwrite=args.overwrite)
     print(f"wrote {report.written.result()}")
     for name in report.measures.values:
         print(f"  {name}: {report.measures.text(name)}")

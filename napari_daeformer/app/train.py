@@ -397,9 +397,11 @@ def run_teach(args: argparse.Namespace) -> int:
     card = result.candidate.card.with_provenance(image=str(args.image), annotated_slices=np.flatnonzero(
         pair.slices).tolist(), trained_steps=result.best_step)
     out = save_checkpoint(args.out / "best.safetensors", result.candidate.model, card, overwrite=True)
-    scored = ("nothing held out (one annotated slice)" if result.dice_after is None else
+    scored = ("nothing held out" if result.dice_after is None else
               f"held-out Dice {result.dice_after:.3f} on {result.holdout_slices} slice(s)")
-    print(f"{result.train_slices} slices trained on, {scored}, best at step {result.best_step}; wrote {out}")
+    averaged = (f"; slices segmented with their neighbours' probabilities at {card.neighbour_weight:g} each"
+                if card.neighbour_weight else "")
+    print(f"{result.train_slices} slices trained on, {scored}, best at step {result.best_step}{averaged}; wrote {out}")
     return 0
 
 

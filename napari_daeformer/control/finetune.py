@@ -30,10 +30,11 @@ USER_MODELS = Path.home() / ".napari-daeformer" / "models"      # where versions
 
 def finetune_and_save(parent: Checkpoint, pairs: list[Pair], settings: FinetuneSettings, out: Path,
                       overwrite: bool) -> Generator[FinetuneProgress, None, tuple[FinetuneResult, Path | None]]:
-    """The new checkpoint is written only after the last step, atomically, and only when it beat the parent on
-    the held-out slices: a cancel, a crash or no improvement writes nothing."""
+    """The new checkpoint is written only after the last step, atomically, and only when it is the model to use
+    (`FinetuneResult.checkpoint`: it beat the parent on the held-out slices, or the parent is a new model): a
+    cancel, a crash or no improvement writes nothing."""
     result = yield from finetune(parent, pairs, settings)
-    if not result.improved:
+    if result.checkpoint is not result.candidate:
         return result, None
     return result, save_checkpoint(out, result.checkpoint.model, result.checkpoint.card, overwrite=overwrite)
 
@@ -118,6 +119,9 @@ class FinetuneController:
         """Record a finished run (`path`: the version saved, None when it was not better); the lines to show."""
         self.parent_path, self.result = parent_path, result
         lines = [result.summary, f"{result.train_slices} training / {result.holdout_slices} held-out slices."]
+        if weight := result.candidate.card.neighbour_weight:
+            lines.append(f"Each slice is segmented with its neighbours' class probabilities at {weight:g} each "
+                         "(Segment dock: More settings, 'neighbouring slices').")
         if path is None:
             lines.append("Nothing saved; the Segment widget keeps its model. Press 'Keep anyway' to use the "
                          "fine-tuned one.")

@@ -184,8 +184,8 @@ class SegmentController:
 
 
 def dock_inferer(checkpoint: Checkpoint, device: str, batch_size: int, precision: str,
-                 window: tuple[float, float] | None) -> SliceInferer:
+                 window: tuple[float, float] | None, neighbour_weight: float | None = None) -> SliceInferer:
     """The inferer for a dock's run: batch size 0 means what fits the device; static int8 in a child process (the
     event loop keeps running)."""
     return SliceInferer(checkpoint, device=device, precision=precision, batch_size=batch_size or None, window=window,
-                        int8_in_child=True)
+                        int8_in_child=True, neighbour_weight=neighbour_weight)

@@ -22,6 +22,7 @@ from ..hub import hub_for
 from ..inference import Progress, SliceInferer, check_compatible, image_warnings
 from ..io import ImageRecord, geometry_from_metadata
 from ..io.record import CLASSES_KEY
+from ..neighbours import MAX_WEIGHT
 from ..segment_file import FileReport, segment_record
 from ..volumes import Measures
 from ._layers import attach, engine_writes, follow, image_identity, labels_kwargs, proposals_first, record_from_layer
@@ -74,6 +75,10 @@ class SegmentWidget(WorkerWidget):
                                    tooltip="CT window lower bound; prefilled from the checkpoint")
         self._upper = FloatSpinBox(label="window high (HU)", min=-3000, max=5000, step=5, value=275,
                                    tooltip="CT window upper bound; prefilled from the checkpoint")
+        self._neighbours = FloatSpinBox(label="neighbouring slices", min=0.0, max=MAX_WEIGHT, step=0.05, value=0.0,
+                                        tooltip="Each neighbouring slice's share of a slice's class probabilities "
+                                        "(0: each slice alone); prefilled from the checkpoint: a model taught on "
+                                        "thick slices sets it")
         self._batch = SpinBox(label="batch size", min=0, max=256, value=0,
                               tooltip="Slices per forward pass; 0 = what fits the device")
         self._precision = ComboBox(label="precision", choices=list(PRECISIONS), value="auto",
@@ -102,7 +107,7 @@ class SegmentWidget(WorkerWidget):
                                            "autosaved for this image")
         self._discard = PushButton(text="Discard", visible=False, tooltip="Delete the autosaved session of this image")
         self.extend([self._image, self._model, self._file, self._device, self._lower, self._upper, self._mode,
-                     self._target, collapsible("More settings", [self._axis, self._batch, self._precision,
+                     self._target, collapsible("More settings", [self._axis, self._neighbours, self._batch, self._precision,
                                                                   self._autosave_dir]),
                      row(self._run, self._cancel), self._progress, row(self._uncertain, self._next), self._restore_info,
                      row(self._restore, self._discard), self._status])
@@ -282,9 +287,11 @@ class SegmentWidget(WorkerWidget):
         self.control.choose(self.checkpoint_path())
         self._status.value = self.control.describe()
         try:
-            preprocessing = self.control.load().card.preprocessing
+            card = self.control.load().card
         except DaeformerError:
             return
+        preprocessing = card.preprocessing
+        self._neighbours.value = card.neighbour_weight
         self._lower.visible = self._upper.visible = preprocessing.kind == "ct"
         if preprocessing.kind == "ct" and preprocessing.window:
             self._lower.value, self._upper.value = preprocessing.window
@@ -322,7 +329,8 @@ class SegmentWidget(WorkerWidget):
     def _inferer(self, checkpoint: Checkpoint) -> SliceInferer:
         window = (self.control.window(float(self._lower.value), float(self._upper.value))
                   if checkpoint.card.preprocessing.kind == "ct" else None)
-        return dock_inferer(checkpoint, self._device.value, int(self._batch.value), self._precision.value, window)
+        return dock_inferer(checkpoint, self._device.value, int(self._batch.value), self._precision.value, window,
+                            float(self._neighbours.value))
 
     def _run_options(self, record: ImageRecord) -> dict[str, Any]:
         """`segment_record`'s options: the axis, the slice on screen first, the uncorrected slices in partial

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from napari_daeformer_training.finetune import FinetuneProgress, FinetuneResult, FinetuneSettings, Pair, finetune
+from napari_daeformer_training.finetune import FinetuneProgress, FinetuneResult, FinetuneSettings, Pair, _split, finetune
 
 from napari_daeformer.bundled import bundled_model
 from napari_daeformer.checkpoint import Checkpoint, load_checkpoint
@@ -114,7 +114,7 @@ def test_one_corrected_slice_trains_and_says_nothing_was_held_out(parent: Checkp
     slices[6] = True
     _, result = _run(finetune(parent, [Pair("one", s.image, s.labels, slices)], replace(FAST, steps=6)))
     assert result.improved is None and result.holdout_slices == 0 and result.train_slices == 1
-    assert "Nothing could be held out" in result.summary and result.best_step == 6
+    assert "Nothing held out" in result.summary and result.best_step == 6
     assert result.checkpoint is parent and result.candidate.card.provenance["finetuned_slices"] == 1
     assert result.uncorrected_slices == 11 and result.changed_uncorrected is not None
 
@@ -252,7 +252,7 @@ def test_a_new_class_starts_from_its_host_and_is_judged_where_it_is() -> None:
     """The tumour's output row starts as the liver's, as far below it as background's copy was (so it is still
     never chosen), and the held-out slice is one that holds enough of the tumour to judge it (not its tip)."""
     import torch
-    from napari_daeformer_training.finetune import _split, start_from_hosts
+    from napari_daeformer_training.finetune import start_from_hosts
     from napari_daeformer_training.teach import extend_classes
 
     from napari_daeformer.sample_data import CT_CLASSES
@@ -281,3 +281,17 @@ def test_a_new_class_starts_from_its_host_and_is_judged_where_it_is() -> None:
     for seed in range(6):
         _, held, _ = _split([pair], settings, np.random.default_rng(seed), parent.card.preprocessing, first_new=6)
         assert (held[0][1] == 6).sum() >= 9
+
+
+def test_holdout_starts_at_holdout_from_corrected_slices(parent: Checkpoint) -> None:
+    """The teaching recipe trains on every slice of a small annotation (5 slices: Dice 0.772 against 0.757 with one
+    held out, `benchmarks/bench_sparse.py`) and holds out one in four from `holdout_from` slices on."""
+    labels = np.zeros((10, 16, 16), np.uint8)
+    labels[:, 4:8, 4:8] = 1
+    for k, held in ((5, 0), (7, 0), (8, 2)):
+        slices = np.zeros(10, bool)
+        slices[:k] = True
+        pair = Pair("t", np.zeros((10, 16, 16), np.int16), labels, slices)
+        train, holdout, _ = _split([pair], FinetuneSettings(holdout_from=8), np.random.default_rng(0),
+                                   parent.card.preprocessing)
+        assert sum(len(h[1]) for h in holdout) == held and sum(len(c.labels) for c in train) == k - held

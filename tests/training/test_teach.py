@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from napari_daeformer_training.losses import IGNORE, DiceCELoss
-from napari_daeformer_training.teach import annotated_slices, extend_classes, intensity_window, sparse_labels
+from napari_daeformer_training.teach import TEACH, annotated_slices, extend_classes, intensity_window, sparse_labels
 
 from napari_daeformer.app.cli import main
 from napari_daeformer.bundled import bundled_model
@@ -124,7 +124,9 @@ def test_a_new_model_from_three_annotated_slices_through_the_cli(tmp_path: Path,
     ckpt = load_checkpoint(out / "best.safetensors")
     assert ckpt.card.class_names[3] == "heart" and ckpt.card.provenance["annotated_slices"] == [2, 6, 9]
     assert ckpt.card.preprocessing.window[0] < -850                     # the lungs are not clipped with the air
-    assert ckpt.card.provenance["holdout_slices"] == 1 and ckpt.card.provenance["finetuned_slices"] == 2
+    assert ckpt.card.provenance["holdout_slices"] == 0 and ckpt.card.provenance["finetuned_slices"] == 3
+    assert ckpt.card.neighbour_weight == TEACH.neighbour_weight > 0                # thick slices: neighbours count
+    assert "nothing held out" in said.out and f"neighbours' probabilities at {TEACH.neighbour_weight:g}" in said.out
     from napari_daeformer.io import read_image
     result = SliceInferer(ckpt, device="cpu", precision="fp32").segment(read_image(image).data)
     assert result.labels.shape == truth.shape                           # and it segments the whole volume
@@ -152,7 +154,7 @@ def test_a_new_model_lowers_its_loss_on_the_annotated_slices() -> None:
     from dataclasses import replace
 
     from napari_daeformer_training.finetune import finetune
-    from napari_daeformer_training.teach import TEACH, input_side, new_model, preprocessing_for, teach_pair
+    from napari_daeformer_training.teach import input_side, new_model, preprocessing_for, teach_pair
 
     from napari_daeformer.jobs import drain
     from napari_daeformer.sample_data import CHEST_CLASSES
@@ -167,6 +169,7 @@ def test_a_new_model_lowers_its_loss_on_the_annotated_slices() -> None:
                    lambda p: losses.append(p.loss) if p.loss is not None else None)
     assert len(losses) == 60 and np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.05, losses
     assert result.changed_uncorrected is None and "uncorrected" not in result.summary   # noise, not a parent
+    assert result.improved is None and result.checkpoint is result.candidate   # all 3 slices trained on, kept
     assert result.candidate.card.provenance["untrained"] is False
 
 

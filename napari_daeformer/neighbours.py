@@ -1,0 +1,65 @@
+"""Each slice's softmax averaged with its neighbours' along the slice axis, as the engine streams batches: a
+slice's labels are final once its neighbours' softmax has arrived, so only a few slices' probabilities are held
+whatever the volume's length.
+
+A 2D model sees one slice; on thick slices (10 mm) a structure's neighbours tell it what a single slice leaves
+ambiguous (a spinal cord that a new model from 5 annotated chest slices found at Dice 0.80-0.84 reached 0.91-0.94
+with each neighbour at 0.3: `benchmarks/bench_sparse.py --neighbours`). A model's card says whether it wants this
+(`ModelCard.neighbour_weight`, chosen when it is taught: `training.teach.choose_neighbour_weight`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import InvalidValue
+
+MAX_WEIGHT = 0.45          # each neighbour's share below a half: the slice itself always counts most
+
+
+def check_weight(value: object) -> float:
+    """`value` as a neighbour weight in [0, MAX_WEIGHT] (InvalidValue, a ValueError, otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= MAX_WEIGHT:
+        raise InvalidValue(f"the neighbour weight must be a number from 0 to {MAX_WEIGHT}, got {value!r}")
+    return float(value)
+
+
+def mixed(p: np.ndarray, neighbours: list[np.ndarray], weight: float) -> np.ndarray:
+    """(n, Y, X) softmax `p` of a slice averaged with its neighbours' at `weight` each (the slice itself at
+    1 - 2 * weight); a missing neighbour (the volume's ends) counts as the slice itself, which so always weighs most."""
+    return (1.0 - weight * len(neighbours)) * p + weight * sum(neighbours, np.zeros_like(p))
+
+
+class NeighbourMix:
+    """Holds each slice's softmax until its neighbours' have come, then gives its averaged probabilities.
+
+    Args:
+        weight: each neighbour's share (`mixed`).
+        members: (S,) bool, the slices of the run; a neighbour outside it (not segmented in this run) is left out.
+    """
+
+    def __init__(self, weight: float, members: np.ndarray) -> None:
+        self.weight, self.members = check_weight(weight), np.asarray(members, bool)
+        self.final = np.zeros(len(self.members), bool)
+        self.held: dict[int, np.ndarray] = {}
+
+    def _neighbours(self, z: int) -> list[int]:
+        return [y for y in (z - 1, z + 1) if 0 <= y < len(self.members) and self.members[y]]
+
+    def _ready(self, z: int) -> bool:
+        return (0 <= z < len(self.members) and not self.final[z] and z in self.held
+                and all(y in self.held for y in self._neighbours(z)))
+
+    def add(self, idx: np.ndarray, p: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """Take the (b, n, Y, X) softmax of slices `idx` (copied: the engine's host buffers are reused); (slice,
+        (n, Y, X) averaged softmax) for each slice that is now final, ascending. A slice's own softmax is let go
+        once it and its neighbours are final."""
+        for z, pz in zip(idx, p):
+            self.held[int(z)] = pz.copy()
+        ready = sorted({y for z in idx for y in (int(z) - 1, int(z), int(z) + 1) if self._ready(y)})
+        out = [(z, mixed(self.held[z], [self.held[y] for y in self._neighbours(z)], self.weight)) for z in ready]
+        self.final[ready] = True
+        for y in {y for r in ready for y in (r - 1, r, r + 1)}:
+            if y in self.held and self.final[y] and all(self.final[x] for x in self._neighbours(y)):
+                del self.held[y]
+        return out
