@@ -3,9 +3,10 @@ slice's labels are final once its neighbours' softmax has arrived, so only a few
 whatever the volume's length.
 
 A 2D model sees one slice; on thick slices (10 mm) a structure's neighbours tell it what a single slice leaves
-ambiguous (a spinal cord that a new model from 5 annotated chest slices found at Dice 0.80-0.84 reached 0.91-0.94
-with each neighbour at 0.3: `benchmarks/bench_sparse.py --neighbours`). A model's card says whether it wants this
-(`ModelCard.neighbour_weight`, chosen when it is taught: `training.teach.choose_neighbour_weight`).
+ambiguous (a spinal cord that a new model from 5 annotated chest slices found at Dice 0.81 reached 0.91 with each
+neighbour at 0.3: `benchmarks/bench_sparse.py --neighbours`). The price: a structure found on one slice alone,
+between slices sure of background, is erased from a weight of about 0.25. A model's card says whether it wants
+this (`ModelCard.neighbour_weight`: a new model taught on a volume, `training.teach.TEACH`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 
 from .errors import InvalidValue
 
-MAX_WEIGHT = 0.45          # each neighbour's share below a half: the slice itself always counts most
+MAX_WEIGHT = 0.45          # each neighbour's share below a half: the slice itself always counts
 
 
 def check_weight(value: object) -> float:
@@ -26,7 +27,7 @@ def check_weight(value: object) -> float:
 
 def mixed(p: np.ndarray, neighbours: list[np.ndarray], weight: float) -> np.ndarray:
     """(n, Y, X) softmax `p` of a slice averaged with its neighbours' at `weight` each (the slice itself at
-    1 - 2 * weight); a missing neighbour (the volume's ends) counts as the slice itself, which so always weighs most."""
+    1 - 2 * weight); a missing neighbour (the volume's ends) counts as the slice itself."""
     return (1.0 - weight * len(neighbours)) * p + weight * sum(neighbours, np.zeros_like(p))
 
 

@@ -19,7 +19,7 @@ from napari_daeformer.io.nifti import write_nifti
 from napari_daeformer.io.record import default_affine
 from napari_daeformer.jobs import drain
 from napari_daeformer.model import DAEFormer
-from napari_daeformer.neighbours import NeighbourMix
+from napari_daeformer.neighbours import NeighbourMix, mixed
 from napari_daeformer.preprocessing import ct_preprocessing
 
 from .conftest import TINY
@@ -119,3 +119,13 @@ def test_cli_segment_takes_a_neighbour_weight_and_refuses_a_bad_one(tmp_path: Pa
     with pytest.raises(SystemExit) as exit_:
         main([*argv, "--overwrite", "--neighbour-weight", "0.6"])
     assert exit_.value.code == 2 and "at most 0.45" in capsys.readouterr().err
+
+
+def test_a_structure_on_one_slice_only_is_kept_only_at_a_small_weight() -> None:
+    """What the docs warn of: between slices sure of background, a structure the model finds on one slice alone at
+    0.9 survives a weight of 0.1 but not 0.3 (its share there is 0.4 * 0.9 against 0.4 * 0.1 + 0.6)."""
+    lesion = np.array([0.1, 0.9], np.float32)[:, None, None]            # (n=2 classes, 1, 1): background, lesion
+    background = np.array([1.0, 0.0], np.float32)[:, None, None]
+    assert mixed(lesion, [background, background], 0.1).argmax(0) == 1
+    assert mixed(lesion, [background, background], 0.3).argmax(0) == 0
+    assert mixed(lesion, [lesion, background], 0.3).argmax(0) == 1          # on two slices it stays

@@ -411,8 +411,10 @@ class FinetuneWidget(WorkerWidget):
         self._progress.max = settings.steps
         self._progress.value = 0
         slices = sum(int(p.slices.sum()) for p in pairs)
-        self._status.value = (f"Training a new model on {slices} annotated slices ({self.control.chosen_intensities})…"
-                              if base is TEACH else f"Fine-tuning on {slices} corrected slices…")
+        held = ("" if slices >= TEACH.holdout_from else
+                f"; all trained on, none held out (from {TEACH.holdout_from} slices a quarter is held out and scored)")
+        self._status.value = (f"Training a new model on {slices} annotated slices ({self.control.chosen_intensities}"
+                              f"{held})…" if base is TEACH else f"Fine-tuning on {slices} corrected slices…")
         self._launch(_finetune_job, parent, pairs, settings, out, overwrite, yielded=self._on_step,
                      returned=lambda r: self._finish(parent_path, *r), errored=self._failed,
                      aborted=self._aborted)
