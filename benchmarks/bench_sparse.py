@@ -2,7 +2,7 @@
 scans: Dice on the slices NOT annotated.
 
     python benchmarks/bench_sparse.py [--threads 2] [--slices 3,5,8] [--cases chest,ct-thick,mr-thick]
-        [--seeds 0,1,2] [--minutes 5] [--recipe lr=6e-4,holdout_fraction=0,...] [--from-scratch] [--neighbours 0.3]
+        [--seeds 0,1,2] [--minutes 5] [--recipe lr=6e-4,holdout_from=2,...] [--from-scratch] [--neighbours 0,0.4]
     python benchmarks/bench_sparse.py --add-class [--structure spine|"liver tumour"] [--shift phase] [--threads 2]
         [--slices 4] [--seeds 31,32,33] [--recipe ...]
 
@@ -21,7 +21,8 @@ For k annotated slices (evenly spaced through the slices holding a structure, as
 - interpolation: per-class signed-distance interpolation between the annotated slices, the nearest annotated slice
   copied beyond them (the classic fill-between-slices of annotation tools);
 - new model: `daeformer train --image` (`training/teach.py`: the `small` model started from the bundled CT encoder,
-  `--minutes` budget);
+  `--minutes` budget), segmenting each slice with its neighbours at the weight its card says (`TEACH`: 0.3);
+  `--neighbours W,...` adds rows for the same trained model at other weights (0: each slice alone);
 - fine-tuned (ct-thick, mr-thick: the bundled CT model knows those classes): `training/finetune.py` defaults.
 The table reports the mean foreground Dice over the classes present, pooled over the unannotated slices, as
 mean ± std over the seeds, and the minutes each took on this CPU.
@@ -245,7 +246,7 @@ def main() -> None:
                    "--add-class: ADD_CLASS in training/finetune.py)")
     p.add_argument("--from-scratch", action="store_true", help="the new model not started from the bundled one")
     p.add_argument("--neighbours", default="", help="W,...: also score the new model with each slice's softmax "
-                   "averaged with its neighbours' at weight W each (the engine's `neighbour_weight`)")
+                   "averaged with its neighbours' at weight W each instead of its card's (0: each slice alone)")
     p.add_argument("--add-class", action="store_true", help="a new structure added to the bundled CT model")
     p.add_argument("--structure", default="spine", choices=NEW_STRUCTURES, help="with --add-class: which")
     p.add_argument("--shift", default="none", choices=LABEL_KEEPING_SHIFTS,

@@ -216,8 +216,6 @@ def teach_scenes(tmp: Path, minutes: float) -> None:
     tune._minutes.value, tune._device.value = minutes, "cpu"
     tune._run.clicked()
     wait(lambda: not tune.running, timeout=60 * minutes + 300)
-    if tune.control.new_path is None:
-        tune._keep_anyway.clicked()
     viewer.dims.set_current_step(0, slices[2])
     save(viewer, "teach_train.png")
     segment._image.value = viewer.layers["chest"]
