@@ -204,6 +204,7 @@ class FinetuneResult:
     fit: float | None = None             # Dice on the trained slices after `steps` under the full protection
     protection_share: float = 1.0        # of the protection's full weight in the steps that followed, from `fit`
     refit: bool = False                  # the candidate was trained again on every corrected slice (`FinetuneSettings.refit`)
+    new_model: bool = False              # the parent was a new model (`teach.new_model`): the candidate is kept
 
     @property
     def headline(self) -> str:
@@ -229,6 +230,9 @@ class FinetuneResult:
         if self.improved:
             text = f"{self.headline} (best at step {self.best_step})."
             return (f"{text} It changes {change}." if change else text) + calibration
+        if self.improved is None and self.new_model:
+            return (f"New model trained on all {self.train_slices} annotated slice(s): none held out, so no held-out "
+                    f"score. Check its proposal on slices you did not paint.{calibration}")
         if self.improved is None:
             text = f"{self.headline} ({self.train_slices} corrected slice(s), all trained on)."
             tail = f" The fine-tuned model changes {change}." if change else ""
@@ -662,11 +666,11 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
         new_classes=[], added_classes=[*card.provenance.get("added_classes", []), *fresh])
     candidate = Checkpoint(network.cpu(), new_card)
     old, new = card.preprocessing.describe(), folded.describe()
-    keep = improved or bool(card.provenance.get("untrained"))            # a new model's start is noise
-    return FinetuneResult(candidate if keep else parent, candidate, before, after, improved, best_step, changed,
-                          sum(len(u.labels) for u in uncorrected), n_train, n_hold, agreement,
+    fresh_model = bool(card.provenance.get("untrained"))                  # a new model's start is noise: keep
+    return FinetuneResult(candidate if improved or fresh_model else parent, candidate, before, after, improved,
+                          best_step, changed, sum(len(u.labels) for u in uncorrected), n_train, n_hold, agreement,
                           None if old == new else f"{old} → {new.removeprefix('CT window ').removeprefix('RGB, ')}",
-                          fit, share, refit)
+                          fit, share, refit, fresh_model)
 
 
 def next_version_path(parent: str | None, folder: str | None = None) -> str:

@@ -170,6 +170,7 @@ def test_a_new_model_lowers_its_loss_on_the_annotated_slices() -> None:
     assert len(losses) == 60 and np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.05, losses
     assert result.changed_uncorrected is None and "uncorrected" not in result.summary   # noise, not a parent
     assert result.improved is None and result.checkpoint is result.candidate   # all 3 slices trained on, kept
+    assert result.new_model and "all 3 annotated slice(s): none held out" in result.summary
     assert result.candidate.card.provenance["untrained"] is False
 
 
