@@ -57,7 +57,7 @@ class ModelCard:
         preprocessing: intensity normalisation applied before the network.
         provenance: free-form JSON (training data, steps, parent checkpoint, scores).
         neighbour_weight: each neighbouring slice's share of a slice's softmax at inference (0: none;
-            `neighbours`), chosen when the model was taught on thick slices.
+            `neighbours`); a new model taught on a volume sets it (`training.teach.TEACH`).
     """
 
     config: DAEFormerConfig

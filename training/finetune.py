@@ -182,8 +182,8 @@ class FinetuneResult:
     `improved` is True when a trained state beat the parent on the held-out corrected slices, False when none
     did, None when nothing was held out (one corrected slice, or fewer than `holdout_from`). `checkpoint` is the
     model to use from now on: the best state when improved, otherwise `parent` itself, unless the parent is a new
-    model (`teach.new_model`: untrained, never worth keeping), when it is the candidate. `candidate` is the trained model offered by
-    "keep anyway": the best-scoring trained state (the last one when nothing was held out); it is `checkpoint` when
+    model (`teach.new_model`: untrained, never worth keeping), when it is the candidate. `candidate` is the trained
+    model offered by "keep anyway": the best-scoring trained state (the last one when nothing was held out); it is `checkpoint` when
     improved. `dice_after` and `best_step` describe the candidate; `changed_uncorrected` is the share of voxels of
     the (sampled) uncorrected slices whose label the candidate changes against the parent's prediction, None
     without uncorrected slices or when the parent is a new model (`teach.new_model`: its labels mean nothing).

@@ -134,7 +134,7 @@ def _segment_options(p: argparse.ArgumentParser) -> None:
                    "(abdomen, soft tissue, liver, lung, bone, brain)")
     p.add_argument("--neighbour-weight", type=number(0, MAX_WEIGHT), metavar="W",
                    help="each neighbouring slice's share of a slice's class probabilities, 0 (each slice alone) to "
-                   f"{MAX_WEIGHT} (default: the checkpoint's; a model taught on thick slices sets it)")
+                   f"{MAX_WEIGHT} (default: the checkpoint's; a new model taught on a volume sets it)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=_segment)
 

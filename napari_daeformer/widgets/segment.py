@@ -77,8 +77,8 @@ class SegmentWidget(WorkerWidget):
                                    tooltip="CT window upper bound; prefilled from the checkpoint")
         self._neighbours = FloatSpinBox(label="neighbouring slices", min=0.0, max=MAX_WEIGHT, step=0.05, value=0.0,
                                         tooltip="Each neighbouring slice's share of a slice's class probabilities "
-                                        "(0: each slice alone); prefilled from the checkpoint: a model taught on "
-                                        "thick slices sets it")
+                                        "(0: each slice alone); prefilled from the checkpoint: a new model "
+                                        "taught on a volume sets it")
         self._batch = SpinBox(label="batch size", min=0, max=256, value=0,
                               tooltip="Slices per forward pass; 0 = what fits the device")
         self._precision = ComboBox(label="precision", choices=list(PRECISIONS), value="auto",
