@@ -44,6 +44,7 @@ from napari_daeformer.io.record import is_rgb
 from napari_daeformer.jobs import drain
 from napari_daeformer.metrics import evaluate_case
 from napari_daeformer.model import SIZE_MULTIPLE, DAEFormer, named_config
+from napari_daeformer.neighbours import MAX_WEIGHT
 from napari_daeformer.preprocessing import ct_preprocessing, rgb_preprocessing, zscore_preprocessing
 from napari_daeformer.private_api import parser_actions
 from napari_daeformer.sample_data import CT_CLASSES, SKIN_CLASSES
@@ -112,6 +113,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    "state so far is written when it runs out")
     g.add_argument("--from-scratch", action="store_true",
                    help="random weights (default: start from the bundled model's encoder and decoder)")
+    g.add_argument("--neighbour-weight", type=number(0, MAX_WEIGHT), metavar="W",
+                   help="each neighbouring slice's share of a slice's class probabilities when the model segments a "
+                   f"volume, saved in its card (default: {TEACH.neighbour_weight:g}; 0 keeps a structure seen on one "
+                   "slice only)")
 
 
 RECORDED_ONLY = ("world_size", "validation")     # written to OUT/config.yaml for the record, not settings
@@ -382,7 +387,8 @@ def run_teach(args: argparse.Namespace) -> int:
     pair = teach_pair(args.image.name, image.data, data, _slice_list(args.slices, count) if args.slices else None)
     model, said = model_for(pair, names, args.arch, args.from_scratch)
     settings = replace(TEACH, minutes=args.minutes if args.minutes is not None else TEACH.minutes,
-                       steps=args.max_steps or TEACH.steps, device=args.device, seed=args.seed)
+                       steps=args.max_steps or TEACH.steps, device=args.device, seed=args.seed,
+                       neighbour_weight=TEACH.neighbour_weight if args.neighbour_weight is None else args.neighbour_weight)
     print(f"daeformer train: {int(pair.slices.sum())} annotated slices of {args.image.name}; {said}", file=sys.stderr)
     bar = None if args.quiet else tqdm(total=settings.steps, unit="step", file=sys.stderr, delay=1)
 

@@ -144,9 +144,10 @@ def test_a_slice_annotated_in_part_trains_on_its_annotated_voxels(tmp_path: Path
     labels = write_nifti(tmp_path / "part.nii.gz", sparse, affine)
     names = "background,right lung,left lung,heart,aorta,trachea,spinal cord,nodule"
     assert main(["train", "--image", str(image), "--labels", str(labels), "--ignore-value", "200", "--classes",
-                 names, "--max-steps", "4", "--device", "cpu", "--quiet", "--out", str(tmp_path / "new")]) == 0, \
-        capsys.readouterr().err
-    assert load_checkpoint(tmp_path / "new" / "best.safetensors").card.provenance["annotated_slices"] == [2, 6, 9]
+                 names, "--max-steps", "4", "--device", "cpu", "--quiet", "--neighbour-weight", "0",
+                 "--out", str(tmp_path / "new")]) == 0, capsys.readouterr().err
+    card = load_checkpoint(tmp_path / "new" / "best.safetensors").card
+    assert card.provenance["annotated_slices"] == [2, 6, 9] and card.neighbour_weight == 0.0    # as asked
 
 
 def test_a_new_model_lowers_its_loss_on_the_annotated_slices() -> None:
