@@ -2,7 +2,7 @@
 
     python benchmarks/bench_inference.py [--device cpu|cuda] [--slices 200] [--threads N] [--rounds 3] [--isa avx2]
                                          [--variants official,naive,ours-fp32,ours-bf16,ours-int8,ours-int8dynamic,
-                                                     ours-auto]
+                                                     ours-auto,ours-fp32-neighbours]
 
 Naive loop: fp32, one slice at a time, every slice's full-resolution logits kept and stacked, argmax at the
 end; `official` is that loop around the official code's arithmetic and layout (`_official_layout.py`), `naive`
@@ -15,7 +15,8 @@ with the engine's fp32) is a lower bound: a random network's classes are near ti
 agreement on the trained CT model). `--isa avx2`: as on a CPU without AVX-512, bf16 or VNNI (`_isa.py`).
 `ours-int8`: static int8, its package compiled in the first round (`prepare_s`, into a fresh folder unless
 $DAEFORMER_CACHE is set) without the agreement gate, which random weights cannot pass; `ours-int8dynamic`: `int8`
-on a machine without a C++ compiler (int8 dynamic).
+on a machine without a C++ compiler (int8 dynamic). `ours-fp32-neighbours`: fp32 with each slice averaged with its
+neighbours at 0.3 (`neighbours`: the probabilities come back to the host, which makes the labels).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from _isa import ISAS, isa_in_use, limit_isa  # noqa: E402
 from _official_layout import official_forward  # noqa: E402
 from _timing import cpu_name  # noqa: E402
 
-from napari_daeformer import static_int8
+from napari_daeformer import package_cache, static_int8
 from napari_daeformer.checkpoint import Checkpoint, ModelCard
 from napari_daeformer.devices import resolve_device
 from napari_daeformer.inference import SliceInferer, calibration_batches, default_batch_size
@@ -86,9 +87,10 @@ def run_variant(variant: str, device_name: str, slices: int, threads: int | None
                                      card.input_size, device)
                 static_int8.build(model, calibration_batches(source, batch), batch, card.input_size, min_agreement=0.0)
             prepare = time.perf_counter() - t0
-        SliceInferer(ckpt, device=device, precision=precision).segment(volume)   # warm-up, same shapes
+        weight = 0.3 if variant.endswith("-neighbours") else 0.0
+        SliceInferer(ckpt, device=device, precision=precision, neighbour_weight=weight).segment(volume)   # warm-up
         start = time.perf_counter()
-        result = SliceInferer(ckpt, device=device, precision=precision).segment(volume)
+        result = SliceInferer(ckpt, device=device, precision=precision, neighbour_weight=weight).segment(volume)
         labels = result.labels
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -133,7 +135,7 @@ def main() -> None:
                        str(args.slices), "--labels-to", str(labels_path)]
                 if args.threads:
                     cmd += ["--threads", str(args.threads)]
-                env = {**os.environ, static_int8.CACHE_ENV: os.environ.get(static_int8.CACHE_ENV, folder)}
+                env = {**os.environ, package_cache.CACHE_ENV: os.environ.get(package_cache.CACHE_ENV, folder)}
                 if variant == "ours-int8dynamic":
                     env["CXX"] = "no-compiler-here"           # static int8 unavailable: int8 runs dynamic
                 proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)

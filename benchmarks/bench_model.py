@@ -41,7 +41,7 @@ from _isa import ISAS, isa_in_use, limit_isa  # noqa: E402
 from _official_layout import official_forward  # noqa: E402
 from _timing import cpu_name  # noqa: E402
 
-from napari_daeformer import static_int8  # noqa: E402
+from napari_daeformer import package_cache, static_int8  # noqa: E402
 from napari_daeformer.bundled import bundled_model  # noqa: E402
 from napari_daeformer.checkpoint import Checkpoint, ModelCard, load_checkpoint  # noqa: E402
 from napari_daeformer.devices import cpu_has_int8_kernels, cpu_has_native_bf16, resolve_device, resolve_path  # noqa: E402
@@ -154,7 +154,7 @@ def main() -> None:
     p.add_argument("--isa", choices=ISAS, default="native", help="avx2: as on a CPU without AVX-512 (bf16, VNNI)")
     args = p.parse_args()
     limit_isa(args.isa)
-    os.environ.setdefault(static_int8.CACHE_ENV, tempfile.mkdtemp(prefix="daeformer-int8-"))   # prepare: from cold
+    os.environ.setdefault(package_cache.CACHE_ENV, tempfile.mkdtemp(prefix="daeformer-int8-"))   # prepare: from cold
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from napari_daeformer.model import DAEFormer
@@ -21,3 +23,18 @@ def test_official_layout_computes_our_logits() -> None:
     x = torch.randn(2, TINY.in_channels, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(official_forward(model)(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("argv", [
+    ["bench_inference.py", "--device", "cpu", "--slices", "1", "--variants", "ours-fp32,ours-fp32-neighbours",
+     "--rounds", "1", "--threads", "1"],
+    ["bench_model.py", "--device", "cpu", "--batches", "1", "--rounds", "1", "--paths", "fp32", "--threads", "1"],
+])
+def test_the_speed_benchmarks_run(argv: list[str]) -> None:
+    """At their smallest sizes, so that a renamed engine name cannot break them unseen (both once read
+    `static_int8.CACHE_ENV` after it moved to `package_cache`)."""
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    done = subprocess.run([sys.executable, str(bench / argv[0]), *argv[1:]], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "fp32" in done.stdout
