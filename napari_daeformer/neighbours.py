@@ -12,6 +12,7 @@ this (`ModelCard.neighbour_weight`: a new model taught on a volume, `training.te
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from .errors import InvalidValue
 
@@ -25,10 +26,13 @@ def check_weight(value: object) -> float:
     return float(value)
 
 
-def mixed(p: np.ndarray, neighbours: list[np.ndarray], weight: float) -> np.ndarray:
-    """(n, Y, X) softmax `p` of a slice averaged with its neighbours' at `weight` each (the slice itself at
-    1 - 2 * weight); a missing neighbour (the volume's ends) counts as the slice itself."""
-    return (1.0 - weight * len(neighbours)) * p + weight * sum(neighbours, np.zeros_like(p))
+def mixed(p: torch.Tensor, neighbours: list[torch.Tensor], weight: float) -> torch.Tensor:
+    """The softmax `p` of a slice (any layout: the engine's is (Y, X, n)) averaged with its neighbours' at `weight`
+    each (the slice itself at 1 - 2 * weight); a missing neighbour (the volume's ends) counts as the slice itself."""
+    out = p * (1.0 - weight * len(neighbours))
+    for q in neighbours:
+        out.add_(q, alpha=weight)
+    return out
 
 
 class NeighbourMix:
@@ -42,7 +46,7 @@ class NeighbourMix:
     def __init__(self, weight: float, members: np.ndarray) -> None:
         self.weight, self.members = check_weight(weight), np.asarray(members, bool)
         self.final = np.zeros(len(self.members), bool)
-        self.held: dict[int, np.ndarray] = {}
+        self.held: dict[int, torch.Tensor] = {}
 
     def _neighbours(self, z: int) -> list[int]:
         return [y for y in (z - 1, z + 1) if 0 <= y < len(self.members) and self.members[y]]
@@ -51,12 +55,12 @@ class NeighbourMix:
         return (0 <= z < len(self.members) and not self.final[z] and z in self.held
                 and all(y in self.held for y in self._neighbours(z)))
 
-    def add(self, idx: np.ndarray, p: np.ndarray) -> list[tuple[int, np.ndarray]]:
-        """Take the (b, n, Y, X) softmax of slices `idx` (copied: the engine's host buffers are reused); (slice,
-        (n, Y, X) averaged softmax) for each slice that is now final, ascending. A slice's own softmax is let go
-        once it and its neighbours are final."""
+    def add(self, idx: np.ndarray, p: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """Take the (b, ...) softmax of slices `idx` (copied: the engine's host buffers are reused); (slice,
+        averaged softmax) for each slice that is now final, ascending. A slice's own softmax is let go once it and
+        its neighbours are final."""
         for z, pz in zip(idx, p):
-            self.held[int(z)] = pz.copy()
+            self.held[int(z)] = pz.clone()
         ready = sorted({y for z in idx for y in (int(z) - 1, int(z), int(z) + 1) if self._ready(y)})
         out = [(z, mixed(self.held[z], [self.held[y] for y in self._neighbours(z)], self.weight)) for z in ready]
         self.final[ready] = True

@@ -48,16 +48,16 @@ def test_streamed_average_equals_the_whole_volume_one_and_lets_slices_go(order: 
         run = rng.permutation(run)
     mix, got, most_held = NeighbourMix(0.3, members), {}, 0
     for batch in np.array_split(run, 4):
-        for z, q in mix.add(batch, p[batch]):
+        for z, q in mix.add(batch, torch.from_numpy(p[batch])):
             assert z not in got                             # each slice is final once
             got[z] = q
         most_held = max(most_held, len(mix.held))
     assert sorted(got) == sorted(run.tolist())
     ref = whole_volume(p, members, 0.3)
     for z, q in got.items():
-        np.testing.assert_allclose(q, ref[z], rtol=1e-6)
+        np.testing.assert_allclose(q.numpy(), ref[z], rtol=1e-6)
     assert not mix.held and most_held < len(run)           # everything let go; never the whole volume
-    assert np.allclose(got[2], p[2] * 0.7 + p[1] * 0.3)      # slice 3 not in the run: the slice itself instead
+    assert np.allclose(got[2].numpy(), p[2] * 0.7 + p[1] * 0.3)   # slice 3 not in the run: the slice itself instead
 
 
 def _tiny(weight: float = 0.0) -> Checkpoint:
@@ -124,8 +124,8 @@ def test_cli_segment_takes_a_neighbour_weight_and_refuses_a_bad_one(tmp_path: Pa
 def test_a_structure_on_one_slice_only_is_kept_only_at_a_small_weight() -> None:
     """What the docs warn of: between slices sure of background, a structure the model finds on one slice alone at
     0.9 survives a weight of 0.1 but not 0.3 (its share there is 0.4 * 0.9 against 0.4 * 0.1 + 0.6)."""
-    lesion = np.array([0.1, 0.9], np.float32)[:, None, None]            # (n=2 classes, 1, 1): background, lesion
-    background = np.array([1.0, 0.0], np.float32)[:, None, None]
+    lesion = torch.tensor([0.1, 0.9])                                   # (n=2 classes): background, lesion
+    background = torch.tensor([1.0, 0.0])
     assert mixed(lesion, [background, background], 0.1).argmax(0) == 1
     assert mixed(lesion, [background, background], 0.3).argmax(0) == 0
     assert mixed(lesion, [lesion, background], 0.3).argmax(0) == 1          # on two slices it stays
