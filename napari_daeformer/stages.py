@@ -143,6 +143,11 @@ class Predictor:
             return self.model(x).float()
 
 
+def entropy(p: torch.Tensor, dim: int) -> torch.Tensor:
+    """Predictive entropy in nats of the probabilities `p` over their class axis `dim`."""
+    return -(p * p.clamp_min(1e-12).log()).sum(dim)
+
+
 class Accumulator:
     """Accumulate: network-size logits of a batch, resized to the source size, into the run's output arrays.
 
@@ -177,7 +182,7 @@ class Accumulator:
         p = logits.softmax(1)
         if self.probabilities is not None:
             out.append(p.transpose(0, 1).half())
-        h = -(p * p.clamp_min(1e-12).log()).sum(1)           # (b, Y, X)
+        h = entropy(p, 1)                                    # (b, Y, X)
         if self.entropy is not None:
             out.append(h.half())
         if self.slice_uncertainty is not None:
@@ -210,7 +215,7 @@ class Accumulator:
             self.probabilities[:, z] = p.permute(2, 0, 1).half().numpy()
         if self.entropy is None and self.slice_uncertainty is None:
             return
-        h = -(p * p.clamp_min(1e-12).log()).sum(-1)
+        h = entropy(p, -1)
         if self.entropy is not None:
             self.entropy[z] = h.half().numpy()
         if self.slice_uncertainty is not None:

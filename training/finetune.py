@@ -183,8 +183,8 @@ class FinetuneResult:
     did, None when nothing was held out (one corrected slice, or fewer than `holdout_from`). `checkpoint` is the
     model to use from now on: the best state when improved, otherwise `parent` itself, unless the parent is a new
     model (`teach.new_model`: untrained, never worth keeping), when it is the candidate. `candidate` is the trained
-    model offered by "keep anyway": the best-scoring trained state (the last one when nothing was held out); it is `checkpoint` when
-    improved. `dice_after` and `best_step` describe the candidate; `changed_uncorrected` is the share of voxels of
+    model offered by "keep anyway": the best-scoring trained state (the last one when nothing was held out); it is
+    `checkpoint` when improved. `dice_after` and `best_step` describe the candidate; `changed_uncorrected` is the share of voxels of
     the (sampled) uncorrected slices whose label the candidate changes against the parent's prediction, None
     without uncorrected slices or when the parent is a new model (`teach.new_model`: its labels mean nothing).
     """
@@ -526,7 +526,8 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
     fresh = list(card.provenance.get("new_classes") or ())                  # classes added to the head, not yet learnt
     train, holdout_raw, uncorrected_raw = _split(pairs, settings, rng, card.preprocessing,
                                                  n_classes - len(fresh) if fresh else None)
-    if card.provenance.get("untrained"):              # a new model's labels are noise: nothing to keep or compare
+    untrained = bool(card.provenance.get("untrained"))     # a new model's labels are noise: nothing to keep or
+    if untrained:                                          # compare, and its trained state is always kept
         uncorrected_raw = []
     trained = [_Slices(c.image[None], c.preprocessing, c.labels[None]) if c.labels.ndim == 2
                else _Slices(c.image, c.preprocessing, c.labels) for c in train]
@@ -666,11 +667,10 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
         new_classes=[], added_classes=[*card.provenance.get("added_classes", []), *fresh])
     candidate = Checkpoint(network.cpu(), new_card)
     old, new = card.preprocessing.describe(), folded.describe()
-    fresh_model = bool(card.provenance.get("untrained"))                  # a new model's start is noise: keep
-    return FinetuneResult(candidate if improved or fresh_model else parent, candidate, before, after, improved,
+    return FinetuneResult(candidate if improved or untrained else parent, candidate, before, after, improved,
                           best_step, changed, sum(len(u.labels) for u in uncorrected), n_train, n_hold, agreement,
                           None if old == new else f"{old} → {new.removeprefix('CT window ').removeprefix('RGB, ')}",
-                          fit, share, refit, fresh_model)
+                          fit, share, refit, untrained)
 
 
 def next_version_path(parent: str | None, folder: str | None = None) -> str:
