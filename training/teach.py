@@ -11,6 +11,7 @@ slices (and ignores `IGNORE` voxels inside them).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -142,6 +143,25 @@ def teach_pair(name: str, image: np.ndarray, labels: np.ndarray, slices: np.ndar
     if not chosen.any():
         raise TrainingError(f"{name}: no annotated slice (paint the structure on a few slices)")
     return Pair(name, image, labels, chosen)
+
+
+def unpainted_classes(pairs: Sequence[Pair], class_names: tuple[str, ...]) -> list[str]:
+    """The structures of `class_names` (background excepted) with no voxel on any annotated slice of `pairs`: a
+    model cannot learn them (the user should paint each on a slice where it shows)."""
+    painted = np.zeros(len(class_names), bool)
+    for pair in pairs:
+        _, labels = _as_slices(pair)
+        values = np.unique(labels[pair.slices])
+        painted[values[values < len(class_names)].astype(int)] = True
+    return [name for name, seen in zip(class_names[1:], painted[1:]) if not seen]
+
+
+def unpainted_line(names: Sequence[str]) -> str:
+    """The warning for `unpainted_classes`, or "" when there are none."""
+    if not names:
+        return ""
+    return (f"painted on no annotated slice: {', '.join(names)}. A model cannot learn a structure it never saw: "
+            "paint each on a slice where it shows")
 
 
 def model_for(pair: Pair, class_names: tuple[str, ...], arch: str = "small", from_scratch: bool = False

@@ -369,7 +369,7 @@ def _label_map(image: Any, labels: Any, name: str) -> np.ndarray:
 
 def run_teach(args: argparse.Namespace) -> int:
     """A new model for the classes `--classes` from the annotated slices of `--image`: OUT/best.safetensors."""
-    from napari_daeformer_training.teach import model_for, sparse_labels, teach_pair
+    from napari_daeformer_training.teach import model_for, sparse_labels, teach_pair, unpainted_classes, unpainted_line
     from tqdm import tqdm
 
     from napari_daeformer.checkpoint import save_checkpoint
@@ -390,6 +390,8 @@ def run_teach(args: argparse.Namespace) -> int:
                        steps=args.max_steps or TEACH.steps, device=args.device, seed=args.seed,
                        neighbour_weight=TEACH.neighbour_weight if args.neighbour_weight is None else args.neighbour_weight)
     print(f"daeformer train: {int(pair.slices.sum())} annotated slices of {args.image.name}; {said}", file=sys.stderr)
+    if missing := unpainted_line(unpainted_classes([pair], names)):
+        print(f"daeformer train: warning: {missing}", file=sys.stderr)
     bar = None if args.quiet else tqdm(total=settings.steps, unit="step", file=sys.stderr, delay=1)
 
     def show(progress: FinetuneProgress) -> None:

@@ -18,7 +18,13 @@ from napari_daeformer_training.finetune import (
     finetune,
     next_version_path,
 )
-from napari_daeformer_training.teach import extend_classes, model_for, new_model_path
+from napari_daeformer_training.teach import (
+    extend_classes,
+    model_for,
+    new_model_path,
+    unpainted_classes,
+    unpainted_line,
+)
 
 from ..annotation import Annotation
 from ..bundled import MODELS_DIR
@@ -62,6 +68,7 @@ class FinetuneController:
         self.result: FinetuneResult | None = None
         self.pending: tuple[Path, bool] | None = None           # where a result not saved would go, overwrite
         self.chosen_intensities = ""                            # what a new model's normalisation is, in words
+        self.unpainted = ""                                     # a new model's classes painted nowhere, in words
 
     @staticmethod
     def parent_of(annotation: Annotation | None, fallback: Callable[[], Path]) -> Path:
@@ -93,7 +100,7 @@ class FinetuneController:
             parent = extend_classes(parent, classes)
         check_pairs(pairs, parent.card)
         out, replace = self.output_path(parent_path, chosen, overwrite)
-        self.result, self.pending = None, (out, replace)
+        self.result, self.pending, self.unpainted = None, (out, replace), ""
         return parent, out, replace
 
     def prepare_new(self, pairs: list[Pair], classes: tuple[str, ...], name: str, chosen: Path | None
@@ -104,6 +111,7 @@ class FinetuneController:
         if not pairs:
             raise DaeformerError("choose the image and the labels layer you annotated")
         parent, self.chosen_intensities = model_for(pairs[0], tuple(classes))
+        self.unpainted = unpainted_line(unpainted_classes(pairs, tuple(classes)))
         check_pairs(pairs, parent.card)
         if chosen is not None and chosen.suffix == ".safetensors":
             if chosen.exists():
@@ -122,6 +130,8 @@ class FinetuneController:
         if weight := result.candidate.card.neighbour_weight:
             lines.append(f"Each slice is segmented with its neighbours' class probabilities at {weight:g} each "
                          "(Segment dock: More settings, 'neighbouring slices').")
+        if self.unpainted:
+            lines.append(f"{self.unpainted}.")
         if path is None:
             lines.append("Nothing saved; the Segment widget keeps its model. Press 'Keep anyway' to use the "
                          "fine-tuned one.")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, FileEdit, FloatSpinBox, Label, LineEdit, ProgressBar, PushButton, SpinBox
 from napari.layers import Image, Labels
-from napari.utils.notifications import show_info
+from napari.utils.notifications import show_info, show_warning
 from napari_daeformer_training.finetune import (
     ADD_CLASS,
     FinetuneProgress,
@@ -415,6 +415,9 @@ class FinetuneWidget(WorkerWidget):
                 f"; all trained on, none held out (from {TEACH.holdout_from} slices a quarter is held out and scored)")
         self._status.value = (f"Training a new model on {slices} annotated slices ({self.control.chosen_intensities}"
                               f"{held})…" if base is TEACH else f"Fine-tuning on {slices} corrected slices…")
+        if base is TEACH and self.control.unpainted:
+            self._status.value += f"<br>{self.control.unpainted}."
+            show_warning(f"DAE-Former: {self.control.unpainted}.")
         self._launch(_finetune_job, parent, pairs, settings, out, overwrite, yielded=self._on_step,
                      returned=lambda r: self._finish(parent_path, *r), errored=self._failed,
                      aborted=self._aborted)

@@ -150,6 +150,33 @@ def test_a_slice_annotated_in_part_trains_on_its_annotated_voxels(tmp_path: Path
     assert card.provenance["annotated_slices"] == [2, 6, 9] and card.neighbour_weight == 0.0    # as asked
 
 
+def test_a_class_painted_on_no_annotated_slice_is_named_in_a_warning(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """A structure named but never painted cannot be learnt: the CLI says which (and still trains the others)."""
+    image, labels, _ = _chest_files(tmp_path, ignore=200)
+    names = "background,right lung,left lung,heart,aorta,trachea,spinal cord,nodule,effusion"
+    assert main(["train", "--image", str(image), "--labels", str(labels), "--ignore-value", "200", "--classes",
+                 names, "--max-steps", "2", "--device", "cpu", "--quiet", "--out", str(tmp_path / "new")]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warned) == 1 and "painted on no annotated slice: effusion." in warned[0], warned
+
+
+def test_unpainted_classes_look_at_the_annotated_slices_only() -> None:
+    from napari_daeformer_training.teach import teach_pair, unpainted_classes, unpainted_line
+
+    labels = np.full((4, 6, 6), IGNORE, np.uint8)
+    labels[1] = 0
+    labels[1, :2] = 1
+    labels[3] = 0                                              # annotated: all background
+    image = np.zeros(labels.shape, np.float32)
+    pair = teach_pair("v", image, labels)
+    assert unpainted_classes([pair], ("background", "a", "b")) == ["b"]
+    labels[2, 0, 0] = 2                                         # on a slice not chosen: still not painted
+    chosen = np.array([False, True, False, True])
+    assert unpainted_classes([teach_pair("v", image, labels, chosen)], ("background", "a", "b")) == ["b"]
+    assert unpainted_classes([teach_pair("v", image, labels)], ("background", "a", "b")) == []
+    assert unpainted_line([]) == "" and "b." in unpainted_line(["b"])
+
+
 def test_a_new_model_lowers_its_loss_on_the_annotated_slices() -> None:
     """The teaching recipe on three annotated slices of the chest phantom: the loss falls (60 steps, ~20 s)."""
     from dataclasses import replace

@@ -211,16 +211,18 @@ def test_a_new_model_from_three_painted_slices_reaches_the_segment_dock(make_nap
     tune._image.value, tune._corrected.value = viewer.layers["chest"], painted
     tune._start_from.value = FROM_NEW
     assert tune._run.text == "Train" and tune._minutes.value > 0 and tune._steps.value > 100   # the teaching recipe
-    tune._classes.value = "background, right lung, left lung"
+    tune._classes.value = "background, right lung, left lung, effusion"        # effusion: painted nowhere
     tune._steps.value, tune._device.value = 20, "cpu"
     tune._run.clicked()
     qtbot.waitUntil(lambda: not tune.running, timeout=180_000)
     assert "CT window" in tune._status.value or tune.control.result is not None, tune._status.value
     path = tune.control.new_path                                        # saved: a new model's start is noise
     assert "neighbouring slices" in tune._status.value and not tune._keep_anyway.visible
+    assert "painted on no annotated slice: effusion." in tune._status.value       # a class it cannot learn, named
     assert path is not None and path.exists() and path.parent != bundled_model("ct").parent
     card = read_card(path)
-    assert card.class_names == ("background", "right lung", "left lung") and card.preprocessing.window[0] < -850
+    assert card.class_names == ("background", "right lung", "left lung", "effusion")
+    assert card.preprocessing.window[0] < -850
     assert segment.checkpoint_path() == path                            # the dock the user opened uses it
     assert segment._neighbours.value == pytest.approx(card.neighbour_weight) and card.neighbour_weight > 0
     segment._image.value = viewer.layers["chest"]
@@ -229,7 +231,7 @@ def test_a_new_model_from_three_painted_slices_reaches_the_segment_dock(make_nap
     qtbot.waitUntil(lambda: not segment.running, timeout=120_000)
     made = viewer.layers[-1]
     assert made is not painted and made.data.shape == sample.labels.shape
-    assert annotation_of(viewer, made).class_names == ("background", "right lung", "left lung")
+    assert annotation_of(viewer, made).class_names == ("background", "right lung", "left lung", "effusion")
     assert annotation_of(viewer, made).checkpoint == path.name
 
 
