@@ -38,3 +38,15 @@ def test_the_speed_benchmarks_run(argv: list[str]) -> None:
                           timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "fp32" in done.stdout
+
+
+def test_the_sparse_annotation_benchmark_runs() -> None:
+    """`bench_sparse.py` at its smallest (one seed, 3 slices, a few steps): a row per method with each class's Dice."""
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_sparse.py"
+    done = subprocess.run([sys.executable, str(bench), "--cases", "chest", "--slices", "3", "--seeds", "1",
+                           "--minutes", "0.2", "--recipe", "steps=4", "--neighbours", "0", "--threads", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| chest | 3 |")]
+    assert [r.split(" | ")[2] for r in rows] == ["interpolation", "new model", "new model, neighbours at 0"], rows
+    assert "slices picked: cover" in done.stdout and all("nodule" in r and "trachea" in r for r in rows)

@@ -36,6 +36,7 @@ from ..control.finetune import FinetuneController, finetune_and_save, pair
 from ..errors import DaeformerError, TrainingError
 from ..hub import hub_for
 from ..io.record import CLASSES_KEY
+from ..neighbours import MAX_WEIGHT
 from ._layers import annotation_of, follow, proposals_first
 from ._workers import WorkerWidget, collapsible, device_picker, failure_message, guarded, holder, row
 from .segment import SegmentWidget
@@ -183,6 +184,11 @@ class FinetuneWidget(WorkerWidget):
         self._lr = FloatSpinBox(label="learning rate", min=1e-5, max=1.0, step=1e-5, value=FinetuneSettings.lr,
                                 tooltip="AdamW peak learning rate, reached after a warm-up of "
                                         f"{FinetuneSettings.warmup_steps} steps")
+        self._neighbours = FloatSpinBox(label="neighbouring slices", min=0.0, max=MAX_WEIGHT, step=0.05,
+                                        value=TEACH.neighbour_weight, visible=False,
+                                        tooltip="The new model segments each slice of a volume with its neighbours' "
+                                                "class probabilities at this weight each (0: each slice alone, for "
+                                                "structures seen on one slice only, such as small nodules)")
         self._protect = ComboBox(label="protect the rest", choices=list(PROTECT_CHOICES), value=_default_protect(),
                                  tooltip="Keep what the model knew on the slices you did not correct: its confident "
                                          "labels there as extra targets, or a pull of the weights towards the "
@@ -219,8 +225,9 @@ class FinetuneWidget(WorkerWidget):
                                  "how much of each model version's proposals you kept")
         self.extend([self._image, self._corrected, self._start_from, self._classes,
                      collapsible("Several images", [row(self._add, self._clear), self._pairs_info]),
-                     collapsible("Settings", [self._steps, self._minutes, self._lr, self._protect, self._parts, self._augment,
-                                              self._calibrate, self._device, self._save_to, self._overwrite]),
+                     collapsible("Settings", [self._steps, self._minutes, self._lr, self._neighbours, self._protect,
+                                              self._parts, self._augment, self._calibrate, self._device, self._save_to,
+                                              self._overwrite]),
                      row(self._run, self._cancel), self._progress, self._status,   # the verdict above the fold
                      self._keep_anyway, row(self._resegment, self._revert), plot])
         self._tidy()
@@ -251,6 +258,7 @@ class FinetuneWidget(WorkerWidget):
         self._steps.value = TEACH.steps if new else FinetuneSettings.steps
         self._minutes.value = TEACH.minutes if new else 0
         self._lr.value = TEACH.lr if new else FinetuneSettings.lr
+        self._neighbours.visible = new                          # fine-tuning keeps the parent's
         self._run.text = "Train" if new else "Fine-tune"
         self._fill_classes()
 
@@ -404,7 +412,8 @@ class FinetuneWidget(WorkerWidget):
         settings = replace(base.protecting(protect), steps=int(self._steps.value), lr=float(self._lr.value),
                            train_parts=self._parts.value, augment=bool(self._augment.value),
                            calibrate=base.calibrate if base is TEACH else bool(self._calibrate.value),
-                           minutes=float(self._minutes.value) or None, device=self._device.value)
+                           minutes=float(self._minutes.value) or None, device=self._device.value,
+                           neighbour_weight=float(self._neighbours.value) if base is TEACH else None)
         self.plot.reset(settings.steps)
         self._keep_anyway.visible = False
         self._resegment.enabled = self._revert.enabled = False

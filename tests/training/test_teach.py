@@ -102,6 +102,22 @@ def test_the_chest_phantom_changes_between_slices_as_a_real_chest_does() -> None
     assert 0.5 < score(interpolate(s.labels, chosen, 8), s.labels, rest, 8) < 0.7
 
 
+def test_the_benchmark_paints_each_structure_as_a_user_who_named_it_would() -> None:
+    """`bench_sparse.annotated(..., "cover")`: the nodule (on slice 4 of seed 1, between the evenly spaced slices) is
+    painted in place of the nearest inner slice; the first and last stay, and every structure shows once at least."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from bench_sparse import annotated
+
+    s = synthetic_chest(seed=1)
+    even, cover = annotated(s.labels, 5, "even"), annotated(s.labels, 5, "cover")
+    nodule = np.flatnonzero((s.labels == 7).any((1, 2)))
+    assert not np.isin(nodule, even).any() and np.isin(nodule, cover).any()
+    assert len(cover) == 5 and cover[0] == even[0] and cover[-1] == even[-1]
+    assert all((s.labels[cover] == c).any() for c in range(1, 8))
+
+
 def _chest_files(tmp_path: Path, ignore: int | None = None) -> tuple[Path, Path, np.ndarray]:
     s = synthetic_chest(seed=2, shape=(12, 64, 64), spacing=(10.0, 4.8, 4.8))
     sparse = np.full(s.labels.shape, 0 if ignore is None else ignore, np.uint8)

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 from napari_daeformer_training.finetune import ADD_CLASS
+from napari_daeformer_training.teach import TEACH
 
 from napari_daeformer.bundled import bundled_model
 from napari_daeformer.checkpoint import load_checkpoint, read_card, save_checkpoint
@@ -209,10 +210,12 @@ def test_a_new_model_from_three_painted_slices_reaches_the_segment_dock(make_nap
     lungs = np.where(np.isin(sample.labels, (1, 2)), sample.labels, 0).astype(np.uint8)
     _correct(painted, lungs, [2, 6, 9])
     tune._image.value, tune._corrected.value = viewer.layers["chest"], painted
+    assert tune._neighbours.native.isHidden()                           # fine-tuning keeps the parent's weight
     tune._start_from.value = FROM_NEW
     assert tune._run.text == "Train" and tune._minutes.value > 0 and tune._steps.value > 100   # the teaching recipe
+    assert tune._neighbours.value == TEACH.neighbour_weight and not tune._neighbours.native.isHidden()
     tune._classes.value = "background, right lung, left lung, effusion"        # effusion: painted nowhere
-    tune._steps.value, tune._device.value = 20, "cpu"
+    tune._steps.value, tune._device.value, tune._neighbours.value = 20, "cpu", 0.2
     tune._run.clicked()
     qtbot.waitUntil(lambda: not tune.running, timeout=180_000)
     assert "CT window" in tune._status.value or tune.control.result is not None, tune._status.value
@@ -224,7 +227,8 @@ def test_a_new_model_from_three_painted_slices_reaches_the_segment_dock(make_nap
     assert card.class_names == ("background", "right lung", "left lung", "effusion")
     assert card.preprocessing.window[0] < -850
     assert segment.checkpoint_path() == path                            # the dock the user opened uses it
-    assert segment._neighbours.value == pytest.approx(card.neighbour_weight) and card.neighbour_weight > 0
+    assert card.neighbour_weight == pytest.approx(0.2)                  # the dock's neighbouring slices, in the card
+    assert segment._neighbours.value == pytest.approx(0.2)
     segment._image.value = viewer.layers["chest"]
     segment._device.value = "cpu"
     segment._run.clicked()
