@@ -111,7 +111,8 @@ class FinetuneController:
         if not pairs:
             raise DaeformerError("choose the image and the labels layer you annotated")
         parent, self.chosen_intensities = model_for(pairs[0], tuple(classes))
-        self.unpainted = unpainted_line(unpainted_classes(pairs, tuple(classes)))
+        line = unpainted_line(unpainted_classes(pairs, tuple(classes)))
+        self.unpainted = line[:1].upper() + line[1:]
         check_pairs(pairs, parent.card)
         if chosen is not None and chosen.suffix == ".safetensors":
             if chosen.exists():

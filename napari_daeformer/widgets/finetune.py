@@ -259,6 +259,8 @@ class FinetuneWidget(WorkerWidget):
         self._minutes.value = TEACH.minutes if new else 0
         self._lr.value = TEACH.lr if new else FinetuneSettings.lr
         self._neighbours.visible = new                          # fine-tuning keeps the parent's
+        for control in (self._protect, self._calibrate, self._overwrite):   # a new model has no parent to protect,
+            control.visible = not new                                      # calibrate against or overwrite
         self._run.text = "Train" if new else "Fine-tune"
         self._fill_classes()
 

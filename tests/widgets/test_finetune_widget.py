@@ -214,6 +214,7 @@ def test_a_new_model_from_three_painted_slices_reaches_the_segment_dock(make_nap
     tune._start_from.value = FROM_NEW
     assert tune._run.text == "Train" and tune._minutes.value > 0 and tune._steps.value > 100   # the teaching recipe
     assert tune._neighbours.value == TEACH.neighbour_weight and not tune._neighbours.native.isHidden()
+    assert all(c.native.isHidden() for c in (tune._protect, tune._calibrate, tune._overwrite))  # no parent
     tune._classes.value = "background, right lung, left lung, effusion"        # effusion: painted nowhere
     tune._steps.value, tune._device.value, tune._neighbours.value = 20, "cpu", 0.2
     tune._run.clicked()
@@ -221,7 +222,7 @@ def test_a_new_model_from_three_painted_slices_reaches_the_segment_dock(make_nap
     assert "CT window" in tune._status.value or tune.control.result is not None, tune._status.value
     path = tune.control.new_path                                        # saved: a new model's start is noise
     assert "neighbouring slices" in tune._status.value and not tune._keep_anyway.visible
-    assert "painted on no annotated slice: effusion." in tune._status.value       # a class it cannot learn, named
+    assert "Painted on no annotated slice: effusion." in tune._status.value       # a class it cannot learn, named
     assert path is not None and path.exists() and path.parent != bundled_model("ct").parent
     card = read_card(path)
     assert card.class_names == ("background", "right lung", "left lung", "effusion")
