@@ -107,9 +107,10 @@ def annotated(labels: np.ndarray, k: int, pick: str = "even") -> np.ndarray:
     chosen = list(np.unique(holding[np.linspace(0, len(holding) - 1, k).round().astype(int)]))
     if pick == "even":
         return np.array(chosen)
-    areas = np.stack([np.bincount(z.ravel(), minlength=int(labels.max()) + 1) for z in labels])[:, 1:] > 0  # (Z, C)
+    voxels = np.stack([np.bincount(z.ravel(), minlength=int(labels.max()) + 1) for z in labels])[:, 1:]   # (Z, C)
+    areas = voxels > 0
     for c in np.flatnonzero(areas.any(0) & ~areas[chosen].any(0)):
-        z = int(np.argmax([(zs == c + 1).sum() for zs in labels]))
+        z = int(np.argmax(voxels[:, c]))
         for drop in sorted(chosen, key=lambda q: (q in (chosen[0], chosen[-1]), abs(q - z), q)):
             kept = [q for q in chosen if q != drop]
             if not (areas[chosen].any(0) & ~areas[kept].any(0)).any():      # nothing else loses its only slice
@@ -146,9 +147,13 @@ def interpolate(labels: np.ndarray, chosen: np.ndarray, num_classes: int) -> np.
     return out
 
 
-def score(pred: np.ndarray, truth: np.ndarray, rest: np.ndarray, num_classes: int) -> float:
-    scores = dice_per_class(pred[rest], truth[rest], num_classes)
+def mean_dice(scores: np.ndarray) -> float:
+    """The mean of per-class Dice `scores` over the classes scored (NaN where none was)."""
     return float(np.nanmean(scores)) if np.isfinite(scores).any() else float("nan")
+
+
+def score(pred: np.ndarray, truth: np.ndarray, rest: np.ndarray, num_classes: int) -> float:
+    return mean_dice(dice_per_class(pred[rest], truth[rest], num_classes))
 
 
 def _labels(ckpt: Checkpoint, image: np.ndarray) -> np.ndarray:
@@ -171,9 +176,13 @@ def run(case: str, seed: int, k: int, recipe: FinetuneSettings, scratch: bool, w
     n = len(s.class_names)
     chosen = annotated(s.labels, k, pick)
     rest = np.setdiff1d(np.arange(len(s.labels)), chosen)
+
+    def on_rest(pred: np.ndarray) -> np.ndarray:
+        return dice_per_class(pred[rest], s.labels[rest], n)
+
     results: dict[str, tuple[np.ndarray, float, int | None]] = {}
     t = time.perf_counter()
-    results["interpolation"] = (dice_per_class(interpolate(s.labels, chosen, n)[rest], s.labels[rest], n),
+    results["interpolation"] = (on_rest(interpolate(s.labels, chosen, n)),
                                 (time.perf_counter() - t) / 60, None)
     sparse = np.full(s.labels.shape, 255, np.uint8)
     sparse[chosen] = s.labels[chosen]
@@ -183,18 +192,17 @@ def run(case: str, seed: int, k: int, recipe: FinetuneSettings, scratch: bool, w
     t = time.perf_counter()
     model = new_model(s.class_names, prep, input_side(s.labels.shape[1:]), "small", None if scratch else start)
     result, steps = _trained(finetune(model, [pair], recipe))
-    results["new model"] = (dice_per_class(_labels(result.candidate, s.image)[rest], s.labels[rest], n),
+    results["new model"] = (on_rest(_labels(result.candidate, s.image)),
                             (time.perf_counter() - t) / 60, steps)
     for w in weights:                                   # the same trained model, its slices' neighbours averaged in
         labels = SliceInferer(result.candidate, device="cpu", precision="fp32", neighbour_weight=w).segment(s.image).labels
-        results[f"new model, neighbours at {w:g}"] = (dice_per_class(labels[rest], s.labels[rest], n),
-                                                      results["new model"][1], steps)
+        results[f"new model, neighbours at {w:g}"] = (on_rest(labels), results["new model"][1], steps)
     if s.class_names == CT_CLASSES:
         slices = np.zeros(len(s.labels), bool)
         slices[chosen] = True
         t = time.perf_counter()
         tuned, steps = _trained(finetune(start, [Pair(case, s.image, s.labels, slices)], FinetuneSettings(device="cpu")))
-        results["fine-tuned"] = (dice_per_class(_labels(tuned.checkpoint, s.image)[rest], s.labels[rest], n),
+        results["fine-tuned"] = (on_rest(_labels(tuned.checkpoint, s.image)),
                                  (time.perf_counter() - t) / 60, steps)
     return results
 
@@ -320,7 +328,7 @@ def main() -> None:
             names = make_case(case, 0).class_names[1:]
             for method in runs[0]:
                 per_class = np.array([r[method][0] for r in runs])                       # (seeds, C - 1)
-                dice = np.array([np.nanmean(d) if np.isfinite(d).any() else np.nan for d in per_class])
+                dice = np.array([mean_dice(d) for d in per_class])
                 mins = np.array([r[method][1] for r in runs])
                 steps = " ".join("-" if r[method][2] is None else str(r[method][2]) for r in runs)
                 print(f"| {case} | {k} | {method} | {np.nanmean(dice):.3f} ± {np.nanstd(dice):.3f} "

@@ -426,7 +426,7 @@ class FinetuneWidget(WorkerWidget):
                 f"; all trained on, none held out (from {TEACH.holdout_from} slices a quarter is held out and scored)")
         self._status.value = (f"Training a new model on {slices} annotated slices ({self.control.chosen_intensities}"
                               f"{held})…" if base is TEACH else f"Fine-tuning on {slices} corrected slices…")
-        if base is TEACH and self.control.unpainted:
+        if self.control.unpainted:                             # a new model's classes painted nowhere
             self._status.value += f"<br>{self.control.unpainted}."
             show_warning(f"DAE-Former: {self.control.unpainted}.")
         self._launch(_finetune_job, parent, pairs, settings, out, overwrite, yielded=self._on_step,
