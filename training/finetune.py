@@ -242,12 +242,17 @@ class FinetuneResult:
         return (f"{text} and would change {change})." if change else f"{text}).") + calibration
 
 
+def require_pairs(pairs: Sequence[Pair]) -> None:
+    """Refuse an empty list of pairs."""
+    if not pairs:
+        raise TrainingError("add at least one (image, corrected labels) pair")
+
+
 def check_pairs(pairs: Sequence[Pair], card: ModelCard) -> None:
     """Refuse unusable pairs with one message naming each problem."""
     problems = []
     rgb = card.preprocessing.kind == "rgb"
-    if not pairs:
-        raise TrainingError("add at least one (image, corrected labels) pair")
+    require_pairs(pairs)
     for p in pairs:
         spatial = p.image.shape[:-1] if rgb else p.image.shape
         if rgb != is_rgb(p.image, p.labels):

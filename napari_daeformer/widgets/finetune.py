@@ -25,6 +25,7 @@ from napari_daeformer_training.finetune import (
     Pair,
     pair_agreement,
     recipe_for,
+    require_pairs,
 )
 from napari_daeformer_training.losses import IGNORE
 from napari_daeformer_training.teach import TEACH
@@ -384,6 +385,7 @@ class FinetuneWidget(WorkerWidget):
     def _start(self) -> None:
         try:
             pairs = self._collect()
+            require_pairs(pairs)                                 # before the labels' values are read
             parent_path = self._parent_path()
             chosen = Path(self._save_to.value) if str(self._save_to.value) not in ("", ".") else None
             if self._start_from.value == FROM_NEW:

@@ -176,6 +176,16 @@ def test_bad_requests_are_notifications(session, weak_ckpt: Path, errors: list[s
     assert not tune.running
 
 
+def test_pressing_fine_tune_with_nothing_chosen_asks_for_a_pair(make_napari_viewer, errors: list[str]) -> None:  # type: ignore[no-untyped-def]
+    """The dock opened on an empty viewer: Fine-tune asks for an (image, labels) pair (it used to ask for new class
+    names, reading "values up to 0" from no labels at all)."""
+    make_napari_viewer()
+    tune = from_plugins_menu("finetune_widget")
+    tune._run.clicked()
+    assert errors == ["DAE-Former: add at least one (image, corrected labels) pair"] and not tune.running
+    assert not tune._classes.native.isVisible()
+
+
 def test_paint_events_mark_slices_along_the_axis_on_screen(make_napari_viewer) -> None:  # type: ignore[no-untyped-def]
     from napari_daeformer.annotation import Annotation, ImageIdentity
     from napari_daeformer.widgets._layers import attach, corrected_slices
