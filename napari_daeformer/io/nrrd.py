@@ -8,22 +8,33 @@ writes left-posterior-superior); our affines are NIfTI's RAS+, so LPS is flipped
 
 from __future__ import annotations
 
+import bz2
+import io
 import math
+import os
+import re
+import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from ..atomic import atomic_write
-from ..errors import ImageFormatError, first_line
-from ..memory import check_allocation
+from ..errors import ImageFormatError, first_line, printable
+from ..memory import check_allocation, format_bytes
 from .record import ImageRecord, check_affine, check_pixels
 
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
 SEG_NRRD_SUFFIX = ".seg.nrrd"
 _TO_RAS = {"right-anterior-superior": (1, 1, 1), "ras": (1, 1, 1), "left-posterior-superior": (-1, -1, 1),
            "lps": (-1, -1, 1), "left-anterior-superior": (-1, 1, 1), "las": (-1, 1, 1)}
+MAX_LABEL = 65535                         # the largest label value the writers keep (uint16)
+_MAX_NAME = 200                           # characters of a segment name
+_CHUNK = 1 << 20                          # compressed bytes read at a time
+_MAX_SKIPPED_LINE = 1 << 16               # bytes of one skipped line
+_MAX_TEXT_BYTES_PER_BYTE = 32             # ascii encoding: characters per byte of voxel data at most
 
 
 @dataclass(frozen=True)
@@ -47,9 +58,10 @@ def _import_nrrd() -> Any:
     return nrrd
 
 
-def _affine(header: dict[str, Any], ndim: int, name: str) -> np.ndarray:
-    """The RAS+ affine of (x, y[, z]) indices from `space directions` and `space origin` (or `spacings`)."""
-    affine = np.eye(4)
+def _affine(header: dict[str, Any], ndim: int, name: str) -> tuple[np.ndarray, tuple[str, ...]]:
+    """The RAS+ affine of (x, y[, z]) indices from `space directions` and `space origin` (or `spacings`), and a
+    note when spacings that are no sizes (NaN, 0, negative, missing) were read as 1."""
+    affine, notes = np.eye(4), ()
     directions = header.get("space directions")
     if directions is not None:
         vectors = [np.asarray(d, dtype=np.float64) for d in directions if d is not None]
@@ -67,37 +79,130 @@ def _affine(header: dict[str, Any], ndim: int, name: str) -> np.ndarray:
                 raise ImageFormatError(f"{name}: NRRD space {space!r} is not one of {', '.join(sorted(_TO_RAS)[::2])}")
             affine = np.diag([*_TO_RAS[space], 1.0]) @ affine
     else:
-        spacings = header.get("spacings")
-        for i in range(ndim):
-            s = float(spacings[i]) if spacings is not None and np.isfinite(spacings[i]) else 1.0
-            affine[i, i] = s
-    return check_affine(affine, name)
+        given = [float(v) for v in np.atleast_1d(np.asarray(header.get("spacings", []), dtype=np.float64))]
+        spacings = [v if i < len(given) and math.isfinite(v) and v > 0 else 1.0
+                    for i, v in enumerate(given[:ndim] + [math.nan] * (ndim - len(given)))]
+        if "spacings" in header and spacings != given[:ndim]:
+            notes = (f"spacings {' '.join(f'{v:g}' for v in given)} are not {ndim} positive sizes: read as 1 per "
+                     "voxel; volumes are in voxels of that size, not mm",)
+        for i, v in enumerate(spacings):
+            affine[i, i] = v
+    return check_affine(affine, name), notes
 
 
-def _read(path: Path) -> tuple[np.ndarray, dict[str, Any], np.ndarray]:
-    """(data ([Z,] Y, X), header, affine) of a scalar 2D or 3D NRRD."""
+def _read(path: Path) -> tuple[np.ndarray, dict[str, Any], np.ndarray, tuple[str, ...]]:
+    """(data ([Z,] Y, X), header, affine, notes) of a scalar 2D or 3D NRRD."""
     nrrd = _import_nrrd()
+    with open(path, "rb") as fh:
+        try:
+            header = nrrd.read_header(fh)
+        except Exception as e:  # pynrrd raises NRRDError, ValueError, KeyError, UnicodeDecodeError on bad headers
+            raise ImageFormatError(f"{path.name}: not a readable NRRD file ({first_line(e)})") from e
+        sizes = [int(s) for s in header.get("sizes", [])]
+        kinds = [str(k).lower() for k in header.get("kinds", ["domain"] * len(sizes))]
+        spatial = [s for s, k in zip(sizes, kinds) if k in ("domain", "space")]
+        if len(spatial) not in (2, 3) or len(spatial) != len(sizes):
+            layers = " (a segmentation with overlapping segments: export it from Slicer as a labelmap)" if \
+                len(sizes) == 4 else ""
+            raise ImageFormatError(f"{path.name}: NRRD of sizes {sizes} is not a scalar 2D image or 3D volume{layers}")
+        itemsize = np.dtype(_dtype(header.get("type", "uint8"), path.name)).itemsize
+        check_allocation(path.name, math.prod(spatial) * itemsize * 2,
+                         f"reading {'x'.join(map(str, spatial))} voxels", ImageFormatError)
+        payload = _payload(path, fh, header, math.prod(spatial) * itemsize)
+    raw = {**header, "encoding": "raw", "line skip": 0, "byte skip": 0}
+    if _is_text(header):                                  # parsed to this machine's byte order
+        raw["endian"] = sys.byteorder
+    for key in ("data file", "datafile", "lineskip", "byteskip"):
+        raw.pop(key, None)
     try:
-        header = nrrd.read_header(str(path))
-    except Exception as e:  # pynrrd raises NRRDError, ValueError, KeyError, UnicodeDecodeError on bad headers
-        raise ImageFormatError(f"{path.name}: not a readable NRRD file ({first_line(e)})") from e
-    sizes = [int(s) for s in header.get("sizes", [])]
-    kinds = [str(k).lower() for k in header.get("kinds", ["domain"] * len(sizes))]
-    spatial = [s for s, k in zip(sizes, kinds) if k in ("domain", "space")]
-    if len(spatial) not in (2, 3) or len(spatial) != len(sizes):
-        layers = " (a segmentation with overlapping segments: export it from Slicer as a labelmap)" if \
-            len(sizes) == 4 else ""
-        raise ImageFormatError(f"{path.name}: NRRD of sizes {sizes} is not a scalar 2D image or 3D volume{layers}")
-    itemsize = np.dtype(_dtype(header.get("type", "uint8"), path.name)).itemsize
-    check_allocation(path.name, math.prod(spatial) * itemsize * 2, f"reading {'x'.join(map(str, spatial))} voxels",
-                     ImageFormatError)
-    try:
-        data, header = nrrd.read(str(path), index_order="C")      # C order: (z, y, x), the array order used here
-    except Exception as e:  # truncated or corrupt data: zlib, EOF, ValueError
+        data = nrrd.read_data(raw, io.BytesIO(payload), index_order="C")  # C order: (z, y, x), the order used here
+    except Exception as e:  # too few bytes, a type pynrrd refuses: NRRDError, ValueError
         raise ImageFormatError(f"{path.name}: NRRD data is truncated or corrupt ({first_line(e)})") from e
     data = np.ascontiguousarray(data)
     check_pixels(data, path.name)
-    return data, header, _affine(header, data.ndim, path.name)
+    return data, header, *_affine(header, data.ndim, path.name)
+
+
+def _payload(path: Path, fh: BinaryIO, header: dict[str, Any], nbytes: int) -> bytes:
+    """The `nbytes` of raw voxel data the header declares, decompressed, from the attached data or a detached file
+    in the header's own folder; never more than the declared size is read or inflated (a gzip bomb stops there)."""
+    name = header.get("data file", header.get("datafile"))
+    if name is not None:
+        fh = _data_file(path, str(name))
+    try:
+        line_skip = int(header.get("line skip", header.get("lineskip", 0)))
+        byte_skip = int(header.get("byte skip", header.get("byteskip", 0)))
+        if line_skip < 0 or byte_skip < -1:
+            raise ImageFormatError(f"{path.name}: NRRD line skip {line_skip} / byte skip {byte_skip} is negative")
+        for _ in range(line_skip):
+            if not fh.readline(_MAX_SKIPPED_LINE):
+                break
+        encoding = str(header.get("encoding", "raw")).lower()
+        if encoding in ("gzip", "gz", "bzip2", "bz2"):
+            data = _inflate(path, fh, encoding, nbytes + max(byte_skip, 0))
+            return data[-nbytes:] if byte_skip == -1 else data[byte_skip:]
+        if encoding == "raw":
+            if byte_skip == -1:
+                fh.seek(-nbytes, os.SEEK_END)
+            else:
+                fh.seek(byte_skip, os.SEEK_CUR)
+            return fh.read(nbytes)
+        if _is_text(header):
+            text = fh.read(nbytes * _MAX_TEXT_BYTES_PER_BYTE + 1)
+            if len(text) > nbytes * _MAX_TEXT_BYTES_PER_BYTE:
+                raise ImageFormatError(f"{path.name}: the NRRD text data is longer than its declared size allows")
+            values = np.array(text.split(), dtype=np.float64)
+            return values.astype(_dtype(header.get("type", "uint8"), path.name)).tobytes()
+        raise ImageFormatError(f"{path.name}: NRRD encoding {encoding!r} is not raw, gzip, bzip2 or ascii")
+    except (OSError, ValueError) as e:
+        raise ImageFormatError(f"{path.name}: NRRD data is truncated or corrupt ({first_line(e)})") from e
+    finally:
+        if name is not None:
+            fh.close()
+
+
+def _is_text(header: dict[str, Any]) -> bool:
+    return str(header.get("encoding", "raw")).lower() in ("ascii", "text", "txt")
+
+
+def _data_file(path: Path, name: str) -> BinaryIO:
+    """The detached data file `name` of the header at `path`: a plain file in the header's own folder (a header may
+    not read a file elsewhere on the machine: '/etc/passwd', '../secret' or a link out are refused)."""
+    if not name or Path(name).name != name or name in (".", "..") or name.upper() == "LIST" or "%" in name:
+        raise ImageFormatError(f"{path.name}: its data file {printable(name)!r} is not a file beside the header; "
+                               "a detached NRRD's data must lie in the header's folder")
+    target = path.parent / name
+    if target.is_symlink() or not target.is_file():
+        raise ImageFormatError(f"{path.name}: its data file {printable(name)!r} is missing or not a plain file "
+                               "beside the header")
+    return open(target, "rb")
+
+
+def _inflate(path: Path, fh: BinaryIO, encoding: str, limit: int) -> bytes:
+    """Decompress the rest of `fh`, refusing once more than `limit` bytes come out."""
+    inflater: Any = zlib.decompressobj(zlib.MAX_WBITS | 32) if encoding.startswith("gz") else bz2.BZ2Decompressor()
+    out = bytearray()
+    try:
+        while len(out) <= limit and (chunk := fh.read(_CHUNK)):
+            while chunk and len(out) <= limit:
+                if isinstance(inflater, bz2.BZ2Decompressor):
+                    out += inflater.decompress(chunk, limit + 1 - len(out))
+                    chunk = b""
+                    while not inflater.eof and not inflater.needs_input and len(out) <= limit:
+                        out += inflater.decompress(b"", limit + 1 - len(out))
+                else:
+                    out += inflater.decompress(chunk, limit + 1 - len(out))
+                    chunk = inflater.unconsumed_tail
+                if getattr(inflater, "eof", False):
+                    break
+            if getattr(inflater, "eof", False):
+                break
+    except (zlib.error, OSError, EOFError) as e:
+        raise ImageFormatError(f"{path.name}: NRRD data is truncated or corrupt ({first_line(e)})") from e
+    if len(out) > limit:
+        raise ImageFormatError(f"{path.name}: the compressed data inflates beyond the {format_bytes(limit)} its header "
+                               "declares (a damaged or malicious file); it was not read")
+    return bytes(out)
 
 
 def _dtype(kind: str, name: str) -> str:
@@ -120,36 +225,59 @@ def read_nrrd(path: Path) -> ImageRecord:
     """A 2D or 3D scalar NRRD; a .seg.nrrd opens as labels (`read_seg_nrrd` also gives its segment names)."""
     if is_seg_nrrd(path):
         return read_seg_nrrd(path).record
-    data, header, affine = _read(path)
+    data, header, affine, notes = _read(path)
     modality = "ct" if data.size and float(data.min()) < -500 else "gray"
     return ImageRecord(data=data, spacing=_spacing(affine, data.ndim), affine=affine, dtype=str(data.dtype),
-                       path=path, modality=modality, source_format="nrrd")
+                       path=path, modality=modality, source_format="nrrd", notes=notes)
 
 
 def read_seg_nrrd(path: Path) -> Segmentation:
     """A 3D Slicer segmentation (one layer: segments that do not overlap) with its segment names and colours."""
-    data, header, affine = _read(path)
+    data, header, affine, notes = _read(path)
     if not np.issubdtype(data.dtype, np.integer):
         raise ImageFormatError(f"{path.name}: a segmentation holds integer labels, got {data.dtype}")
+    top = int(data.max(initial=0))
+    if top > MAX_LABEL or int(data.min(initial=0)) < 0:
+        raise ImageFormatError(f"{path.name}: label values must lie in 0..{MAX_LABEL}, got "
+                               f"{int(data.min(initial=0))}..{top}")
     segments: dict[int, tuple[str, str]] = {}
     for i in range(10_000):
         key = f"Segment{i}_"
         if key + "Name" not in header and key + "LabelValue" not in header:
             break
-        layer = int(header.get(key + "Layer", 0))
-        if layer != 0:
-            raise ImageFormatError(f"{path.name}: segment {i} lies on layer {layer} (overlapping segments); export it "
-                                   "from Slicer as a labelmap")
-        value = int(header.get(key + "LabelValue", i + 1))
-        rgb = [float(c) for c in str(header.get(key + "Color", "0.5 0.5 0.5")).split()[:3]]
-        colour = "#" + "".join(f"{round(255 * min(max(c, 0.0), 1.0)):02x}" for c in rgb)
-        segments[value] = (str(header.get(key + "Name", f"label {value}")), colour)
-    top = max([int(data.max(initial=0)), *segments])
+        if _field_int(header, key + "Layer", 0, path.name) != 0:
+            raise ImageFormatError(f"{path.name}: segment {i} lies on layer {header[key + 'Layer']} (overlapping "
+                                   "segments); export it from Slicer as a labelmap")
+        value = _field_int(header, key + "LabelValue", i + 1, path.name)
+        if not 1 <= value <= MAX_LABEL:
+            raise ImageFormatError(f"{path.name}: {key}LabelValue {value} is not a label value (1..{MAX_LABEL})")
+        segments[value] = (printable(str(header.get(key + "Name", f"label {value}")))[:_MAX_NAME],
+                           _field_colour(header, key + "Color", path.name))
+    top = max([top, *segments])
     names = tuple("background" if v == 0 else segments.get(v, (f"label {v}", ""))[0] for v in range(top + 1))
     colours = tuple("#000000" if v == 0 else segments.get(v, ("", "#808080"))[1] for v in range(top + 1))
     record = ImageRecord(data=data, spacing=_spacing(affine, data.ndim), affine=affine, dtype=str(data.dtype),
-                         path=path, source_format="nrrd", is_labels=True)
+                         path=path, source_format="nrrd", is_labels=True, notes=notes)
     return Segmentation(record, names, colours)
+
+
+def _field_int(header: dict[str, Any], key: str, default: int, name: str) -> int:
+    text = str(header.get(key, default)).strip()
+    if not re.fullmatch(r"[+-]?[0-9]{1,9}", text):
+        raise ImageFormatError(f"{name}: {key} {printable(text)[:40]!r} is not a whole number")
+    return int(text)
+
+
+def _field_colour(header: dict[str, Any], key: str, name: str) -> str:
+    """"#rrggbb" from Slicer's "r g b" in 0..1 (grey when absent)."""
+    text = str(header.get(key, "0.5 0.5 0.5"))
+    try:
+        rgb = [float(c) for c in text.split()[:3]]
+    except ValueError:
+        rgb = []
+    if len(rgb) != 3 or not all(math.isfinite(c) for c in rgb):
+        raise ImageFormatError(f"{name}: {key} {printable(text)[:40]!r} is not three numbers from 0 to 1")
+    return "#" + "".join(f"{round(255 * min(max(c, 0.0), 1.0)):02x}" for c in rgb)
 
 
 def write_seg_nrrd(path: Path, labels: np.ndarray, affine: np.ndarray, class_names: tuple[str, ...],
