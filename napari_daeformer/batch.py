@@ -26,6 +26,7 @@ from .errors import DaeformerError, ImageFormatError, first_line, printable
 from .folder_lock import exclusive
 from .inference import Progress, SliceInferer
 from .io import ImageRecord, is_dicom_file, read_image, suffix_of
+from .io.record import label_channel
 from .segment_file import FileReport, segment_file
 from .volumes import Measures
 
@@ -119,6 +120,9 @@ def check_folders(job: BatchJob) -> None:
     if job.output_dir.exists() and not job.output_dir.is_dir():
         raise DaeformerError(f"{job.output_dir}: is a file, not a folder; choose an output folder")
     for pattern in job.patterns:
+        if not pattern:
+            raise DaeformerError("--pattern '': an empty pattern matches nothing; give one such as '**/*.nii.gz' "
+                                 "(relative to the input folder)")
         if Path(pattern).is_absolute() or ".." in Path(pattern).parts:
             raise DaeformerError(f"--pattern {pattern}: patterns are relative to the input folder and stay inside it "
                                  "(e.g. '**/*.nii.gz')")
@@ -328,7 +332,7 @@ def _existing(job: BatchJob, source: Path, out: Path, models: _Inferers, earlier
     rel, rel_out = str(source.relative_to(job.input_dir)), str(out.relative_to(job.output_dir))
     try:
         labels = read_image(out)
-        data = labels.data if labels.data.ndim == len(labels.spatial_shape) else labels.data[..., 0]
+        data = label_channel(labels.data, len(labels.spatial_shape))
         photo = job.model is None and suffix_of(source) in (".png", ".jpg", ".jpeg", ".bmp")
         card = models.for_kind("skin" if photo and read_image(source).rgb else "ct").checkpoint.card
         measures = Measures.of(data, labels.spacing, labels.source_format, card.class_names)

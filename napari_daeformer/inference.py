@@ -23,7 +23,7 @@ from .devices import NumericPath, resolve_device, resolve_path
 from .errors import Cancelled, InferenceError, first_line
 from .int8_worker import build_in_child, child_runner
 from .io import ImageRecord
-from .io.record import is_rgb
+from .io.record import MAX_CLASSES, is_rgb
 from .jobs import drain
 from .neighbours import NeighbourMix, check_weight
 from .preprocessing import Preprocessing
@@ -158,7 +158,7 @@ class SliceInferer:
                  prepare_int8: bool = False, int8_in_child: bool = False, neighbour_weight: float | None = None
                  ) -> None:
         card = checkpoint.card
-        if card.config.num_classes > 256:
+        if card.config.num_classes > MAX_CLASSES:
             raise InferenceError(f"{card.config.num_classes} classes do not fit a uint8 label map")
         if batch_size is not None and batch_size < 1:
             raise InferenceError(f"batch size must be at least 1, got {batch_size}")

@@ -20,6 +20,7 @@ from .checkpoint import Checkpoint, file_sha256
 from .inference import Progress, Segmentation, SliceInferer
 from .io import ImageRecord, check_label_path, suffix_of, write_labels
 from .io.dicom_seg import SEG_SUFFIX, Algorithm, write_dicom_seg
+from .io.record import require_image
 from .volumes import Measures
 
 
@@ -78,6 +79,7 @@ def segment_record(inferer: SliceInferer, record: ImageRecord, *, axis: int = 0,
                    ) -> Generator[Progress, None, FileReport]:
     """Segment `record` (yielding the engine's progress) and measure its classes; `only`/`first`/`cancel` as in
     `SliceInferer.run`."""
+    require_image(record, record.path.name if record.path else "image")
     t0 = time.perf_counter()
     result = yield from inferer.run(record, axis=axis, slice_uncertainty=slice_uncertainty, only=only, first=first,
                                     cancel=cancel)

@@ -23,6 +23,7 @@ import numpy as np
 
 from napari_daeformer.errors import DaeformerError, TrainingError
 from napari_daeformer.io import read_image, suffix_of
+from napari_daeformer.io.record import label_channel, label_values
 
 from .data import Case, synthetic_cases
 
@@ -122,13 +123,14 @@ def _read_pair(name: str, image: Path, label: Path | None, problems: list[str], 
     except DaeformerError as e:
         problems.append(str(e))
         return None
-    labels = lab.data if lab.data.ndim == len(img.spatial_shape) else lab.data[..., 0]
-    if binary:
-        labels = labels > 0
-    if np.issubdtype(labels.dtype, np.floating) and not np.array_equal(labels, np.round(labels)):
-        problems.append(f"{label.name}: label values are not integers")
+    spatial = len(img.spatial_shape)
+    try:
+        labels = (label_channel(lab.data, spatial) > 0).astype(np.int64) if binary else \
+            label_values(lab.data, spatial, label.name)
+    except DaeformerError as e:
+        problems.append(str(e))
         return None
-    return Case(name, img.data, labels.astype(np.int64), img.spacing)
+    return Case(name, img.data, labels, img.spacing)
 
 
 def folder_cases(root: Path) -> list[Case]:

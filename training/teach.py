@@ -156,11 +156,15 @@ def unpainted_classes(pairs: Sequence[Pair], class_names: tuple[str, ...]) -> li
     return [name for name, seen in zip(class_names[1:], painted[1:]) if not seen]
 
 
+NAMED = 10                                  # classes a warning names before "and N more"
+
+
 def unpainted_line(names: Sequence[str]) -> str:
     """The warning for `unpainted_classes`, or "" when there are none."""
     if not names:
         return ""
-    return (f"painted on no annotated slice: {', '.join(names)}. A model cannot learn a structure it never saw: "
+    shown = ", ".join(names[:NAMED]) + (f" and {len(names) - NAMED} more" if len(names) > NAMED else "")
+    return (f"painted on no annotated slice: {shown}. A model cannot learn a structure it never saw: "
             "paint each on a slice where it shows")
 
 

@@ -62,8 +62,12 @@ def window_text(text: str) -> str:
 def class_list(text: str) -> tuple[str, ...]:
     """`--classes a,b,c` as names (spaces around each dropped), refused if a checkpoint could not carry them."""
     from ..checkpoint import check_class_names
+    from ..io.record import MAX_CLASSES
 
     names = tuple(n.strip() for n in text.split(","))
+    if not 2 <= len(names) <= MAX_CLASSES:
+        raise argparse.ArgumentTypeError(f"give the background and 1 to {MAX_CLASSES - 1} classes, comma-separated "
+                                         f"(e.g. background,liver), got {len(names)} name(s)")
     try:
         check_class_names(names)
     except ValueError as e:

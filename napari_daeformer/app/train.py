@@ -38,9 +38,9 @@ from napari_daeformer.app.options import class_list, class_list_text, ct_window,
 from napari_daeformer.atomic import atomic_write, check_output_path
 from napari_daeformer.checkpoint import MAX_INPUT_SIDE, SYNAPSE_CLASSES, ModelCard, load_checkpoint
 from napari_daeformer.distributed import init_from_env, shutdown
-from napari_daeformer.errors import TrainingError, first_line
+from napari_daeformer.errors import DaeformerError, TrainingError, first_line, printable, short_repr
 from napari_daeformer.inference import SliceInferer
-from napari_daeformer.io.record import is_rgb
+from napari_daeformer.io.record import is_rgb, label_values, require_image
 from napari_daeformer.jobs import drain
 from napari_daeformer.metrics import evaluate_case
 from napari_daeformer.model import SIZE_MULTIPLE, DAEFormer, named_config
@@ -158,19 +158,26 @@ def _setting(config: Path, action: argparse.Action, value: Any) -> Any:
         return None
     if action.const is not None and action.nargs == 0:                      # a switch: --no-amp and the like
         if not isinstance(value, bool):
-            raise TrainingError(f"{config}: {action.dest} is a switch (true or false), got {value!r}")
+            raise TrainingError(f"{config}: {action.dest} is a switch (true or false), got {short_repr(value)}")
         return value
-    if isinstance(value, (dict, list, bool)) and action.type is not bool:
-        raise TrainingError(f"{config}: {action.dest} ({flag}) expects one value, got {value!r}")
-    if action.type in (Path, str, None):
-        value = str(value)                                                  # `val_seeds: 13`, `out: 123`
+    if isinstance(action, argparse._AppendAction):                          # aug: {k: v}, [k=v, ...] or k=v
+        if isinstance(value, dict):
+            return value
+        return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+    if action.dest == "classes" and isinstance(value, list):                # classes: [background, liver]
+        value = ",".join(map(str, value))
+    if isinstance(value, (dict, list, bool)):
+        raise TrainingError(f"{config}: {action.dest} ({flag}) expects one value, got {short_repr(value)}")
+    if action.type is Path and not isinstance(value, str):                  # out: 123 is a number, not a folder
+        raise TrainingError(f"{config}: {action.dest} ({flag}) expects a path, got the number {value!r}; write it "
+                            f"in quotes ('{value}') for a folder of that name")
     try:
-        converted = action.type(value) if action.type is not None else value
-    except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+        converted = action.type(str(value)) if action.type is not None else str(value)   # as argparse: text in
+    except (TypeError, ValueError, argparse.ArgumentTypeError, DaeformerError) as e:
         raise TrainingError(f"{config}: {action.dest} ({flag}): {first_line(e)}") from e
     if action.choices is not None and converted not in action.choices:
         raise TrainingError(f"{config}: {action.dest} must be one of {', '.join(map(str, action.choices))}, "
-                            f"got {value!r}")
+                            f"got {short_repr(value)}")
     return converted
 
 
@@ -181,7 +188,9 @@ def augment_settings(args: argparse.Namespace) -> AugmentConfig | None:
     items: dict[str, Any] = {}
     aug = args.aug or []
     for entry in aug.items() if isinstance(aug, dict) else (e.split("=", 1) for e in aug):
-        key, value = entry if isinstance(entry, tuple) else tuple(entry)
+        if len(entry) != 2:
+            raise TrainingError(f"--aug {printable(entry[0])!r}: expected KEY=VALUE, e.g. --aug rotation_deg=20")
+        key, value = entry
         if key not in AugmentConfig.__dataclass_fields__:
             raise TrainingError(f"unknown augmentation setting {key!r}; use one of "
                                 f"{', '.join(AugmentConfig.__dataclass_fields__)}")
@@ -357,11 +366,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _label_map(image: Any, labels: Any, name: str) -> np.ndarray:
-    """The label map's integer data, checked to fit the image."""
-    spatial = len(image.spatial_shape)
-    data = labels.data[..., 0] if labels.data.ndim == spatial + 1 and labels.data.shape[-1] in (3, 4) else labels.data
-    if np.issubdtype(data.dtype, np.floating):
-        data = data.astype(np.int64)
+    """The label map's whole-number data (`label_values`), checked to fit the image."""
+    data = label_values(labels.data, len(image.spatial_shape), name)
     if data.shape != tuple(image.spatial_shape):
         raise TrainingError(f"{name}: labels {data.shape} do not fit the image {tuple(image.spatial_shape)}")
     return data
@@ -381,7 +387,7 @@ def run_teach(args: argparse.Namespace) -> int:
         raise TrainingError("give either --image (one annotated image) or --data/--synthetic, not both")
     names = class_list(args.classes)
     check_output_path(args.out / "best.safetensors", overwrite=True)
-    image, labels = read_image(args.image), read_image(args.labels)
+    image, labels = require_image(read_image(args.image), args.image.name), read_image(args.labels)
     data = sparse_labels(_label_map(image, labels, args.labels.name), args.ignore_value, len(names))
     count = 1 if data.ndim == 2 else data.shape[0]
     pair = teach_pair(args.image.name, image.data, data, _slice_list(args.slices, count) if args.slices else None)
@@ -476,7 +482,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     parent = load_checkpoint(source)
     if args.classes:
         parent = extend_classes(parent, class_list(args.classes))
-    image, labels = read_image(args.image), read_image(args.labels)
+    image, labels = require_image(read_image(args.image), args.image.name), read_image(args.labels)
     label_data = _label_map(image, labels, args.labels.name)
     if args.ignore_value is not None:
         label_data = sparse_labels(label_data, args.ignore_value, len(parent.card.class_names))

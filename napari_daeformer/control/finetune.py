@@ -58,6 +58,13 @@ def pair(name: str, image: np.ndarray, labels: np.ndarray, annotation: Annotatio
     return Pair(name, image, labels, slices, proposal, annotation.checkpoint, annotation.checkpoint_sha256)
 
 
+def unpainted_sentence(pairs: list[Pair], classes: tuple[str, ...], new_only: tuple[str, ...] = ()) -> str:
+    """The warning, as a sentence, for the classes painted on no annotated slice ("" when none); with `new_only`
+    (a parent's own classes), only the classes added beyond them: the parent still knows its own."""
+    line = unpainted_line([c for c in unpainted_classes(pairs, classes) if c not in new_only])
+    return line[:1].upper() + line[1:]
+
+
 class FinetuneController:
     """One Fine-tune dock's lineage: the parent of the last run, the version it made, a result not saved."""
 
@@ -68,7 +75,7 @@ class FinetuneController:
         self.result: FinetuneResult | None = None
         self.pending: tuple[Path, bool] | None = None           # where a result not saved would go, overwrite
         self.chosen_intensities = ""                            # what a new model's normalisation is, in words
-        self.unpainted = ""                                     # a new model's classes painted nowhere, in words
+        self.unpainted = ""                                     # new classes painted nowhere, in words
 
     @staticmethod
     def parent_of(annotation: Annotation | None, fallback: Callable[[], Path]) -> Path:
@@ -96,11 +103,13 @@ class FinetuneController:
         its head extended for the extra ones), checked against the pairs, and where its new version goes; the previous run's
         result is dropped."""
         parent = load_checkpoint(parent_path)
-        if len(classes) > len(parent.card.class_names):
+        own = parent.card.class_names
+        if len(classes) > len(own):
             parent = extend_classes(parent, classes)
         check_pairs(pairs, parent.card)
         out, replace = self.output_path(parent_path, chosen, overwrite)
-        self.result, self.pending, self.unpainted = None, (out, replace), ""
+        self.result, self.pending = None, (out, replace)
+        self.unpainted = unpainted_sentence(pairs, parent.card.class_names, new_only=own)
         return parent, out, replace
 
     def prepare_new(self, pairs: list[Pair], classes: tuple[str, ...], name: str, chosen: Path | None
@@ -111,8 +120,7 @@ class FinetuneController:
         if not pairs:
             raise DaeformerError("choose the image and the labels layer you annotated")
         parent, self.chosen_intensities = model_for(pairs[0], tuple(classes))
-        line = unpainted_line(unpainted_classes(pairs, tuple(classes)))
-        self.unpainted = line[:1].upper() + line[1:]
+        self.unpainted = unpainted_sentence(pairs, tuple(classes))
         check_pairs(pairs, parent.card)
         if chosen is not None and chosen.suffix == ".safetensors":
             if chosen.exists():

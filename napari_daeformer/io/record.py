@@ -18,6 +18,7 @@ COLORS_KEY = "class_colors"                   # "#rrggbb" per class, background 
 CHECKPOINT_KEY = "checkpoint"                 # file name of the checkpoint that made the labels
 CHECKPOINT_SHA_KEY = "checkpoint_sha256"
 LABELS_MARK = ("napari_daeformer", "labels")   # the key and value a written label map carries (TIFF, PNG)
+MAX_CLASSES = 256                              # a model's label maps are uint8
 MIN_VOXEL_MM, MAX_VOXEL_MM = 1e-6, 1e4         # 1 nm to 10 m: outside, a header is damaged
 
 
@@ -74,10 +75,51 @@ class ImageRecord:
         }
 
 
+def require_image(record: ImageRecord, name: str) -> ImageRecord:
+    """`record`, refused (ImageFormatError) when it is a label map (a .seg.nrrd, a NIfTI of intent "label", a mask
+    this project wrote): segmenting or training on one as if it were a scan gives nonsense without a word."""
+    if record.is_labels:
+        raise ImageFormatError(f"{name}: is a label map (a segmentation), not an image; give the scan it was made on")
+    return record
+
+
 def is_rgb(image: np.ndarray, labels: np.ndarray | None = None) -> bool:
     """Whether an array (no record to say) is an RGB photo: (Y, X, 3), its labels (Y, X) where they are known. A
     reader decides from its format instead (`ImageRecord.rgb`)."""
     return image.ndim == 3 and image.shape[-1] == 3 and (labels is None or labels.ndim == 2)
+
+
+LABEL_TOLERANCE = 1e-3                         # a float label this close to a whole number is that number
+
+
+def label_channel(data: np.ndarray, spatial_ndim: int) -> np.ndarray:
+    """The one channel of a label file that holds the classes: the first of an RGB(A) mask, else the data."""
+    return data[..., 0] if data.ndim == spatial_ndim + 1 and data.shape[-1] in (3, 4) else data
+
+
+def label_values(data: np.ndarray, spatial_ndim: int, name: str) -> np.ndarray:
+    """A label file's data as whole numbers ([Z,] Y, X), int64: the first channel of an RGB(A) mask; floats that
+    resampling left near whole numbers (0.99999994) rounded, not truncated to the class below.
+
+    Raises:
+        ImageFormatError: a value that is no whole number (2.5), negative, NaN or infinite.
+    """
+    data = label_channel(data, spatial_ndim)
+    if data.dtype == bool or np.issubdtype(data.dtype, np.integer):
+        values = data.astype(np.int64, copy=False)
+    elif np.issubdtype(data.dtype, np.floating):
+        rounded = np.rint(data)
+        off = ~np.isfinite(data) | (np.abs(data - rounded) > LABEL_TOLERANCE)
+        if off.any():
+            raise ImageFormatError(f"{name}: {int(off.sum())} label value(s) are not whole numbers (e.g. "
+                                   f"{float(data[off].flat[0]):g}); a label map holds class numbers 0, 1, 2, ... "
+                                   "(resample masks with nearest-neighbour interpolation)")
+        values = rounded.astype(np.int64)
+    else:
+        raise ImageFormatError(f"{name}: labels must be numbers, got {data.dtype}")
+    if values.size and values.min() < 0:
+        raise ImageFormatError(f"{name}: label values must be 0 or more, got {int(values.min())}")
+    return values
 
 
 def default_affine(spacing: tuple[float, ...]) -> np.ndarray:

@@ -49,7 +49,7 @@ def read_tiff(path: Path) -> ImageRecord:
         spacing_yx = (spacing_yx[0] * unit, spacing_yx[1] * unit)
     spacing: tuple[float, ...] = spacing_yx
     if spatial_ndim == 3:
-        spacing = (float(ij.get("spacing", 1.0)) * unit, *spacing_yx)
+        spacing = (_number(ij.get("spacing", 1.0)) * unit, *spacing_yx)
     if not all(math.isfinite(v) and v > 0 for v in spacing):          # -3, 0, NaN, inf: no size to measure by
         notes = (*notes, f"spacing {tuple(float(v) for v in spacing)} is not positive and finite: read as 1 per "
                          "voxel; volumes are in voxels of that size, not mm")
@@ -59,6 +59,14 @@ def read_tiff(path: Path) -> ImageRecord:
     return ImageRecord(data=np.ascontiguousarray(data), spacing=spacing, affine=default_affine(spacing),
                        dtype=str(data.dtype), path=path, modality="rgb" if rgb else "gray", source_format="tiff",
                        notes=notes, is_labels=is_labels)
+
+
+def _number(value: object) -> float:
+    """A metadata value as a float; NaN when it is none (`spacing=abc`), which the caller notes and reads as 1."""
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return math.nan
 
 
 def _resolution_mm(page: tifffile.TiffPage) -> tuple[tuple[float, float], bool]:

@@ -3,6 +3,7 @@ and errors that reach the user instead of vanishing."""
 
 from __future__ import annotations
 
+import html
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -119,13 +120,15 @@ class WorkerWidget(Container):
 
     def report(self, message: str, title: str = "DAE-Former") -> None:
         """An error before or during a run: in the status text, which stays, and in a notification."""
-        self._status.value = message
+        self._status.value = html.escape(message)
         show_error(f"{title}: {message}")
 
     @staticmethod
     def _wrap(label: Label) -> Label:
-        """A label whose long messages wrap inside the dock instead of widening it."""
+        """A label whose long messages wrap inside the dock instead of widening it; always rich text, so what is
+        set is escaped where it carries names from files or layers (an HTML class name stays text)."""
         label.native.setWordWrap(True)
+        label.native.setTextFormat(Qt.RichText)
         label.native.setAlignment(Qt.AlignLeft | Qt.AlignVCenter)
         return label
 

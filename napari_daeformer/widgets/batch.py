@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import threading
 from collections.abc import Generator
 from pathlib import Path
@@ -135,7 +136,7 @@ class BatchWidget(WorkerWidget):
         self._slices_bar.max = max(p.slices_total, 1)
         self._slices_bar.value = p.slices_done if p.result is None else self._slices_bar.max
         if p.note:
-            self._status.value = p.note
+            self._status.value = html.escape(p.note)
         if p.result is not None:
             self.results.append(p.result)
             self._show_table()
@@ -174,7 +175,7 @@ class BatchWidget(WorkerWidget):
         self._status.value = (f"{'Cancelled after the current file. ' if cancelled else ''}"
                               f"{sum(r.status == 'done' for r in summary.results)} segmented, "
                               f"{sum(r.status == 'existing' for r in summary.results)} already done, "
-                              f"{failed} failed. Summary: {csv_path}")
+                              f"{failed} failed. Summary: {html.escape(str(csv_path))}")
         if failed:
             show_warning(f"DAE-Former batch: {failed} file(s) failed; see the table")
         else:
@@ -207,7 +208,7 @@ class BatchWidget(WorkerWidget):
             show_info(f"DAE-Former batch: {self._status.value}")
             return
         self.open_case(waiting[0])
-        self._status.value = (f"Opened {waiting[0].input} (mean entropy {waiting[0].mean_entropy:.4f}), slice "
+        self._status.value = (f"Opened {html.escape(waiting[0].input)} (mean entropy {waiting[0].mean_entropy:.4f}), slice "
                               f"{waiting[0].uncertain_slice}; {len(waiting) - 1} more to review.")
 
     def open_case(self, chosen: FileResult) -> None:

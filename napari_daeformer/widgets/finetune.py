@@ -428,8 +428,8 @@ class FinetuneWidget(WorkerWidget):
                 f"; all trained on, none held out (from {TEACH.holdout_from} slices a quarter is held out and scored)")
         self._status.value = (f"Training a new model on {slices} annotated slices ({self.control.chosen_intensities}"
                               f"{held})…" if base is TEACH else f"Fine-tuning on {slices} corrected slices…")
-        if self.control.unpainted:                             # a new model's classes painted nowhere
-            self._status.value += f"<br>{self.control.unpainted}."
+        if self.control.unpainted:                             # new classes painted nowhere
+            self._status.value += f"<br>{html.escape(self.control.unpainted)}."
             show_warning(f"DAE-Former: {self.control.unpainted}.")
         self._launch(_finetune_job, parent, pairs, settings, out, overwrite, yielded=self._on_step,
                      returned=lambda r: self._finish(parent_path, *r), errored=self._failed,
@@ -452,7 +452,7 @@ class FinetuneWidget(WorkerWidget):
         else:
             self._use()
             show_info(f"DAE-Former: fine-tuned model saved as {path}")
-        self._status.value = "<br>".join(lines)
+        self._status.value = "<br>".join(map(html.escape, lines))
         self.show_agreement(result.candidate.card)
 
     def _use(self) -> None:
@@ -468,7 +468,7 @@ class FinetuneWidget(WorkerWidget):
             return
         self._use()
         self._keep_anyway.visible = False
-        self._status.value += f"<br>Kept anyway: saved {path.name} and loaded it into the Segment widget."
+        self._status.value += f"<br>Kept anyway: saved {html.escape(path.name)} and loaded it into the Segment widget."
 
     def _failed(self, error: BaseException) -> None:
         self._progress.value = 0
@@ -484,4 +484,4 @@ class FinetuneWidget(WorkerWidget):
         if parent is not None:
             self._offer(parent, f"Reverted to {parent.name}.")
             self._resegment.enabled = self._revert.enabled = False
-            self._status.value += f"<br>Reverted to {parent.name}; the Segment widget uses it again."
+            self._status.value += f"<br>Reverted to {html.escape(parent.name)}; the Segment widget uses it again."

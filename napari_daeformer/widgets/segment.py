@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,7 +179,7 @@ class SegmentWidget(WorkerWidget):
         """Offer the newest autosaved session of `image` whose labels are not open (how many more there are, too)."""
         offer = self.control.offer(self._unrestored(image), image.name, _voxels(image)) if image is not None else None
         self._session = None if offer is None else (image, offer)
-        self._restore_info.value = offer.text if offer else ""
+        self._restore_info.value = html.escape(offer.text) if offer else ""
         self._restore_info.visible = offer is not None
         self._restore.visible = offer is not None and offer.readable
         self._discard.visible = offer is not None                            # a damaged one can be discarded too
@@ -213,7 +214,7 @@ class SegmentWidget(WorkerWidget):
         self._autosave(layer, a, offer.path)
         show_info(f"DAE-Former: restored the autosaved corrections of {image.name}")
         self._offer_restore(image)
-        self._restore_info.value = f"Restored {saved.describe()}." + (
+        self._restore_info.value = f"Restored {html.escape(saved.describe())}." + (
             f" {self._restore_info.value}" if self._session is not None else "")
         self._restore_info.visible = True
         return layer
@@ -262,7 +263,7 @@ class SegmentWidget(WorkerWidget):
     def offer_model(self, path: Path, note: str) -> None:
         """The hub's hand-off (a fine-tuned model, a revert): use `path` from the next run on, and say so."""
         self.set_checkpoint(path)
-        self._status.value = note
+        self._status.value = html.escape(note)
 
     def set_checkpoint(self, path: str | Path) -> None:
         """Use this checkpoint for the next runs (a bundled model's file selects its entry)."""
@@ -285,7 +286,7 @@ class SegmentWidget(WorkerWidget):
     def _model_changed(self, _: Any = None) -> None:
         self._file.visible = self._model.value == FILE_CHOICE
         self.control.choose(self.checkpoint_path())
-        self._status.value = self.control.describe()
+        self._status.value = html.escape(self.control.describe())
         try:
             card = self.control.load().card
         except DaeformerError:
@@ -320,7 +321,7 @@ class SegmentWidget(WorkerWidget):
         self._progress.value = 0
         self._uncertain_order = []
         self._next.enabled = False
-        self._status.value = f"Segmenting {image.name}…"
+        self._status.value = f"Segmenting {html.escape(image.name)}…"
         return self._launch(_segment_job, inferer, record, {**options, "cancel": self._cancel_event},
                             yielded=lambda p: self._show_progress(target, p),
                             returned=lambda report: self._finish(target, report, record),
@@ -376,7 +377,7 @@ class SegmentWidget(WorkerWidget):
         self._progress.max = 0 if p.busy else p.total
         self._progress.value = 0 if p.busy else p.done
         if p.note:
-            self._status.value = p.note
+            self._status.value = html.escape(p.note)
         layer = target.layer
         if layer in self.viewer.layers and target.run.show(np.asarray(layer.data), p):
             layer.refresh()
