@@ -9,6 +9,7 @@ import math
 import os
 import re
 import stat
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -161,7 +162,41 @@ def save_checkpoint(path: str | os.PathLike[str], model: DAEFormer, card: ModelC
         raise CheckpointError(f"{Path(path).name}: not written: weight {damaged[0]} holds NaN or infinite values "
                               f"({len(damaged)} tensor(s)), so no run could use it")
     metadata = {"format": FORMAT_NAME, _META_KEY: json.dumps(card.to_dict())}
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), overwrite=overwrite)
+    try:
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), overwrite=overwrite)
+    except (SafetensorError, OSError) as e:                  # disk full, quota, read-only: nothing was replaced
+        reason = getattr(e, "strerror", None) or _io_reason(str(e))
+        raise CheckpointError(f"{Path(path).name}: not written ({reason}); an earlier file of that name, if any, "
+                              "is unchanged") from e
+
+
+def _io_reason(text: str) -> str:
+    """The OS's words inside safetensors' "IoError(Os { code: 28, ..., message: \"No space left on device\" })"."""
+    found = re.search(r'message: "([^"]*)"', text)
+    return found.group(1) if found else short_repr(text, 120)
+
+
+def save_or_rescue(path: str | os.PathLike[str], model: DAEFormer, card: ModelCard, *, overwrite: bool = True
+                   ) -> Path:
+    """`save_checkpoint`, and where that fails after the training (a full disk), the model is written to the
+    temporary folder instead so that the minutes of training are not lost; the error then names where it is.
+
+    Raises:
+        CheckpointError: `path` could not be written (naming the rescued copy, when there is one).
+    """
+    try:
+        return save_checkpoint(path, model, card, overwrite=overwrite)
+    except CheckpointError as e:
+        if not isinstance(e.__cause__, (SafetensorError, OSError)):
+            raise
+        rescue = Path(tempfile.gettempdir()) / f"daeformer-rescued-{os.getpid()}-{Path(path).name}"
+        try:
+            save_checkpoint(rescue, model, card, overwrite=False)
+        except CheckpointError:
+            raise CheckpointError(f"{e}; the trained model could not be kept anywhere: free some space and run "
+                                  "again") from e
+        raise CheckpointError(f"{e}; the trained model was saved to {rescue} instead: move it where you want "
+                              "it") from e
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

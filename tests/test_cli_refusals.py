@@ -116,3 +116,55 @@ def test_help_starts_without_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "finetune" in result.stdout
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("window: 5", "window (--window): give LOWER,UPPER in HU or one of"),
+    ("classes: 3", "classes (--classes): give the background and 1 to 255 classes"),
+    ("aug: rotation_deg", "--aug 'rotation_deg': expected KEY=VALUE"),
+    ("out: 123", "out (--out) expects a path, got the number 123; write it in quotes"),
+])
+def test_config_values_of_the_wrong_kind_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      line: str, message: str) -> None:
+    (tmp_path / "run.yaml").write_text(line + "\n")
+    args = ["train", "--config", str(tmp_path / "run.yaml"), "--synthetic", "ct"]
+    _refused(args if line.startswith("out") else [*args, "--out", str(tmp_path / "run")], message, capsys)
+    assert not (tmp_path / "run").exists() and not Path("123").exists()
+
+
+def test_config_lists_and_mappings_act(tmp_path: Path) -> None:
+    """`classes: [a, b]` and `aug: rotation_deg=20` are what a user writes: they act as the options would."""
+    import argparse
+
+    from napari_daeformer.app.train import augment_settings, resolve_settings
+
+    (tmp_path / "run.yaml").write_text("classes: [background, liver]\naug: rotation_deg=20\n")
+    parser = argparse.ArgumentParser()
+    from napari_daeformer.app.train import add_train_arguments
+    add_train_arguments(parser)
+    argv = ["--config", str(tmp_path / "run.yaml")]
+    args = parser.parse_args(argv)
+    args.command, args.memory_limit = "train", None
+    resolved = resolve_settings(parser, argv, args)
+    assert resolved.classes == "background,liver"
+    assert augment_settings(resolved).rotation_deg == 20.0
+
+
+def test_an_empty_batch_pattern_and_too_many_classes_are_one_line(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "in").mkdir()
+    _refused(["batch", str(tmp_path / "in"), str(tmp_path / "out"), "--pattern", ""],
+             "--pattern '': an empty pattern matches nothing", capsys)
+    many = ",".join(["background", *(f"c{i}" for i in range(1000))])
+    _refused(["train", "--image", "a.nii.gz", "--labels", "b.nii.gz", "--classes", many, "--out", str(tmp_path / "o")],
+             "give the background and 1 to 255 classes, comma-separated (e.g. background,liver), got 1001", capsys)
+
+
+def test_an_imagej_spacing_that_is_no_number_is_noted(tmp_path: Path) -> None:
+    import tifffile
+
+    from napari_daeformer.io import read_image
+    tifffile.imwrite(tmp_path / "stack.tif", np.zeros((3, 8, 8), np.uint8), imagej=True,
+                     metadata={"spacing": "abc", "unit": "mm"})
+    record = read_image(tmp_path / "stack.tif")
+    assert record.spacing == (1.0, 1.0, 1.0) and "is not positive and finite: read as 1" in record.notes[0]

@@ -68,6 +68,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--synthetic", choices=("ct", "skin"), help="train on generated phantoms instead of --data")
     p.add_argument("--out", type=Path, help="output folder: best/last checkpoints, resume state, log, plot")
     p.add_argument("--resume", action="store_true", help="continue exactly from OUT/resume.safetensors")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the checkpoints of an earlier run in OUT (default: refuse, so no model is lost)")
     p.add_argument("--init", type=Path, help="start from this checkpoint's weights (fine-tuning)")
     p.add_argument("--arch", default="small", help="architecture for a new model: small or paper (default: small)")
     p.add_argument("--classes", type=class_list_text,
@@ -249,6 +251,10 @@ def run_train(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise TrainingError(f"--out {args.out} is a file; give a folder for checkpoints and logs")
     check_output_path(args.out / "config.yaml", overwrite=True)   # writable, before any data is read
+    earlier = [n for n in ("best.safetensors", "last.safetensors") if (args.out / n).exists()]
+    if earlier and not (args.resume or args.overwrite):
+        raise TrainingError(f"--out {args.out} holds an earlier run ({', '.join(earlier)}); pass --resume to continue "
+                            "it, --overwrite to replace it, or choose another folder")
     fmt = f"synthetic-{args.synthetic}" if args.synthetic else args.data_format
     info, device = init_from_env(args.device)
     torch.manual_seed(args.seed)                              # the same initial weights on every run and rank
@@ -378,7 +384,7 @@ def run_teach(args: argparse.Namespace) -> int:
     from napari_daeformer_training.teach import model_for, sparse_labels, teach_pair, unpainted_classes, unpainted_line
     from tqdm import tqdm
 
-    from napari_daeformer.checkpoint import save_checkpoint
+    from napari_daeformer.checkpoint import save_or_rescue
     from napari_daeformer.io import read_image
 
     if args.labels is None or not args.classes:
@@ -386,7 +392,9 @@ def run_teach(args: argparse.Namespace) -> int:
     if args.data is not None or args.synthetic:
         raise TrainingError("give either --image (one annotated image) or --data/--synthetic, not both")
     names = class_list(args.classes)
-    check_output_path(args.out / "best.safetensors", overwrite=True)
+    if args.out.exists() and not args.out.is_dir():
+        raise TrainingError(f"--out {args.out} is a file; give a folder for the new model")
+    check_output_path(args.out / "best.safetensors", overwrite=args.overwrite)
     image, labels = require_image(read_image(args.image), args.image.name), read_image(args.labels)
     data = sparse_labels(_label_map(image, labels, args.labels.name), args.ignore_value, len(names))
     count = 1 if data.ndim == 2 else data.shape[0]
@@ -410,7 +418,7 @@ def run_teach(args: argparse.Namespace) -> int:
         bar.close()
     card = result.candidate.card.with_provenance(image=str(args.image), annotated_slices=np.flatnonzero(
         pair.slices).tolist(), trained_steps=result.best_step)
-    out = save_checkpoint(args.out / "best.safetensors", result.candidate.model, card, overwrite=True)
+    out = save_or_rescue(args.out / "best.safetensors", result.candidate.model, card, overwrite=args.overwrite)
     scored = ("nothing held out" if result.dice_after is None else
               f"held-out Dice {result.dice_after:.3f} on {result.holdout_slices} slice(s)")
     averaged = (f"; slices segmented with their neighbours' probabilities at {card.neighbour_weight:g} each"
@@ -468,7 +476,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from napari_daeformer.bundled import resolve_model
-    from napari_daeformer.checkpoint import save_checkpoint
+    from napari_daeformer.checkpoint import save_or_rescue
     from napari_daeformer.io import read_image
 
     source = resolve_model(args.model)
@@ -477,9 +485,10 @@ def run_finetune(args: argparse.Namespace) -> int:
     check_output_path(args.out, args.overwrite)
     if args.out.resolve() == source.resolve():
         raise TrainingError(f"{args.out} is the parent checkpoint, which is never replaced; choose a new name")
-    from napari_daeformer_training.teach import extend_classes, sparse_labels
+    from napari_daeformer_training.teach import extend_classes, sparse_labels, unpainted_classes, unpainted_line
 
     parent = load_checkpoint(source)
+    own = parent.card.class_names
     if args.classes:
         parent = extend_classes(parent, class_list(args.classes))
     image, labels = require_image(read_image(args.image), args.image.name), read_image(args.labels)
@@ -492,6 +501,9 @@ def run_finetune(args: argparse.Namespace) -> int:
     else:
         slices = np.array([label_data.any()]) if label_data.ndim == 2 else label_data.reshape(count, -1).any(1)
     pair = Pair(args.image.name, image.data, label_data, slices)
+    new = [c for c in unpainted_classes([pair], parent.card.class_names) if c not in own]
+    if missing := unpainted_line(new):
+        print(f"daeformer finetune: warning: {missing}", file=sys.stderr)
     base = recipe_for(parent.card)
     settings = replace(base.protecting(args.protect or base.protect, args.protect_weight), steps=args.steps or base.steps,
                        lr=args.lr, warmup_steps=args.warmup, train_parts=args.train_parts, augment=not args.no_augment,
@@ -505,7 +517,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     bar.close()
     print(f"{result.train_slices} corrected slices trained on, {result.holdout_slices} held out. {result.summary}")
     if result.improved or args.keep_anyway:
-        out = save_checkpoint(args.out, result.candidate.model, result.candidate.card, overwrite=args.overwrite)
+        out = save_or_rescue(args.out, result.candidate.model, result.candidate.card, overwrite=args.overwrite)
         print(f"wrote {out}")
     else:
         print(f"nothing written to {args.out} (pass --keep-anyway to write the fine-tuned model)")

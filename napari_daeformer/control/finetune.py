@@ -28,7 +28,7 @@ from napari_daeformer_training.teach import (
 
 from ..annotation import Annotation
 from ..bundled import MODELS_DIR
-from ..checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ..checkpoint import Checkpoint, load_checkpoint, save_or_rescue
 from ..errors import DaeformerError
 
 USER_MODELS = Path.home() / ".napari-daeformer" / "models"      # where versions of bundled models go
@@ -42,7 +42,7 @@ def finetune_and_save(parent: Checkpoint, pairs: list[Pair], settings: FinetuneS
     result = yield from finetune(parent, pairs, settings)
     if result.checkpoint is not result.candidate:
         return result, None
-    return result, save_checkpoint(out, result.checkpoint.model, result.checkpoint.card, overwrite=overwrite)
+    return result, save_or_rescue(out, result.checkpoint.model, result.checkpoint.card, overwrite=overwrite)
 
 
 def pair(name: str, image: np.ndarray, labels: np.ndarray, annotation: Annotation, axis: int | None = None) -> Pair:
@@ -154,7 +154,7 @@ class FinetuneController:
         if self.result is None or self.pending is None:
             raise DaeformerError("no fine-tuned model to keep")
         out, overwrite = self.pending
-        self.new_path = save_checkpoint(out, self.result.candidate.model, self.result.candidate.card,
+        self.new_path = save_or_rescue(out, self.result.candidate.model, self.result.candidate.card,
                                         overwrite=overwrite)
         return self.new_path
 
