@@ -25,7 +25,7 @@ from uuid import uuid4
 import numpy as np
 
 from .atomic import atomic_write
-from .errors import DaeformerError
+from .errors import DaeformerError, short_repr
 from .private_api import paint_slices
 
 SUFFIX = ".daeformer-session.npz"
@@ -33,6 +33,7 @@ ENV_FOLDER = "DAEFORMER_AUTOSAVE_DIR"          # overrides the default folder
 USER_FOLDER = Path.home() / ".napari-daeformer" / "autosave"
 FORMAT = 2                                      # 1: one session per image, touched slices along axis 0 only
 MAX_SESSION_BYTES = 4 << 30                     # an uncompressed session larger than this is refused unread
+MAX_META_BYTES = 1 << 20                        # the JSON description of a session
 _BYTES_PER_VOXEL = 4                            # labels and proposal, up to uint16 each
 
 
@@ -196,6 +197,24 @@ def _checked_sizes(z: np.lib.npyio.NpzFile, name: str, voxels: int | None) -> No
                              "need; not an autosaved session of ours")
 
 
+def _label_member(z: np.lib.npyio.NpzFile, key: str, name: str) -> np.ndarray:
+    """Member `key` read as a label map: its .npy header checked first (whole-number type, 2 or 3 axes, no more
+    elements than the member's bytes hold), so a 200-byte header claiming 9 TiB is refused unallocated."""
+    info = z.zip.getinfo(f"{key}.npy")
+    with z.zip.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in header:
+            raise DaeformerError(f"{name}: its {key} are in .npy format {version}, which we never write")
+        shape, fortran, dtype = header[version](f)              # the header only; nothing allocated yet
+    if dtype.kind not in "iu" or len(shape) not in (2, 3) or fortran:
+        raise DaeformerError(f"{name}: its {key} are {dtype} of {len(shape)} axes, not a label map; not an "
+                             "autosaved session of ours")
+    if int(np.prod(shape, dtype=np.float64)) * dtype.itemsize > info.file_size:
+        raise DaeformerError(f"{name}: its {key} claim {shape} voxels, more than the file holds; damaged")
+    return z[key]
+
+
 def load_session(path: str | os.PathLike[str], voxels: int | None = None) -> SavedSession:
     """Read a session file (no pickled objects are loaded); `voxels`: the image's voxel count, bounding what the
     file may decompress to.
@@ -205,11 +224,15 @@ def load_session(path: str | os.PathLike[str], voxels: int | None = None) -> Sav
     """
     p = Path(path)
     try:
+        if p.is_symlink():
+            raise DaeformerError(f"{p.name}: is a link; an autosaved session is a file of its own")
         with np.load(p, allow_pickle=False) as z:
             _checked_sizes(z, p.name, voxels)
+            if z.zip.getinfo("meta.npy").file_size > MAX_META_BYTES:
+                raise DaeformerError(f"{p.name}: its description is over {MAX_META_BYTES >> 10} KiB; not ours")
             meta = json.loads(bytes(z["meta"]).decode())
-            labels = z["labels"]
-            prediction = z["prediction"] if "prediction" in z.files else None
+            labels = _label_member(z, "labels", p.name)
+            prediction = _label_member(z, "prediction", p.name) if "prediction" in z.files else None
         fmt = meta.get("format")
         if fmt not in (1, FORMAT):
             raise DaeformerError(f"{p.name}: autosaved by another version of napari-daeformer")
@@ -229,8 +252,10 @@ def load_session(path: str | os.PathLike[str], voxels: int | None = None) -> Sav
         saved_at = float(meta.get("saved_at", 0.0))
     except DaeformerError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-        raise DaeformerError(f"{p.name}: not a readable autosaved session ({type(e).__name__}: {e})") from e
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError, zipfile.BadZipFile, zlib.error,
+            MemoryError, RecursionError) as e:
+        raise DaeformerError(f"{p.name}: not a readable autosaved session "
+                             f"({type(e).__name__}: {short_repr(str(e), 120)})") from e
     if prediction is not None and prediction.shape != labels.shape:
         raise DaeformerError(f"{p.name}: damaged (labels {labels.shape}, prediction {prediction.shape})")
     return SavedSession(annotation, labels, saved_at, p)
@@ -240,7 +265,8 @@ def find_sessions(folders: list[Path], key: str) -> list[Path]:
     """The session files of the image with this key in `folders`, newest first (whatever the image was called).
     Only the user's own: a session another user left in a shared image folder is never offered as one's own
     corrections."""
-    found = {p for folder in folders if folder.is_dir() for p in folder.glob(f".*-{key[:16]}*{SUFFIX}") if _mine(p)}
+    found = {p for folder in folders if folder.is_dir() for p in folder.glob(f".*-{key[:16]}*{SUFFIX}")
+             if not p.is_symlink() and _mine(p)}
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 

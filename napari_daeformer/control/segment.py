@@ -178,7 +178,9 @@ class SegmentController:
     def restore(offer: Offer, image_shape: tuple[int, ...], voxels: int) -> SavedSession:
         """The offered session, checked to fit an image of `image_shape`."""
         saved = load_session(offer.path, voxels)
-        if saved.labels.shape != tuple(image_shape[:saved.labels.ndim]):
+        rgb = len(image_shape) == 3 and image_shape[-1] in (3, 4) and saved.labels.ndim == 2
+        spatial = tuple(image_shape[:-1]) if rgb else tuple(image_shape)
+        if saved.labels.shape != spatial:                        # (Y, X) labels of an RGB photo, else the same shape
             raise DaeformerError(f"its labels {saved.labels.shape} do not fit the image {tuple(image_shape)}")
         return saved
 
