@@ -302,6 +302,9 @@ class _Slices:
         return self.labels.shape[1:3]
 
 
+MAX_HOLDOUT = 16      # held-out slices at most: scoring them is inside the time budget (10000 slices held out 2500)
+
+
 def _split(pairs: Sequence[Pair], settings: FinetuneSettings, rng: np.random.Generator, prep: Preprocessing,
            first_new: int | None = None
            ) -> tuple[list[Case], list[tuple[np.ndarray, np.ndarray, Preprocessing]], list[tuple[np.ndarray, Preprocessing]]]:
@@ -313,7 +316,7 @@ def _split(pairs: Sequence[Pair], settings: FinetuneSettings, rng: np.random.Gen
     against its own labels, cannot be beaten (a liver tumour's 5-voxel tip held out: the trained model, Dice 0.92 on
     the unpainted slices, was judged no better)."""
     chosen = [(i, j) for i, p in enumerate(pairs) for j in np.flatnonzero(p.slices)]
-    n_hold = (max(1, round(settings.holdout_fraction * len(chosen)))
+    n_hold = (min(MAX_HOLDOUT, max(1, round(settings.holdout_fraction * len(chosen))))
               if len(chosen) >= max(2, settings.holdout_from) and settings.holdout_fraction else 0)
     pool = chosen
     if first_new is not None:
@@ -520,6 +523,7 @@ def finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSettin
 
 def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSettings, device: torch.device,
               threads: ThreadGovernor | None) -> Generator[FinetuneProgress, None, FinetuneResult]:
+    deadline = None if settings.minutes is None else time.monotonic() + 60.0 * settings.minutes   # the whole run
     card = parent.card
     if threads is not None:
         threads.tick()
@@ -619,7 +623,6 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
     before = score()
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None         # the best trained state: Dice, step, weights
     yield FinetuneProgress(0, settings.steps, None, before)
-    deadline = None if settings.minutes is None else time.monotonic() + 60.0 * settings.minutes
     step, late = 0, False
     for done, trainer in trainers():
         total = done + trainer.total_steps

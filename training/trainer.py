@@ -103,8 +103,12 @@ class Trainer:
     def __init__(self, model: DAEFormer, card: ModelCard, train_cases: Sequence[Case], val_cases: Sequence[Case],
                  cfg: TrainConfig, out_dir: str | Path | None, device: str = "auto", dist: DistInfo | None = None,
                  resume: bool = False, regulariser: Regulariser | None = None,
-                 threads: ThreadGovernor | None = None, lr_scales: Mapping[str, float] | None = None) -> None:
+                 threads: ThreadGovernor | None = None, lr_scales: Mapping[str, float] | None = None,
+                 deadline: float | None = None) -> None:
+        """`deadline`: a `time.monotonic()` time by which the run ends, its last validation and writes included:
+        training stops early enough for them (as long as the last validation took), then validates and saves."""
         self.dist = dist or DistInfo()
+        self.deadline, self._val_seconds = deadline, 0.0
         rgb = card.preprocessing.kind == "rgb"
         validate_cases([*train_cases, *val_cases], card.config.num_classes, rgb, cfg.sparse)
         if {c.name for c in train_cases} & {c.name for c in val_cases}:
@@ -247,17 +251,19 @@ class Trainer:
                 if writes and (self.step % log_every == 0 or self.step == 1):
                     self._log({"step": self.step, "epoch": self.epoch, "loss": loss, "lr": report.lr})
                 yield report
-                if self.step >= self.total_steps:
+                if self.step >= self.total_steps or self._out_of_time():
                     break
             self.epoch += 1
-            finished = self.step >= self.total_steps
+            finished = self.step >= self.total_steps or self._out_of_time()
             validate = finished or (bool(self.val_cases) and self.epoch % self.cfg.val_every == 0)
             if writes:
                 if validate and not self.val_cases:                 # nothing held out: the last state, no score
                     self._save("last.safetensors", None)
                     self._save("best.safetensors", None)
                 elif validate:
+                    t_val = time.monotonic()
                     dice, dist = self.evaluate()
+                    self._val_seconds = time.monotonic() - t_val
                     mean = float(np.nanmean(dice)) if np.isfinite(dice).any() else 0.0
                     best = mean > self.best_dice
                     self._save("last.safetensors", mean)
@@ -275,6 +281,18 @@ class Trainer:
                     yield ValReport(self.epoch, self.step, tuple(map(float, dice)), tuple(map(float, dist)),
                                     mean, best)
             barrier(self.dist)
+            if finished or self._out_of_time():             # no room for another epoch's steps and validation
+                break
+
+    def _out_of_time(self) -> bool:
+        """Whether the time budget leaves no room for another step and the last validation; every process
+        answers the same (rank 0's clock decides under torchrun)."""
+        if self.deadline is None:
+            return False
+        late = torch.tensor([float(time.monotonic() + self._val_seconds >= self.deadline)], device=self.device)
+        if self.dist.world_size > 1:
+            torch.distributed.broadcast(late, src=0)
+        return bool(late.item())
 
 
 def _param_groups(model: torch.nn.Module, lr_scales: Mapping[str, float]) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ import argparse
 import csv
 import io
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -111,8 +112,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--slices", help="the annotated slices along axis 0, e.g. 3,5,10-12 (default: every slice with "
                    "a label, or with any voxel not --ignore-value)")
     g.add_argument("--ignore-value", type=whole(0, 65535), help="label value meaning 'not annotated' (e.g. 255): no loss there")
-    g.add_argument("--minutes", type=number(0, above_low=True), help=f"time budget (default with --image: {TEACH.minutes:g}); the best "
-                   "state so far is written when it runs out")
+    p.add_argument("--minutes", type=number(0, above_low=True),
+                   help=f"time budget of the whole command, reading and the last validation included (default: none; "
+                   f"{TEACH.minutes:g} with --image); training stops early enough to validate and write its best state")
     g.add_argument("--from-scratch", action="store_true",
                    help="random weights (default: start from the bundled model's encoder and decoder)")
     g.add_argument("--neighbour-weight", type=number(0, MAX_WEIGHT), metavar="W",
@@ -244,6 +246,7 @@ def _model_and_card(args: argparse.Namespace, cases: list[Case], fmt: str) -> tu
 
 
 def run_train(args: argparse.Namespace) -> int:
+    args.deadline = None if args.minutes is None else time.monotonic() + 60.0 * args.minutes   # the whole command
     if args.out is None:
         raise TrainingError("--out is required")
     if args.image is not None:
@@ -280,7 +283,8 @@ def run_train(args: argparse.Namespace) -> int:
                           optimizer=args.optimizer, val_every=args.val_every, seed=args.seed, amp=not args.no_amp,
                           max_steps=args.max_steps, train_parts=args.train_parts,
                           augment=augment_settings(args))
-        trainer = Trainer(model, card, train, val, cfg, args.out, device, info, resume=args.resume)
+        trainer = Trainer(model, card, train, val, cfg, args.out, device, info, resume=args.resume,
+                          deadline=args.deadline)
         if info.is_main:
             print(f"daeformer train: {split}", file=sys.stderr)
             resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
@@ -400,7 +404,8 @@ def run_teach(args: argparse.Namespace) -> int:
     count = 1 if data.ndim == 2 else data.shape[0]
     pair = teach_pair(args.image.name, image.data, data, _slice_list(args.slices, count) if args.slices else None)
     model, said = model_for(pair, names, args.arch, args.from_scratch)
-    settings = replace(TEACH, minutes=args.minutes if args.minutes is not None else TEACH.minutes,
+    left = TEACH.minutes if args.deadline is None else max(args.deadline - time.monotonic(), 1.0) / 60.0
+    settings = replace(TEACH, minutes=left,
                        steps=args.max_steps or TEACH.steps, device=args.device, seed=args.seed,
                        neighbour_weight=TEACH.neighbour_weight if args.neighbour_weight is None else args.neighbour_weight)
     print(f"daeformer train: {int(pair.slices.sum())} annotated slices of {args.image.name}; {said}", file=sys.stderr)

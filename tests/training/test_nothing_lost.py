@@ -119,3 +119,36 @@ def test_a_class_added_by_finetune_and_painted_nowhere_is_named(tmp_path: Path,
     warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert warned == ["daeformer finetune: warning: painted on no annotated slice: tumour. A model cannot learn a "
                       "structure it never saw: paint each on a slice where it shows"]
+
+
+def test_the_time_budget_bounds_the_whole_teaching_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """10000 annotated 8x8 slices with --minutes 0.1 ran 562 s and held out 2500 slices: scoring and preparation were
+    outside the budget. Now at most MAX_HOLDOUT slices are held out and the clock starts with the command."""
+    import time
+
+    from napari_daeformer_training.finetune import MAX_HOLDOUT
+    rng = np.random.default_rng(0)
+    image = (rng.normal(size=(3000, 16, 16)) * 100).astype(np.int16)
+    affine = default_affine((1.0, 1.0, 1.0))
+    write_nifti(tmp_path / "long.nii.gz", image, affine)
+    write_nifti(tmp_path / "long_labels.nii.gz", (image > 0).astype(np.uint8), affine)
+    start = time.monotonic()
+    assert main(["train", "--image", str(tmp_path / "long.nii.gz"), "--labels", str(tmp_path / "long_labels.nii.gz"),
+                 "--classes", "background,bright", "--minutes", "0.1", "--device", "cpu", "--quiet",
+                 "--out", str(tmp_path / "run")]) == 0
+    assert time.monotonic() - start < 6 + 30                  # 6 s asked; a loaded 2-core CI machine gets slack
+    card = load_checkpoint(tmp_path / "run" / "best.safetensors").card
+    assert card.provenance["holdout_slices"] == MAX_HOLDOUT and card.provenance["finetuned_slices"] == 3000 - 16
+    assert "held-out Dice" in capsys.readouterr().out
+
+
+def test_minutes_bound_a_training_on_a_data_folder(tmp_path: Path) -> None:
+    """`train --data DIR --minutes 4` ran the default 400 epochs: the budget now stops it, validated and saved."""
+    import json
+    out = tmp_path / "run"
+    assert main(["train", "--synthetic", "ct", "--train-seeds", "1", "--val-seeds", "2", "--epochs", "400",
+                 "--minutes", "0.05", "--device", "cpu", "--quiet", "--out", str(out)]) == 0
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last = max(r["step"] for r in logged)
+    assert last < 400 and any("val_mean_dice" in r for r in logged)          # stopped early, validated once
+    assert load_checkpoint(out / "best.safetensors").card.class_names[1] == "liver"
