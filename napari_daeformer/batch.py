@@ -25,12 +25,13 @@ from .devices import resolve_device
 from .errors import DaeformerError, ImageFormatError, first_line, printable
 from .folder_lock import exclusive
 from .inference import Progress, SliceInferer
-from .io import ImageRecord, is_dicom_file, read_image, suffix_of
+from .io import READ_SUFFIXES, ImageRecord, is_dicom_file, read_image, suffix_of
 from .io.record import label_channel
 from .segment_file import FileReport, segment_file
 from .volumes import Measures
 
 SUMMARY = "summary.csv"
+PROGRESS = ".summary-progress.rank{rank}.csv"   # each rank's rows so far, until the summary is written
 READ_AHEAD = 2                        # files read in parallel ahead of the engine (GPU runs)
 # From this many files to segment, `auto` compiles static int8 on a CPU that runs int8 (about 1 min on 2 idle cores, 3-4 busy; once per
 # model): it saves about 0.06 s per `paper` slice over int8 dynamic, some 12 s per 200-slice CT volume.
@@ -139,7 +140,8 @@ def sole_writer(job: BatchJob, rank: int = 0) -> Iterator[None]:
 
 def list_inputs(job: BatchJob) -> list[Path]:
     """Input files (and DICOM series folders) under `job.input_dir`, sorted; summaries, hidden files and the other
-    files of a DICOM series folder (a README, thumbs.db) excluded."""
+    files of a DICOM series folder (a README, thumbs.db; an image of a format we read, a NIfTI, is an input of its
+    own) excluded."""
     root = job.input_dir
     check_folders(job)
     files: set[Path] = set()
@@ -163,7 +165,7 @@ def list_inputs(job: BatchJob) -> list[Path]:
             strays = {p for pattern in job.patterns for p in root.glob(pattern)
                       if p.parent == root and p.is_file() and (p.suffix.lower() == ".dcm" or is_dicom_file(p))}
             return sorted({*others, *strays})
-    return sorted(series | {f for f in files if f.parent not in series})
+    return sorted(series | {f for f in files if f.parent not in series or suffix_of(f) in READ_SUFFIXES})
 
 
 def output_paths(job: BatchJob, sources: list[Path]) -> dict[Path, Path | str]:
@@ -235,7 +237,7 @@ def run_batch(job: BatchJob, *, rank: int = 0, world_size: int = 1,
     files = inputs[rank::world_size]
     if job.output_dir.is_dir():
         remove_stale_temporaries(job.output_dir, recursive=True)
-    earlier = read_earlier(job.output_dir / SUMMARY)
+    earlier = read_earlier(job.output_dir)
     results: list[FileResult] = []
     compute = 0.0
     todo, finished = [], []
@@ -276,6 +278,7 @@ def run_batch(job: BatchJob, *, rank: int = 0, world_size: int = 1,
                 result = FileResult(result.input, "", "failed", f"writing the output failed: {first_line(e)}",
                                     seconds=result.seconds)
             results.append(result)
+            write_summary(job, results, PROGRESS.format(rank=rank))   # a killed run keeps what it measured
             done += 1
             yield BatchProgress(done, total, result.input, result=result)
 
@@ -344,9 +347,17 @@ def _existing(job: BatchJob, source: Path, out: Path, models: _Inferers, earlier
         return FileResult(rel, rel_out, "failed", f"existing output unreadable: {first_line(e)}")
 
 
-def read_earlier(summary: Path) -> dict[str, FileResult]:
-    """input -> what an earlier run's summary.csv says of it (seconds, uncertainty, checkpoint); empty when there
-    is none. Cells that do not parse are left unknown."""
+def read_earlier(folder: Path) -> dict[str, FileResult]:
+    """input -> what earlier runs in `folder` say of it (seconds, uncertainty, checkpoint): its summary.csv, then
+    the progress rows of a run killed before its summary; empty when there are none. Cells that do not parse are
+    left unknown."""
+    found: dict[str, FileResult] = {}
+    for path in [folder / SUMMARY, *sorted(folder.glob(PROGRESS.format(rank="*")))]:
+        found.update(_summary_rows(path))
+    return found
+
+
+def _summary_rows(summary: Path) -> dict[str, FileResult]:
     try:
         with open(summary, encoding="utf-8", newline="") as f:
             rows = list(csv.DictReader(f))
@@ -412,5 +423,10 @@ def summary_csv(results: list[FileResult]) -> str:
 
 
 def write_summary(job: BatchJob, results: list[FileResult], name: str = SUMMARY) -> Path:
+    """`name` in the output folder, atomically; the whole run's summary.csv replaces the progress files."""
     text = summary_csv(results)
-    return atomic_write(job.output_dir / name, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    out = atomic_write(job.output_dir / name, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    if name == SUMMARY:
+        for progress in job.output_dir.glob(PROGRESS.format(rank="*")):
+            progress.unlink(missing_ok=True)
+    return out

@@ -181,6 +181,34 @@ def test_two_gloo_ranks_shard_the_folder(tmp_path: Path) -> None:
             assert np.array_equal(read_image(tmp_path / "one" / rel).data, read_image(tmp_path / "two" / rel).data)
 
 
+def test_a_killed_runs_uncertainty_reaches_the_ranking(tmp_path: Path) -> None:
+    """The uncertainty of the files a killed run finished was lost with it (only the summary at the end held it), so
+    `--rank` left them out for good: each finished file's row is now kept as it finishes."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_folder(src, volumes=2)
+    args = ["batch", str(src), str(out), "--pattern", "ct*.nii.gz", "--device", "cpu", "--quiet", "--rank"]
+    kill_at_row = KILL_AFTER_FIRST.replace('endswith(".nii.gz")', 'endswith(".csv")')
+    killed = subprocess.run([sys.executable, "-c", kill_at_row, *args], env=ENV, capture_output=True, timeout=300)
+    assert killed.returncode == -9 and not (out / "summary.csv").exists()
+    again = subprocess.run([sys.executable, "-m", "napari_daeformer.app", *args], env=ENV, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    rows = _rows(out / "summary.csv")
+    assert rows["ct0.nii.gz"]["status"] == "existing" and rows["ct1.nii.gz"]["status"] == "done"
+    assert all(float(r["mean_entropy"]) > 0 for r in rows.values())            # the killed run's too
+    assert "ct0.nii.gz  slice" in again.stdout and "ct1.nii.gz  slice" in again.stdout
+    assert not list(out.glob(".summary-progress*"))                           # the summary replaces the rows
+
+
+def test_an_image_inside_a_dicom_series_folder_is_an_input(tmp_path: Path) -> None:
+    from .conftest import write_dicom_series
+    write_dicom_series(tmp_path / "in" / "patient1", np.zeros((3, 8, 8), np.uint16), (2.0, 1.0, 1.0))
+    write_nifti(tmp_path / "in" / "patient1" / "resampled.nii.gz", np.zeros((3, 8, 8), np.int16), np.eye(4))
+    (tmp_path / "in" / "patient1" / "README.txt").write_text("not an image")
+    job = BatchJob(tmp_path / "in", tmp_path / "out")
+    assert list_inputs(job) == [tmp_path / "in" / "patient1", tmp_path / "in" / "patient1" / "resampled.nii.gz"]
+
+
 def test_listing_treats_dicom_folders_as_one_input(tmp_path: Path) -> None:
     from .conftest import write_dicom_series
     write_dicom_series(tmp_path / "in" / "patient1", np.zeros((3, 8, 8), np.uint16), (2.0, 1.0, 1.0))
@@ -304,7 +332,7 @@ def test_summary_cells_never_start_a_spreadsheet_formula(tmp_path: Path) -> None
     assert not any(c.startswith(("=", "+", "-", "@")) for c in cells), cells
     assert f"'{name}" in cells and "'@SUM(A1)" in rows[0] and "'-out.nii.gz" in cells
     (tmp_path / "summary.csv").write_text(csv_text)
-    earlier = read_earlier(tmp_path / "summary.csv")[name]
+    earlier = read_earlier(tmp_path)[name]
     assert (earlier.mean_entropy, earlier.uncertain_slice, earlier.output) == (0.5, 3, "-out.nii.gz")
 
 
