@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_write
-from .errors import DaeformerError
+from .errors import DaeformerError, printable
 
 CACHE_ENV = "DAEFORMER_CACHE"
 _PRIVATE = 0o600
@@ -45,11 +45,11 @@ def private_folder() -> Path:
     """The cache folder, created 0700 if missing. Raises UntrustedCache unless it and each folder above it are
     owned by this user (root too, above it) and writable by no one else (above it: unless sticky, as /tmp)."""
     folder = cache_folder().absolute()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        folder.mkdir(mode=0o700)
-    except FileExistsError:
-        pass
+    for missing in reversed([f for f in [folder, *folder.parents] if not os.path.lexists(f)]):
+        try:
+            missing.mkdir(mode=0o700)                     # not 0777 less the umask: with umask 000, that is open
+        except FileExistsError:
+            pass
     for i, f in enumerate([folder, *folder.parents]):
         st = os.lstat(f)
         if stat.S_ISLNK(st.st_mode):
@@ -142,7 +142,7 @@ def rejection(key: str) -> str | None:
     if not _trusted_file(rejected):
         return None
     try:
-        return str(json.loads(rejected.read_text())["reason"])
+        return printable(str(json.loads(rejected.read_text())["reason"]))   # never a terminal escape
     except (ValueError, KeyError, TypeError):
         rejected.unlink()
         return None

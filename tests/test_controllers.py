@@ -178,3 +178,18 @@ def test_result_lines_show_hostile_names_as_text() -> None:
     text = summary_html("<img src=x onerror=alert(1)>", [("#ff0000'><b>", "<script>", "1.0 mL")])
     assert "<img" not in text and "<script>" not in text and "&lt;script&gt;" in text
     assert "color:#ff0000&#x27;&gt;&lt;b&gt;'" in text
+
+
+def test_a_fine_tune_keeps_the_models_class_names() -> None:
+    """The dock ignored renamed or shorter class lists silently (the CLI refuses them); placeholders and the bare
+    'background' of a layer with no names rename nothing."""
+    from napari_daeformer.control.finetune import check_kept_classes
+    own = ("background", "liver", "spleen")
+    check_kept_classes(own, own)
+    check_kept_classes(own, (*own, "tumour"))
+    check_kept_classes(own, ("background",))
+    check_kept_classes(own, ("background", "class 1", "class 2", "class 3"))
+    with pytest.raises(DaeformerError, match="'hepar' would rename the model's class 'liver'"):
+        check_kept_classes(own, ("background", "hepar", "spleen", "tumour"))
+    with pytest.raises(DaeformerError, match="the classes name 2 of the model's 3"):
+        check_kept_classes(own, ("background", "liver"))

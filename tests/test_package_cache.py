@@ -150,6 +150,28 @@ def test_a_shared_folder_is_refused_and_a_sticky_one_above_it_is_not(tiny_model:
     assert never_loaded == []
 
 
+def test_the_folders_it_makes_above_the_cache_are_private_at_umask_0(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """With umask 000, the folders made above the cache (~/.cache/napari-daeformer) were 0777, and the cache then
+    refused the folders it had made itself."""
+    folder = tmp_path / "home" / ".cache" / "napari-daeformer" / "int8"
+    monkeypatch.setenv(package_cache.CACHE_ENV, str(folder))
+    old = os.umask(0)
+    try:
+        assert package_cache.private_folder() == folder
+    finally:
+        os.umask(old)
+    for made in (folder, folder.parent, folder.parent.parent, tmp_path / "home"):
+        assert stat.S_IMODE(made.stat().st_mode) == 0o700, made
+
+
+def test_a_rejection_reason_is_never_a_terminal_escape(tiny_model: DAEFormer, cache: Path) -> None:
+    package_cache.reject(key_of(tiny_model), "\x1b[2J\x1b[31mcleared your screen\nsecond line")
+    reason = package_cache.rejection(key_of(tiny_model))
+    assert reason is not None and "\x1b" not in reason and "\n" not in reason and reason.isprintable()
+    assert "cleared your screen" in reason
+
+
 def test_a_planted_rejection_that_others_could_write_is_refused(tiny_model: DAEFormer, cache: Path,
                                                                 never_loaded: list[str]) -> None:
     rejected = package_cache.private_folder() / f"{key_of(tiny_model)}.rejected.json"

@@ -575,7 +575,7 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
         regulariser = PseudoLabels(model, x, held, device, hosts)
     elif settings.protect == "l2sp":
         regulariser = PullToParent(network, settings.weight, len(fresh))
-    n_train = sum(len(c.labels) for c in train)
+    n_train = sum(1 if c.labels.ndim == 2 else len(c.labels) for c in train)        # a photo is one slice
     cfg = TrainConfig(epochs=None, max_steps=settings.steps, batch_size=min(settings.batch_size, n_train),
                       lr=settings.lr, warmup_steps=min(settings.warmup_steps, settings.steps - 1), optimizer="adamw",
                       weight_decay=0.0, dice_present_only=True, train_parts=settings.train_parts, seed=settings.seed,

@@ -428,7 +428,8 @@ def run_teach(args: argparse.Namespace) -> int:
               f"held-out Dice {result.dice_after:.3f} on {result.holdout_slices} slice(s)")
     averaged = (f"; slices segmented with their neighbours' probabilities at {card.neighbour_weight:g} each"
                 if card.neighbour_weight else "")
-    print(f"{result.train_slices} slices trained on, {scored}, best at step {result.best_step}{averaged}; wrote {out}")
+    trained = f"{result.train_slices} slice{'s' * (result.train_slices != 1)} trained on"
+    print(f"{trained}, {scored}, best at step {result.best_step}{averaged}; wrote {out}")
     return 0
 
 

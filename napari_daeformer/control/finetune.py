@@ -5,6 +5,7 @@ The dock (`widgets/finetune.py`) reads its controls and shows what this returns;
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Generator
 from pathlib import Path
 
@@ -63,6 +64,20 @@ def unpainted_sentence(pairs: list[Pair], classes: tuple[str, ...], new_only: tu
     (a parent's own classes), only the classes added beyond them: the parent still knows its own."""
     line = unpainted_line([c for c in unpainted_classes(pairs, classes) if c not in new_only])
     return line[:1].upper() + line[1:]
+
+
+def check_kept_classes(own: tuple[str, ...], typed: tuple[str, ...]) -> None:
+    """Refuse (DaeformerError) class names typed for a fine-tune that rename or drop the model's own: the CLI refuses
+    them too, and the dock used to ignore them silently. Placeholders ("class 3") and the bare "background" of a
+    layer that has no names yet rename nothing."""
+    renamed = [(t, o) for t, o in zip(typed, own) if t != o and not re.fullmatch(r"class \d+", t)]
+    if renamed:
+        t, o = renamed[0]
+        raise DaeformerError(f"'{t}' would rename the model's class '{o}'; a fine-tuned model keeps its classes "
+                             f"({', '.join(own)}) and adds new ones after them (or choose 'a new model')")
+    if 1 < len(typed) < len(own):
+        raise DaeformerError(f"the classes name {len(typed)} of the model's {len(own)} ({', '.join(own)}); a "
+                             "fine-tuned model keeps all of them (or choose 'a new model')")
 
 
 class FinetuneController:

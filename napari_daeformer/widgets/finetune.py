@@ -33,7 +33,7 @@ from qtpy.QtWidgets import QTabWidget
 
 from ..agreement import VersionAgreement, by_version, history, merged
 from ..checkpoint import ModelCard, read_card
-from ..control.finetune import FinetuneController, finetune_and_save, pair
+from ..control.finetune import FinetuneController, check_kept_classes, finetune_and_save, pair
 from ..errors import DaeformerError, TrainingError
 from ..hub import hub_for
 from ..io.record import CLASSES_KEY
@@ -394,7 +394,10 @@ class FinetuneWidget(WorkerWidget):
             else:
                 classes = self._class_names()                    # longer than the model's: new classes
                 top = max((int(np.max(p.labels[p.labels != IGNORE], initial=0)) for p in pairs), default=0)
-                own = len(read_card(parent_path).class_names)
+                own_names = read_card(parent_path).class_names
+                if not self._classes.native.isHidden():          # what the user could type: never ignored
+                    check_kept_classes(own_names, classes)
+                own = len(own_names)
                 unnamed = [n for n in classes[own:] if re.fullmatch(r"class \d+", n)]   # the placeholders filled in
                 if top >= len(classes) or unnamed:               # painted with a value nobody named yet
                     self._classes.value = ", ".join([*classes, *(f"class {i}" for i in range(len(classes), top + 1))])

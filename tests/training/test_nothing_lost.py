@@ -152,3 +152,15 @@ def test_minutes_bound_a_training_on_a_data_folder(tmp_path: Path) -> None:
     last = max(r["step"] for r in logged)
     assert last < 400 and any("val_mean_dice" in r for r in logged)          # stopped early, validated once
     assert load_checkpoint(out / "best.safetensors").card.class_names[1] == "liver"
+
+
+def test_a_one_slice_volume_counts_one_slice(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A (96, 96, 1) NIfTI is read as one 2D image; the run said '96 slices trained on' (its rows)."""
+    rng = np.random.default_rng(0)
+    image = (rng.normal(size=(1, 48, 48)) * 100).astype(np.int16)
+    write_nifti(tmp_path / "one.nii.gz", image, np.eye(4))
+    write_nifti(tmp_path / "one_labels.nii.gz", (image > 0).astype(np.uint8), np.eye(4))
+    assert main(["train", "--image", str(tmp_path / "one.nii.gz"), "--labels", str(tmp_path / "one_labels.nii.gz"),
+                 "--classes", "background,bright", "--max-steps", "1", "--device", "cpu", "--quiet",
+                 "--out", str(tmp_path / "run")]) == 0
+    assert capsys.readouterr().out.startswith("1 slice trained on, nothing held out")

@@ -172,6 +172,13 @@ def test_bad_requests_are_notifications(session, weak_ckpt: Path, errors: list[s
     tune._run.clicked()                                                # value 9: name it (and 6-8) first
     assert "up to 9, beyond the model's 6 classes: name the new classes (label 6 and up)" in errors[-1]
     assert tune._class_names()[-4:] == ("class 6", "class 7", "class 8", "class 9")
+    tune._classes.value = tune._classes.value.replace("liver", "<img src=x>hepar")   # renamed: the CLI refuses it
+    tune._run.clicked()
+    assert "'<img src=x>hepar' would rename the model's class 'liver'" in errors[-1]
+    assert "&lt;img src=x&gt;hepar" in tune._status.value                # shown as text in the rich-text status
+    tune._classes.value = "background, liver"                            # shorter: it used to be ignored silently
+    tune._run.clicked()
+    assert "the classes name 2 of the model's 6" in errors[-1]
     assert sorted(p.name for p in weak_ckpt.parent.glob("*.safetensors")) == ["weak.safetensors"]
     assert not tune.running
 
