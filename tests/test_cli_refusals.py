@@ -168,3 +168,14 @@ def test_an_imagej_spacing_that_is_no_number_is_noted(tmp_path: Path) -> None:
                      metadata={"spacing": "abc", "unit": "mm"})
     record = read_image(tmp_path / "stack.tif")
     assert record.spacing == (1.0, 1.0, 1.0) and "is not positive and finite: read as 1" in record.notes[0]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--synthetic", "ct", "--slices", "3"], "--slices: not used with --data/--synthetic"),
+    (["--image", "a.nii.gz", "--labels", "b.nii.gz", "--classes", "background,x", "--epochs", "3", "--lr", "0.1"],
+     "--epochs, --lr: not used with --image (a new model from one annotated image); remove them"),
+])
+def test_an_option_the_run_would_ignore_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                   args: list[str], message: str) -> None:
+    _refused(["train", *args, "--out", str(tmp_path / "run")], message, capsys)
+    assert not (tmp_path / "run").exists()

@@ -245,10 +245,32 @@ def _model_and_card(args: argparse.Namespace, cases: list[Case], fmt: str) -> tu
     return DAEFormer(cfg), card
 
 
+# The options a new model from one annotated image uses; the others belong to training on a data folder.
+TEACH_OPTIONS = {"config", "out", "overwrite", "arch", "classes", "minutes", "max_steps", "device", "seed", "quiet",
+                 "image", "labels", "slices", "ignore_value", "from_scratch", "neighbour_weight"}
+IMAGE_ONLY = {"labels", "slices", "ignore_value", "from_scratch", "neighbour_weight"}
+
+
+def refuse_unused(args: argparse.Namespace) -> None:
+    """Refuse (TrainingError) an option set on the command line or in the config file that this kind of run would
+    ignore: an option that does nothing must not look as if it did."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_train_arguments(parser)
+    defaults = vars(parser.parse_args([]))
+    used = TEACH_OPTIONS if args.image is not None else set(defaults) - IMAGE_ONLY
+    unused = sorted(k for k, v in defaults.items() if k not in used and getattr(args, k, v) != v)
+    if unused:
+        flags = ", ".join("--" + k.replace("_", "-") for k in unused)
+        kind = ("--image (a new model from one annotated image)" if args.image is not None else
+                "--data/--synthetic (training on a folder of cases)")
+        raise TrainingError(f"{flags}: not used with {kind}; remove {'it' if len(unused) == 1 else 'them'}")
+
+
 def run_train(args: argparse.Namespace) -> int:
     args.deadline = None if args.minutes is None else time.monotonic() + 60.0 * args.minutes   # the whole command
     if args.out is None:
         raise TrainingError("--out is required")
+    refuse_unused(args)
     if args.image is not None:
         return run_teach(args)
     if args.out.exists() and not args.out.is_dir():
