@@ -264,6 +264,9 @@ def check_pairs(pairs: Sequence[Pair], card: ModelCard) -> None:
                             f"({', '.join(card.class_names)})")
         elif not p.slices.any():
             problems.append(f"{p.name}: no corrected slices")
+        elif empty := [int(j) for j in np.flatnonzero(p.slices) if (_as_slices(p)[1][j] == IGNORE).all()]:
+            problems.append(f"{p.name}: slice(s) {', '.join(map(str, empty[:10]))} chosen to learn from hold no "
+                            "annotated voxel (all 'not annotated')")
     if problems:
         raise TrainingError("; ".join(problems))
 

@@ -513,7 +513,13 @@ def run_finetune(args: argparse.Namespace) -> int:
     check_output_path(args.out, args.overwrite)
     if args.out.resolve() == source.resolve():
         raise TrainingError(f"{args.out} is the parent checkpoint, which is never replaced; choose a new name")
-    from napari_daeformer_training.teach import extend_classes, sparse_labels, unpainted_classes, unpainted_line
+    from napari_daeformer_training.teach import (
+        annotated_slices,
+        extend_classes,
+        sparse_labels,
+        unpainted_classes,
+        unpainted_line,
+    )
 
     parent = load_checkpoint(source)
     own = parent.card.class_names
@@ -524,10 +530,10 @@ def run_finetune(args: argparse.Namespace) -> int:
     if args.ignore_value is not None:
         label_data = sparse_labels(label_data, args.ignore_value, len(parent.card.class_names))
     count = 1 if label_data.ndim == 2 else label_data.shape[0]
-    if args.slices:
-        slices = _slice_list(args.slices, count)
-    else:
-        slices = np.array([label_data.any()]) if label_data.ndim == 2 else label_data.reshape(count, -1).any(1)
+    slices = _slice_list(args.slices, count) if args.slices else annotated_slices(label_data)   # as train --image
+    if not slices.any():
+        raise TrainingError(f"{args.labels.name}: no annotated slice (every voxel is 0 or the --ignore-value); "
+                            "correct a few slices first")
     pair = Pair(args.image.name, image.data, label_data, slices)
     new = [c for c in unpainted_classes([pair], parent.card.class_names) if c not in own]
     if missing := unpainted_line(new):
