@@ -173,7 +173,7 @@ def save_checkpoint(path: str | os.PathLike[str], model: DAEFormer, card: ModelC
 def _io_reason(text: str) -> str:
     """The OS's words inside safetensors' "IoError(Os { code: 28, ..., message: \"No space left on device\" })"."""
     found = re.search(r'message: "([^"]*)"', text)
-    return found.group(1) if found else short_repr(text, 120)
+    return found.group(1) if found else text.strip().splitlines()[0][:120] if text.strip() else "an I/O error"
 
 
 def save_or_rescue(path: str | os.PathLike[str], model: DAEFormer, card: ModelCard, *, overwrite: bool = True

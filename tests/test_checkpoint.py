@@ -118,7 +118,7 @@ def test_save_is_atomic_and_refuses_overwrite(tmp_path: Path, tiny_ckpt: Path, t
         raise OSError("disk full")
 
     monkeypatch.setattr("napari_daeformer.checkpoint.save_file", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match=r"tiny.safetensors: not written \(disk full\); an earlier file"):
         save_checkpoint(tiny_ckpt, tiny_model, card)
     assert tiny_ckpt.read_bytes() == before                           # the old checkpoint is intact
     assert sorted(p.name for p in tiny_ckpt.parent.iterdir()) == [tiny_ckpt.name]  # no temp file left
