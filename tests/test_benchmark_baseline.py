@@ -25,6 +25,7 @@ def test_official_layout_computes_our_logits() -> None:
         torch.testing.assert_close(official_forward(model)(x), model(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv", [
     ["bench_inference.py", "--device", "cpu", "--slices", "1", "--variants", "ours-fp32,ours-fp32-neighbours",
      "--rounds", "1", "--threads", "1"],

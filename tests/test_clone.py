@@ -13,6 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(),
                     reason="needs git and a git checkout (CI runs from a clone)")
 def test_a_lone_clone_collects_and_passes_its_data_tests(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+SLOW_PAGES = {"ct.md"}                  # over 20 s on 2 cores: marked slow (CI runs it; `-m "not slow"` skips it)
 RUNNABLE = re.compile(r"<!-- runnable -->\s*```bash\n(.*?)```", re.S)
 
 
@@ -19,7 +20,8 @@ def runnable_blocks(page: Path) -> list[str]:
     return RUNNABLE.findall(page.read_text())
 
 
-@pytest.mark.parametrize("page", [p for p in PAGES if runnable_blocks(p)], ids=lambda p: p.name)
+@pytest.mark.parametrize("page", [pytest.param(p, marks=[pytest.mark.slow] if p.name in SLOW_PAGES else [])
+                                  for p in PAGES if runnable_blocks(p)], ids=lambda p: p.name)
 def test_runnable_blocks(page: Path, tmp_path: Path) -> None:
     """Each page's marked blocks run in order, in one fresh folder, and succeed."""
     env = {**os.environ, "OMP_NUM_THREADS": "2", "DISPLAY": ""}

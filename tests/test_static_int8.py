@@ -51,6 +51,7 @@ def cpu_without_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
 
 
+@pytest.mark.slow
 @needs_static
 def test_compiled_once_then_auto_uses_it_and_keeps_the_labels(ct_model: Checkpoint, cpu_without_bf16: None) -> None:
     """`int8` compiles the package calibrated on one phantom; `auto` then loads it (no compile) for another phantom,
@@ -78,6 +79,7 @@ def test_compiled_once_then_auto_uses_it_and_keeps_the_labels(ct_model: Checkpoi
     assert np.array_equal(one.labels, three.labels) and np.array_equal(one.labels, static.labels[:5])
 
 
+@pytest.mark.slow
 @needs_static
 def test_a_package_that_loses_labels_is_rejected_and_remembered(monkeypatch: pytest.MonkeyPatch) -> None:
     """Below MIN_AGREEMENT on its calibration slices the package is deleted, the refusal remembered for these
@@ -95,6 +97,7 @@ def test_a_package_that_loses_labels_is_rejected_and_remembered(monkeypatch: pyt
         static_int8.load(model, 2, (64, 64))
 
 
+@pytest.mark.slow
 def test_where_it_cannot_run_int8_runs_dynamic_and_says_so(tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No compiler: `int8` resolves to int8 dynamic before the run. A compile that fails: the run goes on in int8
     dynamic with a note naming the error, and the cache holds no half-written package."""

@@ -49,6 +49,7 @@ def test_good_model_with_its_own_labels_is_unchanged(parent: Checkpoint) -> None
     assert result.fit is not None and result.fit > 0.55 and result.protection_share == 1.0   # never let go
 
 
+@pytest.mark.slow
 def test_a_contrast_phase_the_calibration_cannot_undo_lets_the_parent_go(parent: Checkpoint) -> None:
     """A non-contrast scan (each organ darker by its own amount): held to the parent, 8 corrected slices are fitted
     poorly, so a second run from the parent eases the pull; the other slices gain more than 0.30 (measured +0.65 at
@@ -71,6 +72,7 @@ def test_a_contrast_phase_the_calibration_cannot_undo_lets_the_parent_go(parent:
     assert provenance["refit"] is False and provenance["finetuned_slices"] == 6 and provenance["holdout_slices"] == 2
 
 
+@pytest.mark.slow
 def test_with_one_slice_held_out_the_eased_run_is_refit_on_every_corrected_slice(parent: Checkpoint) -> None:
     """3 corrected slices of the phase scan: the eased second run beats the parent on the one held out, so it is run
     once more from the parent on all 3; its last state is the result (short runs here: the mechanics)."""
@@ -88,6 +90,7 @@ def test_with_one_slice_held_out_the_eased_run_is_refit_on_every_corrected_slice
     assert provenance["refit"] is True and provenance["finetuned_slices"] == 3 and provenance["holdout_slices"] == 1
 
 
+@pytest.mark.slow
 def test_shifted_scan_improves_the_uncorrected_slices(parent: Checkpoint) -> None:
     """A scanner 150 HU off: 3 corrected slices lift the Dice of the other slices by more than 0.30 (about 35 s on
     2 cores; measured +0.55), and the input calibration moves the CT window up, the way the scan moved."""

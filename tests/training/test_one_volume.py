@@ -30,6 +30,7 @@ def _nnunet_one_case(root: Path, kind: str) -> None:
                  {"affine": affine.tolist(), "spacing": list(s.spacing), "spatial_shape": list(s.labels.shape)})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, normalisation", [("ct", "ct"), ("mr", "zscore")])
 def test_one_volume_trains_with_a_held_out_slab(tmp_path: Path, kind: str, normalisation: str, capsys) -> None:  # type: ignore[no-untyped-def]
     _nnunet_one_case(tmp_path / "data", kind)

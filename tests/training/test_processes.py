@@ -41,6 +41,7 @@ def _train(args: list[str], launcher: list[str] | None = None, **kwargs: object)
     return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600, **kwargs)  # type: ignore[call-overload]
 
 
+@pytest.mark.slow
 def test_sigkill_during_save_then_resume(tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = [*COMMON, "--out", str(out), "--epochs", "3"]

@@ -255,6 +255,7 @@ def test_window_option_takes_a_negative_value_and_no_validation_means_no_score(t
     assert "val_mean_dice" not in log
 
 
+@pytest.mark.slow
 def test_a_class_added_from_four_painted_slices_is_learnt_and_the_old_ones_kept() -> None:
     """The spine (bright bone the bundled model calls background) painted on 4 slices of the model's own proposal:
     the extended model finds it on the other slices, and the old classes stay where they were (small sizes)."""

@@ -18,6 +18,7 @@ from napari_daeformer.model import DAEFormer
 from .helpers import SMALL_CT, ct_card, ct_case
 
 
+@pytest.mark.slow
 def test_short_run_lowers_loss_and_raises_dice(tmp_path: Path) -> None:
     """About 20 s on 2 cores: 150 AdamW steps on four 24-slice phantoms, validated on a fifth."""
     torch.manual_seed(0)

@@ -57,6 +57,7 @@ def _correct(layer: Any, truth: np.ndarray, slices: list[int]) -> None:
         layer.data_setitem((np.full(index[0].shape, z), *index), truth[z][index])
 
 
+@pytest.mark.slow
 def test_finetune_improves_held_out_dice(session, weak_ckpt: Path, qtbot) -> None:  # type: ignore[no-untyped-def]
     viewer, segment, tune, sample = session
     original = weak_ckpt.read_bytes()
@@ -257,6 +258,7 @@ def test_a_new_model_from_three_painted_slices_reaches_the_segment_dock(make_nap
     assert annotation_of(viewer, made).checkpoint == path.name
 
 
+@pytest.mark.slow
 def test_a_class_painted_into_the_proposal_extends_the_model_from_the_dock(make_napari_viewer, qtbot) -> None:  # type: ignore[no-untyped-def]
     """Segment with the bundled CT model, paint the spine as label 6 on 3 slices of its proposal: Fine-tune first
     asks for the new class's name (the classes field appears), then trains a 7-class model the Segment dock uses."""
