@@ -139,11 +139,6 @@ class FinetuneSettings:
 ADD_CLASS = FinetuneSettings(steps=200, protect="pseudo", protect_weight=10.0, confidence_kept=0.7, calibrate=False)
 
 
-def recipe_for(card: ModelCard) -> FinetuneSettings:
-    """ADD_CLASS where `card`'s head has classes it has not learnt yet (`teach.extend_classes`), else the defaults."""
-    return ADD_CLASS if card.provenance.get("new_classes") else FinetuneSettings()
-
-
 @dataclass(frozen=True)
 class Pair:
     """One image with its corrected labels and which slices (along axis 0) to learn from.

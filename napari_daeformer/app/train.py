@@ -29,8 +29,8 @@ from napari_daeformer_training.finetune import (
     FinetuneSettings,
     Pair,
     finetune,
-    recipe_for,
 )
+from napari_daeformer_training.recipes import Overrides, describe, settings_for, task_for
 from napari_daeformer_training.sources import FORMATS, load_cases, split_cases
 from napari_daeformer_training.teach import TEACH
 from napari_daeformer_training.trainer import StepReport, TrainConfig, Trainer, ValReport
@@ -427,10 +427,10 @@ def run_teach(args: argparse.Namespace) -> int:
     pair = teach_pair(args.image.name, image.data, data, _slice_list(args.slices, count) if args.slices else None)
     model, said = model_for(pair, names, args.arch, args.from_scratch)
     left = TEACH.minutes if args.deadline is None else max(args.deadline - time.monotonic(), 1.0) / 60.0
-    settings = replace(TEACH, minutes=left,
-                       steps=args.max_steps or TEACH.steps, device=args.device, seed=args.seed,
-                       neighbour_weight=TEACH.neighbour_weight if args.neighbour_weight is None else args.neighbour_weight)
+    settings = settings_for("new_model", Overrides(minutes=left, steps=args.max_steps, device=args.device,
+                                                   seed=args.seed, neighbour_weight=args.neighbour_weight))
     print(f"daeformer train: {int(pair.slices.sum())} annotated slices of {args.image.name}; {said}", file=sys.stderr)
+    print(f"daeformer train: {describe('new_model', settings, int(pair.slices.sum()))}", file=sys.stderr)
     if missing := unpainted_line(unpainted_classes([pair], names)):
         print(f"daeformer train: warning: {missing}", file=sys.stderr)
     bar = None if args.quiet else tqdm(total=settings.steps, unit="step", file=sys.stderr, delay=1)
@@ -477,8 +477,8 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=whole(1),
                    help=f"steps held to the parent; as many again with the hold eased where the corrections are still "
                         f"fitted poorly (default: {d.steps}; {ADD_CLASS.steps} when --classes adds classes)")
-    p.add_argument("--lr", type=number(0, above_low=True), default=d.lr, help=f"AdamW peak learning rate (default: {d.lr})")
-    p.add_argument("--warmup", type=whole(0), default=d.warmup_steps, help=f"linear warm-up steps (default: {d.warmup_steps})")
+    p.add_argument("--lr", type=number(0, above_low=True), help=f"AdamW peak learning rate (default: {d.lr})")
+    p.add_argument("--warmup", type=whole(0), help=f"linear warm-up steps (default: {d.warmup_steps})")
     p.add_argument("--protect", choices=PROTECTIONS,
                    help="keep the uncorrected slices as the parent had them: pseudo (its confident labels as "
                         f"targets), l2sp (pull the weights towards it) or none (default: {d.protect}; "
@@ -486,7 +486,7 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protect-weight", type=number(0),
                    help="strength of the protection (default: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_WEIGHTS.items() if v)
                    + ")")
-    p.add_argument("--train-parts", choices=("all", "decoder"), default=d.train_parts, help="default: all")
+    p.add_argument("--train-parts", choices=("all", "decoder"), help=f"default: {d.train_parts}")
     p.add_argument("--no-augment", action="store_true", help="no augmentation")
     p.add_argument("--no-calibration", action="store_true",
                    help="do not learn an intensity scale and shift (saved as the new CT window or RGB normalisation; "
@@ -538,10 +538,12 @@ def run_finetune(args: argparse.Namespace) -> int:
     new = [c for c in unpainted_classes([pair], parent.card.class_names) if c not in own]
     if missing := unpainted_line(new):
         print(f"daeformer finetune: warning: {missing}", file=sys.stderr)
-    base = recipe_for(parent.card)
-    settings = replace(base.protecting(args.protect or base.protect, args.protect_weight), steps=args.steps or base.steps,
-                       lr=args.lr, warmup_steps=args.warmup, train_parts=args.train_parts, augment=not args.no_augment,
-                       calibrate=base.calibrate and not args.no_calibration, device=args.device)
+    task = task_for(False, own, parent.card.class_names)
+    settings = settings_for(task, Overrides(
+        steps=args.steps, lr=args.lr, warmup_steps=args.warmup, protect=args.protect, protect_weight=args.protect_weight,
+        train_parts=args.train_parts, augment=False if args.no_augment else None,
+        calibrate=False if args.no_calibration else None, device=args.device))
+    print(f"daeformer finetune: {describe(task, settings, int(slices.sum()))}", file=sys.stderr)
     bar = tqdm(total=settings.steps, unit="step", file=sys.stderr, delay=1)       # no bar around an early error
 
     def show(progress: FinetuneProgress) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import html
 import re
 from collections.abc import Hashable
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,10 +23,10 @@ from napari_daeformer_training.finetune import (
     FinetuneSettings,
     Pair,
     pair_agreement,
-    recipe_for,
     require_pairs,
 )
 from napari_daeformer_training.losses import IGNORE
+from napari_daeformer_training.recipes import Overrides, Task, describe, settings_for, task_for
 from napari_daeformer_training.teach import TEACH
 from qtpy.QtWidgets import QTabWidget
 
@@ -388,6 +387,8 @@ class FinetuneWidget(WorkerWidget):
             require_pairs(pairs)                                 # before the labels' values are read
             parent_path = self._parent_path()
             chosen = Path(self._save_to.value) if str(self._save_to.value) not in ("", ".") else None
+            own_names: tuple[str, ...] = ()
+            classes: tuple[str, ...] = ()
             if self._start_from.value == FROM_NEW:
                 name = self._corrected.value.name if self._corrected.value is not None else "model"
                 parent, out, overwrite = self.control.prepare_new(pairs, self._class_names(), name, chosen)
@@ -412,31 +413,34 @@ class FinetuneWidget(WorkerWidget):
         except DaeformerError as e:
             self.report(str(e))
             return
-        base = TEACH if self._start_from.value == FROM_NEW else recipe_for(parent.card)
-        if base is ADD_CLASS:
+        task = "new_model" if self._start_from.value == FROM_NEW else task_for(False, own_names, classes)
+        if task == "add_classes":
             self._new_class_recipe()
-        protect = base.protect if base is TEACH else PROTECT_CHOICES[self._protect.value]
-        settings = replace(base.protecting(protect), steps=int(self._steps.value), lr=float(self._lr.value),
-                           train_parts=self._parts.value, augment=bool(self._augment.value),
-                           calibrate=base.calibrate if base is TEACH else bool(self._calibrate.value),
-                           minutes=float(self._minutes.value) or None, device=self._device.value,
-                           neighbour_weight=float(self._neighbours.value) if base is TEACH else None)
+        settings = settings_for(task, self._overrides(task))
         self.plot.reset(settings.steps)
         self._keep_anyway.visible = False
         self._resegment.enabled = self._revert.enabled = False
         self._progress.max = settings.steps
         self._progress.value = 0
-        slices = sum(int(p.slices.sum()) for p in pairs)
-        held = ("" if slices >= TEACH.holdout_from else
-                f"; all trained on, none held out (from {TEACH.holdout_from} slices a quarter is held out and scored)")
-        self._status.value = (f"Training a new model on {slices} annotated slices ({self.control.chosen_intensities}"
-                              f"{held})…" if base is TEACH else f"Fine-tuning on {slices} corrected slices…")
+        plan = describe(task, settings, sum(int(p.slices.sum()) for p in pairs))
+        intensities = f" Intensities: {self.control.chosen_intensities}." if task == "new_model" else ""
+        self._status.value = html.escape(f"{plan}{intensities}")
         if self.control.unpainted:                             # new classes painted nowhere
             self._status.value += f"<br>{html.escape(self.control.unpainted)}."
             show_warning(f"DAE-Former: {self.control.unpainted}.")
         self._launch(_finetune_job, parent, pairs, settings, out, overwrite, yielded=self._on_step,
                      returned=lambda r: self._finish(parent_path, *r), errored=self._failed,
                      aborted=self._aborted)
+
+    def _overrides(self, task: Task) -> Overrides:
+        """What the controls say on top of the task's recipe (they show the recipe's values until changed); a new
+        model has no parent to protect or calibrate against, and fine-tuning keeps the parent's neighbour weight."""
+        new = task == "new_model"
+        return Overrides(steps=int(self._steps.value), lr=float(self._lr.value), train_parts=self._parts.value,
+                         augment=bool(self._augment.value), minutes=float(self._minutes.value) or None,
+                         device=self._device.value, protect=None if new else PROTECT_CHOICES[self._protect.value],
+                         calibrate=None if new else bool(self._calibrate.value),
+                         neighbour_weight=float(self._neighbours.value) if new else None)
 
     def _aborted(self) -> None:
         self._progress.value = 0

@@ -179,3 +179,9 @@ def test_finetune_adding_a_class_takes_the_new_class_recipe(tmp_path: Path) -> N
     assert (a["protect"], a["protect_weight"], a["calibrate"], a["steps"]) == (ADD_CLASS.protect, ADD_CLASS.protect_weight,
                                                                              False, 2)
     assert (b["protect"], b["protect_weight"]) == ("l2sp", None)
+    import json
+    from dataclasses import asdict
+
+    from napari_daeformer_training.recipes import Overrides, settings_for
+    same = json.loads(json.dumps(asdict(settings_for("add_classes", Overrides(steps=2, device="cpu")))))
+    assert a == same                 # the recipe, not the plain defaults, for every option not given (the dock: the same)

@@ -291,4 +291,10 @@ def test_a_class_painted_into_the_proposal_extends_the_model_from_the_dock(make_
     used = card.provenance["finetune_settings"]
     assert (used["protect"], used["protect_weight"], used["calibrate"], used["steps"]) == \
         (ADD_CLASS.protect, ADD_CLASS.protect_weight, False, 20)
+    import json
+    from dataclasses import asdict
+
+    from napari_daeformer_training.recipes import Overrides, settings_for
+    assert used == json.loads(json.dumps(asdict(settings_for("add_classes", Overrides(steps=20, device="cpu")))))
+    # the CLI builds the same run for the same request (tests/training/test_train_cli.py)
     assert segment.checkpoint_path() == tune.control.new_path

@@ -1,0 +1,79 @@
+"""The learning tasks' recipes, pinned field by field, and the one function every front end builds a run with:
+a change to a recipe is a decision made here, on purpose, with the benchmark tables rerun."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import pytest
+from napari_daeformer_training.recipes import RECIPES, Overrides, describe, holdout_count, settings_for, task_for
+
+COMMON = {"confidence": 0.9, "trust": (0.35, 0.55), "refit": True, "protect_slices": 32, "holdout_fraction": 0.25,
+          "min_gain": 0.001, "calibration_lr_scale": 100.0, "new_class_lr_scale": 30.0, "device": "auto", "seed": 0,
+          "train_parts": "all", "augment": True}
+PINNED = {
+    "refine": {**COMMON, "steps": 100, "lr": 3e-4, "warmup_steps": 10, "batch_size": 2, "protect": "l2sp",
+               "protect_weight": None, "confidence_kept": None, "holdout_from": 2, "score_every": 10,
+               "calibrate": True, "minutes": None, "neighbour_weight": None},
+    "add_classes": {**COMMON, "steps": 200, "lr": 3e-4, "warmup_steps": 10, "batch_size": 2, "protect": "pseudo",
+                    "protect_weight": 10.0, "confidence_kept": 0.7, "holdout_from": 2, "score_every": 10,
+                    "calibrate": False, "minutes": None, "neighbour_weight": None},
+    "new_model": {**COMMON, "steps": 3000, "lr": 6e-4, "warmup_steps": 20, "batch_size": 4, "protect": "none",
+                  "protect_weight": None, "confidence_kept": None, "holdout_from": 8, "score_every": 25,
+                  "calibrate": False, "minutes": 5.0, "neighbour_weight": 0.3},
+}
+
+
+@pytest.mark.parametrize("task", sorted(PINNED))
+def test_each_recipe_is_pinned(task: str) -> None:
+    assert asdict(RECIPES[task]) == PINNED[task]            # type: ignore[index]
+    assert asdict(settings_for(task)) == PINNED[task]       # type: ignore[arg-type]
+
+
+def test_the_task_comes_from_what_was_asked() -> None:
+    own = ("background", "liver")
+    assert task_for(True, own, own) == "new_model"
+    assert task_for(False, own, (*own, "tumour")) == "add_classes"
+    assert task_for(False, own, own) == task_for(False, own) == "refine"
+
+
+def test_overrides_change_only_what_was_set() -> None:
+    """An option given wins; the recipe keeps the rest (the CLI used to reset an add-class run's learning rate,
+    warm-up, trained parts and augmentation to the plain defaults)."""
+    s = settings_for("add_classes", Overrides(steps=20, device="cpu"))
+    assert asdict(s) == {**PINNED["add_classes"], "steps": 20, "device": "cpu"}
+    assert (settings_for("add_classes", Overrides(protect="pseudo")).protect_weight, ) == (10.0, )   # the recipe's
+    assert settings_for("add_classes", Overrides(protect="l2sp")).protect_weight is None             # l2sp's default
+    assert settings_for("refine", Overrides(protect_weight=3.0)).weight == 3.0
+
+
+@pytest.mark.parametrize(("task", "slices", "held"), [
+    ("refine", 1, 0), ("refine", 2, 1), ("refine", 4, 1), ("refine", 8, 2), ("refine", 10, 2), ("refine", 11, 3),
+    ("refine", 1000, 16), ("new_model", 5, 0), ("new_model", 7, 0), ("new_model", 8, 2)])
+def test_a_run_is_described_before_it_starts(task: str, slices: int, held: int) -> None:
+    settings = settings_for(task)                           # type: ignore[arg-type]
+    assert holdout_count(settings, slices) == held
+    text = describe(task, settings, slices)                 # type: ignore[arg-type]
+    assert f"{settings.steps} steps" in text
+    assert (f"{slices - held} slice(s) trained on, {held} held out" if held else f"all {slices} slice(s) trained on") \
+        in text
+
+
+def test_the_description_matches_the_run(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """What `describe` says of the slices is what the run does (a refine run on 5 corrected slices of a phantom)."""
+    import numpy as np
+    from napari_daeformer_training.finetune import Pair, finetune
+
+    from napari_daeformer.bundled import bundled_model
+    from napari_daeformer.checkpoint import load_checkpoint
+    from napari_daeformer.jobs import drain
+    from napari_daeformer.sample_data import synthetic_ct
+
+    s = synthetic_ct(seed=5, shape=(10, 64, 64))
+    chosen = np.zeros(10, bool)
+    chosen[[1, 3, 5, 7, 9]] = True
+    settings = settings_for("refine", Overrides(steps=2, device="cpu"))
+    result = drain(finetune(load_checkpoint(bundled_model("ct")), [Pair("ct", s.image, s.labels, chosen)], settings))
+    held = holdout_count(settings, 5)
+    assert (result.train_slices, result.holdout_slices) == (5 - held, held)
+    assert f"{5 - held} slice(s) trained on, {held} held out" in describe("refine", settings, 5)

@@ -1,0 +1,83 @@
+"""The learning tasks and their recipes, as data, and the one function that turns a task and what the user set
+into a run's settings. The CLI (`daeformer finetune`, `daeformer train --image`), the Fine-tune dock's controller
+and the benchmarks all call `settings_for`, so the same input gives the same run whichever front end starts it.
+
+A task is chosen from what the user asked for (a new model, or a model to refine, with or without classes beyond
+its own), never from a checkpoint's provenance; `describe` says before the run how many steps run on which slices
+and what is kept. The evidence for each recipe's values is in docs/training.md (`#fine-tuning-recipe`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Literal
+
+from .finetune import ADD_CLASS, MAX_HOLDOUT, FinetuneSettings
+from .teach import TEACH
+
+Task = Literal["refine", "add_classes", "new_model"]
+REFINE = FinetuneSettings()
+RECIPES: dict[Task, FinetuneSettings] = {"refine": REFINE, "add_classes": ADD_CLASS, "new_model": TEACH}
+TASK_WORDS: dict[Task, str] = {"refine": "fine-tune", "add_classes": "fine-tune with new classes",
+                               "new_model": "a new model"}
+
+
+def task_for(new_model: bool, own_classes: tuple[str, ...] = (), classes: tuple[str, ...] = ()) -> Task:
+    """A new model when asked for; else refining the parent, adding classes when `classes` goes beyond its own."""
+    if new_model:
+        return "new_model"
+    return "add_classes" if len(classes) > len(own_classes) else "refine"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Overrides:
+    """What the user set on top of the task's recipe; None keeps the recipe's value."""
+
+    steps: int | None = None
+    lr: float | None = None
+    warmup_steps: int | None = None
+    protect: Literal["pseudo", "l2sp", "none"] | None = None
+    protect_weight: float | None = None
+    train_parts: Literal["all", "decoder"] | None = None
+    augment: bool | None = None
+    calibrate: bool | None = None
+    minutes: float | None = None
+    device: str | None = None
+    seed: int | None = None
+    neighbour_weight: float | None = None
+
+
+def settings_for(task: Task, overrides: Overrides = Overrides()) -> FinetuneSettings:
+    """The task's recipe with the user's overrides: a protection given without a weight takes the recipe's weight
+    where it is the recipe's protection, else that protection's default."""
+    base = RECIPES[task]
+    if overrides.protect is not None or overrides.protect_weight is not None:
+        base = base.protecting(overrides.protect or base.protect, overrides.protect_weight)
+    changes = {k: v for k, v in asdict(overrides).items() if v is not None and k not in ("protect", "protect_weight")}
+    return replace(base, **changes)
+
+
+def holdout_count(settings: FinetuneSettings, slices: int) -> int:
+    """How many of `slices` annotated slices a run holds out and scores (the rest it trains on)."""
+    if slices < max(2, settings.holdout_from) or not settings.holdout_fraction:
+        return 0
+    return min(MAX_HOLDOUT, max(1, round(settings.holdout_fraction * slices)))
+
+
+def describe(task: Task, settings: FinetuneSettings, slices: int) -> str:
+    """The run in words, before it starts: steps, slices trained and held out, and what is kept."""
+    held = holdout_count(settings, slices)
+    budget = f", stopped after {settings.minutes:g} min" if settings.minutes else ""
+    where = (f"{slices - held} slice(s) trained on, {held} held out and scored every {settings.score_every} steps"
+             if held else f"all {slices} slice(s) trained on, none held out")
+    if task == "new_model":
+        kept = "the best-scoring state is kept" if held else "the last state is kept (no held-out score)"
+        return f"A new model: up to {settings.steps} steps{budget}; {where}; {kept}."
+    again = (" If it then fits your corrections poorly, as many steps again from the starting model with its hold "
+             "eased" if settings.trust is not None and settings.protect != "none" else "")
+    if again and held == 1 and settings.refit:
+        again += ", and where that beats the starting model, once more on every corrected slice"
+    again += "." if again else ""
+    kept = ("a trained state is kept only if it beats the starting model on the held-out slices" if held else
+            "nothing can be scored, so the result is offered, not chosen")
+    return f"{TASK_WORDS[task].capitalize()}: {settings.steps} steps{budget}; {where}; {kept}.{again}"
