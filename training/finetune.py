@@ -200,6 +200,13 @@ class FinetuneResult:
     protection_share: float = 1.0        # of the protection's full weight in the steps that followed, from `fit`
     refit: bool = False                  # the candidate was trained again on every corrected slice (`FinetuneSettings.refit`)
     new_model: bool = False              # the parent was a new model (`teach.new_model`): the candidate is kept
+    resolution: float | None = None      # the smallest held-out gain the evidence can tell from noise (`resolvable`)
+
+    @property
+    def unresolved(self) -> bool:
+        """The candidate scored higher on the held-out slices, but by less than they can resolve."""
+        return self.improved is False and self.resolution is not None and self.dice_after is not None and \
+            self.dice_before is not None and self.dice_after > self.dice_before
 
     @property
     def headline(self) -> str:
@@ -208,6 +215,8 @@ class FinetuneResult:
             return "Nothing held out: the gain is unmeasured"
         if self.improved:
             return f"Held-out Dice {self.dice_before:.3f} → {self.dice_after:.3f}"
+        if self.unresolved:
+            return "No improvement you can rely on: your model is unchanged"
         return "No improvement: your model is unchanged"
 
     @property
@@ -232,8 +241,13 @@ class FinetuneResult:
             text = f"{self.headline} ({self.train_slices} corrected slice(s), all trained on)."
             tail = f" The fine-tuned model changes {change}." if change else ""
             return f"{text}{tail}{calibration} Keep it only if its re-segmentation looks right."
-        text = (f"{self.headline} (held-out Dice {self.dice_before:.3f}; the best fine-tuned state scored "
-                f"{self.dice_after:.3f} at step {self.best_step}")
+        if self.unresolved:
+            text = (f"{self.headline} (held-out Dice {self.dice_before:.3f} → {self.dice_after:.3f} on "
+                    f"{self.holdout_slices} held-out slice(s): a gain below the {self.resolution:.3f} they can tell "
+                    f"from chance; correct more slices for a firmer verdict")
+        else:
+            text = (f"{self.headline} (held-out Dice {self.dice_before:.3f}; the best fine-tuned state scored "
+                    f"{self.dice_after:.3f} at step {self.best_step}")
         return (f"{text} and would change {change})." if change else f"{text}).") + calibration
 
 
@@ -498,6 +512,33 @@ class PullToParent:
         return 0.5 * self.weight * _SquaredDistance.apply(parents, *params)
 
 
+RESOLUTION_Z = 2.0      # a held-out gain counts when it is this many standard errors of the per-slice gains
+FEW_SLICES_GAIN = 0.02  # with fewer than 3 held-out slices their spread is unknown: only a gain this large counts
+#                         (a good model corrected on 2 or 4 slices "gained" 0.008 and 0.005 on its one held-out
+#                         slice and lost 0.010 and 0.001 on the 46 others: docs/training.md#the-verdict)
+
+
+def _scores(pred: Sequence[np.ndarray], truth: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
+    """(n,) the mean foreground Dice of each held-out slice over its annotated voxels (the classes in either map;
+    1.0 where there are none)."""
+    out = []
+    for p_stack, t_stack in zip(pred, truth):
+        for p, t in zip(p_stack, t_stack):
+            annotated = t != IGNORE
+            scores = dice_per_class(p[annotated], t[annotated], num_classes)
+            out.append(float(np.nanmean(scores)) if np.isfinite(scores).any() else 1.0)
+    return np.array(out)
+
+
+def resolvable(before: np.ndarray, after: np.ndarray, min_gain: float) -> float:
+    """The smallest held-out gain the evidence tells from chance: RESOLUTION_Z standard errors of the per-slice
+    gains (each held-out slice one sample), at least `min_gain`; FEW_SLICES_GAIN with fewer than 3 slices."""
+    if len(before) < 3:
+        return max(FEW_SLICES_GAIN, min_gain)
+    diff = after - before
+    return max(min_gain, RESOLUTION_Z * float(np.std(diff, ddof=1)) / float(np.sqrt(len(diff))))
+
+
 def _pooled_dice(pred: Sequence[np.ndarray], truth: Sequence[np.ndarray], num_classes: int) -> float:
     """Mean foreground Dice over classes present in either map, each pooled over all slices."""
     p, t = np.concatenate([p.ravel() for p in pred]), np.concatenate([t.ravel() for t in truth])
@@ -554,10 +595,12 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
     uncorrected = [_Slices(images, prep, inferer.segment(images, rgb=rgb, preprocessing=prep).labels)
                    for images, prep in uncorrected_raw]                   # the parent's labels
 
-    def score() -> float | None:
+    def score() -> tuple[float, np.ndarray] | None:
+        """The held-out slices' pooled Dice and their paired per-slice, per-class scores (`_scores`)."""
         if not holdout:
             return None
-        return _pooled_dice([engine_labels(h) for h in holdout], [h.labels for h in holdout], n_classes)
+        pred, truth = [engine_labels(h) for h in holdout], [h.labels for h in holdout]
+        return _pooled_dice(pred, truth, n_classes), _scores(pred, truth, n_classes)
 
     first_new = n_classes - len(fresh)
     proposed = [engine_labels(t) for t in trained] if fresh or settings.confidence_kept is not None else []
@@ -618,8 +661,9 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
                                                   device=str(device), regulariser=regulariser, threads=threads,
                                                   lr_scales=scales)
 
-    before = score()
-    best: tuple[float, int, dict[str, torch.Tensor]] | None = None         # the best trained state: Dice, step, weights
+    scored = score()
+    before, parent_scores = (None, None) if scored is None else scored
+    best: tuple[float, int, dict[str, torch.Tensor], np.ndarray] | None = None   # the best state: Dice, step, weights, scores
     yield FinetuneProgress(0, settings.steps, None, before)
     step, late = 0, False
     for done, trainer in trainers():
@@ -630,9 +674,9 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
             step, dice = done + report.step, None
             late = deadline is not None and time.monotonic() > deadline
             if holdout and not refitted and (step % settings.score_every == 0 or step == total or late):
-                dice = score()
+                dice, scores = score()  # type: ignore[misc]
                 if best is None or dice > best[0]:
-                    best = (dice, step, copy.deepcopy(model.state_dict()))
+                    best = (dice, step, copy.deepcopy(model.state_dict()), scores)
             yield FinetuneProgress(step, step if late else total, report.loss, dice)     # the budget ends the run
             if late:
                 break
@@ -647,7 +691,8 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
         model.load_state_dict(best[2])
     else:                                                                     # nothing held out: the last state
         after, best_step = None, step
-    improved = None if before is None or after is None else after > before + settings.min_gain
+    resolution = None if best is None or parent_scores is None else resolvable(parent_scores, best[3], settings.min_gain)
+    improved = None if resolution is None or after is None else bool(after > before + resolution)  # type: ignore[operator]
     model.eval()
     changed = None
     if uncorrected:
@@ -676,7 +721,7 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
     return FinetuneResult(candidate if improved or untrained else parent, candidate, before, after, improved,
                           best_step, changed, sum(len(u.labels) for u in uncorrected), n_train, n_hold, agreement,
                           None if old == new else f"{old} → {new.removeprefix('CT window ').removeprefix('RGB, ')}",
-                          fit, share, refit, untrained)
+                          fit, share, refit, untrained, resolution)
 
 
 def next_version_path(parent: str | None, folder: str | None = None) -> str:
