@@ -336,14 +336,27 @@ class FinetuneWidget(WorkerWidget):
         self._show_pairs()
 
     def _show_pairs(self) -> None:
-        lines = []
+        lines, total = [], 0
         for image, labels in self.pairs:
             n = (int(pair(image.name, image.data, labels.data, follow(self.viewer, labels)).slices.sum())
                  if labels in self.viewer.layers else 0)
+            total += n
             lines.append(f"{html.escape(image.name)} + {html.escape(labels.name)}: {n} corrected slice"
                          f"{'s' if n != 1 else ''}")
+        if total:                                               # what pressing the button will do, before it
+            task = self._task_guess()
+            lines.append(html.escape(describe(task, settings_for(task, self._overrides(task)), total)))
         self._pairs_info.value = "<br>".join(lines) or "No pairs yet."
         self.show_agreement()
+
+    def _task_guess(self) -> Task:
+        """The task the button would run, from the controls and the first pair's class names (the run itself
+        decides with the parent's card, `task_for`)."""
+        if self._start_from.value == FROM_NEW:
+            return "new_model"
+        a = annotation_of(self.viewer, self.pairs[0][1]) if self.pairs else None
+        return task_for(False, tuple(a.class_names) if a is not None else (), self._class_names()) \
+            if a is not None and a.class_names else "refine"
 
     def show_agreement(self, card: ModelCard | None = None) -> None:
         """Plot the lineage's agreement (from `card`, default the model to fine-tune) with the current pairs'."""
