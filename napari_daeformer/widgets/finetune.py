@@ -236,8 +236,13 @@ class FinetuneWidget(WorkerWidget):
         self._add.clicked.connect(self._add_pair)
         self._clear.clicked.connect(self._clear_pairs)
         self._run.clicked.connect(self._start)
+        self._plan_shown, self._watched = False, None                   # the status holds a plan; the layer followed
         self._start_from.changed.connect(self._recipe)
         self._corrected.changed.connect(lambda _: self._fill_classes())
+        self._corrected.changed.connect(lambda layer: (self._watch_painting(layer), self._show_plan(fresh=True)))
+        self._image.changed.connect(lambda _: self._show_plan(fresh=True))
+        for control in (self._steps, self._minutes, self._start_from):
+            control.changed.connect(lambda _: self._show_plan())
         self._cancel.clicked.connect(self.cancel)
         self._resegment.clicked.connect(self._resegment_image)
         self._revert.clicked.connect(self._revert_model)
@@ -251,6 +256,8 @@ class FinetuneWidget(WorkerWidget):
                 follow(self.viewer, layer)
         self.reset_choices()
         self._fill_classes()
+        self._watch_painting(self._corrected.value)                     # chosen before the signals were connected
+        self._show_plan(fresh=True)
 
     def _recipe(self, choice: str) -> None:
         """A new model trains longer, stopped by a time budget; fine-tuning takes a fixed number of steps."""
@@ -298,6 +305,7 @@ class FinetuneWidget(WorkerWidget):
     def _on_closed(self) -> None:
         if self._annotated in self.hub.on_annotation:
             self.hub.on_annotation.remove(self._annotated)
+        self._watch_painting(None)
         super()._on_closed()
 
     def _labels_layers(self, _: Any = None) -> list[Labels]:
@@ -336,18 +344,39 @@ class FinetuneWidget(WorkerWidget):
         self._show_pairs()
 
     def _show_pairs(self) -> None:
-        lines, total = [], 0
+        lines = []
         for image, labels in self.pairs:
             n = (int(pair(image.name, image.data, labels.data, follow(self.viewer, labels)).slices.sum())
                  if labels in self.viewer.layers else 0)
-            total += n
             lines.append(f"{html.escape(image.name)} + {html.escape(labels.name)}: {n} corrected slice"
                          f"{'s' if n != 1 else ''}")
-        if total:                                               # what pressing the button will do, before it
-            task = self._task_guess()
-            lines.append(html.escape(describe(task, settings_for(task, self._overrides(task)), total)))
         self._pairs_info.value = "<br>".join(lines) or "No pairs yet."
+        self._show_plan(fresh=True)
         self.show_agreement()
+
+    def _show_plan(self, fresh: bool = False) -> None:
+        """Say in the status what pressing the button will do with the chosen pair(s) (`describe`), unless it holds
+        a run's result and nothing new was chosen (`fresh`: a new pair or labels layer)."""
+        if self.running or not (fresh or self._plan_shown or not self._status.value):
+            return
+        try:
+            slices = sum(int(p.slices.sum()) for p in self._collect())
+        except DaeformerError:
+            slices = 0
+        task = self._task_guess()
+        plan = describe(task, settings_for(task, self._overrides(task)), slices) if slices else ""
+        self._status.value, self._plan_shown = html.escape(plan), True
+
+    def _watch_painting(self, labels: Labels | None) -> None:
+        """Follow the chosen labels layer's painting: its corrected slices are the plan's."""
+        if self._watched is not None:
+            self._watched.events.paint.disconnect(self._on_paint)
+        self._watched = labels if isinstance(labels, Labels) else None
+        if self._watched is not None:
+            self._watched.events.paint.connect(self._on_paint)
+
+    def _on_paint(self, _: Any = None) -> None:
+        self._show_plan()
 
     def _task_guess(self) -> Task:
         """The task the button would run, from the controls and the first pair's class names (the run itself
@@ -456,6 +485,7 @@ class FinetuneWidget(WorkerWidget):
                          neighbour_weight=float(self._neighbours.value) if new else None)
 
     def _aborted(self) -> None:
+        self._plan_shown = False
         self._progress.value = 0
         self._status.value = "Cancelled: no checkpoint written; the Segment widget keeps its model."
 
@@ -465,6 +495,7 @@ class FinetuneWidget(WorkerWidget):
         self.plot.add(p.step, p.loss, p.holdout_dice)
 
     def _finish(self, parent_path: Path, result: FinetuneResult, path: Path | None) -> None:
+        self._plan_shown = False
         lines = self.control.finished(parent_path, result, path)
         self._keep_anyway.visible = path is None
         if path is None:

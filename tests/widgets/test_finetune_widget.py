@@ -66,8 +66,8 @@ def test_finetune_improves_held_out_dice(session, weak_ckpt: Path, qtbot) -> Non
     assert tune._corrected.value is layer and tune._image.value is viewer.layers["CT"]   # the defaults: its proposal
     tune._add.clicked()
     assert "5 corrected slices" in tune._pairs_info.value
-    assert "Fine-tune: 100 steps; 4 slice(s) trained on, 1 held out" in tune._pairs_info.value   # said before the run
     tune._steps.value = 30
+    assert "Fine-tune: 30 steps; 4 slice(s) trained on, 1 held out" in tune._status.value   # said before the run
     tune._device.value = "cpu"
     tune._run.clicked()
     qtbot.waitUntil(lambda: not tune.running, timeout=300_000)
