@@ -9,6 +9,7 @@ writes left-posterior-superior); our affines are NIfTI's RAS+, so LPS is flipped
 from __future__ import annotations
 
 import bz2
+import gzip
 import io
 import math
 import os
@@ -32,7 +33,6 @@ _TO_RAS = {"right-anterior-superior": (1, 1, 1), "ras": (1, 1, 1), "left-posteri
            "lps": (-1, -1, 1), "left-anterior-superior": (-1, 1, 1), "las": (-1, 1, 1)}
 MAX_LABEL = 65535                         # the largest label value the writers keep (uint16)
 _MAX_NAME = 200                           # characters of a segment name
-_CHUNK = 1 << 20                          # compressed bytes read at a time
 _MAX_SKIPPED_LINE = 1 << 16               # bytes of one skipped line
 _MAX_TEXT_BYTES_PER_BYTE = 32             # ascii encoding: characters per byte of voxel data at most
 
@@ -179,30 +179,16 @@ def _data_file(path: Path, name: str) -> BinaryIO:
 
 
 def _inflate(path: Path, fh: BinaryIO, encoding: str, limit: int) -> bytes:
-    """Decompress the rest of `fh`, refusing once more than `limit` bytes come out."""
-    inflater: Any = zlib.decompressobj(zlib.MAX_WBITS | 32) if encoding.startswith("gz") else bz2.BZ2Decompressor()
-    out = bytearray()
+    """Decompress the rest of `fh` (gzip or bzip2, streamed), refusing once more than `limit` bytes come out."""
     try:
-        while len(out) <= limit and (chunk := fh.read(_CHUNK)):
-            while chunk and len(out) <= limit:
-                if isinstance(inflater, bz2.BZ2Decompressor):
-                    out += inflater.decompress(chunk, limit + 1 - len(out))
-                    chunk = b""
-                    while not inflater.eof and not inflater.needs_input and len(out) <= limit:
-                        out += inflater.decompress(b"", limit + 1 - len(out))
-                else:
-                    out += inflater.decompress(chunk, limit + 1 - len(out))
-                    chunk = inflater.unconsumed_tail
-                if getattr(inflater, "eof", False):
-                    break
-            if getattr(inflater, "eof", False):
-                break
+        with (gzip.GzipFile(fileobj=fh) if encoding.startswith("gz") else bz2.BZ2File(fh)) as stream:
+            out = stream.read(limit + 1)                  # never more than one byte past the declared size
     except (zlib.error, OSError, EOFError) as e:
         raise ImageFormatError(f"{path.name}: NRRD data is truncated or corrupt ({first_line(e)})") from e
     if len(out) > limit:
         raise ImageFormatError(f"{path.name}: the compressed data inflates beyond the {format_bytes(limit)} its header "
                                "declares (a damaged or malicious file); it was not read")
-    return bytes(out)
+    return out
 
 
 def _dtype(kind: str, name: str) -> str:
