@@ -317,6 +317,13 @@ class _Slices:
 MAX_HOLDOUT = 16      # held-out slices at most: scoring them is inside the time budget (10000 slices held out 2500)
 
 
+def holdout_count(settings: FinetuneSettings, slices: int) -> int:
+    """How many of `slices` corrected slices a run holds out and scores (the rest it trains on)."""
+    if slices < max(2, settings.holdout_from) or not settings.holdout_fraction:
+        return 0
+    return min(MAX_HOLDOUT, max(1, round(settings.holdout_fraction * slices)))
+
+
 def _split(pairs: Sequence[Pair], settings: FinetuneSettings, rng: np.random.Generator, prep: Preprocessing,
            first_new: int | None = None
            ) -> tuple[list[Case], list[tuple[np.ndarray, np.ndarray, Preprocessing]], list[tuple[np.ndarray, Preprocessing]]]:
@@ -328,8 +335,7 @@ def _split(pairs: Sequence[Pair], settings: FinetuneSettings, rng: np.random.Gen
     against its own labels, cannot be beaten (a liver tumour's 5-voxel tip held out: the trained model, Dice 0.92 on
     the unpainted slices, was judged no better)."""
     chosen = [(i, j) for i, p in enumerate(pairs) for j in np.flatnonzero(p.slices)]
-    n_hold = (min(MAX_HOLDOUT, max(1, round(settings.holdout_fraction * len(chosen))))
-              if len(chosen) >= max(2, settings.holdout_from) and settings.holdout_fraction else 0)
+    n_hold = holdout_count(settings, len(chosen))
     pool = chosen
     if first_new is not None:
         stacks = [_as_slices(p)[1] for p in pairs]
@@ -596,7 +602,7 @@ def _finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSetti
                    for images, prep in uncorrected_raw]                   # the parent's labels
 
     def score() -> tuple[float, np.ndarray] | None:
-        """The held-out slices' pooled Dice and their paired per-slice, per-class scores (`_scores`)."""
+        """The held-out slices' pooled Dice and each slice's own (`_scores`, paired with the parent's)."""
         if not holdout:
             return None
         pred, truth = [engine_labels(h) for h in holdout], [h.labels for h in holdout]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
-from .finetune import ADD_CLASS, MAX_HOLDOUT, FinetuneSettings
+from .finetune import ADD_CLASS, FinetuneSettings, holdout_count
 from .teach import TEACH
 
 Task = Literal["refine", "add_classes", "new_model"]
@@ -55,13 +55,6 @@ def settings_for(task: Task, overrides: Overrides = Overrides()) -> FinetuneSett
         base = base.protecting(overrides.protect or base.protect, overrides.protect_weight)
     changes = {k: v for k, v in asdict(overrides).items() if v is not None and k not in ("protect", "protect_weight")}
     return replace(base, **changes)
-
-
-def holdout_count(settings: FinetuneSettings, slices: int) -> int:
-    """How many of `slices` annotated slices a run holds out and scores (the rest it trains on)."""
-    if slices < max(2, settings.holdout_from) or not settings.holdout_fraction:
-        return 0
-    return min(MAX_HOLDOUT, max(1, round(settings.holdout_fraction * slices)))
 
 
 def describe(task: Task, settings: FinetuneSettings, slices: int) -> str:

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import asdict
 
 import pytest
-from napari_daeformer_training.recipes import RECIPES, Overrides, describe, holdout_count, settings_for, task_for
+from napari_daeformer_training.finetune import holdout_count
+from napari_daeformer_training.recipes import RECIPES, Overrides, describe, settings_for, task_for
 
 COMMON = {"confidence": 0.9, "trust": (0.35, 0.55), "refit": True, "protect_slices": 32, "holdout_fraction": 0.25,
           "min_gain": 0.001, "calibration_lr_scale": 100.0, "new_class_lr_scale": 30.0, "device": "auto", "seed": 0,
