@@ -145,15 +145,16 @@ def teach_pair(name: str, image: np.ndarray, labels: np.ndarray, slices: np.ndar
     return Pair(name, image, labels, chosen)
 
 
-def unpainted_classes(pairs: Sequence[Pair], class_names: tuple[str, ...]) -> list[str]:
+def unpainted_classes(pairs: Sequence[Pair], class_names: tuple[str, ...], known: Sequence[str] = ()) -> list[str]:
     """The structures of `class_names` (background excepted) with no voxel on any annotated slice of `pairs`: a
-    model cannot learn them (the user should paint each on a slice where it shows)."""
+    model cannot learn them (the user should paint each on a slice where it shows). `known`: a parent's own classes,
+    left out (it learnt them already: only the classes added beyond them need painting)."""
     painted = np.zeros(len(class_names), bool)
     for pair in pairs:
         _, labels = _as_slices(pair)
         values = np.unique(labels[pair.slices])
         painted[values[values < len(class_names)].astype(int)] = True
-    return [name for name, seen in zip(class_names[1:], painted[1:]) if not seen]
+    return [name for name, seen in zip(class_names[1:], painted[1:]) if not seen and name not in known]
 
 
 NAMED = 10                                  # classes a warning names before "and N more"

@@ -535,8 +535,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         raise TrainingError(f"{args.labels.name}: no annotated slice (every voxel is 0 or the --ignore-value); "
                             "correct a few slices first")
     pair = Pair(args.image.name, image.data, label_data, slices)
-    new = [c for c in unpainted_classes([pair], parent.card.class_names) if c not in own]
-    if missing := unpainted_line(new):
+    if missing := unpainted_line(unpainted_classes([pair], parent.card.class_names, known=own)):
         print(f"daeformer finetune: warning: {missing}", file=sys.stderr)
     task = task_for(False, own, parent.card.class_names)
     settings = settings_for(task, Overrides(

@@ -59,10 +59,10 @@ def pair(name: str, image: np.ndarray, labels: np.ndarray, annotation: Annotatio
     return Pair(name, image, labels, slices, proposal, annotation.checkpoint, annotation.checkpoint_sha256)
 
 
-def unpainted_sentence(pairs: list[Pair], classes: tuple[str, ...], new_only: tuple[str, ...] = ()) -> str:
-    """The warning, as a sentence, for the classes painted on no annotated slice ("" when none); with `new_only`
-    (a parent's own classes), only the classes added beyond them: the parent still knows its own."""
-    line = unpainted_line([c for c in unpainted_classes(pairs, classes) if c not in new_only])
+def unpainted_sentence(pairs: list[Pair], classes: tuple[str, ...], known: tuple[str, ...] = ()) -> str:
+    """The warning, as a sentence, for the classes painted on no annotated slice ("" when none); `known` as in
+    `unpainted_classes`."""
+    line = unpainted_line(unpainted_classes(pairs, classes, known))
     return line[:1].upper() + line[1:]
 
 
@@ -124,7 +124,7 @@ class FinetuneController:
         check_pairs(pairs, parent.card)
         out, replace = self.output_path(parent_path, chosen, overwrite)
         self.result, self.pending = None, (out, replace)
-        self.unpainted = unpainted_sentence(pairs, parent.card.class_names, new_only=own)
+        self.unpainted = unpainted_sentence(pairs, parent.card.class_names, known=own)
         return parent, out, replace
 
     def prepare_new(self, pairs: list[Pair], classes: tuple[str, ...], name: str, chosen: Path | None
