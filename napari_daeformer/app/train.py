@@ -271,10 +271,10 @@ def run_train(args: argparse.Namespace) -> int:
     if args.out is None:
         raise TrainingError("--out is required")
     refuse_unused(args)
-    if args.image is not None:
-        return run_teach(args)
     if args.out.exists() and not args.out.is_dir():
         raise TrainingError(f"--out {args.out} is a file; give a folder for checkpoints and logs")
+    if args.image is not None:
+        return run_teach(args)
     check_output_path(args.out / "config.yaml", overwrite=True)   # writable, before any data is read
     earlier = [n for n in ("best.safetensors", "last.safetensors") if (args.out / n).exists()]
     if earlier and not (args.resume or args.overwrite):
@@ -418,15 +418,13 @@ def run_teach(args: argparse.Namespace) -> int:
     if args.data is not None or args.synthetic:
         raise TrainingError("give either --image (one annotated image) or --data/--synthetic, not both")
     names = class_list(args.classes)
-    if args.out.exists() and not args.out.is_dir():
-        raise TrainingError(f"--out {args.out} is a file; give a folder for the new model")
     check_output_path(args.out / "best.safetensors", overwrite=args.overwrite)
     image, labels = require_image(read_image(args.image), args.image.name), read_image(args.labels)
     data = sparse_labels(_label_map(image, labels, args.labels.name), args.ignore_value, len(names))
     count = 1 if data.ndim == 2 else data.shape[0]
     pair = teach_pair(args.image.name, image.data, data, _slice_list(args.slices, count) if args.slices else None)
     model, said = model_for(pair, names, args.arch, args.from_scratch)
-    left = TEACH.minutes if args.deadline is None else max(args.deadline - time.monotonic(), 1.0) / 60.0
+    left = None if args.deadline is None else max(args.deadline - time.monotonic(), 1.0) / 60.0   # None: the recipe's
     settings = settings_for("new_model", Overrides(minutes=left, steps=args.max_steps, device=args.device,
                                                    seed=args.seed, neighbour_weight=args.neighbour_weight))
     print(f"daeformer train: {int(pair.slices.sum())} annotated slices of {args.image.name}; {said}", file=sys.stderr)
