@@ -289,10 +289,12 @@ class Trainer:
         answers the same (rank 0's clock decides under torchrun)."""
         if self.deadline is None:
             return False
-        late = torch.tensor([float(time.monotonic() + self._val_seconds >= self.deadline)], device=self.device)
-        if self.dist.world_size > 1:
-            torch.distributed.broadcast(late, src=0)
-        return bool(late.item())
+        late = time.monotonic() + self._val_seconds >= self.deadline
+        if self.dist.world_size == 1:                       # no tensor, no device sync on every step
+            return late
+        flag = torch.tensor([float(late)], device=self.device)
+        torch.distributed.broadcast(flag, src=0)
+        return bool(flag.item())
 
 
 def _param_groups(model: torch.nn.Module, lr_scales: Mapping[str, float]) -> list[dict[str, Any]]:
