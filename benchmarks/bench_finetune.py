@@ -41,7 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import cpu_name  # noqa: E402
 from napari_daeformer_training.augment import AugmentConfig
 from napari_daeformer_training.data import Case
-from napari_daeformer_training.finetune import DEFAULT_WEIGHTS, FinetuneSettings, Pair, PullToParent, finetune
+from napari_daeformer_training.finetune import finetune
+from napari_daeformer_training.pairs import Pair
+from napari_daeformer_training.protection import PullToParent
+from napari_daeformer_training.settings import DEFAULT_WEIGHTS, FinetuneSettings
 from napari_daeformer_training.trainer import StepReport, TrainConfig, Trainer
 
 from napari_daeformer.bundled import bundled_model  # noqa: E402
@@ -89,11 +92,11 @@ def scenario(name: str, n_slices: int, settings: FinetuneSettings, seed: int) ->
     mask = np.zeros(len(truth), bool)
     mask[chosen] = True
     if rgb:
-        pairs = [Pair(f"photo {i}", images[i], truth[i], np.ones(1, bool)) for i in chosen]
+        pairs = [Pair(name=f"photo {i}", image=images[i], labels=truth[i], slices=np.ones(1, bool)) for i in chosen]
     else:
         corrected = before.copy()
         corrected[mask] = truth[mask]
-        pairs = [Pair(name, images, corrected, mask)]
+        pairs = [Pair(name=name, image=images, labels=corrected, slices=mask)]
     t0 = time.perf_counter()
     result = drain(finetune(parent, pairs, settings))
     seconds = time.perf_counter() - t0
@@ -183,7 +186,7 @@ def speed(device: str, arch: str) -> None:
     chosen = np.linspace(8, 40, 8).round().astype(int)
     mask = np.zeros(len(sample.labels), bool)
     mask[chosen] = True
-    pairs = [Pair("offset", sample.image, np.where(mask[:, None, None], sample.labels, 0), mask)]
+    pairs = [Pair(name="offset", image=sample.image, labels=np.where(mask[:, None, None], sample.labels, 0), slices=mask)]
     settings = replace(FinetuneSettings(), device=device)
     print(f"# {arch}, {device}, torch threads {torch.get_num_threads()}, {cpu_name()}")
     print("| condition | thread governor | steps | seconds | median step (s) | step vs idle |")

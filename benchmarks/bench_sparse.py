@@ -56,15 +56,12 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import cpu_name  # noqa: E402
-from napari_daeformer_training.finetune import (
-    ADD_CLASS,
-    FinetuneProgress,
-    FinetuneResult,
-    FinetuneSettings,
-    Pair,
-    finetune,
-)
-from napari_daeformer_training.teach import TEACH, extend_classes, input_side, new_model, preprocessing_for, teach_pair
+from napari_daeformer_training.finetune import finetune
+from napari_daeformer_training.pairs import Pair
+from napari_daeformer_training.recipes import ADD_CLASS, TEACH
+from napari_daeformer_training.settings import FinetuneSettings
+from napari_daeformer_training.teach import extend_classes, input_side, new_model, preprocessing_for, teach_pair
+from napari_daeformer_training.verdict import FinetuneProgress, FinetuneResult
 
 from napari_daeformer.bundled import bundled_model  # noqa: E402
 from napari_daeformer.checkpoint import Checkpoint, load_checkpoint
@@ -201,7 +198,8 @@ def run(case: str, seed: int, k: int, recipe: FinetuneSettings, scratch: bool, w
         slices = np.zeros(len(s.labels), bool)
         slices[chosen] = True
         t = time.perf_counter()
-        tuned, steps = _trained(finetune(start, [Pair(case, s.image, s.labels, slices)], FinetuneSettings(device="cpu")))
+        tuned, steps = _trained(finetune(start, [Pair(name=case, image=s.image, labels=s.labels, slices=slices)],
+                                         FinetuneSettings(device="cpu")))
         results["fine-tuned"] = (on_rest(_labels(tuned.checkpoint, s.image)),
                                  (time.perf_counter() - t) / 60, steps)
     return results
@@ -245,7 +243,7 @@ def add_class(seed: int, k: int, recipe: FinetuneSettings, structure: str = "spi
     slices[painted] = True
     extended = extend_classes(parent, (*CT_CLASSES, structure))
     t = time.perf_counter()
-    result = drain(finetune(extended, [Pair(structure, s.image, corrected, slices)], recipe))
+    result = drain(finetune(extended, [Pair(name=structure, image=s.image, labels=corrected, slices=slices)], recipe))
     minutes = (time.perf_counter() - t) / 60
     after = _labels(result.checkpoint, s.image)
     return {"new class": float(dice_per_class(after[rest], truth[rest], old + 1)[-1]),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from napari_daeformer_training.finetune import Pair
+from napari_daeformer_training.pairs import Pair
 
 from napari_daeformer.annotation import Annotation, ImageIdentity, save_session, session_path
 from napari_daeformer.bundled import bundled_model
@@ -129,7 +129,7 @@ def test_finetune_parent_output_and_lineage(tmp_path: Path) -> None:
         control.keep()
     s = synthetic_ct(seed=3, shape=(4, 64, 64))
     with pytest.raises(DaeformerError, match="no corrected slices"):
-        control.prepare([Pair("s", s.image, s.labels, np.zeros(4, bool))], bundled, None, False)
+        control.prepare([Pair(name="s", image=s.image, labels=s.labels, slices=np.zeros(4, bool))], bundled, None, False)
 
 
 def test_a_pair_learns_from_the_slices_corrected_along_the_axis_painted() -> None:
@@ -158,7 +158,7 @@ def test_finetune_prepare_extends_the_head_for_new_class_names(tmp_path: Path) -
     s = synthetic_ct(seed=3, shape=(4, 64, 64))
     labels = s.labels.copy()
     labels[1, 10:20, 10:20] = 6                                          # a structure the model does not know
-    pairs = [Pair("s", s.image, labels, np.array([False, True, False, False]))]
+    pairs = [Pair(name="s", image=s.image, labels=labels, slices=np.array([False, True, False, False]))]
     names = (*read_card(bundled_model("ct")).class_names, "pancreas")
     parent, out, _ = control.prepare(pairs, bundled_model("ct"), None, False, names)
     assert parent.card.class_names == names and parent.model.cfg.num_classes == 7

@@ -10,13 +10,20 @@ and what is kept. The evidence for each recipe's values is in docs/training.md (
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Literal
 
-from .finetune import ADD_CLASS, FinetuneSettings, holdout_count
-from .teach import TEACH
+from .pairs import holdout_count
+from .settings import FinetuneSettings, Parts, Protection, Task
 
-Task = Literal["refine", "add_classes", "new_model"]
+# Refining a model on its corrected slices: the settings' defaults (docs/training.md#fine-tuning-recipe).
 REFINE = FinetuneSettings()
+# Classes added to the head: the parent's confident labels held on the uncorrected slices at 10x weight (at 0.7
+# where the user kept its labels), twice the steps, no input calibration (docs/training.md#a-class-added).
+ADD_CLASS = FinetuneSettings(task="add_classes", steps=200, protect="pseudo", protect_weight=10.0,
+                             confidence_kept=0.7, calibrate=False)
+# A new model from a few annotated slices: nothing to protect, stopped by the time budget, each slice segmented
+# with its neighbours' probabilities (docs/training.md#a-new-model-from-a-few-slices).
+TEACH = FinetuneSettings(task="new_model", steps=3000, lr=6e-4, warmup_steps=20, protect="none", calibrate=False,
+                         batch_size=4, score_every=25, minutes=5.0, holdout_from=8, neighbour_weight=0.3)
 RECIPES: dict[Task, FinetuneSettings] = {"refine": REFINE, "add_classes": ADD_CLASS, "new_model": TEACH}
 TASK_WORDS: dict[Task, str] = {"refine": "fine-tune", "add_classes": "fine-tune with new classes",
                                "new_model": "a new model"}
@@ -36,9 +43,9 @@ class Overrides:
     steps: int | None = None
     lr: float | None = None
     warmup_steps: int | None = None
-    protect: Literal["pseudo", "l2sp", "none"] | None = None
+    protect: Protection | None = None
     protect_weight: float | None = None
-    train_parts: Literal["all", "decoder"] | None = None
+    train_parts: Parts | None = None
     augment: bool | None = None
     calibrate: bool | None = None
     minutes: float | None = None
@@ -57,12 +64,13 @@ def settings_for(task: Task, overrides: Overrides = Overrides()) -> FinetuneSett
     return replace(base, **changes)
 
 
-def describe(task: Task, settings: FinetuneSettings, slices: int) -> str:
+def describe(settings: FinetuneSettings, slices: int) -> str:
     """The run in words, before it starts: steps, slices trained and held out, and what is kept."""
     held = holdout_count(settings, slices)
     budget = f", stopped after {settings.minutes:g} min" if settings.minutes else ""
     where = (f"{slices - held} slice(s) trained on, {held} held out and scored every {settings.score_every} steps"
              if held else f"all {slices} slice(s) trained on, none held out")
+    task = settings.task
     if task == "new_model":
         kept = "the best-scoring state is kept" if held else "the last state is kept (no held-out score)"
         return f"A new model: up to {settings.steps} steps{budget}; {where}; {kept}."

@@ -24,18 +24,13 @@ from napari_daeformer.errors import TrainingError
 from napari_daeformer.model import DAEFormer, named_config
 from napari_daeformer.preprocessing import Preprocessing, ct_preprocessing, rgb_preprocessing, zscore_preprocessing
 
-from .finetune import FinetuneSettings, Pair, _as_slices
 from .losses import IGNORE
+from .pairs import Pair, as_slices
 
 NEW_CLASS_MARGIN = 2.0          # a new class starts as background's output less this: never chosen until learnt
 HU_MARGIN = 150.0               # around the annotated structures' intensities
 INPUT_SIDES = (128, 160, 192, 224)
-# A new model from a few slices (benchmarks/bench_sparse.py --recipe): twice fine-tuning's rate (2e-3 scored 0.027
-# lower on the chest with 5 slices), nothing to protect, stopped by the time budget; every annotated slice trained
-# on below 8 (chest, 5 slices, 3 seeds: 0.772 against 0.757 with one held out), one in four held out and scored
-# every 25 steps from 8 on; each slice segmented with its neighbours' probabilities (`neighbours`; chest: +0.017).
-TEACH = FinetuneSettings(steps=3000, lr=6e-4, warmup_steps=20, protect="none", calibrate=False, batch_size=4,
-                         score_every=25, minutes=5.0, holdout_from=8, neighbour_weight=0.3)
+
 
 
 def annotated_slices(labels: np.ndarray) -> np.ndarray:
@@ -142,7 +137,7 @@ def teach_pair(name: str, image: np.ndarray, labels: np.ndarray, slices: np.ndar
     chosen = annotated_slices(labels) if slices is None else slices
     if not chosen.any():
         raise TrainingError(f"{name}: no annotated slice (paint the structure on a few slices)")
-    return Pair(name, image, labels, chosen)
+    return Pair(name=name, image=image, labels=labels, slices=chosen)
 
 
 def unpainted_classes(pairs: Sequence[Pair], class_names: tuple[str, ...], known: Sequence[str] = ()) -> list[str]:
@@ -151,7 +146,7 @@ def unpainted_classes(pairs: Sequence[Pair], class_names: tuple[str, ...], known
     left out (it learnt them already: only the classes added beyond them need painting)."""
     painted = np.zeros(len(class_names), bool)
     for pair in pairs:
-        _, labels = _as_slices(pair)
+        _, labels = as_slices(pair)
         values = np.unique(labels[pair.slices])
         painted[values[values < len(class_names)].astype(int)] = True
     return [name for name, seen in zip(class_names[1:], painted[1:]) if not seen and name not in known]
@@ -173,7 +168,7 @@ def model_for(pair: Pair, class_names: tuple[str, ...], arch: str = "small", fro
               ) -> tuple[Checkpoint, str]:
     """A new model for `class_names` suited to `pair`'s annotated slices (`preprocessing_for`, `input_side`),
     started from the bundled model of the image kind unless `from_scratch`; with the line naming its intensities."""
-    images, labels = _as_slices(pair)
+    images, labels = as_slices(pair)
     if not pair.slices.any():
         raise TrainingError(f"{pair.name}: no annotated slice (paint the structure on a few slices)")
     rgb = pair.image.ndim == pair.labels.ndim + 1

@@ -21,19 +21,13 @@ import torch
 import yaml
 from napari_daeformer_training.augment import AugmentConfig
 from napari_daeformer_training.data import Case, detect_num_classes
-from napari_daeformer_training.finetune import (
-    ADD_CLASS,
-    DEFAULT_WEIGHTS,
-    PROTECTIONS,
-    FinetuneProgress,
-    FinetuneSettings,
-    Pair,
-    finetune,
-)
-from napari_daeformer_training.recipes import Overrides, describe, settings_for, task_for
+from napari_daeformer_training.finetune import finetune
+from napari_daeformer_training.pairs import Pair
+from napari_daeformer_training.recipes import ADD_CLASS, TEACH, Overrides, describe, settings_for, task_for
+from napari_daeformer_training.settings import DEFAULT_WEIGHTS, PROTECTIONS, FinetuneSettings
 from napari_daeformer_training.sources import FORMATS, load_cases, split_cases
-from napari_daeformer_training.teach import TEACH
 from napari_daeformer_training.trainer import StepReport, TrainConfig, Trainer, ValReport
+from napari_daeformer_training.verdict import FinetuneProgress
 
 from napari_daeformer.app.options import class_list, class_list_text, ct_window, number, whole, window_text
 from napari_daeformer.atomic import atomic_write, check_output_path
@@ -428,7 +422,7 @@ def run_teach(args: argparse.Namespace) -> int:
     settings = settings_for("new_model", Overrides(minutes=left, steps=args.max_steps, device=args.device,
                                                    seed=args.seed, neighbour_weight=args.neighbour_weight))
     print(f"daeformer train: {int(pair.slices.sum())} annotated slices of {args.image.name}; {said}", file=sys.stderr)
-    print(f"daeformer train: {describe('new_model', settings, int(pair.slices.sum()))}", file=sys.stderr)
+    print(f"daeformer train: {describe(settings, int(pair.slices.sum()))}", file=sys.stderr)
     if missing := unpainted_line(unpainted_classes([pair], names)):
         print(f"daeformer train: warning: {missing}", file=sys.stderr)
     bar = None if args.quiet else tqdm(total=settings.steps, unit="step", file=sys.stderr, delay=1)
@@ -511,13 +505,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     check_output_path(args.out, args.overwrite)
     if args.out.resolve() == source.resolve():
         raise TrainingError(f"{args.out} is the parent checkpoint, which is never replaced; choose a new name")
-    from napari_daeformer_training.teach import (
-        annotated_slices,
-        extend_classes,
-        sparse_labels,
-        unpainted_classes,
-        unpainted_line,
-    )
+    from napari_daeformer_training.teach import annotated_slices, extend_classes, sparse_labels, unpainted_classes, unpainted_line
 
     parent = load_checkpoint(source)
     own = parent.card.class_names
@@ -532,7 +520,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     if not slices.any():
         raise TrainingError(f"{args.labels.name}: no annotated slice (every voxel is 0 or the --ignore-value); "
                             "correct a few slices first")
-    pair = Pair(args.image.name, image.data, label_data, slices)
+    pair = Pair(name=args.image.name, image=image.data, labels=label_data, slices=slices)
     if missing := unpainted_line(unpainted_classes([pair], parent.card.class_names, known=own)):
         print(f"daeformer finetune: warning: {missing}", file=sys.stderr)
     task = task_for(False, own, parent.card.class_names)
@@ -540,7 +528,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         steps=args.steps, lr=args.lr, warmup_steps=args.warmup, protect=args.protect, protect_weight=args.protect_weight,
         train_parts=args.train_parts, augment=False if args.no_augment else None,
         calibrate=False if args.no_calibration else None, device=args.device))
-    print(f"daeformer finetune: {describe(task, settings, int(slices.sum()))}", file=sys.stderr)
+    print(f"daeformer finetune: {describe(settings, int(slices.sum()))}", file=sys.stderr)
     bar = tqdm(total=settings.steps, unit="step", file=sys.stderr, delay=1)       # no bar around an early error
 
     def show(progress: FinetuneProgress) -> None:

@@ -10,22 +10,11 @@ from collections.abc import Callable, Generator
 from pathlib import Path
 
 import numpy as np
-from napari_daeformer_training.finetune import (
-    FinetuneProgress,
-    FinetuneResult,
-    FinetuneSettings,
-    Pair,
-    check_pairs,
-    finetune,
-    next_version_path,
-)
-from napari_daeformer_training.teach import (
-    extend_classes,
-    model_for,
-    new_model_path,
-    unpainted_classes,
-    unpainted_line,
-)
+from napari_daeformer_training.finetune import finetune, next_version_path
+from napari_daeformer_training.pairs import Pair, check_pairs
+from napari_daeformer_training.settings import FinetuneSettings
+from napari_daeformer_training.teach import extend_classes, model_for, new_model_path, unpainted_classes, unpainted_line
+from napari_daeformer_training.verdict import FinetuneProgress, FinetuneResult
 
 from ..annotation import Annotation
 from ..bundled import MODELS_DIR
@@ -56,7 +45,8 @@ def pair(name: str, image: np.ndarray, labels: np.ndarray, annotation: Annotatio
     if labels.ndim == 3 and axis != 0:
         image, labels = np.moveaxis(image, axis, 0), np.moveaxis(labels, axis, 0)
         proposal = None if proposal is None else np.moveaxis(proposal, axis, 0)
-    return Pair(name, image, labels, slices, proposal, annotation.checkpoint, annotation.checkpoint_sha256)
+    return Pair(name=name, image=image, labels=labels, slices=slices, proposal=proposal,
+                proposed_by=annotation.checkpoint, proposed_by_sha256=annotation.checkpoint_sha256)
 
 
 def unpainted_sentence(pairs: list[Pair], classes: tuple[str, ...], known: tuple[str, ...] = ()) -> str:

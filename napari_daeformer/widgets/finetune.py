@@ -16,18 +16,11 @@ import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, FileEdit, FloatSpinBox, Label, LineEdit, ProgressBar, PushButton, SpinBox
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_info, show_warning
-from napari_daeformer_training.finetune import (
-    ADD_CLASS,
-    FinetuneProgress,
-    FinetuneResult,
-    FinetuneSettings,
-    Pair,
-    pair_agreement,
-    require_pairs,
-)
 from napari_daeformer_training.losses import IGNORE
-from napari_daeformer_training.recipes import Overrides, Task, describe, settings_for, task_for
-from napari_daeformer_training.teach import TEACH
+from napari_daeformer_training.pairs import Pair, pair_agreement, require_pairs
+from napari_daeformer_training.recipes import ADD_CLASS, TEACH, Overrides, Task, describe, settings_for, task_for
+from napari_daeformer_training.settings import FinetuneSettings
+from napari_daeformer_training.verdict import FinetuneProgress, FinetuneResult
 from qtpy.QtWidgets import QTabWidget
 
 from ..agreement import VersionAgreement, by_version, history, merged
@@ -364,7 +357,7 @@ class FinetuneWidget(WorkerWidget):
         except DaeformerError:
             slices = 0
         task = self._task_guess()
-        plan = describe(task, settings_for(task, self._overrides(task)), slices) if slices else ""
+        plan = describe(settings_for(task, self._overrides(task)), slices) if slices else ""
         self._status.value, self._plan_shown = html.escape(plan), True
 
     def _watch_painting(self, labels: Labels | None) -> None:
@@ -464,7 +457,7 @@ class FinetuneWidget(WorkerWidget):
         self._resegment.enabled = self._revert.enabled = False
         self._progress.max = settings.steps
         self._progress.value = 0
-        plan = describe(task, settings, sum(int(p.slices.sum()) for p in pairs))
+        plan = describe(settings, sum(int(p.slices.sum()) for p in pairs))
         intensities = f" Intensities: {self.control.chosen_intensities}." if task == "new_model" else ""
         self._status.value = html.escape(f"{plan}{intensities}")
         if self.control.unpainted:                             # new classes painted nowhere

@@ -7,7 +7,10 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from napari_daeformer_training.finetune import FinetuneProgress, FinetuneResult, FinetuneSettings, Pair, _split, finetune
+from napari_daeformer_training.finetune import finetune
+from napari_daeformer_training.pairs import Pair, split
+from napari_daeformer_training.settings import FinetuneSettings
+from napari_daeformer_training.verdict import FinetuneProgress, FinetuneResult
 
 from napari_daeformer.bundled import bundled_model
 from napari_daeformer.checkpoint import Checkpoint, load_checkpoint
@@ -39,7 +42,7 @@ def test_good_model_with_its_own_labels_is_unchanged(parent: Checkpoint) -> None
     own = _labels(parent, s.image)
     slices = np.zeros(16, bool)
     slices[[4, 7, 10, 13]] = True
-    steps, result = _run(finetune(parent, [Pair("own", s.image, own, slices)], replace(FAST, steps=10)))
+    steps, result = _run(finetune(parent, [Pair(name="own", image=s.image, labels=own, slices=slices)], replace(FAST, steps=10)))
     assert result.improved is False and result.dice_before == 1.0 and result.dice_after <= 1.0
     assert result.headline == "No improvement: your model is unchanged" and result.headline in result.summary
     assert steps[0].step == 0 and steps[0].holdout_dice == 1.0 and steps[0].loss is None
@@ -59,7 +62,8 @@ def test_a_contrast_phase_the_calibration_cannot_undo_lets_the_parent_go(parent:
     slices = np.zeros(24, bool)
     slices[np.linspace(2, 21, 8).round().astype(int)] = True
     corrected = np.where(slices[:, None, None], s.labels, before)
-    steps, result = _run(finetune(parent, [Pair("phase", s.image, corrected, slices)], FinetuneSettings(device="cpu")))
+    steps, result = _run(finetune(parent, [Pair(name="phase", image=s.image, labels=corrected, slices=slices)],
+                                  FinetuneSettings(device="cpu")))
     after = _labels(result.checkpoint, s.image[~slices])
     d0 = np.nanmean(dice_per_class(before[~slices], s.labels[~slices], 6))
     d1 = np.nanmean(dice_per_class(after, s.labels[~slices], 6))
@@ -82,7 +86,7 @@ def test_with_one_slice_held_out_the_eased_run_is_refit_on_every_corrected_slice
     slices[[3, 8, 12]] = True
     corrected = np.where(slices[:, None, None], s.labels, before)
     settings = replace(FinetuneSettings(device="cpu"), steps=20, warmup_steps=2)
-    steps, result = _run(finetune(parent, [Pair("phase", s.image, corrected, slices)], settings))
+    steps, result = _run(finetune(parent, [Pair(name="phase", image=s.image, labels=corrected, slices=slices)], settings))
     assert result.improved and result.refit and result.best_step == 60 == steps[-1].step == steps[-1].total
     assert "trained once more on all 3 corrected slices" in result.summary
     assert [p.holdout_dice is not None for p in steps if p.step > 40] == [False] * 20      # the refit is not judged
@@ -99,7 +103,8 @@ def test_shifted_scan_improves_the_uncorrected_slices(parent: Checkpoint) -> Non
     slices = np.zeros(24, bool)
     slices[[6, 12, 18]] = True
     corrected = np.where(slices[:, None, None], s.labels, before)
-    steps, result = _run(finetune(parent, [Pair("offset", s.image, corrected, slices)], replace(FAST, steps=100)))
+    steps, result = _run(finetune(parent, [Pair(name="offset", image=s.image, labels=corrected, slices=slices)],
+                                  replace(FAST, steps=100)))
     after = _labels(result.checkpoint, s.image[~slices])
     d0 = np.nanmean(dice_per_class(before[~slices], s.labels[~slices], 6))
     d1 = np.nanmean(dice_per_class(after, s.labels[~slices], 6))
@@ -115,7 +120,7 @@ def test_one_corrected_slice_trains_and_says_nothing_was_held_out(parent: Checkp
     s = synthetic_ct(seed=32, shape=(12, 96, 96))
     slices = np.zeros(12, bool)
     slices[6] = True
-    _, result = _run(finetune(parent, [Pair("one", s.image, s.labels, slices)], replace(FAST, steps=6)))
+    _, result = _run(finetune(parent, [Pair(name="one", image=s.image, labels=s.labels, slices=slices)], replace(FAST, steps=6)))
     assert result.improved is None and result.holdout_slices == 0 and result.train_slices == 1
     assert "Nothing held out" in result.summary and result.best_step == 6
     assert result.checkpoint is parent and result.candidate.card.provenance["finetuned_slices"] == 1
@@ -127,7 +132,8 @@ def test_each_protection_runs(parent: Checkpoint, protect: str) -> None:
     s = synthetic_ct(seed=33, shape=(8, 96, 96))
     slices = np.zeros(8, bool)
     slices[[2, 5]] = True
-    _, result = _run(finetune(parent, [Pair("p", s.image, s.labels, slices)], replace(FAST, steps=3, protect=protect)))
+    _, result = _run(finetune(parent, [Pair(name="p", image=s.image, labels=s.labels, slices=slices)],
+                              replace(FAST, steps=3, protect=protect)))
     assert result.train_slices == 1 and result.holdout_slices == 1
     assert result.candidate.card.provenance["finetune_settings"]["protect"] == protect
 
@@ -135,7 +141,7 @@ def test_each_protection_runs(parent: Checkpoint, protect: str) -> None:
 def test_parent_untouched_when_cancelled(parent: Checkpoint) -> None:
     before = {k: v.clone() for k, v in parent.model.state_dict().items()}
     s = synthetic_ct(seed=34, shape=(8, 96, 96))
-    gen = finetune(parent, [Pair("c", s.image, s.labels, np.ones(8, bool))], FAST)
+    gen = finetune(parent, [Pair(name="c", image=s.image, labels=s.labels, slices=np.ones(8, bool))], FAST)
     for _ in range(3):
         next(gen)
     gen.close()
@@ -145,7 +151,7 @@ def test_parent_untouched_when_cancelled(parent: Checkpoint) -> None:
 def test_pull_to_parent_is_l2sp_with_its_gradient() -> None:
     """The multi-tensor L2-SP equals `w/2 sum (p - p0)^2` and its autograd gradient; frozen parameters get none."""
     import torch
-    from napari_daeformer_training.finetune import PullToParent
+    from napari_daeformer_training.protection import PullToParent
 
     from napari_daeformer.model import DAEFormer
 
@@ -180,7 +186,7 @@ def test_input_calibration_folds_into_the_preprocessing(kind: str) -> None:
     """The wrapper on its (unclipped) input computes what the bare network computes on the input normalised with the
     folded preprocessing: a moved CT window (HU well outside both windows included), or RGB mean and std."""
     import torch
-    from napari_daeformer_training.finetune import InputCalibration
+    from napari_daeformer_training.calibration import InputCalibration
 
     from napari_daeformer.model import DAEFormer, named_config
     from napari_daeformer.preprocessing import ct_preprocessing, rgb_preprocessing
@@ -214,7 +220,7 @@ def test_a_new_class_may_take_the_voxels_of_its_host_on_unpainted_slices() -> No
     """A tumour painted where the parent said liver: on the unpainted slices the parent's "liver" becomes "liver
     or tumour" (so the pseudo-labels no longer hold the tumour back), while its "spleen" stays "spleen"."""
     import torch
-    from napari_daeformer_training.finetune import PseudoLabels, new_class_hosts
+    from napari_daeformer_training.protection import PseudoLabels, new_class_hosts
 
     parent_says, user_paints = np.array([[1, 1, 1, 1, 0, 2]]), np.array([[3, 3, 3, 3, 3, 2]])
     assert new_class_hosts([parent_says], [user_paints], 3, 4) == [(3, 1)]       # background under 1/5: no host
@@ -240,7 +246,8 @@ def test_a_new_class_may_take_the_voxels_of_its_host_on_unpainted_slices() -> No
 def test_the_parent_counts_as_kept_only_where_the_user_left_its_labels() -> None:
     """`kept_dice`: 1 when the user only painted a new class into the parent's proposal (ADD_CLASS then holds its
     less sure voxels too), low where the user corrected its organs (a parent found wrong: only its sure voxels)."""
-    from napari_daeformer_training.finetune import ADD_CLASS, KEPT_DICE, kept_dice
+    from napari_daeformer_training.protection import KEPT_DICE, kept_dice
+    from napari_daeformer_training.recipes import ADD_CLASS
 
     parent = np.array([[0, 1, 1, 1, 2, 2, 0, 0]])
     painted_new = np.array([[0, 1, 3, 3, 2, 2, 0, 255]])         # a tumour in the liver, one voxel not annotated
@@ -255,7 +262,7 @@ def test_a_new_class_starts_from_its_host_and_is_judged_where_it_is() -> None:
     """The tumour's output row starts as the liver's, as far below it as background's copy was (so it is still
     never chosen), and the held-out slice is one that holds enough of the tumour to judge it (not its tip)."""
     import torch
-    from napari_daeformer_training.finetune import start_from_hosts
+    from napari_daeformer_training.protection import start_from_hosts
     from napari_daeformer_training.teach import extend_classes
 
     from napari_daeformer.sample_data import CT_CLASSES
@@ -279,11 +286,11 @@ def test_a_new_class_starts_from_its_host_and_is_judged_where_it_is() -> None:
     labels[3, 4:8, 4:8], labels[5, 4:7, 4:7], labels[7, 4, 4] = 6, 6, 6       # slice 7: the tumour's 1-voxel tip
     slices = np.zeros(8, bool)
     slices[[3, 5, 7]] = True
-    pair = Pair("t", np.zeros((8, 16, 16), np.int16), labels, slices)
+    pair = Pair(name="t", image=np.zeros((8, 16, 16), np.int16), labels=labels, slices=slices)
     settings = FinetuneSettings(holdout_fraction=0.34)
     for seed in range(6):
-        _, held, _ = _split([pair], settings, np.random.default_rng(seed), parent.card.preprocessing, first_new=6)
-        assert (held[0][1] == 6).sum() >= 9
+        held = split([pair], settings, np.random.default_rng(seed), parent.card.preprocessing, first_new=6).holdout
+        assert (held[0].labels == 6).sum() >= 9
 
 
 def test_holdout_starts_at_holdout_from_corrected_slices(parent: Checkpoint) -> None:
@@ -294,7 +301,6 @@ def test_holdout_starts_at_holdout_from_corrected_slices(parent: Checkpoint) -> 
     for k, held in ((5, 0), (7, 0), (8, 2)):
         slices = np.zeros(10, bool)
         slices[:k] = True
-        pair = Pair("t", np.zeros((10, 16, 16), np.int16), labels, slices)
-        train, holdout, _ = _split([pair], FinetuneSettings(holdout_from=8), np.random.default_rng(0),
-                                   parent.card.preprocessing)
-        assert sum(len(h[1]) for h in holdout) == held and sum(len(c.labels) for c in train) == k - held
+        pair = Pair(name="t", image=np.zeros((10, 16, 16), np.int16), labels=labels, slices=slices)
+        parts = split([pair], FinetuneSettings(holdout_from=8), np.random.default_rng(0), parent.card.preprocessing)
+        assert parts.holdout_slices == held and parts.train_slices == k - held

@@ -126,7 +126,7 @@ def test_the_time_budget_bounds_the_whole_teaching_run(tmp_path: Path, capsys: p
     outside the budget. Now at most MAX_HOLDOUT slices are held out and the clock starts with the command."""
     import time
 
-    from napari_daeformer_training.finetune import MAX_HOLDOUT
+    from napari_daeformer_training.pairs import MAX_HOLDOUT
     rng = np.random.default_rng(0)
     image = (rng.normal(size=(3000, 16, 16)) * 100).astype(np.int16)
     affine = default_affine((1.0, 1.0, 1.0))

@@ -6,20 +6,20 @@ from __future__ import annotations
 from dataclasses import asdict
 
 import pytest
-from napari_daeformer_training.finetune import holdout_count
+from napari_daeformer_training.pairs import holdout_count
 from napari_daeformer_training.recipes import RECIPES, Overrides, describe, settings_for, task_for
 
 COMMON = {"confidence": 0.9, "trust": (0.35, 0.55), "refit": True, "protect_slices": 32, "holdout_fraction": 0.25,
           "min_gain": 0.001, "calibration_lr_scale": 100.0, "new_class_lr_scale": 30.0, "device": "auto", "seed": 0,
           "train_parts": "all", "augment": True}
 PINNED = {
-    "refine": {**COMMON, "steps": 100, "lr": 3e-4, "warmup_steps": 10, "batch_size": 2, "protect": "l2sp",
+    "refine": {**COMMON, "task": "refine", "steps": 100, "lr": 3e-4, "warmup_steps": 10, "batch_size": 2, "protect": "l2sp",
                "protect_weight": None, "confidence_kept": None, "holdout_from": 2, "score_every": 10,
                "calibrate": True, "minutes": None, "neighbour_weight": None},
-    "add_classes": {**COMMON, "steps": 200, "lr": 3e-4, "warmup_steps": 10, "batch_size": 2, "protect": "pseudo",
+    "add_classes": {**COMMON, "task": "add_classes", "steps": 200, "lr": 3e-4, "warmup_steps": 10, "batch_size": 2, "protect": "pseudo",
                     "protect_weight": 10.0, "confidence_kept": 0.7, "holdout_from": 2, "score_every": 10,
                     "calibrate": False, "minutes": None, "neighbour_weight": None},
-    "new_model": {**COMMON, "steps": 3000, "lr": 6e-4, "warmup_steps": 20, "batch_size": 4, "protect": "none",
+    "new_model": {**COMMON, "task": "new_model", "steps": 3000, "lr": 6e-4, "warmup_steps": 20, "batch_size": 4, "protect": "none",
                   "protect_weight": None, "confidence_kept": None, "holdout_from": 8, "score_every": 25,
                   "calibrate": False, "minutes": 5.0, "neighbour_weight": 0.3},
 }
@@ -54,7 +54,7 @@ def test_overrides_change_only_what_was_set() -> None:
 def test_a_run_is_described_before_it_starts(task: str, slices: int, held: int) -> None:
     settings = settings_for(task)                           # type: ignore[arg-type]
     assert holdout_count(settings, slices) == held
-    text = describe(task, settings, slices)                 # type: ignore[arg-type]
+    text = describe(settings, slices)
     assert f"{settings.steps} steps" in text
     assert (f"{slices - held} slice(s) trained on, {held} held out" if held else f"all {slices} slice(s) trained on") \
         in text
@@ -63,7 +63,8 @@ def test_a_run_is_described_before_it_starts(task: str, slices: int, held: int) 
 def test_the_description_matches_the_run(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """What `describe` says of the slices is what the run does (a refine run on 5 corrected slices of a phantom)."""
     import numpy as np
-    from napari_daeformer_training.finetune import Pair, finetune
+    from napari_daeformer_training.finetune import finetune
+    from napari_daeformer_training.pairs import Pair
 
     from napari_daeformer.bundled import bundled_model
     from napari_daeformer.checkpoint import load_checkpoint
@@ -74,10 +75,11 @@ def test_the_description_matches_the_run(tmp_path) -> None:  # type: ignore[no-u
     chosen = np.zeros(10, bool)
     chosen[[1, 3, 5, 7, 9]] = True
     settings = settings_for("refine", Overrides(steps=2, device="cpu"))
-    result = drain(finetune(load_checkpoint(bundled_model("ct")), [Pair("ct", s.image, s.labels, chosen)], settings))
+    result = drain(finetune(load_checkpoint(bundled_model("ct")), [Pair(name="ct", image=s.image, labels=s.labels, slices=chosen)],
+                            settings))
     held = holdout_count(settings, 5)
     assert (result.train_slices, result.holdout_slices) == (5 - held, held)
-    assert f"{5 - held} slice(s) trained on, {held} held out" in describe("refine", settings, 5)
+    assert f"{5 - held} slice(s) trained on, {held} held out" in describe(settings, 5)
 
 
 def test_a_verdict_needs_a_gain_the_held_out_slices_resolve() -> None:
@@ -85,7 +87,7 @@ def test_a_verdict_needs_a_gain_the_held_out_slices_resolve() -> None:
     on the slices not corrected: below 3 held-out slices only a gain of FEW_SLICES_GAIN counts; from 3 on, twice
     the standard error of the per-slice gains."""
     import numpy as np
-    from napari_daeformer_training.finetune import FEW_SLICES_GAIN, resolvable
+    from napari_daeformer_training.verdict import FEW_SLICES_GAIN, resolvable
 
     assert resolvable(np.array([0.896]), np.array([0.904]), 0.001) == FEW_SLICES_GAIN > 0.008
     steady = resolvable(np.array([0.5, 0.6, 0.55, 0.52]), np.array([0.9, 0.95, 0.93, 0.91]), 0.001)
@@ -95,11 +97,14 @@ def test_a_verdict_needs_a_gain_the_held_out_slices_resolve() -> None:
 
 
 def test_the_words_say_when_a_gain_is_too_small_to_tell() -> None:
-    from napari_daeformer_training.finetune import FinetuneResult
+    from napari_daeformer_training.verdict import FinetuneResult
 
-    result = FinetuneResult(None, None, 0.896, 0.904, False, 40, 0.003, 46, 1, 1,  # type: ignore[arg-type]
-                            resolution=0.02)
+    common = dict(checkpoint=None, candidate=None, uncorrected_slices=46, train_slices=1, holdout_slices=1,
+                  resolution=0.02)
+    result = FinetuneResult(dice_before=0.896, dice_after=0.904, improved=False, best_step=40,  # type: ignore[arg-type]
+                            changed_uncorrected=0.003, **common)
     assert result.headline == "No improvement you can rely on: your model is unchanged"
     assert "0.896 → 0.904 on 1 held-out slice(s): a gain below the 0.020 they can tell from chance" in result.summary
-    worse = FinetuneResult(None, None, 0.9, 0.85, False, 0, None, 0, 1, 1, resolution=0.02)  # type: ignore[arg-type]
+    worse = FinetuneResult(dice_before=0.9, dice_after=0.85, improved=False, best_step=0,  # type: ignore[arg-type]
+                           changed_uncorrected=None, **common)
     assert worse.headline == "No improvement: your model is unchanged"

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 from napari_daeformer_training.losses import IGNORE, DiceCELoss
-from napari_daeformer_training.teach import TEACH, annotated_slices, extend_classes, intensity_window, sparse_labels
+from napari_daeformer_training.recipes import TEACH
+from napari_daeformer_training.teach import annotated_slices, extend_classes, intensity_window, sparse_labels
 
 from napari_daeformer.app.cli import main
 from napari_daeformer.bundled import bundled_model
@@ -259,8 +260,9 @@ def test_window_option_takes_a_negative_value_and_no_validation_means_no_score(t
 def test_a_class_added_from_four_painted_slices_is_learnt_and_the_old_ones_kept() -> None:
     """The spine (bright bone the bundled model calls background) painted on 4 slices of the model's own proposal:
     the extended model finds it on the other slices, and the old classes stay where they were (small sizes)."""
-    from napari_daeformer_training.finetune import ADD_CLASS, Pair, finetune
-    from napari_daeformer_training.recipes import task_for
+    from napari_daeformer_training.finetune import finetune
+    from napari_daeformer_training.pairs import Pair
+    from napari_daeformer_training.recipes import ADD_CLASS, task_for
     from napari_daeformer_training.teach import extend_classes
 
     from napari_daeformer.metrics import dice_per_class
@@ -276,7 +278,8 @@ def test_a_class_added_from_four_painted_slices_is_learnt_and_the_old_ones_kept(
     extended = extend_classes(parent, (*CT_CLASSES, "spine"))
     assert task_for(False, parent.card.class_names, extended.card.class_names) == "add_classes"
     assert task_for(False, parent.card.class_names, parent.card.class_names) == "refine"
-    result = drain(finetune(extended, [Pair("spine", s.image, corrected, painted)], replace(ADD_CLASS, device="cpu")))
+    result = drain(finetune(extended, [Pair(name="spine", image=s.image, labels=corrected, slices=painted)],
+                            replace(ADD_CLASS, device="cpu")))
     assert result.improved and result.checkpoint.card.provenance["added_classes"] == ["spine"]
     assert result.checkpoint.card.provenance["parent_kept"] == 1.0          # only the spine painted into the proposal:
     assert result.checkpoint.card.provenance["pseudo_confidence"] == ADD_CLASS.confidence_kept   # its unsure voxels held

@@ -161,7 +161,7 @@ def test_a_2d_label_for_a_volume_names_both_shapes(tmp_path: Path, capsys) -> No
 def test_finetune_adding_a_class_takes_the_new_class_recipe(tmp_path: Path) -> None:
     """`daeformer finetune --classes` beyond the model's own trains with ADD_CLASS (the parent's confident labels at
     its weight, no calibration) where the options are not given, and an option given still wins."""
-    from napari_daeformer_training.finetune import ADD_CLASS
+    from napari_daeformer_training.recipes import ADD_CLASS
 
     from napari_daeformer.io.nifti import write_nifti
     from napari_daeformer.io.record import default_affine

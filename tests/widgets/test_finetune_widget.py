@@ -8,8 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from napari_daeformer_training.finetune import ADD_CLASS
-from napari_daeformer_training.teach import TEACH
+from napari_daeformer_training.recipes import ADD_CLASS, TEACH
 
 from napari_daeformer.bundled import bundled_model
 from napari_daeformer.checkpoint import load_checkpoint, read_card, save_checkpoint
