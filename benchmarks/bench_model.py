@@ -41,14 +41,15 @@ from _isa import ISAS, isa_in_use, limit_isa  # noqa: E402
 from _official_layout import official_forward  # noqa: E402
 from _timing import cpu_name  # noqa: E402
 
-from napari_daeformer import package_cache, static_int8  # noqa: E402
+from napari_daeformer import package_cache, probes, static_int8  # noqa: E402
 from napari_daeformer.bundled import bundled_model  # noqa: E402
 from napari_daeformer.checkpoint import Checkpoint, ModelCard, load_checkpoint  # noqa: E402
-from napari_daeformer.devices import cpu_has_int8_kernels, cpu_has_native_bf16, resolve_device, resolve_path  # noqa: E402
+from napari_daeformer.devices import resolve_device, resolve_path  # noqa: E402
 from napari_daeformer.inference import calibration_batches, default_batch_size  # noqa: E402
 from napari_daeformer.metrics import dice_per_class  # noqa: E402
 from napari_daeformer.model import DAEFormer, count_parameters, named_config  # noqa: E402
 from napari_daeformer.preprocessing import ct_preprocessing  # noqa: E402
+from napari_daeformer.probes import cpu_has_int8_kernels, cpu_has_native_bf16  # noqa: E402
 from napari_daeformer.sample_data import synthetic_ct  # noqa: E402
 from napari_daeformer.stages import Accumulator, Predictor, SliceSource  # noqa: E402
 
@@ -164,7 +165,7 @@ def main() -> None:
         paths = ["fp32", "bf16-autocast", "bf16-weights", "fp16-autocast"]
     else:
         bf16 = ["bf16-autocast", "bf16-weights"] if cpu_has_native_bf16() else []
-        int8 = ["int8-dynamic"] + ([] if static_int8.unavailable_reason() else ["int8-static"])
+        int8 = ["int8-dynamic"] + ([] if probes.static_int8_unavailable() else ["int8-static"])
         paths = ["fp32", *bf16] + (int8 if cpu_has_int8_kernels() else [])
     bf16_baseline = device.type == "cuda" or cpu_has_native_bf16()
     baselines = ["official-fp32"] + (["official-bf16"] if bf16_baseline else [])

@@ -33,7 +33,7 @@ def main() -> None:
     from qtpy.QtCore import QTimer
     from qtpy.QtWidgets import QApplication
 
-    from napari_daeformer import devices
+    from napari_daeformer import probes
     from napari_daeformer.bundled import bundled_model
     from napari_daeformer.checkpoint import load_checkpoint
     from napari_daeformer.inference import SliceInferer
@@ -48,7 +48,7 @@ def main() -> None:
     print(f"CPU: {cpu_name()}, {args.threads} threads, torch {torch.__version__}")
     print(f"{'precision':<10} {'path':<14} {'max gap s':>9} {'p99 gap s':>9} {'first slice s':>13} {'total s':>8}")
     for precision in args.precisions.split(","):
-        if precision == "bf16" and not devices.cpu_has_native_bf16():
+        if precision == "bf16" and not probes.cpu_has_native_bf16():
             continue
         if precision == "int8":                                      # compile once, outside the timing
             SliceInferer(load_checkpoint(bundled_model("ct")), device="cpu", precision="int8").segment(np.asarray(image.data))

@@ -7,8 +7,8 @@ from enum import Enum
 
 import torch
 
+from . import probes
 from .errors import InferenceError
-from .private_api import cpu_supports
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 
@@ -54,20 +54,6 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     return device
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX), where bf16 autocast is fast, and torch may use
-    it (ATEN_CPU_CAPABILITY=avx2 limits torch to AVX2, where bf16 is emulated and slow)."""
-    allowed = torch.backends.cpu.get_cpu_capability() == "AVX512"
-    return allowed and (cpu_supports("avx512_bf16") or cpu_supports("amx_tile"))
-
-
-def cpu_has_int8_kernels() -> bool:
-    """Whether torch's x86 int8 kernels (FBGEMM) and its dynamic quantisation are available here."""
-    engines = torch.backends.quantized.supported_engines
-    quantization = getattr(getattr(torch, "ao", None), "quantization", None)    # moving to torchao: may go away
-    return ("x86" in engines or "fbgemm" in engines) and hasattr(quantization, "quantize_dynamic")
-
-
 def resolve_path(precision: str, device: torch.device) -> NumericPath:
     """The engine's numeric path for `precision` on `device`.
 
@@ -82,9 +68,9 @@ def resolve_path(precision: str, device: torch.device) -> NumericPath:
     if precision == "auto":
         if device.type == "cuda":
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        elif device.type == "cpu" and cpu_has_native_bf16():
+        elif device.type == "cpu" and probes.cpu_has_native_bf16():
             precision = "bf16"
-        elif device.type == "cpu" and cpu_has_int8_kernels():
+        elif device.type == "cpu" and probes.cpu_has_int8_kernels():
             precision = "int8"
         else:
             precision = "fp32"
@@ -93,10 +79,9 @@ def resolve_path(precision: str, device: torch.device) -> NumericPath:
     if precision == "int8":
         if device.type != "cpu":
             raise InferenceError("int8 runs on the CPU only; use bf16 or fp16 on a GPU")
-        if not cpu_has_int8_kernels():
+        if not probes.cpu_has_int8_kernels():
             raise InferenceError("this CPU or torch build has no int8 kernels; use fp32 (or bf16)")
-        from .static_int8 import unavailable_reason
-        return NumericPath.INT8_DYNAMIC if unavailable_reason() else NumericPath.INT8_STATIC
+        return NumericPath.INT8_DYNAMIC if probes.static_int8_unavailable() else NumericPath.INT8_STATIC
     if precision == "bf16" and device.type == "cuda":
         return NumericPath.BF16_WEIGHTS           # every kernel in bf16: 1.5x autocast's slices per second on an H100
     return NumericPath(precision if precision == "fp32" else f"{precision} autocast")

@@ -13,18 +13,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import logging
 import os
-import platform
-import shutil
-import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from . import package_cache
+from . import package_cache, probes
 from .errors import DaeformerError, first_line
 from .metrics import dice_per_class
 from .private_api import cpu_supports
@@ -32,54 +27,13 @@ from .private_api import cpu_supports
 MIN_AGREEMENT = 0.995              # share of calibration voxels whose label must equal fp32's (issue 15's bar)
 MIN_CLASS_DICE = 0.98              # and each class fp32 finds (on 0.1% of the voxels or more): its Dice against fp32's
 CALIBRATION_SLICES = 16           # at most, spread evenly over the first image that needs a package
-_X86 = {"x86_64", "amd64", "i686", "x86"}
-
-
 class Unavailable(DaeformerError):
     """Static int8 cannot run here or for this model; the message says why (the engine falls back)."""
 
 
-def _cpp_compiler() -> str | None:
-    """The C++ compiler inductor would call, if it is installed."""
-    candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
-    return next((c for c in candidates if shutil.which(c)), None)
-
-
-def unavailable_reason() -> str | None:
-    """Why static int8 cannot run on this machine (None when it can)."""
-    from .devices import cpu_has_int8_kernels
-
-    if platform.machine().lower() not in _X86 or not cpu_has_int8_kernels():
-        return "static int8 needs an x86 CPU with torch's int8 kernels"
-    try:
-        _torchao()
-    except ImportError:
-        return "static int8 needs torchao (pip install torchao)"
-    if _cpp_compiler() is None:
-        return "static int8 needs a C++ compiler (g++ or clang++) to compile the model once"
-    return None
-
-
-@contextmanager
-def _quiet_torchao() -> Iterator[None]:
-    """torchao logs a warning per CUDA-only extension it cannot load on a CPU build, torch one on torchao's enums, and
-    the int8 lowering a UserWarning per layer: none is the user's concern."""
-    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
-
 def _torchao() -> tuple[Callable[..., torch.nn.Module], Callable[..., torch.nn.Module], object]:
     """torchao's (prepare_pt2e, convert_pt2e, x86 inductor quantizer module); ImportError if it is missing."""
-    with _quiet_torchao():
+    with probes.quiet_torchao():
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
         from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer
     return prepare_pt2e, convert_pt2e, x86_inductor_quantizer
@@ -118,7 +72,7 @@ class StaticInt8:
 def load(model: torch.nn.Module, batch: int, input_size: tuple[int, int]) -> StaticInt8 | None:
     """The cached package of `model` at this batch and input size, if one was made and verified (None if not).
     Raises Unavailable where one was made and rejected, cannot run here, or the cache is not private to this user."""
-    reason = unavailable_reason()
+    reason = probes.static_int8_unavailable()
     if reason:
         raise Unavailable(reason)
     weights = package_cache.weights_digest(model)
@@ -160,7 +114,7 @@ def build(model: torch.nn.Module, calibration: Sequence[torch.Tensor], batch: in
     weights).
     """
     min_agreement = MIN_AGREEMENT if min_agreement is None else min_agreement
-    reason = unavailable_reason()
+    reason = probes.static_int8_unavailable()
     if reason:
         raise Unavailable(reason)
     weights = package_cache.weights_digest(model)
@@ -171,7 +125,7 @@ def build(model: torch.nn.Module, calibration: Sequence[torch.Tensor], batch: in
     quantizer = xiq.X86InductorQuantizer()
     quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(reduce_range=seven_bit_activations()))
     try:
-        with torch.no_grad(), _quiet_torchao():
+        with torch.no_grad(), probes.quiet_torchao():
             prepared = prepare_pt2e(torch.export.export(model, (batches[0],)).module(), quantizer)
             for x in batches:                                  # activation ranges, observed once
                 prepared(x)
@@ -191,7 +145,7 @@ def build(model: torch.nn.Module, calibration: Sequence[torch.Tensor], batch: in
     except package_cache.UntrustedCache as e:
         raise Unavailable(str(e)) from e
     compiled = StaticInt8(path, batch)
-    with torch.inference_mode(), _quiet_torchao():
+    with torch.inference_mode(), probes.quiet_torchao():
         ours = torch.cat([compiled(x).argmax(1) for x in batches]).numpy()
         fp32 = torch.cat([model(x).argmax(1) for x in batches]).numpy()
     agreement = float((ours == fp32).mean())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from napari_daeformer import devices, static_int8
+from napari_daeformer import probes
 from napari_daeformer.checkpoint import Checkpoint, ModelCard
 from napari_daeformer.devices import resolve_path
 from napari_daeformer.errors import InferenceError
@@ -21,9 +21,9 @@ CPU = torch.device("cpu")
     (False, False, True, "fp32")])
 def test_auto_picks_the_measured_cpu_path(monkeypatch: pytest.MonkeyPatch, bf16: bool, int8: bool, static: bool,
                                           path: str) -> None:
-    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: bf16)
-    monkeypatch.setattr(devices, "cpu_has_int8_kernels", lambda: int8)
-    monkeypatch.setattr(static_int8, "unavailable_reason", lambda: None if static else "no C++ compiler")
+    monkeypatch.setattr(probes, "cpu_has_native_bf16", lambda: bf16)
+    monkeypatch.setattr(probes, "cpu_has_int8_kernels", lambda: int8)
+    monkeypatch.setattr(probes, "static_int8_unavailable", lambda: None if static else "no C++ compiler")
     assert resolve_path("auto", CPU) == path
     assert resolve_path("fp32", CPU) == "fp32"
 
@@ -36,7 +36,7 @@ def test_explicit_paths_and_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
         resolve_path("int4", CPU)
     with pytest.raises(InferenceError, match="int8 runs on the CPU only"):
         resolve_path("int8", torch.device("cuda"))
-    monkeypatch.setattr(devices, "cpu_has_int8_kernels", lambda: False)
+    monkeypatch.setattr(probes, "cpu_has_int8_kernels", lambda: False)
     with pytest.raises(InferenceError, match="no int8 kernels"):
         resolve_path("int8", CPU)
 

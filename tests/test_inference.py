@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from napari_daeformer.app.cli import main
 from napari_daeformer.bundled import bundled_model
 from napari_daeformer.checkpoint import Checkpoint, ModelCard, load_checkpoint
-from napari_daeformer.devices import cpu_has_int8_kernels
 from napari_daeformer.errors import InferenceError
 from napari_daeformer.inference import Cancelled, Progress, SliceInferer
 from napari_daeformer.io import read_image
@@ -22,6 +21,7 @@ from napari_daeformer.io.record import default_affine
 from napari_daeformer.jobs import drain
 from napari_daeformer.metrics import dice_per_class
 from napari_daeformer.model import DAEFormer
+from napari_daeformer.probes import cpu_has_int8_kernels
 from napari_daeformer.sample_data import synthetic_ct, synthetic_skin
 from napari_daeformer.stages import Accumulator, Predictor, SliceSource, int8_copy, low_precision_copy
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_daeformer import devices, package_cache, static_int8
+from napari_daeformer import package_cache, probes, static_int8
 from napari_daeformer.checkpoint import load_checkpoint
 from napari_daeformer.inference import SliceInferer
 from napari_daeformer.jobs import drain
@@ -34,7 +34,7 @@ def never_loaded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         loaded.append(path)
         raise AssertionError(f"a package was loaded: {path}")
     monkeypatch.setattr(torch._inductor, "aoti_load_package", record)
-    monkeypatch.setattr(static_int8, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(probes, "static_int8_unavailable", lambda: None)
     return loaded
 
 
@@ -186,9 +186,9 @@ def test_auto_on_a_shared_cache_runs_int8_dynamic_and_says_why(tiny_ckpt: Path, 
                                                                never_loaded: list[str]) -> None:
     """With no flag, on a CPU without native bf16 (where `auto` looks for a package), a shared cache folder is a
     note and int8 dynamic, never a load."""
-    if not devices.cpu_has_int8_kernels():
+    if not probes.cpu_has_int8_kernels():
         pytest.skip("no x86 int8 kernels in this torch build: auto never looks for a package")
-    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(probes, "cpu_has_native_bf16", lambda: False)
     shared = tmp_path / "shared"
     shared.mkdir()
     shared.chmod(0o777)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_daeformer import devices, int8_worker, package_cache, static_int8
+from napari_daeformer import int8_worker, package_cache, probes, static_int8
 from napari_daeformer.bundled import bundled_model
 from napari_daeformer.checkpoint import Checkpoint, load_checkpoint
 from napari_daeformer.errors import Cancelled
@@ -27,8 +27,8 @@ from napari_daeformer.stages import Predictor
 
 from .conftest import TINY
 
-needs_static = pytest.mark.skipif(static_int8.unavailable_reason() is not None,
-                                  reason=f"static int8 cannot run here: {static_int8.unavailable_reason()}")
+needs_static = pytest.mark.skipif(probes.static_int8_unavailable() is not None,
+                                  reason=f"static int8 cannot run here: {probes.static_int8_unavailable()}")
 
 
 def run(image: np.ndarray, ckpt: Checkpoint, **kwargs: object) -> tuple[Segmentation, list[str]]:
@@ -48,7 +48,7 @@ def ct_model() -> Checkpoint:
 @pytest.fixture
 def cpu_without_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     """A CPU where `auto` picks int8 (as on an AVX2-only x86 CPU)."""
-    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(probes, "cpu_has_native_bf16", lambda: False)
 
 
 @pytest.mark.slow
@@ -101,16 +101,16 @@ def test_a_package_that_loses_labels_is_rejected_and_remembered(monkeypatch: pyt
 def test_where_it_cannot_run_int8_runs_dynamic_and_says_so(tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No compiler: `int8` resolves to int8 dynamic before the run. A compile that fails: the run goes on in int8
     dynamic with a note naming the error, and the cache holds no half-written package."""
-    if not devices.cpu_has_int8_kernels():
+    if not probes.cpu_has_int8_kernels():
         pytest.skip("no x86 int8 kernels in this torch build: int8 is refused outright (tests/test_devices.py)")
     ckpt = load_checkpoint(tiny_ckpt)
     image = np.random.default_rng(0).normal(0, 300, (3, 64, 64)).astype(np.float32)
     with monkeypatch.context() as m:
-        m.setattr(static_int8, "_cpp_compiler", lambda: None)
-        assert "C++ compiler" in static_int8.unavailable_reason()
+        m.setattr(probes, "cpp_compiler", lambda: None)
+        assert "C++ compiler" in probes.static_int8_unavailable()
         result, notes = run(image, ckpt, precision="int8")
     assert result.numeric_path == "int8 dynamic" and notes == []
-    if static_int8.unavailable_reason() is not None:
+    if probes.static_int8_unavailable() is not None:
         return                                                 # the failed compile below needs torchao itself
 
     monkeypatch.setenv("CXX", "false")                         # a compiler that fails every compile
