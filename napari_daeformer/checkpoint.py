@@ -24,7 +24,6 @@ from .errors import CheckpointError, InvalidValue, short_repr
 from .memory import check_allocation
 from .model import SIZE_MULTIPLE, DAEFormer, DAEFormerConfig
 from .model.config import check_int
-from .neighbours import check_weight
 from .preprocessing import Preprocessing, ct_preprocessing
 
 FORMAT_NAME = "napari-daeformer"
@@ -45,6 +44,16 @@ DEFAULT_COLORS = (
     "#f032e6", "#bcf60c", "#fabebe", "#008080", "#e6beff", "#9a6324", "#800000", "#aaffc3",
 )
 
+
+
+MAX_WEIGHT = 0.45          # each neighbour's share below a half: the slice itself always counts
+
+
+def check_weight(value: object) -> float:
+    """`value` as a neighbour weight in [0, MAX_WEIGHT] (InvalidValue, a ValueError, otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= MAX_WEIGHT:
+        raise InvalidValue(f"the neighbour weight must be a number from 0 to {MAX_WEIGHT}, got {value!r}")
+    return float(value)
 
 @dataclass(frozen=True)
 class ModelCard:

@@ -18,14 +18,14 @@ import numpy as np
 import torch
 
 from . import package_cache, static_int8
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, check_weight
 from .devices import NumericPath, resolve_device, resolve_path
 from .errors import Cancelled, InferenceError, first_line
 from .int8_worker import build_in_child, child_runner
 from .io import ImageRecord
 from .io.record import MAX_CLASSES, is_rgb
 from .jobs import drain
-from .neighbours import NeighbourMix, check_weight
+from .neighbours import NeighbourMix
 from .preprocessing import Preprocessing
 from .stages import Accumulator, Predictor, SliceSource
 from .transfers import Pending

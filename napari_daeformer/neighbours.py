@@ -14,16 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import InvalidValue
-
-MAX_WEIGHT = 0.45          # each neighbour's share below a half: the slice itself always counts
-
-
-def check_weight(value: object) -> float:
-    """`value` as a neighbour weight in [0, MAX_WEIGHT] (InvalidValue, a ValueError, otherwise)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= MAX_WEIGHT:
-        raise InvalidValue(f"the neighbour weight must be a number from 0 to {MAX_WEIGHT}, got {value!r}")
-    return float(value)
+from .checkpoint import check_weight
 
 
 def mixed(p: torch.Tensor, neighbours: list[torch.Tensor], weight: float) -> torch.Tensor:

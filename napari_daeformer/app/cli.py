@@ -120,7 +120,7 @@ def _info_options(p: argparse.ArgumentParser) -> None:
 
 
 def _segment_options(p: argparse.ArgumentParser) -> None:
-    from ..neighbours import MAX_WEIGHT
+    from ..checkpoint import MAX_WEIGHT
 
     p.add_argument("input", type=Path, help="image file or DICOM folder")
     p.add_argument("output", type=Path, help="label map: .nii.gz, .nii, .tif, .png, or .dcm (DICOM-SEG, from a DICOM "

@@ -31,7 +31,7 @@ from napari_daeformer_training.verdict import FinetuneProgress
 
 from napari_daeformer.app.options import class_list, class_list_text, ct_window, number, whole, window_text
 from napari_daeformer.atomic import atomic_write, check_output_path
-from napari_daeformer.checkpoint import MAX_INPUT_SIDE, SYNAPSE_CLASSES, ModelCard, load_checkpoint
+from napari_daeformer.checkpoint import MAX_INPUT_SIDE, MAX_WEIGHT, SYNAPSE_CLASSES, ModelCard, load_checkpoint
 from napari_daeformer.distributed import init_from_env, shutdown
 from napari_daeformer.errors import DaeformerError, TrainingError, first_line, printable, short_repr
 from napari_daeformer.inference import SliceInferer
@@ -39,7 +39,6 @@ from napari_daeformer.io.record import is_rgb, label_values, require_image
 from napari_daeformer.jobs import drain
 from napari_daeformer.metrics import evaluate_case
 from napari_daeformer.model import SIZE_MULTIPLE, DAEFormer, named_config
-from napari_daeformer.neighbours import MAX_WEIGHT
 from napari_daeformer.preprocessing import ct_preprocessing, rgb_preprocessing, zscore_preprocessing
 from napari_daeformer.private_api import parser_actions
 from napari_daeformer.sample_data import CT_CLASSES, SKIN_CLASSES

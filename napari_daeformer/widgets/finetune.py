@@ -24,12 +24,11 @@ from napari_daeformer_training.verdict import FinetuneProgress, FinetuneResult
 from qtpy.QtWidgets import QTabWidget
 
 from ..agreement import VersionAgreement, by_version, history, merged
-from ..checkpoint import ModelCard, read_card
+from ..checkpoint import MAX_WEIGHT, ModelCard, read_card
 from ..control.finetune import FinetuneController, check_kept_classes, finetune_and_save, pair
 from ..errors import DaeformerError, TrainingError
 from ..hub import hub_for
 from ..io.record import CLASSES_KEY
-from ..neighbours import MAX_WEIGHT
 from ._layers import annotation_of, follow, proposals_first
 from ._workers import WorkerWidget, collapsible, device_picker, failure_message, guarded, holder, row
 from .segment import SegmentWidget

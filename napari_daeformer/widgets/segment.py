@@ -15,7 +15,7 @@ from napari.utils.notifications import show_info, show_warning
 
 from ..annotation import ENV_FOLDER, USER_FOLDER, Annotation, SavedSession, default_folder, image_key, session_path
 from ..bundled import bundled_model
-from ..checkpoint import Checkpoint
+from ..checkpoint import MAX_WEIGHT, Checkpoint
 from ..control.segment import Offer, Run, SegmentController, dock_inferer, summary_html
 from ..devices import PRECISIONS
 from ..errors import Cancelled, DaeformerError, InferenceError
@@ -23,7 +23,6 @@ from ..hub import hub_for
 from ..inference import Progress, SliceInferer, check_compatible, image_warnings
 from ..io import ImageRecord, geometry_from_metadata
 from ..io.record import CLASSES_KEY
-from ..neighbours import MAX_WEIGHT
 from ..segment_file import FileReport, segment_record
 from ..volumes import Measures
 from ._layers import attach, engine_writes, follow, image_identity, labels_kwargs, proposals_first, record_from_layer
