@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from napari_daeformer.batch import BatchJob, run_batch
+from napari_daeformer.base.jobs import drain
 from napari_daeformer.io.nifti import write_nifti
 from napari_daeformer.io.record import default_affine
-from napari_daeformer.jobs import drain
+from napari_daeformer.tasks.batch import BatchJob, run_batch
 
 
 def main() -> None:

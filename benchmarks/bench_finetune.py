@@ -17,7 +17,7 @@ on the no-shift case (the 4 slices where the bundled CT model errs most correcte
 the first three steps and the Dice on the 44 other slices after 20 and 100 steps.
 
 Each scenario takes a held-out phantom (CT seed 31, 48 slices; or 12 skin photos, seeds 3001-3012), changes it as
-another scanner or camera would (`napari_daeformer.sample_data.shifted`), writes the ground truth on N slices (the
+another scanner or camera would (`napari_daeformer.io.sample_data.shifted`), writes the ground truth on N slices (the
 "corrections") and fine-tunes the bundled model on them with `training/finetune.py`. "none" is the no-shift case: the
 user corrects the N slices where the model errs most. The per-tissue scenarios (phase, kernel, enlarged, lesion)
 are the shifts no global scale and shift undoes. Photos are one slice each. The table reports mean foreground Dice
@@ -47,13 +47,13 @@ from napari_daeformer_training.protection import PullToParent
 from napari_daeformer_training.settings import DEFAULT_WEIGHTS, FinetuneSettings
 from napari_daeformer_training.trainer import StepReport, TrainConfig, Trainer
 
-from napari_daeformer.bundled import bundled_model  # noqa: E402
-from napari_daeformer.checkpoint import Checkpoint, load_checkpoint
-from napari_daeformer.inference import SliceInferer
-from napari_daeformer.jobs import drain
-from napari_daeformer.metrics import dice_per_class
-from napari_daeformer.sample_data import Sample, shifted, synthetic_ct, synthetic_skin
-from napari_daeformer.threads import ThreadGovernor
+from napari_daeformer.base.jobs import drain
+from napari_daeformer.base.metrics import dice_per_class
+from napari_daeformer.base.threads import ThreadGovernor
+from napari_daeformer.engine.inference import SliceInferer
+from napari_daeformer.io.sample_data import Sample, shifted, synthetic_ct, synthetic_skin
+from napari_daeformer.model.bundled import bundled_model  # noqa: E402
+from napari_daeformer.model.checkpoint import Checkpoint, load_checkpoint
 
 AFFINE = ("offset", "contrast", "noise", "spacing")
 PER_TISSUE = ("phase", "kernel", "enlarged", "lesion")

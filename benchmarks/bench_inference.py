@@ -41,13 +41,13 @@ from _isa import ISAS, isa_in_use, limit_isa  # noqa: E402
 from _official_layout import official_forward  # noqa: E402
 from _timing import cpu_name  # noqa: E402
 
-from napari_daeformer import package_cache, static_int8
-from napari_daeformer.checkpoint import Checkpoint, ModelCard
-from napari_daeformer.devices import resolve_device
-from napari_daeformer.inference import SliceInferer, calibration_batches, default_batch_size
+from napari_daeformer.engine import package_cache, static_int8
+from napari_daeformer.engine.devices import resolve_device
+from napari_daeformer.engine.inference import SliceInferer, calibration_batches, default_batch_size
+from napari_daeformer.engine.stages import SliceSource
 from napari_daeformer.model import DAEFormer, named_config
-from napari_daeformer.preprocessing import ct_preprocessing
-from napari_daeformer.stages import SliceSource
+from napari_daeformer.model.checkpoint import Checkpoint, ModelCard
+from napari_daeformer.model.preprocessing import ct_preprocessing
 
 
 def run_variant(variant: str, device_name: str, slices: int, threads: int | None, labels_to: str) -> dict[str, float]:

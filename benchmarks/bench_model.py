@@ -41,17 +41,17 @@ from _isa import ISAS, isa_in_use, limit_isa  # noqa: E402
 from _official_layout import official_forward  # noqa: E402
 from _timing import cpu_name  # noqa: E402
 
-from napari_daeformer import package_cache, probes, static_int8  # noqa: E402
-from napari_daeformer.bundled import bundled_model  # noqa: E402
-from napari_daeformer.checkpoint import Checkpoint, ModelCard, load_checkpoint  # noqa: E402
-from napari_daeformer.devices import resolve_device, resolve_path  # noqa: E402
-from napari_daeformer.inference import calibration_batches, default_batch_size  # noqa: E402
-from napari_daeformer.metrics import dice_per_class  # noqa: E402
+from napari_daeformer.base.metrics import dice_per_class  # noqa: E402
+from napari_daeformer.engine import package_cache, probes, static_int8  # noqa: E402
+from napari_daeformer.engine.devices import resolve_device, resolve_path  # noqa: E402
+from napari_daeformer.engine.inference import calibration_batches, default_batch_size  # noqa: E402
+from napari_daeformer.engine.probes import cpu_has_int8_kernels, cpu_has_native_bf16  # noqa: E402
+from napari_daeformer.engine.stages import Accumulator, Predictor, SliceSource  # noqa: E402
+from napari_daeformer.io.sample_data import synthetic_ct  # noqa: E402
 from napari_daeformer.model import DAEFormer, count_parameters, named_config  # noqa: E402
-from napari_daeformer.preprocessing import ct_preprocessing  # noqa: E402
-from napari_daeformer.probes import cpu_has_int8_kernels, cpu_has_native_bf16  # noqa: E402
-from napari_daeformer.sample_data import synthetic_ct  # noqa: E402
-from napari_daeformer.stages import Accumulator, Predictor, SliceSource  # noqa: E402
+from napari_daeformer.model.bundled import bundled_model  # noqa: E402
+from napari_daeformer.model.checkpoint import Checkpoint, ModelCard, load_checkpoint  # noqa: E402
+from napari_daeformer.model.preprocessing import ct_preprocessing  # noqa: E402
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 ENGINE = {"fp32": "fp32", "bf16-autocast": "bf16 autocast", "fp16-autocast": "fp16 autocast",

@@ -33,10 +33,10 @@ def main() -> None:
     from qtpy.QtCore import QTimer
     from qtpy.QtWidgets import QApplication
 
-    from napari_daeformer import probes
-    from napari_daeformer.bundled import bundled_model
-    from napari_daeformer.checkpoint import load_checkpoint
-    from napari_daeformer.inference import SliceInferer
+    from napari_daeformer.engine import probes
+    from napari_daeformer.engine.inference import SliceInferer
+    from napari_daeformer.model.bundled import bundled_model
+    from napari_daeformer.model.checkpoint import load_checkpoint
 
     torch.set_num_threads(args.threads)
     viewer = napari.Viewer(show=True)

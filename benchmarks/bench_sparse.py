@@ -63,12 +63,10 @@ from napari_daeformer_training.settings import FinetuneSettings
 from napari_daeformer_training.teach import extend_classes, input_side, new_model, preprocessing_for, teach_pair
 from napari_daeformer_training.verdict import FinetuneProgress, FinetuneResult
 
-from napari_daeformer.bundled import bundled_model  # noqa: E402
-from napari_daeformer.checkpoint import Checkpoint, load_checkpoint
-from napari_daeformer.inference import SliceInferer
-from napari_daeformer.jobs import drain
-from napari_daeformer.metrics import dice_per_class
-from napari_daeformer.sample_data import (
+from napari_daeformer.base.jobs import drain
+from napari_daeformer.base.metrics import dice_per_class
+from napari_daeformer.engine.inference import SliceInferer
+from napari_daeformer.io.sample_data import (
     CT_CLASSES,
     Sample,
     shifted,
@@ -78,6 +76,8 @@ from napari_daeformer.sample_data import (
     synthetic_mr,
     with_liver_lesions,
 )
+from napari_daeformer.model.bundled import bundled_model  # noqa: E402
+from napari_daeformer.model.checkpoint import Checkpoint, load_checkpoint
 
 CASES = ("chest", "ct-thick", "mr-thick")
 

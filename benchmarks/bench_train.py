@@ -30,10 +30,10 @@ from napari_daeformer_training.data import Case  # noqa: E402
 from napari_daeformer_training.losses import DiceCELoss  # noqa: E402
 from napari_daeformer_training.trainer import TrainConfig, Trainer  # noqa: E402
 
-from napari_daeformer.checkpoint import ModelCard  # noqa: E402
-from napari_daeformer.devices import resolve_device  # noqa: E402
+from napari_daeformer.engine.devices import resolve_device  # noqa: E402
 from napari_daeformer.model import DAEFormer, named_config  # noqa: E402
-from napari_daeformer.preprocessing import ct_preprocessing  # noqa: E402
+from napari_daeformer.model.checkpoint import ModelCard  # noqa: E402
+from napari_daeformer.model.preprocessing import ct_preprocessing  # noqa: E402
 
 ONE_VOLUME_SETTINGS = ["--arch", "small", "--input-size", "224", "--batch-size", "8", "--optimizer", "adamw", "--lr", "2e-3",
                        "--weight-decay", "1e-4", "--epochs", "100000", "--val-every", "25", "--no-flip", "--device", "cpu", "--quiet"]
@@ -48,7 +48,7 @@ def one_volume(kind: str, minutes: float, target: float, threads: int | None) ->
     from napari_daeformer.io import write_labels
     from napari_daeformer.io.nifti import write_nifti
     from napari_daeformer.io.record import default_affine
-    from napari_daeformer.sample_data import synthetic_ct, synthetic_mr
+    from napari_daeformer.io.sample_data import synthetic_ct, synthetic_mr
 
     root = Path(tempfile.mkdtemp(prefix="bench_one_volume_"))
     s = (synthetic_ct if kind == "ct" else synthetic_mr)(seed=3)

@@ -20,7 +20,7 @@ from skimage import io as skio
 
 from napari_daeformer.io.nifti import write_nifti
 from napari_daeformer.io.record import default_affine
-from napari_daeformer.sample_data import (
+from napari_daeformer.io.sample_data import (
     CHEST_CLASSES,
     CT_CLASSES,
     Sample,
@@ -135,7 +135,7 @@ def ct_scenes(tmp: Path) -> None:
     viewer.layers["abdomen DAE-Former"].visible = False
     save(viewer, "ct_resegmented.png")
     again = viewer.layers[-1]                           # the new model's proposal, corrected on the same slices
-    from napari_daeformer.metrics import dice_per_class
+    from napari_daeformer.base.metrics import dice_per_class
     rest = [z for z in range(len(sample.labels)) if z not in (12, 20, 28, 36)]
     for name, layer in (("parent", labels), ("fine-tuned", again)):
         proposal = np.asarray(layer.data)[rest] if layer is again else segment_before[rest]
@@ -198,7 +198,7 @@ def paint(layer, truth: np.ndarray, slices: list[int], only: int | None = None) 
 
 def teach_scenes(tmp: Path, minutes: float) -> None:
     """A chest CT no bundled model knows: 5 slices painted, a new model trained, then the Segment dock runs it."""
-    from napari_daeformer.widgets.finetune import FROM_NEW
+    from napari_daeformer.plugin.widgets.finetune import FROM_NEW
 
     chest = synthetic_chest(seed=0)
     path = write_nifti(tmp / "chest.nii.gz", chest.image, default_affine(chest.spacing))

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from napari_daeformer.annotation import ENV_FOLDER
-from napari_daeformer.checkpoint import ModelCard, save_checkpoint
+from napari_daeformer.engine.package_cache import CACHE_ENV
 from napari_daeformer.model import DAEFormer, DAEFormerConfig
-from napari_daeformer.package_cache import CACHE_ENV
-from napari_daeformer.preprocessing import ct_preprocessing
+from napari_daeformer.model.checkpoint import ModelCard, save_checkpoint
+from napari_daeformer.model.preprocessing import ct_preprocessing
+from napari_daeformer.session.annotation import ENV_FOLDER
 
 OFFICIAL_TSV = Path(__file__).resolve().parent / "data" / "official_daeformer_state_dict.tsv"   # the released checkpoint's keys
 
@@ -35,7 +35,7 @@ def int8_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pyt
 @pytest.fixture(autouse=True)
 def user_models_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Models made from the docks (versions of bundled models, new models) go to a fresh folder, never home."""
-    monkeypatch.setattr("napari_daeformer.control.finetune.USER_MODELS", tmp_path_factory.mktemp("models"))
+    monkeypatch.setattr("napari_daeformer.plugin.control.finetune.USER_MODELS", tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(autouse=True)

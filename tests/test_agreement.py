@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from napari_daeformer.agreement import as_provenance, by_version, history, measure, merged
+from napari_daeformer.session.agreement import as_provenance, by_version, history, measure, merged
 
 
 def test_agreement_measures_and_lineage() -> None:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from napari_daeformer.atomic import atomic_write
-from napari_daeformer.errors import DaeformerError
+from napari_daeformer.base.atomic import atomic_write
+from napari_daeformer.base.errors import DaeformerError
 
 
 def test_a_second_writer_that_finishes_first_is_never_replaced(tmp_path: Path) -> None:

@@ -14,12 +14,12 @@ import pytest
 from skimage import io as skio
 
 from napari_daeformer.app.cli import main
-from napari_daeformer.batch import BatchJob, list_inputs, output_paths, run_batch
-from napari_daeformer.bundled import bundled_model
+from napari_daeformer.base.jobs import drain
 from napari_daeformer.io import read_image, write_labels
 from napari_daeformer.io.nifti import write_nifti
-from napari_daeformer.jobs import drain
-from napari_daeformer.sample_data import shifted, synthetic_ct, synthetic_skin
+from napari_daeformer.io.sample_data import shifted, synthetic_ct, synthetic_skin
+from napari_daeformer.model.bundled import bundled_model
+from napari_daeformer.tasks.batch import BatchJob, list_inputs, output_paths, run_batch
 
 from .io.test_nifti_tiff_photo import oblique_affine
 
@@ -120,7 +120,7 @@ def test_prefetch_and_plain_give_the_same_outputs(tmp_path: Path) -> None:
 
 KILL_AFTER_FIRST = """
 import os, signal, sys
-import napari_daeformer.atomic as atomic
+import napari_daeformer.base.atomic as atomic
 real_replace, real_link = os.replace, os.link
 def landed(dst):
     if str(dst).endswith(".nii.gz"):
@@ -322,7 +322,7 @@ def test_summary_cells_never_start_a_spreadsheet_formula(tmp_path: Path) -> None
     import csv
     import io
 
-    from napari_daeformer.batch import FileResult, read_earlier, summary_csv
+    from napari_daeformer.tasks.batch import FileResult, read_earlier, summary_csv
 
     name = '=HYPERLINK("http://x","open").nii.gz'
     csv_text = summary_csv([FileResult(name, "-out.nii.gz", "done", reason="+1", measures={"@SUM(A1)": 2.0},
@@ -339,7 +339,7 @@ def test_summary_cells_never_start_a_spreadsheet_formula(tmp_path: Path) -> None
 def test_a_second_writer_on_one_folder_is_refused_at_its_start(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     """Two batches on one output folder both reported success over each other's files, and the second summary
     replaced the first: the second now stops before any work, naming the first."""
-    from napari_daeformer.batch import sole_writer
+    from napari_daeformer.tasks.batch import sole_writer
 
     src, out = tmp_path / "in", tmp_path / "out"
     make_folder(src, volumes=1)
@@ -358,8 +358,8 @@ def test_an_output_folder_that_cannot_be_written_stops_before_any_work(tmp_path:
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A read-only output folder computed every file before failing at the writes; the folder is now held first.
     (The suite may run as root, whom permissions do not stop: the refusal is planted at the lock's open.)"""
-    import napari_daeformer.batch as batch_module
-    import napari_daeformer.folder_lock as lock_module
+    import napari_daeformer.base.folder_lock as lock_module
+    import napari_daeformer.tasks.batch as batch_module
 
     src, out = tmp_path / "in", tmp_path / "out"
     make_folder(src, volumes=1)

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from napari_daeformer.checkpoint import ModelCard, load_checkpoint, read_card, save_checkpoint
-from napari_daeformer.errors import CheckpointError
+from napari_daeformer.base.errors import CheckpointError
 from napari_daeformer.model import DAEFormer, named_config
-from napari_daeformer.preprocessing import ct_preprocessing, rgb_preprocessing
+from napari_daeformer.model.checkpoint import ModelCard, load_checkpoint, read_card, save_checkpoint
+from napari_daeformer.model.preprocessing import ct_preprocessing, rgb_preprocessing
 
 from .conftest import TINY
 
@@ -117,7 +117,7 @@ def test_save_is_atomic_and_refuses_overwrite(tmp_path: Path, tiny_ckpt: Path, t
         Path(str(args[1])).write_bytes(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr("napari_daeformer.checkpoint.save_file", crash)
+    monkeypatch.setattr("napari_daeformer.model.checkpoint.save_file", crash)
     with pytest.raises(CheckpointError, match=r"tiny.safetensors: not written \(disk full\); an earlier file"):
         save_checkpoint(tiny_ckpt, tiny_model, card)
     assert tiny_ckpt.read_bytes() == before                           # the old checkpoint is intact

@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from napari_daeformer.app.cli import main
-from napari_daeformer.checkpoint import ModelCard, load_checkpoint, read_card, save_checkpoint
-from napari_daeformer.errors import CheckpointError
+from napari_daeformer.base.errors import CheckpointError
 from napari_daeformer.model import DAEFormer
+from napari_daeformer.model.checkpoint import ModelCard, load_checkpoint, read_card, save_checkpoint
 
 from .conftest import TINY
 

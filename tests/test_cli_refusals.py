@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from napari_daeformer.app.cli import main
-from napari_daeformer.checkpoint import ModelCard, save_checkpoint
-from napari_daeformer.errors import CheckpointError
-from napari_daeformer.preprocessing import ct_preprocessing
+from napari_daeformer.base.errors import CheckpointError
+from napari_daeformer.model.checkpoint import ModelCard, save_checkpoint
+from napari_daeformer.model.preprocessing import ct_preprocessing
 
 from .conftest import TINY, official_rows
 
@@ -75,7 +75,7 @@ def test_a_one_bit_png_is_segmented(tmp_path: Path) -> None:
 
 def test_a_mask_layer_gets_the_constant_image_warning_not_a_traceback() -> None:
     """The Segment dock checks a layer with `image_warnings` before the run: np.ptp failed on a bool layer."""
-    from napari_daeformer.inference import image_warnings
+    from napari_daeformer.engine.inference import image_warnings
 
     assert image_warnings(np.zeros((8, 8), bool)) and not image_warnings(np.eye(8, dtype=bool))
 

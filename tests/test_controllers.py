@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 from napari_daeformer_training.pairs import Pair
 
-from napari_daeformer.annotation import Annotation, ImageIdentity, save_session, session_path
-from napari_daeformer.bundled import bundled_model
-from napari_daeformer.checkpoint import load_checkpoint, read_card
-from napari_daeformer.control.finetune import FinetuneController, pair
-from napari_daeformer.control.segment import SegmentController
-from napari_daeformer.errors import DaeformerError
-from napari_daeformer.inference import Progress, SliceInferer
-from napari_daeformer.sample_data import synthetic_ct
-from napari_daeformer.volumes import Measures
+from napari_daeformer.base.errors import DaeformerError
+from napari_daeformer.base.volumes import Measures
+from napari_daeformer.engine.inference import Progress, SliceInferer
+from napari_daeformer.io.sample_data import synthetic_ct
+from napari_daeformer.model.bundled import bundled_model
+from napari_daeformer.model.checkpoint import load_checkpoint, read_card
+from napari_daeformer.plugin.control.finetune import FinetuneController, pair
+from napari_daeformer.plugin.control.segment import SegmentController
+from napari_daeformer.session.annotation import Annotation, ImageIdentity, save_session, session_path
 
 IMAGE = ImageIdentity("k" * 32, "scan")
 
@@ -173,7 +173,7 @@ def test_finetune_prepare_extends_the_head_for_new_class_names(tmp_path: Path) -
 
 
 def test_result_lines_show_hostile_names_as_text() -> None:
-    from napari_daeformer.control.segment import summary_html
+    from napari_daeformer.plugin.control.segment import summary_html
 
     text = summary_html("<img src=x onerror=alert(1)>", [("#ff0000'><b>", "<script>", "1.0 mL")])
     assert "<img" not in text and "<script>" not in text and "&lt;script&gt;" in text
@@ -183,7 +183,7 @@ def test_result_lines_show_hostile_names_as_text() -> None:
 def test_a_fine_tune_keeps_the_models_class_names() -> None:
     """The dock ignored renamed or shorter class lists silently (the CLI refuses them); placeholders and the bare
     'background' of a layer with no names rename nothing."""
-    from napari_daeformer.control.finetune import check_kept_classes
+    from napari_daeformer.plugin.control.finetune import check_kept_classes
     own = ("background", "liver", "spleen")
     check_kept_classes(own, own)
     check_kept_classes(own, (*own, "tumour"))

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from napari_daeformer import probes
-from napari_daeformer.checkpoint import Checkpoint, ModelCard
-from napari_daeformer.devices import resolve_path
-from napari_daeformer.errors import InferenceError
-from napari_daeformer.inference import default_batch_size
+from napari_daeformer.base.errors import InferenceError
+from napari_daeformer.engine import probes
+from napari_daeformer.engine.devices import resolve_path
+from napari_daeformer.engine.inference import default_batch_size
 from napari_daeformer.model import DAEFormer, named_config
-from napari_daeformer.preprocessing import ct_preprocessing
+from napari_daeformer.model.checkpoint import Checkpoint, ModelCard
+from napari_daeformer.model.preprocessing import ct_preprocessing
 
 CPU = torch.device("cpu")
 
@@ -50,7 +50,7 @@ def test_cpu_batch_keeps_activations_near_the_caches(name: str, batch: int) -> N
 
 def test_cuda_batch_fills_half_the_free_memory_up_to_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
     """Checked without a GPU: the free memory is the only thing read from the device."""
-    from napari_daeformer.inference import CUDA_MAX_BATCH
+    from napari_daeformer.engine.inference import CUDA_MAX_BATCH
     model = DAEFormer(named_config("paper", num_classes=9, in_channels=1))
     ckpt = Checkpoint(model, ModelCard(model.cfg, tuple(f"c{i}" for i in range(9)), preprocessing=ct_preprocessing()))
     cuda = torch.device("cuda")

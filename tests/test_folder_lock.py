@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from napari_daeformer.app.cli import main
-from napari_daeformer.errors import DaeformerError
-from napari_daeformer.folder_lock import exclusive
+from napari_daeformer.base.errors import DaeformerError
+from napari_daeformer.base.folder_lock import exclusive
 
 THESIS = b"\\documentclass{article} my thesis, five years of it\n"
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from napari_daeformer.bundled import bundled_model
-from napari_daeformer.checkpoint import load_checkpoint
-from napari_daeformer.inference import SliceInferer
-from napari_daeformer.sample_data import synthetic_ct
-from napari_daeformer.transfers import Transfers
+from napari_daeformer.engine.inference import SliceInferer
+from napari_daeformer.engine.transfers import Transfers
+from napari_daeformer.io.sample_data import synthetic_ct
+from napari_daeformer.model.bundled import bundled_model
+from napari_daeformer.model.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

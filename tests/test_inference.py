@@ -11,19 +11,19 @@ import torch
 import torch.nn.functional as F
 
 from napari_daeformer.app.cli import main
-from napari_daeformer.bundled import bundled_model
-from napari_daeformer.checkpoint import Checkpoint, ModelCard, load_checkpoint
-from napari_daeformer.errors import InferenceError
-from napari_daeformer.inference import Cancelled, Progress, SliceInferer
+from napari_daeformer.base.errors import InferenceError
+from napari_daeformer.base.jobs import drain
+from napari_daeformer.base.metrics import dice_per_class
+from napari_daeformer.engine.inference import Cancelled, Progress, SliceInferer
+from napari_daeformer.engine.probes import cpu_has_int8_kernels
+from napari_daeformer.engine.stages import Accumulator, Predictor, SliceSource, int8_copy, low_precision_copy
 from napari_daeformer.io import read_image
 from napari_daeformer.io.nifti import write_nifti
 from napari_daeformer.io.record import default_affine
-from napari_daeformer.jobs import drain
-from napari_daeformer.metrics import dice_per_class
+from napari_daeformer.io.sample_data import synthetic_ct, synthetic_skin
 from napari_daeformer.model import DAEFormer
-from napari_daeformer.probes import cpu_has_int8_kernels
-from napari_daeformer.sample_data import synthetic_ct, synthetic_skin
-from napari_daeformer.stages import Accumulator, Predictor, SliceSource, int8_copy, low_precision_copy
+from napari_daeformer.model.bundled import bundled_model
+from napari_daeformer.model.checkpoint import Checkpoint, ModelCard, load_checkpoint
 
 from .conftest import TINY
 from .model.test_attention import ShapeRecorder
@@ -195,7 +195,7 @@ def test_any_source_dtype(ct_model: Checkpoint, dtype: str) -> None:
 
 def test_numpy_and_torch_preprocessing_agree() -> None:
     """Training normalises with numpy, the engine with torch on the device: the same numbers."""
-    from napari_daeformer.preprocessing import ct_preprocessing, rgb_preprocessing
+    from napari_daeformer.model.preprocessing import ct_preprocessing, rgb_preprocessing
     ct = np.random.default_rng(0).integers(-1200, 2000, (3, 16, 16)).astype(np.int16)
     rgb = np.random.default_rng(1).integers(0, 256, (8, 8, 3)).astype(np.uint8)
     for prep, x in ((ct_preprocessing("liver"), ct), (rgb_preprocessing(), rgb)):

@@ -1,11 +1,11 @@
-"""Dice and HD95 against hand-computed values, empty cases included (conventions in napari_daeformer.metrics)."""
+"""Dice and HD95 against hand-computed values, empty cases included (conventions in napari_daeformer.base.metrics)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from napari_daeformer.metrics import dice_per_class, evaluate_case, hd95
+from napari_daeformer.base.metrics import dice_per_class, evaluate_case, hd95
 
 
 def test_dice_hand_computed() -> None:

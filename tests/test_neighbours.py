@@ -11,16 +11,16 @@ import pytest
 import torch
 
 from napari_daeformer.app.cli import main
-from napari_daeformer.checkpoint import Checkpoint, ModelCard, load_checkpoint, save_checkpoint
-from napari_daeformer.errors import InferenceError
-from napari_daeformer.inference import SliceInferer
+from napari_daeformer.base.errors import InferenceError
+from napari_daeformer.base.jobs import drain
+from napari_daeformer.engine.inference import SliceInferer
+from napari_daeformer.engine.neighbours import NeighbourMix, mixed
 from napari_daeformer.io import read_image
 from napari_daeformer.io.nifti import write_nifti
 from napari_daeformer.io.record import default_affine
-from napari_daeformer.jobs import drain
 from napari_daeformer.model import DAEFormer
-from napari_daeformer.neighbours import NeighbourMix, mixed
-from napari_daeformer.preprocessing import ct_preprocessing
+from napari_daeformer.model.checkpoint import Checkpoint, ModelCard, load_checkpoint, save_checkpoint
+from napari_daeformer.model.preprocessing import ct_preprocessing
 
 from .conftest import TINY
 

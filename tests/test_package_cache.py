@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from napari_daeformer import package_cache, probes, static_int8
-from napari_daeformer.checkpoint import load_checkpoint
-from napari_daeformer.inference import SliceInferer
-from napari_daeformer.jobs import drain
+from napari_daeformer.base.jobs import drain
+from napari_daeformer.engine import package_cache, probes, static_int8
+from napari_daeformer.engine.inference import SliceInferer
 from napari_daeformer.model import DAEFormer
+from napari_daeformer.model.checkpoint import load_checkpoint
 
 from .conftest import TINY
 

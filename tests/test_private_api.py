@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_daeformer import private_api
+from napari_daeformer.base import private_api
 
 
 def test_tensor_versions_count_in_place_writes() -> None:

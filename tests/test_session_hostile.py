@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_daeformer.annotation import (
+from napari_daeformer.base.errors import DaeformerError
+from napari_daeformer.plugin.control.segment import Offer, SegmentController
+from napari_daeformer.session.annotation import (
     SUFFIX,
     Annotation,
     ImageIdentity,
@@ -23,8 +25,6 @@ from napari_daeformer.annotation import (
     save_session,
     session_path,
 )
-from napari_daeformer.control.segment import Offer, SegmentController
-from napari_daeformer.errors import DaeformerError
 
 IMAGE = ImageIdentity("f" * 64, "ct")
 META = {"format": 2, "saved_at": 0.0, "id": "a" * 32, "layer_name": "x",

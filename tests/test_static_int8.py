@@ -13,17 +13,17 @@ import numpy as np
 import pytest
 import torch
 
-from napari_daeformer import int8_worker, package_cache, probes, static_int8
-from napari_daeformer.bundled import bundled_model
-from napari_daeformer.checkpoint import Checkpoint, load_checkpoint
-from napari_daeformer.errors import Cancelled
-from napari_daeformer.inference import Progress, Segmentation, SliceInferer, default_batch_size
-from napari_daeformer.int8_worker import build_in_child
-from napari_daeformer.jobs import drain
-from napari_daeformer.metrics import dice_per_class
+from napari_daeformer.base.errors import Cancelled
+from napari_daeformer.base.jobs import drain
+from napari_daeformer.base.metrics import dice_per_class
+from napari_daeformer.engine import int8_worker, package_cache, probes, static_int8
+from napari_daeformer.engine.inference import Progress, Segmentation, SliceInferer, default_batch_size
+from napari_daeformer.engine.int8_worker import build_in_child
+from napari_daeformer.engine.stages import Predictor
+from napari_daeformer.io.sample_data import synthetic_ct
 from napari_daeformer.model import DAEFormer
-from napari_daeformer.sample_data import synthetic_ct
-from napari_daeformer.stages import Predictor
+from napari_daeformer.model.bundled import bundled_model
+from napari_daeformer.model.checkpoint import Checkpoint, load_checkpoint
 
 from .conftest import TINY
 
@@ -146,7 +146,7 @@ def _workers_alive() -> list[str]:
             cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if "napari_daeformer.int8_worker" in cmd and "--serve" not in cmd:   # not a runner kept for the next run
+        if "napari_daeformer.engine.int8_worker" in cmd and "--serve" not in cmd:   # not a runner kept for the next run
             alive.append(cmd)
     return alive
 

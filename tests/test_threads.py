@@ -2,7 +2,7 @@
 
 import torch
 
-from napari_daeformer.threads import ThreadGovernor, choose_threads
+from napari_daeformer.base.threads import ThreadGovernor, choose_threads
 
 
 def _probe_from(times: dict[int, list[float]]):
@@ -34,10 +34,10 @@ class _Clock:
 
 def test_a_stalled_step_triggers_a_new_decision(monkeypatch):
     clock = _Clock()
-    monkeypatch.setattr("napari_daeformer.threads.perf_counter", clock)
+    monkeypatch.setattr("napari_daeformer.base.threads.perf_counter", clock)
     governor = ThreadGovernor(max_threads=2, every=1000)
     decisions = []
-    monkeypatch.setattr("napari_daeformer.threads.choose_threads", lambda c, p: decisions.append(2) or 2)
+    monkeypatch.setattr("napari_daeformer.base.threads.choose_threads", lambda c, p: decisions.append(2) or 2)
     saved = torch.get_num_threads()
     with governor:
         for pause in (0.01, 0.01, 0.01, 0.01, 0.2):     # the last step is 20x the others: another process started
@@ -50,7 +50,7 @@ def test_a_stalled_step_triggers_a_new_decision(monkeypatch):
 
 def test_the_probe_stops_once_it_has_lost(monkeypatch):
     clock = _Clock(step=0.001)                         # each reading: a millisecond of work
-    monkeypatch.setattr("napari_daeformer.threads.perf_counter", clock)
+    monkeypatch.setattr("napari_daeformer.base.threads.perf_counter", clock)
     governor = ThreadGovernor(max_threads=1, reps=10_000)
     assert 0.01 < governor._probe(1, 0.01) < 0.02
     assert clock.readings < 20                         # stopped at the limit, not after 10,000 rounds

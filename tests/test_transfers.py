@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from napari_daeformer.transfers import Transfers
+from napari_daeformer.engine.transfers import Transfers
 
 CPU = torch.device("cpu")
 

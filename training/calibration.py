@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import torch
 
-from napari_daeformer.errors import TrainingError
+from napari_daeformer.base.errors import TrainingError
 from napari_daeformer.model import DAEFormer
-from napari_daeformer.preprocessing import Preprocessing
+from napari_daeformer.model.preprocessing import Preprocessing
 
 
 class NoCalibration(torch.nn.Module):

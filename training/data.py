@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from napari_daeformer.errors import TrainingError
-from napari_daeformer.preprocessing import Preprocessing
-from napari_daeformer.sample_data import synthetic_ct, synthetic_skin
+from napari_daeformer.base.errors import TrainingError
+from napari_daeformer.io.sample_data import synthetic_ct, synthetic_skin
+from napari_daeformer.model.preprocessing import Preprocessing
 
 from .losses import IGNORE
 

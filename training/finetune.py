@@ -23,11 +23,11 @@ from typing import Literal
 import numpy as np
 import torch
 
-from napari_daeformer.agreement import PROVENANCE_KEY, Agreement, as_provenance, history, merged
-from napari_daeformer.checkpoint import Checkpoint, ModelCard
-from napari_daeformer.devices import resolve_device
-from napari_daeformer.inference import SliceInferer
-from napari_daeformer.threads import ThreadGovernor
+from napari_daeformer.base.threads import ThreadGovernor
+from napari_daeformer.engine.devices import resolve_device
+from napari_daeformer.engine.inference import SliceInferer
+from napari_daeformer.model.checkpoint import Checkpoint, ModelCard
+from napari_daeformer.session.agreement import PROVENANCE_KEY, Agreement, as_provenance, history, merged
 
 from .augment import AugmentConfig
 from .calibration import calibrated

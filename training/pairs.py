@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from napari_daeformer.agreement import Agreement, measure
-from napari_daeformer.checkpoint import ModelCard
-from napari_daeformer.errors import TrainingError
+from napari_daeformer.base.errors import TrainingError
 from napari_daeformer.io.record import is_rgb
-from napari_daeformer.preprocessing import Preprocessing
+from napari_daeformer.model.checkpoint import ModelCard
+from napari_daeformer.model.preprocessing import Preprocessing
+from napari_daeformer.session.agreement import Agreement, measure
 
 from .data import Case, stray_labels
 from .losses import IGNORE
@@ -31,7 +31,7 @@ class Pair:
         labels: ([Z,] Y, X) integer.
         slices: (S,) bool, the corrected slices (a 2D image is one slice).
         proposal: the model's own labels before the user corrected them, when known: its agreement with `labels`
-            is recorded per model version (`napari_daeformer.agreement`).
+            is recorded per model version (`napari_daeformer.session.agreement`).
         proposed_by, proposed_by_sha256: the checkpoint (file name, hash) that made `proposal`.
     """
 

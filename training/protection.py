@@ -11,8 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from napari_daeformer.base.private_api import foreach_norm, foreach_sub
 from napari_daeformer.model import DAEFormer
-from napari_daeformer.private_api import foreach_norm, foreach_sub
 
 from .losses import IGNORE
 from .settings import FinetuneSettings

@@ -9,7 +9,7 @@ from typing import Literal, get_args
 
 import numpy as np
 
-from napari_daeformer.errors import TrainingError
+from napari_daeformer.base.errors import TrainingError
 
 Task = Literal["refine", "add_classes", "new_model"]
 Protection = Literal["pseudo", "l2sp", "none"]

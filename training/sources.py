@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_daeformer.errors import DaeformerError, TrainingError
+from napari_daeformer.base.errors import DaeformerError, TrainingError
 from napari_daeformer.io import read_image, suffix_of
 from napari_daeformer.io.record import label_channel, label_values
 

@@ -13,8 +13,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from napari_daeformer.atomic import atomic_write
-from napari_daeformer.errors import TrainingError, first_line
+from napari_daeformer.base.atomic import atomic_write
+from napari_daeformer.base.errors import TrainingError, first_line
 
 
 def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> Path:

@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from napari_daeformer.bundled import bundled_model
-from napari_daeformer.checkpoint import DEFAULT_COLORS, Checkpoint, ModelCard, load_checkpoint
-from napari_daeformer.errors import TrainingError
+from napari_daeformer.base.errors import TrainingError
 from napari_daeformer.model import DAEFormer, named_config
-from napari_daeformer.preprocessing import Preprocessing, ct_preprocessing, rgb_preprocessing, zscore_preprocessing
+from napari_daeformer.model.bundled import bundled_model
+from napari_daeformer.model.checkpoint import DEFAULT_COLORS, Checkpoint, ModelCard, load_checkpoint
+from napari_daeformer.model.preprocessing import Preprocessing, ct_preprocessing, rgb_preprocessing, zscore_preprocessing
 
 from .losses import IGNORE
 from .pairs import Pair, as_slices

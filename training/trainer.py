@@ -19,15 +19,15 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from napari_daeformer.atomic import remove_stale_temporaries
-from napari_daeformer.checkpoint import Checkpoint, ModelCard, save_checkpoint
-from napari_daeformer.devices import autocast, resolve_device
-from napari_daeformer.distributed import DistInfo, all_reduce_sum, barrier
-from napari_daeformer.errors import TrainingError
-from napari_daeformer.inference import SliceInferer
-from napari_daeformer.metrics import evaluate_case
+from napari_daeformer.base.atomic import remove_stale_temporaries
+from napari_daeformer.base.distributed import DistInfo, all_reduce_sum, barrier
+from napari_daeformer.base.errors import TrainingError
+from napari_daeformer.base.metrics import evaluate_case
+from napari_daeformer.base.threads import ThreadGovernor
+from napari_daeformer.engine.devices import autocast, resolve_device
+from napari_daeformer.engine.inference import SliceInferer
 from napari_daeformer.model import DAEFormer
-from napari_daeformer.threads import ThreadGovernor
+from napari_daeformer.model.checkpoint import Checkpoint, ModelCard, save_checkpoint
 
 from .augment import AugmentConfig, augment_batch
 from .data import Case, SliceDataset, validate_cases
@@ -77,7 +77,7 @@ class ValReport:
     epoch: int
     step: int
     dice: tuple[float, ...]          # per foreground class, averaged over cases; NaN where absent everywhere
-    hd95: tuple[float, ...]          # mm, same convention (see napari_daeformer.metrics)
+    hd95: tuple[float, ...]          # mm, same convention (see napari_daeformer.base.metrics)
     mean_dice: float
     best: bool
 
@@ -339,7 +339,7 @@ def plot_curves(log: Path, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from napari_daeformer.atomic import atomic_write
+    from napari_daeformer.base.atomic import atomic_write
 
     records = read_log(log)
     steps = [r for r in records if "loss" in r]

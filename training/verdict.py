@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from napari_daeformer.agreement import Agreement
-from napari_daeformer.checkpoint import Checkpoint
-from napari_daeformer.metrics import dice_per_class
+from napari_daeformer.base.metrics import dice_per_class
+from napari_daeformer.model.checkpoint import Checkpoint
+from napari_daeformer.session.agreement import Agreement
 
 from .losses import IGNORE
 

@@ -1,9 +1,5 @@
-"""The application layer: the `daeformer` command line and the demo.
+"""The application layer: the `daeformer` command line and the demo, on top of every other layer.
 
-Layers, each importing only those below it (tests/test_package.py walks every module to pin this):
-
-    app (this package)        command line, demo
-    widgets                   the napari dock widgets (Qt)
-    training                  the bundled trainer and fine-tuning (plain PyTorch)
-    core (napari_daeformer)   model, checkpoints, I/O, inference engine, batch, metrics (no Qt, no training)
+The layers, each a folder importing only those below it (tests/test_package.py pins this; docs/architecture.md):
+base < io < model < engine < session < tasks < training < plugin < plugin.control < plugin.widgets < app.
 """

@@ -16,17 +16,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from ..errors import DaeformerError, first_line, printable
-from .options import number, whole, window_text
+from napari_daeformer.app.options import number, whole, window_text
+from napari_daeformer.base.errors import DaeformerError, first_line, printable
 
 Command = Callable[[argparse.Namespace], int]
 
 
 def _import_official(args: argparse.Namespace) -> int:
-    from ..atomic import check_output_path
-    from ..checkpoint import SYNAPSE_CLASSES, ModelCard, check_class_names, save_checkpoint
-    from ..official import convert_official_state_dict, load_official_state_dict
-    from ..preprocessing import ct_preprocessing, rgb_preprocessing
+    from napari_daeformer.base.atomic import check_output_path
+    from napari_daeformer.model.checkpoint import SYNAPSE_CLASSES, ModelCard, check_class_names, save_checkpoint
+    from napari_daeformer.model.official import convert_official_state_dict, load_official_state_dict
+    from napari_daeformer.model.preprocessing import ct_preprocessing, rgb_preprocessing
 
     if args.out.suffix != ".safetensors":
         raise DaeformerError(f"{args.out}: a checkpoint is written as .safetensors")
@@ -51,26 +51,26 @@ def _import_official(args: argparse.Namespace) -> int:
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from .commands import run_segment
+    from napari_daeformer.app.commands import run_segment
     return run_segment(args)
 
 
 def _batch(args: argparse.Namespace) -> int:
-    from .commands import run_batch_command
+    from napari_daeformer.app.commands import run_batch_command
     return run_batch_command(args)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .commands import run_demo
+    from napari_daeformer.app.commands import run_demo
     return run_demo(args)
 
 
 def _info(args: argparse.Namespace) -> int:
-    from ..bundled import BUNDLED, resolve_model
-    from ..model import DAEFormer, count_parameters, named_config
+    from napari_daeformer.model import DAEFormer, count_parameters, named_config
+    from napari_daeformer.model.bundled import BUNDLED, resolve_model
 
     if args.model in BUNDLED or Path(args.model).suffix == ".safetensors" or Path(args.model).exists():
-        from ..checkpoint import load_checkpoint
+        from napari_daeformer.model.checkpoint import load_checkpoint
         ckpt = load_checkpoint(resolve_model(args.model))
         model, card = ckpt.model, ckpt.card
         print(f"classes: {', '.join(card.class_names)}")
@@ -87,7 +87,7 @@ def _info(args: argparse.Namespace) -> int:
 
 def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
     """Where and how the inference engine runs: shared by segment and batch."""
-    from ..devices import PRECISIONS
+    from napari_daeformer.engine.devices import PRECISIONS
 
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda[:N], mps "
                    "(default: %(default)s)")
@@ -120,7 +120,7 @@ def _info_options(p: argparse.ArgumentParser) -> None:
 
 
 def _segment_options(p: argparse.ArgumentParser) -> None:
-    from ..checkpoint import MAX_WEIGHT
+    from napari_daeformer.model.checkpoint import MAX_WEIGHT
 
     p.add_argument("input", type=Path, help="image file or DICOM folder")
     p.add_argument("output", type=Path, help="label map: .nii.gz, .nii, .tif, .png, or .dcm (DICOM-SEG, from a DICOM "
@@ -140,7 +140,7 @@ def _segment_options(p: argparse.ArgumentParser) -> None:
 
 
 def _batch_options(p: argparse.ArgumentParser) -> None:
-    from ..batch import OUTPUT_FORMATS
+    from napari_daeformer.tasks.batch import OUTPUT_FORMATS
 
     p.add_argument("input_dir", type=Path, help="folder of images (searched recursively)")
     p.add_argument("output_dir", type=Path, help="folder for the label maps and summary.csv")
@@ -168,21 +168,21 @@ def _demo_options(p: argparse.ArgumentParser) -> None:
 
 
 def _train_options(p: argparse.ArgumentParser) -> None:
-    from .train import add_train_arguments, run_train
+    from napari_daeformer.app.train import add_train_arguments, run_train
 
     add_train_arguments(p)
     p.set_defaults(func=run_train)
 
 
 def _evaluate_options(p: argparse.ArgumentParser) -> None:
-    from .train import add_evaluate_arguments, run_evaluate
+    from napari_daeformer.app.train import add_evaluate_arguments, run_evaluate
 
     add_evaluate_arguments(p)
     p.set_defaults(func=run_evaluate)
 
 
 def _finetune_options(p: argparse.ArgumentParser) -> None:
-    from .train import add_finetune_arguments, run_finetune
+    from napari_daeformer.app.train import add_finetune_arguments, run_finetune
 
     add_finetune_arguments(p)
     p.set_defaults(func=run_finetune)
@@ -234,7 +234,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     `daeformer --help` and a command's start do not import torch and the trainer for options they do not use."""
     parser = _Parser(prog="daeformer", description="DAE-Former segmentation for CT volumes and "
                                      "skin photos: the command line of napari-daeformer.")
-    from .. import __version__
+    from napari_daeformer import __version__
     parser.add_argument("--version", action="version", version=f"napari-daeformer {__version__}")
     parser.add_argument("--memory-limit", metavar="SIZE", help="most memory one file may take, e.g. 64G (default: "
                         "80%% of the free memory; a file whose header asks for more is refused before reading)")
@@ -291,11 +291,11 @@ def _run(words: list[str]) -> int:
     func: Command = args.func
     try:
         if args.memory_limit is not None:
-            from ..memory import ENV, parse_size
+            from napari_daeformer.base.memory import ENV, parse_size
             parse_size(args.memory_limit)                      # a bad size fails here, in one line
             os.environ[ENV] = args.memory_limit
         if getattr(args, "config", None) is not None:          # `train --config FILE`: file < command line
-            from .train import resolve_settings
+            from napari_daeformer.app.train import resolve_settings
             args = resolve_settings(args.command_parser, words[words.index(args.command) + 1:], args)
         return func(args)
     except BrokenPipeError:

@@ -10,18 +10,18 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..bundled import resolve_model
-from ..checkpoint import load_checkpoint
-from ..errors import DaeformerError, printable
-from ..inference import Progress, SliceInferer, image_warnings
-from ..io import ImageRecord, check_label_path, is_dicom_input, read_image, write_labels
-from ..jobs import drain
-from ..segment_file import FileReport, segment_file
-from .options import ct_window
+from napari_daeformer.app.options import ct_window
+from napari_daeformer.base.errors import DaeformerError, printable
+from napari_daeformer.base.jobs import drain
+from napari_daeformer.engine.inference import Progress, SliceInferer, image_warnings
+from napari_daeformer.io import ImageRecord, check_label_path, is_dicom_input, read_image, write_labels
+from napari_daeformer.model.bundled import resolve_model
+from napari_daeformer.model.checkpoint import load_checkpoint
+from napari_daeformer.tasks.segment_file import FileReport, segment_file
 
 if TYPE_CHECKING:
-    from ..batch import BatchJob, BatchSummary, FileResult
-    from ..distributed import DistInfo
+    from napari_daeformer.base.distributed import DistInfo
+    from napari_daeformer.tasks.batch import BatchJob, BatchSummary, FileResult
 
 
 def _progress_printer(label: str):  # type: ignore[no-untyped-def]
@@ -68,15 +68,15 @@ def run_segment(args: argparse.Namespace) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     headless = args.headless or not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
     if not headless:
-        from ..widgets.launch import open_viewer_with_sample
+        from napari_daeformer.plugin.widgets.launch import open_viewer_with_sample
         open_viewer_with_sample()
         return 0
     from skimage import io as skio
 
-    from ..io.nifti import write_nifti
-    from ..io.record import default_affine
-    from ..metrics import dice_per_class
-    from ..sample_data import synthetic_ct, synthetic_skin
+    from napari_daeformer.base.metrics import dice_per_class
+    from napari_daeformer.io.nifti import write_nifti
+    from napari_daeformer.io.record import default_affine
+    from napari_daeformer.io.sample_data import synthetic_ct, synthetic_skin
 
     out_dir = Path(args.out)
     names = ("synthetic_ct.nii.gz", "synthetic_ct_truth.nii.gz", "synthetic_ct_labels.nii.gz", "synthetic_skin.png",
@@ -110,9 +110,8 @@ def run_batch_command(args: argparse.Namespace) -> int:
     """`daeformer batch`: this rank's share of the folder, then rank 0 merges the summaries."""
     from tqdm import tqdm
 
-    from napari_daeformer.distributed import init_from_env, shutdown
-
-    from ..batch import BatchJob, BatchProgress, ranked, run_batch, sole_writer, write_summary
+    from napari_daeformer.base.distributed import init_from_env, shutdown
+    from napari_daeformer.tasks.batch import BatchJob, BatchProgress, ranked, run_batch, sole_writer, write_summary
 
     info, device = init_from_env(args.device)
     job = BatchJob(args.input_dir, args.output_dir, tuple(args.pattern or ("**/*",)), args.format, args.model,
@@ -157,8 +156,8 @@ def _merged(job: BatchJob, info: DistInfo, summary: BatchSummary) -> list[FileRe
     import json
     from dataclasses import asdict
 
-    from ..batch import FileResult
-    from ..distributed import barrier
+    from napari_daeformer.base.distributed import barrier
+    from napari_daeformer.tasks.batch import FileResult
 
     if not info.enabled:
         return summary.results

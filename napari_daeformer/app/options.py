@@ -40,7 +40,7 @@ def number(low: float, high: float = math.inf, *, above_low: bool = False) -> Ca
 
 def ct_window(text: str) -> tuple[float, float]:
     """`--window`: a preset name (abdomen, lung, ...) or LOWER,UPPER in HU, lower below upper, as (lower, upper)."""
-    from ..preprocessing import CT_WINDOWS
+    from napari_daeformer.model.preprocessing import CT_WINDOWS
 
     if text in CT_WINDOWS:
         return CT_WINDOWS[text]
@@ -61,8 +61,8 @@ def window_text(text: str) -> str:
 
 def class_list(text: str) -> tuple[str, ...]:
     """`--classes a,b,c` as names (spaces around each dropped), refused if a checkpoint could not carry them."""
-    from ..checkpoint import check_class_names
-    from ..io.record import MAX_CLASSES
+    from napari_daeformer.io.record import MAX_CLASSES
+    from napari_daeformer.model.checkpoint import check_class_names
 
     names = tuple(n.strip() for n in text.split(","))
     if not 2 <= len(names) <= MAX_CLASSES:

@@ -30,18 +30,18 @@ from napari_daeformer_training.trainer import StepReport, TrainConfig, Trainer, 
 from napari_daeformer_training.verdict import FinetuneProgress
 
 from napari_daeformer.app.options import class_list, class_list_text, ct_window, number, whole, window_text
-from napari_daeformer.atomic import atomic_write, check_output_path
-from napari_daeformer.checkpoint import MAX_INPUT_SIDE, MAX_WEIGHT, SYNAPSE_CLASSES, ModelCard, load_checkpoint
-from napari_daeformer.distributed import init_from_env, shutdown
-from napari_daeformer.errors import DaeformerError, TrainingError, first_line, printable, short_repr
-from napari_daeformer.inference import SliceInferer
+from napari_daeformer.base.atomic import atomic_write, check_output_path
+from napari_daeformer.base.distributed import init_from_env, shutdown
+from napari_daeformer.base.errors import DaeformerError, TrainingError, first_line, printable, short_repr
+from napari_daeformer.base.jobs import drain
+from napari_daeformer.base.metrics import evaluate_case
+from napari_daeformer.base.private_api import parser_actions
+from napari_daeformer.engine.inference import SliceInferer
 from napari_daeformer.io.record import is_rgb, label_values, require_image
-from napari_daeformer.jobs import drain
-from napari_daeformer.metrics import evaluate_case
+from napari_daeformer.io.sample_data import CT_CLASSES, SKIN_CLASSES
 from napari_daeformer.model import SIZE_MULTIPLE, DAEFormer, named_config
-from napari_daeformer.preprocessing import ct_preprocessing, rgb_preprocessing, zscore_preprocessing
-from napari_daeformer.private_api import parser_actions
-from napari_daeformer.sample_data import CT_CLASSES, SKIN_CLASSES
+from napari_daeformer.model.checkpoint import MAX_INPUT_SIDE, MAX_WEIGHT, SYNAPSE_CLASSES, ModelCard, load_checkpoint
+from napari_daeformer.model.preprocessing import ct_preprocessing, rgb_preprocessing, zscore_preprocessing
 
 
 def _seeds(text: str | list[int]) -> list[int]:
@@ -351,7 +351,7 @@ def _mean(values: list[float]) -> float:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from napari_daeformer.bundled import resolve_model
+    from napari_daeformer.model.bundled import resolve_model
     if args.csv:
         check_output_path(args.csv, overwrite=True)           # before minutes of segmentation
     fmt = args.data_format
@@ -403,8 +403,8 @@ def run_teach(args: argparse.Namespace) -> int:
     from napari_daeformer_training.teach import model_for, sparse_labels, teach_pair, unpainted_classes, unpainted_line
     from tqdm import tqdm
 
-    from napari_daeformer.checkpoint import save_or_rescue
     from napari_daeformer.io import read_image
+    from napari_daeformer.model.checkpoint import save_or_rescue
 
     if args.labels is None or not args.classes:
         raise TrainingError("--image needs --labels and --classes (names, background first)")
@@ -494,9 +494,9 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
 def run_finetune(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from napari_daeformer.bundled import resolve_model
-    from napari_daeformer.checkpoint import save_or_rescue
     from napari_daeformer.io import read_image
+    from napari_daeformer.model.bundled import resolve_model
+    from napari_daeformer.model.checkpoint import save_or_rescue
 
     source = resolve_model(args.model)
     if args.out.suffix != ".safetensors":

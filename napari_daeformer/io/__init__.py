@@ -14,13 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DaeformerError, ImageFormatError
-from .dicom import is_dicom_file, read_dicom
-from .nifti import read_nifti, write_nifti
-from .nrrd import NRRD_SUFFIXES, SEG_NRRD_SUFFIX, read_nrrd, write_seg_nrrd
-from .photo import PHOTO_SUFFIXES, read_photo, write_png
-from .record import METADATA_KEY, ImageRecord, check_affine, default_affine, geometry_from_metadata
-from .tiff import read_tiff, write_tiff
+from napari_daeformer.base.errors import DaeformerError, ImageFormatError
+from napari_daeformer.io.dicom import is_dicom_file, read_dicom
+from napari_daeformer.io.nifti import read_nifti, write_nifti
+from napari_daeformer.io.nrrd import NRRD_SUFFIXES, SEG_NRRD_SUFFIX, read_nrrd, write_seg_nrrd
+from napari_daeformer.io.photo import PHOTO_SUFFIXES, read_photo, write_png
+from napari_daeformer.io.record import METADATA_KEY, ImageRecord, check_affine, default_affine, geometry_from_metadata
+from napari_daeformer.io.tiff import read_tiff, write_tiff
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -128,7 +128,7 @@ def check_label_path(path: str | os.PathLike[str], ndim: int | None = None, *, o
         source: the input image's path, when known.
         dicom_source: the image is a DICOM series, so a `.dcm` path (a DICOM-SEG) is allowed.
     """
-    from ..atomic import check_output_path
+    from napari_daeformer.base.atomic import check_output_path
     if source is not None and Path(path).exists() and Path(path).resolve() == Path(source).resolve():
         raise ImageFormatError(f"{path} is the input image; write the labels to another file")
     _check_label_format(Path(path), ndim, dicom_source)

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ImageFormatError, first_line
-from ..memory import check_allocation
-from .record import ImageRecord, check_pixels
+from napari_daeformer.base.errors import ImageFormatError, first_line
+from napari_daeformer.base.memory import check_allocation
+from napari_daeformer.io.record import ImageRecord, check_pixels
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from ..atomic import atomic_write
-from ..errors import ImageFormatError, first_line
-from .dicom import LPS_TO_RAS, _pydicom, is_dicom_file, is_segmentation, require, series_geometry, series_in_order
-from .record import ImageRecord
+from napari_daeformer.base.atomic import atomic_write
+from napari_daeformer.base.errors import ImageFormatError, first_line
+from napari_daeformer.io.dicom import LPS_TO_RAS, _pydicom, is_dicom_file, is_segmentation, require, series_geometry, series_in_order
+from napari_daeformer.io.record import ImageRecord
 
 SEG_SUFFIX = ".dcm"
 ALGORITHM = "DAE-Former"

@@ -8,10 +8,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ..atomic import atomic_write
-from ..errors import ImageFormatError, first_line
-from ..memory import check_allocation
-from .record import ImageRecord, affine_spacing, check_affine, check_pixels
+from napari_daeformer.base.atomic import atomic_write
+from napari_daeformer.base.errors import ImageFormatError, first_line
+from napari_daeformer.base.memory import check_allocation
+from napari_daeformer.io.record import ImageRecord, affine_spacing, check_affine, check_pixels
 
 
 def read_nifti(path: Path) -> ImageRecord:

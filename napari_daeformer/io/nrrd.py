@@ -22,10 +22,10 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from ..atomic import atomic_write
-from ..errors import ImageFormatError, first_line, printable
-from ..memory import check_allocation, format_bytes
-from .record import ImageRecord, check_affine, check_pixels
+from napari_daeformer.base.atomic import atomic_write
+from napari_daeformer.base.errors import ImageFormatError, first_line, printable
+from napari_daeformer.base.memory import check_allocation, format_bytes
+from napari_daeformer.io.record import ImageRecord, check_affine, check_pixels
 
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
 SEG_NRRD_SUFFIX = ".seg.nrrd"

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 from skimage import io as skio
 
-from ..atomic import atomic_write
-from ..errors import ImageFormatError, first_line
-from ..memory import check_allocation
-from .record import LABELS_MARK, ImageRecord, check_pixels, default_affine
+from napari_daeformer.base.atomic import atomic_write
+from napari_daeformer.base.errors import ImageFormatError, first_line
+from napari_daeformer.base.memory import check_allocation
+from napari_daeformer.io.record import LABELS_MARK, ImageRecord, check_pixels, default_affine
 
 PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 

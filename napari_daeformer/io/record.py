@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ImageFormatError
+from napari_daeformer.base.errors import ImageFormatError
 
 # Layer-metadata key under which geometry travels through napari (JSON-ready values only).
 METADATA_KEY = "napari_daeformer"

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from ..atomic import atomic_write
-from ..errors import ImageFormatError, first_line
-from ..memory import check_allocation
-from .record import LABELS_MARK, ImageRecord, check_pixels, default_affine
+from napari_daeformer.base.atomic import atomic_write
+from napari_daeformer.base.errors import ImageFormatError, first_line
+from napari_daeformer.base.memory import check_allocation
+from napari_daeformer.io.record import LABELS_MARK, ImageRecord, check_pixels, default_affine
 
 _MM_PER_UNIT = {1: 1.0, 2: 25.4, 3: 10.0}          # TIFF ResolutionUnit: none (pixels), inch, centimetre
 _IMAGEJ_UNITS = {"mm": 1.0, "micron": 1e-3, "um": 1e-3, "\\u00B5m": 1e-3, "µm": 1e-3, "cm": 10.0, "nm": 1e-6}

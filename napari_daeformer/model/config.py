@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from ..errors import InvalidValue, short_repr
+from napari_daeformer.base.errors import InvalidValue, short_repr
 
 # Token-grid reductions: stride 4 (stage 1), then 2 and 2 (stages 2 and 3).
 SIZE_MULTIPLE = 16

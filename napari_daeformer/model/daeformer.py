@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import SIZE_MULTIPLE, DAEFormerConfig
-from .layers import HW, DualTransformerBlock, OverlapPatchEmbed, PatchExpand, SkipCrossAttention, tokens_to_image
+from napari_daeformer.model.config import SIZE_MULTIPLE, DAEFormerConfig
+from napari_daeformer.model.layers import HW, DualTransformerBlock, OverlapPatchEmbed, PatchExpand, SkipCrossAttention, tokens_to_image
 
 
 class EncoderStage(nn.Module):

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_daeformer.errors import ImageFormatError
+from napari_daeformer.base.errors import ImageFormatError
 from napari_daeformer.io import read_image, write_labels
 
 from ..conftest import write_dicom_series

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from napari_daeformer.app.cli import main
-from napari_daeformer.errors import ImageFormatError
+from napari_daeformer.base.errors import ImageFormatError
 from napari_daeformer.io import read_image
 from napari_daeformer.io.dicom_seg import Algorithm, find_series, read_dicom_seg, write_dicom_seg
-from napari_daeformer.sample_data import synthetic_ct
+from napari_daeformer.io.sample_data import synthetic_ct
 
 from ..conftest import write_dicom_series
 

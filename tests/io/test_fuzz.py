@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from skimage import io as skio
 
-from napari_daeformer.errors import ImageFormatError
+from napari_daeformer.base.errors import ImageFormatError
 from napari_daeformer.io import read_image
 
 SUFFIXES = [".nii", ".nii.gz", ".tif", ".png", ".jpg", ".bmp", ".dcm"]

@@ -14,9 +14,9 @@ import pytest
 import tifffile
 
 from napari_daeformer.app.cli import main
-from napari_daeformer.errors import ImageFormatError
+from napari_daeformer.base.errors import ImageFormatError
+from napari_daeformer.base.memory import ENV
 from napari_daeformer.io import read_image, write_labels
-from napari_daeformer.memory import ENV
 
 from ..conftest import write_dicom_series
 from .hostile import nifti_bomb, nifti_with_srow_x

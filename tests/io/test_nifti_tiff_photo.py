@@ -10,7 +10,7 @@ import pytest
 import tifffile
 from skimage import io as skio
 
-from napari_daeformer.errors import ImageFormatError
+from napari_daeformer.base.errors import ImageFormatError
 from napari_daeformer.io import read_image, write_labels
 
 

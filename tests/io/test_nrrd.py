@@ -8,10 +8,10 @@ import nrrd
 import numpy as np
 import pytest
 
-from napari_daeformer.errors import ImageFormatError
+from napari_daeformer.base.errors import ImageFormatError
 from napari_daeformer.io import read_image, write_labels
 from napari_daeformer.io.nrrd import read_seg_nrrd
-from napari_daeformer.sample_data import CT_CLASSES, synthetic_ct
+from napari_daeformer.io.sample_data import CT_CLASSES, synthetic_ct
 
 # An oblique LPS volume as 3D Slicer writes it: rows are the directions of the x, y, z index axes.
 DIRECTIONS = np.array([[0.8, 0.1, 0.0], [-0.1, 0.8, 0.0], [0.0, 0.0, 2.5]])
@@ -55,7 +55,7 @@ def test_labels_written_as_seg_nrrd_open_with_their_names_and_place(tmp_path: Pa
 
 
 def test_a_seg_nrrd_opens_as_a_named_labels_layer(tmp_path: Path) -> None:
-    from napari_daeformer._reader import get_reader
+    from napari_daeformer.plugin.reader import get_reader
 
     ct = synthetic_ct(seed=0, shape=(4, 24, 24))
     out = write_labels(tmp_path / "organs.seg.nrrd", ct.labels, None, class_names=CT_CLASSES)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from napari_daeformer.app.cli import main
-from napari_daeformer.errors import ImageFormatError
+from napari_daeformer.base.errors import ImageFormatError
 from napari_daeformer.io import read_image
 
 HEADER = "NRRD0004\ntype: int16\nendian: little\ndimension: 3\nsizes: 96 96 4\nencoding: {encoding}\n{extra}\n"

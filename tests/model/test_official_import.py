@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from napari_daeformer.app.cli import main
-from napari_daeformer.checkpoint import load_checkpoint
-from napari_daeformer.errors import CheckpointError
-from napari_daeformer.official import convert_official_state_dict, load_official_state_dict
+from napari_daeformer.base.errors import CheckpointError
+from napari_daeformer.model.checkpoint import load_checkpoint
+from napari_daeformer.model.official import convert_official_state_dict, load_official_state_dict
 
 from ..conftest import official_rows
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from napari_daeformer_training.data import Case
 
-from napari_daeformer.checkpoint import ModelCard
+from napari_daeformer.io.sample_data import CT_CLASSES, synthetic_ct
 from napari_daeformer.model import DAEFormerConfig
-from napari_daeformer.preprocessing import ct_preprocessing
-from napari_daeformer.sample_data import CT_CLASSES, synthetic_ct
+from napari_daeformer.model.checkpoint import ModelCard
+from napari_daeformer.model.preprocessing import ct_preprocessing
 
 SMALL_CT = DAEFormerConfig(num_classes=6, in_channels=1, embed_dims=(32, 64, 128), depths=(1, 1, 1),
                            decoder_depths=(1, 1))

@@ -12,12 +12,12 @@ from napari_daeformer_training.pairs import Pair, split
 from napari_daeformer_training.settings import FinetuneSettings
 from napari_daeformer_training.verdict import FinetuneProgress, FinetuneResult
 
-from napari_daeformer.bundled import bundled_model
-from napari_daeformer.checkpoint import Checkpoint, load_checkpoint
-from napari_daeformer.inference import SliceInferer
-from napari_daeformer.jobs import drain
-from napari_daeformer.metrics import dice_per_class
-from napari_daeformer.sample_data import shifted, synthetic_ct
+from napari_daeformer.base.jobs import drain
+from napari_daeformer.base.metrics import dice_per_class
+from napari_daeformer.engine.inference import SliceInferer
+from napari_daeformer.io.sample_data import shifted, synthetic_ct
+from napari_daeformer.model.bundled import bundled_model
+from napari_daeformer.model.checkpoint import Checkpoint, load_checkpoint
 
 FAST = FinetuneSettings(steps=40, device="cpu", score_every=5)
 
@@ -189,7 +189,7 @@ def test_input_calibration_folds_into_the_preprocessing(kind: str) -> None:
     from napari_daeformer_training.calibration import InputCalibration
 
     from napari_daeformer.model import DAEFormer, named_config
-    from napari_daeformer.preprocessing import ct_preprocessing, rgb_preprocessing
+    from napari_daeformer.model.preprocessing import ct_preprocessing, rgb_preprocessing
 
     prep = ct_preprocessing() if kind == "ct" else rgb_preprocessing()
     torch.manual_seed(0)
@@ -265,7 +265,7 @@ def test_a_new_class_starts_from_its_host_and_is_judged_where_it_is() -> None:
     from napari_daeformer_training.protection import start_from_hosts
     from napari_daeformer_training.teach import extend_classes
 
-    from napari_daeformer.sample_data import CT_CLASSES
+    from napari_daeformer.io.sample_data import CT_CLASSES
 
     parent = load_checkpoint(bundled_model("ct"))
     extended = extend_classes(parent, (*CT_CLASSES, "tumour"))

@@ -11,10 +11,10 @@ import pytest
 from safetensors import SafetensorError
 
 from napari_daeformer.app.cli import main
-from napari_daeformer.checkpoint import load_checkpoint
 from napari_daeformer.io.nifti import write_nifti
 from napari_daeformer.io.record import default_affine
-from napari_daeformer.sample_data import synthetic_chest
+from napari_daeformer.io.sample_data import synthetic_chest
+from napari_daeformer.model.checkpoint import load_checkpoint
 
 NAMES = "background,right lung,left lung,heart,aorta,trachea,spinal cord,nodule"
 
@@ -59,7 +59,7 @@ def test_an_earlier_model_is_not_replaced_without_overwrite(tmp_path: Path, caps
 
 def test_a_full_disk_at_the_last_write_keeps_the_trained_model(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    import napari_daeformer.checkpoint as checkpoint
+    import napari_daeformer.model.checkpoint as checkpoint
     real_save = checkpoint.save_file
     target = tmp_path / "run"
 
@@ -108,7 +108,7 @@ def test_a_label_map_given_as_the_image_is_refused(tmp_path: Path, capsys: pytes
 
 def test_a_class_added_by_finetune_and_painted_nowhere_is_named(tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    from napari_daeformer.sample_data import CT_CLASSES, synthetic_ct
+    from napari_daeformer.io.sample_data import CT_CLASSES, synthetic_ct
     ct = synthetic_ct(seed=3, shape=(6, 64, 64))
     affine = default_affine(ct.spacing)
     image = write_nifti(tmp_path / "ct.nii.gz", ct.image, affine)
@@ -172,7 +172,7 @@ def test_finetune_ignore_value_picks_the_annotated_slices_as_teaching_does(tmp_p
     annotated as all background; labels 255 everywhere were accepted with 'held-out Dice 1.000'."""
     from napari_daeformer_training.teach import annotated_slices
 
-    from napari_daeformer.sample_data import synthetic_ct
+    from napari_daeformer.io.sample_data import synthetic_ct
     ct = synthetic_ct(seed=3, shape=(6, 64, 64))
     affine = default_affine(ct.spacing)
     image = write_nifti(tmp_path / "ct.nii.gz", ct.image, affine)

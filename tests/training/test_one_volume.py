@@ -12,12 +12,12 @@ from napari_daeformer_training.data import Case
 from napari_daeformer_training.sources import SLAB_MARGIN, split_cases
 
 from napari_daeformer.app.cli import main
-from napari_daeformer.checkpoint import load_checkpoint
 from napari_daeformer.io import write_labels
 from napari_daeformer.io.nifti import write_nifti
 from napari_daeformer.io.record import default_affine
-from napari_daeformer.preprocessing import zscore_preprocessing
-from napari_daeformer.sample_data import synthetic_ct, synthetic_mr, synthetic_skin
+from napari_daeformer.io.sample_data import synthetic_ct, synthetic_mr, synthetic_skin
+from napari_daeformer.model.checkpoint import load_checkpoint
+from napari_daeformer.model.preprocessing import zscore_preprocessing
 
 LIVER_DICE = 0.5          # on the held-out slab after 150 steps of `small` at 64x64 (measured: CT 0.61, MR 0.61)
 

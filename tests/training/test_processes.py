@@ -12,7 +12,7 @@ import torch
 from napari_daeformer_training.state import load_state
 from safetensors.torch import load_file
 
-from napari_daeformer.checkpoint import load_checkpoint
+from napari_daeformer.model.checkpoint import load_checkpoint
 
 COMMON = ["--synthetic", "ct", "--train-seeds", "1", "--val-seeds", "2", "--input-size", "64", "--batch-size", "8",
           "--lr", "0.01", "--device", "cpu", "--quiet"]
@@ -22,7 +22,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 # file is complete, before it is renamed over the previous one.
 KILLER = """
 import os, signal, sys
-import napari_daeformer.atomic as atomic
+import napari_daeformer.base.atomic as atomic
 real, saves = os.replace, []
 def replace(src, dst):
     if str(dst).endswith("resume.safetensors"):

@@ -66,10 +66,10 @@ def test_the_description_matches_the_run(tmp_path) -> None:  # type: ignore[no-u
     from napari_daeformer_training.finetune import finetune
     from napari_daeformer_training.pairs import Pair
 
-    from napari_daeformer.bundled import bundled_model
-    from napari_daeformer.checkpoint import load_checkpoint
-    from napari_daeformer.jobs import drain
-    from napari_daeformer.sample_data import synthetic_ct
+    from napari_daeformer.base.jobs import drain
+    from napari_daeformer.io.sample_data import synthetic_ct
+    from napari_daeformer.model.bundled import bundled_model
+    from napari_daeformer.model.checkpoint import load_checkpoint
 
     s = synthetic_ct(seed=5, shape=(10, 64, 64))
     chosen = np.zeros(10, bool)

@@ -10,12 +10,12 @@ import pytest
 from napari_daeformer_training.sources import load_cases
 from skimage import io as skio
 
-from napari_daeformer.checkpoint import SYNAPSE_CLASSES
-from napari_daeformer.errors import TrainingError
+from napari_daeformer.base.errors import TrainingError
 from napari_daeformer.io import write_labels
 from napari_daeformer.io.nifti import write_nifti
 from napari_daeformer.io.record import default_affine
-from napari_daeformer.sample_data import synthetic_ct, synthetic_skin
+from napari_daeformer.io.sample_data import synthetic_ct, synthetic_skin
+from napari_daeformer.model.checkpoint import SYNAPSE_CLASSES
 
 from .helpers import ct_case
 

@@ -14,14 +14,14 @@ from napari_daeformer_training.recipes import TEACH
 from napari_daeformer_training.teach import annotated_slices, extend_classes, intensity_window, sparse_labels
 
 from napari_daeformer.app.cli import main
-from napari_daeformer.bundled import bundled_model
-from napari_daeformer.checkpoint import load_checkpoint
-from napari_daeformer.errors import TrainingError
-from napari_daeformer.inference import SliceInferer
+from napari_daeformer.base.errors import TrainingError
+from napari_daeformer.base.jobs import drain
+from napari_daeformer.engine.inference import SliceInferer
 from napari_daeformer.io.nifti import write_nifti
 from napari_daeformer.io.record import default_affine
-from napari_daeformer.jobs import drain
-from napari_daeformer.sample_data import synthetic_chest
+from napari_daeformer.io.sample_data import synthetic_chest
+from napari_daeformer.model.bundled import bundled_model
+from napari_daeformer.model.checkpoint import load_checkpoint
 
 
 def test_ignored_voxels_carry_no_loss_and_no_gradient() -> None:
@@ -201,8 +201,8 @@ def test_a_new_model_lowers_its_loss_on_the_annotated_slices() -> None:
     from napari_daeformer_training.finetune import finetune
     from napari_daeformer_training.teach import input_side, new_model, preprocessing_for, teach_pair
 
-    from napari_daeformer.jobs import drain
-    from napari_daeformer.sample_data import CHEST_CLASSES
+    from napari_daeformer.base.jobs import drain
+    from napari_daeformer.io.sample_data import CHEST_CLASSES
 
     s = synthetic_chest(seed=2, shape=(12, 64, 64), spacing=(10.0, 4.8, 4.8))
     sparse = np.full(s.labels.shape, IGNORE, np.uint8)
@@ -265,8 +265,8 @@ def test_a_class_added_from_four_painted_slices_is_learnt_and_the_old_ones_kept(
     from napari_daeformer_training.recipes import ADD_CLASS, task_for
     from napari_daeformer_training.teach import extend_classes
 
-    from napari_daeformer.metrics import dice_per_class
-    from napari_daeformer.sample_data import CT_CLASSES, spine_mask, synthetic_ct
+    from napari_daeformer.base.metrics import dice_per_class
+    from napari_daeformer.io.sample_data import CT_CLASSES, spine_mask, synthetic_ct
 
     parent = load_checkpoint(bundled_model("ct"))
     s = synthetic_ct(31, shape=(24, 128, 128))

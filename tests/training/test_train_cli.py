@@ -8,7 +8,7 @@ import numpy as np
 import yaml
 
 from napari_daeformer.app.cli import main
-from napari_daeformer.checkpoint import load_checkpoint
+from napari_daeformer.model.checkpoint import load_checkpoint
 
 from .test_sources import write_synapse
 
@@ -49,13 +49,13 @@ def test_training_errors_are_one_line(tmp_path: Path, capsys) -> None:  # type: 
 def test_finetune_cli(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     from dataclasses import replace
 
-    from napari_daeformer.bundled import bundled_model
-    from napari_daeformer.checkpoint import read_card, save_checkpoint
     from napari_daeformer.io import write_labels
     from napari_daeformer.io.nifti import write_nifti
     from napari_daeformer.io.record import default_affine
-    from napari_daeformer.preprocessing import ct_preprocessing
-    from napari_daeformer.sample_data import synthetic_ct
+    from napari_daeformer.io.sample_data import synthetic_ct
+    from napari_daeformer.model.bundled import bundled_model
+    from napari_daeformer.model.checkpoint import read_card, save_checkpoint
+    from napari_daeformer.model.preprocessing import ct_preprocessing
 
     parent = load_checkpoint(bundled_model("ct"))
     weak = save_checkpoint(tmp_path / "weak.safetensors", parent.model,
@@ -84,7 +84,7 @@ def test_augmentation_settings_from_cli_and_file(tmp_path: Path) -> None:
     import pytest
 
     from napari_daeformer.app.train import add_train_arguments, augment_settings
-    from napari_daeformer.errors import TrainingError
+    from napari_daeformer.base.errors import TrainingError
 
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)
@@ -107,7 +107,7 @@ def test_a_stray_label_value_is_bad_data_not_a_class(tmp_path: Path, capsys) -> 
     from napari_daeformer.io import write_labels
     from napari_daeformer.io.nifti import write_nifti
     from napari_daeformer.io.record import default_affine
-    from napari_daeformer.sample_data import synthetic_ct
+    from napari_daeformer.io.sample_data import synthetic_ct
 
     for i in range(3):
         s = synthetic_ct(seed=i, shape=(3, 64, 64))
@@ -147,7 +147,7 @@ def test_a_2d_label_for_a_volume_names_both_shapes(tmp_path: Path, capsys) -> No
 
     from napari_daeformer.io.nifti import write_nifti
     from napari_daeformer.io.record import default_affine
-    from napari_daeformer.sample_data import synthetic_ct
+    from napari_daeformer.io.sample_data import synthetic_ct
 
     s = synthetic_ct(seed=0, shape=(8, 64, 64))
     write_nifti(tmp_path / "ct.nii.gz", s.image, default_affine(s.spacing))
@@ -165,7 +165,7 @@ def test_finetune_adding_a_class_takes_the_new_class_recipe(tmp_path: Path) -> N
 
     from napari_daeformer.io.nifti import write_nifti
     from napari_daeformer.io.record import default_affine
-    from napari_daeformer.sample_data import CT_CLASSES, spine_mask, synthetic_ct
+    from napari_daeformer.io.sample_data import CT_CLASSES, spine_mask, synthetic_ct
 
     s = synthetic_ct(seed=0, shape=(6, 64, 64))
     labels = np.where(spine_mask(s), 6, s.labels).astype(np.uint8)

@@ -11,9 +11,9 @@ from napari_daeformer_training.augment import AugmentConfig
 from napari_daeformer_training.sources import split_cases
 from napari_daeformer_training.trainer import StepReport, TrainConfig, Trainer, ValReport
 
-from napari_daeformer.checkpoint import load_checkpoint
-from napari_daeformer.errors import TrainingError
+from napari_daeformer.base.errors import TrainingError
 from napari_daeformer.model import DAEFormer
+from napari_daeformer.model.checkpoint import load_checkpoint
 
 from .helpers import SMALL_CT, ct_card, ct_case
 

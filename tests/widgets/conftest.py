@@ -11,8 +11,8 @@ import pytest
 def errors(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The messages the widgets show as error or warning notifications, in order."""
     messages: list[str] = []
-    monkeypatch.setattr("napari_daeformer.widgets._workers.show_error", messages.append)
-    monkeypatch.setattr("napari_daeformer.widgets.segment.show_warning", messages.append)
+    monkeypatch.setattr("napari_daeformer.plugin.widgets._workers.show_error", messages.append)
+    monkeypatch.setattr("napari_daeformer.plugin.widgets.segment.show_warning", messages.append)
     return messages
 
 

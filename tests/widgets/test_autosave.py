@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_daeformer.annotation import (
+from napari_daeformer.io.sample_data import synthetic_ct
+from napari_daeformer.plugin.widgets._layers import annotation_of, corrected_slices
+from napari_daeformer.session.annotation import (
     ENV_FOLDER,
     Annotation,
     ImageIdentity,
@@ -21,8 +23,6 @@ from napari_daeformer.annotation import (
     save_session,
     session_path,
 )
-from napari_daeformer.sample_data import synthetic_ct
-from napari_daeformer.widgets._layers import annotation_of, corrected_slices
 
 pytestmark = pytest.mark.gui
 
@@ -34,8 +34,8 @@ import sys, time
 import numpy as np
 import napari
 from qtpy.QtWidgets import QApplication
-from napari_daeformer.annotation import load_session
-from napari_daeformer.sample_data import synthetic_ct
+from napari_daeformer.session.annotation import load_session
+from napari_daeformer.io.sample_data import synthetic_ct
 
 viewer = napari.Viewer(show=False)
 sample = synthetic_ct(seed=3, shape=%(shape)r)

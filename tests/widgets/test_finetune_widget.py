@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from napari_daeformer_training.recipes import ADD_CLASS, TEACH
 
-from napari_daeformer.bundled import bundled_model
-from napari_daeformer.checkpoint import load_checkpoint, read_card, save_checkpoint
-from napari_daeformer.preprocessing import ct_preprocessing
-from napari_daeformer.sample_data import spine_mask, synthetic_ct
-from napari_daeformer.widgets._layers import annotation_of
-from napari_daeformer.widgets.finetune import PROTECT_CHOICES, FinetuneWidget
+from napari_daeformer.io.sample_data import spine_mask, synthetic_ct
+from napari_daeformer.model.bundled import bundled_model
+from napari_daeformer.model.checkpoint import load_checkpoint, read_card, save_checkpoint
+from napari_daeformer.model.preprocessing import ct_preprocessing
+from napari_daeformer.plugin.widgets._layers import annotation_of
+from napari_daeformer.plugin.widgets.finetune import PROTECT_CHOICES, FinetuneWidget
 
 from .conftest import from_plugins_menu
 
@@ -195,8 +195,8 @@ def test_pressing_fine_tune_with_nothing_chosen_asks_for_a_pair(make_napari_view
 
 
 def test_paint_events_mark_slices_along_the_axis_on_screen(make_napari_viewer) -> None:  # type: ignore[no-untyped-def]
-    from napari_daeformer.annotation import Annotation, ImageIdentity
-    from napari_daeformer.widgets._layers import attach, corrected_slices
+    from napari_daeformer.plugin.widgets._layers import attach, corrected_slices
+    from napari_daeformer.session.annotation import Annotation, ImageIdentity
 
     viewer = make_napari_viewer()
     prediction = np.zeros((6, 32, 32), np.uint8)
@@ -216,8 +216,8 @@ def test_paint_events_mark_slices_along_the_axis_on_screen(make_napari_viewer) -
 def test_a_new_model_from_three_painted_slices_reaches_the_segment_dock(make_napari_viewer, qtbot) -> None:  # type: ignore[no-untyped-def]
     """Teach it something new from the viewer: paint the lungs on 3 slices of a chest scan no bundled model knows,
     train 'a new model', and the Segment dock runs it with the new class names."""
-    from napari_daeformer.sample_data import synthetic_chest
-    from napari_daeformer.widgets.finetune import FROM_NEW
+    from napari_daeformer.io.sample_data import synthetic_chest
+    from napari_daeformer.plugin.widgets.finetune import FROM_NEW
 
     viewer = make_napari_viewer()
     sample = synthetic_chest(seed=3, shape=(12, 64, 64), spacing=(10.0, 4.8, 4.8))

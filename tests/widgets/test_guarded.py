@@ -6,9 +6,9 @@ from collections.abc import Generator
 
 import pytest
 
-from napari_daeformer.errors import TrainingError
-from napari_daeformer.jobs import drain
-from napari_daeformer.widgets._workers import guarded
+from napari_daeformer.base.errors import TrainingError
+from napari_daeformer.base.jobs import drain
+from napari_daeformer.plugin.widgets._workers import guarded
 
 
 @pytest.mark.parametrize(("raised", "message"), [(RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB"),

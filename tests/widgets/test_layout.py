@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from qtpy.QtWidgets import QApplication, QDockWidget, QWidget
 
-from napari_daeformer.batch import FileResult
-from napari_daeformer.sample_data import synthetic_ct
-from napari_daeformer.widgets.batch import COLUMNS
+from napari_daeformer.io.sample_data import synthetic_ct
+from napari_daeformer.plugin.widgets.batch import COLUMNS
+from napari_daeformer.tasks.batch import FileResult
 
 from .conftest import from_plugins_menu
 

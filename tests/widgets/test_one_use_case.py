@@ -13,7 +13,7 @@ from napari_daeformer.app.cli import main
 from napari_daeformer.io import read_image
 from napari_daeformer.io.nifti import write_nifti
 from napari_daeformer.io.record import default_affine
-from napari_daeformer.sample_data import synthetic_ct
+from napari_daeformer.io.sample_data import synthetic_ct
 
 pytestmark = pytest.mark.gui
 

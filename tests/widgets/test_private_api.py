@@ -6,7 +6,7 @@ import pytest
 from magicgui.widgets import Container, Label, SpinBox
 from qtpy.QtWidgets import QWidget
 
-from napari_daeformer.widgets.private_api import hide_empty_labels, pack_to_top
+from napari_daeformer.plugin.widgets.private_api import hide_empty_labels, pack_to_top
 
 pytestmark = pytest.mark.gui
 

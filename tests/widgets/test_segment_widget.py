@@ -7,10 +7,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from napari_daeformer.metrics import dice_per_class
-from napari_daeformer.sample_data import synthetic_ct, synthetic_skin
-from napari_daeformer.widgets._layers import annotation_of
-from napari_daeformer.widgets.segment import MODES, SegmentWidget
+from napari_daeformer.base.metrics import dice_per_class
+from napari_daeformer.io.sample_data import synthetic_ct, synthetic_skin
+from napari_daeformer.plugin.widgets._layers import annotation_of
+from napari_daeformer.plugin.widgets.segment import MODES, SegmentWidget
 
 pytestmark = pytest.mark.gui
 
@@ -136,7 +136,7 @@ def test_demo_opens_the_sample_with_the_widget(monkeypatch: pytest.MonkeyPatch, 
     """`daeformer demo` with a display: the viewer, the synthetic CT and the Segment dock (napari.run stubbed)."""
     import napari
 
-    from napari_daeformer.widgets.launch import open_viewer_with_sample
+    from napari_daeformer.plugin.widgets.launch import open_viewer_with_sample
 
     monkeypatch.setattr(napari, "run", lambda: None)
     open_viewer_with_sample()
@@ -227,7 +227,7 @@ def test_precision_reaches_the_engine_and_a_refused_one_is_a_notification(ct_vie
 
 
 def _saved_session(widget: SegmentWidget, layer: Any, qtbot) -> Any:  # type: ignore[no-untyped-def]
-    from napari_daeformer.annotation import load_session
+    from napari_daeformer.session.annotation import load_session
 
     saver = widget.autosavers[layer.unique_id]
     saver.save_now()                                  # what the pause timer does (tests/widgets/test_autosave.py)
@@ -239,7 +239,7 @@ def _saved_session(widget: SegmentWidget, layer: Any, qtbot) -> Any:  # type: ig
 def test_image_switched_or_deleted_mid_run_autosaves_under_the_run_image(ct_viewer, qtbot, change: str) -> None:  # type: ignore[no-untyped-def]
     """The session is the run's own: it belongs to the image the run started on, whatever is selected (or left)
     when it ends."""
-    from napari_daeformer.annotation import image_key
+    from napari_daeformer.session.annotation import image_key
 
     viewer, widget = ct_viewer
     ct = viewer.layers["CT"]
