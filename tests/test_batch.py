@@ -322,7 +322,7 @@ def test_summary_cells_never_start_a_spreadsheet_formula(tmp_path: Path) -> None
     import csv
     import io
 
-    from napari_daeformer.tasks.batch import FileResult, read_earlier, summary_csv
+    from napari_daeformer.tasks.summary import FileResult, read_earlier, summary_csv
 
     name = '=HYPERLINK("http://x","open").nii.gz'
     csv_text = summary_csv([FileResult(name, "-out.nii.gz", "done", reason="+1", measures={"@SUM(A1)": 2.0},

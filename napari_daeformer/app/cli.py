@@ -1,6 +1,7 @@
 """The `daeformer` command line. Each subcommand parses its arguments and makes one library call.
 
-The `train`, `evaluate` and `finetune` subcommands live in `app/train.py`, the main job's in `app/commands.py`.
+The `train` and `evaluate` subcommands live in `app/train.py`, `train --image` and `finetune` in `app/learn.py`,
+the main job's in `app/commands.py`.
 
 Errors meant for the user print one line on stderr and exit with status 2.
 """
@@ -182,7 +183,7 @@ def _evaluate_options(p: argparse.ArgumentParser) -> None:
 
 
 def _finetune_options(p: argparse.ArgumentParser) -> None:
-    from napari_daeformer.app.train import add_finetune_arguments, run_finetune
+    from napari_daeformer.app.learn import add_finetune_arguments, run_finetune
 
     add_finetune_arguments(p)
     p.set_defaults(func=run_finetune)

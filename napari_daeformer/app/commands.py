@@ -21,7 +21,8 @@ from napari_daeformer.tasks.segment_file import FileReport, segment_file
 
 if TYPE_CHECKING:
     from napari_daeformer.base.distributed import DistInfo
-    from napari_daeformer.tasks.batch import BatchJob, BatchSummary, FileResult
+    from napari_daeformer.tasks.batch import BatchJob, BatchSummary
+    from napari_daeformer.tasks.summary import FileResult
 
 
 def _progress_printer(label: str):  # type: ignore[no-untyped-def]
@@ -111,7 +112,8 @@ def run_batch_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from napari_daeformer.base.distributed import init_from_env, shutdown
-    from napari_daeformer.tasks.batch import BatchJob, BatchProgress, ranked, run_batch, sole_writer, write_summary
+    from napari_daeformer.tasks.batch import BatchJob, BatchProgress, run_batch, sole_writer
+    from napari_daeformer.tasks.summary import ranked, write_summary
 
     info, device = init_from_env(args.device)
     job = BatchJob(args.input_dir, args.output_dir, tuple(args.pattern or ("**/*",)), args.format, args.model,
@@ -132,7 +134,7 @@ def run_batch_command(args: argparse.Namespace) -> int:
                 return 1 if summary.failures else 0
             if args.rank:
                 results = ranked(results)
-            out = write_summary(job, results)
+            out = write_summary(job.output_dir, results)
     finally:
         shutdown(info)
     failures = [r for r in results if r.status == "failed"]
@@ -157,7 +159,7 @@ def _merged(job: BatchJob, info: DistInfo, summary: BatchSummary) -> list[FileRe
     from dataclasses import asdict
 
     from napari_daeformer.base.distributed import barrier
-    from napari_daeformer.tasks.batch import FileResult
+    from napari_daeformer.tasks.summary import FileResult
 
     if not info.enabled:
         return summary.results

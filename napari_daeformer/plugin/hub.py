@@ -16,11 +16,13 @@ from napari_daeformer.session.annotation import Annotation
 
 
 class ModelUser(Protocol):
-    """What a Segment dock offers the hub."""
+    """Every call another dock makes on a Segment dock."""
 
     def checkpoint_path(self) -> Path: ...
 
     def offer_model(self, path: Path, note: str) -> None: ...
+
+    def segment_into_new_layer(self, image: object) -> None: ...
 
 
 class Hub:

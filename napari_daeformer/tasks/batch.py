@@ -7,19 +7,17 @@ the rest and produces the same outputs. Under torchrun, files are sharded determ
 
 from __future__ import annotations
 
-import csv
-import io
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from napari_daeformer.base.atomic import atomic_write, remove_stale_temporaries
-from napari_daeformer.base.errors import DaeformerError, ImageFormatError, first_line, printable
+from napari_daeformer.base.atomic import remove_stale_temporaries
+from napari_daeformer.base.errors import DaeformerError, ImageFormatError, first_line
 from napari_daeformer.base.folder_lock import exclusive
 from napari_daeformer.base.volumes import Measures
 from napari_daeformer.engine.devices import resolve_device
@@ -29,9 +27,8 @@ from napari_daeformer.io.record import label_channel
 from napari_daeformer.model.bundled import resolve_model
 from napari_daeformer.model.checkpoint import load_checkpoint
 from napari_daeformer.tasks.segment_file import FileReport, segment_file
+from napari_daeformer.tasks.summary import PROGRESS, SUMMARY, FileResult, read_earlier, write_summary
 
-SUMMARY = "summary.csv"
-PROGRESS = ".summary-progress.rank{rank}.csv"   # each rank's rows so far, until the summary is written
 READ_AHEAD = 2                        # files read in parallel ahead of the engine (GPU runs)
 # From this many files to segment, `auto` compiles static int8 on a CPU that runs int8 (about 1 min on 2 idle cores, 3-4 busy; once per
 # model): it saves about 0.06 s per `paper` slice over int8 dynamic, some 12 s per 200-slice CT volume.
@@ -68,23 +65,6 @@ class BatchJob:
     batch_size: int | None = None
     overwrite: bool = False
     prefetch: bool | None = None
-
-
-@dataclass
-class FileResult:
-    input: str                       # relative to input_dir
-    output: str                      # relative to output_dir ("" when failed)
-    status: str                      # done, existing, failed
-    reason: str = ""
-    shape: tuple[int, ...] = ()
-    spacing: tuple[float, ...] = ()
-    seconds: float = 0.0
-    measures: dict[str, float] = field(default_factory=dict)
-    unit: str = ""
-    checkpoint: str = ""
-    checkpoint_sha256: str = ""
-    mean_entropy: float | None = None          # mean predictive entropy (nats) over the image: the model's doubt
-    uncertain_slice: int | None = None         # the slice (axis 0) with the highest mean entropy
 
 
 @dataclass(frozen=True)
@@ -278,7 +258,7 @@ def run_batch(job: BatchJob, *, rank: int = 0, world_size: int = 1,
                 result = FileResult(result.input, "", "failed", f"writing the output failed: {first_line(e)}",
                                     seconds=result.seconds)
             results.append(result)
-            write_summary(job, results, PROGRESS.format(rank=rank))   # a killed run keeps what it measured
+            write_summary(job.output_dir, results, PROGRESS.format(rank=rank))   # a killed run keeps what it measured
             done += 1
             yield BatchProgress(done, total, result.input, result=result)
 
@@ -345,88 +325,3 @@ def _existing(job: BatchJob, source: Path, out: Path, models: _Inferers, earlier
                           before.mean_entropy, before.uncertain_slice)
     except (DaeformerError, OSError) as e:
         return FileResult(rel, rel_out, "failed", f"existing output unreadable: {first_line(e)}")
-
-
-def read_earlier(folder: Path) -> dict[str, FileResult]:
-    """input -> what earlier runs in `folder` say of it (seconds, uncertainty, checkpoint): its summary.csv, then
-    the progress rows of a run killed before its summary; empty when there are none. Cells that do not parse are
-    left unknown."""
-    found: dict[str, FileResult] = {}
-    for path in [folder / SUMMARY, *sorted(folder.glob(PROGRESS.format(rank="*")))]:
-        found.update(_summary_rows(path))
-    return found
-
-
-def _summary_rows(summary: Path) -> dict[str, FileResult]:
-    try:
-        with open(summary, encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, csv.Error, UnicodeDecodeError):
-        return {}
-    found = {}
-    for row in rows:
-        if row.get("status") not in ("done", "existing") or not row.get("input"):
-            continue
-        entropy, slice_, seconds = _number(row, "mean_entropy", float), _number(row, "most_uncertain_slice", int), \
-            _number(row, "seconds", float)
-        found[uncell(row["input"])] = FileResult(
-            uncell(row["input"]), uncell(row.get("output") or ""), "existing", seconds=seconds or 0.0,
-            checkpoint=uncell(row.get("checkpoint") or ""), checkpoint_sha256=row.get("checkpoint_sha256") or "",
-            mean_entropy=entropy, uncertain_slice=slice_)
-    return found
-
-
-def _number(row: dict[str, str], key: str, kind: type[float] | type[int]) -> float | int | None:
-    try:
-        return kind(row[key])
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-def ranked(results: list[FileResult]) -> list[FileResult]:
-    """Most uncertain first (highest mean entropy); files without a measure (failed) last, by name."""
-    return sorted(results, key=lambda r: (r.mean_entropy is None, -(r.mean_entropy or 0.0), r.input))
-
-
-FORMULA_START = ("=", "+", "-", "@", "\t", "\r")      # a spreadsheet runs a cell starting so as a formula
-
-
-def cell(text: str) -> str:
-    """`text` safe to open in a spreadsheet: a leading formula character is quoted with an apostrophe (OWASP)."""
-    return f"'{text}" if text.startswith(FORMULA_START) else text
-
-
-def uncell(text: str) -> str:
-    """`cell` undone."""
-    return text[1:] if text.startswith("'") and text[1:].startswith(FORMULA_START) else text
-
-
-def summary_csv(results: list[FileResult]) -> str:
-    """CSV text: one row per file with shape, spacing, seconds, uncertainty (mean predictive entropy in nats and the
-    most uncertain slice), per-class measures, checkpoint name and hash."""
-    classes: list[str] = []
-    for r in results:
-        classes += [c for c in r.measures if c not in classes]
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["input", "output", "status", "reason", "shape", "spacing_mm", "seconds", "mean_entropy",
-                     "most_uncertain_slice", "unit", *map(cell, classes), "checkpoint", "checkpoint_sha256"])
-    for r in results:                                      # names as valid UTF-8 (\xNN for undecodable bytes)
-        writer.writerow([cell(printable(r.input)), cell(printable(r.output)), r.status, cell(printable(r.reason)),
-                         "x".join(map(str, r.shape)),
-                         "x".join(f"{s:g}" for s in r.spacing), f"{r.seconds:.3f}",
-                         "" if r.mean_entropy is None else f"{r.mean_entropy:.5f}",
-                         "" if r.uncertain_slice is None else r.uncertain_slice, r.unit,
-                         *(f"{r.measures[c]:.3f}" if c in r.measures else "" for c in classes),
-                         cell(r.checkpoint), r.checkpoint_sha256])
-    return out.getvalue()
-
-
-def write_summary(job: BatchJob, results: list[FileResult], name: str = SUMMARY) -> Path:
-    """`name` in the output folder, atomically; the whole run's summary.csv replaces the progress files."""
-    text = summary_csv(results)
-    out = atomic_write(job.output_dir / name, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    if name == SUMMARY:
-        for progress in job.output_dir.glob(PROGRESS.format(rank="*")):
-            progress.unlink(missing_ok=True)
-    return out

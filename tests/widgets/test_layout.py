@@ -8,7 +8,7 @@ from qtpy.QtWidgets import QApplication, QDockWidget, QWidget
 
 from napari_daeformer.io.sample_data import synthetic_ct
 from napari_daeformer.plugin.widgets.batch import COLUMNS
-from napari_daeformer.tasks.batch import FileResult
+from napari_daeformer.tasks.summary import FileResult
 
 from .conftest import from_plugins_menu
 

@@ -5,9 +5,13 @@ minimum height is kept small, so stacking never makes the window taller than the
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from qtpy.QtCore import QEvent, QObject, Qt, QTimer
 from qtpy.QtWidgets import QDockWidget, QMainWindow, QScrollArea, QWidget
+
+if TYPE_CHECKING:
+    import napari
 
 SETTLE_S = 3.0                      # how long after a dock opens the window's own layout may still move it
 DEBOUNCE_MS = 100
@@ -112,3 +116,15 @@ class FitOnShow(QObject):
         elif self.dock is not None and kind == QEvent.Type.Resize and time.monotonic() < self.until:
             self.timer.start()                         # restarted: compact once the layout is still
         return False
+
+
+def open_plugin_dock(viewer: napari.Viewer, command: str) -> QWidget:
+    """Dock this plugin's widget contributed as `command` (its npe2 command id, e.g. `napari-daeformer.segment_widget`)
+    the way the Plugins menu does, and return it: the name napari docks it under is read from the manifest, so a
+    renamed menu entry cannot break it."""
+    import npe2
+
+    manifest = npe2.PluginManager.instance().get_manifest("napari-daeformer")
+    name = next(w.display_name for w in manifest.contributions.widgets or [] if w.command == command)
+    _, widget = viewer.window.add_plugin_dock_widget(manifest.name, name)
+    return widget

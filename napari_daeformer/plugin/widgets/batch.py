@@ -25,12 +25,10 @@ from napari_daeformer.tasks.batch import (
     BatchJob,
     BatchProgress,
     BatchSummary,
-    FileResult,
-    ranked,
     run_batch,
     sole_writer,
-    write_summary,
 )
+from napari_daeformer.tasks.summary import FileResult, ranked, write_summary
 
 if TYPE_CHECKING:
     import napari
@@ -46,7 +44,7 @@ def _batch_and_summarise(job: BatchJob, cancel: threading.Event
                          ) -> Generator[BatchProgress, None, tuple[BatchSummary, Path]]:
     with sole_writer(job):
         summary = yield from run_batch(job, cancel=cancel)
-        return summary, write_summary(job, summary.results)
+        return summary, write_summary(job.output_dir, summary.results)
 
 
 _batch_job = guarded(_batch_and_summarise, InferenceError, "batch segmentation")

@@ -7,8 +7,6 @@ worker with a live loss curve, saves a new checkpoint version and hands it to th
 from __future__ import annotations
 
 import html
-import re
-from collections.abc import Hashable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,21 +15,23 @@ from magicgui.widgets import CheckBox, ComboBox, FileEdit, FloatSpinBox, Label, 
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_info, show_warning
 from napari_daeformer_training.losses import IGNORE
-from napari_daeformer_training.pairs import Pair, pair_agreement, require_pairs
-from napari_daeformer_training.recipes import ADD_CLASS, TEACH, Overrides, Task, describe, settings_for, task_for
-from napari_daeformer_training.settings import FinetuneSettings
+from napari_daeformer_training.pairs import pair_agreement, require_pairs
+from napari_daeformer_training.recipes import REFINE, TEACH, Overrides, Task, describe, settings_for, task_for
 from napari_daeformer_training.verdict import FinetuneProgress, FinetuneResult
 from qtpy.QtWidgets import QTabWidget
 
 from napari_daeformer.base.errors import DaeformerError, TrainingError
 from napari_daeformer.io.record import CLASSES_KEY
 from napari_daeformer.model.checkpoint import MAX_WEIGHT, ModelCard, read_card
-from napari_daeformer.plugin.control.finetune import FinetuneController, check_kept_classes, finetune_and_save, pair
-from napari_daeformer.plugin.hub import hub_for
-from napari_daeformer.plugin.widgets._layers import annotation_of, follow, proposals_first
+from napari_daeformer.plugin.control.finetune import FinetuneController, check_kept_classes, finetune_and_save
+from napari_daeformer.plugin.control.recipe_form import RecipeForm, class_names_for, unnamed_classes
+from napari_daeformer.plugin.hub import ModelUser, hub_for
+from napari_daeformer.plugin.widgets._docking import open_plugin_dock
+from napari_daeformer.plugin.widgets._layers import annotation_of, follow
 from napari_daeformer.plugin.widgets._workers import WorkerWidget, collapsible, device_picker, failure_message, guarded, holder, row
-from napari_daeformer.plugin.widgets.segment import SegmentWidget
-from napari_daeformer.session.agreement import VersionAgreement, by_version, history, merged
+from napari_daeformer.plugin.widgets.pairs import Pairs
+from napari_daeformer.plugin.widgets.plots import AgreementPlot, LossPlot
+from napari_daeformer.session.agreement import by_version, history, merged
 
 if TYPE_CHECKING:
     import napari
@@ -41,117 +41,17 @@ FROM_NEW = "a new model (small)"
 PROTECT_CHOICES = {"parent's confident labels": "pseudo", "pull towards parent": "l2sp", "off": "none"}
 
 
+_PROTECT_NAMES = {v: k for k, v in PROTECT_CHOICES.items()}
+
+
 def _default_protect() -> str:
-    return next(k for k, v in PROTECT_CHOICES.items() if v == FinetuneSettings.protect)
+    return _PROTECT_NAMES[REFINE.protect]
 
 
 _finetune_job = guarded(finetune_and_save, TrainingError, "fine-tuning")
 
 
-class ThemedPlot:
-    """A small matplotlib canvas in the dock, in napari's theme."""
-
-    def __init__(self, theme: str = "dark") -> None:
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-        from matplotlib.figure import Figure
-        from napari.utils.theme import get_theme
-
-        colours = get_theme(theme)
-        self.background, self.text = colours.background.as_hex(), colours.text.as_hex()
-        self.highlight = colours.current.as_hex()
-        self.figure = Figure(figsize=(3.4, 1.5), dpi=90, tight_layout=True, facecolor=self.background)
-        self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(130)
-        self.axes = self.figure.add_subplot(111)
-
-    def _style(self, axes: object, ylabel: str, colour: str) -> None:
-        from matplotlib.ticker import MaxNLocator
-
-        axes.set_facecolor(self.background)                                   # type: ignore[attr-defined]
-        axes.set_ylabel(ylabel, fontsize=9, color=colour)                     # type: ignore[attr-defined]
-        axes.tick_params(labelsize=8, colors=self.text)                       # type: ignore[attr-defined]
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))               # type: ignore[attr-defined]
-        for spine in axes.spines.values():                                    # type: ignore[attr-defined]
-            spine.set_color(self.text)
-
-
-class LossPlot(ThemedPlot):
-    """Training loss per step and the held-out Dice at each scoring (right axis)."""
-
-    def __init__(self, theme: str = "dark") -> None:
-        super().__init__(theme)
-        self.dice_axes = self.axes.twinx()
-        self.steps: list[int] = []
-        self.losses: list[float] = []
-        self.scored: list[tuple[int, float]] = []
-        self.reset()
-
-    def reset(self, steps: int = 100) -> None:
-        """Empty axes over the run's `steps`, with a line saying what will appear."""
-        self.steps.clear()
-        self.losses.clear()
-        self.scored.clear()
-        for axes in (self.axes, self.dice_axes):
-            axes.clear()
-        self._style(self.axes, "loss", self.text)
-        self._style(self.dice_axes, "held-out Dice", self.highlight)
-        self.axes.set_xlabel("step", fontsize=9, color=self.text)
-        self.axes.set_xlim(0, max(steps, 1))                  # shared with the Dice axes
-        self.axes.set_ylim(0, 1)
-        self.dice_axes.set_ylim(0, 1.02)
-        self.dice_axes.yaxis.set_label_position("right")          # clear() put it on the left, over the loss label
-        (self.line,) = self.axes.plot([], [], color=self.text, linewidth=1)
-        (self.dice_line,) = self.dice_axes.plot([], [], "o-", color=self.highlight, markersize=3, linewidth=1)
-        self.note = self.axes.text(0.5, 0.5, "loss and held-out Dice appear here\nwhile fine-tuning", ha="center",
-                                   va="center", transform=self.axes.transAxes, fontsize=8, color=self.text)
-        self.canvas.draw_idle()
-
-    def add(self, step: int, loss: float | None, dice: float | None = None) -> None:
-        """Step 0 (the parent, before training) brings a Dice and no loss."""
-        self.note.set_visible(False)
-        if loss is not None:
-            self.steps.append(step)
-            self.losses.append(loss)
-            self.line.set_data(self.steps, self.losses)
-            self.axes.set_ylim(0, max(self.losses) * 1.1 or 1)
-        if dice is not None:
-            self.scored.append((step, dice))
-            self.dice_line.set_data(*zip(*self.scored))
-        self.canvas.draw_idle()
-
-
-class AgreementPlot(ThemedPlot):
-    """Agreement between the model's proposals and the user's final labels, per model version of the lineage:
-    mean Dice (dots) and the share of slices the user changed (squares), versions on x."""
-
-    def __init__(self, theme: str = "dark") -> None:
-        super().__init__(theme)
-        self.versions: list[VersionAgreement] = []
-        self.show([])
-
-    def show(self, versions: list[VersionAgreement]) -> None:
-        self.versions = versions
-        ax = self.axes
-        ax.clear()
-        self._style(ax, "agreement", self.text)
-        ax.set_ylim(0, 1.05)
-        if not versions:
-            ax.text(0.5, 0.5, "Dice of each proposal with your final labels,\nper model version, appears here",
-                    ha="center", va="center", transform=ax.transAxes, fontsize=8, color=self.text)
-            ax.set_xticks([])
-        else:
-            x = range(len(versions))
-            ax.plot(x, [v.dice for v in versions], "o-", color=self.highlight, markersize=4, linewidth=1, label="Dice")
-            ax.plot(x, [v.slices_changed for v in versions], "s--", color=self.text, markersize=3, linewidth=1,
-                    label="slices changed")
-            ax.set_xticks(list(x), [v.version.split(" (")[0].removesuffix(".safetensors")[-18:] for v in versions],
-                          fontsize=7)
-            ax.set_xlim(-0.5, len(versions) - 0.5)
-            ax.legend(fontsize=7, loc="lower left", frameon=False, labelcolor=self.text)
-        self.canvas.draw_idle()
-
-
-class FinetuneWidget(WorkerWidget):
+class FinetuneWidget(Pairs, WorkerWidget):
     """Pairs of (image, corrected labels) in, a new checkpoint version out, loaded into the Segment widget."""
 
     def __init__(self, napari_viewer: napari.Viewer) -> None:
@@ -169,13 +69,13 @@ class FinetuneWidget(WorkerWidget):
         self._add = PushButton(text="Add pair", tooltip="Use this image with these labels (several pairs allowed)")
         self._clear = PushButton(text="Clear pairs")
         self._pairs_info = self._wrap(Label(value="No pairs yet."))
-        self._steps = SpinBox(label="steps", min=1, max=20000, value=FinetuneSettings.steps,
+        self._steps = SpinBox(label="steps", min=1, max=20000, value=REFINE.steps,
                               tooltip="Optimiser steps; 100 take 25-35 s for the small model on 2 CPU cores")
         self._minutes = FloatSpinBox(label="time budget (min)", min=0, max=600, step=1, value=0,
                                      tooltip="Stop after this long with the best state so far (0: no limit)")
-        self._lr = FloatSpinBox(label="learning rate", min=1e-5, max=1.0, step=1e-5, value=FinetuneSettings.lr,
+        self._lr = FloatSpinBox(label="learning rate", min=1e-5, max=1.0, step=1e-5, value=REFINE.lr,
                                 tooltip="AdamW peak learning rate, reached after a warm-up of "
-                                        f"{FinetuneSettings.warmup_steps} steps")
+                                        f"{REFINE.warmup_steps} steps")
         self._neighbours = FloatSpinBox(label="neighbouring slices", min=0.0, max=MAX_WEIGHT, step=0.05,
                                         value=TEACH.neighbour_weight, visible=False,
                                         tooltip="The new model segments each slice of a volume with its neighbours' "
@@ -188,7 +88,7 @@ class FinetuneWidget(WorkerWidget):
         self._parts = ComboBox(label="train", choices=["all", "decoder"], value="all",
                                tooltip="'decoder' keeps the encoder fixed: safer with very few slices")
         self._augment = CheckBox(label="augmentation", value=True, tooltip="Random affine, contrast, blur, noise")
-        self._calibrate = CheckBox(label="calibrate intensities", value=FinetuneSettings.calibrate,
+        self._calibrate = CheckBox(label="calibrate intensities", value=REFINE.calibrate,
                                    tooltip="Also learn an intensity scale and shift (a scanner's HU offset, a camera's "
                                            "colour cast), saved as the new model's CT window or colour normalisation")
         self._device = device_picker()
@@ -229,7 +129,10 @@ class FinetuneWidget(WorkerWidget):
         self._clear.clicked.connect(self._clear_pairs)
         self._run.clicked.connect(self._start)
         self._plan_shown, self._watched = False, None                   # the status holds a plan; the layer followed
-        self._start_from.changed.connect(self._recipe)
+        self.form, self._showing = RecipeForm(), False
+        for name, control in self._recipe_controls().items():
+            control.changed.connect(lambda _, n=name: self._touched(n))
+        self._start_from.changed.connect(self._start_from_changed)
         self._corrected.changed.connect(lambda _: self._fill_classes())
         self._corrected.changed.connect(lambda layer: (self._watch_painting(layer), self._show_plan(fresh=True)))
         self._image.changed.connect(lambda _: self._show_plan(fresh=True))
@@ -251,26 +154,32 @@ class FinetuneWidget(WorkerWidget):
         self._watch_painting(self._corrected.value)                     # chosen before the signals were connected
         self._show_plan(fresh=True)
 
-    def _recipe(self, choice: str) -> None:
-        """A new model trains longer, stopped by a time budget; fine-tuning takes a fixed number of steps."""
+    def _start_from_changed(self, choice: str) -> None:
         new = choice == FROM_NEW
-        self._steps.value = TEACH.steps if new else FinetuneSettings.steps
-        self._minutes.value = TEACH.minutes if new else 0
-        self._lr.value = TEACH.lr if new else FinetuneSettings.lr
         self._neighbours.visible = new                          # fine-tuning keeps the parent's
         for control in (self._protect, self._calibrate, self._overwrite):   # a new model has no parent to protect,
             control.visible = not new                                      # calibrate against or overwrite
         self._run.text = "Train" if new else "Fine-tune"
         self._fill_classes()
+        self._show_recipe(self._task_guess())
 
-    def _new_class_recipe(self) -> None:
-        """The settings for a head with new classes (`ADD_CLASS`), where they are still fine-tuning's defaults."""
-        if int(self._steps.value) == FinetuneSettings.steps:
-            self._steps.value = ADD_CLASS.steps
-        if self._protect.value == _default_protect():
-            self._protect.value = next(k for k, v in PROTECT_CHOICES.items() if v == ADD_CLASS.protect)
-        if bool(self._calibrate.value) == FinetuneSettings.calibrate:
-            self._calibrate.value = ADD_CLASS.calibrate
+    def _recipe_controls(self) -> dict[str, Any]:
+        return {"steps": self._steps, "lr": self._lr, "minutes": self._minutes, "protect": self._protect,
+                "train_parts": self._parts, "augment": self._augment, "calibrate": self._calibrate,
+                "neighbour_weight": self._neighbours}
+
+    def _show_recipe(self, task: Task) -> None:
+        """The controls the user has not set show `task`'s recipe (`RecipeForm`)."""
+        self._showing = True
+        try:
+            for name, value in self.form.shown(task).items():
+                self._recipe_controls()[name].value = _PROTECT_NAMES[value] if name == "protect" else value
+        finally:
+            self._showing = False
+
+    def _touched(self, name: str) -> None:
+        if not self._showing:
+            self.form.touch(name)
 
     def _fill_classes(self) -> None:
         """The chosen labels layer's class names (those of the model that made it, or of its file); the field is
@@ -286,10 +195,8 @@ class FinetuneWidget(WorkerWidget):
                 names = list(read_card(dock.checkpoint_path()).class_names)     # the model it would fine-tune
             except DaeformerError:
                 names = []
-        names = names or ["background"]
-        top = int(np.max(labels.data)) if np.size(labels.data) else 0
-        self._classes.value = ", ".join([*names, *(f"class {i}" for i in range(len(names), top + 1))])
-        self._classes.visible = self._start_from.value == FROM_NEW or top >= len(names)    # new classes to name
+        self._classes.value = ", ".join(class_names_for(names or ["background"], labels.data))
+        self._classes.visible = self._start_from.value == FROM_NEW or len(self._class_names()) > len(names)
 
     def _class_names(self) -> tuple[str, ...]:
         return tuple(n.strip() for n in str(self._classes.value).split(",") if n.strip())
@@ -300,62 +207,17 @@ class FinetuneWidget(WorkerWidget):
         self._watch_painting(None)
         super()._on_closed()
 
-    def _labels_layers(self, _: Any = None) -> list[Labels]:
-        return proposals_first(self.viewer)
-
-    def _layer_added(self, event: Any) -> None:
-        if isinstance(event.value, Labels):
-            follow(self.viewer, event.value)
-        self.reset_choices()
-
-    def _annotated(self, layer_id: Hashable) -> None:
-        """A labels layer got a proposal (a run or a restore): make it, and its image, the pair to add."""
-        if self.closed:
-            return
-        self.reset_choices()
-        layer = next((x for x in self.viewer.layers if x.unique_id == layer_id), None)
-        annotation = self.hub.annotation(layer_id)
-        if layer is None or annotation is None or annotation.prediction is None:
-            return
-        self._corrected.value = layer
-        image = next((x for x in self.viewer.layers if isinstance(x, Image) and x.name == annotation.image.name), None)
-        if image is not None:
-            self._image.value = image
-
-    # ---- pairs ---------------------------------------------------------------------------------------
-    def _add_pair(self) -> None:
-        image, labels = self._image.value, self._corrected.value
-        if image is None or labels is None:
-            self.report("choose an image layer and its corrected labels layer first")
-            return
-        self.pairs.append((image, labels))
-        self._show_pairs()
-
-    def _clear_pairs(self) -> None:
-        self.pairs.clear()
-        self._show_pairs()
-
-    def _show_pairs(self) -> None:
-        lines = []
-        for image, labels in self.pairs:
-            n = (int(pair(image.name, image.data, labels.data, follow(self.viewer, labels)).slices.sum())
-                 if labels in self.viewer.layers else 0)
-            lines.append(f"{html.escape(image.name)} + {html.escape(labels.name)}: {n} corrected slice"
-                         f"{'s' if n != 1 else ''}")
-        self._pairs_info.value = "<br>".join(lines) or "No pairs yet."
-        self._show_plan(fresh=True)
-        self.show_agreement()
-
     def _show_plan(self, fresh: bool = False) -> None:
         """Say in the status what pressing the button will do with the chosen pair(s) (`describe`), unless it holds
         a run's result and nothing new was chosen (`fresh`: a new pair or labels layer)."""
-        if self.running or not (fresh or self._plan_shown or not self._status.value):
+        if self._showing or self.running or not (fresh or self._plan_shown or not self._status.value):
             return
         try:
             slices = sum(int(p.slices.sum()) for p in self._collect())
         except DaeformerError:
             slices = 0
         task = self._task_guess()
+        self._show_recipe(task)
         plan = describe(settings_for(task, self._overrides(task)), slices) if slices else ""
         self._status.value, self._plan_shown = html.escape(plan), True
 
@@ -391,18 +253,10 @@ class FinetuneWidget(WorkerWidget):
             return
         self.agreement_plot.show(by_version(merged(history(card.provenance), current)))
 
-    def _collect(self) -> list[Pair]:
-        pairs = self.pairs or ([(self._image.value, self._corrected.value)]
-                               if self._image.value is not None and self._corrected.value is not None else [])
-        return [pair(image.name, image.data, labels.data, follow(self.viewer, labels)) for image, labels in pairs]
-
     # ---- running -------------------------------------------------------------------------------------
-    def segment_widget(self) -> SegmentWidget:
-        """The Segment dock used last in this viewer (one is docked if none is open)."""
-        dock = self.hub.segment_dock()
-        if dock is None:
-            _, dock = self.viewer.window.add_plugin_dock_widget("napari-daeformer", "Segment with DAE-Former")
-        return dock  # type: ignore[return-value]
+    def segment_widget(self) -> ModelUser:
+        """The Segment dock used last in this viewer (one is docked, as the Plugins menu does, if none is open)."""
+        return self.hub.segment_dock() or open_plugin_dock(self.viewer, "napari-daeformer.segment_widget")  # type: ignore[return-value]
 
     def _parent_path(self) -> Path:
         """The model to fine-tune: the one that proposed the first pair's labels, else the Segment dock's."""
@@ -428,19 +282,15 @@ class FinetuneWidget(WorkerWidget):
                 parent, out, overwrite = self.control.prepare_new(pairs, self._class_names(), name, chosen)
             else:
                 classes = self._class_names()                    # longer than the model's: new classes
-                top = max((int(np.max(p.labels[p.labels != IGNORE], initial=0)) for p in pairs), default=0)
                 own_names = read_card(parent_path).class_names
                 if not self._classes.native.isHidden():          # what the user could type: never ignored
                     check_kept_classes(own_names, classes)
-                own = len(own_names)
-                unnamed = [n for n in classes[own:] if re.fullmatch(r"class \d+", n)]   # the placeholders filled in
-                if top >= len(classes) or unnamed:               # painted with a value nobody named yet
-                    self._classes.value = ", ".join([*classes, *(f"class {i}" for i in range(len(classes), top + 1))])
+                if why := unnamed_classes(pairs, classes, len(own_names)):   # a painted value nobody named yet
+                    top = max(int(p.labels[p.labels != IGNORE].max(initial=0)) for p in pairs)
+                    self._classes.value = ", ".join(class_names_for(classes, np.array([top])))
                     self._classes.visible = True
-                    self._new_class_recipe()
-                    self.report(f"the labels hold values up to {top}, beyond the model's {own} classes: name the new "
-                                f"classes (label {own} and up) in 'classes', after the model's own, then press "
-                                "Fine-tune again")
+                    self._show_recipe("add_classes")
+                    self.report(why)
                     return
                 parent, out, overwrite = self.control.prepare(pairs, parent_path, chosen, bool(self._overwrite.value),
                                                               classes)
@@ -448,8 +298,7 @@ class FinetuneWidget(WorkerWidget):
             self.report(str(e))
             return
         task = "new_model" if self._start_from.value == FROM_NEW else task_for(False, own_names, classes)
-        if task == "add_classes":
-            self._new_class_recipe()
+        self._show_recipe(task)
         settings = settings_for(task, self._overrides(task))
         self.plot.reset(settings.steps)
         self._keep_anyway.visible = False
@@ -467,14 +316,10 @@ class FinetuneWidget(WorkerWidget):
                      aborted=self._aborted)
 
     def _overrides(self, task: Task) -> Overrides:
-        """What the controls say on top of the task's recipe (they show the recipe's values until changed); a new
-        model has no parent to protect or calibrate against, and fine-tuning keeps the parent's neighbour weight."""
-        new = task == "new_model"
-        return Overrides(steps=int(self._steps.value), lr=float(self._lr.value), train_parts=self._parts.value,
-                         augment=bool(self._augment.value), minutes=float(self._minutes.value) or None,
-                         device=self._device.value, protect=None if new else PROTECT_CHOICES[self._protect.value],
-                         calibrate=None if new else bool(self._calibrate.value),
-                         neighbour_weight=float(self._neighbours.value) if new else None)
+        """What the user set on top of the task's recipe (`RecipeForm`)."""
+        values = {name: control.value for name, control in self._recipe_controls().items()}
+        values["protect"] = PROTECT_CHOICES[values["protect"]]
+        return self.form.overrides(task, values, self._device.value)
 
     def _aborted(self) -> None:
         self._plan_shown = False
