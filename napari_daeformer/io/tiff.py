@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,11 @@ _MM_PER_UNIT = {1: 1.0, 2: 25.4, 3: 10.0}          # TIFF ResolutionUnit: none (
 _IMAGEJ_UNITS = {"mm": 1.0, "micron": 1e-3, "um": 1e-3, "\\u00B5m": 1e-3, "µm": 1e-3, "cm": 10.0, "nm": 1e-6}
 
 
+# What tifffile and its codecs raise on a damaged file (imagecodecs' errors are RuntimeErrors): each is the file's
+# fault. Our own errors (a refused allocation) pass through as they are.
+TIFF_ERRORS = (tifffile.TiffFileError, OSError, EOFError, ValueError, KeyError, IndexError, TypeError, RuntimeError,
+               struct.error, zlib.error)
+
 def read_tiff(path: Path) -> ImageRecord:
     """Read a TIFF into (Y, X), (Y, X, 3) or (Z, Y, X); spacing from X/YResolution and ImageJ metadata."""
     try:
@@ -30,9 +37,7 @@ def read_tiff(path: Path) -> ImageRecord:
             spacing_yx, unitless = _resolution_mm(page)
             ij = tif.imagej_metadata or {}
             shaped = (tif.shaped_metadata or ({},))[0] or {}
-    except ImageFormatError:
-        raise
-    except Exception as e:
+    except TIFF_ERRORS as e:
         raise ImageFormatError(f"{path.name}: not a readable TIFF ({first_line(e)})") from e
     data = np.squeeze(data)
     # RGB by the photometric tag (8- or 16-bit); untagged 8-bit (Y, X, 3|4) arrays are photos too.
