@@ -325,7 +325,7 @@ def test_summary_cells_never_start_a_spreadsheet_formula(tmp_path: Path) -> None
     from napari_daeformer.tasks.summary import FileResult, read_earlier, summary_csv
 
     name = '=HYPERLINK("http://x","open").nii.gz'
-    csv_text = summary_csv([FileResult(name, "-out.nii.gz", "done", reason="+1", measures={"@SUM(A1)": 2.0},
+    csv_text = summary_csv([FileResult(input=name, output="-out.nii.gz", status="done", reason="+1", measures={"@SUM(A1)": 2.0},
                                        unit="mL", mean_entropy=0.5, uncertain_slice=3)])
     rows = list(csv.reader(io.StringIO(csv_text)))
     cells = [c for row in rows for c in row]

@@ -64,7 +64,7 @@ def test_a_partial_run_never_writes_a_corrected_slice(tiny_ckpt: Path, tmp_path:
     control = _controller(tiny_ckpt)
     image = np.random.default_rng(1).normal(0, 200, (8, 64, 64)).astype(np.float32)
     labels = np.zeros(image.shape, np.uint8)
-    annotation = Annotation(ImageIdentity("", ""), "painted")        # labels painted from scratch
+    annotation = Annotation(image=ImageIdentity("", ""), layer_name="painted")        # labels painted from scratch
     labels[:, 10] = 2
     annotation.touched[1] = {10}
     only = control.uncorrected(annotation, labels, image.shape, 1, "painted")
@@ -88,7 +88,8 @@ def test_a_partial_run_never_writes_a_corrected_slice(tiny_ckpt: Path, tmp_path:
 
 def test_sessions_on_offer_skip_open_ones_and_a_damaged_one_is_named(tmp_path: Path) -> None:
     labels = np.zeros((4, 8, 8), np.uint8)
-    older, newer = Annotation(IMAGE, "a", prediction=labels.copy()), Annotation(IMAGE, "b", prediction=labels.copy())
+    older = Annotation(image=IMAGE, layer_name="a", prediction=labels.copy())
+    newer = Annotation(image=IMAGE, layer_name="b", prediction=labels.copy())
     labels[1] = 1
     p_old = save_session(session_path(tmp_path, older), older, labels)
     p_new = save_session(session_path(tmp_path, newer), newer, labels)
@@ -116,9 +117,10 @@ def test_finetune_parent_output_and_lineage(tmp_path: Path) -> None:
     control = FinetuneController(user_models=tmp_path / "models")
     bundled = bundled_model("ct")
     fallback = tmp_path / "dock.safetensors"
-    made = Annotation(IMAGE, "a", checkpoint_path=str(bundled))
+    made = Annotation(image=IMAGE, layer_name="a", checkpoint_path=str(bundled))
     assert control.parent_of(made, lambda: fallback) == bundled
-    assert control.parent_of(Annotation(IMAGE, "a", checkpoint_path=str(tmp_path / "gone")), lambda: fallback) == fallback
+    gone = Annotation(image=IMAGE, layer_name="a", checkpoint_path=str(tmp_path / "gone"))
+    assert control.parent_of(gone, lambda: fallback) == fallback
     out, overwrite = control.output_path(bundled, None, False)
     assert out.parent == tmp_path / "models" and out.name.startswith("ct_small-ft") and not overwrite
     assert control.output_path(bundled, None, True) == (bundled, True)
@@ -136,7 +138,7 @@ def test_a_pair_learns_from_the_slices_corrected_along_the_axis_painted() -> Non
     proposal = np.zeros((3, 4, 5), np.uint8)
     labels = proposal.copy()
     labels[:, :, 2] = 1
-    a = Annotation(IMAGE, "a", prediction=proposal, touched={0: {1}, 2: {2, 3}})
+    a = Annotation(image=IMAGE, layer_name="a", prediction=proposal, touched={0: {1}, 2: {2, 3}})
     p = pair("scan", np.zeros((3, 4, 5), np.float32), labels, a)          # painted along axis 2 the most
     assert p.slices.tolist() == [False, False, True, True, False]
     assert p.image.shape == p.labels.shape == p.proposal.shape == (5, 3, 4) and (p.labels[2] == 1).all()

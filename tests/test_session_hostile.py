@@ -69,7 +69,7 @@ def test_a_crafted_session_is_one_line(tmp_path: Path, labels: bytes, meta: byte
 
 
 def test_labels_must_have_the_images_shape_to_be_restored(tmp_path: Path) -> None:
-    annotation = Annotation(IMAGE, "x", touched={0: {1}})
+    annotation = Annotation(image=IMAGE, layer_name="x", touched={0: {1}})
     path = save_session(session_path(tmp_path, annotation), annotation, np.ones(2, np.uint8).reshape(1, 2))
     offer = Offer(path, "", True)
     with pytest.raises(DaeformerError, match=r"its labels \(1, 2\) do not fit the image \(1, 2, 5\)"):
@@ -79,7 +79,7 @@ def test_labels_must_have_the_images_shape_to_be_restored(tmp_path: Path) -> Non
 
 
 def test_a_link_to_another_session_is_never_offered(tmp_path: Path) -> None:
-    other = Annotation(ImageIdentity("e" * 64, "other"), "x", touched={0: {1}})
+    other = Annotation(image=ImageIdentity("e" * 64, "other"), layer_name="x", touched={0: {1}})
     elsewhere = tmp_path / "private"
     elsewhere.mkdir()
     target = save_session(session_path(elsewhere, other), other, np.ones((2, 4, 4), np.uint8))

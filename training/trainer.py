@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ class TrainConfig:
     ce_weight: float = 0.4
     dice_weight: float = 0.6
     dice_present_only: bool = False  # Dice over the classes present in the batch (not the paper's; fine-tuning)
-    optimizer: str = "sgd"           # or "adamw" (not the paper's; converges faster on small data)
+    optimizer: Literal["sgd", "adamw"] = "sgd"   # or "adamw" (not the paper's; converges faster on small data)
     val_every: int = 1               # epochs between validations (the paper has no validation split)
     seed: int = 1234
     amp: bool = True                 # bf16 autocast on CUDA

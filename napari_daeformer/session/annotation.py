@@ -76,7 +76,7 @@ def merge_slices(base: np.ndarray, new: np.ndarray, replace: np.ndarray, axis: i
     return merged
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Annotation:
     """The meaning of one labels layer's pixels.
 
@@ -245,10 +245,11 @@ def load_session(path: str | os.PathLike[str], voxels: int | None = None) -> Sav
                                   str(meta["image"].get("source_path", "")))
             touched = {int(axis): {int(z) for z in zs} for axis, zs in meta.get("touched", {}).items()}
             ident = str(meta["id"])
-        annotation = Annotation(image, str(meta.get("layer_name", "")), tuple(map(str, meta.get("class_names", []))),
-                                tuple(map(str, meta.get("class_colors", []))), prediction, str(meta.get("checkpoint", "")),
-                                str(meta.get("checkpoint_sha256", "")), str(meta.get("checkpoint_path", "")), touched,
-                                ident)
+        annotation = Annotation(image=image, layer_name=str(meta.get("layer_name", "")),
+                                class_names=tuple(map(str, meta.get("class_names", []))),
+                                class_colors=tuple(map(str, meta.get("class_colors", []))), prediction=prediction,
+                                checkpoint=str(meta.get("checkpoint", "")), checkpoint_sha256=str(meta.get("checkpoint_sha256", "")),
+                                checkpoint_path=str(meta.get("checkpoint_path", "")), touched=touched, id=ident)
         saved_at = float(meta.get("saved_at", 0.0))
     except DaeformerError:
         raise

@@ -224,7 +224,7 @@ def run_batch(job: BatchJob, *, rank: int = 0, world_size: int = 1,
     for source in files:
         out = outputs[source]
         if isinstance(out, str):
-            results.append(FileResult(str(source.relative_to(job.input_dir)), "", "failed", out))
+            results.append(FileResult(input=str(source.relative_to(job.input_dir)), output="", status="failed", reason=out))
         elif out.exists() and not job.overwrite:
             finished.append((source, out))
         else:
@@ -255,8 +255,8 @@ def run_batch(job: BatchJob, *, rank: int = 0, world_size: int = 1,
                 if future is not None:
                     future.result()
             except (DaeformerError, OSError) as e:            # the writer refused, or the disk did: this file failed
-                result = FileResult(result.input, "", "failed", f"writing the output failed: {first_line(e)}",
-                                    seconds=result.seconds)
+                result = FileResult(input=result.input, output="", status="failed", seconds=result.seconds,
+                                    reason=f"writing the output failed: {first_line(e)}")
             results.append(result)
             write_summary(job.output_dir, results, PROGRESS.format(rank=rank))   # a killed run keeps what it measured
             done += 1
@@ -290,12 +290,13 @@ def run_batch(job: BatchJob, *, rank: int = 0, world_size: int = 1,
                     yield BatchProgress(done, total, rel, p.done, p.total, note=p.note)
                 compute += time.perf_counter() - t0
                 future = report.written
-                result = FileResult(rel, str(out.relative_to(job.output_dir)), "done", "", record.spatial_shape,
-                                    record.spacing, time.perf_counter() - t0, report.measures.values,
-                                    report.measures.unit, report.checkpoint, report.checkpoint_sha256,
-                                    report.mean_entropy, report.uncertain_slice)
+                result = FileResult(input=rel, output=str(out.relative_to(job.output_dir)), status="done", shape=record.spatial_shape,
+                                    spacing=record.spacing, seconds=time.perf_counter() - t0, measures=report.measures.values,
+                                    unit=report.measures.unit, checkpoint=report.checkpoint,
+                                    checkpoint_sha256=report.checkpoint_sha256, mean_entropy=report.mean_entropy,
+                                    uncertain_slice=report.uncertain_slice)
             except (DaeformerError, OSError) as e:            # one file's failure never ends the run (a bug does)
-                result = FileResult(rel, "", "failed", first_line(e), seconds=time.perf_counter() - t0)
+                result = FileResult(input=rel, output="", status="failed", reason=first_line(e), seconds=time.perf_counter() - t0)
             pending.append((future, result))
             yield from settle(block=False)
         yield from settle(block=True)
@@ -319,9 +320,10 @@ def _existing(job: BatchJob, source: Path, out: Path, models: _Inferers, earlier
         photo = job.model is None and suffix_of(source) in (".png", ".jpg", ".jpeg", ".bmp")
         card = models.for_kind("skin" if photo and read_image(source).rgb else "ct").checkpoint.card
         measures = Measures.of(data, labels.spacing, labels.source_format, card.class_names)
-        before = earlier.get(rel, FileResult(rel, rel_out, "existing"))
-        return FileResult(rel, rel_out, "existing", "", tuple(data.shape), labels.spacing, before.seconds,
-                          measures.values, measures.unit, before.checkpoint, before.checkpoint_sha256,
-                          before.mean_entropy, before.uncertain_slice)
+        before = earlier.get(rel, FileResult(input=rel, output=rel_out, status="existing"))
+        return FileResult(input=rel, output=rel_out, status="existing", shape=tuple(data.shape), spacing=labels.spacing,
+                          seconds=before.seconds, measures=measures.values, unit=measures.unit,
+                          checkpoint=before.checkpoint, checkpoint_sha256=before.checkpoint_sha256,
+                          mean_entropy=before.mean_entropy, uncertain_slice=before.uncertain_slice)
     except (DaeformerError, OSError) as e:
-        return FileResult(rel, rel_out, "failed", f"existing output unreadable: {first_line(e)}")
+        return FileResult(input=rel, output=rel_out, status="failed", reason=f"existing output unreadable: {first_line(e)}")

@@ -15,7 +15,7 @@ SUMMARY = "summary.csv"
 PROGRESS = ".summary-progress.rank{rank}.csv"   # each rank's rows so far, until the summary is written
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FileResult:
     input: str                       # relative to input_dir
     output: str                      # relative to output_dir ("" when failed)
@@ -56,7 +56,7 @@ def _summary_rows(summary: Path) -> dict[str, FileResult]:
         entropy, slice_, seconds = _number(row, "mean_entropy", float), _number(row, "most_uncertain_slice", int), \
             _number(row, "seconds", float)
         found[uncell(row["input"])] = FileResult(
-            uncell(row["input"]), uncell(row.get("output") or ""), "existing", seconds=seconds or 0.0,
+            input=uncell(row["input"]), output=uncell(row.get("output") or ""), status="existing", seconds=seconds or 0.0,
             checkpoint=uncell(row.get("checkpoint") or ""), checkpoint_sha256=row.get("checkpoint_sha256") or "",
             mean_entropy=entropy, uncertain_slice=slice_)
     return found

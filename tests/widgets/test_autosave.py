@@ -126,10 +126,10 @@ def test_session_file_round_trip_and_damage(tmp_path: Path) -> None:
     labels[3, 0, :] = 1
     key = image_key(np.arange(24).reshape(2, 3, 4))
     assert key == image_key(np.arange(24).reshape(2, 3, 4)) != image_key(np.arange(24).reshape(3, 2, 4))
-    annotation = Annotation(ImageIdentity(key, "ct"), "ct DAE-Former", ("bg", "a", "b", "c"), prediction=np.zeros_like(labels),
-                            checkpoint="m.safetensors", touched={0: {1}, 2: {5}})
+    annotation = Annotation(image=ImageIdentity(key, "ct"), layer_name="ct DAE-Former", class_names=("bg", "a", "b", "c"),
+                            prediction=np.zeros_like(labels), checkpoint="m.safetensors", touched={0: {1}, 2: {5}})
     path = save_session(session_path(tmp_path, annotation), annotation, labels)
-    second = Annotation(ImageIdentity(key, "ct"), "ct DAE-Former")                  # another layer on the image
+    second = Annotation(image=ImageIdentity(key, "ct"), layer_name="ct DAE-Former")                  # another layer on the image
     assert session_path(tmp_path, second) != path
     assert find_sessions([tmp_path / "missing", tmp_path], key) == [path]
     with pytest.MonkeyPatch.context() as m:                               # the same file, planted by another user
@@ -150,7 +150,7 @@ def test_damaged_session_is_named_and_can_be_discarded(make_napari_viewer, tmp_p
                                                        monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv(ENV_FOLDER, str(tmp_path))
     image = np.arange(4 * 32 * 32, dtype=np.int16).reshape(4, 32, 32)
-    torn = session_path(tmp_path, Annotation(ImageIdentity(image_key(image), "scan"), "scan"))
+    torn = session_path(tmp_path, Annotation(image=ImageIdentity(image_key(image), "scan"), layer_name="scan"))
     torn.write_bytes(b"PK\x03\x04 half a file")                          # a save cut short by something worse
     viewer = make_napari_viewer()
     viewer.add_image(image, name="scan")
@@ -170,7 +170,7 @@ def test_a_session_bomb_or_damaged_session_is_refused_quickly(make_napari_viewer
 
     monkeypatch.setenv(ENV_FOLDER, str(tmp_path))
     image = np.arange(4 * 32 * 32, dtype=np.int16).reshape(4, 32, 32)
-    annotation = Annotation(ImageIdentity(image_key(image), "scan"), "scan")
+    annotation = Annotation(image=ImageIdentity(image_key(image), "scan"), layer_name="scan")
     bomb = session_path(tmp_path, annotation)
     with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("labels.npy", b"\0" * (64 << 20))                  # 64 MiB of zeros: a few KiB compressed

@@ -201,7 +201,7 @@ def test_paint_events_mark_slices_along_the_axis_on_screen(make_napari_viewer) -
     viewer = make_napari_viewer()
     prediction = np.zeros((6, 32, 32), np.uint8)
     layer = viewer.add_labels(prediction.copy())
-    attach(viewer, layer, Annotation(ImageIdentity("k", "scan"), layer.name, prediction=prediction.copy()))
+    attach(viewer, layer, Annotation(image=ImageIdentity("k", "scan"), layer_name=layer.name, prediction=prediction.copy()))
     layer.brush_size = 3
     layer.paint((4, 10, 10), 2)                                       # napari's own brush: a masked paint atom
     layer.paint((4, 10, 10), 0)                                       # ... and painted back: equal to the model again

@@ -43,10 +43,10 @@ def test_three_docks_fit_the_window(make_napari_viewer, qtbot, size: tuple[int, 
     viewer.add_image(synthetic_ct(seed=0, shape=(8, 96, 96)).image, name="abdomen")
     docks = {name: from_plugins_menu(name) for name in ("segment_widget", "finetune_widget", "batch_widget")}
     segment, tune, batch = docks.values()
-    batch.results = [FileResult("photos/a_rather_long_folder_name/lesion_0001.png", "", "failed",
+    batch.results = [FileResult(input="photos/a_rather_long_folder_name/lesion_0001.png", output="", status="failed",
                                 reason="not an image napari-daeformer can read"),
-                     FileResult("ct0.nii.gz", "ct0.nii.gz", "done", seconds=3.2, measures={"liver": 166.5}, unit="mL",
-                                mean_entropy=0.0231)]
+                     FileResult(input="ct0.nii.gz", output="ct0.nii.gz", status="done", seconds=3.2,
+                                measures={"liver": 166.5}, unit="mL", mean_entropy=0.0231)]
     batch._show_table()
     qtbot.wait(500)                                                     # the docks are compacted 100 ms after
     assert (window.width(), window.height()) == size                    # the third dock did not grow the window

@@ -150,8 +150,9 @@ class SegmentController:
         """A run into a new labels layer: the run and the layer's empty uint8 labels (S, Y, X) or (Y, X)."""
         card = self.load().card
         empty = np.zeros(shape, np.uint8)
-        annotation = Annotation(image, layer_name, tuple(card.class_names), tuple(card.class_colors), empty.copy(),
-                                *made_by)
+        annotation = Annotation(image=image, layer_name=layer_name, class_names=tuple(card.class_names),
+                                class_colors=tuple(card.class_colors), prediction=empty.copy(),
+                                checkpoint=made_by[0], checkpoint_sha256=made_by[1], checkpoint_path=made_by[2])
         return Run(axis, annotation, folder, card, made_by), empty
 
     def partial_run(self, annotation: Annotation, labels: np.ndarray, only: np.ndarray, image: ImageIdentity,

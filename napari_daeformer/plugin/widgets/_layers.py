@@ -96,7 +96,7 @@ def annotation_of(viewer: napari.Viewer, layer: napari.layers.Labels) -> Annotat
 def follow(viewer: napari.Viewer, layer: napari.layers.Labels) -> Annotation:
     """`layer`'s annotation; a labels layer the plugin did not make (painted from scratch, opened from a file)
     gets one with no proposal, so its painted slices are followed too."""
-    return annotation_of(viewer, layer) or attach(viewer, layer, Annotation(ImageIdentity("", ""), layer.name))
+    return annotation_of(viewer, layer) or attach(viewer, layer, Annotation(image=ImageIdentity("", ""), layer_name=layer.name))
 
 
 @contextmanager

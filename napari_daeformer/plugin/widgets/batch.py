@@ -238,8 +238,9 @@ class BatchWidget(WorkerWidget):
                                                                        prediction.ndim, chosen.checkpoint,
                                                                        chosen.checkpoint_sha256),
                                                       "name": f"{image.name} labels"})
-        attach(self.viewer, layer, Annotation(image_identity(image, image_key(data)), layer.name, tuple(card.class_names),
-                                              tuple(card.class_colors), prediction.copy(), chosen.checkpoint,
-                                              chosen.checkpoint_sha256, str(model)))
+        attach(self.viewer, layer, Annotation(image=image_identity(image, image_key(data)), layer_name=layer.name,
+                                              class_names=tuple(card.class_names), class_colors=tuple(card.class_colors),
+                                              prediction=prediction.copy(), checkpoint=chosen.checkpoint,
+                                              checkpoint_sha256=chosen.checkpoint_sha256, checkpoint_path=str(model)))
         if chosen.uncertain_slice is not None and prediction.ndim == 3:
             self.viewer.dims.set_current_step(self.viewer.dims.ndim - 3, chosen.uncertain_slice)
