@@ -2,7 +2,7 @@
 scans: Dice on the slices NOT annotated.
 
     python benchmarks/bench_sparse.py [--threads 2] [--slices 3,5,8] [--cases chest,ct-thick,mr-thick]
-        [--seeds 0,1,2] [--minutes 5] [--recipe lr=6e-4,holdout_from=2,...] [--from-scratch] [--neighbours 0,0.4]
+        [--seeds 0,1,2] [--minutes 5] [--recipe lr=6e-4,holdout_fraction=0.25,...] [--from-scratch] [--neighbours 0,0.4]
     python benchmarks/bench_sparse.py --add-class [--structure spine|"liver tumour"] [--shift phase] [--threads 2]
         [--slices 4] [--seeds 31,32,33] [--recipe ...]
 

@@ -118,7 +118,7 @@ def pair_agreement(pairs: Sequence[Pair], num_classes: int) -> list[Agreement]:
 
 def holdout_count(settings: FinetuneSettings, slices: int) -> int:
     """How many of `slices` corrected slices a run holds out and scores (the rest it trains on)."""
-    if slices < max(2, settings.holdout_from) or not settings.holdout_fraction:
+    if slices < 2 or not settings.holdout_fraction:
         return 0
     return min(MAX_HOLDOUT, max(1, round(settings.holdout_fraction * slices)))
 

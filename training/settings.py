@@ -49,8 +49,7 @@ class FinetuneSettings:
     refit: bool = True               # when the eased stage beat the parent on the one slice held out, a third stage
     #                                  trains it from the parent on every corrected slice, that one included
     protect_slices: int = 32         # uncorrected slices sampled per pair (for protection and the change measure)
-    holdout_fraction: float = 0.25   # of the corrected slices, at least one when `holdout_from` or more are (0: none)
-    holdout_from: int = 2            # the fewest corrected slices from which some are held out
+    holdout_fraction: float = 0.25   # of the corrected slices, at least one from 2 corrected slices on (0: none)
     score_every: int = 10            # steps between scorings of the held-out slices
     min_gain: float = 0.001          # held-out Dice gain needed to count as better (bf16/fp32 rounding is below it)
     calibrate: bool = True           # learn a per-channel intensity scale and shift (CT and RGB; `calibration`)

@@ -32,7 +32,7 @@ class FinetuneResult:
     """What fine-tuning produced.
 
     `improved` is True when a trained state beat the parent on the held-out corrected slices, False when none
-    did, None when nothing was held out (one corrected slice, or fewer than `holdout_from`). `checkpoint` is the
+    did, None when nothing was held out (one corrected slice, or a recipe that holds none out). `checkpoint` is the
     model to use from now on: the best state when improved, otherwise `parent` itself, unless the parent is a new
     model (the `new_model` task: untrained, never worth keeping), when it is the candidate. `candidate` is the trained
     model offered by "keep anyway": the best-scoring trained state (the last one when nothing was held out); it is

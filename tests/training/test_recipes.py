@@ -14,13 +14,14 @@ COMMON = {"confidence": 0.9, "trust": (0.35, 0.55), "refit": True, "protect_slic
           "train_parts": "all", "augment": True}
 PINNED = {
     "refine": {**COMMON, "task": "refine", "steps": 100, "lr": 3e-4, "warmup_steps": 10, "batch_size": 2, "protect": "l2sp",
-               "protect_weight": None, "confidence_kept": None, "holdout_from": 2, "score_every": 10,
+               "protect_weight": None, "confidence_kept": None, "score_every": 10,
                "calibrate": True, "minutes": None, "neighbour_weight": None},
     "add_classes": {**COMMON, "task": "add_classes", "steps": 200, "lr": 3e-4, "warmup_steps": 10, "batch_size": 2, "protect": "pseudo",
-                    "protect_weight": 10.0, "confidence_kept": 0.7, "holdout_from": 2, "score_every": 10,
+                    "protect_weight": 10.0, "confidence_kept": 0.7, "score_every": 10,
                     "calibrate": False, "minutes": None, "neighbour_weight": None},
     "new_model": {**COMMON, "task": "new_model", "steps": 3000, "lr": 6e-4, "warmup_steps": 20, "batch_size": 4, "protect": "none",
-                  "protect_weight": None, "confidence_kept": None, "holdout_from": 8, "score_every": 25,
+                  "protect_weight": None, "confidence_kept": None, "score_every": 10,
+                  "holdout_fraction": 0.0,
                   "calibrate": False, "minutes": 5.0, "neighbour_weight": 0.3},
 }
 
@@ -50,7 +51,7 @@ def test_overrides_change_only_what_was_set() -> None:
 
 @pytest.mark.parametrize(("task", "slices", "held"), [
     ("refine", 1, 0), ("refine", 2, 1), ("refine", 4, 1), ("refine", 8, 2), ("refine", 10, 2), ("refine", 11, 3),
-    ("refine", 1000, 16), ("new_model", 5, 0), ("new_model", 7, 0), ("new_model", 8, 2)])
+    ("refine", 1000, 16), ("new_model", 5, 0), ("new_model", 8, 0), ("new_model", 40, 0)])
 def test_a_run_is_described_before_it_starts(task: str, slices: int, held: int) -> None:
     settings = settings_for(task)                           # type: ignore[arg-type]
     assert holdout_count(settings, slices) == held
