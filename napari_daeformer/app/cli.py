@@ -189,6 +189,13 @@ def _finetune_options(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run_finetune)
 
 
+def _interpolate_options(p: argparse.ArgumentParser) -> None:
+    from napari_daeformer.app.interpolate import add_interpolate_arguments, run_interpolate
+
+    add_interpolate_arguments(p)
+    p.set_defaults(func=run_interpolate)
+
+
 COMMANDS: dict[str, tuple[dict[str, str], Callable[[argparse.ArgumentParser], None]]] = {
     "import-official": (dict(help="convert an official DAE-Former .pth checkpoint to our format",
         description="Convert a state dict saved by the official DAE-Former code into a "
@@ -220,6 +227,11 @@ COMMANDS: dict[str, tuple[dict[str, str], Callable[[argparse.ArgumentParser], No
         description="Fine-tune a copy of a checkpoint on the corrected slices of one image; hold a "
         "quarter of them out (at least one) to report Dice before and after; write a new checkpoint with "
         "its parent recorded. The parent file is never modified."), _finetune_options),
+    "interpolate": (dict(help="fill the slices between painted ones of a label map (fill between slices)",
+        description="Fill the unpainted slices between painted ones of a label map, class by class, by "
+        "morphological contour interpolation (ITK; 3D Slicer's Fill between slices). Painted slices are never "
+        "changed; slices outside the painted range are left as they are. The output keeps the input's geometry."),
+        _interpolate_options),
 }
 
 

@@ -50,7 +50,7 @@ def run_teach(args: argparse.Namespace) -> int:
     image, labels = require_image(read_image(args.image), args.image.name), read_image(args.labels)
     data = sparse_labels(_label_map(image, labels, args.labels.name), args.ignore_value, len(names))
     count = 1 if data.ndim == 2 else data.shape[0]
-    pair = teach_pair(args.image.name, image.data, data, _slice_list(args.slices, count) if args.slices else None)
+    pair = teach_pair(args.image.name, image.data, data, slice_list(args.slices, count) if args.slices else None)
     model, said = model_for(pair, names, args.arch, args.from_scratch)
     left = None if args.deadline is None else max(args.deadline - time.monotonic(), 1.0) / 60.0   # None: the recipe's
     settings = settings_for("new_model", Overrides(minutes=left, steps=args.max_steps, device=args.device,
@@ -81,7 +81,7 @@ def run_teach(args: argparse.Namespace) -> int:
     return 0
 
 
-def _slice_list(text: str, count: int) -> np.ndarray:
+def slice_list(text: str, count: int) -> np.ndarray:
     """'3,5,10-12' -> (count,) bool."""
     chosen = np.zeros(count, bool)
     for part in text.split(","):
@@ -150,7 +150,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     if args.ignore_value is not None:
         label_data = sparse_labels(label_data, args.ignore_value, len(parent.card.class_names))
     count = 1 if label_data.ndim == 2 else label_data.shape[0]
-    slices = _slice_list(args.slices, count) if args.slices else annotated_slices(label_data)   # as train --image
+    slices = slice_list(args.slices, count) if args.slices else annotated_slices(label_data)   # as train --image
     if not slices.any():
         raise TrainingError(f"{args.labels.name}: no annotated slice (every voxel is 0 or the --ignore-value); "
                             "correct a few slices first")

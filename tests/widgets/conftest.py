@@ -13,6 +13,7 @@ def errors(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     messages: list[str] = []
     monkeypatch.setattr("napari_daeformer.plugin.widgets._workers.show_error", messages.append)
     monkeypatch.setattr("napari_daeformer.plugin.widgets.segment.show_warning", messages.append)
+    monkeypatch.setattr("napari_daeformer.plugin.widgets.fill.show_warning", messages.append)
     return messages
 
 

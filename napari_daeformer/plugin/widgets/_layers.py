@@ -86,6 +86,9 @@ def attach(viewer: napari.Viewer, layer: napari.layers.Labels, annotation: Annot
             current.paint(atom, axis, layer.data.ndim)
 
     layer.events.paint.connect(on_paint)
+    from napari_daeformer.plugin.widgets.fill import bind_fill_key
+
+    bind_fill_key(viewer, layer)
     return annotation
 
 

@@ -29,6 +29,7 @@ from napari_daeformer.plugin.hub import ModelUser, hub_for
 from napari_daeformer.plugin.widgets._docking import open_plugin_dock
 from napari_daeformer.plugin.widgets._layers import annotation_of, follow
 from napari_daeformer.plugin.widgets._workers import WorkerWidget, collapsible, device_picker, failure_message, guarded, holder, row
+from napari_daeformer.plugin.widgets.fill import fill_action
 from napari_daeformer.plugin.widgets.pairs import Pairs
 from napari_daeformer.plugin.widgets.plots import AgreementPlot, LossPlot
 from napari_daeformer.session.agreement import by_version, history, merged
@@ -66,6 +67,8 @@ class FinetuneWidget(Pairs, WorkerWidget):
                                             "train a new model for any structure from the slices you annotated")
         self._classes = LineEdit(label="classes", tooltip="Class names, background first, one per label value. Names "
                                  "after the model's own teach it new classes (its old ones are kept)")
+        self._fill = PushButton(text="Fill between slices", tooltip="Fill the slices between those you painted in "
+                                "the corrected labels, class by class (Shift+I on the layer); Ctrl+Z undoes it")
         self._add = PushButton(text="Add pair", tooltip="Use this image with these labels (several pairs allowed)")
         self._clear = PushButton(text="Clear pairs")
         self._pairs_info = self._wrap(Label(value="No pairs yet."))
@@ -115,7 +118,7 @@ class FinetuneWidget(Pairs, WorkerWidget):
                                    "your final labels, and the share of slices you changed")
         plot = holder(self.tabs, "Training: loss per step and held-out Dice at each scoring (right axis). Agreement: "
                                  "how much of each model version's proposals you kept")
-        self.extend([self._image, self._corrected, self._start_from, self._classes,
+        self.extend([self._image, self._corrected, self._fill, self._start_from, self._classes,
                      collapsible("Several images", [row(self._add, self._clear), self._pairs_info]),
                      collapsible("Settings", [self._steps, self._minutes, self._lr, self._neighbours, self._protect,
                                               self._parts, self._augment, self._calibrate, self._device, self._save_to,
@@ -126,6 +129,7 @@ class FinetuneWidget(Pairs, WorkerWidget):
         self.pairs: list[tuple[Image, Labels]] = []
         self.control = FinetuneController()
         self._add.clicked.connect(self._add_pair)
+        self._fill.clicked.connect(self._fill_between)
         self._clear.clicked.connect(self._clear_pairs)
         self._run.clicked.connect(self._start)
         self._plan_shown, self._watched = False, None                   # the status holds a plan; the layer followed
@@ -152,6 +156,13 @@ class FinetuneWidget(Pairs, WorkerWidget):
         self.reset_choices()
         self._fill_classes()
         self._watch_painting(self._corrected.value)                     # chosen before the signals were connected
+        self._show_plan(fresh=True)
+
+    def _fill_between(self) -> None:
+        if self._corrected.value is None:
+            self.report("choose the labels layer you painted first")
+            return
+        fill_action(self.viewer, self._corrected.value)
         self._show_plan(fresh=True)
 
     def _start_from_changed(self, choice: str) -> None:

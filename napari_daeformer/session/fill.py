@@ -1,0 +1,86 @@
+"""Fill between slices: the slices between those the user painted, filled per class by morphological contour
+interpolation (Albu et al., IEEE TMI 2008; ITK's `MorphologicalContourInterpolator`, what 3D Slicer's *Fill between
+slices* runs). A painted slice is the truth, also where it holds no label ("nothing here"), and is never changed; a
+slice outside the painted range is left as it is (the method does not extrapolate); the unpainted slices between
+are replaced by the interpolation."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from napari_daeformer.base.errors import DaeformerError
+
+MAX_LABEL = 65535
+
+
+class FillError(DaeformerError):
+    """The labels cannot be filled between slices; the message says why in one line."""
+
+
+def fill_between(labels: np.ndarray, painted: np.ndarray, axis: int = 0) -> np.ndarray:
+    """([Z, Y, X]) labels with the unpainted slices between painted ones along `axis` interpolated per class.
+
+    Args:
+        labels: (Z, Y, X) integer label map.
+        painted: (labels.shape[axis],) bool, the slices the user painted.
+        axis: the slice axis.
+    Returns:
+        A new (Z, Y, X) array of `labels`' dtype; `labels` is not modified.
+    """
+    labels, painted = np.asarray(labels), np.asarray(painted, bool)
+    values, between = check_fill(labels, painted, axis)
+    if not between.any():
+        return labels.copy()
+    stack = np.moveaxis(labels, axis, 0)
+    work = np.where(painted[:, None, None], stack, 0).astype(np.uint8 if values.max() < 256 else np.uint16)
+    filled = _interpolate(work, np.flatnonzero(painted), values)
+    out = stack.copy()
+    out[between] = filled[between].astype(labels.dtype)
+    return np.moveaxis(out, 0, axis)
+
+
+def check_fill(labels: np.ndarray, painted: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Refuse (FillError, one line) what `fill_between` cannot fill; else the label values painted and the (S,)
+    bool slices it will fill (unpainted, between the first and last painted)."""
+    if labels.ndim != 3:
+        raise FillError(f"fill between slices needs a volume; these labels are {labels.ndim}D")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise FillError(f"labels must be whole numbers, got {labels.dtype}")
+    if painted.shape != (labels.shape[axis],):
+        raise FillError(f"{painted.shape[0] if painted.ndim == 1 else painted.shape} painted flags for "
+                        f"{labels.shape[axis]} slices")
+    index = np.flatnonzero(painted)
+    if len(index) < 2:
+        raise FillError(f"paint at least two slices to fill between them ({len(index)} painted)")
+    stack = np.moveaxis(labels, axis, 0)
+    values = np.unique(stack[index])
+    values = values[values != 0]
+    if not values.size:
+        raise FillError("the painted slices hold no label: paint the structure on at least two slices")
+    if values.min() < 0 or values.max() > MAX_LABEL:
+        raise FillError(f"label values must be 0..{MAX_LABEL}, got {int(values.min())}..{int(values.max())}")
+    between = np.zeros(len(stack), bool)
+    between[index[0]:index[-1] + 1] = True
+    return values, between & ~painted
+
+
+def _interpolate(stack: np.ndarray, painted: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """(Z, Y, X) ITK's morphological contour interpolation of `stack` along axis 0, each label in `values` between
+    the slices `painted`."""
+    with warnings.catch_warnings():                          # SWIG's DeprecationWarnings at import
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import itk
+
+    image = itk.image_from_array(np.ascontiguousarray(stack))
+    try:
+        interpolator = itk.MorphologicalContourInterpolator.New(image)
+    except (TypeError, KeyError) as e:                       # a pixel type ITK's wrapping lacks
+        raise FillError(f"fill between slices cannot take {stack.dtype} labels ({e.__class__.__name__})") from e
+    interpolator.SetAxis(2)                                  # ITK orders axes x, y, z: numpy's axis 0 is ITK's 2
+    interpolator.SetUseCustomSlicePositions(True)
+    for value in values:
+        interpolator.SetLabeledSliceIndices(2, int(value), [int(i) for i in painted])
+    interpolator.Update()
+    return np.asarray(itk.array_from_image(interpolator.GetOutput()))
