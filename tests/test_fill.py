@@ -48,13 +48,17 @@ def test_a_cone_grows_between_its_slices_along_any_axis() -> None:
     assert all(a < b for a, b in zip(areas, areas[1:])) and filled.dtype == np.uint16
 
 
-def test_a_slice_painted_empty_stays_empty_and_splits_the_structure() -> None:
-    labels = np.zeros((9, 32, 32), np.uint8)
+def test_a_slice_painted_empty_is_kept_and_nothing_is_invented_beside_it() -> None:
+    """A structure painted on one side of a gap only (the other slice painted "nothing here") is not carried into
+    the gap; a structure on both sides of the next gap is."""
+    labels = np.zeros((13, 32, 32), np.uint8)
     labels[0][_disk((32, 32), (16, 16), 8)] = labels[8][_disk((32, 32), (16, 16), 8)] = 1
-    painted = np.zeros(9, bool)
-    painted[[0, 4, 8]] = True                                         # slice 4: "nothing here"
+    labels[12][_disk((32, 32), (16, 16), 6)] = 1
+    painted = np.zeros(13, bool)
+    painted[[0, 4, 8, 12]] = True                                     # slice 4: "nothing here"
     filled = fill_between(labels, painted)
-    assert filled[4].max() == 0 and filled[1].sum() > 0 and filled[7].sum() > 0
+    assert filled[4].max() == 0 and not filled[1:4].any() and not filled[5:8].any()
+    assert all(filled[z].sum() > 0 for z in range(9, 12))
 
 
 @pytest.mark.parametrize(("labels", "painted", "message"), [
@@ -95,3 +99,16 @@ def test_the_command_refuses_one_painted_slice_in_one_line(tmp_path: Path, capsy
     err = capsys.readouterr().err
     assert err.startswith("daeformer interpolate: error: ") and "paint at least two slices" in err
     assert err.count("\n") == 1 and not (tmp_path / "out.nii.gz").exists()
+
+
+def test_a_lesion_inside_an_organ_stays_inside_it() -> None:
+    """Where two labels' interpolations overlap the smaller structure keeps the voxel."""
+    labels = np.zeros((7, 40, 40), np.uint8)
+    for z in (0, 6):
+        labels[z][_disk((40, 40), (20, 20), 14)] = 1
+        labels[z][_disk((40, 40), (20, 20), 4)] = 2
+    painted = np.zeros(7, bool)
+    painted[[0, 6]] = True
+    filled = fill_between(labels, painted)
+    lesion = _disk((40, 40), (20, 20), 4)
+    assert all(_dice(filled[z] == 2, lesion) > 0.9 and (filled[z] == 1).sum() > 400 for z in range(1, 6))
