@@ -69,7 +69,7 @@ def settings_for(task: Task, overrides: Overrides = Overrides()) -> FinetuneSett
 def describe(settings: FinetuneSettings, slices: int) -> str:
     """The run in words, before it starts: steps, slices trained and held out, and what is kept."""
     held = holdout_count(settings, slices)
-    budget = f", stopped after {settings.minutes:g} min" if settings.minutes else ""
+    budget = f", stopped after {settings.minutes:.2g} min" if settings.minutes else ""
     where = (f"{slices - held} slice(s) trained on, {held} held out and scored every {settings.score_every} steps"
              if held else f"all {slices} slice(s) trained on, none held out")
     task = settings.task
