@@ -98,6 +98,11 @@ class Curve:
     voxels: int = 0                   # voxels it changed
     waited: float = 0.0               # seconds waiting for the tool (training)
 
+    @property
+    def now(self) -> float:
+        """The simulated seconds so far."""
+        return self.seconds[-1] if self.seconds else 0.0
+
     def record(self, seconds: float, dice: float) -> None:
         self.seconds.append(seconds)
         self.dice.append(dice)
@@ -133,29 +138,26 @@ Proposer = Callable[[np.ndarray, np.ndarray, float], tuple[np.ndarray, float]]  
 def simulate(truth: np.ndarray, painted: np.ndarray, propose: Proposer | None, time_model: TimeModel) -> Curve:
     """The robot paints `painted` slices from nothing, takes the tool's proposal (`propose`; None: nothing proposed)
     and corrects every other slice in order; the curve of effort against whole-volume Dice."""
-    curve, seconds = Curve(), 0.0
+    curve = Curve()
     state = np.zeros_like(truth)
     done = np.zeros(len(truth), bool)
+
+    def finish(z: int) -> None:
+        """The robot makes slice `z` right."""
+        cost, voxels = time_model.correction(state[z], truth[z])
+        curve.edited += voxels > 0
+        curve.voxels += voxels
+        state[z], done[z] = truth[z], True
+        curve.record(curve.now + cost, volume_dice(state, truth))
+
     for z in painted:
-        cost, voxels = time_model.correction(state[z], truth[z])
-        seconds += cost
-        curve.edited += voxels > 0
-        curve.voxels += voxels
-        state[z], done[z] = truth[z], True
-        curve.record(seconds, volume_dice(state, truth))
+        finish(z)
     if propose is not None and len(painted):
-        proposal, waited = propose(state.copy(), done.copy(), seconds)
-        seconds += waited
-        curve.waited = waited
-        state = np.where(done[:, None, None], state, proposal)
-        curve.record(seconds, volume_dice(state, truth))
+        proposal, curve.waited = propose(state.copy(), done.copy(), curve.now)
+        state[~done] = proposal[~done]
+        curve.record(curve.now + curve.waited, volume_dice(state, truth))
     for z in np.flatnonzero(~done):
-        cost, voxels = time_model.correction(state[z], truth[z])
-        seconds += cost
-        curve.edited += voxels > 0
-        curve.voxels += voxels
-        state[z], done[z] = truth[z], True
-        curve.record(seconds, volume_dice(state, truth))
+        finish(z)
     return curve
 
 
