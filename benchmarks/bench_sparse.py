@@ -6,8 +6,8 @@ scans: Dice on the slices NOT annotated.
     python benchmarks/bench_sparse.py --add-class [--structure spine|"liver tumour"] [--shift phase] [--threads 2]
         [--slices 4] [--seeds 31,32,33] [--recipe ...]
 
-`--recipe` overrides fields of `TEACH` in `training/teach.py` (with `--add-class`, of `ADD_CLASS` in
-`training/finetune.py`): the candidates the recipes were chosen from.
+`--recipe` overrides fields of `TEACH` in `training/recipes.py` (with `--add-class`, of `ADD_CLASS` in
+`training/recipes.py`): the candidates the recipes were chosen from.
 
 Cases (each generated from the seed):
 - chest: `synthetic_chest`, 34 x 128 x 128 at 10 mm slices averaging what lies in them, a field of view that cuts
@@ -34,7 +34,7 @@ minutes each took on this CPU, and each class's Dice.
 `--add-class`: a structure the bundled CT model does not know, painted on k slices of a held-out abdominal phantom
 (48 x 192 x 192, evenly spaced through the slices holding it; only the structure is painted, the rest of those
 slices is the model's own proposal, as in the viewer), the head extended (`extend_classes` in `training/teach.py`)
-and fine-tuned with `ADD_CLASS` (`training/finetune.py`). `--structure`: the spine (bright bone the model labels
+and fine-tuned with `ADD_CLASS` (`training/recipes.py`). `--structure`: the spine (bright bone the model labels
 background), or two liver tumours (hypodense, 8-14 mm radius, inside the liver it labels). Reported on the unpainted
 slices: the new class's Dice, and the old classes' mean Dice against the parent's (a tumour counted as the liver
 it lies in). `--shift`: the scan shifted (`sample_data.shifted`) so that the parent is poor on it, and the painted
@@ -281,8 +281,8 @@ def main() -> None:
     p.add_argument("--cases", default=",".join(CASES))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--minutes", type=float, default=TEACH.minutes)
-    p.add_argument("--recipe", default="", help="FIELD=VALUE,... overriding TEACH in training/teach.py (with "
-                   "--add-class: ADD_CLASS in training/finetune.py)")
+    p.add_argument("--recipe", default="", help="FIELD=VALUE,... overriding TEACH in training/recipes.py (with "
+                   "--add-class: ADD_CLASS in training/recipes.py)")
     p.add_argument("--from-scratch", action="store_true", help="the new model not started from the bundled one")
     p.add_argument("--neighbours", default="", help="W,...: also score the new model with each slice's softmax "
                    "averaged with its neighbours' at weight W each instead of its card's (0: each slice alone)")

@@ -6,7 +6,7 @@ A 2D model sees one slice; on thick slices (10 mm) a structure's neighbours tell
 ambiguous (a spinal cord that a new model from 5 annotated chest slices found at Dice 0.81 reached 0.91 with each
 neighbour at 0.3: `benchmarks/bench_sparse.py --neighbours`). The price: a structure found on one slice alone,
 between slices sure of background, is erased from a weight of about 0.25. A model's card says whether it wants
-this (`ModelCard.neighbour_weight`: a new model taught on a volume, `training.teach.TEACH`).
+this (`ModelCard.neighbour_weight`: a new model taught on a volume, `training.recipes.TEACH`).
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ class ModelCard:
         preprocessing: intensity normalisation applied before the network.
         provenance: free-form JSON (training data, steps, parent checkpoint, scores).
         neighbour_weight: each neighbouring slice's share of a slice's softmax at inference (0: none;
-            `neighbours`); a new model taught on a volume sets it (`training.teach.TEACH`).
+            `neighbours`); a new model taught on a volume sets it (`training.recipes.TEACH`).
     """
 
     config: DAEFormerConfig
