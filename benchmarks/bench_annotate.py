@@ -46,8 +46,10 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import cpu_name  # noqa: E402
+from bench_sparse import annotated  # noqa: E402
 
 from napari_daeformer.base.jobs import drain  # noqa: E402
+from napari_daeformer.base.metrics import dice_per_class  # noqa: E402
 from napari_daeformer.engine.inference import SliceInferer  # noqa: E402
 from napari_daeformer.io.sample_data import Sample, synthetic_chest, synthetic_ct, synthetic_mr, with_liver_lesions  # noqa: E402
 from napari_daeformer.session.fill import fill_between  # noqa: E402
@@ -113,22 +115,18 @@ class Curve:
 
 
 def volume_dice(labels: np.ndarray, truth: np.ndarray) -> float:
-    """Mean over the classes in `truth` of each class's Dice pooled over the volume."""
-    scores = []
-    for c in np.unique(truth):
-        if c == 0:
-            continue
-        a, b = labels == c, truth == c
-        scores.append(2.0 * float((a & b).sum()) / float(a.sum() + b.sum()))
-    return float(np.mean(scores)) if scores else 1.0
+    """Mean over the classes in `truth` of each class's Dice pooled over the volume (1.0 for an empty truth)."""
+    present = np.unique(truth[truth != 0])
+    if not present.size:
+        return 1.0
+    n = int(max(present.max(), labels.max())) + 1
+    return float(np.mean(dice_per_class(labels, truth, n)[present - 1]))
 
 
 def painted_slices(truth: np.ndarray, k: int) -> np.ndarray:
-    """k slice indices evenly spaced through the slices holding a structure (all of them when fewer)."""
-    holding = np.flatnonzero(truth.reshape(len(truth), -1).any(1))
-    if len(holding) <= k:
-        return holding
-    return np.unique(holding[np.linspace(0, len(holding) - 1, k).round().astype(int)])
+    """k slice indices evenly spaced through the slices holding a structure (all of them when fewer): the slices
+    `bench_sparse.py` paints (`annotated`, evenly spaced)."""
+    return annotated(truth, k, "even")
 
 
 Proposer = Callable[[np.ndarray, np.ndarray, float], tuple[np.ndarray, float]]   # (state, painted, seconds) ->

@@ -111,20 +111,20 @@ class FinetuneResult:
 def slice_scores(pred: Sequence[np.ndarray], truth: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
     """(n,) the mean foreground Dice of each held-out slice over its annotated voxels (the classes in either map;
     1.0 where there are none). `pred`, `truth`: (S, Y, X) stacks."""
-    out = []
-    for p_stack, t_stack in zip(pred, truth):
-        for p, t in zip(p_stack, t_stack):
-            annotated = t != IGNORE
-            scores = dice_per_class(p[annotated], t[annotated], num_classes)
-            out.append(float(np.nanmean(scores)) if np.isfinite(scores).any() else 1.0)
-    return np.array(out)
+    return np.array([_annotated_dice(p, t, num_classes) for p_stack, t_stack in zip(pred, truth)
+                     for p, t in zip(p_stack, t_stack)])
 
 
 def pooled_dice(pred: Sequence[np.ndarray], truth: Sequence[np.ndarray], num_classes: int) -> float:
     """Mean foreground Dice over classes present in either map, each pooled over all slices."""
-    p, t = np.concatenate([p.ravel() for p in pred]), np.concatenate([t.ravel() for t in truth])
-    annotated = t != IGNORE
-    scores = dice_per_class(p[annotated], t[annotated], num_classes)
+    return _annotated_dice(np.concatenate([p.ravel() for p in pred]), np.concatenate([t.ravel() for t in truth]),
+                           num_classes)
+
+
+def _annotated_dice(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> float:
+    """The mean Dice over the classes in either map, on the voxels of `truth` that are annotated (1.0: none)."""
+    annotated = truth != IGNORE
+    scores = dice_per_class(pred[annotated], truth[annotated], num_classes)
     return float(np.nanmean(scores)) if np.isfinite(scores).any() else 1.0
 
 

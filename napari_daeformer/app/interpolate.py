@@ -12,7 +12,7 @@ from napari_daeformer.app.options import whole
 from napari_daeformer.base.errors import DaeformerError
 from napari_daeformer.io import check_label_path, read_image, write_labels
 from napari_daeformer.io.record import label_values
-from napari_daeformer.session.fill import fill_between
+from napari_daeformer.session.fill import check_fill, fill_between
 
 
 def add_interpolate_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,13 +43,12 @@ def run_interpolate(args: argparse.Namespace) -> int:
         painted = (~unannotated).any(axis=per_slice)
     else:
         painted = (labels != 0).any(axis=per_slice)
-    filled = fill_between(np.where(unannotated, 0, labels), painted, args.axis)
-    between = np.zeros(count, bool)
-    index = np.flatnonzero(painted)
-    between[index[0]:index[-1] + 1] = ~painted[index[0]:index[-1] + 1]
+    annotated = np.where(unannotated, 0, labels)
+    _, between = check_fill(annotated, painted, args.axis)
+    filled = fill_between(annotated, painted, args.axis)
     kept = np.expand_dims(~between, per_slice) & unannotated       # "not annotated" where nothing was filled
     out = np.where(kept, labels, filled)
     written = write_labels(args.output, out.astype(np.uint16 if out.max() > 255 else np.uint8), record,
                            overwrite=args.overwrite)
-    print(f"filled {int(between.sum())} slice(s) between {len(index)} painted along axis {args.axis}; wrote {written}")
+    print(f"filled {int(between.sum())} slice(s) between {int(painted.sum())} painted along axis {args.axis}; wrote {written}")
     return 0

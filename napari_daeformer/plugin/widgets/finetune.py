@@ -182,9 +182,10 @@ class FinetuneWidget(Pairs, WorkerWidget):
     def _show_recipe(self, task: Task) -> None:
         """The controls the user has not set show `task`'s recipe (`RecipeForm`)."""
         self._showing = True
+        controls = self._recipe_controls()
         try:
             for name, value in self.form.shown(task).items():
-                self._recipe_controls()[name].value = _PROTECT_NAMES[value] if name == "protect" else value
+                controls[name].value = _PROTECT_NAMES[value] if name == "protect" else value
         finally:
             self._showing = False
 
