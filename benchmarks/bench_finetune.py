@@ -101,9 +101,12 @@ def scenario(name: str, n_slices: int, settings: FinetuneSettings, seed: int) ->
     result = drain(finetune(parent, pairs, settings))
     seconds = time.perf_counter() - t0
     after = _labels(result.checkpoint, images[~mask], rgb)
-    verdict = {True: "better", False: "unchanged", None: "unverified"}[result.improved]
+    candidate = after if result.candidate is result.checkpoint else _labels(result.candidate, images[~mask], rgb)
+    verdict = "unshown" if result.unshown and result.unresolved else \
+        {True: "better", False: "unchanged", None: "unverified"}[result.improved]
     return {"scenario": name, "N": n_slices, "before": _dice(before[~mask], truth[~mask], n),
-            "after": _dice(after, truth[~mask], n), "changed": float((after != before[~mask]).mean()),
+            "after": _dice(after, truth[~mask], n), "candidate": _dice(candidate, truth[~mask], n),
+            "changed": float((after != before[~mask]).mean()),
             "verdict": verdict, "best_step": result.best_step, "seconds": seconds}
 
 
@@ -261,19 +264,22 @@ def main() -> None:
           f"{settings.steps} steps, input calibration "
           f"{f'at {settings.calibration_lr_scale:g}x lr' if settings.calibrate else 'off'}, {torch.get_num_threads()} threads, "
           f"{cpu_name()}")
-    print("| scenario | corrected | Dice before | Dice after | change | other voxels changed | verdicts | seconds |")
-    print("|---|---:|---:|---:|---:|---:|---|---:|")
+    print("| scenario | corrected | Dice before | Dice after | change | candidate | other voxels changed | verdicts "
+          "| seconds |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|---:|")
     gains: dict[str, list[float]] = {"none": [], "affine": [], "per-tissue": []}
     for name in args.scenario or (*CT_SCENARIOS, "colour cast"):
         for n in (int(s) for s in args.slices.split(",")):
             runs = [scenario(name, n, settings, int(seed)) for seed in args.seeds.split(",")]
-            col = {k: np.array([float(r[k]) for r in runs]) for k in ("before", "after", "changed", "seconds")}
+            col = {k: np.array([float(r[k]) for r in runs])
+                   for k in ("before", "after", "candidate", "changed", "seconds")}
             gain = col["after"] - col["before"]
             group = "none" if name == "none" else "per-tissue" if name in PER_TISSUE else "affine"
             gains[group].append(float(gain.mean()))
             verdicts = ", ".join(f"{r['verdict']} ({r['best_step']})" for r in runs)
             print(f"| {name} | {n} | {col['before'].mean():.3f} ± {col['before'].std():.3f} | {col['after'].mean():.3f} "
-                  f"± {col['after'].std():.3f} | {gain.mean():+.3f} ± {gain.std():.3f} | {100 * col['changed'].mean():.2f}% "
+                  f"± {col['after'].std():.3f} | {gain.mean():+.3f} ± {gain.std():.3f} | {col['candidate'].mean():.3f} ± "
+                  f"{col['candidate'].std():.3f} | {100 * col['changed'].mean():.2f}% "
                   f"| {verdicts} | {col['seconds'].mean():.1f} |", flush=True)
     for group, values in gains.items():
         if values:

@@ -32,12 +32,13 @@ from napari_daeformer.session.agreement import PROVENANCE_KEY, Agreement, as_pro
 from .augment import AugmentConfig
 from .calibration import calibrated
 from .data import Case, network_input
+from .losses import IGNORE
 from .pairs import Pair, Slices, check_pairs, pair_agreement, split
 from .protection import KEPT_DICE, PseudoLabels, PullToParent, kept_dice, new_class_hosts, start_from_hosts
 from .recipes import REFINE
 from .settings import FinetuneSettings
 from .trainer import StepReport, TrainConfig, Trainer
-from .verdict import FinetuneProgress, FinetuneResult, pooled_dice, resolvable, slice_scores
+from .verdict import FinetuneProgress, FinetuneResult, pooled_dice, resolvable, slice_scores, unshown_changes
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,8 @@ class _Run:
 
     def __init__(self, parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSettings, device: torch.device,
                  threads: ThreadGovernor | None) -> None:
-        self.deadline = None if settings.minutes is None else time.monotonic() + 60.0 * settings.minutes
+        self.started = time.monotonic()
+        self.deadline = None if settings.minutes is None else self.started + 60.0 * settings.minutes
         self.parent, self.pairs, self.settings, self.device, self.threads = parent, pairs, settings, device, threads
         card = self.card = parent.card
         if threads is not None:
@@ -169,9 +171,19 @@ class _Run:
                 dice, scores = self.score()
                 if self.best is None or dice > self.best.dice:  # type: ignore[operator]
                     self.best = _Best(dice, self.step, copy.deepcopy(self.model.state_dict()), scores)  # type: ignore[arg-type]
-            yield FinetuneProgress(self.step, self.step if self.late else self.total, report.loss, dice)
+            yield FinetuneProgress(self.step, self.expected_total(), report.loss, dice)
             if self.late:                                               # the budget ends the run
                 return
+
+    def expected_total(self) -> int:
+        """The steps this run will take: the stages' steps, or, under a time budget, as many as the pace so far
+        fits into it (a bar that counts against the budget, not against `steps`)."""
+        if self.late:
+            return self.step
+        if self.deadline is None or self.step == 0:
+            return self.total
+        pace = self.step / max(time.monotonic() - self.started, 1e-6)
+        return min(self.total, max(self.step, round(pace * (self.deadline - self.started))))
 
     def next_stage(self, done: Stage) -> Stage | None:
         """The stage after `done`: eased where the parent still fits the trained slices poorly under the full
@@ -198,12 +210,16 @@ class _Run:
         best_step = best.step if best is not None and not refit else self.step
         resolution = None if best is None or self.parent_scores is None else \
             resolvable(self.parent_scores, best.scores, self.settings.min_gain)
-        improved = None if resolution is None or after is None else bool(after > self.before + resolution)  # type: ignore[operator]
         self.model.eval()
-        changed = None
+        changed, unshown = None, []
         if self.uncorrected:
-            changed = sum(int((self.labels(u) != u.labels).sum()) for u in self.uncorrected) / \
+            labels = [self.labels(u) for u in self.uncorrected]
+            changed = sum(int((a != u.labels).sum()) for a, u in zip(labels, self.uncorrected)) / \
                 sum(u.labels.size for u in self.uncorrected)
+            shown = {int(k) for h in [*self.split.holdout, *self.trained] for k in np.unique(h.labels) if k != IGNORE}
+            unshown = unshown_changes([u.labels for u in self.uncorrected], labels, shown, self.n_classes)
+        improved = None if resolution is None or after is None else \
+            bool(after > self.before + resolution) and not unshown  # type: ignore[operator]
         agreement = pair_agreement(self.pairs, self.n_classes)
         new_card = self._card(agreement, refit, best_step, after, changed)
         candidate = Checkpoint(self.network.cpu(), new_card)
@@ -216,7 +232,7 @@ class _Run:
             train_slices=self.split.train_slices, holdout_slices=self.split.holdout_slices,
             agreement=tuple(agreement), fit=self.fit, protection_share=self.share, refit=refit, new_model=new_model,
             calibration=None if old == new else f"{old} → {new.removeprefix('CT window ').removeprefix('RGB, ')}",
-            resolution=resolution)
+            resolution=resolution, unshown=tuple(self.card.class_names[k] for k in unshown))
 
     def _card(self, agreement: list[Agreement], refit: bool, best_step: int, after: float | None,
               changed: float | None) -> ModelCard:

@@ -17,6 +17,8 @@ from .losses import IGNORE
 
 RESOLUTION_Z = 2.0      # a held-out gain counts when it is this many standard errors of the per-slice gains
 FEW_SLICES_GAIN = 0.02  # with fewer than 3 held-out slices their spread is unknown: only a gain this large counts
+UNSHOWN_CHANGE = 0.2    # a class no corrected slice shows may differ this much (1 - Dice) from the parent's labels
+MIN_CLASS_VOXELS = 100  # ... where the parent or the candidate gives it at least this many uncorrected voxels
 
 
 @dataclass(frozen=True)
@@ -58,10 +60,12 @@ class FinetuneResult:
     refit: bool = False                  # the candidate was trained again on every corrected slice (`FinetuneSettings.refit`)
     new_model: bool = False              # the `new_model` task: the candidate is kept
     resolution: float | None = None      # the smallest held-out gain the evidence can tell from noise (`resolvable`)
+    unshown: tuple[str, ...] = ()        # classes no corrected slice shows that the candidate changes (`unshown_changes`)
 
     @property
     def unresolved(self) -> bool:
-        """The candidate scored higher on the held-out slices, but by less than they can resolve."""
+        """The candidate scored higher on the held-out slices, but by less than they can resolve or while changing
+        classes they do not show."""
         return self.improved is False and self.resolution is not None and self.dice_after is not None and \
             self.dice_before is not None and self.dice_after > self.dice_before
 
@@ -98,7 +102,11 @@ class FinetuneResult:
             text = f"{self.headline} ({self.train_slices} corrected slice(s), all trained on)."
             tail = f" The fine-tuned model changes {change}." if change else ""
             return f"{text}{tail}{calibration} Keep it only if its re-segmentation looks right."
-        if self.unresolved:
+        if self.unresolved and self.unshown:
+            text = (f"{self.headline} (held-out Dice {self.dice_before:.3f} → {self.dice_after:.3f}, but the "
+                    f"slices you corrected show no {', '.join(self.unshown)}, which the fine-tuned model changes on the "
+                    f"others; correct a slice that shows them for a verdict")
+        elif self.unresolved:
             text = (f"{self.headline} (held-out Dice {self.dice_before:.3f} → {self.dice_after:.3f} on "
                     f"{self.holdout_slices} held-out slice(s): a gain below the {self.resolution:.3f} they can tell "
                     f"from chance; correct more slices for a firmer verdict")
@@ -135,3 +143,24 @@ def resolvable(before: np.ndarray, after: np.ndarray, min_gain: float) -> float:
         return max(FEW_SLICES_GAIN, min_gain)
     diff = after - before
     return max(min_gain, RESOLUTION_Z * float(np.std(diff, ddof=1)) / float(np.sqrt(len(diff))))
+
+
+def unshown_changes(parent: Sequence[np.ndarray], candidate: Sequence[np.ndarray], shown: set[int],
+                    num_classes: int) -> list[int]:
+    """The foreground classes outside `shown` (those the corrected slices' annotations hold) whose labels the
+    candidate changes on the uncorrected slices: 1 - Dice between the parent's and the candidate's masks of the class
+    above UNSHOWN_CHANGE, where either gives it at least MIN_CLASS_VOXELS. No correction supports such a change and
+    the held-out gain says nothing of it: trained on the first and last slice of a noisy scan (background, a little
+    liver, the spine), a candidate won on the one held out and erased three organs elsewhere
+    (docs/training.md#the-verdict). `parent`, `candidate`: (S, Y, X) stacks."""
+    p = np.concatenate([a.ravel() for a in parent])
+    c = np.concatenate([a.ravel() for a in candidate])
+    unshown = []
+    for k in range(1, num_classes):
+        in_p, in_c = p == k, c == k
+        size = int(in_p.sum()) + int(in_c.sum())
+        if k in shown or max(in_p.sum(), in_c.sum()) < MIN_CLASS_VOXELS:
+            continue
+        if 1.0 - 2.0 * float((in_p & in_c).sum()) / size > UNSHOWN_CHANGE:
+            unshown.append(k)
+    return unshown

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,15 @@ from napari_daeformer.base.errors import TrainingError
 from napari_daeformer.base.jobs import drain
 from napari_daeformer.io.record import label_values, require_image
 from napari_daeformer.model.checkpoint import load_checkpoint
+
+
+def _shown_on(bar: Any) -> Callable[[FinetuneProgress], None]:
+    """A progress callback that moves a tqdm `bar` (its total too: a time-budgeted run's moves with its pace)."""
+    def show(progress: FinetuneProgress) -> None:
+        bar.total, bar.n = progress.total, progress.step
+        bar.set_postfix(loss="-" if progress.loss is None else f"{progress.loss:.4f}",
+                        dice="-" if progress.holdout_dice is None else f"{progress.holdout_dice:.3f}", refresh=True)
+    return show
 
 
 def _label_map(image: Any, labels: Any, name: str) -> np.ndarray:
@@ -60,13 +70,7 @@ def run_teach(args: argparse.Namespace) -> int:
     if missing := unpainted_line(unpainted_classes([pair], names)):
         print(f"daeformer train: warning: {missing}", file=sys.stderr)
     bar = None if args.quiet else tqdm(total=settings.steps, unit="step", file=sys.stderr, delay=1)
-
-    def show(progress: FinetuneProgress) -> None:
-        if bar is not None:
-            bar.n = progress.step
-            bar.set_postfix(loss="-" if progress.loss is None else f"{progress.loss:.4f}",
-                            dice="-" if progress.holdout_dice is None else f"{progress.holdout_dice:.3f}", refresh=True)
-    result = drain(finetune(model, [pair], settings), show)
+    result = drain(finetune(model, [pair], settings), None if bar is None else _shown_on(bar))
     if bar is not None:
         bar.close()
     card = result.candidate.card.with_provenance(image=str(args.image), annotated_slices=np.flatnonzero(
@@ -164,11 +168,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         calibrate=False if args.no_calibration else None, device=args.device))
     print(f"daeformer finetune: {describe(settings, int(slices.sum()))}", file=sys.stderr)
     bar = tqdm(total=settings.steps, unit="step", file=sys.stderr, delay=1)       # no bar around an early error
-
-    def show(progress: FinetuneProgress) -> None:
-        bar.total, bar.n = progress.total, progress.step
-        bar.set_postfix(loss="-" if progress.loss is None else f"{progress.loss:.4f}", refresh=True)
-    result = drain(finetune(parent, [pair], settings), show)
+    result = drain(finetune(parent, [pair], settings), _shown_on(bar))
     bar.close()
     print(f"{result.train_slices} corrected slices trained on, {result.holdout_slices} held out. {result.summary}")
     if result.improved or args.keep_anyway:

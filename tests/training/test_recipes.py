@@ -109,3 +109,36 @@ def test_the_words_say_when_a_gain_is_too_small_to_tell() -> None:
     worse = FinetuneResult(dice_before=0.9, dice_after=0.85, improved=False, best_step=0,  # type: ignore[arg-type]
                            changed_uncorrected=None, **common)
     assert worse.headline == "No improvement: your model is unchanged"
+
+
+def test_a_gain_on_held_out_slices_says_nothing_of_classes_no_correction_shows() -> None:
+    """Trained on the first and last slice of a noisy scan (background, a little liver, the spine), a candidate won
+    on the one held out and erased the spleen and kidneys elsewhere: classes no corrected slice shows that the
+    candidate changes block the verdict, whatever the held-out gain; small changes and tiny classes do not."""
+    import numpy as np
+    from napari_daeformer_training.verdict import MIN_CLASS_VOXELS, unshown_changes
+
+    parent = np.zeros((4, 32, 32), np.uint8)
+    parent[:, 2:12, 2:12] = 1                       # liver: 400 voxels
+    parent[:, 20:30, 20:30] = 2                     # spleen: 400 voxels
+    parent[0, 0, 0] = 3                             # a speck of kidney
+    erased = np.where(parent == 2, 0, parent)
+    assert unshown_changes([parent], [erased], {1}, 4) == [2]
+    assert unshown_changes([parent], [erased], {1, 2}, 4) == []        # shown: the corrections taught it
+    nudged = parent.copy()
+    nudged[:, 20, 20:30] = 0                        # a tenth of the spleen: within UNSHOWN_CHANGE
+    assert unshown_changes([parent], [nudged], {1}, 4) == []
+    grown = parent.copy()
+    grown[:, 12:20, 12:20] = 3                      # a kidney where the parent saw none
+    assert 4 * 64 >= MIN_CLASS_VOXELS and unshown_changes([parent], [grown], {1, 2}, 4) == [3]
+
+
+def test_the_words_name_the_classes_no_correction_shows() -> None:
+    from napari_daeformer_training.verdict import FinetuneResult
+
+    result = FinetuneResult(checkpoint=None, candidate=None, dice_before=0.19, dice_after=0.48,  # type: ignore[arg-type]
+                            improved=False, best_step=300, changed_uncorrected=0.23, uncorrected_slices=32,
+                            train_slices=1, holdout_slices=1, resolution=0.02, unshown=("spleen", "left kidney"))
+    assert result.headline == "No improvement you can rely on: your model is unchanged"
+    assert "slices you corrected show no spleen, left kidney, which the fine-tuned model changes" in result.summary
+    assert "correct a slice that shows them" in result.summary
