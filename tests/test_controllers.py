@@ -109,6 +109,10 @@ def test_sessions_on_offer_skip_open_ones_and_a_damaged_one_is_named(tmp_path: P
     damaged = control.offer(found, "scan", labels.size)
     assert not damaged.readable and "cannot be read" in damaged.text
     assert control.offer([], "scan", 1) is None
+    plain = Annotation(image=IMAGE, layer_name="c", prediction=labels.copy())       # a plain run, never corrected
+    p_plain = save_session(session_path(tmp_path, plain), plain, labels)
+    assert control.offer([p_plain], "scan", labels.size) is None
+    assert control.offer([p_plain, p_old], "scan", labels.size).path == p_old
 
 
 def test_finetune_parent_output_and_lineage(tmp_path: Path) -> None:

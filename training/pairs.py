@@ -126,19 +126,23 @@ def holdout_count(settings: FinetuneSettings, slices: int) -> int:
 def split(pairs: Sequence[Pair], settings: FinetuneSettings, rng: np.random.Generator, prep: Preprocessing,
           first_new: int | None = None) -> Split:
     """The run's slices, each pair with `prep` measured on its whole image (z-score). The held-out share
-    (`holdout_count`) is drawn from the corrected slices of all pairs together (photos are one slice each); up to
-    `protect_slices` evenly spaced uncorrected slices are sampled per pair. With classes new to the head (from
-    `first_new` on) the held-out slices are drawn from those holding at least a quarter of the most any slice holds
-    of them: against a sliver of the new class the parent, scored on its own labels, cannot be beaten
-    (docs/training.md#a-class-added)."""
+    (`holdout_count`) is taken from the corrected slices of all pairs together (photos are one slice each): those
+    that show the most classes, ties drawn at random, so the verdict is drawn where the structures are (held out at
+    random, the first or last slice of a scan, a sliver of liver and the spine, vouched for a fine-tune that was
+    worse on the slices between; docs/training.md#the-verdict). With classes new to the head (from `first_new` on)
+    they are drawn from the slices holding at least a quarter of the most any slice holds of them: against a sliver
+    of the new class the parent, scored on its own labels, cannot be beaten (docs/training.md#a-class-added). Up to
+    `protect_slices` evenly spaced uncorrected slices are sampled per pair."""
     chosen = [(i, j) for i, p in enumerate(pairs) for j in np.flatnonzero(p.slices)]
     n_hold = holdout_count(settings, len(chosen))
-    pool = chosen
+    pool, stacks = chosen, [as_slices(p)[1] for p in pairs]
     if first_new is not None:
-        stacks = [as_slices(p)[1] for p in pairs]
         amount = np.array([np.count_nonzero((stacks[i][j] >= first_new) & (stacks[i][j] != IGNORE)) for i, j in chosen])
         pool = [c for c, a in zip(chosen, amount) if a >= amount.max() / 4] if amount.max() > 0 else chosen
         pool = pool if len(pool) >= n_hold else chosen
+    else:                                               # the slices that show the most classes, ties at random
+        shown = [len(np.setdiff1d(stacks[i][j], (0, IGNORE))) for i, j in chosen]
+        pool = [chosen[k] for k in sorted(rng.permutation(len(chosen)), key=lambda k: -shown[k])[:n_hold]]
     held = {pool[k] for k in rng.choice(len(pool), n_hold, replace=False)} if n_hold else set()
     train, holdout, uncorrected = [], [], []
     for i, p in enumerate(pairs):

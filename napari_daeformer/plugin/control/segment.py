@@ -173,15 +173,18 @@ class SegmentController:
 
     @staticmethod
     def offer(found: list[Path], image_name: str, voxels: int) -> Offer | None:
-        """The newest of `found` as an offer (how many more there are, too); None when there is none."""
-        if not found:
-            return None
-        more = f" ({len(found) - 1} more after it)" if len(found) > 1 else ""
-        try:
-            saved = load_session(found[0], voxels)
-        except DaeformerError as e:
-            return Offer(found[0], f"An autosaved session for {image_name} cannot be read: {e}", False)
-        return Offer(found[0], f"Autosaved corrections for {image_name}: {saved.describe()}{more}.", True)
+        """The newest of `found` that holds a corrected slice (or cannot be read) as an offer, with how many more
+        there are; None when there is none. A session of a plain run that nobody corrected holds nothing a new run
+        would not give back: it is not offered."""
+        for i, path in enumerate(found):
+            more = f" ({len(found) - i - 1} more after it)" if len(found) - i > 1 else ""
+            try:
+                saved = load_session(path, voxels)
+            except DaeformerError as e:
+                return Offer(path, f"An autosaved session for {image_name} cannot be read: {e}", False)
+            if saved.annotation.corrected(saved.labels).any() or any(saved.annotation.touched.values()):
+                return Offer(path, f"Autosaved corrections for {image_name}: {saved.describe()}{more}.", True)
+        return None
 
     @staticmethod
     def restore(offer: Offer, image_shape: tuple[int, ...], voxels: int) -> SavedSession:
