@@ -138,6 +138,21 @@ def test_finetune_parent_output_and_lineage(tmp_path: Path) -> None:
         control.prepare([Pair(name="s", image=s.image, labels=s.labels, slices=np.zeros(4, bool))], bundled, None, False)
 
 
+def test_a_new_model_is_announced_as_a_new_model(tmp_path: Path) -> None:
+    """A new model was announced as 'fine-tuned model ... saved' and loaded as 'Fine-tuned model ... (parent:
+    ct_small)': the words say which it is."""
+    from napari_daeformer_training.verdict import FinetuneResult
+
+    control = FinetuneController(user_models=tmp_path / "models")
+    for new_model, saved, used in ((True, "new model saved as", "New model chest.safetensors loaded; Run"),
+                                   (False, "fine-tuned model saved as", "(parent: ct_small.safetensors)")):
+        result = FinetuneResult(checkpoint=None, candidate=None, dice_before=None, dice_after=None,  # type: ignore[arg-type]
+                                improved=None, best_step=10, changed_uncorrected=None, uncorrected_slices=0,
+                                train_slices=3, holdout_slices=0, new_model=new_model)
+        control.parent_path, control.result, control.new_path = bundled_model("ct"), result, tmp_path / "chest.safetensors"
+        assert saved in control.saved_note() and used in control.use_note()
+
+
 def test_a_pair_learns_from_the_slices_corrected_along_the_axis_painted() -> None:
     proposal = np.zeros((3, 4, 5), np.uint8)
     labels = proposal.copy()

@@ -70,8 +70,8 @@ def describe(settings: FinetuneSettings, slices: int) -> str:
     """The run in words, before it starts: steps, slices trained and held out, and what is kept."""
     held = holdout_count(settings, slices)
     budget = f", stopped after {settings.minutes:.2g} min" if settings.minutes else ""
-    where = (f"{slices - held} slice(s) trained on, {held} held out and scored every {settings.score_every} steps"
-             if held else f"all {slices} slice(s) trained on, none held out")
+    where = (f"{slices - held} slice(s) trained on, {held} held out (those showing the most classes) and scored "
+             f"every {settings.score_every} steps" if held else f"all {slices} slice(s) trained on, none held out")
     task = settings.task
     if task == "new_model":
         kept = "the best-scoring state is kept" if held else "the last state is kept (no held-out score)"
@@ -81,6 +81,7 @@ def describe(settings: FinetuneSettings, slices: int) -> str:
     if again and held == 1 and settings.refit:
         again += ", and where that beats the starting model, once more on every corrected slice"
     again += "." if again else ""
-    kept = ("a trained state is kept only if it beats the starting model on the held-out slices" if held else
+    kept = ("a trained state is kept only if it beats the starting model on the held-out slices and leaves alone "
+            "the classes your corrections do not show" if held else
             "nothing can be scored, so the result is offered, not chosen")
     return f"{TASK_WORDS[task].capitalize()}: {settings.steps} steps{budget}; {where}; {kept}.{again}"

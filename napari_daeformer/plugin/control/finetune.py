@@ -166,5 +166,13 @@ class FinetuneController:
     def use_note(self) -> str:
         """What the Segment docks say once they use the new version."""
         assert self.new_path is not None
+        if self.result is not None and self.result.new_model:
+            return f"New model {self.new_path.name} loaded; Run uses it."
         parent = self.parent_path.name if self.parent_path else "unknown"
         return f"Fine-tuned model {self.new_path.name} loaded (parent: {parent}); Run uses it."
+
+    def saved_note(self) -> str:
+        """The notification once a version is saved: a new model or a fine-tuned one, and where."""
+        assert self.new_path is not None
+        kind = "new model" if self.result is not None and self.result.new_model else "fine-tuned model"
+        return f"DAE-Former: {kind} saved as {self.new_path}"

@@ -351,7 +351,7 @@ class FinetuneWidget(Pairs, WorkerWidget):
             show_info(f"DAE-Former: {result.headline}.")
         else:
             self._use()
-            show_info(f"DAE-Former: fine-tuned model saved as {path}")
+            show_info(self.control.saved_note())
         self._status.value = "<br>".join(map(html.escape, lines))
         self.show_agreement(result.candidate.card)
 
