@@ -143,9 +143,32 @@ def test_demo_opens_the_sample_with_the_widget(monkeypatch: pytest.MonkeyPatch, 
     viewer = napari.current_viewer()
     try:
         assert [layer.name for layer in viewer.layers] == ["synthetic CT", "synthetic CT ground truth"]
-        assert "Segment with DAE-Former (napari-daeformer)" in viewer.window._dock_widgets
+        assert viewer.layers.selection.active.name == "synthetic CT"       # not the hidden ground truth
+        viewer.window._qt_window.resize(1280, 900)
+        qtbot.wait(300)                                                   # the dock takes its width, then the fit
+        ct = viewer.layers["synthetic CT"]
+        canvas = viewer.window._qt_viewer.canvas.size                     # (height, width) in screen pixels
+        width_mm = ct.data.shape[2] * ct.scale[2]
+        assert width_mm * viewer.camera.zoom <= canvas[1] + 1, (width_mm, viewer.camera.zoom, canvas)
     finally:
         viewer.close()
+
+
+def test_one_segment_dock_whatever_the_path(make_napari_viewer) -> None:  # type: ignore[no-untyped-def]
+    """The dock the demo or the Fine-tune dock opens and the one the Plugins menu opens are the same dock (two
+    identical, tabbed Segment docks before)."""
+    from napari._app_model import get_app_model
+
+    from napari_daeformer.plugin.widgets._docking import open_plugin_dock
+
+    viewer = make_napari_viewer()
+    widget = open_plugin_dock(viewer, "napari-daeformer.segment_widget")
+    get_app_model().commands.execute_command("napari-daeformer.segment_widget").result()   # the Plugins menu
+    docks = [name for name in viewer.window._wrapped_dock_widgets if name.startswith("Segment with DAE-Former")]
+    assert docks == ["Segment with DAE-Former (DAE-Former)"]
+    dock = viewer.window._wrapped_dock_widgets[docks[0]]
+    dock.hide()
+    assert open_plugin_dock(viewer, "napari-daeformer.segment_widget") is widget and not dock.isHidden()
 
 
 def test_tiny_images_are_refused_and_constant_ones_warned(make_napari_viewer, errors: list[str], qtbot) -> None:  # type: ignore[no-untyped-def]

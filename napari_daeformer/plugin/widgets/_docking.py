@@ -120,11 +120,22 @@ class FitOnShow(QObject):
 
 def open_plugin_dock(viewer: napari.Viewer, command: str) -> QWidget:
     """Dock this plugin's widget contributed as `command` (its npe2 command id, e.g. `napari-daeformer.segment_widget`)
-    the way the Plugins menu does, and return it: the name napari docks it under is read from the manifest, so a
-    renamed menu entry cannot break it."""
+    under the name the Plugins menu gives it (`Widget (Plugin)`, both display names read from the manifest), so the
+    menu finds that dock instead of adding a second; an open one is shown and raised. Returns the widget.
+
+    napari's `add_plugin_dock_widget` names a dock after the plugin's package name, the menu after its display name:
+    a dock opened one way and then the other was docked twice (napari 0.9)."""
     import npe2
+    from napari.plugins import _npe2, menu_item_template
 
     manifest = npe2.PluginManager.instance().get_manifest("napari-daeformer")
     name = next(w.display_name for w in manifest.contributions.widgets or [] if w.command == command)
-    _, widget = viewer.window.add_plugin_dock_widget(manifest.name, name)
-    return widget
+    full_name = menu_item_template.format(manifest.display_name, name)
+    window = viewer.window
+    dock = window._wrapped_dock_widgets.get(full_name)         # napari keeps its docks by name only here
+    if dock is None:
+        make, _ = _npe2.get_widget_contribution(manifest.name, name)  # type: ignore[misc]
+        dock = window.add_dock_widget(make(viewer), name=full_name, area="right")
+    dock.show()
+    dock.raise_()
+    return dock.inner_widget()
