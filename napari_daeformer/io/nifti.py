@@ -11,7 +11,7 @@ import numpy as np
 from napari_daeformer.base.atomic import atomic_write
 from napari_daeformer.base.errors import ImageFormatError, first_line
 from napari_daeformer.base.memory import check_allocation
-from napari_daeformer.io.record import ImageRecord, affine_spacing, check_affine, check_pixels
+from napari_daeformer.io.record import ImageRecord, affine_spacing, check_affine, check_pixels, looks_like_labels
 
 
 def read_nifti(path: Path) -> ImageRecord:
@@ -51,7 +51,7 @@ def read_nifti(path: Path) -> ImageRecord:
         notes = (f"{path.name}: the header's pixdim ({_mm(pixdim)}) disagrees with its sform ({_mm(spacing)}); "
                  "the sform is used, as it places the voxels in space",)
     modality = "ct" if data.size and np.issubdtype(data.dtype, np.number) and float(data.min()) < -500 else "gray"
-    is_labels = img.header.get_intent()[0] == "label"
+    is_labels = img.header.get_intent()[0] == "label" or looks_like_labels(data)
     return ImageRecord(data=data, spacing=spacing, affine=affine, dtype=str(dtype), path=path,
                        modality="gray" if is_labels else modality, source_format="nifti", is_labels=is_labels,
                        notes=notes)

@@ -25,7 +25,7 @@ import numpy as np
 from napari_daeformer.base.atomic import atomic_write
 from napari_daeformer.base.errors import ImageFormatError, first_line, printable
 from napari_daeformer.base.memory import check_allocation, format_bytes
-from napari_daeformer.io.record import ImageRecord, check_affine, check_pixels
+from napari_daeformer.io.record import ImageRecord, check_affine, check_pixels, looks_like_labels
 
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
 SEG_NRRD_SUFFIX = ".seg.nrrd"
@@ -214,7 +214,8 @@ def read_nrrd(path: Path) -> ImageRecord:
     data, header, affine, notes = _read(path)
     modality = "ct" if data.size and float(data.min()) < -500 else "gray"
     return ImageRecord(data=data, spacing=_spacing(affine, data.ndim), affine=affine, dtype=str(data.dtype),
-                       path=path, modality=modality, source_format="nrrd", notes=notes)
+                       path=path, modality=modality, source_format="nrrd", notes=notes,
+                       is_labels=looks_like_labels(data))
 
 
 def read_seg_nrrd(path: Path) -> Segmentation:

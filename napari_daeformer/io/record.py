@@ -75,6 +75,21 @@ class ImageRecord:
         }
 
 
+MAX_MAP_VALUES = 64                            # a label map from another tool holds at most this many values
+
+
+def looks_like_labels(data: np.ndarray) -> bool:
+    """Whether (Z, Y, X) or (Y, X) `data` is a label map another tool wrote without saying so (a `*_label.nii.gz`
+    from Slicer or ITK-SNAP): whole numbers from 0 with at most MAX_MAP_VALUES distinct values. A scan's intensities
+    span hundreds of values (checked on the range first: no full count for a CT)."""
+    if data.ndim not in (2, 3) or not data.size or not np.issubdtype(data.dtype, np.integer) or data.dtype == bool:
+        return False
+    low, high = int(data.min()), int(data.max())
+    if low != 0 or high == 0 or high >= MAX_CLASSES:
+        return False
+    return len(np.unique(data)) <= MAX_MAP_VALUES
+
+
 def require_image(record: ImageRecord, name: str) -> ImageRecord:
     """`record`, refused (ImageFormatError) when it is a label map (a .seg.nrrd, a NIfTI of intent "label", a mask
     this project wrote): segmenting or training on one as if it were a scan gives nonsense without a word."""

@@ -1,11 +1,12 @@
 """npe2 activation: make napari open the medical formats with our reader.
 
-napari 0.9's own reader also claims `.nii`, `.nii.gz` and `.dcm` (through imageio, which fails on NIfTI and reads
-one DICOM file without Hounsfield units), so with two readers and no preference `viewer.open` raises and the GUI
-asks which plugin to use. A plugin cannot rank itself in its manifest; napari's answer is the reader preference
-(Preferences > Plugins, `settings.plugins.extension2reader`). On its first activation (its sample, a dock, or the
-reader chosen once in the dialog) the plugin sets that preference for the medical patterns the user has not
-assigned; a preference the user chose is never replaced. TIFF and photos stay napari's choice to ask.
+napari 0.9's own reader also claims `.nii`, `.nii.gz`, `.dcm`, `.nrrd` and `.nhdr` (through imageio, which fails on
+NIfTI, reads one DICOM file without Hounsfield units and an NRRD without its spacing, a `.seg.nrrd` as an image), so
+with two readers and no preference `viewer.open` raises and the GUI asks which plugin to use. A plugin cannot rank
+itself in its manifest; napari's answer is the reader preference (Preferences > Plugins,
+`settings.plugins.extension2reader`). On its first activation (its sample, a dock, or the reader chosen once in the
+dialog) the plugin sets that preference for the medical patterns the user has not assigned; a preference the user
+chose is never replaced. TIFF and photos stay napari's choice to ask.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 PLUGIN = "napari-daeformer"
-MEDICAL_PATTERNS = ("*.nii", "*.nii.gz", "*.dcm")
+MEDICAL_PATTERNS = ("*.nii", "*.nii.gz", "*.dcm", "*.nrrd", "*.nhdr")
 
 
 def prefer_our_reader() -> list[str]:

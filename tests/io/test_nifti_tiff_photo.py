@@ -123,3 +123,28 @@ def test_bad_input_gives_one_clear_line(tmp_path: Path) -> None:
             read_image(tmp_path / name)
         message = str(info.value)
         assert words in message and name in message and "\n" not in message, message
+
+
+def test_a_label_map_another_tool_wrote_opens_as_labels(tmp_path: Path) -> None:
+    """A `*_label.nii.gz` from Slicer or ITK-SNAP (int16, a handful of values, no 'label' intent) opened as an
+    Image that could not be painted or trained on; a scan, an 8-bit image and an empty map stay images."""
+    import nrrd
+
+    from napari_daeformer.plugin.reader import read_layers
+
+    mask = np.zeros((6, 16, 16), np.int16)
+    mask[1:4, 2:8, 2:8], mask[2:5, 9:12, 9:12] = 1, 7
+    affine = np.diag([0.8, 0.8, 3.0, 1.0])
+    nib.save(nib.Nifti1Image(mask.transpose(2, 1, 0), affine), tmp_path / "scan_label.nii.gz")
+    nrrd.write(str(tmp_path / "mask.nrrd"), mask.transpose(2, 1, 0))
+    ct = (np.arange(6 * 16 * 16).reshape(6, 16, 16) % 1500 - 1000).astype(np.int16)
+    nib.save(nib.Nifti1Image(ct.transpose(2, 1, 0), affine), tmp_path / "ct.nii.gz")
+    grey = (np.arange(16 * 16).reshape(16, 16) % 200).astype(np.uint8)
+    nib.save(nib.Nifti1Image(grey.T, affine), tmp_path / "grey.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 6), np.uint8), affine), tmp_path / "blank.nii.gz")
+    for name in ("scan_label.nii.gz", "mask.nrrd"):
+        (data, meta, kind), = read_layers(str(tmp_path / name))
+        assert kind == "labels" and data.dtype == np.uint8 and np.array_equal(data, mask), name
+    assert np.allclose(read_layers(str(tmp_path / "scan_label.nii.gz"))[0][1]["scale"], [3.0, 0.8, 0.8])
+    for name in ("ct.nii.gz", "grey.nii.gz", "blank.nii.gz"):
+        assert read_layers(str(tmp_path / name))[0][2] == "image", name

@@ -92,7 +92,8 @@ def test_unreadable_files_are_notifications_not_layers(make_napari_viewer, tmp_p
 @pytest.mark.parametrize("name", ["mask.nii.gz", "mask.tif", "photo_mask.tif", "photo_mask.png"])
 def test_a_saved_mask_reopens_as_paintable_labels(make_napari_viewer, tmp_path: Path, name: str) -> None:  # type: ignore[no-untyped-def]
     """Saved with File > Save (our writer), opened again with File > Open (our reader): a Labels layer with the same
-    values and scale, not a black image; images with the same values but not written as labels stay images."""
+    values and scale, not a black image. A TIFF or PNG with the same values not written as labels stays an image; a
+    NIfTI of a few whole numbers from 0 is a label map whoever wrote it (`io.record.looks_like_labels`)."""
     viewer = make_napari_viewer()
     volume = not name.startswith("photo")
     data = np.zeros((4, 16, 16) if volume else (16, 16), np.uint8)
@@ -112,7 +113,7 @@ def test_a_saved_mask_reopens_as_paintable_labels(make_napari_viewer, tmp_path: 
     else:
         skio.imsave(str(plain), data, check_contrast=False)
     (image,) = viewer.open(str(plain), plugin="napari-daeformer")
-    assert image._type_string == "image"
+    assert image._type_string == ("labels" if name.endswith(".nii.gz") else "image")   # a NIfTI mask: labels
 
 
 def _fresh_activation() -> None:
@@ -152,3 +153,4 @@ def test_a_reader_the_user_chose_is_kept(make_napari_viewer) -> None:  # type: i
     PluginManager.instance().activate("napari-daeformer")
     chosen = get_settings().plugins.extension2reader
     assert chosen["*.nii.gz"] == "napari" and chosen["*.nii"] == chosen["*.dcm"] == "napari-daeformer"
+    assert chosen["*.nrrd"] == chosen["*.nhdr"] == "napari-daeformer"        # asked every time before
