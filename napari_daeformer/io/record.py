@@ -92,7 +92,8 @@ def looks_like_labels(data: np.ndarray) -> bool:
 
 def require_image(record: ImageRecord, name: str) -> ImageRecord:
     """`record`, refused (ImageFormatError) when it is a label map (a .seg.nrrd, a NIfTI of intent "label", a mask
-    this project wrote): segmenting or training on one as if it were a scan gives nonsense without a word."""
+    this project wrote, a map of a few whole numbers from another tool: `looks_like_labels`): segmenting or training
+    on one as if it were a scan gives nonsense without a word."""
     if record.is_labels:
         raise ImageFormatError(f"{name}: is a label map (a segmentation), not an image; give the scan it was made on")
     return record
