@@ -2,7 +2,7 @@
 
 Usage:
     python benchmarks/bench_annotate.py [--cases chest,lesion,ct-thick,mr-thick,ct-512] [--seeds 0,1,2]
-        [--arms paint,fill,model,model+fill] [--k 5] [--threads 2] [--max-train-minutes 5] [--curves OUT.csv]
+        [--arms paint,fill,model] [--k 5] [--threads 2] [--max-train-minutes 5] [--curves OUT.csv]
     python benchmarks/bench_annotate.py --image scan.nii.gz --labels truth.nii.gz      # your own volume
 
 The robot user starts from nothing. It paints K slices (evenly spaced through the slices holding a structure),
@@ -20,9 +20,6 @@ rounds of corrections; here a correction is a whole slice made right):
 - `model`: K slices painted, a new model (`training.recipes.TEACH`) trained for as long as the robot spent painting
   them (the CPU time the user just spent, at most `--max-train-minutes`, on the same `--threads`), its proposal
   everywhere else.
-- `model+fill`: the same model's proposal joined to fill between slices (`session.combine.anchored_proposal`): the
-  interpolation between the painted slices, the model beyond them where a structure continues from the painted
-  ones. It reuses the `model` arm's training when both run (one training, two proposals).
 
 The time model (its numbers are chosen, not measured: set them with `--visit-s`, `--region-s`, `--outline-s`;
 compare arms within one run, not the seconds across models): visiting a slice to look at it and accept it costs
@@ -55,11 +52,10 @@ from napari_daeformer.base.jobs import drain  # noqa: E402
 from napari_daeformer.base.metrics import dice_per_class  # noqa: E402
 from napari_daeformer.engine.inference import SliceInferer  # noqa: E402
 from napari_daeformer.io.sample_data import Sample, synthetic_chest, synthetic_ct, synthetic_mr, with_liver_lesions  # noqa: E402
-from napari_daeformer.session.combine import anchored_proposal  # noqa: E402
 from napari_daeformer.session.fill import fill_between  # noqa: E402
 
 CASES = ("chest", "lesion", "ct-thick", "mr-thick", "ct-512")
-ARMS = ("paint", "fill", "model", "model+fill")
+ARMS = ("paint", "fill", "model")
 THRESHOLDS = (0.90, 0.95)
 
 
@@ -170,35 +166,24 @@ def fill_proposer(state: np.ndarray, done: np.ndarray, seconds: float) -> tuple[
     return fill_between(state, done), 0.0
 
 
-_TRAINED: dict[tuple[int, bytes], tuple[np.ndarray, float]] = {}     # (image, painted state) -> proposal, seconds
-
-
-def model_proposer(image: np.ndarray, class_names: tuple[str, ...], threads: int, max_minutes: float,
-                   anchored: bool = False) -> Proposer:
+def model_proposer(image: np.ndarray, class_names: tuple[str, ...], threads: int, max_minutes: float
+                   ) -> Proposer:
     """A new model (`TEACH`) trained on the painted slices for as long as the robot painted them (at most
-    `max_minutes`): its proposal on every slice (`anchored`: joined to fill between slices), the seconds trained."""
+    `max_minutes`): its proposal on every slice, the seconds trained."""
     from napari_daeformer_training.finetune import finetune
     from napari_daeformer_training.recipes import TEACH
     from napari_daeformer_training.teach import model_for, teach_pair
 
-    def trained(state: np.ndarray, done: np.ndarray, seconds: float) -> tuple[np.ndarray, float]:
-        key = (id(image), np.where(done[:, None, None], state, 255).astype(np.uint8).tobytes())
-        if key not in _TRAINED:
-            torch.set_num_threads(threads)
-            pair = teach_pair("case", image, np.where(done[:, None, None], state, 255).astype(np.uint8))
-            model, _ = model_for(pair, class_names)
-            minutes = min(seconds / 60.0, max_minutes)
-            t = time.perf_counter()
-            result = drain(finetune(model, [pair], replace(TEACH, minutes=minutes, device="cpu")))
-            proposal = SliceInferer(result.candidate, device="cpu", precision="fp32").segment(image).labels
-            _TRAINED[key] = proposal, time.perf_counter() - t
-        return _TRAINED[key]
-
     def propose(state: np.ndarray, done: np.ndarray, seconds: float) -> tuple[np.ndarray, float]:
-        proposal, waited = trained(state, done, seconds)
-        if anchored and done.sum() >= 2 and state[done].any():
-            proposal = anchored_proposal(proposal, state, done)
-        return proposal, waited
+        torch.set_num_threads(threads)
+        labels = np.where(done[:, None, None], state, 255).astype(np.uint8)
+        pair = teach_pair("case", image, labels)
+        model, _ = model_for(pair, class_names)
+        minutes = min(seconds / 60.0, max_minutes)
+        t = time.perf_counter()
+        result = drain(finetune(model, [pair], replace(TEACH, minutes=minutes, device="cpu")))
+        proposal = SliceInferer(result.candidate, device="cpu", precision="fp32").segment(image).labels
+        return proposal, time.perf_counter() - t
 
     return propose
 
@@ -229,9 +214,8 @@ def run_arm(arm: str, sample: Sample, k: int, time_model: TimeModel, threads: in
     painted = painted_slices(truth, k)
     if arm == "fill":
         return simulate(truth, painted, fill_proposer, time_model)
-    if arm in ("model", "model+fill"):
-        proposer = model_proposer(np.asarray(sample.image), tuple(sample.class_names), threads, max_minutes,
-                                  anchored=arm == "model+fill")
+    if arm == "model":
+        proposer = model_proposer(np.asarray(sample.image), tuple(sample.class_names), threads, max_minutes)
         return simulate(truth, painted, proposer, time_model)
     raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
 

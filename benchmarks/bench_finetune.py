@@ -22,7 +22,10 @@ another scanner or camera would (`napari_daeformer.io.sample_data.shifted`), wri
 user corrects the N slices where the model errs most. The per-tissue scenarios (phase, kernel, enlarged, lesion)
 are the shifts no global scale and shift undoes. Photos are one slice each. The table reports mean foreground Dice
 pooled over all other slices (or photos), as mean ± std over the phantom seeds (the photos: over photo sets), the
-share of their voxels whose label changed, the verdicts and the wall time of the fine-tuning itself.
+share of their voxels whose label changed, the Dice of the trained candidate (what the verdict kept or refused, and
+"Keep anyway" gives), the verdicts with each seed's best step and change, and the wall time of the fine-tuning
+itself. Verdict "unshown": the held-out gain was refused because the candidate changes a class no corrected slice
+shows.
 """
 
 from __future__ import annotations
@@ -276,7 +279,8 @@ def main() -> None:
             gain = col["after"] - col["before"]
             group = "none" if name == "none" else "per-tissue" if name in PER_TISSUE else "affine"
             gains[group].append(float(gain.mean()))
-            verdicts = ", ".join(f"{r['verdict']} ({r['best_step']})" for r in runs)
+            verdicts = ", ".join(f"{r['verdict']} ({r['best_step']}, {float(r['after']) - float(r['before']):+.3f})"
+                                 for r in runs)
             print(f"| {name} | {n} | {col['before'].mean():.3f} ± {col['before'].std():.3f} | {col['after'].mean():.3f} "
                   f"± {col['after'].std():.3f} | {gain.mean():+.3f} ± {gain.std():.3f} | {col['candidate'].mean():.3f} ± "
                   f"{col['candidate'].std():.3f} | {100 * col['changed'].mean():.2f}% "

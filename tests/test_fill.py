@@ -113,23 +113,3 @@ def test_a_lesion_inside_an_organ_stays_inside_it() -> None:
     lesion = _disk((40, 40), (20, 20), 4)
     assert all(_dice(filled[z] == 2, lesion) > 0.9 and (filled[z] == 1).sum() > 400 for z in range(1, 6))
 
-
-def test_a_learned_proposal_is_kept_beyond_the_painted_slices_only_where_the_structure_continues() -> None:
-    """A lesion painted on slices 3 and 6: the slices between are filled from the painted outlines (not the model's
-    blob there), the model's lesion on slices 2 and 7 continues it and is kept, its false positive on slice 12 is
-    dropped, and the painted slices are as painted."""
-    from napari_daeformer.session.combine import anchored_proposal
-
-    labels = np.zeros((16, 32, 32), np.uint8)
-    labels[3, 10:20, 10:20] = labels[6, 12:22, 12:22] = 1
-    painted = np.zeros(16, bool)
-    painted[[3, 6]] = True
-    proposal = np.zeros_like(labels)
-    proposal[2:8, 11:21, 11:21] = 1
-    proposal[4, 0:4, 0:4] = 1                           # inside the range: the fill decides there
-    proposal[12, 25:30, 25:30] = 1                      # far from anything painted
-    out = anchored_proposal(proposal, labels, painted)
-    assert np.array_equal(out[painted], labels[painted])
-    assert np.array_equal(out[4:6], fill_between(labels, painted)[4:6]) and not out[4, 0:4, 0:4].any()
-    assert np.array_equal(out[2], proposal[2]) and np.array_equal(out[7], proposal[7])
-    assert not out[12].any() and not out[8:].any()
