@@ -112,4 +112,3 @@ def test_a_lesion_inside_an_organ_stays_inside_it() -> None:
     filled = fill_between(labels, painted)
     lesion = _disk((40, 40), (20, 20), 4)
     assert all(_dice(filled[z] == 2, lesion) > 0.9 and (filled[z] == 1).sum() > 400 for z in range(1, 6))
-
