@@ -59,5 +59,6 @@ def unnamed_classes(pairs: Sequence[Pair], classes: Sequence[str], own: int) -> 
     placeholders = [n for n in classes[own:] if re.fullmatch(r"class \d+", n)]
     if top < len(classes) and not placeholders:
         return None
-    return (f"the labels hold values up to {top}, beyond the model's {own} classes: name the new classes (label "
-            f"{own} and up) in 'classes', after the model's own, then press Fine-tune again")
+    return (f"New classes: the labels hold values up to {top}, beyond the model's {own} classes: name the new "
+            f"classes (label {own} and up) in 'classes' (placeholders filled in), after the model's own, then press "
+            f"Fine-tune again")

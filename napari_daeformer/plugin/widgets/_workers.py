@@ -9,7 +9,7 @@ from typing import Any
 
 from magicgui.widgets import ComboBox, Container, EmptyWidget, Label, PushButton, Widget
 from napari.qt.threading import GeneratorWorker, create_worker
-from napari.utils.notifications import show_error
+from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QWidget
 
@@ -122,6 +122,11 @@ class WorkerWidget(Container):
         """An error before or during a run: in the status text, which stays, and in a notification."""
         self._status.value = html.escape(message)
         show_error(f"{title}: {message}")
+
+    def ask(self, message: str, title: str = "DAE-Former") -> None:
+        """Something the user must fill in before a run (not an error): in the status text and an information."""
+        self._status.value = html.escape(message)
+        show_info(f"{title}: {message}")
 
     @staticmethod
     def _wrap(label: Label) -> Label:

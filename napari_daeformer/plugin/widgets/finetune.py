@@ -302,7 +302,7 @@ class FinetuneWidget(Pairs, WorkerWidget):
                     self._classes.value = ", ".join(class_names_for(classes, np.array([top])))
                     self._classes.visible = True
                     self._show_recipe("add_classes")
-                    self.report(why)
+                    self.ask(why)
                     return
                 parent, out, overwrite = self.control.prepare(pairs, parent_path, chosen, bool(self._overwrite.value),
                                                               classes)
