@@ -135,15 +135,16 @@ def split(pairs: Sequence[Pair], settings: FinetuneSettings, rng: np.random.Gene
     `protect_slices` evenly spaced uncorrected slices are sampled per pair."""
     chosen = [(i, j) for i, p in enumerate(pairs) for j in np.flatnonzero(p.slices)]
     n_hold = holdout_count(settings, len(chosen))
-    pool, stacks = chosen, [as_slices(p)[1] for p in pairs]
-    if first_new is not None:
+    stacks = [as_slices(p)[1] for p in pairs]
+    held: set[tuple[int, int]] = set()
+    if n_hold and first_new is not None:
         amount = np.array([np.count_nonzero((stacks[i][j] >= first_new) & (stacks[i][j] != IGNORE)) for i, j in chosen])
         pool = [c for c, a in zip(chosen, amount) if a >= amount.max() / 4] if amount.max() > 0 else chosen
         pool = pool if len(pool) >= n_hold else chosen
-    else:                                               # the slices that show the most classes, ties at random
+        held = {pool[k] for k in rng.choice(len(pool), n_hold, replace=False)}
+    elif n_hold:                                        # the slices that show the most classes, ties at random
         shown = [len(np.setdiff1d(stacks[i][j], (0, IGNORE))) for i, j in chosen]
-        pool = [chosen[k] for k in sorted(rng.permutation(len(chosen)), key=lambda k: -shown[k])[:n_hold]]
-    held = {pool[k] for k in rng.choice(len(pool), n_hold, replace=False)} if n_hold else set()
+        held = {chosen[k] for k in sorted(rng.permutation(len(chosen)), key=lambda k: -shown[k])[:n_hold]}
     train, holdout, uncorrected = [], [], []
     for i, p in enumerate(pairs):
         images, labels = as_slices(p)

@@ -65,7 +65,7 @@ class FinetuneResult:
     @property
     def unresolved(self) -> bool:
         """The candidate scored higher on the held-out slices, but by less than they can resolve or while changing
-        classes they do not show."""
+        classes no corrected slice shows (`unshown`)."""
         return self.improved is False and self.resolution is not None and self.dice_after is not None and \
             self.dice_before is not None and self.dice_after > self.dice_before
 
@@ -157,10 +157,10 @@ def unshown_changes(parent: Sequence[np.ndarray], candidate: Sequence[np.ndarray
     c = np.concatenate([a.ravel() for a in candidate])
     unshown = []
     for k in range(1, num_classes):
-        in_p, in_c = p == k, c == k
-        size = int(in_p.sum()) + int(in_c.sum())
-        if k in shown or max(in_p.sum(), in_c.sum()) < MIN_CLASS_VOXELS:
+        if k in shown:
             continue
-        if 1.0 - 2.0 * float((in_p & in_c).sum()) / size > UNSHOWN_CHANGE:
+        in_p, in_c = p == k, c == k
+        n_p, n_c = int(in_p.sum()), int(in_c.sum())
+        if max(n_p, n_c) >= MIN_CLASS_VOXELS and 1.0 - 2.0 * int((in_p & in_c).sum()) / (n_p + n_c) > UNSHOWN_CHANGE:
             unshown.append(k)
     return unshown

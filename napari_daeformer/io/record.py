@@ -82,7 +82,7 @@ def looks_like_labels(data: np.ndarray) -> bool:
     """Whether (Z, Y, X) or (Y, X) `data` is a label map another tool wrote without saying so (a `*_label.nii.gz`
     from Slicer or ITK-SNAP): whole numbers from 0 with at most MAX_MAP_VALUES distinct values. A scan's intensities
     span hundreds of values (checked on the range first: no full count for a CT)."""
-    if data.ndim not in (2, 3) or not data.size or not np.issubdtype(data.dtype, np.integer) or data.dtype == bool:
+    if data.ndim not in (2, 3) or not data.size or not np.issubdtype(data.dtype, np.integer):
         return False
     low, high = int(data.min()), int(data.max())
     if low != 0 or high == 0 or high >= MAX_CLASSES:
