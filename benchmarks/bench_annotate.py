@@ -20,6 +20,10 @@ rounds of corrections; here a correction is a whole slice made right):
 - `model`: K slices painted, a new model (`training.recipes.TEACH`) trained for as long as the robot spent painting
   them (the CPU time the user just spent, at most `--max-train-minutes`, on the same `--threads`), its proposal
   everywhere else.
+- `teach`: teaching while the robot paints (`training.continuous`): the first of the K slices painted from
+  nothing, then every slice the robot visits (the other K first, then the rest in order) shows the latest model's
+  proposal, which the robot corrects; after each slice the trainer runs for as long as the robot spent on it (wall
+  time on `--threads`), and the seconds to compute the slice's proposal are waiting.
 
 The time model (its numbers are chosen, not measured: set them with `--visit-s`, `--region-s`, `--outline-s`;
 compare arms within one run, not the seconds across models): visiting a slice to look at it and accept it costs
@@ -47,6 +51,7 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import cpu_name  # noqa: E402
 from bench_sparse import annotated  # noqa: E402
+from napari_daeformer_training.recipes import TEACH_ROUND  # noqa: E402
 
 from napari_daeformer.base.jobs import drain  # noqa: E402
 from napari_daeformer.base.metrics import dice_per_class  # noqa: E402
@@ -55,7 +60,7 @@ from napari_daeformer.io.sample_data import Sample, synthetic_chest, synthetic_c
 from napari_daeformer.session.fill import fill_between  # noqa: E402
 
 CASES = ("chest", "lesion", "ct-thick", "mr-thick", "ct-512")
-ARMS = ("paint", "fill", "model")
+ARMS = ("paint", "fill", "model", "teach")
 THRESHOLDS = (0.90, 0.95)
 
 
@@ -188,6 +193,48 @@ def model_proposer(image: np.ndarray, class_names: tuple[str, ...], threads: int
     return propose
 
 
+def simulate_teaching(image: np.ndarray, truth: np.ndarray, painted: np.ndarray, class_names: tuple[str, ...],
+                      time_model: TimeModel) -> Curve:
+    """The robot paints `painted[0]` from nothing, then visits `painted[1:]` and the other slices in order, each
+    showing the latest model's proposal; the trainer gets the seconds the robot spent on each slice. After each
+    slice the volume is scored with the latest model's proposal on every slice not finished."""
+    from napari_daeformer_training.continuous import Teaching
+    from napari_daeformer_training.teach import model_for, teach_pair
+
+    curve = Curve()
+    state, done = np.zeros_like(truth), np.zeros(len(truth), bool)
+    order = [*painted, *(z for z in range(len(truth)) if z not in set(painted.tolist()))]
+    teaching, rounds = None, None
+    for z in order:
+        waited = 0.0
+        if teaching is not None:
+            proposal = teaching.propose([z])
+            state[z], waited = proposal.labels[0], proposal.seconds
+        cost, voxels = time_model.correction(state[z], truth[z])
+        curve.edited += voxels > 0
+        curve.voxels += voxels
+        state[z], done[z] = truth[z], True
+        if teaching is None:
+            start, _ = model_for(teach_pair("case", image, np.where(done[:, None, None], truth, 255)), class_names)
+            teaching = Teaching(image, start, replace(TEACH_ROUND, device="cpu"))
+            rounds = teaching.rounds()
+        teaching.update(state, done)
+        until = time.perf_counter() + cost
+        while time.perf_counter() < until:
+            next(rounds)
+        curve.waited += waited
+        if done.all():
+            score = volume_dice(state, truth)
+        else:
+            rest = teaching.propose(np.flatnonzero(~done))
+            shown = state.copy()
+            shown[rest.slices] = rest.labels
+            score = volume_dice(shown, truth)
+        curve.record(curve.now + cost + waited, score)
+    rounds.close()
+    return curve
+
+
 def make_case(name: str, seed: int) -> Sample:
     """The generated cases, as hard as real scans: the chest at 10 mm (cut field of view, 7 structures, a nodule on
     1-2 slices), two liver tumours inside the liver of the abdominal phantom (the lesion on a few slices, the liver
@@ -217,6 +264,8 @@ def run_arm(arm: str, sample: Sample, k: int, time_model: TimeModel, threads: in
     if arm == "model":
         proposer = model_proposer(np.asarray(sample.image), tuple(sample.class_names), threads, max_minutes)
         return simulate(truth, painted, proposer, time_model)
+    if arm == "teach":
+        return simulate_teaching(np.asarray(sample.image), truth, painted, tuple(sample.class_names), time_model)
     raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
 
 

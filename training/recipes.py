@@ -26,6 +26,10 @@ ADD_CLASS = FinetuneSettings(task="add_classes", steps=200, protect="pseudo", pr
 # (docs/training.md#a-new-structure-from-a-few-annotated-slices).
 TEACH = FinetuneSettings(task="new_model", steps=3000, lr=6e-4, warmup_steps=20, protect="none", calibrate=False,
                          batch_size=4, minutes=5.0, holdout_fraction=0.0, neighbour_weight=0.3)
+# One round of teaching while the user paints (`training.continuous`): the new-model task in short runs, each from
+# the last round's model, so a slice painted a moment ago joins at the next round; a short warm-up, as each round
+# starts its optimiser afresh (docs/annotate.md#teach-while-you-paint).
+TEACH_ROUND = replace(TEACH, steps=20, warmup_steps=2, minutes=None)
 RECIPES: dict[Task, FinetuneSettings] = {"refine": REFINE, "add_classes": ADD_CLASS, "new_model": TEACH}
 TASK_WORDS: dict[Task, str] = {"refine": "fine-tune", "add_classes": "fine-tune with new classes",
                                "new_model": "a new model"}
