@@ -15,7 +15,7 @@ from napari_daeformer.model.bundled import bundled_model
 from napari_daeformer.model.checkpoint import load_checkpoint, read_card, save_checkpoint
 from napari_daeformer.model.preprocessing import ct_preprocessing
 from napari_daeformer.plugin.widgets._layers import annotation_of
-from napari_daeformer.plugin.widgets.finetune import PROTECT_CHOICES, FinetuneWidget
+from napari_daeformer.plugin.widgets.finetune import FROM_NEW, FROM_PROPOSER, PROTECT_CHOICES, FinetuneWidget
 
 from .conftest import from_plugins_menu
 
@@ -164,12 +164,15 @@ def test_bad_requests_are_notifications(session, weak_ckpt: Path, errors: list[s
     assert "no corrected slices" in errors[-1]
     viewer.add_labels(np.zeros((24, 80, 80), np.uint8), name="wrong shape")
     tune._corrected.value = viewer.layers["wrong shape"]
+    tune._start_from.value = FROM_PROPOSER
     tune._run.clicked()
     assert "differ in shape" in errors[-1]
     beyond = np.zeros((24, 160, 160), np.uint8)
     beyond[3, 10:20, 10:20] = 9
     viewer.add_labels(beyond, name="too many classes")
     tune._corrected.value = viewer.layers["too many classes"]
+    assert tune._start_from.value == FROM_NEW                          # no model proposed it: a new model by default
+    tune._start_from.value = FROM_PROPOSER                             # ... or new classes on the Segment dock's
     tune._run.clicked()                                                # value 9: name it (and 6-8) first
     assert "up to 9, beyond the model&#x27;s 6 classes: name the new classes (label 6 and up)" in tune._status.value
     assert "name the new classes" not in errors[-1]                      # asked for, not reported as an error
@@ -218,7 +221,6 @@ def test_a_new_model_from_three_painted_slices_reaches_the_segment_dock(make_nap
     """Teach it something new from the viewer: paint the lungs on 3 slices of a chest scan no bundled model knows,
     train 'a new model', and the Segment dock runs it with the new class names."""
     from napari_daeformer.io.sample_data import synthetic_chest
-    from napari_daeformer.plugin.widgets.finetune import FROM_NEW
 
     viewer = make_napari_viewer()
     sample = synthetic_chest(seed=3, shape=(12, 64, 64), spacing=(10.0, 4.8, 4.8))
@@ -229,8 +231,7 @@ def test_a_new_model_from_three_painted_slices_reaches_the_segment_dock(make_nap
     lungs = np.where(np.isin(sample.labels, (1, 2)), sample.labels, 0).astype(np.uint8)
     _correct(painted, lungs, [2, 6, 9])
     tune._image.value, tune._corrected.value = viewer.layers["chest"], painted
-    assert tune._neighbours.native.isHidden()                           # fine-tuning keeps the parent's weight
-    tune._start_from.value = FROM_NEW
+    assert tune._start_from.value == FROM_NEW                           # painted from scratch: a new model
     assert tune._run.text == "Train" and tune._minutes.value > 0 and tune._steps.value > 100   # the teaching recipe
     assert tune._neighbours.value == TEACH.neighbour_weight and not tune._neighbours.native.isHidden()
     assert all(c.native.isHidden() for c in (tune._protect, tune._calibrate, tune._overwrite))  # no parent

@@ -60,7 +60,8 @@ def test_teach_while_painting_end_to_end(make_napari_viewer, qtbot, tmp_path: Pa
     teach._classes.value = "background, lung"
     gaps = Gaps()
     teach._run.clicked()
-    assert teach.running and teach.proposal_layer is not None
+    assert teach.running                                            # the model is built off the GUI thread
+    qtbot.waitUntil(lambda: teach.proposal_layer is not None, timeout=60_000)
     proposal = teach.proposal_layer
     qtbot.waitUntil(lambda: teach.control.teaching.version >= 1, timeout=120_000)
     _go(viewer, layer, 7)                                           # an unpainted slice
@@ -106,3 +107,17 @@ def test_teaching_refuses_a_photo(make_napari_viewer, errors) -> None:  # type: 
     teach = from_plugins_menu("teach_widget")
     teach._run.clicked()
     assert errors[-1] == "DAE-Former: choose a volume (a 3D image layer) to teach on" and not teach.running
+
+
+def test_unnamed_classes_are_asked_for_in_words(make_napari_viewer, qtbot, errors) -> None:  # type: ignore[no-untyped-def]
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((6, 32, 32), np.float32), name="scan")
+    layer = viewer.add_labels(np.zeros((6, 32, 32), np.uint8), name="painted")
+    _paint(layer, 2, np.pad(np.ones((8, 8), bool), 12), 3)        # label 3 painted
+    teach = from_plugins_menu("teach_widget")
+    teach._labels.value = layer
+    teach._classes.value = "background, liver"
+    teach._run.clicked()
+    qtbot.waitUntil(lambda: not teach.running, timeout=30_000)
+    assert errors[-1] == "DAE-Former: name every class, background first: the labels hold values up to 3"
+    assert teach.control.teaching is None and teach.proposal_layer is None

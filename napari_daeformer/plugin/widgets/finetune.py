@@ -7,6 +7,7 @@ worker with a live loss curve, saves a new checkpoint version and hands it to th
 from __future__ import annotations
 
 import html
+from collections.abc import Hashable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -137,6 +138,7 @@ class FinetuneWidget(Pairs, WorkerWidget):
         for name, control in self._recipe_controls().items():
             control.changed.connect(lambda _, n=name: self._touched(n))
         self._start_from.changed.connect(self._start_from_changed)
+        self._corrected.changed.connect(self._default_start)
         self._corrected.changed.connect(lambda _: self._fill_classes())
         self._corrected.changed.connect(lambda layer: (self._watch_painting(layer), self._show_plan(fresh=True)))
         self._image.changed.connect(lambda _: self._show_plan(fresh=True))
@@ -154,6 +156,7 @@ class FinetuneWidget(Pairs, WorkerWidget):
             if isinstance(layer, Labels):
                 follow(self.viewer, layer)
         self.reset_choices()
+        self._default_start(self._corrected.value)
         self._fill_classes()
         self._watch_painting(self._corrected.value)                     # chosen before the signals were connected
         self._show_plan(fresh=True)
@@ -164,6 +167,19 @@ class FinetuneWidget(Pairs, WorkerWidget):
             return
         fill_action(self.viewer, self._corrected.value)
         self._show_plan(fresh=True)
+
+    def _annotated(self, layer_id: Hashable) -> None:
+        """A labels layer got a model's proposal: it is the pair to add, and the model that made it is refined."""
+        super()._annotated(layer_id)
+        if not self.closed:
+            self._default_start(self._corrected.value)
+
+    def _default_start(self, labels: Labels | None) -> None:
+        """A labels layer no model proposed (painted from scratch, opened from a file) starts a new model; one a
+        model proposed refines that model. The user's choice stands until another layer is chosen."""
+        if isinstance(labels, Labels):
+            a = annotation_of(self.viewer, labels)
+            self._start_from.value = FROM_PROPOSER if a is not None and a.prediction is not None else FROM_NEW
 
     def _start_from_changed(self, choice: str) -> None:
         new = choice == FROM_NEW

@@ -10,6 +10,7 @@ hands it to every Segment dock; Start again continues it (docs/annotate.md#teach
 from __future__ import annotations
 
 import html
+from collections.abc import Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,8 +19,8 @@ from magicgui.widgets import ComboBox, FileEdit, Label, LineEdit, ProgressBar, P
 from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_info, show_warning
-from napari_daeformer_training.continuous import Proposal, TeachProgress
-from qtpy.QtCore import QTimer
+from napari_daeformer_training.continuous import Proposal, Teaching, TeachProgress
+from qtpy.QtCore import QThreadPool, QTimer
 
 from napari_daeformer.base.errors import DaeformerError, TrainingError
 from napari_daeformer.plugin.control.recipe_form import class_names_for
@@ -35,13 +36,17 @@ if TYPE_CHECKING:
 ACCEPT_KEY, SUGGEST_KEY = "Shift-A", "Shift-N"
 SYNC_MS = 300                   # painting is handed to the trainer this long after the last stroke
 SUGGEST_FROM = 16               # unpainted slices (evenly spaced) a suggestion compares
+CLOSE_WAIT_MS = 5000            # a closing dock waits this long at most for the training step and proposal under way
 
 
-def _rounds(teaching: Any) -> Any:
-    return teaching.rounds()
+def _session(control: TeachController, *start: Any) -> Generator[tuple[Teaching, str] | TeachProgress, None, None]:
+    """Start (or resume) the session off the GUI thread (a new model loads weights), yield it, then its rounds."""
+    yield control.start(*start)
+    assert control.teaching is not None
+    yield from control.teaching.rounds()
 
 
-_teach_job = guarded(_rounds, TrainingError, "teaching")
+_teach_job = guarded(_session, TrainingError, "teaching")
 
 
 class TeachWidget(WorkerWidget):
@@ -82,7 +87,7 @@ class TeachWidget(WorkerWidget):
         self.shown: dict[int, int] = {}              # slice -> model version of the proposal shown there
         self._proposing, self._wanted, self._last_z = False, None, 0
         self.latencies: list[float] = []             # seconds to compute each proposal
-        self._sync_timer = QTimer()
+        self._sync_timer = QTimer(self.root_native_widget)            # goes with the dock
         self._sync_timer.setSingleShot(True)
         self._sync_timer.setInterval(SYNC_MS)
         self._sync_timer.timeout.connect(self._sync)
@@ -133,22 +138,27 @@ class TeachWidget(WorkerWidget):
             image, layer = self._layers()
             data = np.asarray(layer.data)
             done = painted(follow(self.viewer, layer), data)
-            classes = [n.strip() for n in str(self._classes.value).split(",") if n.strip()]
-            chosen = Path(self._continue.value) if str(self._continue.value) not in ("", ".") else None
-            teaching, warning = self.control.start((id(image), id(layer)), np.asarray(image.data), data, done,
-                                                   classes, chosen, layer.name)
+            if not done.any():
+                raise DaeformerError("paint a structure on at least one slice, then start teaching")
         except DaeformerError as e:
             self.report(str(e))
             return
+        classes = [n.strip() for n in str(self._classes.value).split(",") if n.strip()]
+        chosen = Path(self._continue.value) if str(self._continue.value) not in ("", ".") else None
+        self._status.value = html.escape(f"Starting from {int(done.sum())} painted slice(s)...")
+        self._launch(_teach_job, self.control, (id(image), id(layer)), np.asarray(image.data), data, done, classes,
+                     chosen, layer.name, yielded=self._on_step, returned=lambda _: None, errored=self._failed,
+                     aborted=self._stopped)
+
+    def _started(self, teaching: Teaching, warning: str) -> None:
+        """The session runs (its model built off the GUI thread): proposals follow the slice on screen."""
         if warning:
             show_warning(f"DAE-Former: {warning}.")
-        self._follow(layer)
+        self._follow(self._labels.value)
         self._progress.max = teaching.settings.steps
-        self._status.value = html.escape(f"Teaching from {int(done.sum())} painted slice(s) "
+        self._status.value = html.escape(f"Teaching from {int(teaching.painted.sum())} painted slice(s) "
                                          f"({self.control.intensities}); move to a slice to see its proposal.")
         self._accept.enabled = self._suggest.enabled = self._save.enabled = True
-        self._launch(_teach_job, teaching, yielded=self._on_step, returned=lambda _: None, errored=self._failed,
-                     aborted=self._stopped)
 
     def _follow(self, layer: Labels) -> None:
         """Paint events of `layer` reach the trainer; proposals go into a layer of their own beside it."""
@@ -168,7 +178,10 @@ class TeachWidget(WorkerWidget):
         self.viewer.layers.selection.active = layer              # the brush paints the user's layer
         self._request(self._slice_now())
 
-    def _on_step(self, p: TeachProgress) -> None:
+    def _on_step(self, p: TeachProgress | tuple[Teaching, str]) -> None:
+        if isinstance(p, tuple):
+            self._started(*p)
+            return
         self._progress.value = p.step
         if p.published:
             self._status.value = html.escape(
@@ -190,7 +203,8 @@ class TeachWidget(WorkerWidget):
         self._save_now(stopped=True)
 
     def _failed(self, error: BaseException) -> None:
-        self.report(f"teaching stopped: {failure_message(error)}")
+        self.report(failure_message(error) if self.control.teaching is None else
+                    f"teaching stopped: {failure_message(error)}")
 
     def _save_now(self, stopped: bool = False) -> None:
         teaching = self.control.teaching
@@ -235,7 +249,7 @@ class TeachWidget(WorkerWidget):
 
     # ---- proposals -------------------------------------------------------------------------------------
     def _moved(self, _: Any = None) -> None:
-        if self.control.teaching is not None and self.layer is not None and not self.closed:
+        if self.running and self.layer is not None and not self.closed:
             self._request(self._slice_now())
 
     def _request(self, z: int) -> None:
@@ -312,6 +326,11 @@ class TeachWidget(WorkerWidget):
         worker.errored.connect(lambda e: self.report(f"no suggestion: {failure_message(e)}"))
         worker.start()
 
+    def _on_closed(self) -> None:
+        """The dock is closing: the trainer stops after its step, and no thread outlives the widgets it reports to."""
+        super()._on_closed()
+        QThreadPool.globalInstance().waitForDone(CLOSE_WAIT_MS)
+
     def _go(self, z: int | None, proposal: Proposal) -> None:
         if z is None or self.layer is None or self.closed:
             return
@@ -319,7 +338,3 @@ class TeachWidget(WorkerWidget):
         axis = self.viewer.dims.ndim - self.layer.ndim
         self.viewer.dims.set_point(axis, float(self.layer.data_to_world([z, 0, 0])[0]))
         self._status.value = html.escape(f"Slice {z}: where the model is least sure of the slices not painted.")
-
-    def _on_closed(self) -> None:
-        self._sync_timer.stop()
-        super()._on_closed()
