@@ -22,8 +22,8 @@ rounds of corrections; here a correction is a whole slice made right):
   everywhere else.
 - `teach`: teaching while the robot paints (`training.continuous`): the first of the K slices painted from
   nothing, then every slice the robot visits (the other K first, then the rest in order) shows the latest model's
-  proposal, which the robot corrects; after each slice the trainer runs for as long as the robot spent on it (wall
-  time on `--threads`), and the seconds to compute the slice's proposal are waiting.
+  proposal, which the robot corrects; after each slice the trainer runs for as long as the robot spent on it (CPU
+  time: the robot's seconds times `--threads`), and the seconds to compute the slice's proposal are waiting.
 
 The time model (its numbers are chosen, not measured: set them with `--visit-s`, `--region-s`, `--outline-s`;
 compare arms within one run, not the seconds across models): visiting a slice to look at it and accept it costs
@@ -194,10 +194,11 @@ def model_proposer(image: np.ndarray, class_names: tuple[str, ...], threads: int
 
 
 def simulate_teaching(image: np.ndarray, truth: np.ndarray, painted: np.ndarray, class_names: tuple[str, ...],
-                      time_model: TimeModel) -> Curve:
+                      time_model: TimeModel, threads: int) -> Curve:
     """The robot paints `painted[0]` from nothing, then visits `painted[1:]` and the other slices in order, each
-    showing the latest model's proposal; the trainer gets the seconds the robot spent on each slice. After each
-    slice the volume is scored with the latest model's proposal on every slice not finished."""
+    showing the latest model's proposal; the trainer gets the CPU time of the seconds the robot spent on each slice
+    on `threads` cores (process time: what other processes take from the machine is not counted as training). After
+    each slice the volume is scored with the latest model's proposal on every slice not finished."""
     from napari_daeformer_training.continuous import Teaching
     from napari_daeformer_training.teach import model_for, teach_pair
 
@@ -219,8 +220,8 @@ def simulate_teaching(image: np.ndarray, truth: np.ndarray, painted: np.ndarray,
             teaching = Teaching(image, start, replace(TEACH_ROUND, device="cpu"))
             rounds = teaching.rounds()
         teaching.update(state, done)
-        until = time.perf_counter() + cost
-        while time.perf_counter() < until:
+        until = time.process_time() + cost * threads             # the CPU the user's seconds give, on `threads`
+        while time.process_time() < until:
             next(rounds)
         curve.waited += waited
         if done.all():
@@ -265,7 +266,8 @@ def run_arm(arm: str, sample: Sample, k: int, time_model: TimeModel, threads: in
         proposer = model_proposer(np.asarray(sample.image), tuple(sample.class_names), threads, max_minutes)
         return simulate(truth, painted, proposer, time_model)
     if arm == "teach":
-        return simulate_teaching(np.asarray(sample.image), truth, painted, tuple(sample.class_names), time_model)
+        return simulate_teaching(np.asarray(sample.image), truth, painted, tuple(sample.class_names), time_model,
+                                 threads)
     raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
 
 

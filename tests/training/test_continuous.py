@@ -116,6 +116,20 @@ def test_proposals_from_another_thread_between_steps(chest, monkeypatch) -> None
     assert len(stepping_while_proposing) == len(versions) and not any(stepping_while_proposing)
 
 
+def test_rounds_shorten_where_steps_are_slow(chest) -> None:  # type: ignore[no-untyped-def]
+    from napari_daeformer_training.continuous import MIN_ROUND_STEPS, ROUND_S
+
+    image, truth = chest
+    t = Teaching(image, teaching(image, truth, [4]).checkpoint, replace(TEACH_ROUND, device="cpu"))
+    assert t.round_steps() == TEACH_ROUND.steps                   # no pace measured yet
+    t.steps_done, t.seconds = 10, 10 * ROUND_S / TEACH_ROUND.steps / 2
+    assert t.round_steps() == TEACH_ROUND.steps                   # fast steps: full rounds
+    t.seconds = 10 * ROUND_S / 8
+    assert t.round_steps() == 8                                    # a round lasts about ROUND_S
+    t.seconds = 10 * 60.0
+    assert t.round_steps() == MIN_ROUND_STEPS
+
+
 def test_suggest_points_to_the_least_sure_unpainted_slice(chest) -> None:  # type: ignore[no-untyped-def]
     image, truth = chest
     t = teaching(image, truth, [4])
