@@ -76,7 +76,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     from napari_daeformer.base.metrics import dice_per_class
     from napari_daeformer.io.nifti import write_nifti
-    from napari_daeformer.io.record import default_affine
+    from napari_daeformer.io.orientation import radiological_affine
     from napari_daeformer.io.sample_data import synthetic_ct, synthetic_skin
 
     out_dir = Path(args.out)
@@ -90,7 +90,8 @@ def run_demo(args: argparse.Namespace) -> int:
     print("no display: segmenting the bundled samples with the bundled demonstration models "
           "(trained on synthetic data; not for clinical use)")
     ct = synthetic_ct(seed=0)
-    ct_path = write_nifti(out_dir / "synthetic_ct.nii.gz", ct.image, default_affine(ct.spacing), overwrite=True)
+    ct_path = write_nifti(out_dir / "synthetic_ct.nii.gz", ct.image, radiological_affine(ct.spacing),
+                          overwrite=True)
     record = read_image(ct_path)
     write_labels(out_dir / "synthetic_ct_truth.nii.gz", ct.labels, record, overwrite=True)
     report = segment_path(record, out_dir / "synthetic_ct_labels.nii.gz", None, overwrite=True)

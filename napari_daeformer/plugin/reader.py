@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from napari_daeformer.base.errors import ImageFormatError, printable
 from napari_daeformer.io import METADATA_KEY, ImageRecord, can_read, read_image
 from napari_daeformer.io.dicom_seg import find_series, is_dicom_seg, read_dicom_seg
 from napari_daeformer.io.nrrd import is_seg_nrrd, read_seg_nrrd
+from napari_daeformer.io.orientation import AXIS_LABELS, STORED_KEY, describe, display_translate, for_display
 from napari_daeformer.io.record import CHECKPOINT_KEY, CLASSES_KEY, COLORS_KEY
 from napari_daeformer.model.preprocessing import CT_WINDOWS
 
@@ -44,14 +46,28 @@ def read_layers(path: str | list[str]) -> list[LayerData]:
     return layers or [(None,)]  # type: ignore[list-item]
 
 
+def _placed(record: ImageRecord) -> tuple[ImageRecord, dict[str, Any]]:
+    """A volume turned to the radiological display (`io.orientation`), and the layer's geometry keywords: scale,
+    translate, metadata (with the source's storage, for the writer) and axis labels naming the sides."""
+    shown, stored = for_display(record)
+    geometry = shown.geometry()
+    kwargs: dict[str, Any] = {"scale": list(shown.spacing), "translate": list(shown.origin)}
+    if len(shown.spatial_shape) == 3 and not shown.rgb:
+        kwargs["translate"], kwargs["axis_labels"] = display_translate(shown), AXIS_LABELS
+        geometry["orientation"] = f"stored {describe(record.affine)}, shown radiological (LPS)"
+        if stored is not None:
+            geometry[STORED_KEY] = stored.as_json()
+    kwargs["metadata"] = {METADATA_KEY: geometry}
+    return shown, kwargs
+
+
 def record_to_layer(record: ImageRecord, name: str | None = None) -> LayerData:
-    """An ImageRecord as napari layer data."""
-    ndim = len(record.spatial_shape)
+    """An ImageRecord as napari layer data (a volume turned to the radiological display)."""
+    record, placed = _placed(record)
+    placed["metadata"]["notes"] = list(record.notes)
     kwargs: dict[str, Any] = {
         "name": name or (record.path.name.split(".")[0] if record.path else "image"),
-        "scale": list(record.spacing),
-        "translate": list(record.origin)[:ndim],
-        "metadata": {METADATA_KEY: record.geometry(), "notes": list(record.notes)},
+        **placed,
         "rgb": record.rgb,
     }
     if record.is_labels:                                      # a label map we wrote: paintable, usable to train
@@ -66,13 +82,11 @@ def record_to_layer(record: ImageRecord, name: str | None = None) -> LayerData:
 
 def _named_labels(record: ImageRecord, names: tuple[str, ...], colours: tuple[str, ...], name: str,
                   extra: dict[str, Any] | None = None) -> LayerData:
-    """A label map with a name and colour per value as a labels layer."""
+    """A label map with a name and colour per value as a labels layer (a volume turned as its image is)."""
+    record, placed = _placed(record)
+    placed["metadata"].update({CLASSES_KEY: list(names), COLORS_KEY: list(colours), **(extra or {})})
     kwargs: dict[str, Any] = {
-        "name": name,
-        "scale": list(record.spacing),
-        "translate": list(record.origin),
-        "metadata": {METADATA_KEY: record.geometry(), CLASSES_KEY: list(names), COLORS_KEY: list(colours),
-                     **(extra or {})},
+        "name": name, **placed,
         "colormap": {None: "transparent", **dict(enumerate(colours)), 0: "transparent"},
     }
     return (np.asarray(record.data), kwargs, "labels")
@@ -94,7 +108,7 @@ def seg_to_layer(path: str | os.PathLike[str]) -> LayerData:
     if series is None:
         show_info(f"napari-daeformer: {os.path.basename(path)}: its source series is not beside it; the labels cover "
                   "the segmented slices only, placed by their positions")
-    layer = _named_labels(seg.record, seg.class_names, seg.class_colors, os.path.basename(path).split(".")[0],
-                          {CHECKPOINT_KEY: seg.algorithm})
+    layer = _named_labels(replace(seg.record, data=seg.labels), seg.class_names, seg.class_colors,
+                          os.path.basename(path).split(".")[0], {CHECKPOINT_KEY: seg.algorithm})
     layer[1]["metadata"][METADATA_KEY]["source_path"] = str(series) if series else None
-    return (seg.labels, layer[1], "labels")
+    return layer
