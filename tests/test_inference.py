@@ -48,6 +48,18 @@ def test_bundled_ct_model_reaches_dice_080(ct_model: Checkpoint, held_out) -> No
     assert np.nanmean(dice) >= 0.80, dice
 
 
+def test_a_run_left_at_a_yield_leaves_its_thread_able_to_train(ct_model: Checkpoint, held_out) -> None:  # type: ignore[no-untyped-def]
+    """A cancelled worker drops its job at a yield; the thread then runs other jobs (a fine-tune that must train).
+    Inference mode held across the yield made the Teach dock's trainer fail "does not require grad"."""
+    job = SliceInferer(ct_model, precision="fp32", device="cpu", batch_size=2).run(held_out.image[:8])
+    next(job)
+    next(job)
+    try:
+        assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    finally:
+        job.close()
+
+
 def test_bf16_agrees_with_fp32(ct_model: Checkpoint, held_out) -> None:  # type: ignore[no-untyped-def]
     fp32 = SliceInferer(ct_model, precision="fp32", device="cpu").segment(held_out.image).labels
     bf16 = SliceInferer(ct_model, precision="bf16", device="cpu").segment(held_out.image).labels

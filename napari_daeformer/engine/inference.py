@@ -272,31 +272,35 @@ class SliceInferer:
         batch = self.batch_size or default_batch_size(self.checkpoint, self.device, source.size)
         start, total = 0, len(source.order)
         in_flight: tuple[int, np.ndarray, Pending] | None = None
-        with torch.inference_mode():
-            while start < total or in_flight is not None:
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled("segmentation cancelled")
-                queued = None
-                if start < total:
-                    stop = min(start + batch, total)
-                    try:
+        # Inference mode is entered per batch and never held across a yield: the mode belongs to the thread, and a
+        # job cancelled at a yield left a worker thread in it, where a later fine-tune could not train.
+        while start < total or in_flight is not None:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("segmentation cancelled")
+            queued = None
+            if start < total:
+                stop = min(start + batch, total)
+                try:
+                    with torch.inference_mode():
                         idx, x = source.batch(start, stop)
                         logits = predict(x)
                         finite = torch.isfinite(logits).all().reshape(1)
                         queued = (stop, idx, source.transfers.download(finite, *out.outputs(logits)))
-                    except torch.cuda.OutOfMemoryError as e:
-                        if batch == 1:
-                            raise InferenceError("out of GPU memory even at batch size 1; use --device cpu or a "
-                                                 "smaller model input") from e
-                        batch = max(1, batch // 2)           # halve and retry the same slices
-                        torch.cuda.empty_cache()
-                        continue
-                    except RuntimeError as e:                # torch errors are RuntimeErrors: make them ours
-                        raise InferenceError(f"segmentation failed: {first_line(e)}") from e
-                    start = stop
-                if in_flight is not None:
-                    yield self._collect(*in_flight, total, out, predict.numeric_path)
-                in_flight = queued
+                except torch.cuda.OutOfMemoryError as e:
+                    if batch == 1:
+                        raise InferenceError("out of GPU memory even at batch size 1; use --device cpu or a "
+                                             "smaller model input") from e
+                    batch = max(1, batch // 2)           # halve and retry the same slices
+                    torch.cuda.empty_cache()
+                    continue
+                except RuntimeError as e:                # torch errors are RuntimeErrors: make them ours
+                    raise InferenceError(f"segmentation failed: {first_line(e)}") from e
+                start = stop
+            if in_flight is not None:
+                with torch.inference_mode():
+                    collected = self._collect(*in_flight, total, out, predict.numeric_path)
+                yield collected
+            in_flight = queued
         return batch
 
     @staticmethod
