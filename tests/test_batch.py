@@ -17,6 +17,7 @@ from napari_daeformer.app.cli import main
 from napari_daeformer.base.jobs import drain
 from napari_daeformer.io import read_image, write_labels
 from napari_daeformer.io.nifti import write_nifti
+from napari_daeformer.io.orientation import radiological_affine
 from napari_daeformer.io.sample_data import shifted, synthetic_ct, synthetic_skin
 from napari_daeformer.model.bundled import bundled_model
 from napari_daeformer.tasks.batch import BatchJob, list_inputs, output_paths, run_batch
@@ -47,11 +48,12 @@ def make_review_folder(root: Path) -> list[str]:
     """Three phantoms as the bundled model knows them and three as other scanners give them; the shifted names."""
     root.mkdir(parents=True)
     for seed in (40, 41, 42):
-        write_nifti(root / f"phantom{seed}.nii.gz", synthetic_ct(seed=seed, shape=(10, 160, 160)).image, np.eye(4))
+        write_nifti(root / f"phantom{seed}.nii.gz", synthetic_ct(seed=seed, shape=(10, 160, 160)).image,
+                    radiological_affine((1.0, 1.0, 1.0)))
     names = []
     for seed, shift in zip((43, 44, 45), ("offset", "noise", "contrast")):
         sample = shifted(synthetic_ct(seed=seed, shape=(10, 160, 160)), shift, seed=seed)
-        write_nifti(root / f"{shift}{seed}.nii.gz", sample.image, np.eye(4))
+        write_nifti(root / f"{shift}{seed}.nii.gz", sample.image, radiological_affine((1.0, 1.0, 1.0)))
         names.append(f"{shift}{seed}.nii.gz")
     return names
 

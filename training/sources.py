@@ -23,6 +23,7 @@ import numpy as np
 
 from napari_daeformer.base.errors import DaeformerError, TrainingError
 from napari_daeformer.io import read_image, suffix_of
+from napari_daeformer.io.orientation import radiological
 from napari_daeformer.io.record import label_channel, label_values
 
 from .data import Case, synthetic_cases
@@ -119,7 +120,7 @@ def _read_pair(name: str, image: Path, label: Path | None, problems: list[str], 
         problems.append(f"{name}: no label file for {image.name}")
         return None
     try:
-        img, lab = read_image(image), read_image(label)
+        img, lab = radiological(read_image(image)), radiological(read_image(label))   # as the viewer shows them
     except DaeformerError as e:
         problems.append(str(e))
         return None

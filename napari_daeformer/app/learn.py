@@ -49,6 +49,7 @@ def run_teach(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from napari_daeformer.io import read_image
+    from napari_daeformer.io.orientation import radiological
     from napari_daeformer.model.checkpoint import save_or_rescue
 
     if args.labels is None or not args.classes:
@@ -57,7 +58,8 @@ def run_teach(args: argparse.Namespace) -> int:
         raise TrainingError("give either --image (one annotated image) or --data/--synthetic, not both")
     names = class_list(args.classes)
     check_output_path(args.out / "best.safetensors", overwrite=args.overwrite)
-    image, labels = require_image(read_image(args.image), args.image.name), read_image(args.labels)
+    image, labels = require_image(radiological(read_image(args.image)), args.image.name), \
+        radiological(read_image(args.labels))
     data = sparse_labels(_label_map(image, labels, args.labels.name), args.ignore_value, len(names))
     count = 1 if data.ndim == 2 else data.shape[0]
     pair = teach_pair(args.image.name, image.data, data, slice_list(args.slices, count) if args.slices else None)
@@ -134,6 +136,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from napari_daeformer.io import read_image
+    from napari_daeformer.io.orientation import radiological
     from napari_daeformer.model.bundled import resolve_model
     from napari_daeformer.model.checkpoint import save_or_rescue
 
@@ -149,7 +152,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     own = parent.card.class_names
     if args.classes:
         parent = extend_classes(parent, class_list(args.classes))
-    image, labels = require_image(read_image(args.image), args.image.name), read_image(args.labels)
+    image, labels = require_image(radiological(read_image(args.image)), args.image.name), \
+        radiological(read_image(args.labels))
     label_data = _label_map(image, labels, args.labels.name)
     if args.ignore_value is not None:
         label_data = sparse_labels(label_data, args.ignore_value, len(parent.card.class_names))

@@ -87,6 +87,8 @@ def _affine(header: dict[str, Any], ndim: int, name: str) -> tuple[np.ndarray, t
                      "voxel; volumes are in voxels of that size, not mm",)
         for i, v in enumerate(spacings):
             affine[i, i] = v
+        if ndim == 3:                         # no orientation given: a volume stored as it is shown (io.orientation)
+            affine[:2, :2] *= -1
     return check_affine(affine, name), notes
 
 

@@ -21,6 +21,7 @@ from napari_daeformer.io.record import ImageRecord, affine_spacing
 DISPLAY = ("L", "P", "S")       # NIfTI voxel axes (i: columns, j: rows, k: slices) point to these patient sides
 AXIS_LABELS = ("I→S", "A→P", "R→L")   # array axes (slices, rows, columns) as shown: from one side to the other
 STORED_KEY = "stored_as"        # geometry key: the source's storage, where the display differs from it
+ORIENTED = ("nifti", "nrrd", "dicom")    # formats that say where the patient is (a TIFF stack is shown as stored)
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,9 @@ def _turn(data: np.ndarray, ornt: np.ndarray) -> np.ndarray:
 
 
 def for_display(record: ImageRecord) -> tuple[ImageRecord, StoredAs | None]:
-    """`record` turned to the display orientation (a volume only), with how the source stored it (None: already
-    stored so, or not a volume)."""
-    if len(record.spatial_shape) != 3 or record.rgb:
+    """`record` turned to the display orientation (a volume of an ORIENTED format only), with how the source stored
+    it (None: already stored so, or nothing to turn)."""
+    if len(record.spatial_shape) != 3 or record.rgb or record.source_format not in ORIENTED:
         return record, None
     to_display = ornt_transform(io_orientation(record.affine), axcodes2ornt(DISPLAY))
     if _identity(to_display):
@@ -63,16 +64,9 @@ def _identity(ornt: np.ndarray) -> bool:
     return bool(np.array_equal(ornt[:, 0], np.arange(3)) and (ornt[:, 1] == 1).all())
 
 
-def displayed_slice(index: int, record: ImageRecord) -> int | None:
-    """The displayed slice that is `record`'s stored slice `index` (axis 0), None where the display slices the
-    volume along another axis (a volume stored sagittally)."""
-    if len(record.spatial_shape) != 3:
-        return index
-    marker = np.zeros(record.spatial_shape, bool)
-    marker[index] = True
-    shown = for_display(replace(record, data=marker))[0].data
-    full = np.flatnonzero(shown.reshape(len(shown), -1).all(1))
-    return int(full[0]) if len(full) == 1 else None
+def radiological(record: ImageRecord) -> ImageRecord:
+    """`record` as the viewer shows it (`for_display`): what models are trained on and segment."""
+    return for_display(record)[0]
 
 
 def to_storage(labels: np.ndarray, stored: StoredAs) -> tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Generator
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from napari_daeformer.base.volumes import Measures
 from napari_daeformer.engine.inference import Progress, Segmentation, SliceInferer
 from napari_daeformer.io import ImageRecord, check_label_path, suffix_of, write_labels
 from napari_daeformer.io.dicom_seg import SEG_SUFFIX, Algorithm, write_dicom_seg
+from napari_daeformer.io.orientation import for_display, to_storage
 from napari_daeformer.io.record import require_image
 from napari_daeformer.model.checkpoint import Checkpoint, file_sha256
 
@@ -104,12 +105,16 @@ def write_output(path: Path, labels: np.ndarray, record: ImageRecord, checkpoint
 def segment_file(inferer: SliceInferer, record: ImageRecord, output: Path, *, axis: int = 0,
                  overwrite: bool = False, slice_uncertainty: bool = False, writer: Executor | None = None,
                  cancel: threading.Event | None = None) -> Generator[Progress, None, FileReport]:
-    """Segment `record`, measure it and write its labels to `output` (refused before any work where the write
+    """Segment `record` as the viewer shows it (`io.orientation`: its per-slice uncertainty counts those slices),
+    measure it and write its labels to `output` in the source's voxel order (refused before any work where the write
     would be). With a `writer`, the write runs there and `report.written` completes when it is done; its error,
     if any, is raised by `report.written.result()`."""
     check_label_path(output, len(record.spatial_shape), overwrite=overwrite, source=record.path,
                      dicom_source=record.source_format == "dicom")
-    report = yield from segment_record(inferer, record, axis=axis, slice_uncertainty=slice_uncertainty, cancel=cancel)
+    shown, stored = for_display(record)           # the model sees the scan as the viewer shows it (radiological)
+    report = yield from segment_record(inferer, shown, axis=axis, slice_uncertainty=slice_uncertainty, cancel=cancel)
+    if stored is not None:                         # written in the source's own voxel order
+        report.segmentation = replace(report.segmentation, labels=to_storage(report.labels, stored)[0])
     write: Callable[[], Path] = lambda: write_output(output, report.labels, record, inferer.checkpoint,  # noqa: E731
                                                      overwrite=overwrite)
     if writer is not None:

@@ -134,7 +134,7 @@ def test_a_label_map_another_tool_wrote_opens_as_labels(tmp_path: Path) -> None:
 
     mask = np.zeros((6, 16, 16), np.int16)
     mask[1:4, 2:8, 2:8], mask[2:5, 9:12, 9:12] = 1, 7
-    affine = np.diag([0.8, 0.8, 3.0, 1.0])
+    affine = np.diag([-0.8, -0.8, 3.0, 1.0])                       # stored as shown (LPS): compared voxel for voxel
     nib.save(nib.Nifti1Image(mask.transpose(2, 1, 0), affine), tmp_path / "scan_label.nii.gz")
     nrrd.write(str(tmp_path / "mask.nrrd"), mask.transpose(2, 1, 0))
     ct = (np.arange(6 * 16 * 16).reshape(6, 16, 16) % 1500 - 1000).astype(np.int16)

@@ -13,7 +13,7 @@ from skimage import io as skio
 from napari_daeformer.base.errors import TrainingError
 from napari_daeformer.io import write_labels
 from napari_daeformer.io.nifti import write_nifti
-from napari_daeformer.io.record import default_affine
+from napari_daeformer.io.orientation import radiological_affine
 from napari_daeformer.io.sample_data import synthetic_ct, synthetic_skin
 from napari_daeformer.model.checkpoint import SYNAPSE_CLASSES
 
@@ -53,7 +53,7 @@ def test_synapse_label_mapping_is_pinned() -> None:
 
 def test_nnunet_and_pair_layouts(tmp_path: Path) -> None:
     s = synthetic_ct(seed=4, shape=(5, 32, 40))
-    affine = default_affine(s.spacing)
+    affine = radiological_affine(s.spacing)
     for layout in ("nnunet", "pairs"):
         root = tmp_path / layout
         if layout == "nnunet":
@@ -80,7 +80,7 @@ def test_isic_layout(tmp_path: Path) -> None:
 
 def test_bad_pairs_are_listed_before_training(tmp_path: Path) -> None:
     s = synthetic_ct(seed=4, shape=(5, 32, 40))
-    affine = default_affine(s.spacing)
+    affine = radiological_affine(s.spacing)
     geometry = {"affine": affine.tolist(), "spacing": list(s.spacing), "spatial_shape": [5, 32, 40]}
     write_nifti(tmp_path / "imagesTr" / "a.nii.gz", s.image, affine)                     # no label
     write_nifti(tmp_path / "imagesTr" / "b.nii.gz", s.image, affine)

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from napari_daeformer.app.cli import main
-from napari_daeformer.io import read_image
+from napari_daeformer.io import METADATA_KEY, read_image
 from napari_daeformer.io.nifti import write_nifti
 from napari_daeformer.io.record import default_affine
 from napari_daeformer.io.sample_data import synthetic_ct
+from napari_daeformer.plugin.writer import in_storage
 
 pytestmark = pytest.mark.gui
 
@@ -39,7 +40,7 @@ def test_cli_batch_and_dock_agree(tmp_path: Path, make_napari_viewer, qtbot, cap
     dock._device.value, dock._precision.value = "cpu", "fp32"
     dock._run.clicked()
     qtbot.waitUntil(lambda: not dock.running, timeout=60_000)
-    widget = np.asarray(viewer.layers[-1].data)
+    widget = in_storage(np.asarray(viewer.layers[-1].data), viewer.layers[-1].metadata[METADATA_KEY])[0]
 
     assert cli.any() and np.array_equal(cli, batch) and np.array_equal(cli, widget)
     report = dock.last_result.measures

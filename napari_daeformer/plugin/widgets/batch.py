@@ -14,7 +14,7 @@ from qtpy.QtWidgets import QStyledItemDelegate
 
 from napari_daeformer.base.errors import DaeformerError, InferenceError
 from napari_daeformer.io import read_image
-from napari_daeformer.io.orientation import displayed_slice, for_display
+from napari_daeformer.io.orientation import for_display
 from napari_daeformer.model.bundled import BUNDLED, resolve_model
 from napari_daeformer.model.checkpoint import read_card
 from napari_daeformer.plugin.reader import record_to_layer
@@ -243,6 +243,5 @@ class BatchWidget(WorkerWidget):
                                               class_names=tuple(card.class_names), class_colors=tuple(card.class_colors),
                                               prediction=prediction.copy(), checkpoint=chosen.checkpoint,
                                               checkpoint_sha256=chosen.checkpoint_sha256, checkpoint_path=str(model)))
-        shown = None if chosen.uncertain_slice is None else displayed_slice(chosen.uncertain_slice, labels)
-        if shown is not None and prediction.ndim == 3:
-            self.viewer.dims.set_current_step(self.viewer.dims.ndim - 3, shown)
+        if chosen.uncertain_slice is not None and prediction.ndim == 3:      # a slice as shown (`segment_file`)
+            self.viewer.dims.set_current_step(self.viewer.dims.ndim - 3, chosen.uncertain_slice)
