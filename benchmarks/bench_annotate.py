@@ -2,7 +2,8 @@
 
 Usage:
     python benchmarks/bench_annotate.py [--cases chest,lesion,ct-thick,mr-thick,ct-512] [--seeds 0,1,2]
-        [--arms paint,fill,model] [--k 5] [--threads 2] [--max-train-minutes 5] [--curves OUT.csv]
+        [--arms paint,fill,model,teach] [--k 5] [--threads 2] [--max-train-minutes 5] [--max-teach-minutes M]
+        [--curves OUT.csv]
     python benchmarks/bench_annotate.py --image scan.nii.gz --labels truth.nii.gz      # your own volume
 
 The robot user starts from nothing. It paints K slices (evenly spaced through the slices holding a structure),
@@ -194,18 +195,19 @@ def model_proposer(image: np.ndarray, class_names: tuple[str, ...], threads: int
 
 
 def simulate_teaching(image: np.ndarray, truth: np.ndarray, painted: np.ndarray, class_names: tuple[str, ...],
-                      time_model: TimeModel, threads: int) -> Curve:
+                      time_model: TimeModel, threads: int, max_minutes: float | None) -> Curve:
     """The robot paints `painted[0]` from nothing, then visits `painted[1:]` and the other slices in order, each
     showing the latest model's proposal; the trainer gets the CPU time of the seconds the robot spent on each slice
     on `threads` cores (process time: what other processes take from the machine is not counted as training). After
-    each slice the volume is scored with the latest model's proposal on every slice not finished."""
+    each slice the volume is scored with the latest model's proposal on every slice not finished. Training stops
+    once it has had `max_minutes` of the robot's time in all (None: never; a cap for quick runs)."""
     from napari_daeformer_training.continuous import Teaching
     from napari_daeformer_training.teach import model_for, teach_pair
 
     curve = Curve()
     state, done = np.zeros_like(truth), np.zeros(len(truth), bool)
     order = [*painted, *(z for z in range(len(truth)) if z not in set(painted.tolist()))]
-    teaching, rounds = None, None
+    teaching, rounds, trained = None, None, 0.0
     for z in order:
         waited = 0.0
         if teaching is not None:
@@ -220,7 +222,9 @@ def simulate_teaching(image: np.ndarray, truth: np.ndarray, painted: np.ndarray,
             teaching = Teaching(image, start, replace(TEACH_ROUND, device="cpu"))
             rounds = teaching.rounds()
         teaching.update(state, done)
-        until = time.process_time() + cost * threads             # the CPU the user's seconds give, on `threads`
+        budget = cost if max_minutes is None else min(cost, 60.0 * max_minutes - trained)   # within any cap
+        trained += max(budget, 0.0)
+        until = time.process_time() + budget * threads           # the CPU the user's seconds give, on `threads`
         while time.process_time() < until:
             next(rounds)
         curve.waited += waited
@@ -255,7 +259,8 @@ def make_case(name: str, seed: int) -> Sample:
     raise ValueError(f"unknown case {name!r}; choose from {', '.join(CASES)}")
 
 
-def run_arm(arm: str, sample: Sample, k: int, time_model: TimeModel, threads: int, max_minutes: float) -> Curve:
+def run_arm(arm: str, sample: Sample, k: int, time_model: TimeModel, threads: int, max_minutes: float,
+            teach_minutes: float | None = None) -> Curve:
     truth = np.asarray(sample.labels)
     if arm == "paint":
         return simulate(truth, np.arange(0), None, time_model)
@@ -267,7 +272,7 @@ def run_arm(arm: str, sample: Sample, k: int, time_model: TimeModel, threads: in
         return simulate(truth, painted, proposer, time_model)
     if arm == "teach":
         return simulate_teaching(np.asarray(sample.image), truth, painted, tuple(sample.class_names), time_model,
-                                 threads)
+                                 threads, teach_minutes)
     raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
 
 
@@ -287,6 +292,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=5, help="slices painted before the tool proposes (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-train-minutes", type=float, default=5.0)
+    p.add_argument("--max-teach-minutes", type=float, help="the teach arm's training cap (default: none)")
     p.add_argument("--visit-s", type=float, default=TimeModel.visit_s)
     p.add_argument("--region-s", type=float, default=TimeModel.region_s)
     p.add_argument("--outline-s", type=float, default=TimeModel.outline_s)
@@ -319,7 +325,8 @@ def main() -> None:
         for seed in seeds:
             sample = make(seed)
             for arm in arms:
-                curve = run_arm(arm, sample, args.k, time_model, args.threads, args.max_train_minutes)
+                curve = run_arm(arm, sample, args.k, time_model, args.threads, args.max_train_minutes,
+                                args.max_teach_minutes)
                 curves[arm].append(curve)
                 rows += [(case, seed, arm, i, s, d) for i, (s, d) in enumerate(zip(curve.seconds, curve.dice))]
         for arm in arms:

@@ -53,9 +53,10 @@ def test_fill_between_two_painted_slices_leaves_only_looking() -> None:
 @pytest.mark.slow
 def test_the_benchmark_runs_every_arm_at_a_small_size(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, str(BENCH / "bench_annotate.py"), "--cases", "lesion", "--seeds", "0",
-                          "--threads", "1", "--max-train-minutes", "0.1", "--curves", str(tmp_path / "c.csv")],
+                          "--threads", "1", "--max-train-minutes", "0.1", "--max-teach-minutes", "0.1",
+                          "--curves", str(tmp_path / "c.csv")],
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| lesion |")]
-    assert [r.split("|")[2].strip() for r in rows] == ["paint", "fill", "model"]
+    assert [r.split("|")[2].strip() for r in rows] == ["paint", "fill", "model", "teach"]
     assert (tmp_path / "c.csv").read_text().startswith("case,seed,arm,step,seconds,dice")
