@@ -17,7 +17,7 @@ from napari_daeformer.engine.inference import SliceInferer
 from napari_daeformer.engine.neighbours import NeighbourMix, mixed
 from napari_daeformer.io import read_image
 from napari_daeformer.io.nifti import write_nifti
-from napari_daeformer.io.record import default_affine
+from napari_daeformer.io.orientation import radiological_affine
 from napari_daeformer.model import DAEFormer
 from napari_daeformer.model.checkpoint import Checkpoint, ModelCard, load_checkpoint, save_checkpoint
 from napari_daeformer.model.preprocessing import ct_preprocessing
@@ -109,7 +109,7 @@ def test_cli_segment_takes_a_neighbour_weight_and_refuses_a_bad_one(tmp_path: Pa
     ckpt = _tiny()
     model = save_checkpoint(tmp_path / "m.safetensors", ckpt.model, ckpt.card)
     image = np.random.default_rng(2).normal(40, 300, (5, 48, 40)).astype(np.int16)
-    source = write_nifti(tmp_path / "ct.nii.gz", image, default_affine((6.0, 1.0, 1.0)))
+    source = write_nifti(tmp_path / "ct.nii.gz", image, radiological_affine((6.0, 1.0, 1.0)))   # stored as shown
     argv = ["segment", str(source), str(tmp_path / "out.nii.gz"), "--model", str(model), "--device", "cpu",
             "--precision", "fp32"]
     assert main([*argv, "--neighbour-weight", "0.3"]) == 0

@@ -91,7 +91,7 @@ def test_float_labels_near_whole_numbers_are_rounded_and_fractions_refused(tmp_p
     assert "painted on no annotated slice" not in capsys.readouterr().err   # truncated, every class was "unpainted"
     image, labels = _chest(tmp_path, np.float32, shift=0.5)
     assert _teach(image, labels, tmp_path / "half") == 2
-    _one_line(capsys, "sparse.nii.gz:", "label value(s) are not whole numbers (e.g. 0.5)")
+    _one_line(capsys, "sparse.nii.gz:", "label value(s) are not whole numbers (e.g. ", ".5)")
     assert not (tmp_path / "half").exists()
 
 
