@@ -19,7 +19,7 @@ from napari_daeformer.engine.probes import cpu_has_int8_kernels
 from napari_daeformer.engine.stages import Accumulator, Predictor, SliceSource, int8_copy, low_precision_copy
 from napari_daeformer.io import read_image
 from napari_daeformer.io.nifti import write_nifti
-from napari_daeformer.io.record import default_affine
+from napari_daeformer.io.orientation import radiological_affine
 from napari_daeformer.io.sample_data import synthetic_ct, synthetic_skin
 from napari_daeformer.model import DAEFormer
 from napari_daeformer.model.bundled import bundled_model
@@ -118,7 +118,7 @@ def test_low_precision_copy_is_made_once_and_follows_the_weights(tiny_model: DAE
 
 
 def test_cli_segment_keeps_geometry(tmp_path: Path, held_out) -> None:  # type: ignore[no-untyped-def]
-    affine = default_affine(held_out.spacing)
+    affine = radiological_affine(held_out.spacing)                  # the phantom as drawn (the liver on the left)
     affine[:3, 3] = [-120.0, 80.0, 15.0]
     src = write_nifti(tmp_path / "ct.nii.gz", held_out.image, affine)
     assert main(["segment", str(src), str(tmp_path / "seg.nii.gz"), "--device", "cpu"]) == 0
