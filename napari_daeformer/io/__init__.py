@@ -18,9 +18,9 @@ from napari_daeformer.base.errors import DaeformerError, ImageFormatError
 from napari_daeformer.io.dicom import is_dicom_file, read_dicom
 from napari_daeformer.io.nifti import read_nifti, write_nifti
 from napari_daeformer.io.nrrd import NRRD_SUFFIXES, SEG_NRRD_SUFFIX, read_nrrd, write_seg_nrrd
-from napari_daeformer.io.orientation import radiological_affine
+from napari_daeformer.io.orientation import drawn_affine
 from napari_daeformer.io.photo import PHOTO_SUFFIXES, read_photo, write_png
-from napari_daeformer.io.record import METADATA_KEY, ImageRecord, check_affine, default_affine, geometry_from_metadata
+from napari_daeformer.io.record import METADATA_KEY, ImageRecord, check_affine, geometry_from_metadata
 from napari_daeformer.io.tiff import read_tiff, write_tiff
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -146,7 +146,7 @@ def write_labels(path: str | os.PathLike[str], labels: np.ndarray, geometry: dic
             `class_colors` for 3D Slicer; volumes only), .tif/.tiff (spacing), or .png (2D only).
         labels: ([Z,] Y, X) integer array in the source's array order.
         geometry: an ImageRecord, its `geometry()` dict (e.g. from layer metadata), or None (unit spacing; a volume
-            stored as shown, `io.orientation.radiological_affine`).
+            stored as shown, `io.orientation.drawn_affine`).
         overwrite: replace an existing file; otherwise refuse.
     """
     p = Path(path)
@@ -161,8 +161,7 @@ def write_labels(path: str | os.PathLike[str], labels: np.ndarray, geometry: dic
     if isinstance(geometry, ImageRecord):
         geometry = geometry.geometry()
     spacing = tuple(geometry["spacing"]) if geometry else (1.0,) * labels.ndim
-    affine = np.array(geometry["affine"], dtype=np.float64) if geometry else \
-        radiological_affine(spacing) if labels.ndim == 3 else default_affine(spacing)      # a volume as drawn
+    affine = np.array(geometry["affine"], dtype=np.float64) if geometry else drawn_affine(spacing)
     if geometry and tuple(geometry.get("spatial_shape", labels.shape)) != labels.shape:
         raise ImageFormatError(f"{p.name}: labels of shape {labels.shape} do not match the source image's "
                                f"{tuple(geometry['spatial_shape'])}")

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from nibabel.orientations import aff2axcodes, apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
-from napari_daeformer.io.record import ImageRecord, affine_spacing
+from napari_daeformer.io.record import ImageRecord, affine_spacing, default_affine
 
 DISPLAY = ("L", "P", "S")       # NIfTI voxel axes (i: columns, j: rows, k: slices) point to these patient sides
 AXIS_LABELS = ("I→S", "A→P", "R→L")   # array axes (slices, rows, columns) as shown: from one side to the other
@@ -85,6 +85,20 @@ def radiological_affine(spacing: tuple[float, float, float]) -> np.ndarray:
     """The affine of a (Z, Y, X) volume drawn as a radiologist reads it (the phantoms: the liver on the image's
     left, the spine at the bottom): columns to the patient's left, rows to the posterior, slices to the superior."""
     return np.diag([-spacing[2], -spacing[1], spacing[0], 1.0])
+
+
+def drawn_affine(spacing: tuple[float, ...], translate: tuple[float, ...] | None = None) -> np.ndarray:
+    """The affine of an array with no source geometry, as napari draws it: a volume radiologically
+    (`radiological_affine`, its `translate` read as (S, P, L) mm, `display_translate`'s inverse), a 2D image
+    axis-aligned (`translate` per array axis)."""
+    translate = tuple(translate) if translate is not None else (0.0,) * len(spacing)
+    if len(spacing) == 3:
+        affine = radiological_affine((spacing[0], spacing[1], spacing[2]))
+        affine[:3, 3] = (-translate[2], -translate[1], translate[0])
+        return affine
+    affine = default_affine(spacing)
+    affine[:len(spacing), 3] = translate[::-1]
+    return affine
 
 
 def describe(affine: np.ndarray) -> str:

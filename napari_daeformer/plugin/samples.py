@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from napari_daeformer.io import METADATA_KEY, ImageRecord
-from napari_daeformer.io.orientation import radiological_affine
-from napari_daeformer.io.record import default_affine
+from napari_daeformer.io.orientation import drawn_affine
 from napari_daeformer.io.sample_data import Sample, synthetic_ct, synthetic_skin
 from napari_daeformer.model.checkpoint import DEFAULT_COLORS
 from napari_daeformer.plugin.reader import record_to_layer
@@ -15,8 +14,7 @@ LayerData = tuple[Any, dict[str, Any], str]
 
 
 def _layers(sample: Sample, name: str, modality: str) -> list[LayerData]:
-    affine = radiological_affine(sample.spacing) if len(sample.spacing) == 3 else default_affine(sample.spacing)
-    record = ImageRecord(sample.image, sample.spacing, affine, str(sample.image.dtype),
+    record = ImageRecord(sample.image, sample.spacing, drawn_affine(sample.spacing), str(sample.image.dtype),
                          modality=modality, source_format="photo" if modality == "rgb" else "synthetic")  # photos: pixels
     image = record_to_layer(record, name)
     colors = {i: DEFAULT_COLORS[i] for i in range(1, len(sample.class_names))}

@@ -10,7 +10,7 @@ from napari_daeformer import __version__
 from napari_daeformer.base.errors import ImageFormatError
 from napari_daeformer.io import geometry_from_metadata, write_labels
 from napari_daeformer.io.dicom_seg import Algorithm, write_dicom_seg
-from napari_daeformer.io.orientation import STORED_KEY, StoredAs, radiological_affine, to_storage
+from napari_daeformer.io.orientation import STORED_KEY, StoredAs, drawn_affine, to_storage
 from napari_daeformer.io.record import CHECKPOINT_KEY, CHECKPOINT_SHA_KEY, CLASSES_KEY, COLORS_KEY, affine_spacing
 
 
@@ -44,17 +44,10 @@ def in_storage(labels: np.ndarray, geometry: dict[str, Any]) -> tuple[np.ndarray
 
 
 def _axis_aligned(spacing: list[float], attributes: dict[str, Any], shape: tuple[int, ...]) -> dict[str, Any]:
-    """Geometry of a layer without reader metadata: its scale and translate as an axis-aligned affine; a volume as
-    napari draws it, radiologically (`io.orientation.radiological_affine`; its translate as (S, P, L) mm), so that it
-    opens again as it was drawn."""
-    translate = [float(t) for t in attributes.get("translate", [0.0] * len(spacing))]
-    if len(spacing) == 3:
-        affine = radiological_affine((spacing[0], spacing[1], spacing[2]))
-        affine[:3, 3] = (-translate[2], -translate[1], translate[0])
-    else:
-        affine = np.eye(4)
-        for i, (s, t) in enumerate(zip(spacing[::-1], translate[::-1])):
-            affine[i, i], affine[i, 3] = s, t
+    """Geometry of a layer without reader metadata: its scale and translate as napari draws it
+    (`io.orientation.drawn_affine`), so that it opens again as it was drawn."""
+    translate = tuple(float(t) for t in attributes.get("translate", [0.0] * len(spacing)))
+    affine = drawn_affine(tuple(spacing), translate)
     return {"affine": affine.tolist(), "spacing": spacing, "spatial_shape": list(shape)}
 
 

@@ -118,6 +118,15 @@ class Annotation:
                 changed[z] = True
         return changed
 
+    def painted(self, labels: np.ndarray, axis: int = 0) -> np.ndarray:
+        """(S,) bool along `axis`: the corrected slices, and every slice a brush touched along `axis` (one painted
+        all background says "nothing here": it counts too)."""
+        out = self.corrected(labels, axis)
+        for z in self.touched.get(axis, ()):
+            if 0 <= z < len(out):
+                out[z] = True
+        return out
+
     def painted_axis(self) -> int:
         """The axis the user painted the most slices along (0 before any painting)."""
         return max(sorted(self.touched), key=lambda axis: len(self.touched[axis]), default=0)

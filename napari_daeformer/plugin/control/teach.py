@@ -1,5 +1,5 @@
 """What the Teach dock decides, without Qt or napari: the session it starts (a new model for the named classes, or
-a saved model continued), which slices count as painted, which slices get a proposal, what a proposal may be
+a saved model continued), which slices get a proposal, what a proposal may be
 written over, and where the model is saved. The dock (`widgets/teach.py`) shows what this returns.
 """
 
@@ -16,19 +16,8 @@ from napari_daeformer_training.teach import model_for, new_model_path, teach_pai
 from napari_daeformer.base.errors import DaeformerError
 from napari_daeformer.model.checkpoint import load_checkpoint
 from napari_daeformer.plugin.control.finetune import USER_MODELS
-from napari_daeformer.session.annotation import Annotation
 
 AHEAD = 2                       # slices beyond the one on screen, in the direction of travel, proposed with it
-
-
-def painted(annotation: Annotation, labels: np.ndarray) -> np.ndarray:
-    """(S,) bool along axis 0: the slices the user painted (any label, or touched by a brush: "nothing here" too)."""
-    out = np.asarray(labels).reshape(len(labels), -1).any(1) if annotation.prediction is None else \
-        annotation.corrected(labels, 0)
-    for z in annotation.touched.get(0, ()):
-        if 0 <= z < len(out):
-            out[z] = True
-    return out
 
 
 def to_propose(z: int, step: int, done: np.ndarray) -> list[int]:
@@ -62,21 +51,19 @@ class TeachController:
                                  f"and labels {labels.shape}")
         if not done.any():
             raise DaeformerError("paint a structure on at least one slice, then start teaching")
-        sparse = np.where(done[:, None, None], labels, IGNORE)
-        pair = teach_pair(name, image, sparse, done)
         if self.teaching is not None and self.key == key:
             self.teaching.update(labels, done)
             return self.teaching, ""
+        pair = teach_pair(name, image, np.where(done[:, None, None], labels, IGNORE), done)
+        top = int(labels.max(initial=0))
         if continue_from is not None:
             start = load_checkpoint(continue_from)
             classes = start.card.class_names
-            top = int(labels.max(initial=0))
             if top >= len(classes):
                 raise DaeformerError(f"the labels hold value {top}; {continue_from.name} knows "
                                      f"{len(classes)} classes ({', '.join(classes)}): start a new model instead")
             self.intensities = start.card.preprocessing.describe()
         else:
-            top = int(labels.max(initial=0))
             if len(classes) <= top or len(classes) < 2:
                 raise DaeformerError(f"name every class, background first: the labels hold values up to {top}")
             start, self.intensities = model_for(pair, tuple(classes))

@@ -29,11 +29,7 @@ def painted_slices(viewer: napari.Viewer, layer: napari.layers.Labels) -> tuple[
     axis = annotation.painted_axis() if annotation.touched else painting_axis(viewer, layer)
     if data.ndim != 3:
         return np.ones(1, bool), 0
-    painted = annotation.corrected(data, axis)
-    for z in annotation.touched.get(axis, ()):                       # a slice painted all background counts too
-        if 0 <= z < len(painted):
-            painted[z] = True
-    return painted, axis
+    return annotation.painted(data, axis), axis
 
 
 def apply_fill(layer: napari.layers.Labels, before: np.ndarray, filled: np.ndarray) -> int:

@@ -24,7 +24,7 @@ from qtpy.QtCore import QThreadPool, QTimer
 
 from napari_daeformer.base.errors import DaeformerError, TrainingError
 from napari_daeformer.plugin.control.recipe_form import class_names_for
-from napari_daeformer.plugin.control.teach import TeachController, painted, to_propose, writable
+from napari_daeformer.plugin.control.teach import TeachController, to_propose, writable
 from napari_daeformer.plugin.hub import hub_for
 from napari_daeformer.plugin.widgets._docking import open_plugin_dock
 from napari_daeformer.plugin.widgets._layers import follow
@@ -130,14 +130,14 @@ class TeachWidget(WorkerWidget):
 
     def _done(self) -> np.ndarray:
         assert self.layer is not None
-        return painted(follow(self.viewer, self.layer), np.asarray(self.layer.data))
+        return follow(self.viewer, self.layer).painted(np.asarray(self.layer.data))
 
     # ---- the session -----------------------------------------------------------------------------------
     def _start(self) -> None:
         try:
             image, layer = self._layers()
             data = np.asarray(layer.data)
-            done = painted(follow(self.viewer, layer), data)
+            done = follow(self.viewer, layer).painted(data)
             if not done.any():
                 raise DaeformerError("paint a structure on at least one slice, then start teaching")
         except DaeformerError as e:
