@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from napari_daeformer.io import read_image
+from napari_daeformer.plugin.widgets.batch import COLUMNS
 
 from ..test_batch import make_folder, make_review_folder
 
@@ -34,9 +36,10 @@ def test_folder_with_status_table_and_open(make_napari_viewer, qtbot, tmp_path: 
     assert statuses["photos/lesion1.png"] == "done" and len(table) == 6
     assert (out / "summary.csv").exists() and "2 failed" in widget._status.value
     failed = [r[1] for r in table].index("failed")
-    reason = widget._table.native.item(failed, 3)
+    reason = widget._table.native.item(failed, COLUMNS.index("reason"))
     assert reason.toolTip() and reason.foreground().color().name() == "#e0605a"      # full reason, red row
-    assert any(str(r[5]).endswith("mL") for r in table) and all(str(r[4]).count(".") == 1 for r in table)
+    assert any(str(r[COLUMNS.index("volumes / areas")]).endswith("mL") for r in table)
+    assert all(re.search(r"\n\d+\.\d s$", widget._table.native.item(i, 0).toolTip()) for i in range(len(table)))
     assert [r[1] for r in table][-2:] == ["failed", "failed"]            # ranked: failed files (no measure) last
     widget._table.native.selectRow([r[0] for r in table].index("ct0.nii.gz"))
     widget._open.clicked()                                              # the button, with the table's selection

@@ -70,12 +70,28 @@ def test_three_docks_fit_the_window(make_napari_viewer, qtbot, size: tuple[int, 
     _shown(qtbot, table, window)
     _shown(qtbot, batch._open.native, window)
     header, width = table.horizontalHeader(), table.viewport().width()
-    for name in ("file", "status", "uncertainty"):
-        j = COLUMNS.index(name)
+    for j, name in enumerate(COLUMNS[:-1]):                             # every column whole but the last ...
         assert header.sectionViewportPosition(j) + header.sectionSize(j) <= width, (name, width)
-    assert header.sectionViewportPosition(COLUMNS.index("reason")) < width - 40    # the reason begins on screen
+    assert header.sectionViewportPosition(COLUMNS.index("reason")) < width - 40    # ... which begins on screen
     failed = [r.status for r in batch.results].index("failed")
-    assert "lesion_0001.png" in table.item(failed, 0).toolTip() and "can read" in table.item(failed, 3).toolTip()
+    assert "lesion_0001.png" in table.item(failed, 0).toolTip()
+    assert "can read" in table.item(failed, COLUMNS.index("reason")).toolTip()
+
+
+def test_the_segment_dock_a_finetune_dock_opens_shows_its_run_button(make_napari_viewer, qtbot) -> None:  # type: ignore[no-untyped-def]
+    """Fine-tune opened first from the menu, then the Segment dock it opens itself (to hand it a model): the dock
+    just opened shows its buttons, and the Fine-tune dock above it keeps its Train button in view."""
+    viewer = make_napari_viewer(show=True)
+    window = viewer.window._qt_window
+    window.resize(1600, 1000)
+    viewer.add_image(synthetic_ct(seed=0, shape=(8, 96, 96)).image, name="abdomen")
+    tune = from_plugins_menu("finetune_widget")
+    qtbot.wait(300)
+    segment = tune.segment_widget()
+    qtbot.wait(500)                                                     # compacted 100 ms after it opens
+    assert (window.width(), window.height()) == (1600, 1000)
+    for widget in (segment._run, segment._cancel, segment._progress, tune._run, tune._cancel):
+        _shown(qtbot, widget.native, window)
 
 
 def test_the_qt_binding_is_the_one_asked_for(qapp) -> None:  # type: ignore[no-untyped-def]

@@ -69,8 +69,10 @@ def fit(dock: QDockWidget) -> bool:
 
 
 def compact(dock: QDockWidget) -> None:
-    """The upper of our stacked docks in `dock`'s area take just their content's height, the lowest the rest (call
-    once the window has laid the docks out)."""
+    """Share the height of our stacked docks in `dock`'s area by their content: where all fit, the upper ones take
+    their content's height and the lowest the rest; where they do not, `dock` (the one just opened: what the user is
+    about to use) takes its content's height first and the others share what is left, upper first, each scrolling
+    what it cannot show (call once the window has laid the docks out)."""
     window = dock.parentWidget()
     if not isinstance(window, QMainWindow):
         return
@@ -83,10 +85,22 @@ def compact(dock: QDockWidget) -> None:
         elif d.y() > group[0].y():                      # a tab behind another sits off screen (negative y)
             groups[groups.index(group[0])] = d
     stacked = sorted(groups, key=lambda d: d.y())
-    if len(stacked) > 1:
-        heights = [_content_height(d) for d in stacked[:-1]]
-        total = sum(d.height() for d in stacked)
-        window.resizeDocks(stacked, [*heights, max(total - sum(heights), 0)], Qt.Orientation.Vertical)
+    if len(stacked) < 2:
+        return
+    total = sum(d.height() for d in stacked)
+    wanted = {d: _content_height(d) for d in stacked}
+    first = next((d for d in stacked if d is dock or d in window.tabifiedDockWidgets(dock)), None)
+    if sum(wanted.values()) <= total or first is None:
+        order = stacked[:-1]                            # the lowest takes the rest
+    else:
+        order = [first, *(d for d in stacked if d is not first)][:-1]
+    heights: dict[QDockWidget, int] = {}
+    for d in order:
+        later = sum(o.minimumSizeHint().height() for o in stacked if o is not d and o not in heights)
+        heights[d] = max(min(wanted[d], total - sum(heights.values()) - later), d.minimumSizeHint().height())
+    rest = next(d for d in stacked if d not in heights)
+    heights[rest] = max(total - sum(heights.values()), 0)
+    window.resizeDocks(stacked, [heights[d] for d in stacked], Qt.Orientation.Vertical)
 
 
 class FitOnShow(QObject):

@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 
 AUTO_MODEL = "bundled, by image kind (demo)"
 FILE_MODEL = "checkpoint file…"
-COLUMNS = ["file", "status", "uncertainty", "reason", "seconds", "volumes / areas"]   # what to review first
-MAX_COLUMN_PX = 120           # wider text is elided; the whole row is in its tooltip
+COLUMNS = ["file", "status", "uncertainty", "volumes / areas", "reason"]   # what to review first; the reason stretches
+MAX_COLUMN_PX = 95            # wider text is elided; the whole row (and the seconds it took) is in its tooltip
 FAILED_COLOUR = "#e0605a"
 
 
@@ -151,18 +151,19 @@ class BatchWidget(WorkerWidget):
             self._show_table()
 
     def _show_table(self) -> None:
-        """One row per file (most uncertain first when ranking): mean predictive entropy, seconds to one decimal,
-        per-class volumes (or areas), the reason in full as a tooltip, failed rows in red."""
+        """One row per file (most uncertain first when ranking): mean predictive entropy, per-class volumes (or
+        areas), the reason; the row's tooltip has the full path, reason, measures and seconds; failed rows in red.
+        Every column but the reason is at most MAX_COLUMN_PX wide, so all begin on screen in a 400-pixel dock."""
         from qtpy.QtGui import QColor
 
         if self._rank.value:
             self.results = ranked(self.results)
-        rows = [[_short_path(r.input), r.status, "" if r.mean_entropy is None else f"{r.mean_entropy:.4f}", r.reason,
-                 f"{r.seconds:.1f}", _measures_text(r)] for r in self.results]
+        rows = [[_short_path(r.input), r.status, "" if r.mean_entropy is None else f"{r.mean_entropy:.4f}",
+                 _measures_text(r), r.reason] for r in self.results]
         self._table.value = {"data": rows, "index": list(range(len(rows))), "columns": COLUMNS}
         table = self._table.native
         for i, (r, cells) in enumerate(zip(self.results, rows)):
-            tip = "\n".join(x for x in (r.input, r.reason, cells[5]) if x)
+            tip = "\n".join(x for x in (r.input, r.reason, cells[3], f"{r.seconds:.1f} s") if x)
             for j in range(len(COLUMNS)):
                 item = table.item(i, j)
                 if item is None:
@@ -171,7 +172,7 @@ class BatchWidget(WorkerWidget):
                 if r.status == "failed":
                     item.setForeground(QColor(FAILED_COLOUR))
         table.resizeColumnsToContents()
-        for j in range(len(COLUMNS)):
+        for j in range(len(COLUMNS) - 1):
             table.setColumnWidth(j, min(table.columnWidth(j), MAX_COLUMN_PX))
         table.horizontalHeader().setStretchLastSection(True)
 
