@@ -81,8 +81,9 @@ def main() -> None:
         timer.stop()
         widget._show_progress = show
         gaps = np.diff(ticks) if len(ticks) > 1 else np.array([total])
-        path = getattr(widget, "last_result", None)
-        print(f"{precision:<10} {(path.path if path else '?'):<14} {gaps.max():>9.3f} {np.percentile(gaps, 99):>9.3f} "
+        report = getattr(widget, "last_result", None)                   # a FileReport
+        path = report.segmentation.numeric_path if report else "?"
+        print(f"{precision:<10} {path:<14} {gaps.max():>9.3f} {np.percentile(gaps, 99):>9.3f} "
               f"{(first[0] - t0) if first else float('nan'):>13.2f} {total:>8.2f}")
         for layer in [x for x in viewer.layers if x.name.startswith("synthetic CT DAE-Former")]:
             viewer.layers.remove(layer)

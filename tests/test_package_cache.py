@@ -34,7 +34,7 @@ def never_loaded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         loaded.append(path)
         raise AssertionError(f"a package was loaded: {path}")
     monkeypatch.setattr(torch._inductor, "aoti_load_package", record)
-    monkeypatch.setattr(probes, "static_int8_unavailable", lambda: None)
+    monkeypatch.setattr(probes, "static_int8_unavailable", lambda building=True: None)
     return loaded
 
 
@@ -181,21 +181,19 @@ def test_a_planted_rejection_that_others_could_write_is_refused(tiny_model: DAEF
         static_int8.load(tiny_model, 2, SIZE)
 
 
-def test_auto_on_a_shared_cache_runs_int8_dynamic_and_says_why(tiny_ckpt: Path, tmp_path: Path,
+def test_int8_on_a_shared_cache_runs_int8_dynamic_and_says_why(tiny_ckpt: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch,
                                                                never_loaded: list[str]) -> None:
-    """With no flag, on a CPU without native bf16 (where `auto` looks for a package), a shared cache folder is a
-    note and int8 dynamic, never a load."""
+    """`int8` with a shared cache folder: a note and int8 dynamic, never a load (nor a compile into it)."""
     if not probes.cpu_has_int8_kernels():
-        pytest.skip("no x86 int8 kernels in this torch build: auto never looks for a package")
-    monkeypatch.setattr(probes, "cpu_has_native_bf16", lambda: False)
+        pytest.skip("no x86 int8 kernels in this torch build: int8 is refused outright (tests/test_devices.py)")
     shared = tmp_path / "shared"
     shared.mkdir()
     shared.chmod(0o777)
     monkeypatch.setenv(package_cache.CACHE_ENV, str(shared))
     notes: list[str] = []
     image = np.random.default_rng(0).normal(0, 300, (2, 64, 64)).astype(np.float32)
-    result = drain(SliceInferer(load_checkpoint(tiny_ckpt), device="cpu").run(image),
+    result = drain(SliceInferer(load_checkpoint(tiny_ckpt), device="cpu", precision="int8").run(image),
                    lambda p: notes.append(p.note) if p.note else None)
     assert result.numeric_path == "int8 dynamic" and never_loaded == []
     assert len(notes) == 1 and "not private to you" in notes[0] and notes[0].endswith("running int8 dynamic")

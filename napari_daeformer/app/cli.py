@@ -94,10 +94,10 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: %(default)s)")
     p.add_argument("--batch-size", type=whole(1), help="slices per forward pass (default: what fits the device)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="numeric path; auto = bf16 on GPUs and on CPUs with native bf16, int8 on other x86 CPUs: "
-                   "static int8 once compiled for the model, else dynamic. int8 compiles it on first use "
-                   "(about 1 min on 2 idle cores, 3-4 min on a busy machine; cached); batch jobs of 8+ files "
-                   "under auto do too (default: %(default)s)")
+                   help="numeric path; auto = bf16 on GPUs and on CPUs with native bf16, else fp32. int8 = static "
+                   "int8, compiled for the model on first use (about 1 min on 2 idle cores, 3-4 min on a busy "
+                   "machine; cached), else dynamic: measured slower than fp32 for whole runs of the bundled "
+                   "models, so never chosen by auto (default: %(default)s)")
 
 
 def _import_official_options(p: argparse.ArgumentParser) -> None:

@@ -58,10 +58,11 @@ def resolve_path(precision: str, device: torch.device) -> NumericPath:
     """The engine's numeric path for `precision` on `device`.
 
     `auto`: bf16 weights on CUDA GPUs with bf16 (else fp16 autocast); on CPUs bf16 autocast where the CPU has native
-    bf16, else int8 where the x86 int8 kernels exist, else fp32 (`benchmarks/bench_model.py` measures each against
-    the official model). `bf16` on CUDA means bf16 weights. `int8` is static int8 (`static_int8`: compiled once per
-    model) where torchao and a C++ compiler are installed, else int8 dynamic; the engine falls back to int8 dynamic
-    where the compiled model is missing (auto) or cannot be made.
+    bf16, else fp32. Never int8: a whole `daeformer segment` of the bundled CT model with cached static int8 was
+    slower than fp32 on both kinds of CPU measured (docs/troubleshooting.md#int8), its fixed cost per process (about
+    5 s) never repaid by its per-slice gain. `bf16` on CUDA means bf16 weights. `int8` is static int8 (`static_int8`:
+    compiled once per model) where torchao and a C++ compiler are installed, else int8 dynamic; the engine falls back
+    to int8 dynamic where the compiled model cannot be made.
     """
     if precision not in PRECISIONS:
         raise InferenceError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -70,8 +71,6 @@ def resolve_path(precision: str, device: torch.device) -> NumericPath:
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         elif device.type == "cpu" and probes.cpu_has_native_bf16():
             precision = "bf16"
-        elif device.type == "cpu" and probes.cpu_has_int8_kernels():
-            precision = "int8"
         else:
             precision = "fp32"
     if precision == "fp16" and device.type == "cpu":
@@ -81,7 +80,7 @@ def resolve_path(precision: str, device: torch.device) -> NumericPath:
             raise InferenceError("int8 runs on the CPU only; use bf16 or fp16 on a GPU")
         if not probes.cpu_has_int8_kernels():
             raise InferenceError("this CPU or torch build has no int8 kernels; use fp32 (or bf16)")
-        return NumericPath.INT8_DYNAMIC if probes.static_int8_unavailable() else NumericPath.INT8_STATIC
+        return NumericPath.INT8_DYNAMIC if probes.static_int8_unavailable(building=False) else NumericPath.INT8_STATIC
     if precision == "bf16" and device.type == "cuda":
         return NumericPath.BF16_WEIGHTS           # every kernel in bf16: 1.5x autocast's slices per second on an H100
     return NumericPath(precision if precision == "fp32" else f"{precision} autocast")

@@ -143,8 +143,6 @@ class SliceInferer:
             to keep the labels).
         batch_size: slices per forward pass (default: what fits the device, per image).
         window: a CT window (lower, upper) HU overriding the checkpoint's.
-        prepare_int8: where `auto` picks static int8 and the model's package is missing, compile it on the first
-            image (a one-time cost, worth it for long jobs) rather than run int8 dynamic; `int8` always does.
         int8_in_child: run static int8 in a child process (`int8_worker.ChildInt8`): a GUI's event loop keeps
             running, where the in-process package would hold the GIL for each whole batch.
         neighbour_weight: each neighbouring slice's share of a slice's softmax (`neighbours`; default the card's):
@@ -155,7 +153,7 @@ class SliceInferer:
 
     def __init__(self, checkpoint: Checkpoint, *, device: str | torch.device = "auto", precision: str = "auto",
                  batch_size: int | None = None, window: tuple[float, float] | None = None,
-                 prepare_int8: bool = False, int8_in_child: bool = False, neighbour_weight: float | None = None
+                 int8_in_child: bool = False, neighbour_weight: float | None = None
                  ) -> None:
         card = checkpoint.card
         if card.config.num_classes > MAX_CLASSES:
@@ -166,7 +164,6 @@ class SliceInferer:
         self.device = resolve_device(device)
         self.numeric_path = resolve_path(precision, self.device)
         self.preprocessing = card.preprocessing if window is None else card.preprocessing.with_window(window)
-        self.build_int8 = precision == "int8" or prepare_int8
         try:
             self.neighbour_weight = check_weight(card.neighbour_weight if neighbour_weight is None else neighbour_weight)
         except ValueError as e:
@@ -253,7 +250,7 @@ class SliceInferer:
         the first image's slices), else it runs int8 dynamic."""
         path = self.numeric_path
         if path == NumericPath.INT8_STATIC and self._package is None:
-            compiled = yield from _static_int8(self.checkpoint, source, self.build_int8, cancel)
+            compiled = yield from _static_int8(self.checkpoint, source, cancel)
             if compiled is not None and self.int8_in_child:
                 card = self.checkpoint.card
                 compiled = child_runner(compiled, (card.config.in_channels, *card.input_size),
@@ -326,16 +323,16 @@ def calibration_batches(source: SliceSource, batch: int) -> list[torch.Tensor]:
     return [spread.batch(s, s + batch)[1] for s in range(0, len(picks), batch)]
 
 
-def _static_int8(checkpoint: Checkpoint, source: SliceSource, build: bool, cancel: threading.Event | None
+def _static_int8(checkpoint: Checkpoint, source: SliceSource, cancel: threading.Event | None
                  ) -> Generator[Progress, None, static_int8.StaticInt8 | None]:
-    """The model's static int8 package: from the cache, else compiled now if `build` (calibrated on this image's
-    slices). None (run int8 dynamic) where it is missing and not to be built, or cannot be made (a note says why)."""
+    """The model's static int8 package: from the cache, else compiled now (calibrated on this image's slices). None
+    (run int8 dynamic) where it cannot be made (a note says why)."""
     total = len(source.order)
     batch = default_batch_size(checkpoint, torch.device("cpu"))     # one package per model: the fastest CPU batch
     model, size = checkpoint.model, checkpoint.card.input_size
     try:
         compiled = static_int8.load(model, batch, size)
-        if compiled is not None or not build:
+        if compiled is not None:
             return compiled
         yield Progress(0, total, busy=True, note="compiling the int8 model for this CPU, once per model (one to a few "
                                                  f"minutes; Cancel stops it); cached in {package_cache.cache_folder()}")

@@ -5,6 +5,7 @@ other."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import os
 import platform
@@ -57,8 +58,11 @@ def cpp_compiler() -> str | None:
     return next((c for c in candidates if shutil.which(c)), None)
 
 
-def has_torchao() -> bool:
-    """Whether torchao's pt2e int8 quantisation can be imported (`find_spec` alone would not see a broken install)."""
+def has_torchao(imported: bool = True) -> bool:
+    """Whether torchao's pt2e int8 quantisation can be imported (`find_spec` alone would not see a broken install);
+    `imported=False`: only whether it is installed (importing it costs 2 s, and only a compile needs it)."""
+    if not imported:
+        return importlib.util.find_spec("torchao") is not None
     try:
         with quiet_torchao():
             importlib.import_module("torchao.quantization.pt2e.quantize_pt2e")
@@ -67,11 +71,12 @@ def has_torchao() -> bool:
     return True
 
 
-def static_int8_unavailable() -> str | None:
-    """Why static int8 cannot run on this machine (None when it can)."""
+def static_int8_unavailable(building: bool = True) -> str | None:
+    """Why static int8 cannot be made (`building`) or run on this machine (None when it can). Running a cached
+    package needs torchao installed, not imported."""
     if platform.machine().lower() not in _X86 or not cpu_has_int8_kernels():
         return "static int8 needs an x86 CPU with torch's int8 kernels"
-    if not has_torchao():
+    if not has_torchao(imported=building):
         return "static int8 needs torchao (pip install torchao)"
     if cpp_compiler() is None:
         return "static int8 needs a C++ compiler (g++ or clang++) to compile the model once"

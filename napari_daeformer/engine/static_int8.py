@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.metadata
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -48,11 +49,10 @@ def seven_bit_activations() -> bool:
 
 def package_key(model: torch.nn.Module, batch: int, input_size: tuple[int, int], weights: str | None = None) -> str:
     """A digest of everything the compiled package depends on: weights (`weights`: their digest, if known),
-    architecture, shapes, versions, CPU."""
-    import torchao
-
+    architecture, shapes, versions, CPU. torchao's version is read from its metadata: importing it costs 2 s."""
     meta = [weights or package_cache.weights_digest(model), repr(getattr(model, "cfg", None)), type(model).__qualname__,
-            batch, list(input_size), torch.__version__, torchao.__version__, torch.backends.cpu.get_cpu_capability(),
+            batch, list(input_size), torch.__version__, importlib.metadata.version("torchao"),
+            torch.backends.cpu.get_cpu_capability(),
             seven_bit_activations()]
     return hashlib.sha256(json.dumps(meta, default=str).encode()).hexdigest()[:24]
 
@@ -72,7 +72,7 @@ class StaticInt8:
 def load(model: torch.nn.Module, batch: int, input_size: tuple[int, int]) -> StaticInt8 | None:
     """The cached package of `model` at this batch and input size, if one was made and verified (None if not).
     Raises Unavailable where one was made and rejected, cannot run here, or the cache is not private to this user."""
-    reason = probes.static_int8_unavailable()
+    reason = probes.static_int8_unavailable(building=False)
     if reason:
         raise Unavailable(reason)
     weights = package_cache.weights_digest(model)

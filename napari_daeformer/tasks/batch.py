@@ -30,9 +30,6 @@ from napari_daeformer.tasks.segment_file import FileReport, segment_file
 from napari_daeformer.tasks.summary import PROGRESS, SUMMARY, FileResult, read_earlier, write_summary
 
 READ_AHEAD = 2                        # files read in parallel ahead of the engine (GPU runs)
-# From this many files to segment, `auto` compiles static int8 on a CPU that runs int8 (about 1 min on 2 idle cores, 3-4 busy; once per
-# model): it saves about 0.06 s per `paper` slice over int8 dynamic, some 12 s per 200-slice CT volume.
-PREPARE_INT8_FILES = 8
 OUTPUT_FORMATS = ("same", ".nii.gz", ".nii", ".seg.nrrd", ".tif", ".png")
 _SAME = {".nii": ".nii", ".nii.gz": ".nii.gz", ".tif": ".tif", ".tiff": ".tiff", ".png": ".png",
          ".jpg": ".png", ".jpeg": ".png", ".bmp": ".png", ".dcm": ".nii.gz", "": ".nii.gz",
@@ -184,8 +181,8 @@ class _Inferers:
     """One inferer per checkpoint file, made once (a static int8 package is then built or loaded once per run); the
     bundled model for each image kind when no model was chosen."""
 
-    def __init__(self, job: BatchJob, prepare_int8: bool) -> None:
-        self.job, self.prepare_int8 = job, prepare_int8
+    def __init__(self, job: BatchJob) -> None:
+        self.job = job
         self.cache: dict[Path, SliceInferer] = {}
 
     def for_record(self, record: ImageRecord) -> SliceInferer:
@@ -195,8 +192,7 @@ class _Inferers:
         path = resolve_model(self.job.model, kind)
         if path not in self.cache:
             self.cache[path] = SliceInferer(load_checkpoint(path), device=self.job.device,
-                                            precision=self.job.precision, batch_size=self.job.batch_size,
-                                            prepare_int8=self.prepare_int8)
+                                            precision=self.job.precision, batch_size=self.job.batch_size)
         return self.cache[path]
 
 
@@ -229,7 +225,7 @@ def run_batch(job: BatchJob, *, rank: int = 0, world_size: int = 1,
             finished.append((source, out))
         else:
             todo.append((source, out))
-    models = _Inferers(job, prepare_int8=len(todo) >= PREPARE_INT8_FILES)
+    models = _Inferers(job)
     results += [_existing(job, source, out, models, earlier) for source, out in finished]
     done = len(results)
     total = len(files)

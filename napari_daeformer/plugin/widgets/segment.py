@@ -90,8 +90,9 @@ class SegmentWidget(SessionRestore, WorkerWidget):
                               tooltip="Slices per forward pass; 0 = what fits the device")
         self._precision = ComboBox(label="precision", choices=list(PRECISIONS), value="auto",
                                    tooltip="auto: the fastest path measured to keep the labels (bf16 on GPUs and "
-                                   "bf16 CPUs, int8 on other x86 CPUs). int8 compiles a static int8 model for this "
-                                   "CPU on first use (about 1 min on 2 idle cores, 3-4 busy; cached); auto uses it from then on")
+                                   "CPUs with native bf16, else fp32). int8 compiles a static int8 model for this CPU "
+                                   "on first use (about 1 min on 2 idle cores, 3-4 busy; cached); it was measured "
+                                   "slower than fp32 for whole runs of the bundled models, so auto never picks it")
         self._mode = ComboBox(label="mode", choices=list(MODES), value=MODES[0],
                               tooltip="'only slices not yet corrected' re-segments the chosen labels layer "
                               "around your edits and keeps every slice you changed")
