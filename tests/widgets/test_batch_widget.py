@@ -38,7 +38,7 @@ def test_folder_with_status_table_and_open(make_napari_viewer, qtbot, tmp_path: 
     failed = [r[1] for r in table].index("failed")
     reason = widget._table.native.item(failed, COLUMNS.index("reason"))
     assert reason.toolTip() and reason.foreground().color().name() == "#e0605a"      # full reason, red row
-    assert any(str(r[COLUMNS.index("volumes / areas")]).endswith("mL") for r in table)
+    assert any(str(r[COLUMNS.index("measures")]).endswith("mL") for r in table)
     assert all(re.search(r"\n\d+\.\d s$", widget._table.native.item(i, 0).toolTip()) for i in range(len(table)))
     assert [r[1] for r in table][-2:] == ["failed", "failed"]            # ranked: failed files (no measure) last
     widget._table.native.selectRow([r[0] for r in table].index("ct0.nii.gz"))

@@ -73,6 +73,7 @@ def test_three_docks_fit_the_window(make_napari_viewer, qtbot, size: tuple[int, 
     for j, name in enumerate(COLUMNS[:-1]):                             # every column whole but the last ...
         assert header.sectionViewportPosition(j) + header.sectionSize(j) <= width, (name, width)
     assert header.sectionViewportPosition(COLUMNS.index("reason")) < width - 40    # ... which begins on screen
+    assert header.length() <= width                                     # and ends there: no sideways scrolling
     failed = [r.status for r in batch.results].index("failed")
     assert "lesion_0001.png" in table.item(failed, 0).toolTip()
     assert "can read" in table.item(failed, COLUMNS.index("reason")).toolTip()

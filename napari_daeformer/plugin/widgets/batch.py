@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 AUTO_MODEL = "bundled, by image kind (demo)"
 FILE_MODEL = "checkpoint file…"
-COLUMNS = ["file", "status", "uncertainty", "volumes / areas", "reason"]   # what to review first; the reason stretches
+COLUMNS = ["file", "status", "uncertainty", "measures", "reason"]   # what to review first; the reason stretches
 MAX_COLUMN_PX = 95            # wider text is elided; the whole row (and the seconds it took) is in its tooltip
 FAILED_COLOUR = "#e0605a"
 
@@ -152,9 +152,10 @@ class BatchWidget(WorkerWidget):
 
     def _show_table(self) -> None:
         """One row per file (most uncertain first when ranking): mean predictive entropy, per-class volumes (or
-        areas), the reason; the row's tooltip has the full path, reason, measures and seconds; failed rows in red.
+        areas) as `measures`, the reason; the row's tooltip has the full path, reason, measures and seconds; failed rows in red.
         Every column but the reason is at most MAX_COLUMN_PX wide, so all begin on screen in a 400-pixel dock."""
         from qtpy.QtGui import QColor
+        from qtpy.QtWidgets import QHeaderView
 
         if self._rank.value:
             self.results = ranked(self.results)
@@ -174,7 +175,7 @@ class BatchWidget(WorkerWidget):
         table.resizeColumnsToContents()
         for j in range(len(COLUMNS) - 1):
             table.setColumnWidth(j, min(table.columnWidth(j), MAX_COLUMN_PX))
-        table.horizontalHeader().setStretchLastSection(True)
+        table.horizontalHeader().setSectionResizeMode(len(COLUMNS) - 1, QHeaderView.ResizeMode.Stretch)
 
     def _finish(self, summary: BatchSummary, csv_path: Path) -> None:
         self.results = list(summary.results)
