@@ -155,3 +155,31 @@ def test_a_reader_the_user_chose_is_kept(make_napari_viewer) -> None:  # type: i
     chosen = get_settings().plugins.extension2reader
     assert chosen["*.nii.gz"] == "napari" and chosen["*.nii"] == chosen["*.dcm"] == "napari-daeformer"
     assert chosen["*.nrrd"] == chosen["*.nhdr"] == "napari-daeformer"        # asked every time before
+
+
+def test_after_the_readme_demo_napari_opens_scans_with_no_dialog(make_napari_viewer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A fresh install (no reader preference, the plugin never activated), then the README's first command
+    (`daeformer demo`: the sample and the Segment dock): `napari scan.nii.gz`, `scan.nrrd` and `scan.seg.nrrd`
+    (napari's open with no plugin named, which raises where its dialog would ask) read through our reader, with
+    their geometry; the segmentation opens as Labels."""
+    import nrrd
+    from napari.errors import MultipleReaderError
+
+    from napari_daeformer.io.nrrd import write_seg_nrrd
+    from napari_daeformer.plugin.widgets.launch import demo_viewer
+
+    _files(tmp_path)
+    nrrd.write(str(tmp_path / "scan.nrrd"), np.full((6, 8, 5), -500, np.int16),
+               {"space": "left-posterior-superior", "space directions": np.diag([0.7, 0.7, 2.5]),
+                "space origin": np.zeros(3)})
+    write_seg_nrrd(tmp_path / "scan.seg.nrrd", np.ones((5, 8, 6), np.uint8), np.diag([-0.7, -0.7, 2.5, 1.0]),
+                   ("background", "liver"), ("#000000", "#ff0000"))
+    viewer = make_napari_viewer()                               # napari's settings reset: no preference
+    _fresh_activation()
+    with pytest.raises(MultipleReaderError):
+        viewer.open(str(tmp_path / "scan.nrrd"), plugin=None)
+    demo_viewer(viewer)
+    for name, kind in (("ct.nii.gz", "image"), ("scan.nrrd", "image"), ("scan.seg.nrrd", "labels")):
+        (layer,) = viewer.open(str(tmp_path / name), plugin=None)
+        assert layer._type_string == kind and METADATA_KEY in layer.metadata, name
+    np.testing.assert_allclose(viewer.layers["scan"].scale, (2.5, 0.7, 0.7), rtol=1e-5)
