@@ -65,7 +65,19 @@ def fit(dock: QDockWidget) -> bool:
     if tabbed:
         window.tabifyDockWidget(ours[-1], dock)
         dock.raise_()
+        _whole_titles(window, dock)
     return tabbed
+
+
+def _whole_titles(window: QMainWindow, dock: QDockWidget) -> None:
+    """The tab bar that holds `dock` shows whole titles (arrows scroll it where they do not fit), where Qt would
+    cut every title to a few words ("Segment with DAE-F...")."""
+    from qtpy.QtWidgets import QTabBar
+
+    for bar in window.findChildren(QTabBar):
+        if any(bar.tabText(i) == dock.windowTitle() for i in range(bar.count())):
+            bar.setElideMode(Qt.TextElideMode.ElideNone)
+            bar.setUsesScrollButtons(True)
 
 
 def compact(dock: QDockWidget) -> None:
