@@ -4,7 +4,8 @@ dock's buttons, verdict and table columns are on screen without scrolling."""
 from __future__ import annotations
 
 import pytest
-from qtpy.QtWidgets import QApplication, QDockWidget, QWidget
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QApplication, QDockWidget, QTabBar, QWidget
 
 from napari_daeformer.io.sample_data import synthetic_ct
 from napari_daeformer.plugin.widgets.batch import COLUMNS
@@ -66,6 +67,8 @@ def test_three_docks_fit_the_window(make_napari_viewer, qtbot, size: tuple[int, 
 
     _dock(batch.native).raise_()
     qtbot.wait(100)
+    bars = [b for b in window.findChildren(QTabBar) if b.isVisible() and b.count() > 1]
+    assert bars and all(b.elideMode() == Qt.TextElideMode.ElideNone for b in bars)     # whole titles, scrolled
     table = batch._table.native
     _shown(qtbot, table, window)
     _shown(qtbot, batch._open.native, window)
