@@ -30,6 +30,7 @@ class Hub:
 
     def __init__(self) -> None:
         self.annotations: dict[Hashable, Annotation] = {}
+        self.autosaved: dict[Hashable, Path] = {}      # labels layer id -> the session file a dock autosaves it into
         self._docks: list[weakref.ref[ModelUser]] = []
         self.on_annotation: list[Callable[[Hashable], None]] = []          # called with a layer id when one is added
 
@@ -45,6 +46,7 @@ class Hub:
 
     def forget(self, layer_id: Hashable) -> None:
         self.annotations.pop(layer_id, None)
+        self.autosaved.pop(layer_id, None)
 
     # ---- Segment docks -----------------------------------------------------------------------------------
     def register(self, dock: ModelUser) -> None:

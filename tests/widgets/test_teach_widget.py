@@ -14,6 +14,7 @@ from qtpy.QtCore import QTimer
 
 from napari_daeformer.io.sample_data import synthetic_chest
 from napari_daeformer.plugin.hub import hub_for
+from napari_daeformer.session.annotation import ENV_FOLDER, image_key, load_session
 
 from .conftest import from_plugins_menu
 
@@ -45,6 +46,7 @@ class Gaps:
 def test_teach_while_painting_end_to_end(make_napari_viewer, qtbot, tmp_path: Path, monkeypatch, errors) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr("napari_daeformer.plugin.control.finetune.USER_MODELS", tmp_path)
     monkeypatch.setattr("napari_daeformer.plugin.control.teach.USER_MODELS", tmp_path)
+    monkeypatch.setenv(ENV_FOLDER, str(tmp_path / "autosave"))
     s = synthetic_chest(0, shape=(12, 96, 96))
     lungs = np.isin(s.labels, (1, 2))
     viewer = make_napari_viewer()
@@ -95,6 +97,9 @@ def test_teach_while_painting_end_to_end(make_napari_viewer, qtbot, tmp_path: Pa
     for z in (2, 5, 9, 10):                                         # nothing painted was overwritten
         assert (data[z] == (painted[z] if z != 10 else lungs[10])).all()
     assert not np.asarray(proposal.data)[[2, 5, 7, 9, 10]].any()    # no proposal shown over a painted slice
+    saved = load_session(teach.saver.save_now().result(), data.size)     # autosaved as it was painted
+    assert (saved.labels == data).all() and saved.annotation.image.key == image_key(s.image)
+    assert saved.annotation.corrected(saved.labels)[[2, 5, 7, 9, 10]].all()
     g = np.array(gaps.gaps[1:])
     print(f"event-loop gaps during teaching: p95 {1000 * np.percentile(g, 95):.0f} ms, max {1000 * g.max():.0f} ms "
           f"over {g.sum():.0f} s; proposal latencies {', '.join(f'{x:.2f}' for x in teach.latencies)} s")

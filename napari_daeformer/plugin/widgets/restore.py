@@ -114,4 +114,5 @@ class SessionRestore:
         saver = self.autosavers.get(layer.unique_id)
         if saver is None:
             saver = self.autosavers[layer.unique_id] = Autosaver(layer, annotation, path)
+            self.hub.autosaved[layer.unique_id] = path
         saver.save_now()

@@ -27,8 +27,10 @@ from napari_daeformer.plugin.control.recipe_form import class_names_for
 from napari_daeformer.plugin.control.teach import TeachController, to_propose, writable
 from napari_daeformer.plugin.hub import hub_for
 from napari_daeformer.plugin.widgets._docking import open_plugin_dock
-from napari_daeformer.plugin.widgets._layers import follow
+from napari_daeformer.plugin.widgets._layers import follow, image_identity
 from napari_daeformer.plugin.widgets._workers import WorkerWidget, failure_message, guarded, row
+from napari_daeformer.plugin.widgets.autosave import Autosaver
+from napari_daeformer.session.annotation import default_folder, image_key, session_path
 
 if TYPE_CHECKING:
     import napari
@@ -87,6 +89,7 @@ class TeachWidget(WorkerWidget):
         self.shown: dict[int, int] = {}              # slice -> model version of the proposal shown there
         self._proposing, self._wanted, self._last_z = False, None, 0
         self.latencies: list[float] = []             # seconds to compute each proposal
+        self.saver: Autosaver | None = None           # the labels layer's autosave, where no Segment dock keeps one
         self._sync_timer = QTimer(self.root_native_widget)            # goes with the dock
         self._sync_timer.setSingleShot(True)
         self._sync_timer.setInterval(SYNC_MS)
@@ -98,7 +101,7 @@ class TeachWidget(WorkerWidget):
         self._save.clicked.connect(self._save_now)
         self._labels.changed.connect(lambda _: self._fill_classes())
         self.viewer.layers.events.inserted.connect(lambda _: self.reset_choices())
-        self.viewer.layers.events.removed.connect(lambda _: self.reset_choices())
+        self.viewer.layers.events.removed.connect(self._layer_removed)
         self.viewer.dims.events.current_step.connect(self._moved)
         self.reset_choices()
         self._fill_classes()
@@ -143,12 +146,39 @@ class TeachWidget(WorkerWidget):
         except DaeformerError as e:
             self.report(str(e))
             return
+        self._autosave(image, layer)
         classes = [n.strip() for n in str(self._classes.value).split(",") if n.strip()]
         chosen = Path(self._continue.value) if str(self._continue.value) not in ("", ".") else None
         self._status.value = html.escape(f"Starting from {int(done.sum())} painted slice(s)...")
         self._launch(_teach_job, self.control, (id(image), id(layer)), np.asarray(image.data), data, done, classes,
                      chosen, layer.name, yielded=self._on_step, returned=lambda _: None, errored=self._failed,
                      aborted=self._stopped)
+
+    def _layer_removed(self, event: Any) -> None:
+        """A layer deleted: the choices follow; the autosave of a deleted labels layer stops (its file stays, and
+        the Segment dock offers it back)."""
+        self.reset_choices()
+        if self.saver is not None and event.value is self.saver.layer:
+            self.saver.close()
+            hub_for(self.viewer).autosaved.pop(event.value.unique_id, None)
+            self.saver = None
+
+    def _autosave(self, image: Image, layer: Labels) -> None:
+        """Autosave `layer` (its painted slices, after each pause in painting) as the Segment dock does for its
+        layers, unless a dock already does: a crash while teaching loses no painting, and the Segment dock offers
+        the session back when the image is opened again."""
+        hub = hub_for(self.viewer)
+        if layer.unique_id in hub.autosaved or (self.saver is not None and self.saver.layer is layer):
+            return
+        if self.saver is not None:
+            self.saver.close()
+        annotation = follow(self.viewer, layer)
+        if not annotation.image.key:                 # painted from scratch: whose image it is, for the restore offer
+            annotation.image = image_identity(image, image_key(np.asarray(image.data)))
+        path = session_path(default_folder(annotation.image.source_path or None), annotation)
+        self.saver = Autosaver(layer, annotation, path)
+        hub.autosaved[layer.unique_id] = path
+        self.saver.save_now()
 
     def _started(self, teaching: Teaching, warning: str) -> None:
         """The session runs (its model built off the GUI thread): proposals follow the slice on screen."""
@@ -327,9 +357,15 @@ class TeachWidget(WorkerWidget):
         worker.start()
 
     def _on_closed(self) -> None:
-        """The dock is closing: the trainer stops after its step, and no thread outlives the widgets it reports to."""
+        """The dock is closing: the trainer stops after its step, no thread outlives the widgets it reports to, and
+        the autosave writes once more and stops."""
         super()._on_closed()
         QThreadPool.globalInstance().waitForDone(CLOSE_WAIT_MS)
+        if self.saver is not None:
+            self.saver.save_now()
+            self.saver.close()
+            hub_for(self.viewer).autosaved.pop(self.saver.layer.unique_id, None)
+            self.saver = None
 
     def _go(self, z: int | None, proposal: Proposal) -> None:
         if z is None or self.layer is None or self.closed:
