@@ -131,6 +131,7 @@ def teach_session(seconds: float, threads: int) -> None:
     t0 = time.perf_counter()
     todo = [z for z in range(len(s.labels)) if z not in (4, 16, 28)]
     visit, painted_at, refreshed = 0, [], []
+    events: list[tuple[float, str]] = []                             # what the robot did, when: for the longest gaps
     next_move, next_paint = t0 + 2.0, t0 + 10.0
     while time.perf_counter() - t0 < seconds:
         app.processEvents()
@@ -139,10 +140,12 @@ def teach_session(seconds: float, threads: int) -> None:
         if now >= next_move:
             z = todo[visit % len(todo)]
             visit += 1
+            events.append((now, f"moved to slice {z}"))
             viewer.dims.set_point(0, float(layer.data_to_world([z, 0, 0])[0]))
             next_move = now + 2.0
         if now >= next_paint and teaching is not None:
             z = todo.pop(len(todo) // 2)
+            events.append((now, f"painted slice {z}"))
             paint(z)
             painted_at.append((z, now, None))
             next_paint = now + 10.0
@@ -165,6 +168,10 @@ def teach_session(seconds: float, threads: int) -> None:
           f"v{widget.control.teaching.version}, {int(widget.control.teaching.trained_on.sum())} slices trained on")
     print(f"event-loop gaps: p95 {1000 * np.percentile(gaps, 95):.0f} ms, p99 {1000 * np.percentile(gaps, 99):.0f} "
           f"ms, max {1000 * gaps.max():.0f} ms")
+    for k in np.argsort(gaps)[::-1][:5]:                             # the longest gaps, and what came just before
+        at = ticks[k]
+        before = [what for when, what in events if at - 0.5 <= when <= at + gaps[k]]
+        print(f"  gap {1000 * gaps[k]:.0f} ms at {at - t0:.1f} s{': ' + before[-1] if before else ''}")
     print(f"opening a slice to its proposal: median {np.median(latency):.2f} s, max {latency.max():.2f} s "
           f"({len(latency)} proposals)")
     print(f"painting a slice to a proposal trained on it, on the slice on screen: "

@@ -5,6 +5,7 @@ event loop's gaps during the session are printed (their bound is a benchmark's, 
 
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
 from typing import Any
@@ -87,8 +88,10 @@ def test_teach_while_painting_end_to_end(make_napari_viewer, qtbot, tmp_path: Pa
     assert teach.control.teaching.trained_on[[2, 5, 7, 9, 10]].all()
     _go(viewer, layer, 4)
     qtbot.waitUntil(lambda: teach.shown.get(4, 0) > version, timeout=30_000)
+    assert gc.get_freeze_count() > 0                                # full collections skip the viewer's objects
     teach._cancel.clicked()                                         # Stop: kept, saved, handed to the Segment dock
     qtbot.waitUntil(lambda: not teach.running, timeout=30_000)
+    assert gc.get_freeze_count() == 0                               # ... until the session ends
     gaps.timer.stop()
     assert teach.control.saved and teach.control.saved[0].is_file()
     dock = hub_for(viewer).segment_dock()
