@@ -161,9 +161,14 @@ class TeachWidget(WorkerWidget):
         the Segment dock offers it back)."""
         self.reset_choices()
         if self.saver is not None and event.value is self.saver.layer:
-            self.saver.close()
-            hub_for(self.viewer).autosaved.pop(event.value.unique_id, None)
-            self.saver = None
+            self._stop_autosave()
+
+    def _stop_autosave(self) -> None:
+        """The autosave's last queued write completes; the layer is no longer autosaved by this dock."""
+        assert self.saver is not None
+        self.saver.close()
+        hub_for(self.viewer).autosaved.pop(self.saver.layer.unique_id, None)
+        self.saver = None
 
     def _autosave(self, image: Image, layer: Labels) -> None:
         """Autosave `layer` (its painted slices, after each pause in painting) as the Segment dock does for its
@@ -173,7 +178,7 @@ class TeachWidget(WorkerWidget):
         if layer.unique_id in hub.autosaved or (self.saver is not None and self.saver.layer is layer):
             return
         if self.saver is not None:
-            self.saver.close()
+            self._stop_autosave()
         annotation = follow(self.viewer, layer)
         if not annotation.image.key:                 # painted from scratch: whose image it is, for the restore offer
             annotation.image = image_identity(image, image_key(np.asarray(image.data)))
@@ -184,8 +189,9 @@ class TeachWidget(WorkerWidget):
 
     def _started(self, teaching: Teaching, warning: str) -> None:
         """The session runs (its model built off the GUI thread): proposals follow the slice on screen."""
-        collector.freeze()                          # full collections stop the viewer no more (base/collector.py)
-        self._frozen = True
+        if not self._frozen:
+            collector.freeze()                      # full collections stop the viewer no more (base/collector.py)
+            self._frozen = True
         if warning:
             show_warning(f"DAE-Former: {warning}.")
         self._follow(self._labels.value)
@@ -376,9 +382,7 @@ class TeachWidget(WorkerWidget):
         self._over()
         if self.saver is not None:
             self.saver.save_now()
-            self.saver.close()
-            hub_for(self.viewer).autosaved.pop(self.saver.layer.unique_id, None)
-            self.saver = None
+            self._stop_autosave()
 
     def _go(self, z: int | None, proposal: Proposal) -> None:
         if z is None or self.layer is None or self.closed:
