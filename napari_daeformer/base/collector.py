@@ -4,8 +4,9 @@ A full (generation 2) collection walks every object the process holds: napari's,
 in a viewer. During a teaching session the trainer's allocations trigger one every 10-20 s, and it stops every
 thread, the viewer's included, for 260-350 ms (measured with `gc.callbacks` during `bench_responsiveness.py --teach`:
 the longest event-loop gaps of the session, 2 cores, AMD EPYC). `gc.freeze` moves the objects alive now out of the
-collector's reach, so later collections walk only what was made since. Objects frozen and dropped meanwhile are
-freed by reference counting as usual; only reference cycles among them wait for the thaw.
+collector's reach, so later collections walk only what was made since; the docks hold a freeze while any of their
+jobs runs. Objects frozen and dropped meanwhile are freed by reference counting as usual; only reference cycles
+among them wait for the thaw.
 """
 
 from __future__ import annotations

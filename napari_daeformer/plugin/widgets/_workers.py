@@ -13,6 +13,7 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QWidget
 
+from napari_daeformer.base import collector
 from napari_daeformer.base.errors import DaeformerError, first_line
 from napari_daeformer.plugin.widgets._docking import FitOnShow
 from napari_daeformer.plugin.widgets.private_api import hide_empty_labels, pack_to_top
@@ -153,7 +154,9 @@ class WorkerWidget(Container):
         if aborted is not None:
             self._worker.aborted.connect(alive(aborted))
         self._worker.finished.connect(alive(self._idle))
+        self._worker.finished.connect(collector.thaw)         # whether or not the dock is still open
         self._run.enabled, self._cancel.enabled = False, True
+        collector.freeze()              # while it runs, full collections skip the viewer's objects (base/collector.py)
         self._worker.start()
         return self._worker
 

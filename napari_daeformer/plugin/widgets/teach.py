@@ -22,7 +22,6 @@ from napari.utils.notifications import show_info, show_warning
 from napari_daeformer_training.continuous import Proposal, Teaching, TeachProgress
 from qtpy.QtCore import QThreadPool, QTimer
 
-from napari_daeformer.base import collector
 from napari_daeformer.base.errors import DaeformerError, TrainingError
 from napari_daeformer.plugin.control.recipe_form import class_names_for
 from napari_daeformer.plugin.control.teach import TeachController, to_propose, writable
@@ -91,7 +90,6 @@ class TeachWidget(WorkerWidget):
         self._proposing, self._wanted, self._last_z = False, None, 0
         self.latencies: list[float] = []             # seconds to compute each proposal
         self.saver: Autosaver | None = None           # the labels layer's autosave, where no Segment dock keeps one
-        self._frozen = False                          # this session holds the collector's freeze
         self._sync_timer = QTimer(self.root_native_widget)            # goes with the dock
         self._sync_timer.setSingleShot(True)
         self._sync_timer.setInterval(SYNC_MS)
@@ -153,7 +151,7 @@ class TeachWidget(WorkerWidget):
         chosen = Path(self._continue.value) if str(self._continue.value) not in ("", ".") else None
         self._status.value = html.escape(f"Starting from {int(done.sum())} painted slice(s)...")
         self._launch(_teach_job, self.control, (id(image), id(layer)), np.asarray(image.data), data, done, classes,
-                     chosen, layer.name, yielded=self._on_step, returned=lambda _: self._over(), errored=self._failed,
+                     chosen, layer.name, yielded=self._on_step, returned=lambda _: None, errored=self._failed,
                      aborted=self._stopped)
 
     def _layer_removed(self, event: Any) -> None:
@@ -189,9 +187,6 @@ class TeachWidget(WorkerWidget):
 
     def _started(self, teaching: Teaching, warning: str) -> None:
         """The session runs (its model built off the GUI thread): proposals follow the slice on screen."""
-        if not self._frozen:
-            collector.freeze()                      # full collections stop the viewer no more (base/collector.py)
-            self._frozen = True
         if warning:
             show_warning(f"DAE-Former: {warning}.")
         self._follow(self._labels.value)
@@ -234,14 +229,7 @@ class TeachWidget(WorkerWidget):
             return "Move to a slice to see its proposal."
         return f"Last proposal in {self.latencies[-1]:.2f} s."
 
-    def _over(self) -> None:
-        """The session ended, however: the collector walks the whole heap again."""
-        if self._frozen:
-            collector.thaw()
-            self._frozen = False
-
     def _stopped(self) -> None:
-        self._over()
         self._progress.value = 0
         teaching = self.control.teaching
         if teaching is None or teaching.version == 0:
@@ -250,7 +238,6 @@ class TeachWidget(WorkerWidget):
         self._save_now(stopped=True)
 
     def _failed(self, error: BaseException) -> None:
-        self._over()
         self.report(failure_message(error) if self.control.teaching is None else
                     f"teaching stopped: {failure_message(error)}")
 
@@ -379,7 +366,6 @@ class TeachWidget(WorkerWidget):
         the autosave writes once more and stops."""
         super()._on_closed()
         QThreadPool.globalInstance().waitForDone(CLOSE_WAIT_MS)
-        self._over()
         if self.saver is not None:
             self.saver.save_now()
             self._stop_autosave()
