@@ -5,8 +5,8 @@ in a viewer. During a teaching session the trainer's allocations trigger one eve
 thread, the viewer's included, for 260-350 ms (measured with `gc.callbacks` during `bench_responsiveness.py --teach`:
 the longest event-loop gaps of the session, 2 cores, AMD EPYC). `gc.freeze` moves the objects alive now out of the
 collector's reach, so later collections walk only what was made since; the docks hold a freeze while any of their
-jobs runs. Objects frozen and dropped meanwhile are freed by reference counting as usual; only reference cycles
-among them wait for the thaw.
+jobs runs. Nothing is collected first (that would be the same pause, at the click): objects frozen and dropped
+meanwhile are freed by reference counting as usual, and only garbage cycles among them wait for the thaw.
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ _holders = 0          # jobs that asked for a frozen heap and have not yet thawe
 
 
 def freeze() -> None:
-    """Collect once (the one pause), then keep what is alive out of later collections until `thaw`."""
+    """Keep what is alive now out of later collections until `thaw`."""
     global _holders
     if _holders == 0:
-        gc.collect()
         gc.freeze()
     _holders += 1
 
