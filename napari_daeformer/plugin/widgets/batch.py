@@ -152,8 +152,9 @@ class BatchWidget(WorkerWidget):
 
     def _show_table(self) -> None:
         """One row per file (most uncertain first when ranking): mean predictive entropy, per-class volumes (or
-        areas) as `measures`, the reason; the row's tooltip has the full path, reason, measures and seconds; failed rows in red.
-        Every column but the reason is at most MAX_COLUMN_PX wide, so all begin on screen in a 400-pixel dock."""
+        areas) as `measures`, the reason; the row's tooltip has the full path, reason, measures and seconds; failed
+        rows in red. Every column but the reason is at most MAX_COLUMN_PX wide, so all begin on screen in a
+        400-pixel dock."""
         from qtpy.QtGui import QColor
         from qtpy.QtWidgets import QHeaderView
 

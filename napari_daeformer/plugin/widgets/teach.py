@@ -173,7 +173,7 @@ class TeachWidget(WorkerWidget):
         layers, unless a dock already does: a crash while teaching loses no painting, and the Segment dock offers
         the session back when the image is opened again."""
         hub = hub_for(self.viewer)
-        if layer.unique_id in hub.autosaved or (self.saver is not None and self.saver.layer is layer):
+        if layer.unique_id in hub.autosaved:        # by a Segment dock, or by this one already
             return
         if self.saver is not None:
             self._stop_autosave()
