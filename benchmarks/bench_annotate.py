@@ -2,7 +2,7 @@
 
 Usage:
     python benchmarks/bench_annotate.py [--cases chest,lesion,ct-thick,mr-thick,ct-512] [--seeds 0,1,2]
-        [--arms paint,fill,model,teach] [--k 5] [--threads 2] [--max-train-minutes 5] [--max-teach-minutes M]
+        [--arms paint,fill,model,teach,teach-model] [--k 5] [--threads 2] [--max-train-minutes 5] [--max-teach-minutes M]
         [--curves OUT.csv]
     python benchmarks/bench_annotate.py --image scan.nii.gz --labels truth.nii.gz      # your own volume
 
@@ -25,6 +25,10 @@ rounds of corrections; here a correction is a whole slice made right):
   nothing, then every slice the robot visits (the other K first, then the rest in order) shows the latest model's
   proposal, which the robot corrects; after each slice the trainer runs for as long as the robot spent on it (CPU
   time: the robot's seconds times `--threads`), and the seconds to compute the slice's proposal are waiting.
+  Each slice shows the model's proposal or fill between slices' (the interpolation of the nearest painted slices,
+  nothing beyond them), whichever needed fewer changes on the last slices the robot finished
+  (`training.choice`: the Teach dock's rule).
+- `teach-model`: the same with the model's proposal on every slice (the Teach dock before the choice).
 
 The time model (its numbers are chosen, not measured: set them with `--visit-s`, `--region-s`, `--outline-s`;
 compare arms within one run, not the seconds across models): visiting a slice to look at it and accept it costs
@@ -61,7 +65,7 @@ from napari_daeformer.io.sample_data import Sample, synthetic_chest, synthetic_c
 from napari_daeformer.session.fill import fill_between  # noqa: E402
 
 CASES = ("chest", "lesion", "ct-thick", "mr-thick", "ct-512")
-ARMS = ("paint", "fill", "model", "teach")
+ARMS = ("paint", "fill", "model", "teach", "teach-model")
 THRESHOLDS = (0.90, 0.95)
 
 
@@ -195,16 +199,19 @@ def model_proposer(image: np.ndarray, class_names: tuple[str, ...], threads: int
 
 
 def simulate_teaching(image: np.ndarray, truth: np.ndarray, painted: np.ndarray, class_names: tuple[str, ...],
-                      time_model: TimeModel, threads: int, max_minutes: float | None) -> Curve:
+                      time_model: TimeModel, threads: int, max_minutes: float | None, choose: bool = True) -> Curve:
     """The robot paints `painted[0]` from nothing, then visits `painted[1:]` and the other slices in order, each
     showing the latest model's proposal; the trainer gets the CPU time of the seconds the robot spent on each slice
     on `threads` cores (process time: what other processes take from the machine is not counted as training). After
     each slice the volume is scored with the latest model's proposal on every slice not finished. Training stops
-    once it has had `max_minutes` of the robot's time in all (None: never; a cap for quick runs)."""
+    once it has had `max_minutes` of the robot's time in all (None: never; a cap for quick runs). With `choose`,
+    each slice shows the model's proposal or fill between slices' as `choice.ProposalChoice` picks (the Teach
+    dock's rule); without, the model's always."""
+    from napari_daeformer_training.choice import ProposalChoice, fill_slices
     from napari_daeformer_training.continuous import Teaching
     from napari_daeformer_training.teach import model_for, teach_pair
 
-    curve = Curve()
+    curve, choice = Curve(), ProposalChoice()
     state, done = np.zeros_like(truth), np.zeros(len(truth), bool)
     order = [*painted, *(z for z in range(len(truth)) if z not in set(painted.tolist()))]
     teaching, rounds, trained = None, None, 0.0
@@ -212,7 +219,10 @@ def simulate_teaching(image: np.ndarray, truth: np.ndarray, painted: np.ndarray,
         waited = 0.0
         if teaching is not None:
             proposal = teaching.propose([z])
-            state[z], waited = proposal.labels[0], proposal.seconds
+            waited = proposal.seconds
+            filled = fill_slices(state, done, np.array([z]))[0]
+            state[z] = filled if choose and choice.source == "fill" else proposal.labels[0]
+            choice.learn(proposal.labels[0], filled, truth[z])
         cost, voxels = time_model.correction(state[z], truth[z])
         curve.edited += voxels > 0
         curve.voxels += voxels
@@ -230,6 +240,9 @@ def simulate_teaching(image: np.ndarray, truth: np.ndarray, painted: np.ndarray,
         curve.waited += waited
         if done.all():
             score = volume_dice(state, truth)
+        elif choose and choice.source == "fill":
+            shown = np.where(done[:, None, None], state, 0)
+            score = volume_dice(fill_between(shown, done) if done.sum() > 1 and shown.any() else shown, truth)
         else:
             rest = teaching.propose(np.flatnonzero(~done))
             shown = state.copy()
@@ -270,9 +283,9 @@ def run_arm(arm: str, sample: Sample, k: int, time_model: TimeModel, threads: in
     if arm == "model":
         proposer = model_proposer(np.asarray(sample.image), tuple(sample.class_names), threads, max_minutes)
         return simulate(truth, painted, proposer, time_model)
-    if arm == "teach":
+    if arm in ("teach", "teach-model"):
         return simulate_teaching(np.asarray(sample.image), truth, painted, tuple(sample.class_names), time_model,
-                                 threads, teach_minutes)
+                                 threads, teach_minutes, choose=arm == "teach")
     raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
 
 

@@ -1,7 +1,7 @@
 """Fine-tuning scenarios: Dice on the slices the user did NOT correct, before and after, with the bundled models.
 
     python benchmarks/bench_finetune.py [--threads 2] [--slices 3,8] [--scenario NAME ...] [--lr 3e-4]
-        [--protect pseudo|l2sp|none] [--protect-weight W] [--trust LOW,HIGH|off] [--no-refit] [--steps 100]
+        [--protect pseudo|l2sp|none] [--protect-weight W] [--trust LOW,HIGH|off] [--no-refit] [--no-crosscheck] [--steps 100]
         [--seeds 31,32,33]
     python benchmarks/bench_finetune.py --ablation [--threads 2]
     python benchmarks/bench_finetune.py --speed [--device cpu|cuda] [--arch small|paper]
@@ -105,7 +105,8 @@ def scenario(name: str, n_slices: int, settings: FinetuneSettings, seed: int) ->
     seconds = time.perf_counter() - t0
     after = _labels(result.checkpoint, images[~mask], rgb)
     candidate = after if result.candidate is result.checkpoint else _labels(result.candidate, images[~mask], rgb)
-    verdict = "unshown" if result.unshown and result.unresolved else \
+    verdict = "unshown" if result.unshown and result.unresolved else "not repeated" if \
+        result.crosscheck is not None and not result.improved else \
         {True: "better", False: "unchanged", None: "unverified"}[result.improved]
     return {"scenario": name, "N": n_slices, "before": _dice(before[~mask], truth[~mask], n),
             "after": _dice(after, truth[~mask], n), "candidate": _dice(candidate, truth[~mask], n),
@@ -245,6 +246,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=d.warmup_steps)
     p.add_argument("--no-calibration", action="store_true", help="do not learn the input's scale and shift")
     p.add_argument("--no-refit", action="store_true", help="keep the eased second run's best held-out state")
+    p.add_argument("--no-crosscheck", action="store_true",
+                   help="judge a single held-out slice alone (no repeat with another slice held out)")
     p.add_argument("--calibration-lr-scale", type=float, default=d.calibration_lr_scale)
     p.add_argument("--seeds", default="31,32,33", help="CT phantom seeds (not ones the bundled model saw)")
     p.add_argument("--trust", default=",".join(map(str, d.trust)),
@@ -261,6 +264,7 @@ def main() -> None:
     settings = replace(d, lr=args.lr, protect=args.protect, protect_weight=args.protect_weight, steps=args.steps,
                        warmup_steps=args.warmup, calibrate=not args.no_calibration,
                        calibration_lr_scale=args.calibration_lr_scale, device="cpu", refit=not args.no_refit,
+                       crosscheck=not args.no_crosscheck,
                        trust=None if args.trust == "off" else tuple(float(v) for v in args.trust.split(",")))
     print(f"# lr {settings.lr}, warm-up {settings.warmup_steps}, protect {settings.protect} "
           f"(weight {settings.weight:g}, trust {settings.trust or 'off'}, refit {'on' if settings.refit else 'off'}), "

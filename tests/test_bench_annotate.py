@@ -58,5 +58,5 @@ def test_the_benchmark_runs_every_arm_at_a_small_size(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| lesion |")]
-    assert [r.split("|")[2].strip() for r in rows] == ["paint", "fill", "model", "teach"]
+    assert [r.split("|")[2].strip() for r in rows] == ["paint", "fill", "model", "teach", "teach-model"]
     assert (tmp_path / "c.csv").read_text().startswith("case,seed,arm,step,seconds,dice")

@@ -6,7 +6,9 @@ docs/training.md#fine-tuning-recipe). Its stages: `steps` under the full protect
 for a parent that still fits the corrections poorly after them, `steps` again from the parent with the protection
 eased; where that beat the parent on the one slice held out, `steps` once more on every corrected slice. The
 held-out slices are scored every `score_every` steps, the parent counting as step 0, and a trained state replaces
-the parent only where it beats it by more than the held-out evidence can tell from chance (`training.verdict`).
+the parent only where it beats it by more than the held-out evidence can tell from chance (`training.verdict`); a
+gain on a single held-out slice is cross-checked: the run is repeated holding out another corrected slice, and
+kept only if it beats the parent there too.
 Closing the generator (a cancel) leaves the parent exactly as it was: only a copy is trained.
 """
 
@@ -70,20 +72,38 @@ def finetune(parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSettin
     with threads or nullcontext():
         run = _Run(parent, pairs, settings, device, threads)
         yield FinetuneProgress(0, settings.steps, None, run.before)
-        stage: Stage | None = Stage("held", 0)
-        while stage is not None:
-            yield from run.train(stage)
-            stage = None if run.late else run.next_stage(stage)
-        return run.result()
+        yield from run.stages()
+        result = run.result()
+        if not (settings.crosscheck and result.improved and run.split.holdout_slices == 1 and not run.late):
+            return result
+        check = _Run(parent, pairs, settings, device, threads, avoid=run.split.held, deadline=run.deadline)
+        if not check.split.holdout:
+            return result
+        yield from (replace(p, step=run.step + p.step, total=run.step + p.total) for p in check.stages())
+        return crosschecked(result, check.result(), parent)
+
+
+def crosschecked(result: FinetuneResult, check: FinetuneResult, parent: Checkpoint) -> FinetuneResult:
+    """`result` as the cross-check `check` (the same run with another slice held out) leaves it: kept where the
+    check beat the parent too, else refused with the parent kept. One held-out slice cannot show a gain that is a
+    trade between classes, or chance (docs/training.md#the-verdict)."""
+    scores = (check.dice_before, check.dice_after)
+    candidate = Checkpoint(result.candidate.model, result.candidate.card.with_provenance(
+        crosscheck_dice_before=None if scores[0] is None else round(scores[0], 4),
+        crosscheck_dice_after=None if scores[1] is None else round(scores[1], 4), crosscheck_kept=bool(check.improved)))
+    return replace(result, crosscheck=scores, improved=bool(check.improved), candidate=candidate,
+                   checkpoint=candidate if check.improved else parent)
 
 
 class _Run:
     """One run's state: the trained copy, its slices, the best held-out state so far and where the run stands."""
 
     def __init__(self, parent: Checkpoint, pairs: Sequence[Pair], settings: FinetuneSettings, device: torch.device,
-                 threads: ThreadGovernor | None) -> None:
+                 threads: ThreadGovernor | None, avoid: frozenset[tuple[int, int]] = frozenset(),
+                 deadline: float | None = None) -> None:
         self.started = time.monotonic()
-        self.deadline = None if settings.minutes is None else self.started + 60.0 * settings.minutes
+        self.deadline = deadline if deadline is not None or settings.minutes is None else \
+            self.started + 60.0 * settings.minutes
         self.parent, self.pairs, self.settings, self.device, self.threads = parent, pairs, settings, device, threads
         card = self.card = parent.card
         if threads is not None:
@@ -94,7 +114,7 @@ class _Run:
         self.fresh = list(card.provenance.get("new_classes") or ()) if settings.task == "add_classes" else []
         first_new = self.n_classes - len(self.fresh)
         self.split = split(pairs, settings, np.random.default_rng(settings.seed), card.preprocessing,
-                           first_new if self.fresh else None)
+                           first_new if self.fresh else None, avoid)
         self.trained = self.split.trained
         as_input = self.model.input_preprocessing
         self.train_cases = [replace(c, preprocessing=as_input(c.preprocessing)) for c in self.split.train]
@@ -152,6 +172,13 @@ class _Run:
                   "net.head.": head}
         return Trainer(self.model, self.card, cases, [], cfg, None, device=str(self.device),  # type: ignore[arg-type]
                        regulariser=self.regulariser, threads=self.threads, lr_scales=scales)
+
+    def stages(self) -> Iterator[FinetuneProgress]:
+        """Every stage of the run, one after another, until none follows or the time budget ends it."""
+        stage: Stage | None = Stage("held", 0)
+        while stage is not None:
+            yield from self.train(stage)
+            stage = None if self.late else self.next_stage(stage)
 
     def train(self, stage: Stage) -> Iterator[FinetuneProgress]:
         """Run `stage` from the parent's weights, scoring the held-out slices and keeping the best state."""

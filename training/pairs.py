@@ -60,6 +60,7 @@ class Split:
     train: list[Case]
     holdout: list[Slices]
     uncorrected: list[tuple[np.ndarray, Preprocessing]]     # (S, Y, X[, 3]) images, their normalisation
+    held: frozenset[tuple[int, int]] = frozenset()            # (pair, slice) of each held-out slice
 
     @property
     def trained(self) -> list[Slices]:
@@ -124,7 +125,7 @@ def holdout_count(settings: FinetuneSettings, slices: int) -> int:
 
 
 def split(pairs: Sequence[Pair], settings: FinetuneSettings, rng: np.random.Generator, prep: Preprocessing,
-          first_new: int | None = None) -> Split:
+          first_new: int | None = None, avoid: frozenset[tuple[int, int]] = frozenset()) -> Split:
     """The run's slices, each pair with `prep` measured on its whole image (z-score). The held-out share
     (`holdout_count`) is taken from the corrected slices of all pairs together (photos are one slice each): those
     that show the most classes, ties drawn at random, so the verdict is drawn where the structures are (held out at
@@ -132,9 +133,12 @@ def split(pairs: Sequence[Pair], settings: FinetuneSettings, rng: np.random.Gene
     worse on the slices between; docs/training.md#the-verdict). With classes new to the head (from `first_new` on)
     they are drawn from the slices holding at least a quarter of the most any slice holds of them: against a sliver
     of the new class the parent, scored on its own labels, cannot be beaten (docs/training.md#a-class-added). Up to
-    `protect_slices` evenly spaced uncorrected slices are sampled per pair."""
-    chosen = [(i, j) for i, p in enumerate(pairs) for j in np.flatnonzero(p.slices)]
-    n_hold = holdout_count(settings, len(chosen))
+    `protect_slices` evenly spaced uncorrected slices are sampled per pair. The (pair, slice) keys in `avoid` are
+    trained on, never held out (a cross-check holds out another slice)."""
+    corrected = [(i, int(j)) for i, p in enumerate(pairs) for j in np.flatnonzero(p.slices)]
+    n_hold = holdout_count(settings, len(corrected))
+    chosen = [c for c in corrected if c not in avoid]
+    n_hold = min(n_hold, len(chosen))
     stacks = [as_slices(p)[1] for p in pairs]
     held: set[tuple[int, int]] = set()
     if n_hold and first_new is not None:
@@ -161,4 +165,4 @@ def split(pairs: Sequence[Pair], settings: FinetuneSettings, rng: np.random.Gene
         if len(rest):
             pick = np.linspace(0, len(rest) - 1, min(len(rest), settings.protect_slices)).round().astype(int)
             uncorrected.append((images[rest[np.unique(pick)]], fitted))
-    return Split(train=train, holdout=holdout, uncorrected=uncorrected)
+    return Split(train=train, holdout=holdout, uncorrected=uncorrected, held=frozenset(held))

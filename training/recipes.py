@@ -17,9 +17,10 @@ from .settings import FinetuneSettings, Parts, Protection, Task
 # Refining a model on its corrected slices: the settings' defaults (docs/training.md#fine-tuning-recipe).
 REFINE = FinetuneSettings()
 # Classes added to the head: the parent's confident labels held on the uncorrected slices at 10x weight (at 0.7
-# where the user kept its labels), twice the steps, no input calibration (docs/training.md#a-class-added).
+# where the user kept its labels), twice the steps, no input calibration, no cross-check (measured on refining
+# only; docs/training.md#a-class-added).
 ADD_CLASS = FinetuneSettings(task="add_classes", steps=200, protect="pseudo", protect_weight=10.0,
-                             confidence_kept=0.7, calibrate=False)
+                             confidence_kept=0.7, calibrate=False, crosscheck=False)
 # A new model from a few annotated slices: nothing to protect, stopped by the time budget, every annotated slice
 # trained on and none held out (a new model is kept whatever it scores; holding 2 of 8 out to pick a state made 8
 # slices worse than 5), each slice segmented with its neighbours' probabilities
@@ -85,6 +86,9 @@ def describe(settings: FinetuneSettings, slices: int) -> str:
     if again and held == 1 and settings.refit:
         again += ", and where that beats the starting model, once more on every corrected slice"
     again += "." if again else ""
+    if held == 1 and settings.crosscheck:
+        again += (" A gain on the one held-out slice is cross-checked: the run is repeated holding out another "
+                  "corrected slice, and kept only if it beats the starting model there too.")
     kept = ("a trained state is kept only if it beats the starting model on the held-out slices and leaves alone "
             "the classes your corrections do not show" if held else
             "nothing can be scored, so the result is offered, not chosen")

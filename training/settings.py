@@ -48,6 +48,8 @@ class FinetuneSettings:
     #                                  the fit lies); None: never. The best state of both is kept.
     refit: bool = True               # when the eased stage beat the parent on the one slice held out, a third stage
     #                                  trains it from the parent on every corrected slice, that one included
+    crosscheck: bool = True          # a state that beat the parent on the one slice held out is kept only if the same
+    #                                  run, repeated with another corrected slice held out, beats the parent there too
     protect_slices: int = 32         # uncorrected slices sampled per pair (for protection and the change measure)
     holdout_fraction: float = 0.25   # of the corrected slices, at least one from 2 corrected slices on (0: none)
     score_every: int = 10            # steps between scorings of the held-out slices

@@ -61,6 +61,8 @@ class FinetuneResult:
     new_model: bool = False              # the `new_model` task: the candidate is kept
     resolution: float | None = None      # the smallest held-out gain the evidence can tell from noise (`resolvable`)
     unshown: tuple[str, ...] = ()        # classes no corrected slice shows that the candidate changes (`unshown_changes`)
+    crosscheck: tuple[float | None, float | None] | None = None  # held-out Dice before, after of the run repeated
+    #                                    with another slice held out (`finetune.crosschecked`); None: not repeated
 
     @property
     def unresolved(self) -> bool:
@@ -92,8 +94,10 @@ class FinetuneResult:
         if self.refit:
             calibration += (f" Having beaten the starting model, it was trained once more on all "
                             f"{self.train_slices + self.holdout_slices} corrected slices.")
+        again = "" if self.crosscheck is None else \
+            f"repeated with another corrected slice held out, it scored {_pair(self.crosscheck)} there"
         if self.improved:
-            text = f"{self.headline} (best at step {self.best_step})."
+            text = f"{self.headline} (best at step {self.best_step}{'; ' + again if again else ''})."
             return (f"{text} It changes {change}." if change else text) + calibration
         if self.improved is None and self.new_model:
             return (f"New model trained on all {self.train_slices} annotated slice(s): none held out, so no held-out "
@@ -102,7 +106,11 @@ class FinetuneResult:
             text = f"{self.headline} ({self.train_slices} corrected slice(s), all trained on)."
             tail = f" The fine-tuned model changes {change}." if change else ""
             return f"{text}{tail}{calibration} Keep it only if its re-segmentation looks right."
-        if self.unresolved and self.unshown:
+        if again:
+            text = (f"{self.headline} (held-out Dice {self.dice_before:.3f} → {self.dice_after:.3f} on the slice held "
+                    f"out, but {again}: a gain that does not repeat is chance or a trade between classes; correct "
+                    f"more slices for a firmer verdict")
+        elif self.unresolved and self.unshown:
             text = (f"{self.headline} (held-out Dice {self.dice_before:.3f} → {self.dice_after:.3f}, but the "
                     f"slices you corrected show no {', '.join(self.unshown)}, which the fine-tuned model changes on the "
                     f"others; correct a slice that shows them for a verdict")
@@ -114,6 +122,10 @@ class FinetuneResult:
             text = (f"{self.headline} (held-out Dice {self.dice_before:.3f}; the best fine-tuned state scored "
                     f"{self.dice_after:.3f} at step {self.best_step}")
         return (f"{text} and would change {change})." if change else f"{text}).") + calibration
+
+
+def _pair(scores: tuple[float | None, float | None]) -> str:
+    return " → ".join("-" if x is None else f"{x:.3f}" for x in scores)
 
 
 def slice_scores(pred: Sequence[np.ndarray], truth: Sequence[np.ndarray], num_classes: int) -> np.ndarray:

@@ -88,6 +88,7 @@ def test_teach_while_painting_end_to_end(make_napari_viewer, qtbot, tmp_path: Pa
     assert teach.control.teaching.trained_on[[2, 5, 7, 9, 10]].all()
     _go(viewer, layer, 4)
     qtbot.waitUntil(lambda: teach.shown.get(4, 0) > version, timeout=30_000)
+    assert teach.control.choice.record[0][0] == 0                  # slice 7 left as accepted: the model needed no change
     assert gc.get_freeze_count() > 0                                # full collections skip the viewer's objects
     teach._cancel.clicked()                                         # Stop: kept, saved, handed to the Segment dock
     qtbot.waitUntil(lambda: not teach.running, timeout=30_000)

@@ -1,14 +1,17 @@
 """What the Teach dock decides, without Qt or napari: the session it starts (a new model for the named classes, or
-a saved model continued), which slices get a proposal, what a proposal may be
-written over, and where the model is saved. The dock (`widgets/teach.py`) shows what this returns.
+a saved model continued), which slices get a proposal and whose it is (the model's or fill between slices',
+`training.choice`), what a proposal may be written over, and where the model is saved. The dock
+(`widgets/teach.py`) shows what this returns.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from napari_daeformer_training.choice import ProposalChoice, Source, fill_slices
 from napari_daeformer_training.continuous import Proposal, Teaching
 from napari_daeformer_training.losses import IGNORE
 from napari_daeformer_training.teach import model_for, new_model_path, teach_pair, unpainted_classes, unpainted_line
@@ -30,6 +33,21 @@ def writable(proposal: Proposal, done: np.ndarray) -> np.ndarray:
     return ~done[proposal.slices]
 
 
+@dataclass(frozen=True)
+class Offer:
+    """What some slices are offered: the model's `proposal`, fill between slices' labels there (`fill`, (n, Y, X))
+    and the `source` the choice picked when it was made."""
+
+    proposal: Proposal
+    fill: np.ndarray
+    source: Source
+
+    @property
+    def labels(self) -> np.ndarray:
+        """(n, Y, X) the labels shown."""
+        return self.fill if self.source == "fill" else self.proposal.labels
+
+
 class TeachController:
     """One Teach dock's session and the models it saved."""
 
@@ -39,6 +57,8 @@ class TeachController:
         self.key: tuple[int, int] | None = None      # (image layer id, labels layer id) of the session
         self.saved: list[Path] = []
         self.intensities = ""                         # a new model's normalisation, in words
+        self.choice = ProposalChoice()
+        self.offered: dict[int, tuple[np.ndarray, np.ndarray]] = {}   # slice -> (model's, fill's) labels shown
 
     def start(self, key: tuple[int, int], image: np.ndarray, labels: np.ndarray, done: np.ndarray,
               classes: Sequence[str], continue_from: Path | None, name: str) -> tuple[Teaching, str]:
@@ -68,8 +88,30 @@ class TeachController:
                 raise DaeformerError(f"name every class, background first: the labels hold values up to {top}")
             start, self.intensities = model_for(pair, tuple(classes))
         self.teaching, self.key = Teaching(image, start, name=name), key
+        self.choice, self.offered = ProposalChoice(), {}
         self.teaching.update(labels, done)
         return self.teaching, unpainted_line(unpainted_classes([pair], tuple(start.card.class_names)))
+
+    def offer(self, teaching: Teaching, labels: np.ndarray, done: np.ndarray, slices: Sequence[int]) -> Offer:
+        """The model's proposal and fill between slices' on `slices` of the (S, Y, X) `labels` painted on `done`
+        (S,), with the source the choice picks now (run off the GUI thread: both take a moment)."""
+        proposal = teaching.propose(slices)
+        return Offer(proposal, fill_slices(labels, done, proposal.slices), self.choice.source)
+
+    def shown(self, offer: Offer, keep: np.ndarray) -> None:
+        """`offer` is on screen on its slices where `keep` (n,) bool: both proposals are kept until the user
+        finishes the slice."""
+        for z, model, fill in zip(offer.proposal.slices[keep], offer.proposal.labels[keep], offer.fill[keep]):
+            self.offered[int(z)] = (model, fill)
+
+    def finished(self, z: int, labels: np.ndarray) -> bool:
+        """The user left slice `z` painted with (Y, X) `labels`: the proposals offered there are scored against it.
+        Whether the source changed."""
+        if int(z) not in self.offered:
+            return False
+        before = self.choice.source
+        self.choice.learn(*self.offered.pop(int(z)), np.asarray(labels))
+        return self.choice.source != before
 
     def save(self, name: str) -> Path:
         """The latest model as a new file NAME.safetensors (then -2, -3, ...) in the user's models folder."""

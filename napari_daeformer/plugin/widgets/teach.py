@@ -1,5 +1,6 @@
 """The "Teach while painting" dock: a model trains in the background from the slices the user paints, and every
-slice the user moves to shows its latest proposal in a separate layer (`LABELS proposal`), never in the user's.
+slice the user moves to shows its latest proposal in a separate layer (`LABELS proposal`), never in the user's: the
+model's, or fill between slices' where that needed fewer changes on the last slices the user finished.
 
 A thin layer over `training.continuous` (the rounds) and `control/teach.py` (the session's decisions). Shift+A on
 the labels layer accepts the proposal on the slice on screen (one undo step; the slice becomes painted and is
@@ -19,12 +20,12 @@ from magicgui.widgets import ComboBox, FileEdit, Label, LineEdit, ProgressBar, P
 from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_info, show_warning
-from napari_daeformer_training.continuous import Proposal, Teaching, TeachProgress
+from napari_daeformer_training.continuous import Teaching, TeachProgress
 from qtpy.QtCore import QThreadPool, QTimer
 
 from napari_daeformer.base.errors import DaeformerError, TrainingError
 from napari_daeformer.plugin.control.recipe_form import class_names_for
-from napari_daeformer.plugin.control.teach import TeachController, to_propose, writable
+from napari_daeformer.plugin.control.teach import Offer, TeachController, to_propose, writable
 from napari_daeformer.plugin.hub import hub_for
 from napari_daeformer.plugin.widgets._docking import open_plugin_dock
 from napari_daeformer.plugin.widgets._layers import follow, image_identity
@@ -285,6 +286,9 @@ class TeachWidget(WorkerWidget):
     # ---- proposals -------------------------------------------------------------------------------------
     def _moved(self, _: Any = None) -> None:
         if self.running and self.layer is not None and not self.closed:
+            left = self._last_z
+            if self._done()[left] and self.control.finished(left, np.asarray(self.layer.data[left])):
+                self._status.value = html.escape(f"Proposals now from {self.control.choice.why()}.")
             self._request(self._slice_now())
 
     def _request(self, z: int) -> None:
@@ -301,7 +305,8 @@ class TeachWidget(WorkerWidget):
             self._wanted = z
             return
         self._proposing = True
-        worker = create_worker(teaching.propose, wanted, _start_thread=False)
+        worker = create_worker(self.control.offer, teaching, self.layer.data, self._done(), wanted,
+                               _start_thread=False)
         worker.returned.connect(self._show)
         worker.errored.connect(lambda e: self.report(f"no proposal: {failure_message(e)}"))
         worker.finished.connect(self._proposed)
@@ -313,15 +318,18 @@ class TeachWidget(WorkerWidget):
             z, self._wanted = self._wanted, None
             self._request(z)
 
-    def _show(self, proposal: Proposal) -> None:
-        """Write `proposal` into the proposal layer on the slices still unpainted."""
+    def _show(self, offer: Offer) -> None:
+        """Write `offer` (the model's proposal or fill between slices') into the proposal layer on the slices still
+        unpainted."""
         if self.closed or self.proposal_layer is None or self.layer is None:
             return
+        proposal = offer.proposal
         self.latencies.append(proposal.seconds)
         keep = writable(proposal, self._done())
-        for z, labels in zip(proposal.slices[keep], proposal.labels[keep]):
+        for z, labels in zip(proposal.slices[keep], offer.labels[keep]):
             self.proposal_layer.data[int(z)] = labels
             self.shown[int(z)] = proposal.version
+        self.control.shown(offer, keep)
         self.proposal_layer.refresh()
 
     def accept(self) -> None:
@@ -356,8 +364,9 @@ class TeachWidget(WorkerWidget):
             self.ask("every slice is painted")
             return
         sample = open_[np.unique(np.linspace(0, open_.size - 1, min(SUGGEST_FROM, open_.size)).round().astype(int))]
-        worker = create_worker(teaching.propose, sample.tolist(), _start_thread=False)
-        worker.returned.connect(lambda p: self._go(teaching.suggest(p), p))
+        worker = create_worker(self.control.offer, teaching, self.layer.data, self._done(), sample.tolist(),
+                               _start_thread=False)
+        worker.returned.connect(lambda o: self._go(teaching.suggest(o.proposal), o))
         worker.errored.connect(lambda e: self.report(f"no suggestion: {failure_message(e)}"))
         worker.start()
 
@@ -370,10 +379,10 @@ class TeachWidget(WorkerWidget):
             self.saver.save_now()
             self._stop_autosave()
 
-    def _go(self, z: int | None, proposal: Proposal) -> None:
+    def _go(self, z: int | None, offer: Offer) -> None:
         if z is None or self.layer is None or self.closed:
             return
-        self._show(proposal)
+        self._show(offer)
         axis = self.viewer.dims.ndim - self.layer.ndim
         self.viewer.dims.set_point(axis, float(self.layer.data_to_world([z, 0, 0])[0]))
         self._status.value = html.escape(f"Slice {z}: where the model is least sure of the slices not painted.")
