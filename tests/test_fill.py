@@ -112,3 +112,35 @@ def test_a_lesion_inside_an_organ_stays_inside_it() -> None:
     filled = fill_between(labels, painted)
     lesion = _disk((40, 40), (20, 20), 4)
     assert all(_dice(filled[z] == 2, lesion) > 0.9 and (filled[z] == 1).sum() > 400 for z in range(1, 6))
+
+
+def test_a_viewer_fills_in_a_child_process_and_never_loads_itk_itself() -> None:
+    """ITK's wrappers hold the GIL while they load (seconds at a stretch): a viewer's fill runs in a child process
+    (`fill_in_child`), gives what `fill_between` gives and brings a refusal back as the same one-line error."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, threading, time\n"
+        "import numpy as np\n"
+        "from napari_daeformer.session.fill import FillError, fill_between, fill_in_child\n"
+        "labels = np.zeros((8, 32, 32), np.uint8); labels[1, 8:20, 8:20] = 1; labels[6, 12:24, 12:24] = 1\n"
+        "painted = np.zeros(8, bool); painted[[1, 6]] = True\n"
+        "gaps, last, stop = [], [time.perf_counter()], threading.Event()\n"
+        "def tick():\n"
+        "    while not stop.is_set():\n"
+        "        time.sleep(0.01); now = time.perf_counter(); gaps.append(now - last[0]); last[0] = now\n"
+        "t = threading.Thread(target=tick); t.start()\n"
+        "filled = fill_in_child(labels, painted)\n"
+        "stop.set(); t.join()\n"
+        "assert 'itk' not in sys.modules, 'ITK loaded in the caller'\n"
+        "assert max(gaps) < 1.0, max(gaps)\n"
+        "try:\n"
+        "    fill_in_child(labels, np.zeros(8, bool))\n"
+        "except FillError as e:\n"
+        "    print('refused:', e)\n"
+        "assert np.array_equal(filled, fill_between(labels, painted)) and filled[3].any()\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "refused: paint at least two slices to fill between them (0 painted)" in out.stdout and "ok" in out.stdout

@@ -8,6 +8,7 @@ Plain Python: no Qt, no napari."""
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -18,21 +19,26 @@ WINDOW = 3            # finished slices the choice looks back on: recent, as the
 Source = Literal["model", "fill"]
 
 
-def fill_slices(labels: np.ndarray, painted: np.ndarray, slices: np.ndarray) -> np.ndarray:
+def fill_slices(labels: np.ndarray, painted: np.ndarray, slices: np.ndarray,
+                fill: Callable[[np.ndarray, np.ndarray], np.ndarray] = fill_between) -> np.ndarray:
     """(n, Y, X) what fill between slices shows on `slices` (n,) of the (S, Y, X) `labels` painted on `painted`
-    (S,): each slice between two painted ones interpolated from the nearest two, every other slice empty."""
+    (S,): each slice between two painted ones interpolated from the nearest two, every other slice empty. `fill`
+    runs the interpolation (`session.fill.fill_in_child` in a viewer)."""
     labels, painted = np.asarray(labels), np.asarray(painted, bool)
     out = np.zeros((len(slices), *labels.shape[1:]), labels.dtype)
     index = np.flatnonzero(painted)
+    gaps: dict[tuple[int, int], list[int]] = {}             # (painted below, painted above) -> indices into slices
     for n, z in enumerate(np.asarray(slices, int)):
         below, above = index[index < z], index[index > z]
-        if not below.size or not above.size or painted[z]:
-            continue
-        a, b = int(below[-1]), int(above[0])
-        ends = np.zeros(b - a + 1, bool)
-        ends[[0, -1]] = True
+        if below.size and above.size and not painted[z]:
+            gaps.setdefault((int(below[-1]), int(above[0])), []).append(n)
+    for (a, b), wanted in gaps.items():
         if labels[[a, b]].any():
-            out[n] = fill_between(labels[a:b + 1], ends)[z - a]
+            ends = np.zeros(b - a + 1, bool)
+            ends[[0, -1]] = True
+            gap = np.zeros((b - a + 1, *labels.shape[1:]), labels.dtype)
+            gap[0], gap[-1] = labels[a], labels[b]
+            out[wanted] = fill(gap, ends)[np.asarray(slices, int)[wanted] - a]
     return out
 
 

@@ -19,6 +19,7 @@ from napari_daeformer_training.teach import model_for, new_model_path, teach_pai
 from napari_daeformer.base.errors import DaeformerError
 from napari_daeformer.model.checkpoint import load_checkpoint
 from napari_daeformer.plugin.control.finetune import USER_MODELS
+from napari_daeformer.session.fill import fill_in_child
 
 AHEAD = 2                       # slices beyond the one on screen, in the direction of travel, proposed with it
 
@@ -94,9 +95,10 @@ class TeachController:
 
     def offer(self, teaching: Teaching, labels: np.ndarray, done: np.ndarray, slices: Sequence[int]) -> Offer:
         """The model's proposal and fill between slices' on `slices` of the (S, Y, X) `labels` painted on `done`
-        (S,), with the source the choice picks now (run off the GUI thread: both take a moment)."""
+        (S,), with the source the choice picks now (run off the GUI thread: both take a moment; the fill in a child
+        process, as ITK holds the GIL while it loads)."""
         proposal = teaching.propose(slices)
-        return Offer(proposal, fill_slices(labels, done, proposal.slices), self.choice.source)
+        return Offer(proposal, fill_slices(labels, done, proposal.slices, fill_in_child), self.choice.source)
 
     def shown(self, offer: Offer, keep: np.ndarray) -> None:
         """`offer` is on screen on its slices where `keep` (n,) bool: both proposals are kept until the user

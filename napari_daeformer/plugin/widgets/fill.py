@@ -12,7 +12,7 @@ from napari.utils.notifications import show_info, show_warning
 
 from napari_daeformer.base.errors import DaeformerError, first_line
 from napari_daeformer.plugin.widgets._layers import engine_writes, follow, painting_axis
-from napari_daeformer.session.fill import check_fill, fill_between
+from napari_daeformer.session.fill import check_fill, fill_in_child
 
 if TYPE_CHECKING:
     import napari
@@ -44,7 +44,7 @@ def apply_fill(layer: napari.layers.Labels, before: np.ndarray, filled: np.ndarr
 
 
 def fill_action(viewer: napari.Viewer, layer: napari.layers.Labels) -> FunctionWorker | None:
-    """Fill `layer` between its painted slices off the GUI thread (ITK's first use loads for seconds), then write it
+    """Fill `layer` between its painted slices in a child process (ITK holds the GIL for seconds as it loads), then write it
     as one undoable edit; the outcome as a napari notification. None where there is nothing to start."""
     before = np.array(layer.data, copy=True)
     painted, axis = painted_slices(viewer, layer)
@@ -53,7 +53,7 @@ def fill_action(viewer: napari.Viewer, layer: napari.layers.Labels) -> FunctionW
     except DaeformerError as e:
         show_warning(f"DAE-Former: {e}")
         return None
-    worker = create_worker(fill_between, before, painted, axis, _start_thread=False)
+    worker = create_worker(fill_in_child, before, painted, axis, _start_thread=False)
 
     def done(filled: np.ndarray) -> None:
         n = apply_fill(layer, before, filled)
