@@ -20,6 +20,8 @@ from napari_daeformer.session.annotation import Annotation, save_session
 if TYPE_CHECKING:
     from napari.layers import Labels
 
+    from napari_daeformer.plugin.hub import Hub
+
 PAUSE_S = 2.0                 # quiet time after the last stroke before saving
 INTERVAL_S = 180.0            # while painting without pause, save at least this often
 
@@ -76,3 +78,12 @@ class Autosaver:
         for event in (self.layer.events.paint, self.layer.events.set_data):
             event.disconnect(self._edited)
         self.writer.shutdown(wait=True)
+
+
+def autosave(hub: Hub, layer: Labels, annotation: Annotation, path: Path) -> Autosaver:
+    """A new autosaver of `layer` into `path`, recorded in the viewer's `hub` (which layer is autosaved into which
+    file, so that no other dock saves it twice), written once now."""
+    saver = Autosaver(layer, annotation, path)
+    hub.autosaved[layer.unique_id] = path
+    saver.save_now()
+    return saver

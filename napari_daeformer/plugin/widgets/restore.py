@@ -15,7 +15,7 @@ from napari.utils.notifications import show_info
 from napari_daeformer.base.errors import DaeformerError
 from napari_daeformer.io import geometry_from_metadata
 from napari_daeformer.plugin.widgets._layers import attach, labels_kwargs
-from napari_daeformer.plugin.widgets.autosave import Autosaver
+from napari_daeformer.plugin.widgets.autosave import Autosaver, autosave
 from napari_daeformer.session.annotation import USER_FOLDER, Annotation, SavedSession, default_folder, image_key
 
 if TYPE_CHECKING:
@@ -113,6 +113,6 @@ class SessionRestore:
         """Save `layer` now (into `path`, its annotation's own file) and whenever the user pauses painting."""
         saver = self.autosavers.get(layer.unique_id)
         if saver is None:
-            saver = self.autosavers[layer.unique_id] = Autosaver(layer, annotation, path)
-            self.hub.autosaved[layer.unique_id] = path
-        saver.save_now()
+            self.autosavers[layer.unique_id] = autosave(self.hub, layer, annotation, path)
+        else:
+            saver.save_now()

@@ -30,7 +30,7 @@ from napari_daeformer.plugin.hub import hub_for
 from napari_daeformer.plugin.widgets._docking import open_plugin_dock
 from napari_daeformer.plugin.widgets._layers import follow, image_identity
 from napari_daeformer.plugin.widgets._workers import WorkerWidget, failure_message, guarded, row
-from napari_daeformer.plugin.widgets.autosave import Autosaver
+from napari_daeformer.plugin.widgets.autosave import Autosaver, autosave
 from napari_daeformer.session.annotation import default_folder, image_key, session_path
 
 if TYPE_CHECKING:
@@ -182,9 +182,7 @@ class TeachWidget(WorkerWidget):
         if not annotation.image.key:                 # painted from scratch: whose image it is, for the restore offer
             annotation.image = image_identity(image, image_key(np.asarray(image.data)))
         path = session_path(default_folder(annotation.image.source_path or None), annotation)
-        self.saver = Autosaver(layer, annotation, path)
-        hub.autosaved[layer.unique_id] = path
-        self.saver.save_now()
+        self.saver = autosave(hub, layer, annotation, path)
 
     def _started(self, teaching: Teaching, warning: str) -> None:
         """The session runs (its model built off the GUI thread): proposals follow the slice on screen."""
