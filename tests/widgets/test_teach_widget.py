@@ -130,3 +130,37 @@ def test_unnamed_classes_are_asked_for_in_words(make_napari_viewer, qtbot, error
     qtbot.waitUntil(lambda: not teach.running, timeout=30_000)
     assert errors[-1] == "DAE-Former: name every class, background first: the labels hold values up to 3"
     assert teach.control.teaching is None and teach.proposal_layer is None
+
+
+def test_teaching_follows_the_axis_painted(make_napari_viewer, qtbot, tmp_path: Path, monkeypatch, errors) -> None:  # type: ignore[no-untyped-def]
+    """Painted on coronal slices (axis 1), the session teaches on coronal slices: an axial slice crossing a painted
+    coronal one is not taken for a painted slice (it would teach "background" everywhere off the painted line);
+    proposals and Shift+A work on the coronal slice on screen."""
+    monkeypatch.setattr("napari_daeformer.plugin.control.teach.USER_MODELS", tmp_path)
+    monkeypatch.setenv(ENV_FOLDER, str(tmp_path / "autosave"))
+    s = synthetic_chest(0, shape=(12, 96, 96))
+    lungs = np.isin(s.labels, (1, 2))
+    viewer = make_napari_viewer()
+    viewer.add_image(s.image, name="chest", scale=s.spacing)
+    layer = viewer.add_labels(np.zeros(s.image.shape, np.uint8), name="lungs", scale=s.spacing)
+    viewer.dims.order = (1, 0, 2)                                   # coronal slices on screen
+    teach = from_plugins_menu("teach_widget")
+    for y in (30, 48, 66):
+        index = np.nonzero(lungs[:, y, :])
+        layer.data_setitem((index[0], np.full(index[0].shape, y), index[1]), 1)
+    teach._labels.value = layer
+    teach._classes.value = "background, lung"
+    teach._run.clicked()
+    qtbot.waitUntil(lambda: teach.control.teaching is not None and teach.control.teaching.version >= 2,
+                    timeout=120_000)
+    assert teach.axis == 1 and np.flatnonzero(teach.control.teaching.painted).tolist() == [30, 48, 66]
+    viewer.dims.set_point(1, float(layer.data_to_world([0, 40, 0])[1]))
+    qtbot.waitUntil(lambda: teach.shown.get(40, 0) >= 2, timeout=30_000)
+    offered = np.asarray(teach.proposal_layer.data)[:, 40, :].copy()
+    assert offered.any() and not np.asarray(teach.proposal_layer.data)[:, 30, :].any()
+    layer.keymap[[k for k in layer.keymap if "A" in str(k) and "Shift" in str(k)][0]](layer)   # Shift+A
+    assert (np.asarray(layer.data)[:, 40, :] == offered).all() and teach._done()[40]
+    assert (np.asarray(layer.data)[:, 30, :] == lungs[:, 30, :]).all()   # painted: untouched
+    teach._cancel.clicked()
+    qtbot.waitUntil(lambda: not teach.running, timeout=30_000)
+    assert teach.control.saved and teach.control.saved[0].is_file()

@@ -31,6 +31,7 @@ from napari_daeformer.plugin.widgets._docking import open_plugin_dock
 from napari_daeformer.plugin.widgets._layers import follow, image_identity
 from napari_daeformer.plugin.widgets._workers import WorkerWidget, failure_message, guarded, row
 from napari_daeformer.plugin.widgets.autosave import Autosaver, autosave
+from napari_daeformer.plugin.widgets.fill import painted_slices
 from napari_daeformer.session.annotation import default_folder, image_key, session_path
 
 if TYPE_CHECKING:
@@ -88,6 +89,7 @@ class TeachWidget(WorkerWidget):
         self.layer: Labels | None = None
         self.proposal_layer: Labels | None = None
         self.shown: dict[int, int] = {}              # slice -> model version of the proposal shown there
+        self.axis = 0                                # the axis taught: the one painted along at Start
         self._proposing, self._wanted, self._last_z = False, None, 0
         self.latencies: list[float] = []             # seconds to compute each proposal
         self.saver: Autosaver | None = None           # the labels layer's autosave, where no Segment dock keeps one
@@ -127,21 +129,24 @@ class TeachWidget(WorkerWidget):
         return image, layer
 
     def _slice_now(self) -> int:
-        """The labels layer's slice (axis 0) on screen."""
+        """The labels layer's slice on screen along the axis taught."""
         assert self.layer is not None
         point = self.layer.world_to_data(self.viewer.dims.point[-self.layer.ndim:])
-        return int(np.clip(round(float(point[0])), 0, self.layer.data.shape[0] - 1))
+        return int(np.clip(round(float(point[self.axis])), 0, self.layer.data.shape[self.axis] - 1))
+
+    def _along(self, data: Any) -> np.ndarray:
+        """A layer's (Z, Y, X) data as slices along the axis taught, first: a view (writes reach the layer)."""
+        return np.moveaxis(np.asarray(data), self.axis, 0)
 
     def _done(self) -> np.ndarray:
         assert self.layer is not None
-        return follow(self.viewer, self.layer).painted(np.asarray(self.layer.data))
+        return follow(self.viewer, self.layer).painted(np.asarray(self.layer.data), self.axis)
 
     # ---- the session -----------------------------------------------------------------------------------
     def _start(self) -> None:
         try:
             image, layer = self._layers()
-            data = np.asarray(layer.data)
-            done = follow(self.viewer, layer).painted(data)
+            done, self.axis = painted_slices(self.viewer, layer)        # along the axis the user painted
             if not done.any():
                 raise DaeformerError("paint a structure on at least one slice, then start teaching")
         except DaeformerError as e:
@@ -151,9 +156,9 @@ class TeachWidget(WorkerWidget):
         classes = [n.strip() for n in str(self._classes.value).split(",") if n.strip()]
         chosen = Path(self._continue.value) if str(self._continue.value) not in ("", ".") else None
         self._status.value = html.escape(f"Starting from {int(done.sum())} painted slice(s)...")
-        self._launch(_teach_job, self.control, (id(image), id(layer)), np.asarray(image.data), data, done, classes,
-                     chosen, layer.name, yielded=self._on_step, returned=lambda _: None, errored=self._failed,
-                     aborted=self._stopped)
+        self._launch(_teach_job, self.control, (id(image), id(layer), self.axis), self._along(image.data),
+                     self._along(layer.data).copy(), done, classes, chosen, layer.name, yielded=self._on_step,
+                     returned=lambda _: None, errored=self._failed, aborted=self._stopped)
 
     def _layer_removed(self, event: Any) -> None:
         """A layer deleted: the choices follow; the autosave of a deleted labels layer stops (its file stays, and
@@ -250,7 +255,8 @@ class TeachWidget(WorkerWidget):
         except DaeformerError as e:
             self.report(f"could not save the model: {e}")
             return
-        note = f"New model {path.name} loaded (taught on {int(teaching.trained_on.sum())} slices); Run uses it."
+        note = f"New model {path.name} loaded (taught on {int(teaching.trained_on.sum())} slices); Run uses it." + (
+            f" It was taught on slices along axis {self.axis}; Run segments along axis 0." if self.axis else "")
         hub = hub_for(self.viewer)
         if not hub.offer_model(path, note):
             open_plugin_dock(self.viewer, "napari-daeformer.segment_widget").offer_model(path, note)  # type: ignore[attr-defined]
@@ -270,7 +276,7 @@ class TeachWidget(WorkerWidget):
         if teaching is None or self.layer is None or self.closed:
             return
         done = self._done()
-        teaching.update(np.asarray(self.layer.data), done)
+        teaching.update(self._along(self.layer.data), done)
         self._clear(np.flatnonzero(done))
 
     def _clear(self, slices: np.ndarray) -> None:
@@ -278,14 +284,14 @@ class TeachWidget(WorkerWidget):
             return
         stale = [int(z) for z in slices if self.shown.pop(int(z), None) is not None]
         if stale:
-            self.proposal_layer.data[stale] = 0
+            self._along(self.proposal_layer.data)[stale] = 0
             self.proposal_layer.refresh()
 
     # ---- proposals -------------------------------------------------------------------------------------
     def _moved(self, _: Any = None) -> None:
         if self.running and self.layer is not None and not self.closed:
             left = self._last_z
-            if self._done()[left] and self.control.finished(left, np.asarray(self.layer.data[left])):
+            if self._done()[left] and self.control.finished(left, self._along(self.layer.data)[left]):
                 self._status.value = html.escape(f"Proposals now from {self.control.choice.why()}.")
             self._request(self._slice_now())
 
@@ -303,7 +309,7 @@ class TeachWidget(WorkerWidget):
             self._wanted = z
             return
         self._proposing = True
-        worker = create_worker(self.control.offer, teaching, self.layer.data, self._done(), wanted,
+        worker = create_worker(self.control.offer, teaching, self._along(self.layer.data), self._done(), wanted,
                                _start_thread=False)
         worker.returned.connect(self._show)
         worker.errored.connect(lambda e: self.report(f"no proposal: {failure_message(e)}"))
@@ -325,7 +331,7 @@ class TeachWidget(WorkerWidget):
         self.latencies.append(proposal.seconds)
         keep = writable(proposal, self._done())
         for z, labels in zip(proposal.slices[keep], offer.labels[keep]):
-            self.proposal_layer.data[int(z)] = labels
+            self._along(self.proposal_layer.data)[int(z)] = labels
             self.shown[int(z)] = proposal.version
         self.control.shown(offer, keep)
         self.proposal_layer.refresh()
@@ -342,12 +348,13 @@ class TeachWidget(WorkerWidget):
         if z not in self.shown:
             self.ask(f"no proposal on slice {z} yet: wait a moment")
             return
-        proposal = np.asarray(self.proposal_layer.data[z])
-        current = np.asarray(self.layer.data[z])
+        proposal, current = self._along(self.proposal_layer.data)[z], self._along(self.layer.data)[z]
         ys, xs = np.nonzero(proposal != current)
         if ys.size:
-            self.layer.data_setitem((np.full(ys.size, z), ys, xs), proposal[ys, xs])
-        follow(self.viewer, self.layer).touched.setdefault(0, set()).add(z)
+            index = [ys, xs]
+            index.insert(self.axis, np.full(ys.size, z))              # back to the layer's axes
+            self.layer.data_setitem(tuple(index), proposal[ys, xs])
+        follow(self.viewer, self.layer).touched.setdefault(self.axis, set()).add(z)
         self._sync()
         self._status.value = html.escape(f"Accepted the proposal on slice {z}: it is trained on from the next round.")
 
@@ -362,7 +369,7 @@ class TeachWidget(WorkerWidget):
             self.ask("every slice is painted")
             return
         sample = open_[np.unique(np.linspace(0, open_.size - 1, min(SUGGEST_FROM, open_.size)).round().astype(int))]
-        worker = create_worker(self.control.offer, teaching, self.layer.data, self._done(), sample.tolist(),
+        worker = create_worker(self.control.offer, teaching, self._along(self.layer.data), self._done(), sample.tolist(),
                                _start_thread=False)
         worker.returned.connect(lambda o: self._go(teaching.suggest(o.proposal), o))
         worker.errored.connect(lambda e: self.report(f"no suggestion: {failure_message(e)}"))
@@ -381,6 +388,8 @@ class TeachWidget(WorkerWidget):
         if z is None or self.layer is None or self.closed:
             return
         self._show(offer)
-        axis = self.viewer.dims.ndim - self.layer.ndim
-        self.viewer.dims.set_point(axis, float(self.layer.data_to_world([z, 0, 0])[0]))
+        point = np.zeros(3)
+        point[self.axis] = z
+        self.viewer.dims.set_point(self.viewer.dims.ndim - self.layer.ndim + self.axis,
+                                   float(self.layer.data_to_world(point)[self.axis]))
         self._status.value = html.escape(f"Slice {z}: where the model is least sure of the slices not painted.")
