@@ -79,6 +79,13 @@ def test_every_module_sits_in_a_layer_folder() -> None:
     assert not [p for p in Path(napari_daeformer.__file__).parent.glob("*.py") if p.name != "__init__.py"]
 
 
+def test_no_product_module_is_over_400_lines() -> None:
+    """Small modules with one job each: a module that outgrows 400 lines is split, not left to grow."""
+    roots = [Path(napari_daeformer.__file__).parent, Path(napari_daeformer_training.__file__).parent]
+    sizes = {str(p): len(p.read_text().splitlines()) for root in roots for p in root.rglob("*.py")}
+    assert {p: n for p, n in sizes.items() if n > 400} == {}
+
+
 @pytest.mark.parametrize("layer", ORDER[:-1])
 def test_each_layer_imports_only_the_layers_below(layer: str) -> None:
     """Importing the layer's modules one by one (in a fresh interpreter) loads nothing above it (Qt and napari

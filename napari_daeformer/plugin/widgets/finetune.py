@@ -41,15 +41,7 @@ if TYPE_CHECKING:
 FROM_PROPOSER = "the model that proposed the labels"
 FROM_NEW = "a new model (small)"
 PROTECT_CHOICES = {"parent's confident labels": "pseudo", "pull towards parent": "l2sp", "off": "none"}
-
-
 _PROTECT_NAMES = {v: k for k, v in PROTECT_CHOICES.items()}
-
-
-def _default_protect() -> str:
-    return _PROTECT_NAMES[REFINE.protect]
-
-
 _finetune_job = guarded(finetune_and_save, TrainingError, "fine-tuning")
 
 
@@ -85,7 +77,7 @@ class FinetuneWidget(Pairs, WorkerWidget):
                                         tooltip="The new model segments each slice of a volume with its neighbours' "
                                                 "class probabilities at this weight each (0: each slice alone, for "
                                                 "structures seen on one slice only, such as small nodules)")
-        self._protect = ComboBox(label="protect the rest", choices=list(PROTECT_CHOICES), value=_default_protect(),
+        self._protect = ComboBox(label="protect the rest", choices=list(PROTECT_CHOICES), value=_PROTECT_NAMES[REFINE.protect],
                                  tooltip="Keep what the model knew on the slices you did not correct: its confident "
                                          "labels there as extra targets, or a pull of the weights towards the "
                                          "starting model")
