@@ -114,13 +114,16 @@ def test_a_lesion_inside_an_organ_stays_inside_it() -> None:
     assert all(_dice(filled[z] == 2, lesion) > 0.9 and (filled[z] == 1).sum() > 400 for z in range(1, 6))
 
 
-def test_a_viewer_fills_in_a_child_process_and_never_loads_itk_itself() -> None:
+def test_a_viewer_fills_in_a_child_process_and_never_loads_itk_itself(tmp_path: Path) -> None:
     """ITK's wrappers hold the GIL while they load (seconds at a stretch): a viewer's fill runs in a child process
-    (`fill_in_child`), gives what `fill_between` gives and brings a refusal back as the same one-line error."""
+    (`fill_in_child`), gives what `fill_between` gives and brings a refusal back as the same one-line error. The
+    child never runs the caller's script again (a script with no `__main__` guard, as napari scripts often are:
+    multiprocessing's spawn re-ran it)."""
     import subprocess
     import sys
 
     script = (
+        "print('script started')\n"
         "import sys, threading, time\n"
         "import numpy as np\n"
         "from napari_daeformer.session.fill import FillError, fill_between, fill_in_child\n"
@@ -141,6 +144,8 @@ def test_a_viewer_fills_in_a_child_process_and_never_loads_itk_itself() -> None:
         "    print('refused:', e)\n"
         "assert np.array_equal(filled, fill_between(labels, painted)) and filled[3].any()\n"
         "print('ok')\n")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    (tmp_path / "script.py").write_text(script)
+    out = subprocess.run([sys.executable, str(tmp_path / "script.py")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "refused: paint at least two slices to fill between them (0 painted)" in out.stdout and "ok" in out.stdout
+    assert out.stdout.count("script started") == 1

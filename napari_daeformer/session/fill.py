@@ -6,18 +6,19 @@ are replaced by the interpolation. A viewer runs it in a child process (`fill_in
 
 from __future__ import annotations
 
-import multiprocessing
 import threading
 import warnings
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from napari_daeformer.base.errors import DaeformerError
 
+if TYPE_CHECKING:
+    from napari_daeformer.session.fill_child import FillChild
+
 MAX_LABEL = 65535
-_child: ProcessPoolExecutor | None = None      # started on first use, serves every later fill of this process
+_child: FillChild | None = None      # started on first use, serves every later fill of this process (one at a time)
 _child_lock = threading.Lock()
 
 
@@ -47,20 +48,17 @@ def fill_between(labels: np.ndarray, painted: np.ndarray, axis: int = 0) -> np.n
 
 
 def fill_in_child(labels: np.ndarray, painted: np.ndarray, axis: int = 0) -> np.ndarray:
-    """`fill_between` in a child process, for a caller whose other threads must keep running (a viewer): ITK's
-    wrappers hold the GIL while they load (up to 5.4 s at a stretch measured, 18 s in all on a busy CPU), which froze
-    the viewer though the fill ran on a worker thread. Waiting for the child releases the GIL."""
+    """`fill_between` in a child process (`session.fill_child`), for a caller whose other threads must keep running
+    (a viewer): ITK's wrappers hold the GIL while they load (up to 5.4 s at a stretch measured, 18 s in all on a busy
+    CPU), which froze the viewer though the fill ran on a worker thread. Waiting for the child's answer releases
+    the GIL. The child starts on first use and serves every later call of this process."""
+    from napari_daeformer.session.fill_child import FillChild
+
     global _child
     with _child_lock:
-        if _child is None:
-            _child = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        child = _child
-    try:
-        return child.submit(fill_between, np.asarray(labels), np.asarray(painted, bool), axis).result()
-    except BrokenProcessPool:
-        with _child_lock:
-            _child = None
-        raise FillError("the fill's helper process stopped; try again") from None
+        if _child is None or not _child.alive:
+            _child = FillChild()
+        return _child.fill(np.asarray(labels), np.asarray(painted, bool), axis)
 
 
 def check_fill(labels: np.ndarray, painted: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -231,7 +231,8 @@ class TeachWidget(WorkerWidget):
     def _latency_words(self) -> str:
         if not self.latencies:
             return "Move to a slice to see its proposal."
-        return f"Last proposal in {self.latencies[-1]:.2f} s."
+        source = "fill between slices" if self.control.choice.source == "fill" else "the model"
+        return f"Last proposal in {self.latencies[-1]:.2f} s; proposals from {source}."
 
     def _stopped(self) -> None:
         self._progress.value = 0
