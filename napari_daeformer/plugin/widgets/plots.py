@@ -72,6 +72,8 @@ class LossPlot(ThemedPlot):
             self.losses.append(loss)
             self.line.set_data(self.steps, self.losses)
             self.axes.set_ylim(0, max(self.losses) * 1.1 or 1)
+            if step > self.axes.get_xlim()[1]:                 # a stage that follows (the cross-check) stays in view
+                self.axes.set_xlim(0, step)
         if dice is not None:
             self.scored.append((step, dice))
             self.dice_line.set_data(*zip(*self.scored))
