@@ -241,8 +241,7 @@ def simulate_teaching(image: np.ndarray, truth: np.ndarray, painted: np.ndarray,
         if done.all():
             score = volume_dice(state, truth)
         elif choose and choice.source == "fill":
-            shown = np.where(done[:, None, None], state, 0)
-            score = volume_dice(fill_between(shown, done) if done.sum() > 1 and shown.any() else shown, truth)
+            score = volume_dice(fill_proposer(np.where(done[:, None, None], state, 0), done, 0.0)[0], truth)
         else:
             rest = teaching.propose(np.flatnonzero(~done))
             shown = state.copy()

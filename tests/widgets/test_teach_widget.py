@@ -44,15 +44,21 @@ class Gaps:
         self.last = now
 
 
-def test_teach_while_painting_end_to_end(make_napari_viewer, qtbot, tmp_path: Path, monkeypatch, errors) -> None:  # type: ignore[no-untyped-def]
+def _chest(make_napari_viewer, tmp_path: Path, monkeypatch) -> tuple[Any, Any, Any, np.ndarray]:  # type: ignore[no-untyped-def]
+    """A viewer with the chest phantom and an empty labels layer; models and autosaves go to `tmp_path`. The
+    phantom, the viewer, the labels layer and the lung mask."""
     monkeypatch.setattr("napari_daeformer.plugin.control.finetune.USER_MODELS", tmp_path)
     monkeypatch.setattr("napari_daeformer.plugin.control.teach.USER_MODELS", tmp_path)
     monkeypatch.setenv(ENV_FOLDER, str(tmp_path / "autosave"))
     s = synthetic_chest(0, shape=(12, 96, 96))
-    lungs = np.isin(s.labels, (1, 2))
     viewer = make_napari_viewer()
     viewer.add_image(s.image, name="chest", scale=s.spacing)
     layer = viewer.add_labels(np.zeros(s.image.shape, np.uint8), name="lungs", scale=s.spacing)
+    return s, viewer, layer, np.isin(s.labels, (1, 2))
+
+
+def test_teach_while_painting_end_to_end(make_napari_viewer, qtbot, tmp_path: Path, monkeypatch, errors) -> None:  # type: ignore[no-untyped-def]
+    s, viewer, layer, lungs = _chest(make_napari_viewer, tmp_path, monkeypatch)
     teach = from_plugins_menu("teach_widget")
     teach._run.clicked()                                            # nothing painted yet: said, nothing starts
     assert errors and "paint a structure on at least one slice" in errors[-1] and not teach.running
@@ -136,13 +142,7 @@ def test_teaching_follows_the_axis_painted(make_napari_viewer, qtbot, tmp_path: 
     """Painted on coronal slices (axis 1), the session teaches on coronal slices: an axial slice crossing a painted
     coronal one is not taken for a painted slice (it would teach "background" everywhere off the painted line);
     proposals and Shift+A work on the coronal slice on screen."""
-    monkeypatch.setattr("napari_daeformer.plugin.control.teach.USER_MODELS", tmp_path)
-    monkeypatch.setenv(ENV_FOLDER, str(tmp_path / "autosave"))
-    s = synthetic_chest(0, shape=(12, 96, 96))
-    lungs = np.isin(s.labels, (1, 2))
-    viewer = make_napari_viewer()
-    viewer.add_image(s.image, name="chest", scale=s.spacing)
-    layer = viewer.add_labels(np.zeros(s.image.shape, np.uint8), name="lungs", scale=s.spacing)
+    _, viewer, layer, lungs = _chest(make_napari_viewer, tmp_path, monkeypatch)
     viewer.dims.order = (1, 0, 2)                                   # coronal slices on screen
     teach = from_plugins_menu("teach_widget")
     for y in (30, 48, 66):
